@@ -1,0 +1,88 @@
+//! Settings shared by all three services, as `clap` argument groups that each
+//! service flattens into its own configuration. Every setting can come from the
+//! environment variable named in API.md, and every default works with the
+//! local services that `make run` brings up.
+
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+/// Connection to NATS JetStream.
+#[derive(Debug, Clone, Args)]
+pub struct NatsArgs {
+    /// NATS server URL.
+    #[arg(
+        long = "nats-url",
+        env = "NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    pub nats_url: String,
+    /// Replicas of the streams this service creates (3 in a production cluster).
+    #[arg(long, env = "NATS_STREAM_REPLICAS", default_value_t = 1)]
+    pub stream_replicas: usize,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// Logging and tracing.
+#[derive(Debug, Clone, Args)]
+pub struct TelemetryArgs {
+    /// Log format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// Log filter in `tracing` syntax (also read from `RUST_LOG`).
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    pub log_filter: String,
+    /// Which spans become OpenTelemetry spans (`tracing` filter syntax).
+    #[arg(
+        long,
+        env = "OTEL_TRACES_FILTER",
+        default_value = "info,h2=off,tonic=off,hyper=off,sqlx=off"
+    )]
+    pub trace_filter: String,
+    /// OTLP gRPC endpoint for traces; no export when unset.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+}
+
+/// The outbox relay's limits.
+#[derive(Debug, Clone, Args)]
+pub struct RelayArgs {
+    /// Rows published per relay batch.
+    #[arg(long, env = "OUTBOX_BATCH_SIZE", default_value_t = 500)]
+    pub outbox_batch_size: u32,
+    /// Fallback poll interval when no notification arrives.
+    #[arg(long, env = "OUTBOX_POLL_INTERVAL_MS", default_value_t = 500)]
+    pub outbox_poll_interval_ms: u64,
+    /// How long published rows are kept before pruning.
+    #[arg(long, env = "OUTBOX_RETENTION_SECS", default_value_t = 86_400)]
+    pub outbox_retention_secs: u64,
+}
+
+impl RelayArgs {
+    /// The fallback poll interval.
+    pub fn poll_interval(&self) -> Duration {
+        Duration::from_millis(self.outbox_poll_interval_ms)
+    }
+}
+
+/// PostgreSQL connection pool limits.
+#[derive(Debug, Clone, Args)]
+pub struct PoolArgs {
+    /// Most connections this process opens to its database.
+    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 16)]
+    pub db_max_connections: u32,
+    /// How long a statement may wait for a row lock before it is retried.
+    #[arg(long, env = "DATABASE_LOCK_TIMEOUT_MS", default_value_t = 2_000)]
+    pub db_lock_timeout_ms: u64,
+    /// Longest a single statement may run.
+    #[arg(long, env = "DATABASE_STATEMENT_TIMEOUT_MS", default_value_t = 30_000)]
+    pub db_statement_timeout_ms: u64,
+}

@@ -1,0 +1,172 @@
+//! PostgreSQL helpers shared by the services: connecting with bounded waits,
+//! reading PostgreSQL's error codes and constraint names out of `DbErr`, and
+//! retrying transactions that failed for a transient reason.
+
+use std::future::Future;
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use sea_orm::{ConnectOptions, Database, DatabaseConnection, DbErr, RuntimeErr};
+
+use crate::config::PoolArgs;
+
+/// SQLSTATE of a serialization failure.
+pub const SERIALIZATION_FAILURE: &str = "40001";
+/// SQLSTATE of a detected deadlock.
+pub const DEADLOCK_DETECTED: &str = "40P01";
+/// SQLSTATE raised when `lock_timeout` expires.
+pub const LOCK_NOT_AVAILABLE: &str = "55P03";
+/// SQLSTATE of a unique violation.
+pub const UNIQUE_VIOLATION: &str = "23505";
+
+/// Opens a connection pool. Every session gets `lock_timeout` and
+/// `statement_timeout`, so a blocked statement fails (and is retried) instead
+/// of hanging a request.
+pub async fn connect(
+    url: &str,
+    pool: &PoolArgs,
+    application_name: &str,
+) -> Result<DatabaseConnection, DbErr> {
+    let mut opts = ConnectOptions::new(url.to_owned());
+    let lock_timeout = pool.db_lock_timeout_ms.to_string();
+    let statement_timeout = pool.db_statement_timeout_ms.to_string();
+    let app = application_name.to_owned();
+    opts.max_connections(pool.db_max_connections)
+        .min_connections(1)
+        .connect_timeout(Duration::from_secs(5))
+        .acquire_timeout(Duration::from_secs(5))
+        .idle_timeout(Duration::from_secs(300))
+        // No ping before handing out a connection (a round trip per
+        // transaction); a broken connection fails the statement, which is
+        // retried as a transient error.
+        .test_before_acquire(false)
+        .sqlx_logging(false)
+        .map_sqlx_postgres_opts(move |o| {
+            // Custom plans: the hot statements take arrays (`= ANY($1)`,
+            // `unnest($1)`) whose size a generic plan cannot know; generic
+            // plans guessed 100 rows and chose sequential scans of whole tables.
+            o.application_name(&app).options([
+                ("lock_timeout", lock_timeout.as_str()),
+                ("statement_timeout", statement_timeout.as_str()),
+                ("plan_cache_mode", "force_custom_plan"),
+                // The services wake their relays in-process; see common::outbox.
+                ("bank.outbox_notify", "off"),
+            ])
+        });
+    Database::connect(opts).await
+}
+
+fn database_error(err: &DbErr) -> Option<&(dyn sqlx::error::DatabaseError + 'static)> {
+    let runtime = match err {
+        DbErr::Exec(e) | DbErr::Query(e) | DbErr::Conn(e) => e,
+        _ => return None,
+    };
+    match runtime {
+        RuntimeErr::SqlxError(e) => match e.as_ref() {
+            sqlx::Error::Database(db) => Some(db.as_ref()),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// The SQLSTATE code of a database error, if the error came from PostgreSQL.
+pub fn pg_code(err: &DbErr) -> Option<String> {
+    database_error(err).and_then(|e| e.code().map(|c| c.into_owned()))
+}
+
+/// The name of the violated constraint, if any.
+pub fn violated_constraint(err: &DbErr) -> Option<String> {
+    database_error(err).and_then(|e| e.constraint().map(str::to_owned))
+}
+
+/// True for a unique violation of the named constraint or index.
+pub fn is_unique_violation_of(err: &DbErr, constraint: &str) -> bool {
+    pg_code(err).as_deref() == Some(UNIQUE_VIOLATION)
+        && violated_constraint(err).as_deref() == Some(constraint)
+}
+
+/// True when retrying the whole transaction may succeed: lock timeouts,
+/// deadlocks, serialization failures, and lost or unavailable connections.
+pub fn is_transient(err: &DbErr) -> bool {
+    if let Some(code) = pg_code(err) {
+        return matches!(
+            code.as_str(),
+            SERIALIZATION_FAILURE | DEADLOCK_DETECTED | LOCK_NOT_AVAILABLE
+        ) || code.starts_with("08") // connection exception
+            || code == "57P01" // admin shutdown
+            || code == "57P03"; // cannot connect now
+    }
+    match err {
+        DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => true,
+        DbErr::Exec(RuntimeErr::SqlxError(e)) | DbErr::Query(RuntimeErr::SqlxError(e)) => {
+            matches!(
+                e.as_ref(),
+                sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed
+            )
+        }
+        _ => false,
+    }
+}
+
+/// Runs `attempt` again while it fails with a transient database error, with
+/// jittered exponential backoff (5 ms doubling to 200 ms, at most `max_retries`
+/// retries). Callers never see lock timeouts or deadlocks unless they persist.
+pub async fn retry_transient<T, E, F, Fut>(max_retries: usize, attempt: F) -> Result<T, E>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+    E: AsDbErr + std::fmt::Display,
+{
+    attempt
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(5))
+                .with_max_delay(Duration::from_millis(200))
+                .with_max_times(max_retries)
+                .with_jitter(),
+        )
+        .when(|e: &E| e.as_db_err().is_some_and(is_transient))
+        .notify(|e: &E, wait: Duration| {
+            metrics::counter!("db_transaction_retries_total").increment(1);
+            tracing::debug!(error = %e, wait_ms = wait.as_millis() as u64, "retrying transaction");
+        })
+        .await
+}
+
+/// Errors that may wrap a database error, for [`retry_transient`].
+pub trait AsDbErr {
+    /// The database error inside, if there is one.
+    fn as_db_err(&self) -> Option<&DbErr>;
+}
+
+impl AsDbErr for DbErr {
+    fn as_db_err(&self) -> Option<&DbErr> {
+        Some(self)
+    }
+}
+
+/// Runs `migrate` while holding a database-wide advisory lock, so replicas
+/// (or services sharing a database) that start together apply migrations one
+/// at a time instead of racing on the same DDL. The lock is held by an open
+/// transaction on one pooled connection; `migrate` uses others.
+pub async fn with_migration_lock<T, E, F, Fut>(db: &DatabaseConnection, migrate: F) -> Result<T, E>
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+    E: From<DbErr>,
+{
+    use sea_orm::{ConnectionTrait, Statement, TransactionTrait};
+    // "migrate" in ASCII.
+    const MIGRATION_LOCK_KEY: i64 = 0x006d_6967_7261_7465;
+    let txn = db.begin().await?;
+    txn.execute_raw(Statement::from_sql_and_values(
+        txn.get_database_backend(),
+        "SELECT pg_advisory_xact_lock($1)",
+        [MIGRATION_LOCK_KEY.into()],
+    ))
+    .await?;
+    let result = migrate().await;
+    txn.commit().await?;
+    result
+}

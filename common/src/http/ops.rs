@@ -1,0 +1,269 @@
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use futures::future::BoxFuture;
+use sea_orm::DatabaseConnection;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+
+use super::{ApiError, MAX_BODY_BYTES};
+use crate::telemetry::{TRACEPARENT, set_remote_parent};
+
+/// A named dependency check for `/readyz`.
+pub type ReadinessCheck = (
+    &'static str,
+    Arc<dyn Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync>,
+);
+
+/// What `/readyz` reports: every dependency check passes and the service is
+/// not draining. Draining starts on SIGTERM, before the listener closes, so a
+/// load balancer stops sending new work first.
+#[derive(Clone, Default)]
+pub struct Readiness {
+    draining: Arc<AtomicBool>,
+    checks: Arc<Vec<ReadinessCheck>>,
+}
+
+impl std::fmt::Debug for Readiness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Readiness")
+            .field("draining", &self.draining.load(Ordering::Relaxed))
+            .field(
+                "checks",
+                &self.checks.iter().map(|c| c.0).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+impl Readiness {
+    /// Readiness over the given checks.
+    pub fn new(checks: Vec<ReadinessCheck>) -> Self {
+        Self {
+            draining: Arc::new(AtomicBool::new(false)),
+            checks: Arc::new(checks),
+        }
+    }
+
+    /// Readiness of a service whose dependencies are one database and NATS:
+    /// the database answers a ping and the NATS connection is up.
+    pub fn database_and_nats(db: DatabaseConnection, nats: async_nats::Client) -> Self {
+        Self::new(vec![
+            (
+                "database",
+                Arc::new(move || {
+                    let db = db.clone();
+                    Box::pin(async move { db.ping().await.map_err(|e| e.to_string()) })
+                }),
+            ),
+            (
+                "nats",
+                Arc::new(move || {
+                    let state = nats.connection_state();
+                    Box::pin(async move {
+                        match state {
+                            async_nats::connection::State::Connected => Ok(()),
+                            other => Err(format!("nats {other}")),
+                        }
+                    })
+                }),
+            ),
+        ])
+    }
+
+    /// On `shutdown`: `/readyz` turns 503 at once, and after `delay` the
+    /// returned token fires to stop the HTTP listener (so a load balancer
+    /// stops sending work before connections are refused).
+    pub fn drain_on(&self, shutdown: CancellationToken, delay: Duration) -> CancellationToken {
+        let stop = CancellationToken::new();
+        let (trigger, readiness) = (stop.clone(), self.clone());
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            readiness.start_draining();
+            tracing::info!(
+                delay_ms = delay.as_millis() as u64,
+                "draining: readiness is 503"
+            );
+            tokio::time::sleep(delay).await;
+            trigger.cancel();
+        });
+        stop
+    }
+
+    /// Marks the service as draining: `/readyz` answers 503 from now on.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// True once draining started.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    async fn report(&self) -> (bool, serde_json::Value) {
+        let mut ok = !self.is_draining();
+        let mut checks = serde_json::Map::new();
+        for (name, check) in self.checks.iter() {
+            let result = tokio::time::timeout(Duration::from_secs(2), check()).await;
+            let status = match result {
+                Ok(Ok(())) => "ok".to_owned(),
+                Ok(Err(e)) => {
+                    ok = false;
+                    e
+                }
+                Err(_) => {
+                    ok = false;
+                    "timed out after 2 s".to_owned()
+                }
+            };
+            checks.insert((*name).to_owned(), json!(status));
+        }
+        let body = json!({
+            "status": if ok { "ready" } else { "not_ready" },
+            "draining": self.is_draining(),
+            "checks": checks,
+        });
+        (ok, body)
+    }
+}
+
+async fn healthz() -> impl IntoResponse {
+    axum::Json(json!({"status": "alive"}))
+}
+
+async fn readyz(State(readiness): State<Readiness>) -> Response {
+    let (ok, body) = readiness.report().await;
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, axum::Json(body)).into_response()
+}
+
+async fn metrics_text() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        crate::metrics::handle().render(),
+    )
+        .into_response()
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("not_found", "no such route")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this route",
+    )
+}
+
+/// Most requests a service handles at once; beyond it new requests are
+/// answered 503 `overloaded` at once instead of queueing without bound.
+pub const MAX_IN_FLIGHT: usize = 1024;
+
+async fn limit_in_flight(
+    State(permits): State<Arc<tokio::sync::Semaphore>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    match permits.try_acquire() {
+        Ok(_permit) => next.run(req).await,
+        Err(_) => {
+            metrics::counter!("http_requests_shed_total").increment(1);
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                "too many requests in flight; retry later",
+            )
+            .into_response()
+        }
+    }
+}
+
+async fn record_http_metrics(req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let method = req.method().as_str().to_owned();
+    let started = Instant::now();
+    let response = next.run(req).await;
+    let status = response.status().as_u16().to_string();
+    let labels = [("method", method), ("route", route), ("status", status)];
+    metrics::counter!("http_requests_total", &labels).increment(1);
+    metrics::histogram!("http_request_duration_seconds", &labels)
+        .record(started.elapsed().as_secs_f64());
+    response
+}
+
+fn traceparent(headers: &HeaderMap) -> Option<&str> {
+    headers.get(TRACEPARENT).and_then(|v| v.to_str().ok())
+}
+
+/// Wraps a service's API router with what every service has: `/healthz`,
+/// `/readyz`, `/metrics`, JSON 404/405 answers, a body limit, a request
+/// timeout, a trace span per request (continuing the caller's `traceparent`)
+/// and request metrics.
+pub fn with_edge(api: Router, readiness: Readiness, request_timeout: Duration) -> Router {
+    let ops = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .with_state(readiness);
+    api.merge(ops)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(record_http_metrics))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
+            limit_in_flight,
+        ))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            request_timeout,
+        ))
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+            let route = req
+                .extensions()
+                .get::<MatchedPath>()
+                .map(|p| p.as_str().to_owned())
+                .unwrap_or_else(|| req.uri().path().to_owned());
+            let span = tracing::info_span!(
+                "http.request",
+                otel.name = %format!("{} {}", req.method(), route),
+                otel.kind = "server",
+                http.method = %req.method(),
+                http.route = %route,
+            );
+            set_remote_parent(&span, traceparent(req.headers()));
+            span
+        }))
+}
+
+/// Serves until `shutdown` is cancelled, then stops accepting and waits for
+/// in-flight requests (each bounded by the request timeout).
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}

@@ -1,0 +1,125 @@
+//! JetStream setup: connecting, and the streams of API.md.
+//!
+//! Each service creates (or updates) the streams it publishes to at start-up.
+//! All streams use file storage and a two-minute duplicate window, so a
+//! message re-published with the same `Nats-Msg-Id` within two minutes (a relay
+//! that crashed after publishing and before marking its row) is dropped.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+
+/// Name of the stream of ledger entries.
+pub const LEDGER_STREAM: &str = "LEDGER";
+/// Name of the stream of transfer status events.
+pub const TRANSFERS_STREAM: &str = "TRANSFERS";
+/// Name of the stream of interest payouts.
+pub const INTEREST_STREAM: &str = "INTEREST";
+/// Name of the stream of operational alerts.
+pub const ALERTS_STREAM: &str = "ALERTS";
+/// Name of the dead-letter stream.
+pub const DLQ_STREAM: &str = "DLQ";
+
+/// Duplicate window of every stream: at least two minutes (API.md).
+pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+
+/// A stream this system defines.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamSpec {
+    /// Stream name.
+    pub name: &'static str,
+    /// Subjects captured by the stream.
+    pub subjects: &'static [&'static str],
+    /// What the stream holds.
+    pub description: &'static str,
+    /// How long messages are kept (zero: forever).
+    pub max_age: Duration,
+}
+
+/// `LEDGER`: `bank.ledger.<account_id>`, kept for 30 days (longer than any
+/// consumer outage we plan to recover from by replay; older gaps are filled
+/// from the core's entries API).
+pub const LEDGER: StreamSpec = StreamSpec {
+    name: LEDGER_STREAM,
+    subjects: &["bank.ledger.*"],
+    description: "Ledger entries of the core bank, one subject per account",
+    max_age: Duration::from_secs(30 * 86_400),
+};
+/// `TRANSFERS`: transfer status events of the channel.
+pub const TRANSFERS: StreamSpec = StreamSpec {
+    name: TRANSFERS_STREAM,
+    subjects: &["bank.transfer.*"],
+    description: "Transfer requested/succeeded/failed events of the transfer service",
+    max_age: Duration::from_secs(30 * 86_400),
+};
+/// `INTEREST`: interest payouts.
+pub const INTEREST: StreamSpec = StreamSpec {
+    name: INTEREST_STREAM,
+    subjects: &["bank.interest.*"],
+    description: "Interest payouts of the core bank",
+    max_age: Duration::from_secs(30 * 86_400),
+};
+/// `ALERTS`: shadow verification mismatches and other alerts.
+pub const ALERTS: StreamSpec = StreamSpec {
+    name: ALERTS_STREAM,
+    subjects: &["bank.alert.*"],
+    description: "Operational alerts such as interest shadow mismatches",
+    max_age: Duration::from_secs(30 * 86_400),
+};
+/// `DLQ`: dead letters, kept until replayed or deleted by an operator.
+pub const DLQ: StreamSpec = StreamSpec {
+    name: DLQ_STREAM,
+    subjects: &["bank.dlq.>"],
+    description: "Messages the projector could not apply, with the error in headers",
+    max_age: Duration::ZERO,
+};
+
+/// Connects to NATS. The client reconnects by itself forever; publishes made
+/// while disconnected fail with a timeout and are retried by the caller.
+pub async fn connect(
+    url: &str,
+    name: &str,
+) -> Result<async_nats::Client, async_nats::ConnectError> {
+    async_nats::ConnectOptions::new()
+        .name(name)
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connection_timeout(Duration::from_secs(5))
+        .request_timeout(Some(Duration::from_secs(5)))
+        .event_callback(|event| async move {
+            tracing::info!(%event, "nats connection event");
+        })
+        .connect(url)
+        .await
+}
+
+/// The stream configuration of a spec.
+pub fn stream_config(spec: &StreamSpec, replicas: usize) -> stream::Config {
+    stream::Config {
+        name: spec.name.to_owned(),
+        description: Some(spec.description.to_owned()),
+        subjects: spec.subjects.iter().map(|s| (*s).to_owned()).collect(),
+        storage: stream::StorageType::File,
+        retention: stream::RetentionPolicy::Limits,
+        discard: stream::DiscardPolicy::Old,
+        duplicate_window: DUPLICATE_WINDOW,
+        max_age: spec.max_age,
+        num_replicas: replicas.max(1),
+        allow_direct: true,
+        ..Default::default()
+    }
+}
+
+/// Creates each stream, or updates it to this configuration if it exists.
+pub async fn ensure_streams(
+    js: &jetstream::Context,
+    specs: &[StreamSpec],
+    replicas: usize,
+) -> anyhow::Result<()> {
+    for spec in specs {
+        js.create_or_update_stream(stream_config(spec, replicas))
+            .await
+            .map_err(|e| anyhow::anyhow!("ensuring stream {}: {e}", spec.name))?;
+    }
+    Ok(())
+}
