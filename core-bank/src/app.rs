@@ -1,0 +1,271 @@
+//! Building and running the core bank service.
+
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use async_nats::jetstream;
+use common::http::Readiness;
+use common::outbox::{Relay, RelayConfig, RelayWaker};
+use common::shutdown::CancellationToken;
+use sea_orm::DatabaseConnection;
+use sea_orm_migration::MigratorTrait;
+use tokio::net::TcpListener;
+
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::http::{self, AppState};
+use crate::interest::cache::InterestCache;
+use crate::interest::rollout::Rollout;
+use crate::interest::{InterestService, InterestSettings};
+use crate::ledger::{Ledger, LedgerConfig};
+use crate::migration::Migrator;
+
+/// A built core bank: connected, migrated, listening, not yet serving.
+pub struct App {
+    config: Config,
+    listener: TcpListener,
+    db: DatabaseConnection,
+    nats: async_nats::Client,
+    js: jetstream::Context,
+    clock: Clock,
+    interest: InterestService,
+    outbox: RelayWaker,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App")
+            .field("addr", &self.listener.local_addr().ok())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Connects to the core database and applies migrations.
+pub async fn connect_db(config: &Config) -> anyhow::Result<DatabaseConnection> {
+    let db = common::db::connect(&config.database_url, &config.pool, "core-bank")
+        .await
+        .context("connecting to the core database (CORE_DATABASE_URL)")?;
+    common::db::with_migration_lock(&db, || Migrator::up(&db, None))
+        .await
+        .context("migrating the core database")?;
+    Ok(db)
+}
+
+/// The interest service over `db` (shared by the server and the verifier).
+pub async fn interest_service(
+    config: &Config,
+    db: &DatabaseConnection,
+    clock: &Clock,
+    outbox: RelayWaker,
+) -> anyhow::Result<InterestService> {
+    let settings = InterestSettings::parse(
+        &config.interest.interest_tiers,
+        &config.interest.interest_tax_percent,
+    )
+    .map_err(|e| anyhow::anyhow!("invalid interest settings: {e}"))?;
+    let rollout = Rollout::default();
+    rollout
+        .refresh(db)
+        .await
+        .context("reading the interest rollout")?;
+    Ok(InterestService::new(
+        db.clone(),
+        clock.clone(),
+        settings,
+        rollout,
+        InterestCache::new(&config.redis_url),
+        outbox,
+    ))
+}
+
+/// The business clock of `config`, synchronised with the database.
+pub async fn clock(config: &Config, db: &DatabaseConnection) -> anyhow::Result<Clock> {
+    let tz = chrono_tz::Tz::from_str(&config.interest.time_zone).map_err(|e| {
+        anyhow::anyhow!(
+            "invalid BANK_TIME_ZONE {:?}: {e}",
+            config.interest.time_zone
+        )
+    })?;
+    let clock = Clock::new(tz, config.test_clock);
+    clock
+        .refresh(db)
+        .await
+        .context("reading the business clock")?;
+    Ok(clock)
+}
+
+impl App {
+    /// Connects, migrates, ensures the streams and binds the listener.
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        // Install the metrics recorder before anything records.
+        let _ = common::metrics::handle();
+        let db = connect_db(&config).await?;
+        let nats = common::jetstream::connect(&config.nats.nats_url, "core-bank")
+            .await
+            .context("connecting to NATS (NATS_URL)")?;
+        let js = jetstream::new(nats.clone());
+        common::jetstream::ensure_streams(
+            &js,
+            &[
+                common::jetstream::LEDGER,
+                common::jetstream::INTEREST,
+                common::jetstream::ALERTS,
+            ],
+            config.nats.stream_replicas,
+        )
+        .await?;
+        let clock = clock(&config, &db).await?;
+        let outbox = RelayWaker::default();
+        let interest = interest_service(&config, &db, &clock, outbox.clone()).await?;
+        let listener = TcpListener::bind(config.http_addr)
+            .await
+            .with_context(|| format!("binding {}", config.http_addr))?;
+        Ok(Self {
+            config,
+            listener,
+            db,
+            nats,
+            js,
+            clock,
+            interest,
+            outbox,
+        })
+    }
+
+    /// The address the API listens on.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown`, then drains: readiness turns 503, the
+    /// listener closes after `SHUTDOWN_DRAIN_DELAY_MS`, in-flight requests and
+    /// queued ledger commands finish, the relay finishes its pass, and the
+    /// background loops stop.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let background = CancellationToken::new();
+        let relay = Relay::new(
+            self.db.clone(),
+            self.js.clone(),
+            RelayConfig {
+                service: "core-bank",
+                batch_size: self.config.relay.outbox_batch_size,
+                poll_interval: self.config.relay.poll_interval(),
+                retention: Duration::from_secs(self.config.relay.outbox_retention_secs),
+                abort_before_mark: false,
+            },
+            self.outbox.clone(),
+        );
+        let cache = self.interest.cache().clone();
+        let wake = self.outbox.clone();
+        let after_commit = Arc::new(move |touched: &[common::AccountId]| {
+            cache.invalidate(touched);
+            wake.wake();
+        });
+        let (ledger, workers) = Ledger::start(
+            self.db.clone(),
+            self.clock.clone(),
+            LedgerConfig {
+                batch_max: self.config.ledger_batch_max.max(1),
+                workers: self.config.ledger_workers.max(1),
+                queue_max: self.config.ledger_queue_max.max(1),
+                request_ttl: self.config.request_ttl(),
+            },
+            after_commit,
+        );
+
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(relay.run(background.clone()));
+        tasks.spawn(
+            self.interest
+                .cache()
+                .clone()
+                .run_invalidations(background.clone()),
+        );
+        tasks.spawn(refresh_settings(
+            self.db.clone(),
+            self.clock.clone(),
+            self.interest.rollout().clone(),
+            background.clone(),
+        ));
+
+        let readiness = Readiness::database_and_nats(self.db.clone(), self.nats.clone());
+        let state = AppState {
+            db: self.db.clone(),
+            clock: self.clock.clone(),
+            ledger,
+            interest: self.interest.clone(),
+            request_ttl: self.config.request_ttl(),
+            api_token: Arc::from(self.config.api_token.as_str()),
+        };
+        let router = http::router(
+            state,
+            readiness.clone(),
+            Duration::from_millis(self.config.http_request_timeout_ms),
+        );
+        let stop_http = readiness.drain_on(
+            shutdown,
+            Duration::from_millis(self.config.shutdown_drain_delay_ms),
+        );
+        tracing::info!(addr = %self.listener.local_addr()?, "core-bank serving");
+        common::http::serve(self.listener, router, stop_http).await?;
+
+        // No request is in flight any more, so no ledger handle is left: the
+        // workers finish what is queued and stop.
+        workers.join_all().await;
+        background.cancel();
+        while tasks.join_next().await.is_some() {}
+        let _ = self.nats.flush().await;
+        tracing::info!("core-bank stopped");
+        Ok(())
+    }
+}
+
+/// Every second: the business clock and the interest rollout, so every
+/// replica follows changes made through any other.
+async fn refresh_settings(
+    db: DatabaseConnection,
+    clock: Clock,
+    rollout: Rollout,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = clock.refresh(&db).await {
+            tracing::warn!(error = %e, "refreshing the business clock");
+        }
+        if let Err(e) = rollout.refresh(&db).await {
+            tracing::warn!(error = %e, "refreshing the interest rollout");
+        }
+    }
+}
+
+/// `core-bank verify-interest`: compares both interest paths with a progress
+/// bar; returns the number of mismatches.
+pub async fn verify_interest(config: Config, sample: Option<u64>) -> anyhow::Result<usize> {
+    let db = connect_db(&config).await?;
+    let clock = clock(&config, &db).await?;
+    let interest = interest_service(&config, &db, &clock, RelayWaker::default()).await?;
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} verifying interest [{bar:40}] {pos}/{len} accounts ({eta})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let report = interest
+        .verify(sample, |done, total| {
+            bar.set_length(total);
+            bar.set_position(done);
+        })
+        .await?;
+    bar.finish();
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(report.mismatches.len())
+}

@@ -1,0 +1,145 @@
+//! Configuration of the core bank, from flags or the environment (API.md).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use common::config::{NatsArgs, PoolArgs, RelayArgs, TelemetryArgs};
+
+/// The core bank: ledger of record.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "core-bank",
+    version,
+    about = "Core bank: the ledger of record (accounts, transfers, deposits, interest)"
+)]
+pub struct Cli {
+    /// What to do; with none, serve.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Settings.
+    #[command(flatten)]
+    pub config: Config,
+}
+
+/// Sub-commands besides serving.
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Compare the legacy and new interest calculations over all accounts (or
+    /// a random sample) and list the mismatches. Exits 1 if any mismatch.
+    VerifyInterest {
+        /// Check only this many randomly chosen accounts.
+        #[arg(long)]
+        sample: Option<u64>,
+    },
+}
+
+/// Every setting of the core bank.
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// Address the HTTP API listens on (port 0 picks a free port).
+    #[arg(
+        long = "http-addr",
+        env = "CORE_HTTP_ADDR",
+        default_value = "127.0.0.1:8081"
+    )]
+    pub http_addr: SocketAddr,
+    /// PostgreSQL database of the core.
+    #[arg(
+        long = "database-url",
+        env = "CORE_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/bank_core?sslmode=disable"
+    )]
+    pub database_url: String,
+    /// Redis for the expected-interest cache.
+    #[arg(
+        long = "redis-url",
+        env = "REDIS_URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
+    pub redis_url: String,
+    /// Service credential every `/v1` caller must present as a bearer token.
+    #[arg(
+        long = "api-token",
+        env = "CORE_API_TOKEN",
+        default_value = "dev-core-token",
+        hide_env_values = true
+    )]
+    pub api_token: String,
+    /// Requests older than this (by `requested_at`, on the core's clock) are refused.
+    #[arg(
+        long = "request-ttl-secs",
+        env = "REQUEST_TTL_SECS",
+        default_value_t = 60
+    )]
+    pub request_ttl_secs: u64,
+    /// When true, `POST /v1/admin/clock` may move the business date (tests and demos).
+    #[arg(long = "test-clock", env = "BANK_TEST_CLOCK", default_value = "0", value_parser = parse_flag)]
+    pub test_clock: bool,
+    /// Most commands executed together in one ledger transaction.
+    #[arg(long, env = "LEDGER_BATCH_MAX", default_value_t = 128)]
+    pub ledger_batch_max: usize,
+    /// Ledger worker tasks (each runs one transaction at a time).
+    #[arg(long, env = "LEDGER_WORKERS", default_value_t = 4)]
+    pub ledger_workers: usize,
+    /// Commands waiting for a ledger worker before new ones are refused (503).
+    #[arg(long, env = "LEDGER_QUEUE_MAX", default_value_t = 10_000)]
+    pub ledger_queue_max: usize,
+    /// Longest an HTTP request may take before it is answered 503.
+    #[arg(long, env = "HTTP_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
+    pub http_request_timeout_ms: u64,
+    /// Pause between readiness turning 503 and the listener closing, on SIGTERM.
+    #[arg(long, env = "SHUTDOWN_DRAIN_DELAY_MS", default_value_t = 0)]
+    pub shutdown_drain_delay_ms: u64,
+    /// Interest product settings.
+    #[command(flatten)]
+    pub interest: InterestArgs,
+    /// NATS.
+    #[command(flatten)]
+    pub nats: NatsArgs,
+    /// Outbox relay.
+    #[command(flatten)]
+    pub relay: RelayArgs,
+    /// Database pool.
+    #[command(flatten)]
+    pub pool: PoolArgs,
+    /// Logs and traces.
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+}
+
+/// The interest product.
+#[derive(Debug, Clone, Args)]
+pub struct InterestArgs {
+    /// Rate tiers as `UPPER_BOUND:ANNUAL_PERCENT,...,*:ANNUAL_PERCENT`: each
+    /// part of the closing balance up to the bound earns that rate.
+    #[arg(long, env = "INTEREST_TIERS", default_value = "50000000:2.0,*:0.1")]
+    pub interest_tiers: String,
+    /// Withholding tax on interest, in percent.
+    #[arg(long, env = "INTEREST_TAX_PERCENT", default_value = "15.4")]
+    pub interest_tax_percent: String,
+    /// Time zone of the business date.
+    #[arg(long, env = "BANK_TIME_ZONE", default_value = "Asia/Seoul")]
+    pub time_zone: String,
+}
+
+fn parse_flag(s: &str) -> Result<bool, String> {
+    match s {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" | "" => Ok(false),
+        other => Err(format!("expected 1 or 0, got {other:?}")),
+    }
+}
+
+impl Config {
+    /// The request TTL.
+    pub fn request_ttl(&self) -> Duration {
+        Duration::from_secs(self.request_ttl_secs)
+    }
+
+    /// Defaults for every setting, as if started with no flags and no
+    /// environment (used by tests, which then override what they need).
+    pub fn defaults() -> Self {
+        Cli::parse_from(["core-bank"]).config
+    }
+}

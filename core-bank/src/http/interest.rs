@@ -1,0 +1,141 @@
+//! Interest: expected interest, payouts, rollout and verification.
+
+use axum::extract::State;
+use common::http::{ApiError, ErrorBody, Json, Path};
+use common::{AccountId, PayoutId};
+use serde::Deserialize;
+use utoipa::ToSchema;
+
+use super::{AppState, db_error, parse_id};
+use crate::interest::Accrual;
+use crate::interest::payout::{self, Payout, PayoutError};
+use crate::interest::rollout::RolloutSetting;
+use crate::interest::service::{InterestError, VerifyReport};
+
+/// Most accounts one HTTP verification compares; the CLI has no limit.
+const MAX_HTTP_VERIFY: u64 = 10_000;
+
+impl From<InterestError> for ApiError {
+    fn from(e: InterestError) -> Self {
+        match e {
+            InterestError::AccountNotFound => {
+                ApiError::not_found("account_not_found", "no such account")
+            }
+            InterestError::Db(db) => db_error(&db),
+        }
+    }
+}
+
+impl From<PayoutError> for ApiError {
+    fn from(e: PayoutError) -> Self {
+        let msg = e.to_string();
+        match e {
+            PayoutError::AccountNotFound => ApiError::not_found("account_not_found", msg),
+            PayoutError::CustomerProtected(_) => ApiError::unprocessable("customer_protected", msg),
+            PayoutError::AccountNotActive => ApiError::unprocessable("account_not_active", msg),
+            PayoutError::DepositStopped => ApiError::unprocessable("deposit_stopped", msg),
+            PayoutError::NothingToPay => ApiError::unprocessable("nothing_to_pay", msg),
+            PayoutError::AlreadyPaidToday => ApiError::conflict("already_paid_today", msg),
+            PayoutError::IdempotencyConflict(_) => ApiError::conflict("idempotency_conflict", msg),
+            PayoutError::Db(db) => db_error(&db),
+        }
+    }
+}
+
+/// Interest accrued over the completed days not yet paid out.
+#[utoipa::path(get, path = "/v1/accounts/{id}/interest", params(("id" = String, Path, description = "account id")),
+    responses((status = 200, body = Accrual), (status = 404, body = ErrorBody)))]
+pub(super) async fn expected(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<axum::Json<Accrual>, ApiError> {
+    let id: AccountId = parse_id(&id)?;
+    Ok(axum::Json(s.interest.expected(&id).await?))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PayoutBody {
+    #[schema(value_type = String)]
+    payout_id: PayoutId,
+}
+
+/// Pays out the accrued interest (once per business date, idempotent by `payout_id`).
+#[utoipa::path(post, path = "/v1/accounts/{id}/interest/payouts", request_body = PayoutBody,
+    params(("id" = String, Path, description = "account id")),
+    responses((status = 200, body = Payout), (status = 404, body = ErrorBody),
+        (status = 409, description = "already_paid_today, idempotency_conflict", body = ErrorBody),
+        (status = 422, description = "customer_protected, account_not_active, deposit_stopped, nothing_to_pay", body = ErrorBody)))]
+pub(super) async fn payout(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Json(body): Json<PayoutBody>,
+) -> Result<axum::Json<Payout>, ApiError> {
+    let id: AccountId = parse_id(&id)?;
+    let p = payout::pay(&s.db, &s.clock, &s.interest, &id, &body.payout_id).await?;
+    Ok(axum::Json(p))
+}
+
+/// The rollout setting in force.
+#[utoipa::path(get, path = "/v1/admin/interest/rollout", responses((status = 200, body = RolloutSetting)))]
+pub(super) async fn get_rollout(
+    State(s): State<AppState>,
+) -> Result<axum::Json<RolloutSetting>, ApiError> {
+    s.interest
+        .rollout()
+        .refresh(&s.db)
+        .await
+        .map_err(|e| db_error(&e))?;
+    Ok(axum::Json(s.interest.rollout().get()))
+}
+
+/// Changes the rollout; every replica follows within a second.
+#[utoipa::path(put, path = "/v1/admin/interest/rollout", request_body = RolloutSetting,
+    responses((status = 200, body = RolloutSetting), (status = 400, body = ErrorBody)))]
+pub(super) async fn put_rollout(
+    State(s): State<AppState>,
+    Json(body): Json<RolloutSetting>,
+) -> Result<axum::Json<RolloutSetting>, ApiError> {
+    if body.new_path_percent > 100 {
+        return Err(ApiError::bad_request(
+            "invalid_request",
+            "new_path_percent must be between 0 and 100",
+        ));
+    }
+    let stored = s
+        .interest
+        .rollout()
+        .store(&s.db, body)
+        .await
+        .map_err(|e| db_error(&e))?;
+    Ok(axum::Json(stored))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct VerifyBody {
+    /// Compare this many random accounts (1..=10000); all (up to 10000) when absent.
+    sample: Option<u64>,
+}
+
+/// Compares the legacy and new paths over accounts and lists mismatches.
+#[utoipa::path(post, path = "/v1/admin/interest/verify", request_body = VerifyBody,
+    responses((status = 200, body = VerifyReport), (status = 400, body = ErrorBody)))]
+pub(super) async fn verify(
+    State(s): State<AppState>,
+    Json(body): Json<VerifyBody>,
+) -> Result<axum::Json<VerifyReport>, ApiError> {
+    if body.sample.is_some_and(|n| n == 0 || n > MAX_HTTP_VERIFY) {
+        return Err(ApiError::bad_request(
+            "invalid_request",
+            "sample must be between 1 and 10000",
+        ));
+    }
+    let sample = Some(body.sample.unwrap_or(MAX_HTTP_VERIFY));
+    let report = s
+        .interest
+        .verify(sample, |_, _| {})
+        .await
+        .map_err(|e| db_error(&e))?;
+    Ok(axum::Json(report))
+}

@@ -1,0 +1,345 @@
+//! The interest payout transaction (B22-B24).
+//!
+//! One transaction that locks only the account row: checks the customer and
+//! account states, allows one payout per business date, computes the accrual
+//! with the account's rollout path, credits `net` as a ledger entry of kind
+//! `interest` with the account's next sequence number, records the payout and
+//! enqueues the ledger event and `bank.interest.paid`. The withholding tax is
+//! not written here: the projector records it from the event (B23), which
+//! keeps this transaction to what must be consistent at once.
+
+use chrono::{DateTime, NaiveDate, Utc};
+use common::events::{EntryKind, InterestPaidEvent, LedgerEntry, LedgerEvent};
+use common::outbox::OutboxMessage;
+use common::{AccountId, PayoutId, Won};
+use rust_decimal::Decimal;
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, Statement, TransactionTrait};
+use serde::Serialize;
+
+use super::{AccountTerms, InterestService};
+use crate::accounts::CustomerStatus;
+use crate::clock::Clock;
+
+/// A completed payout: the answer of `POST .../interest/payouts`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct Payout {
+    /// The payout id.
+    #[schema(value_type = String)]
+    pub payout_id: PayoutId,
+    /// The account.
+    #[schema(value_type = String)]
+    pub account_id: AccountId,
+    /// Interest before tax.
+    #[schema(value_type = String)]
+    pub gross: Won,
+    /// Withholding tax.
+    #[schema(value_type = String)]
+    pub tax: Won,
+    /// Credited amount.
+    #[schema(value_type = String)]
+    pub net: Won,
+    /// Balance after the credit.
+    #[schema(value_type = String)]
+    pub balance: Won,
+    /// Sequence number of the credit entry.
+    pub seq: i64,
+    /// First business date covered.
+    pub from: NaiveDate,
+    /// Last business date covered.
+    pub through: NaiveDate,
+    /// When it committed.
+    pub paid_at: DateTime<Utc>,
+}
+
+/// Why a payout did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum PayoutError {
+    /// No such account.
+    #[error("account not found")]
+    AccountNotFound,
+    /// The customer is in a protected state.
+    #[error("the customer is in a protected state ({0}); interest cannot be paid out")]
+    CustomerProtected(&'static str),
+    /// The account is suspended or closed.
+    #[error("the account is not active")]
+    AccountNotActive,
+    /// The account refuses deposits.
+    #[error("the account is stopped for deposits")]
+    DepositStopped,
+    /// A payout already happened on this business date.
+    #[error("interest was already paid out today")]
+    AlreadyPaidToday,
+    /// No completed day, or less than one won accrued.
+    #[error("no interest has accrued since the last payout")]
+    NothingToPay,
+    /// The payout id is known for another account.
+    #[error("payout {0} was already used for another account")]
+    IdempotencyConflict(String),
+    /// The database failed.
+    #[error("payout storage")]
+    Db(#[from] DbErr),
+}
+
+impl PayoutError {
+    fn is_retryable(&self) -> bool {
+        matches!(self, PayoutError::Db(e) if common::db::is_transient(e)
+            || common::db::is_unique_violation_of(e, "interest_payouts_pkey"))
+    }
+}
+
+impl common::db::AsDbErr for PayoutError {
+    fn as_db_err(&self) -> Option<&DbErr> {
+        match self {
+            PayoutError::Db(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// Pays out the accrued interest of `account`, idempotently by `payout_id`.
+pub async fn pay(
+    db: &DatabaseConnection,
+    clock: &Clock,
+    interest: &InterestService,
+    account: &AccountId,
+    payout_id: &PayoutId,
+) -> Result<Payout, PayoutError> {
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        match try_pay(db, clock, interest, account, payout_id).await {
+            Err(e) if e.is_retryable() && attempts < 10 => {
+                metrics::counter!("db_transaction_retries_total").increment(1);
+                let wait = 2u64.pow(attempts.min(7)) + rand::random::<u64>() % 5;
+                tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+            }
+            other => {
+                if other.is_ok() {
+                    interest.cache().invalidate(std::slice::from_ref(account));
+                    interest.wake_relay();
+                }
+                return other;
+            }
+        }
+    }
+}
+
+const PAYOUT_COLUMNS: &str =
+    "payout_id, account_id, gross, tax, net, balance_after, seq, from_date, through_date, paid_at";
+
+fn payout_from_row(r: &sea_orm::QueryResult) -> Result<Payout, DbErr> {
+    let won = |col: &str| -> Result<Won, DbErr> {
+        let d: Decimal = r.try_get("", col)?;
+        Won::new(d).map_err(|e| DbErr::Custom(format!("stored {col}: {e}")))
+    };
+    let id: String = r.try_get("", "payout_id")?;
+    let account: String = r.try_get("", "account_id")?;
+    Ok(Payout {
+        payout_id: PayoutId::parse(id)
+            .map_err(|e| DbErr::Custom(format!("stored payout id: {e}")))?,
+        account_id: AccountId::parse(account)
+            .map_err(|e| DbErr::Custom(format!("stored account id: {e}")))?,
+        gross: won("gross")?,
+        tax: won("tax")?,
+        net: won("net")?,
+        balance: won("balance_after")?,
+        seq: r.try_get("", "seq")?,
+        from: r.try_get("", "from_date")?,
+        through: r.try_get("", "through_date")?,
+        paid_at: r.try_get("", "paid_at")?,
+    })
+}
+
+const WRITE_SQL: &str = r#"
+WITH
+ins_e AS (
+  INSERT INTO ledger_entries (account_id, seq, kind, amount, balance_after, occurred_at, business_date, payout_id)
+  VALUES ($1, $2, 'interest', $3, $4, $5, $6, $7)
+),
+upd_a AS (
+  UPDATE accounts SET balance = $4, last_seq = $2, interest_paid_through = $8, updated_at = $5
+  WHERE account_id = $1
+),
+ups_b AS (
+  INSERT INTO daily_balances (account_id, business_date, closing_balance) VALUES ($1, $6, $4)
+  ON CONFLICT (account_id, business_date) DO UPDATE SET closing_balance = EXCLUDED.closing_balance
+),
+ins_p AS (
+  INSERT INTO interest_payouts (payout_id, account_id, business_date, from_date, through_date, days,
+                                gross, tax, net, seq, balance_after, path, paid_at)
+  VALUES ($7, $1, $6, $9, $8, $10, $11, $12, $3, $2, $4, $13, $5)
+),
+ins_o AS (
+  INSERT INTO outbox (event_id, subject, payload, traceparent)
+  SELECT e, s, p, NULLIF(t, '')
+  FROM unnest($14::text[], $15::text[], $16::text[], $17::text[]) WITH ORDINALITY AS x(e, s, p, t, n)
+  ORDER BY n
+)
+SELECT 1
+"#;
+
+async fn try_pay(
+    db: &DatabaseConnection,
+    clock: &Clock,
+    interest: &InterestService,
+    account: &AccountId,
+    payout_id: &PayoutId,
+) -> Result<Payout, PayoutError> {
+    let backend = db.get_database_backend();
+    let today = clock.today();
+    let now = clock.now();
+    let txn = db.begin().await?;
+    // One round trip: the payout if this id is known, and the account,
+    // locked (only this row), with its customer's status and whether it was
+    // paid today.
+    let row = txn
+        .query_one_raw(Statement::from_sql_and_values(
+            backend,
+            format!(
+                "SELECT k.*, acc.* FROM (SELECT 1) AS one \
+                 LEFT JOIN LATERAL (SELECT {PAYOUT_COLUMNS} FROM interest_payouts WHERE payout_id = $3) k ON true \
+                 LEFT JOIN LATERAL ( \
+                   SELECT a.balance, a.last_seq, a.status, a.deposit_stopped, a.opened_on, a.interest_paid_through, \
+                          c.status AS customer_status, \
+                          EXISTS (SELECT 1 FROM interest_payouts p WHERE p.account_id = a.account_id \
+                                  AND p.business_date = $2) AS paid_today \
+                   FROM accounts a JOIN customers c ON c.customer_id = a.customer_id \
+                   WHERE a.account_id = $1 FOR UPDATE OF a) acc ON true"
+            ),
+            [account.to_string().into(), today.into(), payout_id.to_string().into()],
+        ))
+        .await?
+        .ok_or_else(|| DbErr::Custom("payout look-up returned no row".into()))?;
+    if row.try_get::<Option<String>>("", "payout_id")?.is_some() {
+        let payout = payout_from_row(&row)?;
+        txn.commit().await?;
+        return if &payout.account_id == account {
+            Ok(payout)
+        } else {
+            Err(PayoutError::IdempotencyConflict(payout_id.to_string()))
+        };
+    }
+    if row.try_get::<Option<String>>("", "status")?.is_none() {
+        return Err(PayoutError::AccountNotFound);
+    }
+    let customer_status: String = row.try_get("", "customer_status")?;
+    if let Some(s) = CustomerStatus::parse(&customer_status).filter(|s| s.is_protected()) {
+        return Err(PayoutError::CustomerProtected(s.as_str()));
+    }
+    let status: String = row.try_get("", "status")?;
+    if status != "active" {
+        return Err(PayoutError::AccountNotActive);
+    }
+    if row.try_get::<bool>("", "deposit_stopped")? {
+        return Err(PayoutError::DepositStopped);
+    }
+    if row.try_get::<bool>("", "paid_today")? {
+        return Err(PayoutError::AlreadyPaidToday);
+    }
+    let terms = AccountTerms {
+        account_id: account.clone(),
+        opened_on: row.try_get("", "opened_on")?,
+        paid_through: row.try_get("", "interest_paid_through")?,
+    };
+    let accrual = interest.compute_for_bucket(&txn, &terms, today).await?;
+    if accrual.days <= 0 || accrual.gross.value() <= Decimal::ZERO {
+        return Err(PayoutError::NothingToPay);
+    }
+    let balance: Decimal = row.try_get("", "balance")?;
+    let last_seq: i64 = row.try_get("", "last_seq")?;
+    let seq = last_seq + 1;
+    let new_balance =
+        Won::new(balance + accrual.net.value()).map_err(|e| DbErr::Custom(e.to_string()))?;
+
+    let entry = LedgerEntry {
+        account_id: account.clone(),
+        seq,
+        kind: EntryKind::Interest,
+        amount: accrual.net,
+        balance_after: new_balance,
+        occurred_at: now,
+        business_date: today,
+        transfer_id: None,
+        deposit_id: None,
+        payout_id: Some(payout_id.clone()),
+        counterparty: None,
+        memo: None,
+    };
+    let paid = InterestPaidEvent {
+        event_id: InterestPaidEvent::id_for(payout_id),
+        payout_id: payout_id.clone(),
+        account_id: account.clone(),
+        gross: accrual.gross,
+        tax: accrual.tax,
+        net: accrual.net,
+        from: accrual.from,
+        through: accrual.through,
+        paid_at: now,
+    };
+    let messages = [
+        OutboxMessage::from_event(&LedgerEvent::from(entry)),
+        OutboxMessage::from_event(&paid),
+    ]
+    .into_iter()
+    .collect::<Result<Vec<_>, _>>()
+    .map_err(|e| DbErr::Custom(format!("serializing payout events: {e}")))?;
+
+    let values: Vec<sea_orm::Value> = vec![
+        account.to_string().into(),
+        seq.into(),
+        accrual.net.value().into(),
+        new_balance.value().into(),
+        now.into(),
+        today.into(),
+        payout_id.to_string().into(),
+        accrual.through.into(),
+        accrual.from.into(),
+        (accrual.days as i32).into(),
+        accrual.gross.value().into(),
+        accrual.tax.value().into(),
+        accrual.path.as_str().into(),
+        messages
+            .iter()
+            .map(|m| m.event_id.clone())
+            .collect::<Vec<_>>()
+            .into(),
+        messages
+            .iter()
+            .map(|m| m.subject.clone())
+            .collect::<Vec<_>>()
+            .into(),
+        messages
+            .iter()
+            .map(|m| m.payload.clone())
+            .collect::<Vec<_>>()
+            .into(),
+        messages
+            .iter()
+            .map(|m| m.traceparent.clone().unwrap_or_default())
+            .collect::<Vec<_>>()
+            .into(),
+    ];
+    txn.execute_raw(Statement::from_sql_and_values(backend, WRITE_SQL, values))
+        .await
+        .map_err(|e| {
+            if common::db::is_unique_violation_of(&e, "interest_payouts_once_per_day") {
+                PayoutError::AlreadyPaidToday
+            } else {
+                PayoutError::Db(e)
+            }
+        })?;
+    txn.commit().await?;
+    metrics::counter!("interest_payouts_total").increment(1);
+    Ok(Payout {
+        payout_id: payout_id.clone(),
+        account_id: account.clone(),
+        gross: accrual.gross,
+        tax: accrual.tax,
+        net: accrual.net,
+        balance: new_balance,
+        seq,
+        from: accrual.from,
+        through: accrual.through,
+        paid_at: now,
+    })
+}

@@ -1,0 +1,280 @@
+//! The expected-interest query, shadow verification and the batch verifier.
+
+use chrono::NaiveDate;
+use common::AccountId;
+use common::events::InterestMismatchEvent;
+use common::outbox::{self, OutboxMessage, RelayWaker};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, Statement};
+use serde::Serialize;
+
+use super::cache::{InterestCache, Lookup};
+use super::rollout::Rollout;
+use super::{AccountTerms, Accrual, InterestSettings, Path, daily, legacy};
+use crate::clock::Clock;
+
+/// Errors of interest queries.
+#[derive(Debug, thiserror::Error)]
+pub enum InterestError {
+    /// No such account.
+    #[error("account not found")]
+    AccountNotFound,
+    /// The database failed.
+    #[error("interest storage")]
+    Db(#[from] DbErr),
+}
+
+/// A disagreement between the two paths.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct Mismatch {
+    /// The account.
+    #[schema(value_type = String)]
+    pub account_id: AccountId,
+    /// Legacy figure.
+    pub legacy: Accrual,
+    /// New figure.
+    pub new: Accrual,
+}
+
+/// Result of a verification run.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct VerifyReport {
+    /// Accounts compared.
+    pub checked: u64,
+    /// Accounts whose figures differ.
+    pub mismatches: Vec<Mismatch>,
+}
+
+/// Interest queries of the core.
+#[derive(Debug, Clone)]
+pub struct InterestService {
+    db: DatabaseConnection,
+    clock: Clock,
+    settings: InterestSettings,
+    rollout: Rollout,
+    cache: InterestCache,
+    outbox: RelayWaker,
+}
+
+impl InterestService {
+    /// A service over the core database.
+    pub fn new(
+        db: DatabaseConnection,
+        clock: Clock,
+        settings: InterestSettings,
+        rollout: Rollout,
+        cache: InterestCache,
+        outbox: RelayWaker,
+    ) -> Self {
+        Self {
+            db,
+            clock,
+            settings,
+            rollout,
+            cache,
+            outbox,
+        }
+    }
+
+    /// Wakes the outbox relay after a commit that wrote events.
+    pub fn wake_relay(&self) {
+        self.outbox.wake();
+    }
+
+    /// The cache (for invalidation by writers).
+    pub fn cache(&self) -> &InterestCache {
+        &self.cache
+    }
+
+    /// The rollout in force.
+    pub fn rollout(&self) -> &Rollout {
+        &self.rollout
+    }
+
+    /// The product settings.
+    pub fn settings(&self) -> &InterestSettings {
+        &self.settings
+    }
+
+    /// Reads what the calculation needs about an account.
+    pub async fn terms<C: ConnectionTrait>(
+        conn: &C,
+        account: &AccountId,
+    ) -> Result<Option<AccountTerms>, DbErr> {
+        let row = conn
+            .query_one_raw(Statement::from_sql_and_values(
+                conn.get_database_backend(),
+                "SELECT opened_on, interest_paid_through FROM accounts WHERE account_id = $1",
+                [account.to_string().into()],
+            ))
+            .await?;
+        row.map(|r| {
+            Ok(AccountTerms {
+                account_id: account.clone(),
+                opened_on: r.try_get("", "opened_on")?,
+                paid_through: r.try_get("", "interest_paid_through")?,
+            })
+        })
+        .transpose()
+    }
+
+    /// One path's figure.
+    pub async fn compute<C: ConnectionTrait>(
+        &self,
+        conn: &C,
+        terms: &AccountTerms,
+        today: NaiveDate,
+        path: Path,
+    ) -> Result<Accrual, DbErr> {
+        match path {
+            Path::Legacy => legacy::accrue(conn, &self.settings, terms, today).await,
+            Path::New => daily::accrue(conn, &self.settings, terms, today).await,
+        }
+    }
+
+    /// The figure of the account's rollout bucket. In shadow mode both paths
+    /// run and a disagreement is reported (logged, counted, published).
+    pub async fn compute_for_bucket<C: ConnectionTrait>(
+        &self,
+        conn: &C,
+        terms: &AccountTerms,
+        today: NaiveDate,
+    ) -> Result<Accrual, DbErr> {
+        let path = self.rollout.path_for(&terms.account_id);
+        let chosen = self.compute(conn, terms, today, path).await?;
+        if self.rollout.get().shadow {
+            let other_path = match path {
+                Path::Legacy => Path::New,
+                Path::New => Path::Legacy,
+            };
+            let other = self.compute(conn, terms, today, other_path).await?;
+            if !chosen.same_figures(&other) {
+                let (legacy, new) = match path {
+                    Path::Legacy => (chosen.clone(), other),
+                    Path::New => (other, chosen.clone()),
+                };
+                self.report_mismatch(&legacy, &new, today).await;
+            }
+        }
+        Ok(chosen)
+    }
+
+    async fn report_mismatch(&self, legacy: &Accrual, new: &Accrual, today: NaiveDate) {
+        metrics::counter!("interest_shadow_mismatches_total").increment(1);
+        tracing::warn!(
+            account = %legacy.account_id,
+            legacy_gross = %legacy.gross, new_gross = %new.gross,
+            legacy_days = legacy.days, new_days = new.days,
+            "interest shadow mismatch"
+        );
+        let event = InterestMismatchEvent {
+            event_id: format!(
+                "mismatch:{}:{today}:{}:{}",
+                legacy.account_id, legacy.gross, new.gross
+            ),
+            account_id: legacy.account_id.clone(),
+            legacy: legacy.gross,
+            new: new.gross,
+            as_of: today,
+        };
+        let result = match OutboxMessage::from_event(&event) {
+            Ok(msg) => outbox::enqueue(&self.db, &[msg])
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match result {
+            Ok(()) => self.outbox.wake(),
+            Err(e) => {
+                tracing::error!(error = %e, account = %legacy.account_id, "could not publish interest mismatch alert")
+            }
+        }
+    }
+
+    /// Expected interest for the completed unpaid days, through the cache.
+    pub async fn expected(&self, account: &AccountId) -> Result<Accrual, InterestError> {
+        let today = self.clock.today();
+        let generation = match self.cache.get(account, today).await {
+            Lookup::Hit(a) => {
+                metrics::counter!("interest_cache_hits_total").increment(1);
+                return Ok(a);
+            }
+            Lookup::Miss { generation } => {
+                metrics::counter!("interest_cache_misses_total").increment(1);
+                Some(generation)
+            }
+            Lookup::Unavailable => {
+                metrics::counter!("interest_cache_fallbacks_total").increment(1);
+                None
+            }
+        };
+        let terms = Self::terms(&self.db, account)
+            .await?
+            .ok_or(InterestError::AccountNotFound)?;
+        let accrual = self.compute_for_bucket(&self.db, &terms, today).await?;
+        if let Some(generation) = generation {
+            self.cache
+                .put(
+                    &accrual,
+                    today,
+                    generation,
+                    self.clock.secs_until_midnight(),
+                )
+                .await;
+        }
+        Ok(accrual)
+    }
+
+    /// Compares both paths over all accounts, or over `sample` random ones,
+    /// calling `progress(done, total)` as it goes.
+    pub async fn verify(
+        &self,
+        sample: Option<u64>,
+        progress: impl Fn(u64, u64),
+    ) -> Result<VerifyReport, DbErr> {
+        let today = self.clock.today();
+        let ids = self.accounts_to_verify(sample).await?;
+        let total = ids.len() as u64;
+        let mut report = VerifyReport {
+            checked: 0,
+            mismatches: Vec::new(),
+        };
+        for id in ids {
+            if let Some(terms) = Self::terms(&self.db, &id).await? {
+                let legacy = self.compute(&self.db, &terms, today, Path::Legacy).await?;
+                let new = self.compute(&self.db, &terms, today, Path::New).await?;
+                if !legacy.same_figures(&new) {
+                    self.report_mismatch(&legacy, &new, today).await;
+                    report.mismatches.push(Mismatch {
+                        account_id: id,
+                        legacy,
+                        new,
+                    });
+                }
+            }
+            report.checked += 1;
+            progress(report.checked, total);
+        }
+        Ok(report)
+    }
+
+    async fn accounts_to_verify(&self, sample: Option<u64>) -> Result<Vec<AccountId>, DbErr> {
+        let sql = match sample {
+            Some(n) => Statement::from_sql_and_values(
+                self.db.get_database_backend(),
+                "SELECT account_id FROM accounts ORDER BY random() LIMIT $1",
+                [(n.min(i64::MAX as u64) as i64).into()],
+            ),
+            None => Statement::from_string(
+                self.db.get_database_backend(),
+                "SELECT account_id FROM accounts ORDER BY account_id",
+            ),
+        };
+        let rows = self.db.query_all_raw(sql).await?;
+        rows.iter()
+            .map(|r| {
+                let id: String = r.try_get("", "account_id")?;
+                AccountId::parse(id).map_err(|e| DbErr::Custom(format!("stored account id: {e}")))
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,200 @@
+//! Batched execution of ledger commands.
+//!
+//! Requests enqueue a command with a reply channel. `workers` tasks each take
+//! the first waiting command plus whatever else is already queued (up to
+//! `batch_max`), run them together in one transaction ([`super::batch`]) and
+//! answer each caller with its own result. There is no timer: a batch is what
+//! accumulated while the previous transaction ran, so latency under light
+//! load is one transaction, and under load throughput grows with batch size.
+//!
+//! Failure handling: a transaction that fails for a transient reason (lock
+//! timeout, deadlock, serialization failure, a concurrent insert of the same
+//! id, a lost connection) is retried as a whole, up to 10 times with jittered
+//! backoff. A non-transient failure of a batch of several commands re-runs
+//! each command alone, so one bad command cannot fail its neighbours.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use backon::{ExponentialBuilder, Retryable};
+use sea_orm::DatabaseConnection;
+use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::task::JoinSet;
+
+use super::batch::{BatchError, Command, Outcome, run_batch};
+use super::{DepositCmd, DepositRecord, LedgerError, TransferCmd, TransferRecord};
+use crate::clock::Clock;
+
+/// Limits of the executor.
+#[derive(Debug, Clone)]
+pub struct LedgerConfig {
+    /// Most commands per transaction.
+    pub batch_max: usize,
+    /// Concurrent transactions.
+    pub workers: usize,
+    /// Queue capacity; beyond it requests are refused as overloaded.
+    pub queue_max: usize,
+    /// Request TTL (B5).
+    pub request_ttl: Duration,
+}
+
+pub(super) struct Job {
+    pub cmd: Command,
+    pub traceparent: Option<String>,
+    pub reply: oneshot::Sender<Result<Outcome, LedgerError>>,
+}
+
+/// Called after each committed batch with the accounts it changed.
+pub type AfterCommit = Arc<dyn Fn(&[common::AccountId]) + Send + Sync>;
+
+/// Handle to the ledger executor. Cloning is cheap. The workers stop when the
+/// last handle is dropped, after finishing what is queued.
+#[derive(Clone)]
+pub struct Ledger {
+    tx: mpsc::Sender<Job>,
+}
+
+impl std::fmt::Debug for Ledger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ledger").finish_non_exhaustive()
+    }
+}
+
+struct Shared {
+    db: DatabaseConnection,
+    clock: Clock,
+    cfg: LedgerConfig,
+    after_commit: AfterCommit,
+}
+
+impl Ledger {
+    /// Starts the workers; they run until every [`Ledger`] handle is dropped.
+    pub fn start(
+        db: DatabaseConnection,
+        clock: Clock,
+        cfg: LedgerConfig,
+        after_commit: AfterCommit,
+    ) -> (Self, JoinSet<()>) {
+        let (tx, rx) = mpsc::channel(cfg.queue_max.max(1));
+        let rx = Arc::new(Mutex::new(rx));
+        let shared = Arc::new(Shared {
+            db,
+            clock,
+            cfg,
+            after_commit,
+        });
+        let mut workers = JoinSet::new();
+        for _ in 0..shared.cfg.workers.max(1) {
+            workers.spawn(worker(shared.clone(), rx.clone()));
+        }
+        (Self { tx }, workers)
+    }
+
+    async fn submit(&self, cmd: Command) -> Result<Outcome, LedgerError> {
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            cmd,
+            traceparent: common::telemetry::current_traceparent(),
+            reply,
+        };
+        self.tx.try_send(job).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => LedgerError::Overloaded,
+            mpsc::error::TrySendError::Closed(_) => LedgerError::ShuttingDown,
+        })?;
+        answer.await.map_err(|_| LedgerError::ShuttingDown)?
+    }
+
+    /// Executes (or replays) a transfer.
+    pub async fn transfer(&self, cmd: TransferCmd) -> Result<TransferRecord, LedgerError> {
+        match self.submit(Command::Transfer(cmd)).await? {
+            Outcome::Transfer(r) => Ok(r),
+            Outcome::Deposit(_) => Err(LedgerError::ShuttingDown),
+        }
+    }
+
+    /// Executes (or replays) a deposit.
+    pub async fn deposit(&self, cmd: DepositCmd) -> Result<DepositRecord, LedgerError> {
+        match self.submit(Command::Deposit(cmd)).await? {
+            Outcome::Deposit(r) => Ok(r),
+            Outcome::Transfer(_) => Err(LedgerError::ShuttingDown),
+        }
+    }
+}
+
+async fn worker(shared: Arc<Shared>, rx: Arc<Mutex<mpsc::Receiver<Job>>>) {
+    loop {
+        let jobs = {
+            let mut rx = rx.lock().await;
+            let Some(first) = rx.recv().await else { return };
+            let mut jobs = vec![first];
+            while jobs.len() < shared.cfg.batch_max {
+                match rx.try_recv() {
+                    Ok(job) => jobs.push(job),
+                    Err(_) => break,
+                }
+            }
+            jobs
+        };
+        execute(&shared, jobs).await;
+    }
+}
+
+async fn execute(shared: &Shared, jobs: Vec<Job>) {
+    let started = Instant::now();
+    let size = jobs.len();
+    metrics::histogram!("ledger_batch_size").record(size as f64);
+    let span = tracing::info_span!(
+        "ledger.batch",
+        otel.name = "ledger batch",
+        batch.size = size
+    );
+    let result = tracing::Instrument::instrument(attempt_with_retries(shared, &jobs), span).await;
+    match result {
+        Ok((outcomes, touched)) => {
+            metrics::histogram!("ledger_batch_duration_seconds")
+                .record(started.elapsed().as_secs_f64());
+            (shared.after_commit)(&touched);
+            for (job, outcome) in jobs.into_iter().zip(outcomes) {
+                let _ = job.reply.send(outcome);
+            }
+        }
+        Err(e) if size > 1 => {
+            tracing::warn!(error = %e, size, "ledger batch failed; executing its commands one by one");
+            for job in jobs {
+                Box::pin(execute(shared, vec![job])).await;
+            }
+        }
+        Err(e) => {
+            metrics::counter!("ledger_batch_failures_total").increment(1);
+            let err = match e {
+                BatchError::Db(db) => LedgerError::Db(db),
+                BatchError::Race => LedgerError::Overloaded,
+            };
+            for job in jobs {
+                let _ = job.reply.send(Err(match &err {
+                    LedgerError::Db(db) => LedgerError::Db(db.clone()),
+                    _ => LedgerError::Overloaded,
+                }));
+            }
+        }
+    }
+}
+
+type BatchResult = (Vec<Result<Outcome, LedgerError>>, Vec<common::AccountId>);
+
+async fn attempt_with_retries(shared: &Shared, jobs: &[Job]) -> Result<BatchResult, BatchError> {
+    (|| run_batch(&shared.db, &shared.clock, &shared.cfg, jobs))
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(2))
+                .with_max_delay(Duration::from_millis(200))
+                .with_max_times(10)
+                .with_jitter(),
+        )
+        .when(BatchError::is_retryable)
+        .notify(|e, wait| {
+            metrics::counter!("db_transaction_retries_total").increment(1);
+            tracing::debug!(error = %e, wait_ms = wait.as_millis() as u64, "retrying ledger batch");
+        })
+        .await
+}

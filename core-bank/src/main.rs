@@ -1,0 +1,33 @@
+/// glibc malloc showed up as ~10% of the services' CPU under load.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use clap::Parser;
+use core_bank::{App, Cli, Command};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let telemetry = common::telemetry::init("core-bank", &cli.config.telemetry)?;
+    let result = match cli.command {
+        None => match App::build(cli.config).await {
+            Ok(app) => app.run(common::shutdown::on_signals()).await,
+            Err(e) => Err(e),
+        },
+        Some(Command::VerifyInterest { sample }) => {
+            core_bank::app::verify_interest(cli.config, sample)
+                .await
+                .map(|mismatches| {
+                    if mismatches > 0 {
+                        eprintln!("{mismatches} mismatches");
+                        std::process::exit(1);
+                    }
+                })
+        }
+    };
+    if let Err(e) = &result {
+        tracing::error!(error = format!("{e:#}"), "core-bank failed");
+    }
+    telemetry.shutdown();
+    result
+}

@@ -1,0 +1,20 @@
+//! Database migrations of the core, applied at start-up.
+
+use sea_orm_migration::prelude::*;
+
+mod m20261121_000001_core_schema;
+mod m20261122_000001_outbox_notify_opt_out;
+
+/// The core's migrator.
+#[derive(Debug)]
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![
+            Box::new(m20261121_000001_core_schema::Migration),
+            Box::new(m20261122_000001_outbox_notify_opt_out::Migration),
+        ]
+    }
+}
