@@ -1,0 +1,165 @@
+//! Building and running the transfer service.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use async_nats::jetstream;
+use common::http::Readiness;
+use common::outbox::{Relay, RelayConfig, RelayWaker};
+use common::shutdown::CancellationToken;
+use sea_orm::DatabaseConnection;
+use sea_orm_migration::MigratorTrait;
+use tokio::net::TcpListener;
+
+use crate::auth::TokenVerifier;
+use crate::config::Config;
+use crate::core_client::CoreClient;
+use crate::http::{self, AppState};
+use crate::migration::Migrator;
+use crate::transfers::reconciler::{self, Resolver};
+use crate::transfers::service::TransferService;
+
+/// A built transfer service: connected, migrated, listening, not yet serving.
+pub struct App {
+    config: Config,
+    listener: TcpListener,
+    db: DatabaseConnection,
+    nats: async_nats::Client,
+    js: jetstream::Context,
+    core: CoreClient,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App")
+            .field("addr", &self.listener.local_addr().ok())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Connects to the channel database and applies the channel migrations.
+pub async fn connect_db(
+    url: &str,
+    pool: &common::config::PoolArgs,
+    name: &str,
+) -> anyhow::Result<DatabaseConnection> {
+    let db = common::db::connect(url, pool, name)
+        .await
+        .context("connecting to the channel database (CHANNEL_DATABASE_URL)")?;
+    common::db::with_migration_lock(&db, || Migrator::up(&db, None))
+        .await
+        .context("migrating the channel database")?;
+    Ok(db)
+}
+
+impl App {
+    /// Connects, migrates, ensures the `TRANSFERS` stream and binds the listener.
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let _ = common::metrics::handle();
+        let db = connect_db(&config.database_url, &config.pool, "transfer").await?;
+        let nats = common::jetstream::connect(&config.nats.nats_url, "transfer")
+            .await
+            .context("connecting to NATS (NATS_URL)")?;
+        let js = jetstream::new(nats.clone());
+        common::jetstream::ensure_streams(
+            &js,
+            &[common::jetstream::TRANSFERS],
+            config.nats.stream_replicas,
+        )
+        .await?;
+        let core = CoreClient::new(
+            &config.core_url,
+            &config.core_api_token,
+            Duration::from_secs(5),
+        )
+        .context("building the core client")?;
+        let listener = TcpListener::bind(config.http_addr)
+            .await
+            .with_context(|| format!("binding {}", config.http_addr))?;
+        Ok(Self {
+            config,
+            listener,
+            db,
+            nats,
+            js,
+            core,
+        })
+    }
+
+    /// The address the API listens on.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown`, then drains (readiness 503, listener closes
+    /// after the drain delay, in-flight requests finish, loops stop).
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let background = CancellationToken::new();
+        let fence_after = self.config.fence_after();
+        let outbox = RelayWaker::default();
+        let resolver = Resolver::new(
+            self.db.clone(),
+            outbox.clone(),
+            self.core.clone(),
+            fence_after,
+            background.clone(),
+        );
+        let transfers = TransferService::new(
+            self.db.clone(),
+            self.core.clone(),
+            Duration::from_millis(self.config.core_timeout_ms),
+            resolver,
+        );
+        let relay = Relay::new(
+            self.db.clone(),
+            self.js.clone(),
+            RelayConfig {
+                service: "transfer",
+                batch_size: self.config.relay.outbox_batch_size,
+                poll_interval: self.config.relay.poll_interval(),
+                retention: Duration::from_secs(self.config.relay.outbox_retention_secs),
+                abort_before_mark: false,
+            },
+            outbox.clone(),
+        );
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(relay.run(background.clone()));
+        tasks.spawn(reconciler::run(
+            self.db.clone(),
+            outbox.clone(),
+            self.core.clone(),
+            Duration::from_millis(self.config.reconcile_interval_ms.max(10)),
+            fence_after,
+            background.clone(),
+        ));
+
+        let readiness = Readiness::database_and_nats(self.db.clone(), self.nats.clone());
+        let state = AppState {
+            db: self.db.clone(),
+            core: self.core.clone(),
+            transfers,
+            verifier: TokenVerifier::new(&self.config.jwt_secret),
+            owners: moka::future::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(Duration::from_secs(self.config.ownership_cache_secs))
+                .build(),
+        };
+        let router = http::router(
+            state,
+            readiness.clone(),
+            Duration::from_millis(self.config.http_request_timeout_ms),
+        );
+        let stop_http = readiness.drain_on(
+            shutdown,
+            Duration::from_millis(self.config.shutdown_drain_delay_ms),
+        );
+        tracing::info!(addr = %self.listener.local_addr()?, "transfer serving");
+        common::http::serve(self.listener, router, stop_http).await?;
+        background.cancel();
+        while tasks.join_next().await.is_some() {}
+        let _ = self.nats.flush().await;
+        tracing::info!("transfer stopped");
+        Ok(())
+    }
+}

@@ -1,0 +1,142 @@
+//! Configuration of the transfer service (API.md).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser};
+use common::config::{NatsArgs, PoolArgs, RelayArgs, TelemetryArgs};
+
+/// The transfer service: the customer channel.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "transfer",
+    version,
+    about = "Transfer service: customer transfers, history and interest"
+)]
+pub struct Cli {
+    /// What to do; with none, serve.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Settings.
+    #[command(flatten)]
+    pub config: Config,
+}
+
+/// Sub-commands besides serving.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Print a customer token signed with AUTH_JWT_SECRET (for demos and
+    /// tests; production tokens come from the bank's identity provider).
+    IssueToken {
+        /// The customer id (the token's `sub`).
+        #[arg(long)]
+        customer: String,
+        /// Validity in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl_secs: u64,
+    },
+}
+
+/// Every setting of the transfer service.
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// Address the HTTP API listens on (port 0 picks a free port).
+    #[arg(
+        long = "http-addr",
+        env = "TRANSFER_HTTP_ADDR",
+        default_value = "127.0.0.1:8080"
+    )]
+    pub http_addr: SocketAddr,
+    /// PostgreSQL database of the channel.
+    #[arg(
+        long = "database-url",
+        env = "CHANNEL_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/bank_channel?sslmode=disable"
+    )]
+    pub database_url: String,
+    /// Base URL of the core bank.
+    #[arg(
+        long = "core-url",
+        env = "CORE_URL",
+        default_value = "http://127.0.0.1:8081"
+    )]
+    pub core_url: String,
+    /// Service credential for the core.
+    #[arg(
+        long = "core-api-token",
+        env = "CORE_API_TOKEN",
+        default_value = "dev-core-token",
+        hide_env_values = true
+    )]
+    pub core_api_token: String,
+    /// HS256 secret of customer tokens.
+    #[arg(
+        long = "jwt-secret",
+        env = "AUTH_JWT_SECRET",
+        default_value = "dev-jwt-secret",
+        hide_env_values = true
+    )]
+    pub jwt_secret: String,
+    /// Request TTL; must equal the core's.
+    #[arg(
+        long = "request-ttl-secs",
+        env = "REQUEST_TTL_SECS",
+        default_value_t = 60
+    )]
+    pub request_ttl_secs: u64,
+    /// How long a transfer request waits for the core before answering 202.
+    #[arg(
+        long = "core-timeout-ms",
+        env = "CORE_TIMEOUT_MS",
+        default_value_t = 3_000
+    )]
+    pub core_timeout_ms: u64,
+    /// How often stuck pending transfers are checked.
+    #[arg(
+        long = "reconcile-interval-ms",
+        env = "RECONCILE_INTERVAL_MS",
+        default_value_t = 1_000
+    )]
+    pub reconcile_interval_ms: u64,
+    /// Safety margin after the TTL before a pending transfer is fenced.
+    #[arg(long, env = "RECONCILE_FENCE_MARGIN_MS", default_value_t = 2_000)]
+    pub fence_margin_ms: u64,
+    /// How long account ownership read from the core is cached.
+    #[arg(long, env = "OWNERSHIP_CACHE_SECS", default_value_t = 30)]
+    pub ownership_cache_secs: u64,
+    /// Longest an HTTP request may take before it is answered 503.
+    #[arg(long, env = "HTTP_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
+    pub http_request_timeout_ms: u64,
+    /// Pause between readiness turning 503 and the listener closing, on SIGTERM.
+    #[arg(long, env = "SHUTDOWN_DRAIN_DELAY_MS", default_value_t = 0)]
+    pub shutdown_drain_delay_ms: u64,
+    /// NATS.
+    #[command(flatten)]
+    pub nats: NatsArgs,
+    /// Outbox relay.
+    #[command(flatten)]
+    pub relay: RelayArgs,
+    /// Database pool.
+    #[command(flatten)]
+    pub pool: PoolArgs,
+    /// Logs and traces.
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+}
+
+impl Config {
+    /// Defaults for every setting (used by tests, which override what they need).
+    pub fn defaults() -> Self {
+        Cli::parse_from(["transfer"]).config
+    }
+
+    /// The request TTL.
+    pub fn request_ttl(&self) -> Duration {
+        Duration::from_secs(self.request_ttl_secs)
+    }
+
+    /// How long after `requested_at` a pending transfer is fenced.
+    pub fn fence_after(&self) -> Duration {
+        self.request_ttl() + Duration::from_millis(self.fence_margin_ms)
+    }
+}

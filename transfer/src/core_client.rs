@@ -1,0 +1,343 @@
+//! HTTP client of the core bank, with the service credential, a timeout per
+//! call, and the current trace context in a `traceparent` header.
+
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use common::events::LedgerEntry;
+use common::{AccountId, Amount, CustomerId, PayoutId, TransferId};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tracing::Instrument;
+
+/// Why a core call did not give an answer.
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    /// No answer within the timeout: the request may or may not have executed.
+    #[error("the core did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The core could not be reached or failed (connection refused, 5xx).
+    #[error("the core is unavailable: {0}")]
+    Unavailable(String),
+    /// The core answered with an error in the API.md shape.
+    #[error("the core answered {status} {code}: {message}")]
+    Refused {
+        /// HTTP status.
+        status: u16,
+        /// Error code.
+        code: String,
+        /// Message.
+        message: String,
+        /// The whole body, to pass through.
+        body: Value,
+    },
+    /// The answer did not parse.
+    #[error("unexpected answer from the core: {0}")]
+    Unexpected(String),
+}
+
+impl CoreError {
+    /// True when the request certainly did not execute and never will under
+    /// this id: a refusal recorded by the core.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, CoreError::Refused { status: 422, .. })
+    }
+}
+
+/// An account as the core reports it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CoreAccount {
+    /// Id.
+    pub account_id: AccountId,
+    /// Owner.
+    pub customer_id: CustomerId,
+}
+
+/// A transfer decision as the core reports it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CoreTransfer {
+    /// Id.
+    pub transfer_id: TransferId,
+    /// `succeeded` or `failed`.
+    pub status: String,
+    /// Refusal code when failed.
+    pub reason: Option<String>,
+    /// Debit entry.
+    pub from_seq: Option<i64>,
+    /// Credit entry.
+    pub to_seq: Option<i64>,
+}
+
+/// A page of the core's entries API.
+#[derive(Debug, Clone, Deserialize)]
+pub struct EntriesPage {
+    /// Ascending.
+    pub entries: Vec<LedgerEntry>,
+    /// The account's latest seq.
+    pub last_seq: i64,
+}
+
+#[derive(Serialize)]
+struct TransferRequest<'a> {
+    transfer_id: &'a TransferId,
+    from_account: &'a AccountId,
+    to_account: &'a AccountId,
+    amount: Amount,
+    requested_at: DateTime<Utc>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    memo: Option<&'a str>,
+}
+
+/// The core's API as seen from the channel.
+#[derive(Debug, Clone)]
+pub struct CoreClient {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+    default_timeout: Duration,
+}
+
+impl CoreClient {
+    /// A client for the core at `base` (e.g. `http://127.0.0.1:8081`).
+    pub fn new(base: &str, token: &str, default_timeout: Duration) -> Result<Self, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .pool_max_idle_per_host(256)
+            .build()?;
+        Ok(Self {
+            http,
+            base: base.trim_end_matches('/').to_owned(),
+            token: token.to_owned(),
+            default_timeout,
+        })
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        op: &'static str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+        timeout: Duration,
+    ) -> Result<T, CoreError> {
+        let span = tracing::info_span!("core.call", otel.kind = "client", otel.name = %format!("core {op}"), http.path = %path);
+        let started = Instant::now();
+        let result = async {
+            let mut req = self
+                .http
+                .request(method, format!("{}{path}", self.base))
+                .bearer_auth(&self.token)
+                .timeout(timeout);
+            if let Some(tp) = common::telemetry::current_traceparent() {
+                req = req.header(common::telemetry::TRACEPARENT, tp);
+            }
+            if let Some(b) = body {
+                req = req.json(&b);
+            }
+            let resp = req.send().await.map_err(|e| classify(e, timeout))?;
+            let status = resp.status().as_u16();
+            let bytes = resp.bytes().await.map_err(|e| classify(e, timeout))?;
+            if (200..300).contains(&status) {
+                return serde_json::from_slice(&bytes)
+                    .map_err(|e| CoreError::Unexpected(e.to_string()));
+            }
+            if status >= 500 {
+                return Err(CoreError::Unavailable(format!("status {status}")));
+            }
+            let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            Err(CoreError::Refused {
+                status,
+                code: body["error"]["code"]
+                    .as_str()
+                    .unwrap_or("unknown")
+                    .to_owned(),
+                message: body["error"]["message"].as_str().unwrap_or("").to_owned(),
+                body,
+            })
+        }
+        .instrument(span)
+        .await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(CoreError::Timeout(_)) => "timeout",
+            Err(CoreError::Unavailable(_)) => "unavailable",
+            Err(CoreError::Refused { .. }) => "refused",
+            Err(CoreError::Unexpected(_)) => "unexpected",
+        };
+        metrics::histogram!("core_call_duration_seconds", "op" => op, "outcome" => outcome)
+            .record(started.elapsed().as_secs_f64());
+        result
+    }
+
+    /// `GET /v1/accounts/{id}`.
+    pub async fn account(&self, id: &AccountId) -> Result<CoreAccount, CoreError> {
+        self.call(
+            "account",
+            reqwest::Method::GET,
+            &format!("/v1/accounts/{id}"),
+            None,
+            self.default_timeout,
+        )
+        .await
+    }
+
+    /// `POST /v1/transfers`, waiting at most `timeout`.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn transfer(
+        &self,
+        transfer_id: &TransferId,
+        from: &AccountId,
+        to: &AccountId,
+        amount: Amount,
+        requested_at: DateTime<Utc>,
+        memo: Option<&str>,
+        timeout: Duration,
+    ) -> Result<CoreTransfer, CoreError> {
+        let body = serde_json::to_value(TransferRequest {
+            transfer_id,
+            from_account: from,
+            to_account: to,
+            amount,
+            requested_at,
+            memo,
+        })
+        .map_err(|e| CoreError::Unexpected(e.to_string()))?;
+        self.call(
+            "transfer",
+            reqwest::Method::POST,
+            "/v1/transfers",
+            Some(body),
+            timeout,
+        )
+        .await
+    }
+
+    /// `GET /v1/transfers/{id}`; `Ok(None)` when the core never received it.
+    pub async fn transfer_status(
+        &self,
+        id: &TransferId,
+    ) -> Result<Option<CoreTransfer>, CoreError> {
+        match self
+            .call(
+                "transfer_status",
+                reqwest::Method::GET,
+                &format!("/v1/transfers/{id}"),
+                None,
+                self.default_timeout,
+            )
+            .await
+        {
+            Ok(t) => Ok(Some(t)),
+            Err(CoreError::Refused { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `POST /v1/transfers/{id}/fence`.
+    pub async fn fence(&self, id: &TransferId) -> Result<CoreTransfer, CoreError> {
+        self.call(
+            "fence",
+            reqwest::Method::POST,
+            &format!("/v1/transfers/{id}/fence"),
+            Some(Value::Object(Default::default())),
+            self.default_timeout,
+        )
+        .await
+    }
+
+    /// `GET /v1/accounts/{id}/entries?after_seq=&limit=`.
+    pub async fn entries(
+        &self,
+        id: &AccountId,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<EntriesPage, CoreError> {
+        self.call(
+            "entries",
+            reqwest::Method::GET,
+            &format!("/v1/accounts/{id}/entries?after_seq={after_seq}&limit={limit}"),
+            None,
+            self.default_timeout,
+        )
+        .await
+    }
+
+    /// `GET /v1/accounts/{id}/interest`, passed through as JSON.
+    pub async fn interest(&self, id: &AccountId) -> Result<Value, CoreError> {
+        self.call(
+            "interest",
+            reqwest::Method::GET,
+            &format!("/v1/accounts/{id}/interest"),
+            None,
+            self.default_timeout,
+        )
+        .await
+    }
+
+    /// `POST /v1/accounts/{id}/interest/payouts`, passed through as JSON.
+    pub async fn payout(&self, id: &AccountId, payout_id: &PayoutId) -> Result<Value, CoreError> {
+        self.call(
+            "payout",
+            reqwest::Method::POST,
+            &format!("/v1/accounts/{id}/interest/payouts"),
+            Some(serde_json::json!({ "payout_id": payout_id })),
+            self.default_timeout,
+        )
+        .await
+    }
+
+    /// `GET /v1/accounts?after=&limit=`: one page of account ids.
+    pub async fn account_ids(
+        &self,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<(Vec<AccountId>, Option<String>), CoreError> {
+        #[derive(Deserialize)]
+        struct Page {
+            accounts: Vec<CoreAccount>,
+            next_after: Option<String>,
+        }
+        let mut path = format!("/v1/accounts?limit={limit}");
+        if let Some(a) = after {
+            path.push_str(&format!("&after={a}"));
+        }
+        let page: Page = self
+            .call(
+                "accounts",
+                reqwest::Method::GET,
+                &path,
+                None,
+                self.default_timeout,
+            )
+            .await?;
+        Ok((
+            page.accounts.into_iter().map(|a| a.account_id).collect(),
+            page.next_after,
+        ))
+    }
+
+    /// `GET /readyz` of the core.
+    pub async fn ready(&self) -> Result<(), String> {
+        let resp = self
+            .http
+            .get(format!("{}/readyz", self.base))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        if resp.status().is_success() {
+            Ok(())
+        } else {
+            Err(format!("core readyz {}", resp.status()))
+        }
+    }
+}
+
+fn classify(e: reqwest::Error, timeout: Duration) -> CoreError {
+    if e.is_timeout() {
+        CoreError::Timeout(timeout)
+    } else {
+        CoreError::Unavailable(e.to_string())
+    }
+}

@@ -1,0 +1,207 @@
+//! Account routes: history (B17-B19) and interest.
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use common::events::LedgerEntry;
+use common::http::{ApiError, ErrorBody, Path, Query};
+use common::{AccountId, PayoutId};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::{AppState, core_unavailable, db_error, parse_id};
+use crate::auth::Customer;
+use crate::core_client::CoreError;
+use crate::history::page::{decode_cursor, page};
+use crate::history::sync::{SyncError, sync_account};
+use crate::history::writer::synced_through;
+use crate::transfers::{TransferRequest, confirmed_beyond, pending_touching};
+
+const DEFAULT_PAGE: u64 = 20;
+const MAX_PAGE: u64 = 100;
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub(super) struct HistoryQuery {
+    /// 1..=100, default 20.
+    limit: Option<u64>,
+    /// `next_cursor` of the previous page.
+    cursor: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct HistoryPage {
+    account_id: String,
+    /// Newest first.
+    #[schema(value_type = Vec<Object>)]
+    entries: Vec<LedgerEntry>,
+    /// Transfers from or to the account whose result is not known yet.
+    pending: Vec<TransferRequest>,
+    /// Cursor of the next (older) page; null on the last page.
+    next_cursor: Option<String>,
+    /// The history holds every entry up to this sequence number.
+    synced_through_seq: i64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct SyncAnswer {
+    account_id: String,
+    synced_through_seq: i64,
+    applied: u64,
+}
+
+impl From<SyncError> for ApiError {
+    fn from(e: SyncError) -> Self {
+        match e {
+            SyncError::Core(c) => core_unavailable(&c),
+            SyncError::Db(db) => db_error(&db),
+        }
+    }
+}
+
+/// Syncs the account and settles its pending transfers from the core.
+async fn sync_and_settle(s: &AppState, account: &AccountId) -> Result<(i64, u64), ApiError> {
+    let report = sync_account(&s.db, &s.core, account).await?;
+    let pending = pending_touching(&s.db, account)
+        .await
+        .map_err(|e| db_error(&e))?;
+    for p in pending {
+        if let Err(e) = s.transfers.settle_now(&p).await {
+            tracing::debug!(transfer_id = %p.transfer_id, error = %e, "settling a pending transfer during sync");
+        }
+    }
+    Ok((report.synced_through_seq, report.applied))
+}
+
+/// The account's transactions, newest first, with keyset pagination. When
+/// the channel knows of activity the history does not show yet (a pending
+/// transfer, or a confirmed one whose entry is not projected), the account is
+/// synced from the core first.
+#[utoipa::path(get, path = "/v1/accounts/{id}/history", params(("id" = String, Path, description = "account id"), HistoryQuery),
+    responses((status = 200, body = HistoryPage), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)))]
+pub(super) async fn history(
+    State(s): State<AppState>,
+    Customer(customer): Customer,
+    Path(id): Path<String>,
+    Query(q): Query<HistoryQuery>,
+) -> Result<axum::Json<HistoryPage>, ApiError> {
+    let account: AccountId = parse_id(&id)?;
+    let limit = q.limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            "limit must be between 1 and 100",
+        ));
+    }
+    let before = q
+        .cursor
+        .as_deref()
+        .map(|c| decode_cursor(&account, c))
+        .transpose()
+        .map_err(|e| ApiError::bad_request("invalid_cursor", e.to_string()))?;
+    s.check_owner(&customer, &account).await?;
+
+    let synced = synced_through(&s.db, &account)
+        .await
+        .map_err(|e| db_error(&e))?;
+    let pending = pending_touching(&s.db, &account)
+        .await
+        .map_err(|e| db_error(&e))?;
+    let behind = confirmed_beyond(&s.db, &account, synced)
+        .await
+        .map_err(|e| db_error(&e))?;
+    if (!pending.is_empty() || behind)
+        && let Err(e) = sync_and_settle(&s, &account).await
+    {
+        // Serve what the channel has; the pending list still shows what is in flight.
+        tracing::warn!(account = %account, error = %e, "history sync before answering failed");
+    }
+    let synced = synced_through(&s.db, &account)
+        .await
+        .map_err(|e| db_error(&e))?;
+    let pending = pending_touching(&s.db, &account)
+        .await
+        .map_err(|e| db_error(&e))?;
+    let (entries, next_cursor) = page(&s.db, &account, before, limit)
+        .await
+        .map_err(|e| db_error(&e))?;
+    Ok(axum::Json(HistoryPage {
+        account_id: account.to_string(),
+        entries,
+        pending,
+        next_cursor,
+        synced_through_seq: synced,
+    }))
+}
+
+/// Syncs the account's history from the core now (the "sync" button).
+#[utoipa::path(post, path = "/v1/accounts/{id}/history/sync", params(("id" = String, Path, description = "account id")),
+    responses((status = 200, body = SyncAnswer), (status = 403, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub(super) async fn sync(
+    State(s): State<AppState>,
+    Customer(customer): Customer,
+    Path(id): Path<String>,
+) -> Result<axum::Json<SyncAnswer>, ApiError> {
+    let account: AccountId = parse_id(&id)?;
+    s.check_owner(&customer, &account).await?;
+    let (synced, applied) = sync_and_settle(&s, &account).await?;
+    Ok(axum::Json(SyncAnswer {
+        account_id: account.to_string(),
+        synced_through_seq: synced,
+        applied,
+    }))
+}
+
+/// Passes a core answer through unchanged (status and body).
+fn pass_through(result: Result<serde_json::Value, CoreError>) -> Response {
+    match result {
+        Ok(v) => (StatusCode::OK, axum::Json(v)).into_response(),
+        Err(CoreError::Refused { status, body, .. }) => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+            (status, axum::Json(body)).into_response()
+        }
+        Err(e) => core_unavailable(&e).into_response(),
+    }
+}
+
+/// The core's expected interest for one of the caller's accounts.
+#[utoipa::path(get, path = "/v1/accounts/{id}/interest", params(("id" = String, Path, description = "account id")),
+    responses((status = 200, description = "the core's answer"), (status = 403, body = ErrorBody)))]
+pub(super) async fn interest(
+    State(s): State<AppState>,
+    Customer(customer): Customer,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let account: AccountId = parse_id(&id)?;
+    s.check_owner(&customer, &account).await?;
+    Ok(pass_through(s.core.interest(&account).await))
+}
+
+/// Receives the accrued interest now (once a day). With an `Idempotency-Key`
+/// the payout id is derived from it, so a retried request pays once.
+#[utoipa::path(post, path = "/v1/accounts/{id}/interest/receive", params(("id" = String, Path, description = "account id"),
+        ("Idempotency-Key" = Option<String>, Header, description = "same key, same payout")),
+    responses((status = 200, description = "the core's payout answer"), (status = 403, body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub(super) async fn receive_interest(
+    State(s): State<AppState>,
+    Customer(customer): Customer,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let account: AccountId = parse_id(&id)?;
+    let key = super::transfers::idempotency_key(&headers)?;
+    s.check_owner(&customer, &account).await?;
+    let payout_id = match key {
+        Some(k) => {
+            let name = format!("{customer}:{account}:{k}");
+            PayoutId::parse(format!(
+                "pay_{}",
+                uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, name.as_bytes()).simple()
+            ))
+            .map_err(|e| ApiError::internal(&e))?
+        }
+        None => PayoutId::generate(),
+    };
+    Ok(pass_through(s.core.payout(&account, &payout_id).await))
+}

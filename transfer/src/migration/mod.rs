@@ -1,0 +1,20 @@
+//! Migrations of the channel database's transfer and history tables.
+
+use sea_orm_migration::prelude::*;
+
+mod m20261121_000001_channel_schema;
+mod m20261122_000001_outbox_notify_opt_out;
+
+/// The channel migrator (the projector has its own, with its own table).
+#[derive(Debug)]
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![
+            Box::new(m20261121_000001_channel_schema::Migration),
+            Box::new(m20261122_000001_outbox_notify_opt_out::Migration),
+        ]
+    }
+}

@@ -1,0 +1,225 @@
+//! Accepting a customer's transfer (B9-B11).
+//!
+//! 1. An `Idempotency-Key` the customer used before returns that transfer.
+//! 2. The request is stored as `pending` with its `transfer_id` and
+//!    `requested_at`, and `bank.transfer.requested` is enqueued, in one
+//!    transaction. The partial unique index refuses a second pending
+//!    transfer from the same account (`transfer_in_progress`, B10).
+//! 3. The core is called with `CORE_TIMEOUT_MS`. Success or refusal resolves
+//!    the transfer at once; a timeout or an unreachable core leaves it
+//!    pending (the customer gets 202) and hands it to a resolver that polls
+//!    the core's status, and, after the TTL, fences it (B11, B12).
+
+use std::time::Duration;
+
+use common::events::TransferStatus;
+use common::time::now_micros;
+use common::{AccountId, Amount, CustomerId, TransferId};
+use sea_orm::{DatabaseConnection, DbErr};
+
+use super::reconciler::Resolver;
+use super::{InsertError, Resolution, TransferRequest, find, find_by_key, insert_pending, resolve};
+use crate::core_client::{CoreClient, CoreError};
+
+/// What the customer asked for.
+#[derive(Debug, Clone)]
+pub struct NewTransfer {
+    /// Source (must be the customer's).
+    pub from_account: AccountId,
+    /// Target.
+    pub to_account: AccountId,
+    /// Amount.
+    pub amount: Amount,
+    /// Memo.
+    pub memo: Option<String>,
+}
+
+/// Why a transfer was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    /// The source account has a pending transfer.
+    #[error("a transfer from this account is in progress")]
+    InProgress(Option<TransferId>),
+    /// The idempotency key was used for a different request.
+    #[error("the idempotency key was used for a different transfer ({0} differs)")]
+    IdempotencyConflict(&'static str),
+    /// The channel database failed.
+    #[error("channel database")]
+    Db(#[from] DbErr),
+}
+
+/// The transfer use case.
+#[derive(Debug, Clone)]
+pub struct TransferService {
+    db: DatabaseConnection,
+    core: CoreClient,
+    core_timeout: Duration,
+    resolver: Resolver,
+}
+
+impl TransferService {
+    /// A service over the channel database and the core.
+    pub fn new(
+        db: DatabaseConnection,
+        core: CoreClient,
+        core_timeout: Duration,
+        resolver: Resolver,
+    ) -> Self {
+        Self {
+            db,
+            core,
+            core_timeout,
+            resolver,
+        }
+    }
+
+    /// Accepts, stores and executes a transfer; returns it in its current
+    /// status (`pending` when the core did not answer in time).
+    pub async fn submit(
+        &self,
+        customer: &CustomerId,
+        new: NewTransfer,
+        idempotency_key: Option<String>,
+    ) -> Result<TransferRequest, SubmitError> {
+        if let Some(key) = &idempotency_key
+            && let Some(existing) = find_by_key(&self.db, customer, key).await?
+        {
+            return same_request(existing, &new);
+        }
+        let req = TransferRequest {
+            transfer_id: TransferId::generate(),
+            customer_id: customer.clone(),
+            from_account: new.from_account.clone(),
+            to_account: new.to_account.clone(),
+            amount: new.amount,
+            memo: new.memo.clone(),
+            status: TransferStatus::Pending,
+            reason: None,
+            requested_at: now_micros(),
+            idempotency_key: idempotency_key.clone(),
+            from_seq: None,
+            to_seq: None,
+            resolved_at: None,
+        };
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match insert_pending(&self.db, self.resolver.outbox(), &req).await {
+                Ok(()) => break,
+                // The pending transfer resolved between the conflict and our
+                // look-up: try once more.
+                Err(InsertError::InProgress(None)) if attempts < 2 => continue,
+                Err(InsertError::InProgress(id)) => {
+                    metrics::counter!("transfer_requests_total", "result" => "transfer_in_progress").increment(1);
+                    return Err(SubmitError::InProgress(id));
+                }
+                Err(InsertError::KeyTaken) => {
+                    let key = idempotency_key.as_deref().unwrap_or_default();
+                    return match find_by_key(&self.db, customer, key).await? {
+                        Some(existing) => same_request(existing, &new),
+                        None => Err(SubmitError::Db(DbErr::RecordNotFound(
+                            "idempotency key vanished".into(),
+                        ))),
+                    };
+                }
+                Err(InsertError::Db(e)) => return Err(SubmitError::Db(e)),
+            }
+        }
+        tracing::info!(transfer_id = %req.transfer_id, from = %req.from_account, to = %req.to_account, "transfer pending; calling the core");
+
+        let answer = self
+            .core
+            .transfer(
+                &req.transfer_id,
+                &req.from_account,
+                &req.to_account,
+                req.amount,
+                req.requested_at,
+                req.memo.as_deref(),
+                self.core_timeout,
+            )
+            .await;
+        let resolution = match answer {
+            Ok(t) if t.status == "succeeded" => Some(Resolution::Succeeded {
+                from_seq: t.from_seq,
+                to_seq: t.to_seq,
+            }),
+            Ok(t) => Some(Resolution::Failed {
+                reason: t.reason.unwrap_or_else(|| "refused".into()),
+            }),
+            Err(CoreError::Refused {
+                status: 422, code, ..
+            }) => Some(Resolution::Failed { reason: code }),
+            Err(CoreError::Refused {
+                status,
+                code,
+                message,
+                ..
+            }) if status != 409 => {
+                // The core rejected the request itself (bad input or credentials):
+                // it did not and will not execute.
+                tracing::error!(transfer_id = %req.transfer_id, status, %code, %message, "the core rejected a transfer request");
+                Some(Resolution::Failed {
+                    reason: "core_rejected".into(),
+                })
+            }
+            Err(e) => {
+                tracing::warn!(transfer_id = %req.transfer_id, error = %e, "no answer from the core; the transfer stays pending");
+                None
+            }
+        };
+        let result = match resolution {
+            Some(r) => match resolve(&self.db, self.resolver.outbox(), &req, &r).await? {
+                Some(updated) => updated,
+                None => find(&self.db, &req.transfer_id).await?.unwrap_or(req),
+            },
+            None => {
+                self.resolver.spawn(req.clone());
+                req
+            }
+        };
+        metrics::counter!("transfer_requests_total", "result" => result.status.as_str())
+            .increment(1);
+        Ok(result)
+    }
+}
+
+impl TransferService {
+    /// Asks the core about a pending transfer now and resolves it if its
+    /// outcome is known (fencing it when it is past the TTL).
+    pub async fn settle_now(
+        &self,
+        t: &TransferRequest,
+    ) -> Result<Option<TransferRequest>, super::reconciler::SettleError> {
+        super::reconciler::settle(
+            &self.db,
+            self.resolver.outbox(),
+            &self.core,
+            t,
+            self.resolver.fence_after(),
+        )
+        .await
+    }
+}
+
+/// An idempotency-key replay: the same request gets the stored transfer.
+fn same_request(
+    existing: TransferRequest,
+    new: &NewTransfer,
+) -> Result<TransferRequest, SubmitError> {
+    let field = if existing.from_account != new.from_account {
+        Some("from_account")
+    } else if existing.to_account != new.to_account {
+        Some("to_account")
+    } else if existing.amount != new.amount {
+        Some("amount")
+    } else if existing.memo != new.memo {
+        Some("memo")
+    } else {
+        None
+    };
+    match field {
+        Some(f) => Err(SubmitError::IdempotencyConflict(f)),
+        None => Ok(existing),
+    }
+}
