@@ -1,0 +1,147 @@
+//! Building and running the projector.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream;
+use common::http::Readiness;
+use common::shutdown::CancellationToken;
+use sea_orm::DatabaseConnection;
+use sea_orm_migration::MigratorTrait;
+use tokio::net::TcpListener;
+use transfer::core_client::CoreClient;
+
+use crate::config::Config;
+use crate::consume::{self, Context, Feed};
+use crate::migration::Migrator;
+
+/// Connects to the channel database, NATS and the core; applies migrations
+/// and ensures the streams. Shared by the service and the CLI.
+pub async fn context(config: &Config) -> anyhow::Result<(Context, async_nats::Client)> {
+    let db: DatabaseConnection =
+        transfer::app::connect_db(&config.database_url, &config.pool, "projector").await?;
+    common::db::with_migration_lock(&db, || Migrator::up(&db, None))
+        .await
+        .context("migrating the projector tables")?;
+    let nats = common::jetstream::connect(&config.nats.nats_url, "projector")
+        .await
+        .context("connecting to NATS (NATS_URL)")?;
+    let js = jetstream::new(nats.clone());
+    common::jetstream::ensure_streams(
+        &js,
+        &[
+            common::jetstream::LEDGER,
+            common::jetstream::INTEREST,
+            common::jetstream::DLQ,
+        ],
+        config.nats.stream_replicas,
+    )
+    .await?;
+    let core = CoreClient::new(
+        &config.core_url,
+        &config.core_api_token,
+        Duration::from_secs(10),
+    )
+    .context("building the core client")?;
+    Ok((
+        Context {
+            db,
+            core,
+            js,
+            config: config.clone(),
+        },
+        nats,
+    ))
+}
+
+/// A built projector: connected, consumers created, listening.
+pub struct App {
+    ctx: Context,
+    nats: async_nats::Client,
+    listener: TcpListener,
+    ledger: jetstream::consumer::PullConsumer,
+    interest: jetstream::consumer::PullConsumer,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App")
+            .field("addr", &self.listener.local_addr().ok())
+            .finish_non_exhaustive()
+    }
+}
+
+impl App {
+    /// Connects, migrates, creates the durable consumers and binds the listener.
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let _ = common::metrics::handle();
+        let (ctx, nats) = context(&config).await?;
+        let ledger = consume::consumer(&ctx, Feed::Ledger).await?;
+        let interest = consume::consumer(&ctx, Feed::Interest).await?;
+        let listener = TcpListener::bind(config.http_addr)
+            .await
+            .with_context(|| format!("binding {}", config.http_addr))?;
+        Ok(Self {
+            ctx,
+            nats,
+            listener,
+            ledger,
+            interest,
+        })
+    }
+
+    /// The address of the operations API.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Consumes and serves until `shutdown`; then stops fetching, finishes
+    /// the batches in hand, and exits. Unacknowledged messages are redelivered.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let consumers = CancellationToken::new();
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(consume::run(
+            self.ctx.clone(),
+            Feed::Ledger,
+            self.ledger.clone(),
+            consumers.clone(),
+        ));
+        tasks.spawn(consume::run(
+            self.ctx.clone(),
+            Feed::Interest,
+            self.interest.clone(),
+            consumers.clone(),
+        ));
+        tasks.spawn(consume::report_pending(
+            vec![
+                (Feed::Ledger, self.ledger.clone()),
+                (Feed::Interest, self.interest.clone()),
+            ],
+            consumers.clone(),
+        ));
+        let readiness = Readiness::database_and_nats(self.ctx.db.clone(), self.nats.clone());
+        let router = crate::http::router(
+            self.ctx.clone(),
+            readiness.clone(),
+            self.ctx.config.api_token.clone(),
+        );
+        let stop_http = readiness.drain_on(
+            shutdown.clone(),
+            Duration::from_millis(self.ctx.config.shutdown_drain_delay_ms),
+        );
+        // Fetching stops at once; unacknowledged messages are redelivered.
+        let stop_consumers = consumers.clone();
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            stop_consumers.cancel();
+        });
+        tracing::info!(addr = %self.listener.local_addr()?, "projector serving");
+        common::http::serve(self.listener, router, stop_http).await?;
+        consumers.cancel();
+        while tasks.join_next().await.is_some() {}
+        let _ = self.nats.flush().await;
+        tracing::info!("projector stopped");
+        Ok(())
+    }
+}

@@ -1,0 +1,185 @@
+//! Configuration of the projector (API.md) and its command line.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use common::config::{NatsArgs, PoolArgs, TelemetryArgs};
+
+/// The projector: ledger events into the channel history, interest events
+/// into tax records.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "projector",
+    version,
+    about = "Projector: channel history and tax records from JetStream"
+)]
+pub struct Cli {
+    /// What to do; with none, serve.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Settings.
+    #[command(flatten)]
+    pub config: Config,
+}
+
+/// Operator commands.
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Dead letters: list, show, replay.
+    Dlq {
+        /// What to do with them.
+        #[command(subcommand)]
+        action: DlqAction,
+    },
+    /// Re-derive the channel history from the core's entries API (recovery of
+    /// a lost or damaged channel database), with a progress bar.
+    Rebuild {
+        /// Only this account (default: every account of the core).
+        #[arg(long)]
+        account: Option<String>,
+        /// Delete the account's history first and rebuild it from seq 1.
+        #[arg(long)]
+        reset: bool,
+    },
+}
+
+/// Dead-letter operations.
+#[derive(Debug, Clone, Subcommand)]
+pub enum DlqAction {
+    /// List dead letters.
+    List,
+    /// Show one dead letter with its body.
+    Show {
+        /// Dead letter id (its sequence in the DLQ stream).
+        id: u64,
+    },
+    /// Apply dead letters again through the normal path; applied ones leave the list.
+    Replay {
+        /// Dead letter id.
+        id: Option<u64>,
+        /// Replay every dead letter.
+        #[arg(long, conflicts_with = "id")]
+        all: bool,
+    },
+}
+
+/// Every setting of the projector.
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// Address of the operations API (health, metrics, dead letters, tax records).
+    #[arg(
+        long = "http-addr",
+        env = "PROJECTOR_HTTP_ADDR",
+        default_value = "127.0.0.1:8082"
+    )]
+    pub http_addr: SocketAddr,
+    /// PostgreSQL database of the channel.
+    #[arg(
+        long = "database-url",
+        env = "CHANNEL_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/bank_channel?sslmode=disable"
+    )]
+    pub database_url: String,
+    /// Base URL of the core bank (gap fill, rebuild).
+    #[arg(
+        long = "core-url",
+        env = "CORE_URL",
+        default_value = "http://127.0.0.1:8081"
+    )]
+    pub core_url: String,
+    /// Service credential for the core.
+    #[arg(
+        long = "core-api-token",
+        env = "CORE_API_TOKEN",
+        default_value = "dev-core-token",
+        hide_env_values = true
+    )]
+    pub core_api_token: String,
+    /// When set, `/v1` routes require `Authorization: Bearer <token>`.
+    #[arg(
+        long = "api-token",
+        env = "PROJECTOR_API_TOKEN",
+        hide_env_values = true
+    )]
+    pub api_token: Option<String>,
+    /// Durable consumer name on `LEDGER`.
+    #[arg(
+        long,
+        env = "PROJECTOR_LEDGER_CONSUMER",
+        default_value = "projector-ledger"
+    )]
+    pub ledger_consumer: String,
+    /// Durable consumer name on `INTEREST`.
+    #[arg(
+        long,
+        env = "PROJECTOR_INTEREST_CONSUMER",
+        default_value = "projector-interest"
+    )]
+    pub interest_consumer: String,
+    /// Deliveries of a failing message before it is dead-lettered.
+    #[arg(long, env = "PROJECTOR_MAX_DELIVERIES", default_value_t = 8)]
+    pub max_deliveries: i64,
+    /// First retry delay; doubles per delivery (with jitter).
+    #[arg(long, env = "PROJECTOR_RETRY_BASE_MS", default_value_t = 500)]
+    pub retry_base_ms: u64,
+    /// Longest retry delay.
+    #[arg(long, env = "PROJECTOR_RETRY_MAX_MS", default_value_t = 60_000)]
+    pub retry_max_ms: u64,
+    /// Messages fetched and handled per batch (ledger batches are split by
+    /// account into lanes, one database transaction each).
+    #[arg(long, env = "PROJECTOR_BATCH", default_value_t = 2000)]
+    pub batch: usize,
+    /// Unacknowledged messages the server lets this consumer hold.
+    #[arg(long, env = "PROJECTOR_MAX_ACK_PENDING", default_value_t = 10_000)]
+    pub max_ack_pending: i64,
+    /// How long a delivered message may go unacknowledged before redelivery.
+    #[arg(long, env = "PROJECTOR_ACK_WAIT_SECS", default_value_t = 60)]
+    pub ack_wait_secs: u64,
+    /// Pause between readiness turning 503 and the listener closing, on SIGTERM.
+    #[arg(long, env = "SHUTDOWN_DRAIN_DELAY_MS", default_value_t = 0)]
+    pub shutdown_drain_delay_ms: u64,
+    /// NATS.
+    #[command(flatten)]
+    pub nats: NatsArgs,
+    /// Database pool.
+    #[command(flatten)]
+    pub pool: PoolArgs,
+    /// Logs and traces.
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+}
+
+impl Config {
+    /// Defaults for every setting (tests override what they need).
+    pub fn defaults() -> Self {
+        Cli::parse_from(["projector"]).config
+    }
+
+    /// Retry delay before delivery number `delivered + 1`: exponential from
+    /// the base, capped, with full jitter over the upper half.
+    pub fn retry_delay(&self, delivered: i64) -> Duration {
+        let exp = delivered.clamp(1, 30) as u32 - 1;
+        let base = self.retry_base_ms.saturating_mul(1u64 << exp.min(20));
+        let capped = base.min(self.retry_max_ms).max(1);
+        let jittered = capped / 2 + rand::random::<u64>() % (capped / 2 + 1);
+        Duration::from_millis(jittered)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delay_grows_and_is_capped() {
+        let mut c = Config::defaults();
+        c.retry_base_ms = 100;
+        c.retry_max_ms = 1000;
+        for d in 1..=20 {
+            let ms = c.retry_delay(d).as_millis() as u64;
+            let ceiling = (100u64 << (d - 1).min(20)).min(1000);
+            assert!(ms >= ceiling / 2 && ms <= ceiling, "delivery {d}: {ms} ms");
+        }
+    }
+}

@@ -1,0 +1,290 @@
+//! The dead-letter stream (B16).
+//!
+//! A dead letter is the original message body published on
+//! `bank.dlq.<original subject>` with headers naming where it came from and
+//! why it failed (API.md). Its id is its sequence number in `DLQ`. Replaying
+//! a letter applies it through the same path as a live message (so it is
+//! applied exactly once), then deletes it from `DLQ`.
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{AckKind, Message};
+use common::events::DLQ_SUBJECT_PREFIX;
+use common::jetstream::{DLQ_STREAM, INTEREST_STREAM, LEDGER_STREAM};
+use sea_orm::{ConnectionTrait, DbBackend, DbErr, Statement};
+use serde::Serialize;
+
+use super::{Context, ledger, tax};
+
+/// Header: stream the message came from.
+pub const H_STREAM: &str = "Bank-Dlq-Stream";
+/// Header: its sequence in that stream.
+pub const H_STREAM_SEQ: &str = "Bank-Dlq-Stream-Seq";
+/// Header: the consumer that gave up on it.
+pub const H_CONSUMER: &str = "Bank-Dlq-Consumer";
+/// Header: deliveries made.
+pub const H_DELIVERIES: &str = "Bank-Dlq-Deliveries";
+/// Header: the last error.
+pub const H_ERROR: &str = "Bank-Dlq-Error";
+
+/// Longest error text kept in a header.
+const MAX_ERROR_LEN: usize = 1000;
+
+/// A dead letter as listed.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct DeadLetter {
+    /// Its sequence in `DLQ`.
+    pub id: u64,
+    /// The original subject.
+    pub subject: String,
+    /// Why it failed.
+    pub error: String,
+    /// Deliveries made before it was dead-lettered.
+    pub deliveries: i64,
+    /// Its sequence in the original stream.
+    pub stream_seq: u64,
+    /// The original stream.
+    pub stream: String,
+    /// The original body, as text.
+    pub body: String,
+}
+
+/// Publishes `m` to `DLQ` and terminates it on its stream. If the publish
+/// fails the message is naked instead, so it is never lost.
+pub async fn dead_letter(ctx: &Context, m: &Message, reason: &str, kind: &'static str) {
+    let (stream, stream_seq, consumer, delivered) = match m.info() {
+        Ok(i) => (
+            i.stream.to_owned(),
+            i.stream_sequence,
+            i.consumer.to_owned(),
+            i.delivered,
+        ),
+        Err(_) => (String::from("unknown"), 0, String::from("unknown"), 0),
+    };
+    let mut error: String = reason.chars().filter(|c| !c.is_control()).collect();
+    error.truncate(MAX_ERROR_LEN);
+    let mut headers = HeaderMap::new();
+    headers.insert("Nats-Msg-Id", format!("dlq:{stream}:{stream_seq}").as_str());
+    headers.insert(H_STREAM, stream.as_str());
+    headers.insert(H_STREAM_SEQ, stream_seq.to_string().as_str());
+    headers.insert(H_CONSUMER, consumer.as_str());
+    headers.insert(H_DELIVERIES, delivered.to_string().as_str());
+    headers.insert(H_ERROR, error.as_str());
+    if let Some(tp) = super::traceparent(m) {
+        headers.insert(common::telemetry::TRACEPARENT, tp.as_str());
+    }
+    let subject = format!("{DLQ_SUBJECT_PREFIX}{}", m.subject);
+    // Lettered before (and the termination was lost)? Then only terminate.
+    // Within the duplicate window `Nats-Msg-Id` would drop a second letter
+    // anyway; this record also covers redeliveries after it.
+    let known = stream_seq > 0; // the message's metadata was readable
+    let before = if known {
+        lettered_before(ctx, &stream, stream_seq).await
+    } else {
+        Ok(None)
+    };
+    match before {
+        Ok(Some(dlq_seq)) => {
+            if let Err(e) = m.ack_with(AckKind::Term).await {
+                tracing::warn!(error = %e, "terminating an already dead-lettered message failed; it will come back");
+            }
+            metrics::counter!("projector_dead_letters_repeated_total", "stream" => stream.clone())
+                .increment(1);
+            tracing::warn!(%stream, stream_seq, dlq_seq, delivered, "message redelivered after it was dead-lettered; terminated without a second letter");
+            return;
+        }
+        Ok(None) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, %stream, stream_seq, "could not check earlier dead letters; lettering (deduplicated within the window)");
+        }
+    }
+    let published = match ctx
+        .js
+        .publish_with_headers(subject.clone(), headers, m.payload.clone())
+        .await
+    {
+        Ok(ack) => ack.await.map(|a| a.sequence).map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    match published {
+        Ok(dlq_seq) => {
+            let recorded = if known {
+                record_lettered(ctx, &stream, stream_seq, dlq_seq).await
+            } else {
+                Ok(())
+            };
+            if let Err(e) = recorded {
+                tracing::warn!(error = %e, %stream, stream_seq, "could not record the dead letter; a much later redelivery may letter it again");
+            }
+            if let Err(e) = m.ack_with(AckKind::Term).await {
+                tracing::warn!(error = %e, "terminating a dead-lettered message failed; it may be dead-lettered again (deduplicated)");
+            }
+            metrics::counter!("projector_dead_letters_total", "stream" => stream.clone(), "kind" => kind).increment(1);
+            tracing::error!(%subject, %stream, stream_seq, delivered, kind, error = %error, "message dead-lettered");
+        }
+        Err(e) => {
+            tracing::error!(error = %e, original = %m.subject, "could not publish a dead letter; retrying the message later");
+            let _ = m
+                .ack_with(AckKind::Nak(Some(ctx.config.retry_delay(delivered))))
+                .await;
+        }
+    }
+}
+
+/// The `DLQ` sequence of an earlier letter of this source message, if any.
+async fn lettered_before(ctx: &Context, stream: &str, seq: u64) -> Result<Option<u64>, DbErr> {
+    let row = ctx
+        .db
+        .query_one_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "SELECT dlq_seq FROM dead_lettered WHERE stream = $1 AND stream_seq = $2",
+            [stream.into(), to_i64(seq).into()],
+        ))
+        .await?;
+    row.map(|r| r.try_get::<i64>("", "dlq_seq").map(|s| s.max(0) as u64))
+        .transpose()
+}
+
+async fn record_lettered(ctx: &Context, stream: &str, seq: u64, dlq_seq: u64) -> Result<(), DbErr> {
+    ctx.db
+        .execute_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "INSERT INTO dead_lettered (stream, stream_seq, dlq_seq) VALUES ($1, $2, $3) \
+             ON CONFLICT (stream, stream_seq) DO NOTHING",
+            [stream.into(), to_i64(seq).into(), to_i64(dlq_seq).into()],
+        ))
+        .await
+        .map(|_| ())
+}
+
+fn to_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn header(h: &HeaderMap, name: &str) -> String {
+    h.get(name).map(|v| v.to_string()).unwrap_or_default()
+}
+
+fn to_letter(m: &async_nats::jetstream::message::StreamMessage) -> DeadLetter {
+    DeadLetter {
+        id: m.sequence,
+        subject: m
+            .subject
+            .as_str()
+            .strip_prefix(DLQ_SUBJECT_PREFIX)
+            .unwrap_or(m.subject.as_str())
+            .to_owned(),
+        error: header(&m.headers, H_ERROR),
+        deliveries: header(&m.headers, H_DELIVERIES).parse().unwrap_or(0),
+        stream_seq: header(&m.headers, H_STREAM_SEQ).parse().unwrap_or(0),
+        stream: header(&m.headers, H_STREAM),
+        body: String::from_utf8_lossy(&m.payload).into_owned(),
+    }
+}
+
+/// Dead letters with ids after `after`, at most `limit`.
+pub async fn list(ctx: &Context, after: u64, limit: usize) -> anyhow::Result<Vec<DeadLetter>> {
+    let mut stream = ctx
+        .js
+        .get_stream(DLQ_STREAM)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let info = stream
+        .info()
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .clone();
+    let mut out = Vec::new();
+    if info.state.messages == 0 {
+        return Ok(out);
+    }
+    let mut seq = after.max(info.state.first_sequence.saturating_sub(1)) + 1;
+    while seq <= info.state.last_sequence && out.len() < limit {
+        if let Ok(m) = stream.get_raw_message(seq).await {
+            out.push(to_letter(&m));
+        }
+        seq += 1;
+    }
+    Ok(out)
+}
+
+/// One dead letter.
+pub async fn get(ctx: &Context, id: u64) -> anyhow::Result<Option<DeadLetter>> {
+    let stream = ctx
+        .js
+        .get_stream(DLQ_STREAM)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    match stream.get_raw_message(id).await {
+        Ok(m) => Ok(Some(to_letter(&m))),
+        Err(e)
+            if e.kind()
+                == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(anyhow::anyhow!("{e}")),
+    }
+}
+
+/// Why a replay did not apply.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    /// No such dead letter.
+    #[error("no dead letter {0}")]
+    NotFound(u64),
+    /// Applying failed again; the letter stays.
+    #[error("replay of dead letter {id} failed: {reason}")]
+    Failed {
+        /// The letter.
+        id: u64,
+        /// Why.
+        reason: String,
+    },
+    /// JetStream failed.
+    #[error("dead-letter stream: {0}")]
+    Stream(String),
+}
+
+/// Applies a dead letter through the normal path and removes it.
+pub async fn replay(ctx: &Context, id: u64) -> Result<DeadLetter, ReplayError> {
+    let letter = get(ctx, id)
+        .await
+        .map_err(|e| ReplayError::Stream(e.to_string()))?
+        .ok_or(ReplayError::NotFound(id))?;
+    let failed = |reason: String| ReplayError::Failed { id, reason };
+    match letter.stream.as_str() {
+        LEDGER_STREAM => {
+            let entry = ledger::decode(&letter.subject, letter.body.as_bytes()).map_err(failed)?;
+            let outcome = ledger::apply_with_gap_fill(ctx, std::slice::from_ref(&entry))
+                .await
+                .map_err(|e| failed(format!("channel database: {e}")))?;
+            if !outcome.holds(&entry) {
+                let why = outcome
+                    .blocked
+                    .get(entry.account_id.as_str())
+                    .cloned()
+                    .unwrap_or_else(|| "entries before it are missing".into());
+                return Err(failed(why));
+            }
+        }
+        INTEREST_STREAM => {
+            let ev = tax::decode(&letter.subject, letter.body.as_bytes()).map_err(failed)?;
+            tax::record(&ctx.db, &[ev])
+                .await
+                .map_err(|e| failed(format!("channel database: {e}")))?;
+        }
+        other => return Err(failed(format!("unknown source stream {other:?}"))),
+    }
+    let stream = ctx
+        .js
+        .get_stream(DLQ_STREAM)
+        .await
+        .map_err(|e| ReplayError::Stream(e.to_string()))?;
+    stream
+        .delete_message(id)
+        .await
+        .map_err(|e| ReplayError::Stream(e.to_string()))?;
+    metrics::counter!("projector_dead_letters_replayed_total").increment(1);
+    tracing::info!(id, subject = %letter.subject, "dead letter replayed and removed");
+    Ok(letter)
+}

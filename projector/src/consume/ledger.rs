@@ -1,0 +1,237 @@
+//! Ledger events into the channel history (B14, B15).
+
+use std::collections::{BTreeMap, HashMap};
+
+use std::time::Instant;
+
+use async_nats::jetstream::{AckKind, Message};
+use common::events::{LEDGER_SUBJECT_PREFIX, LedgerEntry, LedgerEvent};
+use sea_orm::DbErr;
+use transfer::history::writer;
+
+use super::{Context, Failure, ack, fail, traceparent};
+
+/// Pages of 1,000 entries fetched from the core per account and batch; a
+/// larger gap continues with the next delivery.
+const MAX_GAP_PAGES: usize = 50;
+
+/// Decodes and validates a ledger event.
+pub fn decode(subject: &str, payload: &[u8]) -> Result<LedgerEntry, String> {
+    let ev: LedgerEvent =
+        serde_json::from_slice(payload).map_err(|e| format!("not a ledger event: {e}"))?;
+    let expected = format!("{LEDGER_SUBJECT_PREFIX}{}", ev.entry.account_id);
+    if subject != expected {
+        return Err(format!(
+            "event of account {} published on {subject}",
+            ev.entry.account_id
+        ));
+    }
+    if ev.entry.seq < 1 {
+        return Err(format!("invalid seq {}", ev.entry.seq));
+    }
+    if ev.event_id != ev.entry.event_id() {
+        return Err(format!(
+            "event_id {} does not match {}",
+            ev.event_id,
+            ev.entry.event_id()
+        ));
+    }
+    Ok(ev.entry)
+}
+
+/// Where each account's history stands after applying a batch.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// `synced_through_seq` before the batch.
+    pub before: BTreeMap<String, i64>,
+    /// `synced_through_seq` after it.
+    pub synced: BTreeMap<String, i64>,
+    /// Why an account's remaining entries could not be applied.
+    pub blocked: HashMap<String, String>,
+}
+
+impl Outcome {
+    /// True when `entry` is in the history now.
+    pub fn holds(&self, entry: &LedgerEntry) -> bool {
+        self.synced
+            .get(entry.account_id.as_str())
+            .is_some_and(|s| entry.seq <= *s)
+    }
+
+    fn reason(&self, entry: &LedgerEntry) -> String {
+        self.blocked
+            .get(entry.account_id.as_str())
+            .cloned()
+            .unwrap_or_else(|| format!("waiting for entries before seq {}", entry.seq))
+    }
+}
+
+/// Applies entries through the history writer; where an account has a gap,
+/// fetches the missing range from the core's entries API, applies it, and
+/// applies the entries again. Never writes past a gap it could not fill.
+pub async fn apply_with_gap_fill(ctx: &Context, entries: &[LedgerEntry]) -> Result<Outcome, DbErr> {
+    let report = writer::apply(&ctx.db, entries).await?;
+    let mut outcome = Outcome {
+        before: report.before.clone(),
+        synced: report.synced.clone(),
+        blocked: HashMap::new(),
+    };
+    metrics::counter!("projector_events_applied_total").increment(report.applied);
+    metrics::counter!("projector_duplicates_total").increment(report.duplicates);
+
+    for gap in report.gaps {
+        let account = gap.account_id.clone();
+        let mut synced = gap.synced_through_seq;
+        let target = entries
+            .iter()
+            .filter(|e| e.account_id == account)
+            .map(|e| e.seq)
+            .max()
+            .unwrap_or(gap.first_blocked_seq);
+        let started = Instant::now();
+        for _ in 0..MAX_GAP_PAGES {
+            if synced >= target {
+                break;
+            }
+            let page = match ctx.core.entries(&account, synced, 1000).await {
+                Ok(p) => p,
+                Err(e) => {
+                    outcome.blocked.insert(
+                        account.to_string(),
+                        format!("filling the gap after seq {synced} from the core: {e}"),
+                    );
+                    break;
+                }
+            };
+            if page.entries.is_empty() {
+                outcome.blocked.insert(
+                    account.to_string(),
+                    format!(
+                        "entry {target} is ahead of the core's ledger (last seq {})",
+                        page.last_seq
+                    ),
+                );
+                break;
+            }
+            let r = writer::apply(&ctx.db, &page.entries).await?;
+            metrics::counter!("projector_gap_entries_filled_total").increment(r.applied);
+            let now = r.synced.get(account.as_str()).copied().unwrap_or(synced);
+            if now <= synced {
+                outcome.blocked.insert(
+                    account.to_string(),
+                    format!("the core's entries after {synced} do not continue the history"),
+                );
+                break;
+            }
+            synced = now;
+        }
+        if synced < target {
+            // Apply what the batch holds beyond the filled range, if it now continues it.
+            let rest: Vec<LedgerEntry> = entries
+                .iter()
+                .filter(|e| e.account_id == account && e.seq > synced)
+                .cloned()
+                .collect();
+            let r = writer::apply(&ctx.db, &rest).await?;
+            synced = r.synced.get(account.as_str()).copied().unwrap_or(synced);
+        }
+        if synced > gap.synced_through_seq {
+            tracing::info!(%account, from = gap.synced_through_seq + 1, through = synced, elapsed_ms = started.elapsed().as_millis() as u64, "filled a history gap from the core");
+            metrics::counter!("projector_gaps_filled_total").increment(1);
+        }
+        outcome.synced.insert(account.to_string(), synced);
+    }
+    Ok(outcome)
+}
+
+/// Handles a batch from the `LEDGER` consumer.
+pub async fn handle(ctx: &Context, batch: Vec<Message>) {
+    let mut valid: Vec<(Message, LedgerEntry)> = Vec::with_capacity(batch.len());
+    for m in batch {
+        match decode(m.subject.as_str(), &m.payload) {
+            Ok(e) => valid.push((m, e)),
+            Err(reason) => fail(ctx, &m, Failure::Permanent(reason)).await,
+        }
+    }
+    if valid.is_empty() {
+        return;
+    }
+    // Lanes: the batch is split by account into disjoint groups applied
+    // concurrently, each in its own transaction. An account is always in the
+    // same lane, so its entries keep their order within this instance, and
+    // the lanes never wait on each other's row locks.
+    let mut lanes: Vec<Vec<(Message, LedgerEntry)>> = (0..LANES).map(|_| Vec::new()).collect();
+    for (m, e) in valid {
+        lanes[lane_of(e.account_id.as_str())].push((m, e));
+    }
+    futures::future::join_all(
+        lanes
+            .into_iter()
+            .filter(|l| !l.is_empty())
+            .map(|l| handle_lane(ctx, l)),
+    )
+    .await;
+}
+
+/// Concurrent transactions per batch.
+const LANES: usize = 4;
+
+fn lane_of(account: &str) -> usize {
+    (common::ids::stable_hash(account) % LANES as u64) as usize
+}
+
+async fn handle_lane(ctx: &Context, valid: Vec<(Message, LedgerEntry)>) {
+    let entries: Vec<LedgerEntry> = valid.iter().map(|(_, e)| e.clone()).collect();
+    // Long gap fills must not let the messages time out.
+    let progress = async {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+            for (m, _) in &valid {
+                let _ = m.ack_with(AckKind::Progress).await;
+            }
+        }
+    };
+    let result = tokio::select! {
+        r = apply_with_gap_fill(ctx, &entries) => r,
+        _ = progress => return,
+    };
+    match result {
+        Ok(outcome) => {
+            let now = chrono::Utc::now();
+            for (m, e) in &valid {
+                if outcome.holds(e) {
+                    let span = tracing::info_span!(
+                        "projector.apply",
+                        otel.kind = "consumer",
+                        otel.name = %format!("apply {}", m.subject),
+                        messaging.message_id = %e.event_id(),
+                    );
+                    common::telemetry::set_remote_parent(&span, traceparent(m).as_deref());
+                    let _entered = span.enter();
+                    if outcome
+                        .before
+                        .get(e.account_id.as_str())
+                        .is_none_or(|b| e.seq > *b)
+                    {
+                        let lag = (now - e.occurred_at)
+                            .to_std()
+                            .map(|d| d.as_secs_f64())
+                            .unwrap_or(0.0);
+                        metrics::histogram!("projector_lag_seconds").record(lag);
+                    }
+                    drop(_entered);
+                    ack(m).await;
+                } else {
+                    fail(ctx, m, Failure::Transient(outcome.reason(e))).await;
+                }
+            }
+        }
+        Err(e) => {
+            let reason = format!("channel database: {e}");
+            tracing::warn!(%reason, "applying a ledger batch failed; retrying with backoff");
+            for (m, _) in &valid {
+                fail(ctx, m, Failure::Transient(reason.clone())).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,271 @@
+//! Consuming JetStream (B14-B16, B23).
+//!
+//! One durable pull consumer per stream (`LEDGER` into the history,
+//! `INTEREST` into tax records), explicit acks, bounded ack-pending on the
+//! server and bounded batches here. A batch is whatever is delivered while the
+//! previous one was handled (up to `PROJECTOR_BATCH`). Ledger batches are
+//! split by account into lanes applied concurrently, one database
+//! transaction each; per-account order within an instance follows from
+//! handling batches one at a time, from an account always falling into the
+//! same lane, and from the writer's sequence rule.
+//!
+//! Every message ends in exactly one of: **ack** (applied or a duplicate),
+//! **nak with a delay** (a transient failure: exponential backoff with jitter
+//! from the delivery count, because JetStream's consumer `BackOff` applies
+//! only to ack timeouts), or **dead letter** (a permanent failure, or a
+//! transient one at the maximum deliveries: published to `DLQ` with its body
+//! and the reason, then terminated on the source). Nothing is dropped
+//! silently: every dead letter is logged and counted.
+
+pub mod dlq;
+pub mod ledger;
+pub mod tax;
+
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
+use async_nats::jetstream::{self, AckKind, Message};
+use common::shutdown::CancellationToken;
+use futures::{FutureExt, StreamExt};
+use sea_orm::DatabaseConnection;
+use tracing::Instrument;
+
+use crate::config::Config;
+use transfer::core_client::CoreClient;
+
+/// Longest wait for more messages once a batch has its first one.
+const BATCH_LINGER: Duration = Duration::from_millis(5);
+
+/// What went wrong with one message.
+#[derive(Debug, Clone)]
+pub enum Failure {
+    /// Retrying cannot help (unparseable or invalid).
+    Permanent(String),
+    /// Retrying later may help (database or core unavailable, missing entries).
+    Transient(String),
+}
+
+/// What the handlers need.
+#[derive(Clone)]
+pub struct Context {
+    /// Channel database.
+    pub db: DatabaseConnection,
+    /// The core, for gap fill.
+    pub core: CoreClient,
+    /// JetStream, for dead letters.
+    pub js: jetstream::Context,
+    /// Settings.
+    pub config: Config,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context").finish_non_exhaustive()
+    }
+}
+
+/// Which stream a consumer reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Feed {
+    /// `LEDGER` into the history.
+    Ledger,
+    /// `INTEREST` into tax records.
+    Interest,
+}
+
+impl Feed {
+    fn stream(self) -> &'static str {
+        match self {
+            Feed::Ledger => common::jetstream::LEDGER_STREAM,
+            Feed::Interest => common::jetstream::INTEREST_STREAM,
+        }
+    }
+
+    fn durable(self, config: &Config) -> String {
+        match self {
+            Feed::Ledger => config.ledger_consumer.clone(),
+            Feed::Interest => config.interest_consumer.clone(),
+        }
+    }
+}
+
+/// Creates (or updates) the durable consumer of a feed.
+pub async fn consumer(ctx: &Context, feed: Feed) -> anyhow::Result<PullConsumer> {
+    let stream = ctx
+        .js
+        .get_stream(feed.stream())
+        .await
+        .map_err(|e| anyhow::anyhow!("stream {}: {e}", feed.stream()))?;
+    let name = feed.durable(&ctx.config);
+    stream
+        .create_consumer(pull::Config {
+            durable_name: Some(name.clone()),
+            description: Some(format!("projector: {:?}", feed)),
+            deliver_policy: DeliverPolicy::All,
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(ctx.config.ack_wait_secs.max(1)),
+            // Unlimited on the server: the projector dead-letters at
+            // PROJECTOR_MAX_DELIVERIES itself, so nothing is given up silently.
+            max_deliver: -1,
+            max_ack_pending: ctx.config.max_ack_pending.max(1),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("consumer {name} on {}: {e}", feed.stream()))
+}
+
+/// Consumes a feed until `shutdown`. On shutdown it stops fetching, finishes
+/// the batch in hand (acking or nacking every message), and returns.
+pub async fn run(ctx: Context, feed: Feed, consumer: PullConsumer, shutdown: CancellationToken) {
+    let batch_max = ctx.config.batch.max(1);
+    let mut backoff = Duration::from_millis(100);
+    while !shutdown.is_cancelled() {
+        let stream = consumer
+            .stream()
+            .max_messages_per_batch(batch_max)
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(30))
+            .messages()
+            .await;
+        let mut messages = match stream {
+            Ok(s) => {
+                backoff = Duration::from_millis(100);
+                s
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, ?feed, "cannot pull messages; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        loop {
+            let first = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                m = messages.next() => m,
+            };
+            let Some(first) = first else { break };
+            let mut batch = Vec::with_capacity(batch_max);
+            let mut broken = false;
+            for m in std::iter::once(first) {
+                match m {
+                    Ok(m) => batch.push(m),
+                    Err(e) => {
+                        tracing::warn!(error = %e, ?feed, "message stream error; re-subscribing");
+                        broken = true;
+                    }
+                }
+            }
+            // Fill the batch with what arrives within BATCH_LINGER: under a
+            // backlog that is a full batch (one transaction for hundreds of
+            // events); when idle it adds at most the linger to the latency.
+            let linger = tokio::time::Instant::now() + BATCH_LINGER;
+            while !broken && batch.len() < batch_max {
+                let next = match messages.next().now_or_never() {
+                    Some(m) => m,
+                    None => match tokio::time::timeout_at(linger, messages.next()).await {
+                        Ok(m) => m,
+                        Err(_) => break,
+                    },
+                };
+                match next {
+                    Some(Ok(m)) => batch.push(m),
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, ?feed, "message stream error; re-subscribing");
+                        broken = true;
+                    }
+                    None => break,
+                }
+            }
+            if !batch.is_empty() {
+                metrics::histogram!("projector_batch_size", "feed" => feed_label(feed))
+                    .record(batch.len() as f64);
+                let span = tracing::info_span!(
+                    "projector.batch",
+                    feed = feed_label(feed),
+                    size = batch.len()
+                );
+                match feed {
+                    Feed::Ledger => ledger::handle(&ctx, batch).instrument(span).await,
+                    Feed::Interest => tax::handle(&ctx, batch).instrument(span).await,
+                }
+            }
+            if broken {
+                break;
+            }
+        }
+    }
+}
+
+fn feed_label(feed: Feed) -> &'static str {
+    match feed {
+        Feed::Ledger => "ledger",
+        Feed::Interest => "interest",
+    }
+}
+
+/// Settles a failed message: nak with backoff, or dead-letter it.
+pub async fn fail(ctx: &Context, m: &Message, failure: Failure) {
+    let delivered = m.info().map(|i| i.delivered).unwrap_or(1);
+    match failure {
+        Failure::Permanent(reason) => dlq::dead_letter(ctx, m, &reason, "permanent").await,
+        Failure::Transient(reason) if delivered >= ctx.config.max_deliveries => {
+            dlq::dead_letter(
+                ctx,
+                m,
+                &format!("{reason} (after {delivered} deliveries)"),
+                "exhausted",
+            )
+            .await
+        }
+        Failure::Transient(reason) => {
+            let delay = ctx.config.retry_delay(delivered);
+            metrics::counter!("projector_retries_total").increment(1);
+            tracing::debug!(subject = %m.subject, delivered, delay_ms = delay.as_millis() as u64, %reason, "retrying later");
+            if let Err(e) = m.ack_with(AckKind::Nak(Some(delay))).await {
+                tracing::warn!(error = %e, "nak failed; the message will be redelivered after ack_wait");
+            }
+        }
+    }
+}
+
+/// Acknowledges a handled message.
+pub async fn ack(m: &Message) {
+    if let Err(e) = m.ack().await {
+        tracing::warn!(error = %e, subject = %m.subject, "ack failed; the message will be redelivered (and found a duplicate)");
+    }
+}
+
+/// The remote trace context of a message, for a child span.
+pub fn traceparent(m: &Message) -> Option<String> {
+    m.headers
+        .as_ref()
+        .and_then(|h| h.get(common::telemetry::TRACEPARENT))
+        .map(|v| v.to_string())
+}
+
+/// Reports consumer backlog gauges every 5 s.
+pub async fn report_pending(consumers: Vec<(Feed, PullConsumer)>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    let mut consumers = consumers;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        for (feed, c) in consumers.iter_mut() {
+            match c.info().await {
+                Ok(info) => {
+                    metrics::gauge!("projector_consumer_pending", "feed" => feed_label(*feed))
+                        .set(info.num_pending as f64);
+                    metrics::gauge!("projector_consumer_ack_pending", "feed" => feed_label(*feed))
+                        .set(info.num_ack_pending as f64);
+                }
+                Err(e) => tracing::debug!(error = %e, "consumer info"),
+            }
+        }
+    }
+}

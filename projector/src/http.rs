@@ -1,0 +1,229 @@
+//! The projector's operations API: dead letters and tax records. When
+//! `PROJECTOR_API_TOKEN` is set, `/v1` routes require it as a bearer token.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::header::AUTHORIZATION;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use common::AccountId;
+use common::http::{ApiError, ErrorBody, Path, Query, Readiness};
+use rust_decimal::Decimal;
+use sea_orm::{ConnectionTrait, Statement};
+use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq;
+use utoipa::{IntoParams, OpenApi, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::consume::Context;
+use crate::consume::dlq::{self, DeadLetter, ReplayError};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "projector",
+        description = "Projector operations: dead letters and tax records. `/v1` routes require `Authorization: Bearer $PROJECTOR_API_TOKEN` when that is set."
+    ),
+    components(schemas(ErrorBody))
+)]
+struct ApiDoc;
+
+/// The whole HTTP application.
+pub fn router(ctx: Context, readiness: Readiness, token: Option<String>) -> Router {
+    let (api, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(list_dead_letters))
+        .routes(routes!(show_dead_letter))
+        .routes(routes!(replay_dead_letter))
+        .routes(routes!(tax_records))
+        .split_for_parts();
+    let mut api = api.with_state(ctx);
+    if let Some(t) = token {
+        api = api.route_layer(axum::middleware::from_fn_with_state(
+            Arc::<str>::from(t.as_str()),
+            require_token,
+        ));
+    }
+    let doc = Arc::new(doc);
+    let api = api.route(
+        "/openapi.json",
+        get(move || {
+            let doc = doc.clone();
+            async move { axum::Json(doc.as_ref().clone()) }
+        }),
+    );
+    common::http::with_edge(api, readiness, Duration::from_secs(60))
+}
+
+async fn require_token(State(token): State<Arc<str>>, req: Request, next: Next) -> Response {
+    let presented = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if bool::from(presented.as_bytes().ct_eq(token.as_bytes())) {
+        next.run(req).await
+    } else {
+        ApiError::unauthorized("a valid operator token is required").into_response()
+    }
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    /// Letters with ids after this one.
+    after: Option<u64>,
+    /// 1..=1000, default 100.
+    limit: Option<usize>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+struct DeadLetters {
+    dead_letters: Vec<DeadLetter>,
+}
+
+/// Dead letters, oldest first.
+#[utoipa::path(get, path = "/v1/dead-letters", params(ListQuery), responses((status = 200, body = DeadLetters)))]
+async fn list_dead_letters(
+    State(ctx): State<Context>,
+    Query(q): Query<ListQuery>,
+) -> Result<axum::Json<DeadLetters>, ApiError> {
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            "limit must be between 1 and 1000",
+        ));
+    }
+    let letters = dlq::list(&ctx, q.after.unwrap_or(0), limit)
+        .await
+        .map_err(|e| ApiError::unavailable(format!("dead-letter stream: {e}")))?;
+    Ok(axum::Json(DeadLetters {
+        dead_letters: letters,
+    }))
+}
+
+fn parse_letter_id(id: &str) -> Result<u64, ApiError> {
+    id.parse()
+        .map_err(|_| ApiError::bad_request("invalid_id", "a dead letter id is a positive integer"))
+}
+
+/// One dead letter.
+#[utoipa::path(get, path = "/v1/dead-letters/{id}", params(("id" = u64, Path, description = "dead letter id")),
+    responses((status = 200, body = DeadLetter), (status = 404, body = ErrorBody)))]
+async fn show_dead_letter(
+    State(ctx): State<Context>,
+    Path(id): Path<String>,
+) -> Result<axum::Json<DeadLetter>, ApiError> {
+    let id = parse_letter_id(&id)?;
+    match dlq::get(&ctx, id).await {
+        Ok(Some(l)) => Ok(axum::Json(l)),
+        Ok(None) => Err(ApiError::not_found(
+            "dead_letter_not_found",
+            format!("no dead letter {id}"),
+        )),
+        Err(e) => Err(ApiError::unavailable(format!("dead-letter stream: {e}"))),
+    }
+}
+
+impl From<ReplayError> for ApiError {
+    fn from(e: ReplayError) -> Self {
+        match e {
+            ReplayError::NotFound(_) => ApiError::not_found("dead_letter_not_found", e.to_string()),
+            ReplayError::Failed { .. } => ApiError::unprocessable("replay_failed", e.to_string()),
+            ReplayError::Stream(_) => ApiError::unavailable(e.to_string()),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+struct Replayed {
+    replayed: DeadLetter,
+}
+
+/// Applies a dead letter again; once applied it leaves the list.
+#[utoipa::path(post, path = "/v1/dead-letters/{id}/replay", params(("id" = u64, Path, description = "dead letter id")),
+    responses((status = 200, body = Replayed), (status = 404, body = ErrorBody), (status = 422, description = "replay_failed: the letter stays", body = ErrorBody)))]
+async fn replay_dead_letter(
+    State(ctx): State<Context>,
+    Path(id): Path<String>,
+) -> Result<axum::Json<Replayed>, ApiError> {
+    let id = parse_letter_id(&id)?;
+    Ok(axum::Json(Replayed {
+        replayed: dlq::replay(&ctx, id).await?,
+    }))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+struct TaxQuery {
+    /// The account.
+    account_id: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+struct TaxRecord {
+    payout_id: String,
+    account_id: String,
+    #[schema(value_type = String)]
+    gross: common::Won,
+    #[schema(value_type = String)]
+    tax: common::Won,
+    #[schema(value_type = String)]
+    net: common::Won,
+    recorded_at: chrono::DateTime<chrono::Utc>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+struct TaxRecords {
+    tax_records: Vec<TaxRecord>,
+}
+
+/// Tax withheld on an account's interest payouts (newest first, at most 1,000).
+#[utoipa::path(get, path = "/v1/tax-records", params(TaxQuery), responses((status = 200, body = TaxRecords), (status = 400, body = ErrorBody)))]
+async fn tax_records(
+    State(ctx): State<Context>,
+    Query(q): Query<TaxQuery>,
+) -> Result<axum::Json<TaxRecords>, ApiError> {
+    let account = AccountId::parse(q.account_id)
+        .map_err(|e| ApiError::bad_request("invalid_query", e.to_string()))?;
+    let rows = ctx
+        .db
+        .query_all_raw(Statement::from_sql_and_values(
+            ctx.db.get_database_backend(),
+            "SELECT payout_id, account_id, gross, tax, net, recorded_at FROM tax_records \
+             WHERE account_id = $1 ORDER BY paid_at DESC LIMIT 1000",
+            [account.to_string().into()],
+        ))
+        .await
+        .map_err(|e| ApiError::internal(&e))?;
+    let won = |r: &sea_orm::QueryResult, c: &str| -> Result<common::Won, ApiError> {
+        let d: Decimal = r.try_get("", c).map_err(|e| ApiError::internal(&e))?;
+        common::Won::new(d).map_err(|e| ApiError::internal(&e))
+    };
+    let mut records = Vec::with_capacity(rows.len());
+    for r in &rows {
+        records.push(TaxRecord {
+            payout_id: r
+                .try_get("", "payout_id")
+                .map_err(|e| ApiError::internal(&e))?,
+            account_id: r
+                .try_get("", "account_id")
+                .map_err(|e| ApiError::internal(&e))?,
+            gross: won(r, "gross")?,
+            tax: won(r, "tax")?,
+            net: won(r, "net")?,
+            recorded_at: r
+                .try_get("", "recorded_at")
+                .map_err(|e| ApiError::internal(&e))?,
+        });
+    }
+    Ok(axum::Json(TaxRecords {
+        tax_records: records,
+    }))
+}

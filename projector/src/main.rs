@@ -1,0 +1,90 @@
+/// glibc malloc showed up as ~10% of the services' CPU under load.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use clap::Parser;
+use projector::{App, Cli, Command, DlqAction};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let telemetry = common::telemetry::init("projector", &cli.config.telemetry)?;
+    let result = match cli.command {
+        None => match App::build(cli.config).await {
+            Ok(app) => app.run(common::shutdown::on_signals()).await,
+            Err(e) => Err(e),
+        },
+        Some(Command::Dlq { action }) => dlq(cli.config, action).await,
+        Some(Command::Rebuild { account, reset }) => rebuild(cli.config, account, reset).await,
+    };
+    if let Err(e) = &result {
+        tracing::error!(error = format!("{e:#}"), "projector failed");
+    }
+    telemetry.shutdown();
+    result
+}
+
+async fn dlq(config: projector::Config, action: DlqAction) -> anyhow::Result<()> {
+    use projector::consume::dlq;
+    let (ctx, _nats) = projector::app::context(&config).await?;
+    match action {
+        DlqAction::List => {
+            let letters = dlq::list(&ctx, 0, 1000).await?;
+            println!("{:>8}  {:>6}  {:<48}  error", "id", "tries", "subject");
+            for l in &letters {
+                println!(
+                    "{:>8}  {:>6}  {:<48}  {}",
+                    l.id, l.deliveries, l.subject, l.error
+                );
+            }
+            println!("{} dead letter(s)", letters.len());
+        }
+        DlqAction::Show { id } => match dlq::get(&ctx, id).await? {
+            Some(l) => println!("{}", serde_json::to_string_pretty(&l)?),
+            None => anyhow::bail!("no dead letter {id}"),
+        },
+        DlqAction::Replay { id: Some(id), .. } => {
+            let l = dlq::replay(&ctx, id).await?;
+            println!("replayed dead letter {} ({})", l.id, l.subject);
+        }
+        DlqAction::Replay {
+            id: None,
+            all: true,
+        } => {
+            let (mut ok, mut failed) = (0, 0);
+            for l in dlq::list(&ctx, 0, usize::MAX).await? {
+                match dlq::replay(&ctx, l.id).await {
+                    Ok(_) => ok += 1,
+                    Err(e) => {
+                        failed += 1;
+                        eprintln!("{e}");
+                    }
+                }
+            }
+            println!("replayed {ok}, failed {failed}");
+            if failed > 0 {
+                anyhow::bail!("{failed} dead letter(s) could not be replayed");
+            }
+        }
+        DlqAction::Replay {
+            id: None,
+            all: false,
+        } => anyhow::bail!("give a dead letter id or --all"),
+    }
+    Ok(())
+}
+
+async fn rebuild(
+    config: projector::Config,
+    account: Option<String>,
+    reset: bool,
+) -> anyhow::Result<()> {
+    let (ctx, _nats) = projector::app::context(&config).await?;
+    let only = account.map(common::AccountId::parse).transpose()?;
+    let report = projector::rebuild::rebuild(&ctx.db, &ctx.core, only, reset).await?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    if !report.failed.is_empty() {
+        anyhow::bail!("{} account(s) failed", report.failed.len());
+    }
+    Ok(())
+}

@@ -1,0 +1,40 @@
+//! Withholding-tax records of interest payouts (B23).
+
+use sea_orm_migration::prelude::*;
+
+#[derive(DeriveMigrationName)]
+pub struct Migration;
+
+#[async_trait::async_trait]
+impl MigrationTrait for Migration {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .get_connection()
+            .execute_unprepared(
+                r#"
+CREATE TABLE tax_records (
+    payout_id    TEXT PRIMARY KEY,
+    account_id   TEXT NOT NULL,
+    gross        NUMERIC(30,0) NOT NULL,
+    tax          NUMERIC(30,0) NOT NULL,
+    net          NUMERIC(30,0) NOT NULL,
+    from_date    DATE NOT NULL,
+    through_date DATE NOT NULL,
+    paid_at      TIMESTAMPTZ NOT NULL,
+    recorded_at  TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+CREATE INDEX tax_records_account ON tax_records (account_id, paid_at);
+"#,
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .get_connection()
+            .execute_unprepared("DROP TABLE IF EXISTS tax_records")
+            .await?;
+        Ok(())
+    }
+}

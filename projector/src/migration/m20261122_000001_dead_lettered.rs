@@ -1,0 +1,38 @@
+//! Which source messages already have a letter in `DLQ`, so a redelivery
+//! long after the first dead-lettering (beyond JetStream's duplicate window,
+//! for example after a broker crash rolled back the consumer's acknowledgement
+//! state) does not letter the same message twice.
+
+use sea_orm_migration::prelude::*;
+
+#[derive(DeriveMigrationName)]
+pub struct Migration;
+
+#[async_trait::async_trait]
+impl MigrationTrait for Migration {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .get_connection()
+            .execute_unprepared(
+                r#"
+CREATE TABLE dead_lettered (
+    stream          TEXT   NOT NULL,
+    stream_seq      BIGINT NOT NULL,
+    dlq_seq         BIGINT NOT NULL,
+    dead_lettered_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    PRIMARY KEY (stream, stream_seq)
+);
+"#,
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .get_connection()
+            .execute_unprepared("DROP TABLE IF EXISTS dead_lettered")
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,25 @@
+//! The projector's own tables in the channel database. They are tracked in
+//! their own migrations table, apart from the transfer service's.
+
+use sea_orm_migration::prelude::*;
+
+mod m20261121_000001_tax_records;
+mod m20261122_000001_dead_lettered;
+
+/// The projector's migrator.
+#[derive(Debug)]
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![
+            Box::new(m20261121_000001_tax_records::Migration),
+            Box::new(m20261122_000001_dead_lettered::Migration),
+        ]
+    }
+
+    fn migration_table_name() -> DynIden {
+        Alias::new("seaql_migrations_projector").into_iden()
+    }
+}
