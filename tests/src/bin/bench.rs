@@ -1,0 +1,1050 @@
+//! `make bench`: load scenarios P1-P6 of the benchmark issue, each for a fixed
+//! duration, with a same-run pgbench baseline for P1. Prints one table and
+//! writes it as Markdown and JSON to `target/bench/`.
+//!
+//! It uses the PostgreSQL and Redis of the README's bring-up, runs the
+//! project's own nats-server (JetStream with `sync_interval: always`, as
+//! `make run` would start it) on a free port, and starts the three release
+//! binaries with fresh databases.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::float_arithmetic
+)]
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bank_tests::apps::{CORE_TOKEN, JWT_SECRET, customer_token};
+use bank_tests::nats::{NatsServer, free_port};
+use bank_tests::process::ServiceProcess;
+use bank_tests::procs::wait_ready;
+use bank_tests::{Api, unique};
+use clap::Parser;
+use futures::StreamExt;
+use rand::Rng;
+use sea_orm::{ConnectionTrait, Database, DatabaseConnection, Statement};
+use serde_json::{Value, json};
+
+#[derive(Debug, Parser)]
+#[command(about = "Benchmarks P1-P6 with a same-run pgbench baseline")]
+struct Args {
+    /// Seconds per timed scenario.
+    #[arg(long, default_value_t = 20)]
+    secs: u64,
+    /// Funded accounts for P1.
+    #[arg(long, default_value_t = 10_000)]
+    accounts: usize,
+    /// Concurrent clients for P1 and P3.
+    #[arg(long, default_value_t = 64)]
+    clients: usize,
+    /// Offered rate of P2, transfers per second.
+    #[arg(long, default_value_t = 500)]
+    rate: u64,
+    /// A lower offered rate for P2, reported for reference (latency below
+    /// saturation).
+    #[arg(long, default_value_t = 200)]
+    reference_rate: u64,
+    /// History entries of the P5 account.
+    #[arg(long, default_value_t = 100_000)]
+    history_entries: i64,
+    /// Ledger events of the P6 backlog.
+    #[arg(long, default_value_t = 200_000)]
+    backlog_events: u64,
+    /// Only these scenarios (comma separated, e.g. P1,P3).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+}
+
+#[derive(Default, Clone, serde::Serialize)]
+struct Stats {
+    count: usize,
+    errors: usize,
+    per_sec: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+}
+
+fn stats(mut lat: Vec<Duration>, errors: usize, elapsed: Duration) -> Stats {
+    lat.sort();
+    let q = |p: f64| -> f64 {
+        if lat.is_empty() {
+            return 0.0;
+        }
+        let i = ((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1;
+        lat[i].as_secs_f64() * 1000.0
+    };
+    Stats {
+        count: lat.len(),
+        errors,
+        per_sec: lat.len() as f64 / elapsed.as_secs_f64().max(1e-9),
+        p50_ms: q(0.50),
+        p99_ms: q(0.99),
+        max_ms: lat.last().map(|d| d.as_secs_f64() * 1000.0).unwrap_or(0.0),
+    }
+}
+
+#[derive(serde::Serialize)]
+struct Row {
+    id: String,
+    scenario: String,
+    figures: String,
+    target: String,
+    met: Option<bool>,
+}
+
+struct Bench {
+    args: Args,
+    core: Api,
+    core_db: DatabaseConnection,
+    channel_db: DatabaseConnection,
+    channel_db_url: String,
+    transfer_url: String,
+    projector: ServiceProcess,
+    projector_url: String,
+    pids: Vec<(&'static str, u32)>,
+    /// The P5 account, whose history rows were written directly (not projected).
+    synthetic: String,
+    rows: Vec<Row>,
+    json: serde_json::Map<String, Value>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let nats = NatsServer::start().await?;
+    let core_db_url = bank_tests::db::fresh_database("bench_core").await?;
+    let channel_db_url = bank_tests::db::fresh_database("bench_channel").await?;
+    let (core_addr, transfer_addr, projector_addr) = (
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    );
+    let env: HashMap<String, String> = HashMap::from([
+        ("NATS_URL".into(), nats.url()),
+        ("CORE_API_TOKEN".into(), CORE_TOKEN.into()),
+        ("AUTH_JWT_SECRET".into(), JWT_SECRET.into()),
+        ("CORE_DATABASE_URL".into(), core_db_url.clone()),
+        ("CHANNEL_DATABASE_URL".into(), channel_db_url.clone()),
+        ("CORE_URL".into(), format!("http://{core_addr}")),
+        ("CORE_HTTP_ADDR".into(), core_addr.clone()),
+        ("TRANSFER_HTTP_ADDR".into(), transfer_addr.clone()),
+        ("PROJECTOR_HTTP_ADDR".into(), projector_addr.clone()),
+        ("BANK_TEST_CLOCK".into(), "1".into()),
+        ("RUST_LOG".into(), "warn".into()),
+    ]);
+    let core_proc = ServiceProcess::start("core-bank", env.clone())?;
+    wait_ready(&format!("http://{core_addr}")).await?;
+    let transfer_proc = ServiceProcess::start("transfer", env.clone())?;
+    let projector = ServiceProcess::start("projector", env.clone())?;
+    for u in [
+        format!("http://{transfer_addr}"),
+        format!("http://{projector_addr}"),
+    ] {
+        wait_ready(&u).await?;
+    }
+    let pids = vec![
+        ("core-bank", core_proc.pid().unwrap_or(0)),
+        ("transfer", transfer_proc.pid().unwrap_or(0)),
+        ("projector", projector.pid().unwrap_or(0)),
+    ];
+    let mut b = Bench {
+        core: Api::new(format!("http://{core_addr}"), Some(CORE_TOKEN.into())),
+        core_db: Database::connect(core_db_url.as_str()).await?,
+        channel_db: Database::connect(channel_db_url.as_str()).await?,
+        channel_db_url,
+        transfer_url: format!("http://{transfer_addr}"),
+        projector,
+        projector_url: format!("http://{projector_addr}"),
+        pids,
+        synthetic: String::from("none"),
+        rows: Vec::new(),
+        json: serde_json::Map::new(),
+        args,
+    };
+    let machine = machine();
+    println!("bench: {machine}");
+    let only = b.args.only.clone();
+    let wants = |id: &str| only.is_empty() || only.iter().any(|o| o.eq_ignore_ascii_case(id));
+    let accounts = b.funded_accounts(b.args.accounts, 1_000_000_000).await;
+    if wants("P1") {
+        b.settle().await;
+        b.p1(&accounts).await?;
+    }
+    if wants("P3") {
+        b.settle().await;
+        b.p3().await;
+    }
+    if wants("P4") {
+        b.settle().await;
+        b.p4(&accounts).await;
+    }
+    if wants("P5") {
+        b.settle().await;
+        b.p5().await?;
+    }
+    if wants("P2") {
+        b.settle().await;
+        b.p2(b.args.rate, false).await?;
+        b.settle().await;
+        b.p2(b.args.reference_rate, true).await?;
+    }
+    if wants("P6") {
+        b.settle().await;
+        b.p6(&accounts).await?;
+    }
+    b.memory();
+    b.report(&machine)?;
+    drop(core_proc);
+    drop(transfer_proc);
+    Ok(())
+}
+
+fn machine() -> String {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_default();
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines().next().map(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .unwrap_or("0")
+                    .parse::<u64>()
+                    .unwrap_or(0)
+                    / 1024
+                    / 1024
+            })
+        })
+        .unwrap_or(0);
+    format!(
+        "{cpus} vCPU ({model}), {mem} GiB RAM; services, PostgreSQL, NATS, Redis and the load generator share the machine"
+    )
+}
+
+async fn sql(db: &DatabaseConnection, q: &str) -> Vec<sea_orm::QueryResult> {
+    db.query_all_raw(Statement::from_string(
+        db.get_database_backend(),
+        q.to_owned(),
+    ))
+    .await
+    .unwrap()
+}
+
+/// The number of ledger entries (each account holds seqs 1..=last_seq),
+/// without scanning the entries.
+const LEDGER_ENTRIES: &str = "SELECT COALESCE(sum(last_seq), 0)::bigint FROM accounts";
+
+async fn count(db: &DatabaseConnection, q: &str) -> i64 {
+    sql(db, q).await[0].try_get_by_index::<i64>(0).unwrap()
+}
+
+impl Bench {
+    /// Waits until the system is quiet: the core's outbox is published and the
+    /// projector has applied every ledger entry, so one scenario's background
+    /// work does not run during the next one's measurement.
+    /// Ledger entries projected into the channel history (the synthetic P5
+    /// account excluded). Equal to counting the history entries (they are
+    /// exactly seqs 1..=synced per account), without scanning them while the
+    /// projector works.
+    fn projected_sql(&self) -> String {
+        format!(
+            "SELECT COALESCE(sum(synced_through_seq), 0)::bigint FROM history_sync WHERE account_id <> '{}'",
+            self.synthetic
+        )
+    }
+
+    async fn settle(&self) {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        let projected = self.projected_sql();
+        while Instant::now() < deadline {
+            let backlog = count(
+                &self.core_db,
+                "SELECT count(*) FROM outbox WHERE published_at IS NULL",
+            )
+            .await;
+            let ledger = count(&self.core_db, LEDGER_ENTRIES).await;
+            let history = count(&self.channel_db, &projected).await;
+            if backlog == 0 && history >= ledger {
+                // Write back what the previous scenario dirtied now, so that a
+                // checkpoint it caused does not stall the next measurement
+                // (the same server holds both databases).
+                if let Err(e) = self.core_db.execute_unprepared("CHECKPOINT").await {
+                    println!("bench: CHECKPOINT failed ({e}); figures may include its stalls");
+                }
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        println!("bench: WARNING the system did not settle within 300 s");
+    }
+
+    fn row(&mut self, id: &str, scenario: &str, figures: String, target: &str, met: Option<bool>) {
+        println!(
+            "bench: {id} {scenario}: {figures} (target {target}: {})",
+            match met {
+                Some(true) => "met",
+                Some(false) => "MISSED",
+                None => "-",
+            }
+        );
+        self.rows.push(Row {
+            id: id.into(),
+            scenario: scenario.into(),
+            figures,
+            target: target.into(),
+            met,
+        });
+    }
+
+    /// `n` accounts (100 per customer), each funded with `amount`.
+    async fn funded_accounts(&self, n: usize, amount: u64) -> Vec<String> {
+        let started = Instant::now();
+        let customers: Vec<String> = futures::stream::iter(0..n.div_ceil(100))
+            .map(|_| async { self.core.new_customer("Bench").await })
+            .buffer_unordered(32)
+            .collect()
+            .await;
+        let accounts: Vec<String> = futures::stream::iter(0..n)
+            .map(|i| {
+                let c = customers[i / 100].clone();
+                async move {
+                    let a = self.core.new_account(&c).await;
+                    self.core.deposit(&a, amount).await.expect(200);
+                    a
+                }
+            })
+            .buffer_unordered(64)
+            .collect()
+            .await;
+        println!(
+            "bench: {} funded accounts in {:.1} s",
+            accounts.len(),
+            started.elapsed().as_secs_f64()
+        );
+        accounts
+    }
+
+    /// Runs `clients` loops of `op` for `secs`; returns latencies and errors.
+    async fn closed_loop<F, Fut>(
+        &self,
+        clients: usize,
+        secs: u64,
+        op: F,
+    ) -> (Vec<Duration>, usize, Duration)
+    where
+        F: Fn(usize) -> Fut + Clone + Send + 'static,
+        Fut: std::future::Future<Output = Step> + Send,
+    {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        let errors = Arc::new(AtomicUsize::new(0));
+        let started = Instant::now();
+        let tasks: Vec<_> = (0..clients)
+            .map(|c| {
+                let (op, errors) = (op.clone(), errors.clone());
+                tokio::spawn(async move {
+                    let mut lat = Vec::new();
+                    let mut i = 0usize;
+                    while Instant::now() < deadline {
+                        let t = Instant::now();
+                        match op(c * 1_000_000 + i).await {
+                            Step::Done => lat.push(t.elapsed()),
+                            Step::Failed => {
+                                errors.fetch_add(1, Ordering::Relaxed);
+                            }
+                            // The elapsed time then ends with the last operation.
+                            Step::NoMoreWork => break,
+                        }
+                        i += 1;
+                    }
+                    lat
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.unwrap());
+        }
+        (all, errors.load(Ordering::Relaxed), started.elapsed())
+    }
+
+    async fn p1(&mut self, accounts: &[String]) -> anyhow::Result<()> {
+        let accounts = Arc::new(accounts.to_vec());
+        let core = self.core.clone();
+        let (lat, errors, elapsed) = self
+            .closed_loop(self.args.clients, self.args.secs, move |_| {
+                let (core, accounts) = (core.clone(), accounts.clone());
+                async move {
+                    let (a, b) = {
+                        let mut r = rand::rng();
+                        let a = r.random_range(0..accounts.len());
+                        let b = (a + r.random_range(1..accounts.len())) % accounts.len();
+                        (a, b)
+                    };
+                    core.try_send(
+                        "POST",
+                        "/v1/transfers",
+                        Some(bank_tests::client::transfer_body(
+                            &unique("trf_"),
+                            &accounts[a],
+                            &accounts[b],
+                            1,
+                        )),
+                        &[],
+                    )
+                    .await
+                    .map(|r| r.status == 200)
+                    .unwrap_or(false)
+                    .into()
+                }
+            })
+            .await;
+        let s = stats(lat, errors, elapsed);
+        let pg = pgbench(self.args.clients, self.args.secs, self.args.accounts).await?;
+        let ratio = s.per_sec / pg.max(1e-9);
+        self.json.insert(
+            "P1".into(),
+            json!({"service": s, "pgbench_tps": pg, "ratio": ratio}),
+        );
+        self.row(
+            "P1",
+            &format!("core-bank HTTP transfers, {} accounts, {} clients", self.args.accounts, self.args.clients),
+            format!(
+                "{:.0} transfers/s, p50 {:.2} ms, p99 {:.2} ms, errors {}; pgbench plain SQL {:.0} tps; ratio {:.2}",
+                s.per_sec, s.p50_ms, s.p99_ms, s.errors, pg, ratio
+            ),
+            "ratio >= 1.0",
+            Some(ratio >= 1.0),
+        );
+        Ok(())
+    }
+
+    async fn p3(&mut self) {
+        let sources = Arc::new(self.funded_accounts(self.args.clients, 1_000_000_000).await);
+        let hot = self.core.funded_account(0).await;
+        let core = self.core.clone();
+        let (lat, errors, elapsed) = self
+            .closed_loop(self.args.clients, self.args.secs, move |i| {
+                let (core, sources, hot) = (core.clone(), sources.clone(), hot.clone());
+                async move {
+                    let from = &sources[i / 1_000_000];
+                    core.try_send(
+                        "POST",
+                        "/v1/transfers",
+                        Some(bank_tests::client::transfer_body(
+                            &unique("trf_"),
+                            from,
+                            &hot,
+                            1,
+                        )),
+                        &[],
+                    )
+                    .await
+                    .map(|r| r.status == 200)
+                    .unwrap_or(false)
+                    .into()
+                }
+            })
+            .await;
+        let s = stats(lat, errors, elapsed);
+        self.json.insert("P3".into(), json!(s));
+        self.row(
+            "P3",
+            &format!("{} clients into one hot account", self.args.clients),
+            format!(
+                "{:.0} transfers/s, p50 {:.2} ms, p99 {:.2} ms, errors {}",
+                s.per_sec, s.p50_ms, s.p99_ms, s.errors
+            ),
+            ">= 1,000/s, 0 errors",
+            Some(s.per_sec >= 1000.0 && s.errors == 0),
+        );
+    }
+
+    async fn p4(&mut self, accounts: &[String]) {
+        // The new path at 100% (the rewritten implementation is what is measured).
+        self.core
+            .put(
+                "/v1/admin/interest/rollout",
+                json!({"new_path_percent": 100, "shadow": false}),
+            )
+            .await
+            .expect(200);
+        let today: chrono::NaiveDate = self
+            .core
+            .get("/v1/admin/clock")
+            .await
+            .str("today")
+            .parse()
+            .unwrap();
+        self.core
+            .post(
+                "/v1/admin/clock",
+                json!({"today": (today + chrono::Duration::days(1)).to_string()}),
+            )
+            .await
+            .expect(200);
+        // The last accounts are kept for the one-client reference run.
+        let reserve = (accounts.len() / 5).min(1000);
+        let (main, reserved) = accounts.split_at(accounts.len() - reserve);
+        let accounts = Arc::new(main.to_vec());
+        let (lat, errors, elapsed) = self
+            .closed_loop(
+                8,
+                self.args.secs,
+                pay_each_once(self.core.clone(), accounts.clone()),
+            )
+            .await;
+        let pay = stats(lat, errors, elapsed);
+        // The same with one client, for reference: latency without queueing.
+        let (lat1, errors1, elapsed1) = self
+            .closed_loop(
+                1,
+                self.args.secs / 2,
+                pay_each_once(self.core.clone(), Arc::new(reserved.to_vec())),
+            )
+            .await;
+        let pay1 = stats(lat1, errors1, elapsed1);
+        // Cached expected-interest queries over 1,000 accounts (warmed once).
+        let sample: Arc<Vec<String>> =
+            Arc::new(accounts.iter().rev().take(1000).cloned().collect());
+        for acc in sample.iter() {
+            self.core
+                .get(&format!("/v1/accounts/{acc}/interest"))
+                .await
+                .expect(200);
+        }
+        let core = self.core.clone();
+        let (lat, errors, elapsed) = self
+            .closed_loop(8, self.args.secs, move |i| {
+                let (core, sample) = (core.clone(), sample.clone());
+                async move {
+                    let acc = &sample[i % sample.len()];
+                    core.try_send("GET", &format!("/v1/accounts/{acc}/interest"), None, &[])
+                        .await
+                        .map(|r| r.status == 200)
+                        .unwrap_or(false)
+                        .into()
+                }
+            })
+            .await;
+        let cached = stats(lat, errors, elapsed);
+        self.json.insert(
+            "P4".into(),
+            json!({"payout": pay, "payout_one_client": pay1, "cached_query": cached}),
+        );
+        self.row(
+            "P4",
+            "interest payouts, 8 clients, distinct accounts",
+            format!(
+                "{} payouts, {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms, errors {}",
+                pay.count, pay.per_sec, pay.p50_ms, pay.p99_ms, pay.max_ms, pay.errors
+            ),
+            "p99 <= 7 ms, max <= 11 ms",
+            Some(pay.p99_ms <= 7.0 && pay.max_ms <= 11.0),
+        );
+        self.row(
+            "P4 (ref)",
+            "interest payouts, 1 client, distinct accounts",
+            format!(
+                "{} payouts, {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms, errors {}",
+                pay1.count, pay1.per_sec, pay1.p50_ms, pay1.p99_ms, pay1.max_ms, pay1.errors
+            ),
+            "reference: no queueing",
+            None,
+        );
+        self.row(
+            "P4",
+            "cached expected-interest query, 8 clients",
+            format!(
+                "{:.0}/s, p50 {:.3} ms, p99 {:.3} ms, errors {}",
+                cached.per_sec, cached.p50_ms, cached.p99_ms, cached.errors
+            ),
+            "p99 <= 1 ms",
+            Some(cached.p99_ms <= 1.0),
+        );
+    }
+
+    async fn p5(&mut self) -> anyhow::Result<()> {
+        let n = self.args.history_entries;
+        let customer = self.core.new_customer("History").await;
+        let account = self.core.new_account(&customer).await;
+        // The read path is measured: the entries are written straight into the
+        // channel history (as a long-lived projection would hold them).
+        self.channel_db
+            .execute_unprepared(&format!(
+                "INSERT INTO history_entries (account_id, seq, kind, amount, balance_after, occurred_at, business_date) \
+                 SELECT '{account}', g, 'deposit', 1, g, now(), current_date FROM generate_series(1, {n}) g;
+                 INSERT INTO history_sync (account_id, synced_through_seq) VALUES ('{account}', {n});
+                 ANALYZE history_entries;"
+            ))
+            .await?;
+        self.synthetic = account.clone();
+        let api = Api::new(self.transfer_url.clone(), Some(customer_token(&customer)));
+        let id = common::AccountId::parse(account.as_str())?;
+        let deep = n - 20 * 499 + 1;
+        let cursor = transfer::history::page::encode_cursor(&id, deep);
+        let mut figures = Vec::new();
+        let mut results = serde_json::Map::new();
+        for (label, path) in [
+            ("page 1", format!("/v1/accounts/{account}/history?limit=20")),
+            (
+                "page 500",
+                format!("/v1/accounts/{account}/history?limit=20&cursor={cursor}"),
+            ),
+        ] {
+            let check = api.get(&path).await.expect(200);
+            assert_eq!(check.body["entries"].as_array().map(|e| e.len()), Some(20));
+            let api2 = api.clone();
+            let (lat, errors, elapsed) = self
+                .closed_loop(8, self.args.secs / 2, move |_| {
+                    let (api, path) = (api2.clone(), path.clone());
+                    async move {
+                        api.try_send("GET", &path, None, &[])
+                            .await
+                            .map(|r| r.status == 200)
+                            .unwrap_or(false)
+                            .into()
+                    }
+                })
+                .await;
+            let s = stats(lat, errors, elapsed);
+            figures.push(s.clone());
+            results.insert(label.into(), json!(s));
+        }
+        let ratio = figures[1].p99_ms / figures[0].p99_ms.max(1e-9);
+        self.json.insert("P5".into(), Value::Object(results));
+        self.row(
+            "P5",
+            &format!("history pages, account with {n} entries, 8 clients"),
+            format!(
+                "page 1 p50 {:.2} / p99 {:.2} ms; page 500 p50 {:.2} / p99 {:.2} ms (p99 ratio {ratio:.2})",
+                figures[0].p50_ms, figures[0].p99_ms, figures[1].p50_ms, figures[1].p99_ms
+            ),
+            "page 500 p99 within 1.5x of page 1",
+            Some(ratio <= 1.5),
+        );
+        Ok(())
+    }
+
+    async fn p2(&mut self, rate: u64, reference: bool) -> anyhow::Result<()> {
+        let n_customers = 1000;
+        let mut senders = Vec::new();
+        let customers: Vec<String> = futures::stream::iter(0..n_customers)
+            .map(|_| async { self.core.new_customer("E2E").await })
+            .buffer_unordered(32)
+            .collect()
+            .await;
+        for c in &customers {
+            let a = self.core.new_account(c).await;
+            self.core.deposit(&a, 1_000_000_000).await.expect(200);
+            senders.push((
+                Api::new(self.transfer_url.clone(), Some(customer_token(c))),
+                a,
+            ));
+        }
+        let senders = Arc::new(senders);
+        let period = Duration::from_secs_f64(1.0 / rate as f64);
+        let total = rate * self.args.secs;
+        let sent: SentLog = Arc::default();
+        let errors = Arc::new(AtomicU64::new(0));
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        let mut tasks = Vec::with_capacity(total as usize);
+        let started = Instant::now();
+        for i in 0..total as usize {
+            tick.tick().await;
+            let (senders, sent, errors) = (senders.clone(), sent.clone(), errors.clone());
+            tasks.push(tokio::spawn(async move {
+                let (api, from) = &senders[i % senders.len()];
+                let to = &senders[(i * 7 + 1) % senders.len()].1;
+                let at = chrono::Utc::now();
+                match api
+                    .try_send(
+                        "POST",
+                        "/v1/transfers",
+                        Some(json!({"from_account": from, "to_account": to, "amount": "1"})),
+                        &[],
+                    )
+                    .await
+                {
+                    Ok(r) if r.status == 200 => {
+                        if let Ok(mut s) = sent.lock() {
+                            s.push((r.str("transfer_id"), at));
+                        }
+                    }
+                    _ => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        let offered = started.elapsed();
+        let sent = sent.lock().map(|s| s.clone()).unwrap_or_default();
+        // Wait until every accepted transfer is in the channel history.
+        let ids: Vec<String> = sent.iter().map(|(id, _)| id.clone()).collect();
+        // Wait cheaply (no scan of the history while the projector works),
+        // then read the application times once.
+        self.settle().await;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut applied: HashMap<String, chrono::DateTime<chrono::Utc>> = HashMap::new();
+        while Instant::now() < deadline {
+            let rows = self
+                .channel_db
+                .query_all_raw(Statement::from_sql_and_values(
+                    self.channel_db.get_database_backend(),
+                    "SELECT transfer_id, applied_at FROM history_entries WHERE kind = 'transfer_out' AND transfer_id = ANY($1)",
+                    [ids.clone().into()],
+                ))
+                .await?;
+            applied = rows
+                .iter()
+                .map(|r| {
+                    (
+                        r.try_get::<String>("", "transfer_id").unwrap(),
+                        r.try_get("", "applied_at").unwrap(),
+                    )
+                })
+                .collect();
+            if applied.len() == ids.len() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let lat: Vec<Duration> = sent
+            .iter()
+            .filter_map(|(id, at)| {
+                applied
+                    .get(id)
+                    .map(|a| (*a - *at).to_std().unwrap_or_default())
+            })
+            .collect();
+        let missing = sent.len() - lat.len();
+        let s = stats(
+            lat,
+            errors.load(Ordering::Relaxed) as usize + missing,
+            offered,
+        );
+        let key = if reference { "P2_reference" } else { "P2" };
+        self.json.insert(key.into(), json!(s));
+        self.row(
+            if reference { "P2 (ref)" } else { "P2" },
+            &format!(
+                "end to end at {}/s offered: accepted -> visible in channel history",
+                rate
+            ),
+            format!(
+                "{} accepted ({:.0}/s), p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms, errors {}",
+                s.count, s.per_sec, s.p50_ms, s.p99_ms, s.max_ms, s.errors
+            ),
+            if reference {
+                "reference: below saturation"
+            } else {
+                "p99 <= 100 ms"
+            },
+            if reference {
+                None
+            } else {
+                Some(s.p99_ms <= 100.0 && s.errors == 0)
+            },
+        );
+        Ok(())
+    }
+
+    async fn p6(&mut self, accounts: &[String]) -> anyhow::Result<()> {
+        // Everything so far is projected; then the projector stops.
+        let projected = self.projected_sql();
+        // Let the projector finish what earlier scenarios produced.
+        self.settle().await;
+        let applied_before = count(&self.channel_db, &projected).await;
+        self.projector.terminate(Duration::from_secs(60)).await?;
+        let transfers = self.args.backlog_events / 2;
+        let accounts = Arc::new(accounts.to_vec());
+        let done = Arc::new(AtomicU64::new(0));
+        let started = Instant::now();
+        let workers: Vec<_> = (0..self.args.clients)
+            .map(|_| {
+                let (core, accounts, done) = (self.core.clone(), accounts.clone(), done.clone());
+                tokio::spawn(async move {
+                    while done.fetch_add(1, Ordering::Relaxed) < transfers {
+                        let (a, b) = {
+                            let mut r = rand::rng();
+                            let a = r.random_range(0..accounts.len());
+                            (a, (a + r.random_range(1..accounts.len())) % accounts.len())
+                        };
+                        let body = bank_tests::client::transfer_body(&unique("trf_"), &accounts[a], &accounts[b], 1);
+                        loop {
+                            if matches!(core.try_send("POST", "/v1/transfers", Some(body.clone()), &[]).await, Ok(r) if r.status == 200) {
+                                break;
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.await?;
+        }
+        println!(
+            "bench: P6 backlog of {} transfers written in {:.1} s",
+            transfers,
+            started.elapsed().as_secs_f64()
+        );
+        // Wait until the relay published everything.
+        while count(
+            &self.core_db,
+            "SELECT count(*) FROM outbox WHERE published_at IS NULL",
+        )
+        .await
+            > 0
+        {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let target = count(&self.core_db, LEDGER_ENTRIES).await;
+        let backlog = target - applied_before;
+        self.projector.restart()?;
+        let started = Instant::now();
+        wait_ready(&self.projector_url).await?;
+        let deadline = Instant::now() + Duration::from_secs(600);
+        let mut now_applied = 0;
+        let mut first_applied: Option<Duration> = None;
+        while Instant::now() < deadline {
+            now_applied = count(&self.channel_db, &projected).await;
+            if first_applied.is_none() && now_applied > applied_before {
+                first_applied = Some(started.elapsed());
+            }
+            if now_applied >= target {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let elapsed = started.elapsed();
+        let rate = (now_applied - applied_before) as f64 / elapsed.as_secs_f64();
+        if let Some(pid) = self.projector.pid() {
+            self.pids.retain(|(n, _)| *n != "projector");
+            self.pids.push(("projector", pid));
+        }
+        self.json.insert(
+            "P6".into(),
+            json!({"backlog": backlog, "seconds": elapsed.as_secs_f64(), "events_per_sec": rate,
+                   "first_applied_after_seconds": first_applied.map(|d| d.as_secs_f64())}),
+        );
+        self.row(
+            "P6",
+            &format!("projector catch-up from a backlog of {backlog} ledger events"),
+            format!(
+                "{rate:.0} events/s ({:.1} s, start-up included; first event applied after {:.1} s)",
+                elapsed.as_secs_f64(),
+                first_applied.unwrap_or_default().as_secs_f64()
+            ),
+            ">= 20,000 events/s",
+            Some(rate >= 20_000.0 && now_applied >= target),
+        );
+        let _ = &self.channel_db_url;
+        Ok(())
+    }
+
+    fn memory(&mut self) {
+        let mut parts = Vec::new();
+        let mut ok = true;
+        for (name, pid) in self.pids.clone() {
+            let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .ok()
+                .and_then(|s| {
+                    s.lines().find(|l| l.starts_with("VmRSS:")).map(|l| {
+                        l.split_whitespace()
+                            .nth(1)
+                            .unwrap_or("0")
+                            .parse::<f64>()
+                            .unwrap_or(0.0)
+                            / 1024.0
+                    })
+                })
+                .unwrap_or(0.0);
+            ok &= rss < 150.0;
+            parts.push(format!("{name} {rss:.0} MiB"));
+            self.json.insert(format!("rss_mib_{name}"), json!(rss));
+        }
+        self.row(
+            "-",
+            "resident memory at the end",
+            parts.join(", "),
+            "each < 150 MiB",
+            Some(ok),
+        );
+    }
+
+    fn report(&self, machine: &str) -> anyhow::Result<()> {
+        let mut md = format!(
+            "Machine: {machine}\n\n| # | scenario | figures | target | met |\n| --- | --- | --- | --- | --- |\n"
+        );
+        for r in &self.rows {
+            md.push_str(&format!(
+                "| {} | {} | {} | {} | {} |\n",
+                r.id,
+                r.scenario,
+                r.figures,
+                r.target,
+                match r.met {
+                    Some(true) => "yes",
+                    Some(false) => "**no**",
+                    None => "-",
+                }
+            ));
+        }
+        std::fs::create_dir_all("target/bench")?;
+        std::fs::write("target/bench/results.md", &md)?;
+        let mut json = self.json.clone();
+        json.insert("machine".into(), json!(machine));
+        json.insert("rows".into(), serde_json::to_value(&self.rows)?);
+        std::fs::write(
+            "target/bench/results.json",
+            serde_json::to_string_pretty(&json)?,
+        )?;
+        println!("\n{md}\nwritten to target/bench/results.md and target/bench/results.json");
+        Ok(())
+    }
+}
+
+/// Runs pgbench with the plain-SQL equivalent of a transfer on the same
+/// PostgreSQL and returns its transactions per second.
+async fn pgbench(clients: usize, secs: u64, accounts: usize) -> anyhow::Result<f64> {
+    let url = bank_tests::db::fresh_database("bench_pgbench").await?;
+    let db = Database::connect(url.as_str()).await?;
+    db.execute_unprepared(&format!(
+        "CREATE TABLE pb_accounts (id int PRIMARY KEY, balance numeric(30,0) NOT NULL, last_seq bigint NOT NULL);
+         CREATE TABLE pb_transfers (id bigserial PRIMARY KEY, from_acc int NOT NULL, to_acc int NOT NULL, amount numeric(30,0) NOT NULL, created_at timestamptz NOT NULL DEFAULT now());
+         CREATE TABLE pb_entries (account int NOT NULL, seq bigint NOT NULL, amount numeric(30,0) NOT NULL, balance_after numeric(30,0) NOT NULL, PRIMARY KEY (account, seq));
+         CREATE TABLE pb_outbox (id bigserial PRIMARY KEY, payload text NOT NULL, created_at timestamptz NOT NULL DEFAULT now(), published_at timestamptz);
+         INSERT INTO pb_accounts SELECT g, 1000000000, 0 FROM generate_series(1, {accounts}) g;"
+    ))
+    .await?;
+    db.close().await?;
+    let script = std::env::temp_dir().join(unique("pgbench-").to_string() + ".sql");
+    std::fs::write(
+        &script,
+        format!(
+            "\\set a random(1, {accounts})
+\\set b 1 + (:a + random(0, {})) % {accounts}
+\\set lo least(:a, :b)
+\\set hi greatest(:a, :b)
+BEGIN;
+INSERT INTO pb_transfers (from_acc, to_acc, amount) VALUES (:a, :b, 1);
+UPDATE pb_accounts SET balance = balance + CASE WHEN id = :a THEN -1 ELSE 1 END, last_seq = last_seq + 1 WHERE id = :lo;
+UPDATE pb_accounts SET balance = balance + CASE WHEN id = :a THEN -1 ELSE 1 END, last_seq = last_seq + 1 WHERE id = :hi;
+INSERT INTO pb_entries (account, seq, amount, balance_after) SELECT id, last_seq, CASE WHEN id = :a THEN -1 ELSE 1 END, balance FROM pb_accounts WHERE id IN (:lo, :hi);
+INSERT INTO pb_outbox (payload) VALUES ('{{\"event\":\"transfer\"}}');
+END;
+",
+            accounts - 2
+        ),
+    )?;
+    let host_db = url
+        .split('?')
+        .next()
+        .and_then(|u| u.rsplit_once('/'))
+        .map(|(_, db)| db.to_owned())
+        .unwrap_or_default();
+    let out = tokio::process::Command::new("pgbench")
+        .args([
+            "-n",
+            "-c",
+            &clients.to_string(),
+            "-j",
+            "2",
+            "-T",
+            &secs.to_string(),
+            "-f",
+        ])
+        .arg(&script)
+        .args(["-h", "127.0.0.1", "-p", "5432", "-U", "postgres", &host_db])
+        .output()
+        .await
+        .map_err(|e| anyhow::anyhow!("pgbench could not run (install postgresql-client): {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let tps = text
+        .lines()
+        .find(|l| l.starts_with("tps = "))
+        .and_then(|l| {
+            l.trim_start_matches("tps = ")
+                .split_whitespace()
+                .next()?
+                .parse::<f64>()
+                .ok()
+        })
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "no tps in pgbench output: {text} {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+    let failed = text
+        .lines()
+        .find(|l| l.contains("failed"))
+        .unwrap_or("")
+        .to_owned();
+    println!("bench: pgbench baseline {tps:.0} tps {failed}");
+    Ok(tps)
+}
+
+/// Transfers accepted by the channel, with the instant each request was sent.
+type SentLog = Arc<std::sync::Mutex<Vec<(String, chrono::DateTime<chrono::Utc>)>>>;
+
+/// A closed-loop operation that pays out interest on each of `accounts` once,
+/// in order across all clients, and reports `NoMoreWork` when they run out.
+fn pay_each_once(
+    core: Api,
+    accounts: Arc<Vec<String>>,
+) -> impl Fn(usize) -> futures::future::BoxFuture<'static, Step> + Clone + Send + 'static {
+    let next = Arc::new(AtomicUsize::new(0));
+    move |_| {
+        let (core, next, accounts) = (core.clone(), next.clone(), accounts.clone());
+        Box::pin(async move {
+            let Some(acc) = accounts.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                return Step::NoMoreWork;
+            };
+            core.try_send(
+                "POST",
+                &format!("/v1/accounts/{acc}/interest/payouts"),
+                Some(json!({"payout_id": unique("pay_")})),
+                &[],
+            )
+            .await
+            .map(|r| r.status == 200)
+            .unwrap_or(false)
+            .into()
+        })
+    }
+}
+
+/// What one operation of a closed-loop client came to.
+enum Step {
+    /// Completed; its latency counts.
+    Done,
+    /// Failed; counted as an error.
+    Failed,
+    /// Nothing left to do (the client stops; the scenario's time ends there).
+    NoMoreWork,
+}
+
+impl From<bool> for Step {
+    fn from(ok: bool) -> Self {
+        if ok { Step::Done } else { Step::Failed }
+    }
+}

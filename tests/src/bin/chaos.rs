@@ -1,0 +1,545 @@
+//! `make chaos`: a seeded fault campaign over the running backbone.
+//!
+//! Starts its own nats-server and the three service binaries (fresh
+//! databases on the local PostgreSQL), drives a steady load of transfers,
+//! deposits and interest payouts, and meanwhile, on a schedule drawn from the
+//! seed: SIGKILLs and restarts each service, restarts nats-server, SIGTERMs
+//! services, delays and drops requests between the transfer service and the
+//! core (through a fault proxy), and publishes poison messages. Then it stops
+//! the faults, waits for convergence, and checks the invariants, printing each
+//! with its figure. Exits 1 if any check fails. Replay a run with `--seed`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bank_tests::apps::{CORE_TOKEN, JWT_SECRET, customer_token};
+use bank_tests::nats::{NatsServer, free_port, stream_messages};
+use bank_tests::process::ServiceProcess;
+use bank_tests::procs::wait_ready;
+use bank_tests::proxy::{Action, FaultProxy};
+use bank_tests::{Api, unique};
+use clap::Parser;
+use common::shutdown::CancellationToken;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+use tokio::sync::Mutex;
+
+#[derive(Debug, Parser)]
+#[command(about = "Seeded fault campaign with invariant checks")]
+struct Args {
+    /// Duration of the fault phase in seconds.
+    #[arg(long, default_value_t = 300)]
+    secs: u64,
+    /// Seed of the fault schedule and the load (random when absent).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Customers (each with one account) generating load.
+    #[arg(long, default_value_t = 12)]
+    customers: usize,
+    /// Longest wait for convergence after the faults stop, in seconds.
+    #[arg(long, default_value_t = 180)]
+    converge_secs: u64,
+}
+
+/// What the clients know happened (only definitive answers count).
+#[derive(Default)]
+struct Ledgerbook {
+    deposited: i128,
+    interest_net: i128,
+    transfer_ids: Vec<String>,
+}
+
+struct Services {
+    core: ServiceProcess,
+    transfer: ServiceProcess,
+    projector: ServiceProcess,
+    core_url: String,
+    transfer_url: String,
+    projector_url: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let seed = args.seed.unwrap_or_else(rand::random);
+    println!(
+        "chaos: seed {seed} (replay with --seed {seed}), {} s of faults",
+        args.secs
+    );
+    let ok = run(&args, seed).await?;
+    if ok {
+        println!("chaos: all invariants hold (seed {seed})");
+        Ok(())
+    } else {
+        anyhow::bail!("chaos: invariants violated (seed {seed})")
+    }
+}
+
+async fn run(args: &Args, seed: u64) -> anyhow::Result<bool> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut nats = NatsServer::start().await?;
+    let core_db = bank_tests::db::fresh_database("chaos_core").await?;
+    let channel_db = bank_tests::db::fresh_database("chaos_channel").await?;
+    let core_addr = format!("127.0.0.1:{}", free_port());
+    let core_url = format!("http://{core_addr}");
+    let proxy = FaultProxy::start(&core_url).await?;
+    let transfer_addr = format!("127.0.0.1:{}", free_port());
+    let projector_addr = format!("127.0.0.1:{}", free_port());
+    let env = |extra: &[(&str, String)]| {
+        let mut e: HashMap<String, String> = HashMap::from([
+            ("NATS_URL".into(), nats.url()),
+            ("CORE_API_TOKEN".into(), CORE_TOKEN.into()),
+            ("AUTH_JWT_SECRET".into(), JWT_SECRET.into()),
+            ("CORE_DATABASE_URL".into(), core_db.clone()),
+            ("CHANNEL_DATABASE_URL".into(), channel_db.clone()),
+            ("REQUEST_TTL_SECS".into(), "8".into()),
+            ("CORE_TIMEOUT_MS".into(), "1000".into()),
+            ("RECONCILE_INTERVAL_MS".into(), "500".into()),
+            ("BANK_TEST_CLOCK".into(), "1".into()),
+            ("DATABASE_MAX_CONNECTIONS".into(), "8".into()),
+            ("PROJECTOR_MAX_DELIVERIES".into(), "10".into()),
+            ("PROJECTOR_RETRY_BASE_MS".into(), "200".into()),
+            ("PROJECTOR_RETRY_MAX_MS".into(), "3000".into()),
+        ]);
+        for (k, v) in extra {
+            e.insert((*k).into(), v.clone());
+        }
+        e
+    };
+    let mut svc = Services {
+        core: ServiceProcess::start("core-bank", env(&[("CORE_HTTP_ADDR", core_addr.clone())]))?,
+        transfer: ServiceProcess::start(
+            "transfer",
+            env(&[
+                ("TRANSFER_HTTP_ADDR", transfer_addr.clone()),
+                ("CORE_URL", proxy.url()),
+            ]),
+        )?,
+        projector: ServiceProcess::start(
+            "projector",
+            env(&[
+                ("PROJECTOR_HTTP_ADDR", projector_addr.clone()),
+                ("CORE_URL", core_url.clone()),
+            ]),
+        )?,
+        core_url: core_url.clone(),
+        transfer_url: format!("http://{transfer_addr}"),
+        projector_url: format!("http://{projector_addr}"),
+    };
+    for u in [&svc.core_url, &svc.transfer_url, &svc.projector_url] {
+        wait_ready(u).await?;
+    }
+    let core = Api::new(core_url.clone(), Some(CORE_TOKEN.into()));
+
+    // Customers, one account each, funded.
+    let book = Arc::new(Mutex::new(Ledgerbook::default()));
+    let mut accounts = Vec::new();
+    let mut clients = Vec::new();
+    for _ in 0..args.customers {
+        let c = core.new_customer("Chaos").await;
+        let a = core.new_account(&c).await;
+        deposit(&core, &a, 10_000_000, &book).await;
+        clients.push(Api::new(svc.transfer_url.clone(), Some(customer_token(&c))));
+        accounts.push(a);
+    }
+
+    // Load.
+    let stop_load = CancellationToken::new();
+    let counters = Arc::new(Counters::default());
+    let mut load = Vec::new();
+    for i in 0..args.customers {
+        let (api, from, stop) = (clients[i].clone(), accounts[i].clone(), stop_load.clone());
+        let others = accounts.clone();
+        let (book, counters) = (book.clone(), counters.clone());
+        let mut r = StdRng::seed_from_u64(seed ^ (i as u64 + 1));
+        load.push(tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                let to = others[r.random_range(0..others.len())].clone();
+                let amount: u64 = r.random_range(1..5_000);
+                let res = api
+                    .try_send("POST", "/v1/transfers", Some(json!({"from_account": from, "to_account": to, "amount": amount.to_string()})), &[])
+                    .await;
+                counters.record(res.as_ref().map(|r| r.status).unwrap_or(0));
+                if let Ok(reply) = res
+                    && let Some(id) = reply.body["transfer_id"].as_str().or(reply.body["error"]["transfer_id"].as_str())
+                    && reply.status != 409
+                {
+                    book.lock().await.transfer_ids.push(id.to_owned());
+                }
+                if r.random_ratio(1, 20) {
+                    let key = unique("chaos-interest-");
+                    receive_interest(&api, &from, &key, &book).await;
+                }
+                tokio::time::sleep(Duration::from_millis(r.random_range(5..40))).await;
+            }
+        }));
+    }
+    {
+        // A deposit stream from "other banks", retried by deposit id until definitive.
+        let (core, accounts, stop, book) = (
+            core.clone(),
+            accounts.clone(),
+            stop_load.clone(),
+            book.clone(),
+        );
+        let mut r = StdRng::seed_from_u64(seed ^ 0xdead);
+        load.push(tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                let a = &accounts[r.random_range(0..accounts.len())];
+                deposit(&core, a, r.random_range(1..100_000), &book).await;
+                tokio::time::sleep(Duration::from_millis(r.random_range(20..100))).await;
+            }
+        }));
+    }
+
+    // Faults.
+    let started = Instant::now();
+    let mut poison_sent = 0u64;
+    let mut day_shifts = 0;
+    let mut faults: BTreeMap<&'static str, u64> = BTreeMap::new();
+    while started.elapsed() < Duration::from_secs(args.secs) {
+        let pause = Duration::from_millis(rng.random_range(1_000..4_000));
+        tokio::time::sleep(pause).await;
+        let fault = rng.random_range(0..10);
+        let name = match fault {
+            0 => {
+                svc.core.kill().await;
+                tokio::time::sleep(Duration::from_millis(rng.random_range(200..2_000))).await;
+                svc.core.restart()?;
+                wait_ready(&svc.core_url).await?;
+                "kill -9 core-bank"
+            }
+            1 => {
+                svc.transfer.kill().await;
+                tokio::time::sleep(Duration::from_millis(rng.random_range(200..2_000))).await;
+                svc.transfer.restart()?;
+                wait_ready(&svc.transfer_url).await?;
+                "kill -9 transfer"
+            }
+            2 => {
+                svc.projector.kill().await;
+                tokio::time::sleep(Duration::from_millis(rng.random_range(200..2_000))).await;
+                svc.projector.restart()?;
+                wait_ready(&svc.projector_url).await?;
+                "kill -9 projector"
+            }
+            3 => {
+                nats.stop().await;
+                tokio::time::sleep(Duration::from_millis(rng.random_range(500..3_000))).await;
+                nats.resume().await?;
+                "restart nats-server"
+            }
+            4 => {
+                let which = rng.random_range(0..3);
+                let (p, url) = match which {
+                    0 => (&mut svc.core, svc.core_url.clone()),
+                    1 => (&mut svc.transfer, svc.transfer_url.clone()),
+                    _ => (&mut svc.projector, svc.projector_url.clone()),
+                };
+                let code = p.terminate(Duration::from_secs(60)).await?;
+                if code != Some(0) {
+                    println!("chaos: WARNING a service exited {code:?} after SIGTERM");
+                    *faults.entry("non-zero exit after SIGTERM").or_default() += 1;
+                }
+                p.restart()?;
+                wait_ready(&url).await?;
+                "SIGTERM and restart a service"
+            }
+            5 | 6 => {
+                let n = rng.random_range(1..6);
+                let d = Duration::from_millis(rng.random_range(1_200..4_000));
+                proxy.add(
+                    Some(axum::http::Method::POST),
+                    "/v1/transfers",
+                    Action::DelayResponse(d),
+                    Some(n),
+                );
+                "delay core answers"
+            }
+            7 => {
+                let n = rng.random_range(1..4);
+                proxy.add(
+                    Some(axum::http::Method::POST),
+                    "/v1/transfers",
+                    Action::Drop,
+                    Some(n),
+                );
+                "drop requests to the core"
+            }
+            8 => {
+                let victim = &accounts[rng.random_range(0..accounts.len())];
+                let js = nats.jetstream().await?;
+                let mut h = async_nats::HeaderMap::new();
+                h.insert("Nats-Msg-Id", unique("poison-").as_str());
+                let body = format!("{{\"poison\": {poison_sent}}}");
+                if let Ok(ack) = js
+                    .publish_with_headers(format!("bank.ledger.{victim}"), h, body.into())
+                    .await
+                    && ack.await.is_ok()
+                {
+                    poison_sent += 1;
+                }
+                "publish a poison message"
+            }
+            _ => {
+                if day_shifts < 5 {
+                    day_shifts += 1;
+                    let today: chrono::NaiveDate =
+                        core.get("/v1/admin/clock").await.str("today").parse()?;
+                    core.post(
+                        "/v1/admin/clock",
+                        json!({"today": (today + chrono::Duration::days(1)).to_string()}),
+                    )
+                    .await;
+                    "advance the business date (interest accrues)"
+                } else {
+                    "nothing"
+                }
+            }
+        };
+        *faults.entry(name).or_default() += 1;
+    }
+    proxy.clear();
+    proxy.release_held();
+    stop_load.cancel();
+    for l in load {
+        let _ = l.await;
+    }
+    println!("chaos: faults injected: {faults:?}");
+    println!("chaos: transfer answers: {}", counters.summary());
+
+    // Convergence.
+    let converge_started = Instant::now();
+    let deadline = converge_started + Duration::from_secs(args.converge_secs);
+    let mut converged = false;
+    while Instant::now() < deadline {
+        let pending = bank_tests::db::query_strings(
+            &channel_db,
+            "SELECT count(*)::text FROM transfer_requests WHERE status = 'pending'",
+        )
+        .await?;
+        let backlog = bank_tests::db::query_strings(
+            &core_db,
+            "SELECT count(*)::text FROM outbox WHERE published_at IS NULL",
+        )
+        .await?;
+        let diff = bank_tests::verify::history_mismatches(&core, &channel_db, &accounts).await?;
+        if pending == ["0"] && backlog == ["0"] && diff.is_empty() {
+            converged = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let converge_time = converge_started.elapsed();
+
+    // Checks.
+    let mut all_ok = true;
+    let mut check = |name: &str, ok: bool, figure: String| {
+        println!(
+            "chaos: [{}] {name}: {figure}",
+            if ok { " ok " } else { "FAIL" }
+        );
+        all_ok &= ok;
+    };
+    check(
+        "converged",
+        converged,
+        format!(
+            "{:.1} s after the faults stopped",
+            converge_time.as_secs_f64()
+        ),
+    );
+    let book = book.lock().await;
+    let mut total = 0i128;
+    for a in &accounts {
+        total += core.balance(a).await;
+    }
+    let expected = book.deposited + book.interest_net;
+    check(
+        "no money created or lost",
+        total == expected,
+        format!(
+            "sum of balances {total} = deposits {} + net interest {} -> {expected}",
+            book.deposited, book.interest_net
+        ),
+    );
+    let dup = bank_tests::db::query_strings(
+        &core_db,
+        "SELECT count(*)::text FROM (SELECT transfer_id FROM ledger_entries WHERE transfer_id IS NOT NULL \
+         GROUP BY transfer_id HAVING count(*) <> 2) x",
+    )
+    .await?;
+    check(
+        "no transfer executed twice (2 entries per executed transfer)",
+        dup == ["0"],
+        format!("{} anomalies", dup[0]),
+    );
+    let pending = bank_tests::db::query_strings(
+        &channel_db,
+        "SELECT count(*)::text FROM transfer_requests WHERE status = 'pending'",
+    )
+    .await?;
+    check(
+        "no transfer left pending",
+        pending == ["0"],
+        format!("{} pending", pending[0]),
+    );
+    let channel_ok = bank_tests::db::query_strings(
+        &channel_db,
+        "SELECT transfer_id FROM transfer_requests WHERE status = 'succeeded' ORDER BY 1",
+    )
+    .await?;
+    let core_ok = bank_tests::db::query_strings(
+        &core_db,
+        "SELECT transfer_id FROM transfers WHERE status = 'succeeded' ORDER BY 1",
+    )
+    .await?;
+    check(
+        "channel and core agree on every transfer's outcome",
+        channel_ok == core_ok,
+        format!(
+            "{} succeeded at the channel, {} at the core, {} transfers answered",
+            channel_ok.len(),
+            core_ok.len(),
+            book.transfer_ids.len()
+        ),
+    );
+    let diff = bank_tests::verify::history_mismatches(&core, &channel_db, &accounts).await?;
+    let entries =
+        bank_tests::db::query_strings(&channel_db, "SELECT count(*)::text FROM history_entries")
+            .await?;
+    check(
+        "channel history equals the core ledger",
+        diff.is_empty(),
+        format!(
+            "{} accounts, {} entries, differences: {diff:?}",
+            accounts.len(),
+            entries[0]
+        ),
+    );
+    let js = nats.jetstream().await?;
+    let dlq = stream_messages(&js, "DLQ").await.unwrap_or_default();
+    // Letters of poison messages, grouped by the poison's sequence in LEDGER.
+    let mut poison: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for m in &dlq {
+        if String::from_utf8_lossy(&m.payload).contains("\"poison\"") {
+            let h = |name: &str| {
+                m.headers
+                    .get(name)
+                    .map(|v| v.to_string())
+                    .unwrap_or_default()
+            };
+            poison
+                .entry(h("Bank-Dlq-Stream-Seq"))
+                .or_default()
+                .push(format!(
+                    "dlq seq {} at {} after {} deliveries",
+                    m.sequence,
+                    m.time,
+                    h("Bank-Dlq-Deliveries")
+                ));
+        }
+    }
+    let copies: usize = poison.values().map(Vec::len).sum();
+    for (seq, letters) in poison.iter().filter(|(_, l)| l.len() > 1) {
+        println!(
+            "chaos: poison LEDGER seq {seq} was dead-lettered {} times: {letters:?}",
+            letters.len()
+        );
+    }
+    check(
+        "every poison message is in the dead-letter stream",
+        poison.len() as u64 == poison_sent && copies as u64 == poison_sent,
+        format!(
+            "{poison_sent} sent, {} dead-lettered ({copies} letters), {} dead letters in all",
+            poison.len(),
+            dlq.len()
+        ),
+    );
+    drop(book);
+    for p in [&mut svc.core, &mut svc.transfer, &mut svc.projector] {
+        let _ = p.terminate(Duration::from_secs(30)).await;
+    }
+    Ok(all_ok)
+}
+
+#[derive(Default)]
+struct Counters {
+    by_status: std::sync::Mutex<BTreeMap<u16, u64>>,
+    total: AtomicU64,
+}
+
+impl Counters {
+    fn record(&self, status: u16) {
+        self.total.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut m) = self.by_status.lock() {
+            *m.entry(status).or_default() += 1;
+        }
+    }
+
+    fn summary(&self) -> String {
+        let m = self.by_status.lock().map(|m| m.clone()).unwrap_or_default();
+        format!(
+            "{} requests, by status {m:?} (0 = no answer)",
+            self.total.load(Ordering::Relaxed)
+        )
+    }
+}
+
+/// A deposit from another bank, retried with the same id until definitive.
+async fn deposit(core: &Api, account: &str, amount: u64, book: &Mutex<Ledgerbook>) {
+    let body = json!({"deposit_id": unique("dep_"), "to_account": account, "amount": amount.to_string(),
+        "sender_bank": "Chaos Bank", "sender_name": "Monkey"});
+    for _ in 0..600 {
+        if let Ok(r) = core
+            .try_send("POST", "/v1/deposits", Some(body.clone()), &[])
+            .await
+        {
+            match r.status {
+                200 => {
+                    book.lock().await.deposited += amount as i128;
+                    return;
+                }
+                400..=499 => return,
+                _ => {}
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("deposit to {account} got no definitive answer in 120 s");
+}
+
+/// "Receive interest now", retried with the same key until definitive.
+async fn receive_interest(api: &Api, account: &str, key: &str, book: &Mutex<Ledgerbook>) {
+    for _ in 0..600 {
+        if let Ok(r) = api
+            .try_send(
+                "POST",
+                &format!("/v1/accounts/{account}/interest/receive"),
+                None,
+                &[("Idempotency-Key", key)],
+            )
+            .await
+        {
+            match r.status {
+                200 => {
+                    let net: i128 = r.body["net"]
+                        .as_str()
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or(0);
+                    book.lock().await.interest_net += net;
+                    return;
+                }
+                400..=499 => return,
+                _ => {}
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("interest payout for {account} got no definitive answer in 120 s");
+}

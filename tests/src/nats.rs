@@ -1,0 +1,146 @@
+//! A dedicated `nats-server` per test, with JetStream, on a free port.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use tokio::process::{Child, Command};
+
+/// A running (or stopped) nats-server owned by a test. Killed on drop.
+pub struct NatsServer {
+    port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+/// The nats-server binary: `NATS_SERVER_BIN`, else the one `make` unpacked
+/// into `.local/bin`, else `nats-server` from `PATH`.
+pub fn binary() -> String {
+    if let Ok(b) = std::env::var("NATS_SERVER_BIN") {
+        return b;
+    }
+    let local = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.local/bin/nats-server");
+    if local.exists() {
+        return local.to_string_lossy().into_owned();
+    }
+    "nats-server".to_owned()
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local addr").port()
+}
+
+impl NatsServer {
+    /// Starts a server with JetStream in a temporary directory.
+    pub async fn start() -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(crate::unique("bank-nats-"));
+        std::fs::create_dir_all(&dir)?;
+        let mut s = Self {
+            port: free_port(),
+            dir,
+            child: None,
+        };
+        s.resume().await?;
+        Ok(s)
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the server again (same port, same storage) after [`Self::stop`].
+    pub async fn resume(&mut self) -> anyhow::Result<()> {
+        let conf = self.dir.join("nats.conf");
+        let sync = if supports_sync_interval() {
+            "  sync_interval: always\n"
+        } else {
+            ""
+        };
+        std::fs::write(
+            &conf,
+            format!(
+                "listen: 127.0.0.1:{}\njetstream {{\n  store_dir: \"{}\"\n{sync}}}\n",
+                self.port,
+                self.dir.join("js").display()
+            ),
+        )?;
+        let child = Command::new(binary())
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("cannot start nats-server ({}): {e}", binary()))?;
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if std::time::Instant::now() > deadline {
+                anyhow::bail!("nats-server did not listen on {} within 10 s", self.port);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    /// Kills the server (as a crash would).
+    pub async fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill().await;
+            let _ = c.wait().await;
+        }
+    }
+
+    /// A JetStream context on a fresh connection.
+    pub async fn jetstream(&self) -> anyhow::Result<jetstream::Context> {
+        let client = async_nats::connect(self.url()).await?;
+        Ok(jetstream::new(client))
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.start_kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn supports_sync_interval() -> bool {
+    let out = std::process::Command::new(binary())
+        .arg("--version")
+        .output();
+    let Ok(out) = out else { return false };
+    let v = String::from_utf8_lossy(&out.stdout).to_string();
+    let nums: Vec<u32> = v
+        .trim()
+        .trim_start_matches("nats-server: v")
+        .split('.')
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    matches!(nums.as_slice(), [a, b, ..] if (*a, *b) >= (2, 10))
+}
+
+/// Every message of a stream, in stream order (deleted ones skipped).
+pub async fn stream_messages(
+    js: &jetstream::Context,
+    stream: &str,
+) -> anyhow::Result<Vec<async_nats::jetstream::message::StreamMessage>> {
+    let mut s = js.get_stream(stream).await?;
+    let info = s.info().await?.clone();
+    let mut out = Vec::new();
+    if info.state.messages == 0 {
+        return Ok(out);
+    }
+    for seq in info.state.first_sequence..=info.state.last_sequence {
+        if let Ok(m) = s.get_raw_message(seq).await {
+            out.push(m);
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,250 @@
+//! A fault-injecting HTTP proxy, placed between the transfer service and the
+//! core. Per request matching a rule it can pass, delay the request, delay
+//! the answer, lose the request (never forward, never answer), or hold it
+//! until released and then forward it (a late arrival).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use tokio::sync::{Notify, oneshot};
+
+/// What to do with a matching request.
+#[derive(Debug, Clone)]
+pub enum Action {
+    /// Forward at once.
+    Pass,
+    /// Wait, then forward.
+    DelayRequest(Duration),
+    /// Forward at once, wait before answering.
+    DelayResponse(Duration),
+    /// Never forward, never answer (the client times out).
+    Drop,
+    /// Keep until [`FaultProxy::release_held`], then forward (nobody hears the answer).
+    Hold,
+    /// Answer this status without forwarding.
+    Fail(u16),
+}
+
+/// A rule: requests whose method and path match get the action, for the next
+/// `times` matches (`None`: forever).
+#[derive(Debug, Clone)]
+pub struct Rule {
+    /// Method to match (`None`: any).
+    pub method: Option<Method>,
+    /// Substring the path must contain.
+    pub path_contains: String,
+    /// What to do.
+    pub action: Action,
+    /// Matches left.
+    pub times: Option<usize>,
+}
+
+#[derive(Default)]
+struct Shared {
+    rules: Mutex<Vec<Rule>>,
+    seen: Mutex<Vec<(Method, String, std::time::Instant)>>,
+    forwarded: Mutex<Vec<(Method, String)>>,
+    release: Notify,
+}
+
+/// A running proxy.
+pub struct FaultProxy {
+    port: u16,
+    shared: Arc<Shared>,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+#[derive(Clone)]
+struct ProxyState {
+    upstream: String,
+    http: reqwest::Client,
+    shared: Arc<Shared>,
+}
+
+impl FaultProxy {
+    /// Starts a proxy to `upstream` (e.g. `http://127.0.0.1:1234`).
+    pub async fn start(upstream: &str) -> anyhow::Result<Self> {
+        let shared = Arc::new(Shared::default());
+        let state = ProxyState {
+            upstream: upstream.trim_end_matches('/').to_owned(),
+            http: reqwest::Client::new(),
+            shared: shared.clone(),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let app = Router::new().fallback(forward).with_state(state);
+        let (tx, rx) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.await;
+                })
+                .await;
+        });
+        Ok(Self {
+            port,
+            shared,
+            stop: Some(tx),
+        })
+    }
+
+    /// The proxy's URL.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Adds a rule (checked in order; the first match applies).
+    pub fn add(
+        &self,
+        method: Option<Method>,
+        path_contains: &str,
+        action: Action,
+        times: Option<usize>,
+    ) {
+        if let Ok(mut r) = self.shared.rules.lock() {
+            r.push(Rule {
+                method,
+                path_contains: path_contains.to_owned(),
+                action,
+                times,
+            });
+        }
+    }
+
+    /// Removes every rule: everything passes again.
+    pub fn clear(&self) {
+        if let Ok(mut r) = self.shared.rules.lock() {
+            r.clear();
+        }
+    }
+
+    /// Forwards every held request now.
+    pub fn release_held(&self) {
+        self.shared.release.notify_waiters();
+    }
+
+    /// Requests that reached the proxy, as (method, path, when).
+    pub fn seen(&self) -> Vec<(Method, String, std::time::Instant)> {
+        self.shared
+            .seen
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default()
+    }
+
+    /// Requests forwarded to the upstream, as (method, path).
+    pub fn forwarded(&self) -> Vec<(Method, String)> {
+        self.shared
+            .forwarded
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        self.shared.release.notify_waiters();
+    }
+}
+
+fn action_for(shared: &Shared, method: &Method, path: &str) -> Action {
+    let Ok(mut rules) = shared.rules.lock() else {
+        return Action::Pass;
+    };
+    for rule in rules.iter_mut() {
+        let method_ok = rule.method.as_ref().is_none_or(|m| m == method);
+        if method_ok && path.contains(&rule.path_contains) && rule.times != Some(0) {
+            if let Some(t) = rule.times.as_mut() {
+                *t -= 1;
+            }
+            return rule.action.clone();
+        }
+    }
+    Action::Pass
+}
+
+/// Runs the request in its own task, so a client that gives up (a timeout)
+/// does not cancel it: a delayed or held request still reaches the upstream
+/// late, as it would through a slow network.
+async fn forward(
+    State(s): State<ProxyState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (tx, rx) = oneshot::channel();
+    tokio::spawn(async move {
+        let _ = tx.send(forward_detached(s, method, uri, headers, body).await);
+    });
+    rx.await
+        .unwrap_or_else(|_| StatusCode::BAD_GATEWAY.into_response())
+}
+
+async fn forward_detached(
+    s: ProxyState,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let path = uri
+        .path_and_query()
+        .map(|p| p.to_string())
+        .unwrap_or_default();
+    if let Ok(mut seen) = s.shared.seen.lock() {
+        seen.push((method.clone(), path.clone(), std::time::Instant::now()));
+    }
+    let action = action_for(&s.shared, &method, &path);
+    let mut answer_delay = None;
+    match action {
+        Action::Pass => {}
+        Action::DelayRequest(d) => tokio::time::sleep(d).await,
+        Action::DelayResponse(d) => answer_delay = Some(d),
+        Action::Drop => std::future::pending::<()>().await,
+        Action::Hold => s.shared.release.notified().await,
+        Action::Fail(code) => {
+            return StatusCode::from_u16(code)
+                .unwrap_or(StatusCode::BAD_GATEWAY)
+                .into_response();
+        }
+    }
+    if let Ok(mut f) = s.shared.forwarded.lock() {
+        f.push((method.clone(), path.clone()));
+    }
+    let mut req = s
+        .http
+        .request(method, format!("{}{path}", s.upstream))
+        .body(body);
+    for (k, v) in headers.iter() {
+        if k != "host" && k != "content-length" {
+            req = req.header(k, v);
+        }
+    }
+    let resp = match req.send().await {
+        Ok(r) => r,
+        Err(e) => return (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
+    };
+    let status = resp.status();
+    let resp_headers = resp.headers().clone();
+    let bytes = resp.bytes().await.unwrap_or_default();
+    if let Some(d) = answer_delay {
+        tokio::time::sleep(d).await;
+    }
+    let mut out = (status, bytes).into_response();
+    for (k, v) in resp_headers.iter() {
+        if k != "content-length" && k != "transfer-encoding" {
+            out.headers_mut().insert(k, v.clone());
+        }
+    }
+    out
+}

@@ -1,0 +1,78 @@
+//! Invariant checks shared by tests, the chaos campaign and benches.
+
+use std::collections::BTreeMap;
+
+use sea_orm::{ConnectionTrait, Database, Statement};
+
+use crate::client::Api;
+
+/// One entry reduced to what must match between core and channel.
+pub type EntryKey = (i64, String, String, String, Option<String>);
+
+/// An account's history in the channel database, ascending.
+pub async fn channel_history(channel_db_url: &str, account: &str) -> anyhow::Result<Vec<EntryKey>> {
+    let db = Database::connect(channel_db_url).await?;
+    let rows = db
+        .query_all_raw(Statement::from_sql_and_values(
+            db.get_database_backend(),
+            "SELECT seq, kind, amount::text AS amount, balance_after::text AS balance, transfer_id \
+             FROM history_entries WHERE account_id = $1 ORDER BY seq",
+            [account.into()],
+        ))
+        .await?;
+    let mut out = Vec::new();
+    for r in rows {
+        out.push((
+            r.try_get("", "seq")?,
+            r.try_get("", "kind")?,
+            r.try_get("", "amount")?,
+            r.try_get("", "balance")?,
+            r.try_get("", "transfer_id")?,
+        ));
+    }
+    db.close().await?;
+    Ok(out)
+}
+
+/// An account's ledger at the core, ascending.
+pub async fn core_ledger(core: &Api, account: &str) -> Vec<EntryKey> {
+    core.all_entries(account)
+        .await
+        .into_iter()
+        .map(|e| {
+            (
+                e["seq"].as_i64().unwrap_or(0),
+                e["kind"].as_str().unwrap_or("").to_owned(),
+                e["amount"].as_str().unwrap_or("").to_owned(),
+                e["balance_after"].as_str().unwrap_or("").to_owned(),
+                e["transfer_id"].as_str().map(str::to_owned),
+            )
+        })
+        .collect()
+}
+
+/// Compares the channel history with the core ledger for each account;
+/// returns the accounts that differ, with a description.
+pub async fn history_mismatches(
+    core: &Api,
+    channel_db_url: &str,
+    accounts: &[String],
+) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for a in accounts {
+        let ledger = core_ledger(core, a).await;
+        let history = channel_history(channel_db_url, a).await?;
+        if ledger != history {
+            let first = ledger.iter().zip(history.iter()).position(|(x, y)| x != y);
+            out.insert(
+                a.clone(),
+                format!(
+                    "core has {} entries, channel {}; first difference at index {first:?}",
+                    ledger.len(),
+                    history.len()
+                ),
+            );
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,717 @@
+//! Interest now: B21-B27 and F8.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use bank_tests::apps::CoreOptions;
+use bank_tests::nats::{free_port, stream_messages};
+use bank_tests::{Api, CoreApp, NatsServer, eventually, unique};
+use chrono::NaiveDate;
+use futures::future::join_all;
+use proptest::prelude::*;
+use rust_decimal_macros::dec;
+use serde_json::{Value, json};
+
+async fn core() -> (NatsServer, CoreApp) {
+    let nats = NatsServer::start().await.unwrap();
+    let core = CoreApp::spawn(&nats).await.unwrap();
+    (nats, core)
+}
+
+async fn today(api: &Api) -> NaiveDate {
+    api.get("/v1/admin/clock")
+        .await
+        .expect(200)
+        .str("today")
+        .parse()
+        .unwrap()
+}
+
+async fn advance(api: &Api, days: i64) -> NaiveDate {
+    let next = today(api).await + chrono::Duration::days(days);
+    let r = api
+        .post("/v1/admin/clock", json!({"today": next.to_string()}))
+        .await
+        .expect(200);
+    assert_eq!(r.str("today"), next.to_string());
+    next
+}
+
+async fn set_rollout(api: &Api, percent: u8, shadow: bool) {
+    api.put(
+        "/v1/admin/interest/rollout",
+        json!({"new_path_percent": percent, "shadow": shadow}),
+    )
+    .await
+    .expect(200);
+}
+
+async fn interest(api: &Api, account: &str) -> Value {
+    api.get(&format!("/v1/accounts/{account}/interest"))
+        .await
+        .expect(200)
+        .body
+}
+
+async fn payout(api: &Api, account: &str, payout_id: &str) -> bank_tests::Reply {
+    api.post(
+        &format!("/v1/accounts/{account}/interest/payouts"),
+        json!({"payout_id": payout_id}),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn b21_worked_example_on_both_paths() {
+    let (_nats, core) = core().await;
+    // Two accounts with the same history, one served by each path (a cached
+    // figure would hide the second path, so each account is queried once).
+    let on_legacy = core.api.funded_account(60_000_000).await;
+    let on_new = core.api.funded_account(60_000_000).await;
+    let opened = today(&core.api).await;
+    advance(&core.api, 3).await;
+    for (percent, account, path) in [(0, &on_legacy, "legacy"), (100, &on_new, "new")] {
+        set_rollout(&core.api, percent, false).await;
+        let i = interest(&core.api, account).await;
+        assert_eq!(i["path"], path);
+        assert_eq!(i["days"], 3);
+        assert_eq!(i["from"], json!(opened.to_string()));
+        assert_eq!(
+            i["through"],
+            json!((opened + chrono::Duration::days(2)).to_string())
+        );
+        assert_eq!(
+            (i["gross"].as_str(), i["tax"].as_str(), i["net"].as_str()),
+            (Some("8301"), Some("1278"), Some("7023"))
+        );
+    }
+}
+
+#[tokio::test]
+async fn b21_tier_boundaries_zero_and_intraday_changes() {
+    let (_nats, core) = core().await;
+    let api = &core.api;
+    let exactly = api.funded_account(50_000_000).await;
+    let above = api.funded_account(50_000_001).await;
+    let zero = api.funded_account(0).await;
+    let busy = api.funded_account(10_000_000).await;
+    let sink = api.funded_account(0).await;
+    // Within the day: +10M, -15M. Only the closing balance (5M) counts.
+    api.deposit(&busy, 10_000_000).await.expect(200);
+    api.core_transfer(&busy, &sink, 15_000_000)
+        .await
+        .expect(200);
+    advance(api, 1).await;
+    for percent in [0, 100] {
+        set_rollout(api, percent, false).await;
+        // floor(50,000,000 x 0.02 / 365) = floor(2739.72) = 2739
+        assert_eq!(
+            api.post("/v1/admin/interest/verify", json!({}))
+                .await
+                .expect(200)
+                .body["mismatches"],
+            json!([])
+        );
+    }
+    let i = interest(api, &exactly).await;
+    assert_eq!(
+        (i["gross"].as_str(), i["days"].as_i64()),
+        (Some("2739"), Some(1))
+    );
+    // The won above the tier earns 0.1%: 1,000,000.001 / 365 still rounds to 2739.
+    assert_eq!(interest(api, &above).await["gross"], "2739");
+    assert_eq!(interest(api, &zero).await["gross"], "0");
+    // floor(5,000,000 x 0.02 / 365) = floor(273.97) = 273
+    assert_eq!(interest(api, &busy).await["gross"], "273");
+    // A jump of several days closes each day with the unchanged balance.
+    advance(api, 9).await;
+    let i = interest(api, &exactly).await;
+    // floor(10 x 1,000,000 / 365) = 27397
+    assert_eq!(
+        (i["gross"].as_str(), i["days"].as_i64()),
+        (Some("27397"), Some(10))
+    );
+}
+
+#[tokio::test]
+async fn b22_payout_once_per_day_idempotent_by_payout_id() {
+    let (_nats, core) = core().await;
+    let api = &core.api;
+    let account = api.funded_account(60_000_000).await;
+    advance(api, 3).await;
+    let pid = unique("pay_");
+    let first = payout(api, &account, &pid).await.expect(200);
+    assert_eq!(
+        (first.str("gross"), first.str("tax"), first.str("net")),
+        ("8301".into(), "1278".into(), "7023".into())
+    );
+    assert_eq!(first.str("balance"), "60007023");
+    assert_eq!(first.body["seq"], 2);
+    // Same payout id: same answer, nothing moves.
+    let again = payout(api, &account, &pid).await.expect(200);
+    assert_eq!(first.body, again.body);
+    assert_eq!(api.balance(&account).await, 60_007_023);
+    // Another payout the same day.
+    assert_eq!(
+        payout(api, &account, &unique("pay_"))
+            .await
+            .expect(409)
+            .code(),
+        Some("already_paid_today")
+    );
+    // The same payout id for another account is a conflict.
+    let other = api.funded_account(1_000_000).await;
+    assert_eq!(
+        payout(api, &other, &pid).await.expect(409).code(),
+        Some("idempotency_conflict")
+    );
+    // The entry is a ledger entry of kind interest.
+    let entries = api.all_entries(&account).await;
+    assert_eq!(entries[1]["kind"], "interest");
+    assert_eq!(entries[1]["amount"], "7023");
+    assert_eq!(entries[1]["payout_id"], json!(pid));
+    // Next day: one more day accrues on the new balance; payable again.
+    advance(api, 1).await;
+    let i = interest(api, &account).await;
+    assert_eq!(i["days"], 1);
+    payout(api, &account, &unique("pay_")).await.expect(200);
+}
+
+#[tokio::test]
+async fn b23_payout_emits_one_interest_paid_event_with_the_figures() {
+    let (nats, core) = core().await;
+    let api = &core.api;
+    let account = api.funded_account(60_000_000).await;
+    advance(api, 3).await;
+    let pid = unique("pay_");
+    payout(api, &account, &pid).await.expect(200);
+    payout(api, &account, &pid).await.expect(200);
+    let js = nats.jetstream().await.unwrap();
+    let msgs = eventually("bank.interest.paid", Duration::from_secs(10), || async {
+        let m = stream_messages(&js, "INTEREST")
+            .await
+            .map_err(|e| e.to_string())?;
+        if m.is_empty() {
+            Err("none yet".into())
+        } else {
+            Ok(m)
+        }
+    })
+    .await;
+    assert_eq!(msgs.len(), 1, "one event for a replayed payout");
+    let ev: Value = serde_json::from_slice(&msgs[0].payload).unwrap();
+    assert_eq!(msgs[0].subject.as_str(), "bank.interest.paid");
+    assert_eq!(ev["event_id"], json!(format!("interest:{pid}")));
+    assert_eq!(ev["payout_id"], json!(pid));
+    assert_eq!(ev["account_id"], json!(account));
+    assert_eq!(
+        (ev["gross"].as_str(), ev["tax"].as_str(), ev["net"].as_str()),
+        (Some("8301"), Some("1278"), Some("7023"))
+    );
+}
+
+#[tokio::test]
+async fn b24_payout_refusals() {
+    let (_nats, core) = core().await;
+    let api = &core.api;
+    let mut protected = Vec::new();
+    for status in ["identity_theft", "hacked", "deceased"] {
+        let c = api.new_customer("Protected").await;
+        let a = api.new_account(&c).await;
+        api.deposit(&a, 1_000_000).await.expect(200);
+        api.patch(&format!("/v1/customers/{c}"), json!({"status": status}))
+            .await
+            .expect(200);
+        protected.push(a);
+    }
+    let suspended = api.funded_account(1_000_000).await;
+    api.patch(
+        &format!("/v1/accounts/{suspended}"),
+        json!({"status": "suspended"}),
+    )
+    .await
+    .expect(200);
+    let closed = api.funded_account(0).await;
+    api.patch(
+        &format!("/v1/accounts/{closed}"),
+        json!({"status": "closed"}),
+    )
+    .await
+    .expect(200);
+    let stopped = api.funded_account(1_000_000).await;
+    api.patch(
+        &format!("/v1/accounts/{stopped}"),
+        json!({"deposit_stopped": true}),
+    )
+    .await
+    .expect(200);
+    let fresh = api.funded_account(1_000_000).await;
+    assert_eq!(
+        payout(api, &fresh, &unique("pay_"))
+            .await
+            .expect(422)
+            .code(),
+        Some("nothing_to_pay")
+    );
+    advance(api, 2).await;
+    for a in &protected {
+        assert_eq!(
+            payout(api, a, &unique("pay_")).await.expect(422).code(),
+            Some("customer_protected")
+        );
+    }
+    assert_eq!(
+        payout(api, &suspended, &unique("pay_"))
+            .await
+            .expect(422)
+            .code(),
+        Some("account_not_active")
+    );
+    assert_eq!(
+        payout(api, &closed, &unique("pay_"))
+            .await
+            .expect(422)
+            .code(),
+        Some("account_not_active")
+    );
+    assert_eq!(
+        payout(api, &stopped, &unique("pay_"))
+            .await
+            .expect(422)
+            .code(),
+        Some("deposit_stopped")
+    );
+    assert_eq!(
+        payout(api, "acc_nobody", &unique("pay_"))
+            .await
+            .expect(404)
+            .code(),
+        Some("account_not_found")
+    );
+    // A balance too small to earn a won over the days has nothing to pay.
+    let tiny = api.funded_account(1).await;
+    advance(api, 1).await;
+    assert_eq!(
+        payout(api, &tiny, &unique("pay_")).await.expect(422).code(),
+        Some("nothing_to_pay")
+    );
+}
+
+#[tokio::test]
+async fn b25_cache_hit_invalidation_on_payout_and_midnight_key_change() {
+    let (_nats, core) = core().await;
+    let api = &core.api;
+    let account = api.funded_account(60_000_000).await;
+    let day = advance(api, 3).await;
+    let first = interest(api, &account).await;
+    assert_eq!(first["gross"], "8301");
+    // Change the truth behind the service's back: a cached answer does not see it.
+    let db = sea_orm::Database::connect(core.db_url.as_str())
+        .await
+        .unwrap();
+    use sea_orm::ConnectionTrait;
+    db.execute_unprepared(&format!(
+        "UPDATE daily_balances SET closing_balance = 1 WHERE account_id = '{account}';
+         UPDATE ledger_entries SET balance_after = 1 WHERE account_id = '{account}';"
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        interest(api, &account).await,
+        first,
+        "second query is served from the cache"
+    );
+    let mut redis = redis::Client::open(bank_tests::redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(format!("bank:interest:{account}:{day}"))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(
+        ttl > 0 && ttl <= 86_400,
+        "the key expires by the next local midnight (ttl {ttl})"
+    );
+    // Restore, pay out: the payout invalidates the entry.
+    db.execute_unprepared(&format!(
+        "UPDATE daily_balances SET closing_balance = 60000000 WHERE account_id = '{account}';
+         UPDATE ledger_entries SET balance_after = 60000000 WHERE account_id = '{account}';"
+    ))
+    .await
+    .unwrap();
+    payout(api, &account, &unique("pay_")).await.expect(200);
+    let after = interest(api, &account).await;
+    assert_eq!(
+        (after["days"].as_i64(), after["gross"].as_str()),
+        (Some(0), Some("0"))
+    );
+    // Next business date: a new key, computed afresh.
+    advance(api, 1).await;
+    let next = interest(api, &account).await;
+    assert_eq!(next["days"], 1);
+    assert_ne!(next["gross"], "0");
+}
+
+#[derive(Debug, Clone)]
+enum Step {
+    Deposit(usize, u64),
+    Transfer(usize, usize, u64),
+    Advance(i64),
+    Payout(usize),
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        (0..3usize, 1..80_000_000u64).prop_map(|(a, n)| Step::Deposit(a, n)),
+        (0..3usize, 0..3usize, 1..40_000_000u64).prop_map(|(a, b, n)| Step::Transfer(a, b, n)),
+        (1..5i64).prop_map(Step::Advance),
+        (0..3usize).prop_map(Step::Payout),
+    ]
+}
+
+#[test]
+fn b26_legacy_and_new_paths_agree_over_random_histories() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (_nats, core) = rt.block_on(core());
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+        cases: 8,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    });
+    runner
+        .run(&proptest::collection::vec(step(), 1..25), |steps| {
+            rt.block_on(async {
+                let api = &core.api;
+                let mut accounts = Vec::new();
+                for _ in 0..3 {
+                    accounts.push(api.funded_account(0).await);
+                }
+                for s in steps {
+                    match s {
+                        Step::Deposit(a, n) => drop(api.deposit(&accounts[a], n).await),
+                        Step::Transfer(a, b, n) => {
+                            drop(api.core_transfer(&accounts[a], &accounts[b], n).await)
+                        }
+                        Step::Advance(d) => drop(advance(api, d).await),
+                        Step::Payout(a) => drop(payout(api, &accounts[a], &unique("pay_")).await),
+                    }
+                }
+                // The verifier computes both paths for every account, uncached.
+                let report = api
+                    .post("/v1/admin/interest/verify", json!({}))
+                    .await
+                    .expect(200);
+                let mismatches: Vec<&Value> = report.body["mismatches"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|m| accounts.iter().any(|a| m["account_id"] == json!(a)))
+                    .collect();
+                if !mismatches.is_empty() {
+                    return Err(proptest::test_runner::TestCaseError::fail(format!(
+                        "{mismatches:?}"
+                    )));
+                }
+                Ok(())
+            })
+        })
+        .unwrap();
+}
+
+#[tokio::test]
+async fn b26_rollout_buckets_are_stable_and_change_at_run_time_on_every_replica() {
+    let nats = NatsServer::start().await.unwrap();
+    let a = CoreApp::spawn(&nats).await.unwrap();
+    let b = CoreApp::spawn_with(
+        &nats,
+        CoreOptions {
+            database_url: Some(a.db_url.clone()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut accounts = Vec::new();
+    for _ in 0..20 {
+        accounts.push(a.api.funded_account(1000).await);
+    }
+    set_rollout(&a.api, 50, false).await;
+    eventually(
+        "replica b follows the rollout",
+        Duration::from_secs(3),
+        || async {
+            let r = b.api.get("/v1/admin/interest/rollout").await.body;
+            if r["new_path_percent"] == 50 {
+                Ok(())
+            } else {
+                Err(r.to_string())
+            }
+        },
+    )
+    .await;
+    for acct in &accounts {
+        let id = common::AccountId::parse(acct.as_str()).unwrap();
+        let expected = if core_bank::interest::rollout::bucket(&id) < 50 {
+            "new"
+        } else {
+            "legacy"
+        };
+        for _ in 0..2 {
+            // Advance the clock on both (shared database) so each query is a cache miss.
+            advance(&a.api, 1).await;
+            eventually(
+                "replica b sees the new date",
+                Duration::from_secs(3),
+                || async {
+                    if today(&b.api).await == today(&a.api).await {
+                        Ok(())
+                    } else {
+                        Err("behind".into())
+                    }
+                },
+            )
+            .await;
+            assert_eq!(interest(&a.api, acct).await["path"], expected);
+            assert_eq!(
+                interest(&b.api, acct).await["path"],
+                expected,
+                "same bucket on every replica"
+            );
+        }
+    }
+    set_rollout(&a.api, 100, false).await;
+    advance(&a.api, 1).await;
+    eventually(
+        "replica b switches every account to the new path within a second",
+        Duration::from_secs(3),
+        || async {
+            let i = b
+                .api
+                .get(&format!("/v1/accounts/{}/interest", accounts[0]))
+                .await
+                .body;
+            if i["path"] == "new" {
+                Ok(())
+            } else {
+                Err(i.to_string())
+            }
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn b27_injected_mismatch_is_logged_counted_and_published() {
+    let (nats, core) = core().await;
+    let api = &core.api;
+    let account = api.funded_account(60_000_000).await;
+    let honest = api.funded_account(60_000_000).await;
+    advance(api, 3).await;
+    core_bank::interest::test_hooks::skew_new_path(
+        &common::AccountId::parse(account.as_str()).unwrap(),
+        dec!(1),
+    );
+    set_rollout(api, 0, true).await;
+    let i = interest(api, &account).await;
+    assert_eq!(
+        (i["path"].as_str(), i["gross"].as_str()),
+        (Some("legacy"), Some("8301")),
+        "the caller gets its bucket's result"
+    );
+    assert_eq!(interest(api, &honest).await["gross"], "8301");
+    let js = nats.jetstream().await.unwrap();
+    let alerts = eventually("the mismatch alert", Duration::from_secs(10), || async {
+        let m = stream_messages(&js, "ALERTS")
+            .await
+            .map_err(|e| e.to_string())?;
+        if m.is_empty() {
+            Err("none yet".into())
+        } else {
+            Ok(m)
+        }
+    })
+    .await;
+    assert_eq!(alerts.len(), 1, "only the skewed account mismatches");
+    let ev: Value = serde_json::from_slice(&alerts[0].payload).unwrap();
+    assert_eq!(alerts[0].subject.as_str(), "bank.alert.interest_mismatch");
+    assert_eq!(
+        (
+            ev["account_id"].as_str(),
+            ev["legacy"].as_str(),
+            ev["new"].as_str()
+        ),
+        (Some(account.as_str()), Some("8301"), Some("8302"))
+    );
+    let metrics = api.get("/metrics").await;
+    let text = metrics.body.as_str().unwrap().to_owned();
+    let count: f64 = text
+        .lines()
+        .find(|l| l.starts_with("interest_shadow_mismatches_total"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(count >= 1.0, "mismatch counted: {count}");
+    let report = api
+        .post("/v1/admin/interest/verify", json!({}))
+        .await
+        .expect(200);
+    assert_eq!(report.body["checked"], 2);
+    let mismatches = report.body["mismatches"].as_array().unwrap();
+    assert_eq!(mismatches.len(), 1);
+    assert_eq!(mismatches[0]["account_id"], json!(account));
+}
+
+struct OwnRedis {
+    port: u16,
+    child: Option<tokio::process::Child>,
+}
+
+impl OwnRedis {
+    async fn start(port: u16) -> Self {
+        let child = tokio::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("redis-server must be installed (make test installs it)");
+        eventually(
+            "own redis-server listening",
+            Duration::from_secs(10),
+            || async {
+                std::net::TcpStream::connect(("127.0.0.1", port))
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            },
+        )
+        .await;
+        Self {
+            port,
+            child: Some(child),
+        }
+    }
+
+    async fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().await.unwrap();
+            c.wait().await.unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn f8_redis_down_interest_queries_still_answer_correctly() {
+    let port = free_port();
+    let mut redis = OwnRedis::start(port).await;
+    let nats = NatsServer::start().await.unwrap();
+    let core = CoreApp::spawn_with(
+        &nats,
+        CoreOptions {
+            redis_url: format!("redis://127.0.0.1:{}", redis.port),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let api = &core.api;
+    let account = api.funded_account(60_000_000).await;
+    advance(api, 3).await;
+    assert_eq!(
+        interest(api, &account).await["gross"],
+        "8301",
+        "cached while Redis is up"
+    );
+    redis.stop().await;
+    for _ in 0..3 {
+        assert_eq!(
+            interest(api, &account).await["gross"],
+            "8301",
+            "answered from the database while Redis is down"
+        );
+    }
+    payout(api, &account, &unique("pay_")).await.expect(200);
+    assert_eq!(
+        interest(api, &account).await["gross"],
+        "0",
+        "correct after a payout while Redis is down"
+    );
+    let mut redis = OwnRedis::start(port).await;
+    assert_eq!(
+        interest(api, &account).await["gross"],
+        "0",
+        "correct after Redis returns"
+    );
+    advance(api, 1).await;
+    let next = interest(api, &account).await;
+    assert_eq!(next["days"], 1);
+    eventually(
+        "the service reconnects and caches again",
+        Duration::from_secs(10),
+        || async {
+            let mut c = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+                .unwrap()
+                .get_multiplexed_async_connection()
+                .await
+                .map_err(|e| e.to_string())?;
+            let _ = interest(api, &account).await;
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg("bank:interest:*")
+                .query_async(&mut c)
+                .await
+                .map_err(|e| e.to_string())?;
+            if keys.iter().any(|k| k.contains(&account)) {
+                Ok(())
+            } else {
+                Err(format!("keys {keys:?}"))
+            }
+        },
+    )
+    .await;
+    redis.stop().await;
+}
+
+#[tokio::test]
+async fn b03_b22_seed_example_payout_racing_deposits_loses_nothing() {
+    let (_nats, core) = core().await;
+    let api = &core.api;
+    let account = api.funded_account(60_000_000).await;
+    advance(api, 3).await;
+    let pid = unique("pay_");
+    let (p, deposits) = tokio::join!(
+        payout(api, &account, &pid),
+        join_all((0..8).map(|i| api.deposit(&account, 100 + i)))
+    );
+    let p = p.expect(200);
+    for d in deposits {
+        d.expect(200);
+    }
+    let deposited: i128 = (0..8).map(|i| 100 + i as i128).sum();
+    assert_eq!(api.balance(&account).await, 60_000_000 + 7_023 + deposited);
+    let entries = api.all_entries(&account).await;
+    assert_eq!(entries.len(), 10);
+    let mut balance = 0i128;
+    for (i, e) in entries.iter().enumerate() {
+        assert_eq!(e["seq"], (i + 1) as i64);
+        balance += e["amount"].as_str().unwrap().parse::<i128>().unwrap();
+        assert_eq!(
+            e["balance_after"]
+                .as_str()
+                .unwrap()
+                .parse::<i128>()
+                .unwrap(),
+            balance
+        );
+    }
+    assert_eq!(p.str("net"), "7023");
+}

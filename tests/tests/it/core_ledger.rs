@@ -1,0 +1,807 @@
+//! The core ledger: B1-B8, B12, and the core side of B30/B31.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use bank_tests::apps::{CORE_TOKEN, CoreOptions};
+use bank_tests::client::transfer_body;
+use bank_tests::nats::stream_messages;
+use bank_tests::{Api, CoreApp, NatsServer, eventually, unique};
+use futures::future::join_all;
+use proptest::prelude::*;
+use sea_orm::{ConnectionTrait, Database, Statement, TransactionTrait};
+use serde_json::{Value, json};
+
+async fn core() -> (NatsServer, CoreApp) {
+    let nats = NatsServer::start().await.unwrap();
+    let core = CoreApp::spawn(&nats).await.unwrap();
+    (nats, core)
+}
+
+fn amount(v: &Value) -> i128 {
+    v.as_str().unwrap().parse().unwrap()
+}
+
+/// Seqs are 1..=n without gaps and every balance_after follows from the previous one.
+fn assert_chain(entries: &[Value], final_balance: i128) {
+    let mut balance = 0i128;
+    for (i, e) in entries.iter().enumerate() {
+        assert_eq!(
+            e["seq"].as_i64().unwrap(),
+            i as i64 + 1,
+            "gap or duplicate at {e}"
+        );
+        balance += amount(&e["amount"]);
+        assert_eq!(
+            amount(&e["balance_after"]),
+            balance,
+            "balance_after does not chain at {e}"
+        );
+    }
+    assert_eq!(balance, final_balance, "entries do not sum to the balance");
+}
+
+#[tokio::test]
+async fn b01_concurrent_writers_on_one_account_leave_gap_free_seqs() {
+    let (_nats, core) = core().await;
+    let hot = core.api.funded_account(0).await;
+    let source = core.api.funded_account(1_000_000).await;
+    let writers = (0..32).map(|i| {
+        let api = core.api.clone();
+        let (hot, source) = (hot.clone(), source.clone());
+        async move {
+            if i % 2 == 0 {
+                api.deposit(&hot, 1000 + i).await.expect(200);
+            } else {
+                api.core_transfer(&source, &hot, 10 + i).await.expect(200);
+            }
+        }
+    });
+    join_all(writers).await;
+    let entries = core.api.all_entries(&hot).await;
+    assert_eq!(entries.len(), 32);
+    let balance = core.api.balance(&hot).await;
+    assert_chain(&entries, balance);
+    let expected: i128 = (0..32u64)
+        .map(|i| if i % 2 == 0 { 1000 + i } else { 10 + i } as i128)
+        .sum();
+    assert_eq!(balance, expected);
+    let account = core
+        .api
+        .get(&format!("/v1/accounts/{hot}"))
+        .await
+        .expect(200);
+    assert_eq!(account.body["last_seq"], 32);
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Deposit { to: usize, amount: u64 },
+    Transfer { from: usize, to: usize, amount: u64 },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        (0..4usize, 1..1_000u64).prop_map(|(to, amount)| Op::Deposit { to, amount }),
+        (0..4usize, 0..4usize, 1..2_000u64).prop_map(|(from, to, amount)| Op::Transfer {
+            from,
+            to,
+            amount
+        }),
+    ]
+}
+
+async fn check_conservation(api: &Api, ops: Vec<Op>) -> Result<(), String> {
+    let mut accounts = Vec::new();
+    for _ in 0..4 {
+        accounts.push(api.funded_account(0).await);
+    }
+    let results = join_all(ops.iter().map(|op| {
+        let api = api.clone();
+        let accounts = accounts.clone();
+        let op = op.clone();
+        async move {
+            match op {
+                Op::Deposit { to, amount } => {
+                    (None, api.deposit(&accounts[to], amount).await, amount)
+                }
+                Op::Transfer { from, to, amount } => {
+                    let id = unique("trf_");
+                    let r = api
+                        .post(
+                            "/v1/transfers",
+                            transfer_body(&id, &accounts[from], &accounts[to], amount),
+                        )
+                        .await;
+                    (Some(id), r, amount)
+                }
+            }
+        }
+    }))
+    .await;
+    let mut deposited = 0i128;
+    let mut refused = HashSet::new();
+    for (id, reply, amount) in &results {
+        match (id, reply.status) {
+            (None, 200) => deposited += *amount as i128,
+            (Some(_), 200) => {}
+            (Some(id), 422) => {
+                refused.insert(id.clone());
+            }
+            (_, s) => return Err(format!("unexpected answer {s}: {}", reply.body)),
+        }
+    }
+    let mut total = 0i128;
+    for a in &accounts {
+        let balance = api.balance(a).await;
+        if balance < 0 {
+            return Err(format!("negative balance {balance}"));
+        }
+        let entries = api.all_entries(a).await;
+        let mut sum = 0i128;
+        for (i, e) in entries.iter().enumerate() {
+            if e["seq"].as_i64() != Some(i as i64 + 1) {
+                return Err(format!("gap in {a} at {e}"));
+            }
+            sum += amount(&e["amount"]);
+            if let Some(t) = e["transfer_id"].as_str()
+                && refused.contains(t)
+            {
+                return Err(format!("refused transfer {t} has an entry"));
+            }
+        }
+        if sum != balance {
+            return Err(format!("{a}: entries sum {sum} but balance {balance}"));
+        }
+        total += balance;
+    }
+    if total != deposited {
+        return Err(format!(
+            "money not conserved: balances {total}, deposits {deposited}"
+        ));
+    }
+    Ok(())
+}
+
+#[test]
+fn b02_random_concurrent_movements_conserve_money_and_keep_entries_consistent() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (_nats, core) = rt.block_on(core());
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+        cases: 12,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    });
+    runner
+        .run(&proptest::collection::vec(op(), 1..40), |ops| {
+            rt.block_on(check_conservation(&core.api, ops))
+                .map_err(proptest::test_runner::TestCaseError::fail)
+        })
+        .unwrap();
+}
+
+#[tokio::test]
+async fn b03_seed_example_concurrent_credit_and_deposit_end_at_500() {
+    let (_nats, core) = core().await;
+    for _ in 0..10 {
+        let account = core.api.funded_account(100).await;
+        let other = core.api.funded_account(100).await;
+        let (a, b) = tokio::join!(
+            core.api.core_transfer(&other, &account, 100),
+            core.api.deposit(&account, 300)
+        );
+        a.expect(200);
+        b.expect(200);
+        assert_eq!(core.api.balance(&account).await, 500);
+    }
+}
+
+#[tokio::test]
+async fn b03_concurrent_transfers_back_and_forth_never_surface_lock_errors() {
+    let (_nats, core) = core().await;
+    let mut accounts = Vec::new();
+    for _ in 0..4 {
+        accounts.push(core.api.funded_account(100_000).await);
+    }
+    let transfers = (0..64).map(|i| {
+        let api = core.api.clone();
+        let from = accounts[i % 4].clone();
+        let to = accounts[(i * 3 + 1) % 4].clone();
+        async move { api.core_transfer(&from, &to, 100 + i as u64).await }
+    });
+    for r in join_all(transfers).await {
+        assert!(
+            r.status == 200 || r.code() == Some("same_account"),
+            "{} {}",
+            r.status,
+            r.body
+        );
+    }
+    let mut total = 0;
+    for a in &accounts {
+        let balance = core.api.balance(a).await;
+        assert_chain(&core.api.all_entries(a).await, balance);
+        total += balance;
+    }
+    assert_eq!(total, 400_000);
+}
+
+#[tokio::test]
+async fn b03_lock_held_past_lock_timeout_is_retried_transparently() {
+    let nats = NatsServer::start().await.unwrap();
+    let core = CoreApp::spawn_with(
+        &nats,
+        CoreOptions {
+            lock_timeout_ms: 100,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let from = core.api.funded_account(1000).await;
+    let to = core.api.funded_account(0).await;
+    // Another session holds the source row lock for 600 ms (6 lock timeouts).
+    let db = Database::connect(core.db_url.as_str()).await.unwrap();
+    let txn = db.begin().await.unwrap();
+    txn.execute_raw(Statement::from_sql_and_values(
+        txn.get_database_backend(),
+        "SELECT 1 FROM accounts WHERE account_id = $1 FOR UPDATE",
+        [from.clone().into()],
+    ))
+    .await
+    .unwrap();
+    let api = core.api.clone();
+    let (f, t) = (from.clone(), to.clone());
+    let transfer = tokio::spawn(async move { api.core_transfer(&f, &t, 300).await });
+    tokio::time::sleep(Duration::from_millis(600)).await; // hold the lock: the fault itself
+    txn.commit().await.unwrap();
+    transfer.await.unwrap().expect(200);
+    assert_eq!(core.api.balance(&to).await, 300);
+}
+
+#[tokio::test]
+async fn b04_replay_returns_first_answer_conflict_is_rejected_and_concurrent_same_id_executes_once()
+{
+    let (_nats, core) = core().await;
+    let from = core.api.funded_account(10_000).await;
+    let to = core.api.funded_account(0).await;
+    let id = unique("trf_");
+    let body = transfer_body(&id, &from, &to, 1000);
+    let first = core
+        .api
+        .post("/v1/transfers", body.clone())
+        .await
+        .expect(200);
+    let again = core
+        .api
+        .post("/v1/transfers", body.clone())
+        .await
+        .expect(200);
+    assert_eq!(
+        first.body, again.body,
+        "a replay returns the first answer, same seqs"
+    );
+    assert_eq!(
+        core.api.balance(&from).await,
+        9_000,
+        "a replay moves nothing"
+    );
+
+    let mut changed = body.clone();
+    changed["amount"] = json!("2000");
+    let conflict = core.api.post("/v1/transfers", changed).await.expect(409);
+    assert_eq!(conflict.code(), Some("idempotency_conflict"));
+    assert_eq!(conflict.body["error"]["field"], "amount");
+
+    // 16 concurrent requests with one new id: executed once, same answer for all.
+    let id = unique("trf_");
+    let body = transfer_body(&id, &from, &to, 500);
+    let answers = join_all((0..16).map(|_| core.api.post("/v1/transfers", body.clone()))).await;
+    for a in &answers {
+        assert_eq!(a.status, 200, "{}", a.body);
+        assert_eq!(a.body, answers[0].body);
+    }
+    assert_eq!(core.api.balance(&from).await, 8_500);
+    let with_id = core
+        .api
+        .all_entries(&from)
+        .await
+        .into_iter()
+        .filter(|e| e["transfer_id"] == json!(id))
+        .count();
+    assert_eq!(with_id, 1);
+
+    // Deposits are idempotent by deposit_id the same way.
+    let dep = json!({"deposit_id": unique("dep_"), "to_account": to, "amount": "700",
+        "sender_bank": "Shinhan", "sender_name": "Park"});
+    let d1 = core.api.post("/v1/deposits", dep.clone()).await.expect(200);
+    let d2 = core.api.post("/v1/deposits", dep.clone()).await.expect(200);
+    assert_eq!(d1.body, d2.body);
+    let mut dep2 = dep.clone();
+    dep2["sender_name"] = json!("Choi");
+    assert_eq!(
+        core.api.post("/v1/deposits", dep2).await.expect(409).code(),
+        Some("idempotency_conflict")
+    );
+}
+
+#[tokio::test]
+async fn b05_request_older_than_ttl_is_refused_and_recorded() {
+    let nats = NatsServer::start().await.unwrap();
+    let core = CoreApp::spawn_with(
+        &nats,
+        CoreOptions {
+            request_ttl_secs: 5,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let from = core.api.funded_account(1000).await;
+    let to = core.api.funded_account(0).await;
+    let id = unique("trf_");
+    let mut body = transfer_body(&id, &from, &to, 100);
+    body["requested_at"] = json!((chrono::Utc::now() - chrono::Duration::seconds(6)).to_rfc3339());
+    let r = core
+        .api
+        .post("/v1/transfers", body.clone())
+        .await
+        .expect(422);
+    assert_eq!(r.code(), Some("request_expired"));
+    let status = core
+        .api
+        .get(&format!("/v1/transfers/{id}"))
+        .await
+        .expect(200);
+    assert_eq!(status.body["status"], "failed");
+    assert_eq!(status.body["reason"], "request_expired");
+    assert_eq!(core.api.balance(&from).await, 1000);
+    // A request within the TTL executes.
+    body["transfer_id"] = json!(unique("trf_"));
+    body["requested_at"] = json!((chrono::Utc::now() - chrono::Duration::seconds(3)).to_rfc3339());
+    core.api.post("/v1/transfers", body).await.expect(200);
+}
+
+#[tokio::test]
+async fn b06_every_refusal_is_final_recorded_and_reported() {
+    let (_nats, core) = core().await;
+    let api = &core.api;
+    let rich = api.funded_account(1_000_000).await;
+    let poor = api.funded_account(10).await;
+    let suspended = api.funded_account(1000).await;
+    api.patch(
+        &format!("/v1/accounts/{suspended}"),
+        json!({"status": "suspended"}),
+    )
+    .await
+    .expect(200);
+    let closed = api.funded_account(0).await;
+    api.patch(
+        &format!("/v1/accounts/{closed}"),
+        json!({"status": "closed"}),
+    )
+    .await
+    .expect(200);
+    let no_withdrawal = api.funded_account(1000).await;
+    api.patch(
+        &format!("/v1/accounts/{no_withdrawal}"),
+        json!({"withdrawal_stopped": true}),
+    )
+    .await
+    .expect(200);
+    let no_deposit = api.funded_account(0).await;
+    api.patch(
+        &format!("/v1/accounts/{no_deposit}"),
+        json!({"deposit_stopped": true}),
+    )
+    .await
+    .expect(200);
+    let fenced = unique("trf_");
+    api.post(&format!("/v1/transfers/{fenced}/fence"), json!({}))
+        .await
+        .expect(200);
+
+    let cases = [
+        (
+            "insufficient_funds",
+            transfer_body(&unique("trf_"), &poor, &rich, 11),
+        ),
+        (
+            "account_not_found",
+            transfer_body(&unique("trf_"), &rich, "acc_does_not_exist", 1),
+        ),
+        (
+            "account_not_found",
+            transfer_body(&unique("trf_"), "acc_does_not_exist", &rich, 1),
+        ),
+        (
+            "account_not_active",
+            transfer_body(&unique("trf_"), &suspended, &rich, 1),
+        ),
+        (
+            "account_not_active",
+            transfer_body(&unique("trf_"), &rich, &closed, 1),
+        ),
+        (
+            "withdrawal_stopped",
+            transfer_body(&unique("trf_"), &no_withdrawal, &rich, 1),
+        ),
+        (
+            "deposit_stopped",
+            transfer_body(&unique("trf_"), &rich, &no_deposit, 1),
+        ),
+        (
+            "same_account",
+            transfer_body(&unique("trf_"), &rich, &rich, 1),
+        ),
+        ("transfer_fenced", transfer_body(&fenced, &rich, &poor, 1)),
+    ];
+    for (code, body) in cases {
+        let id = body["transfer_id"].as_str().unwrap().to_owned();
+        let r = api.post("/v1/transfers", body.clone()).await;
+        assert_eq!((r.status, r.code()), (422, Some(code)), "{}", r.body);
+        // Final: a replay gets the same refusal.
+        let again = api.post("/v1/transfers", body).await;
+        assert_eq!(again.code(), Some(code));
+        let status = api.get(&format!("/v1/transfers/{id}")).await.expect(200);
+        assert_eq!(status.body["status"], "failed");
+        let expected_reason = if code == "transfer_fenced" {
+            "never_received"
+        } else {
+            code
+        };
+        assert_eq!(status.body["reason"], expected_reason);
+    }
+    assert_eq!(
+        api.balance(&rich).await,
+        1_000_000,
+        "no refusal moved money"
+    );
+    assert_eq!(api.balance(&poor).await, 10);
+    // Deposits are refused the same way.
+    assert_eq!(
+        api.deposit(&closed, 5).await.code(),
+        Some("account_not_active")
+    );
+    assert_eq!(
+        api.deposit(&no_deposit, 5).await.code(),
+        Some("deposit_stopped")
+    );
+    assert_eq!(
+        api.deposit("acc_does_not_exist", 5).await.code(),
+        Some("account_not_found")
+    );
+    assert_eq!(
+        api.get("/v1/transfers/trf_never_seen")
+            .await
+            .expect(404)
+            .code(),
+        Some("transfer_not_found")
+    );
+}
+
+#[tokio::test]
+async fn b07_deposit_from_another_bank_produces_an_entry_and_event() {
+    let (nats, core) = core().await;
+    let account = core.api.funded_account(0).await;
+    let dep_id = unique("dep_");
+    let r = core
+        .api
+        .post(
+            "/v1/deposits",
+            json!({"deposit_id": dep_id, "to_account": account, "amount": "250000",
+                   "sender_bank": "Woori", "sender_name": "Lee Sunsin"}),
+        )
+        .await
+        .expect(200);
+    assert_eq!(
+        r.body,
+        json!({"deposit_id": dep_id, "status": "succeeded", "seq": 1, "balance": "250000"})
+    );
+    let entries = core.api.all_entries(&account).await;
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0]["kind"], "deposit");
+    assert_eq!(entries[0]["deposit_id"], json!(dep_id));
+    assert_eq!(entries[0]["counterparty"], "Woori / Lee Sunsin");
+    let js = nats.jetstream().await.unwrap();
+    let subject = format!("bank.ledger.{account}");
+    eventually(
+        "the deposit's ledger event",
+        Duration::from_secs(10),
+        || async {
+            let msgs = stream_messages(&js, "LEDGER")
+                .await
+                .map_err(|e| e.to_string())?;
+            msgs.iter()
+                .find(|m| m.subject.as_str() == subject)
+                .map(|_| ())
+                .ok_or_else(|| "not yet".to_owned())
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn b08_every_entry_reaches_ledger_once_with_its_event_id() {
+    let (nats, core) = core().await;
+    let mut accounts = Vec::new();
+    for _ in 0..3 {
+        accounts.push(core.api.funded_account(100_000).await);
+    }
+    join_all((0..30).map(|i| {
+        core.api
+            .core_transfer(&accounts[i % 3], &accounts[(i + 1) % 3], 10)
+    }))
+    .await;
+    let mut expected = HashSet::new();
+    for a in &accounts {
+        for e in core.api.all_entries(a).await {
+            expected.insert(format!(
+                "{}:{}",
+                e["account_id"].as_str().unwrap(),
+                e["seq"]
+            ));
+        }
+    }
+    assert_eq!(expected.len(), 63);
+    let js = nats.jetstream().await.unwrap();
+    let msgs = eventually("all ledger events", Duration::from_secs(20), || async {
+        let msgs = stream_messages(&js, "LEDGER")
+            .await
+            .map_err(|e| e.to_string())?;
+        if msgs.len() >= 63 {
+            Ok(msgs)
+        } else {
+            Err(format!("{} of 63", msgs.len()))
+        }
+    })
+    .await;
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for m in &msgs {
+        let body: Value = serde_json::from_slice(&m.payload).unwrap();
+        let id = body["event_id"].as_str().unwrap().to_owned();
+        assert_eq!(
+            m.headers.get("Nats-Msg-Id").map(|v| v.to_string()),
+            Some(id.clone())
+        );
+        assert_eq!(
+            id,
+            format!("{}:{}", body["account_id"].as_str().unwrap(), body["seq"])
+        );
+        assert_eq!(
+            m.subject.as_str(),
+            format!("bank.ledger.{}", body["account_id"].as_str().unwrap())
+        );
+        *seen.entry(id).or_default() += 1;
+    }
+    assert_eq!(seen.len(), 63);
+    assert!(
+        seen.values().all(|&n| n == 1),
+        "an event was published twice"
+    );
+    assert_eq!(seen.keys().cloned().collect::<HashSet<_>>(), expected);
+}
+
+#[tokio::test]
+async fn b12_fence_then_late_transfer_is_refused_and_existing_transfer_is_not_fenced() {
+    let (_nats, core) = core().await;
+    let from = core.api.funded_account(1000).await;
+    let to = core.api.funded_account(0).await;
+    let id = unique("trf_");
+    let fence = core
+        .api
+        .post(&format!("/v1/transfers/{id}/fence"), json!({}))
+        .await
+        .expect(200);
+    assert_eq!(fence.body["status"], "failed");
+    assert_eq!(fence.body["reason"], "never_received");
+    let late = core
+        .api
+        .post("/v1/transfers", transfer_body(&id, &from, &to, 100))
+        .await
+        .expect(422);
+    assert_eq!(late.code(), Some("transfer_fenced"));
+    assert_eq!(core.api.balance(&from).await, 1000);
+    // Fencing an executed transfer reports it instead.
+    let done = unique("trf_");
+    core.api
+        .post("/v1/transfers", transfer_body(&done, &from, &to, 100))
+        .await
+        .expect(200);
+    let f = core
+        .api
+        .post(&format!("/v1/transfers/{done}/fence"), json!({}))
+        .await
+        .expect(200);
+    assert_eq!(f.body["status"], "succeeded");
+    // Fence and execution racing: exactly one wins, and the answers agree.
+    for _ in 0..10 {
+        let id = unique("trf_");
+        let fence_path = format!("/v1/transfers/{id}/fence");
+        let (t, f) = tokio::join!(
+            core.api
+                .post("/v1/transfers", transfer_body(&id, &from, &to, 1)),
+            core.api.post(&fence_path, json!({}))
+        );
+        let status = core
+            .api
+            .get(&format!("/v1/transfers/{id}"))
+            .await
+            .expect(200);
+        if t.status == 200 {
+            assert_eq!(f.body["status"], "succeeded");
+            assert_eq!(status.body["status"], "succeeded");
+        } else {
+            assert_eq!(t.code(), Some("transfer_fenced"));
+            assert_eq!(f.body["reason"], "never_received");
+            assert_eq!(status.body["reason"], "never_received");
+        }
+    }
+}
+
+#[tokio::test]
+async fn b30_core_routes_require_the_service_token() {
+    let (_nats, core) = core().await;
+    let account = core.api.funded_account(0).await;
+    let routes = [
+        ("POST", "/v1/customers".to_owned()),
+        ("PATCH", "/v1/customers/cus_x".to_owned()),
+        ("POST", "/v1/accounts".to_owned()),
+        ("GET", "/v1/accounts".to_owned()),
+        ("GET", format!("/v1/accounts/{account}")),
+        ("PATCH", format!("/v1/accounts/{account}")),
+        ("POST", "/v1/deposits".to_owned()),
+        ("POST", "/v1/transfers".to_owned()),
+        ("GET", "/v1/transfers/t1".to_owned()),
+        ("POST", "/v1/transfers/t1/fence".to_owned()),
+        ("GET", format!("/v1/accounts/{account}/entries")),
+        ("GET", format!("/v1/accounts/{account}/interest")),
+        ("POST", format!("/v1/accounts/{account}/interest/payouts")),
+        ("GET", "/v1/admin/interest/rollout".to_owned()),
+        ("PUT", "/v1/admin/interest/rollout".to_owned()),
+        ("POST", "/v1/admin/interest/verify".to_owned()),
+        ("GET", "/v1/admin/clock".to_owned()),
+        ("POST", "/v1/admin/clock".to_owned()),
+    ];
+    let missing = core.api.with_token(None);
+    let wrong = core.api.with_token(Some(format!("{CORE_TOKEN}x")));
+    for (method, path) in &routes {
+        for api in [&missing, &wrong] {
+            let r = api.send(method, path, Some(json!({})), &[]).await;
+            assert_eq!(
+                (r.status, r.code()),
+                (401, Some("unauthorized")),
+                "{method} {path}"
+            );
+        }
+    }
+    // Operational endpoints stay open.
+    assert_eq!(missing.get("/healthz").await.status, 200);
+    assert_eq!(missing.get("/openapi.json").await.status, 200);
+}
+
+#[tokio::test]
+async fn b31_core_bad_input_gets_a_documented_4xx_and_writes_nothing() {
+    let (_nats, core) = core().await;
+    let api = &core.api;
+    let from = api.funded_account(1000).await;
+    let to = api.funded_account(0).await;
+    let good = transfer_body(&unique("trf_"), &from, &to, 10);
+    let with = |field: &str, value: Value| {
+        let mut b = good.clone();
+        b[field] = value;
+        b
+    };
+    let cases: Vec<(Value, &str)> = vec![
+        (with("amount", json!(10)), "invalid_request"),
+        (with("amount", json!("0")), "invalid_request"),
+        (with("amount", json!("-5")), "invalid_request"),
+        (with("amount", json!("10.5")), "invalid_request"),
+        (with("amount", json!("1e3")), "invalid_request"),
+        (with("amount", json!("1000000000000001")), "invalid_request"),
+        (
+            with("amount", json!("99999999999999999999999")),
+            "invalid_request",
+        ),
+        (with("from_account", json!(5)), "invalid_request"),
+        (with("from_account", json!("bad.id")), "invalid_request"),
+        (with("requested_at", json!("yesterday")), "invalid_request"),
+        (with("memo", json!("x".repeat(141))), "invalid_request"),
+        (with("extra", json!(1)), "invalid_request"),
+        (json!({"transfer_id": "t"}), "invalid_request"),
+        (json!([1, 2]), "invalid_request"),
+    ];
+    for (body, code) in cases {
+        let r = api.post("/v1/transfers", body.clone()).await;
+        assert_eq!(
+            (r.status, r.code()),
+            (400, Some(code)),
+            "{body}: {}",
+            r.body
+        );
+    }
+    let r = api
+        .send_raw(
+            "POST",
+            "/v1/transfers",
+            "application/json",
+            b"{not json".to_vec(),
+        )
+        .await;
+    assert_eq!((r.status, r.code()), (400, Some("malformed_json")));
+    let r = api
+        .send_raw("POST", "/v1/transfers", "text/plain", b"{}".to_vec())
+        .await;
+    assert_eq!((r.status, r.code()), (415, Some("unsupported_media_type")));
+    let big = format!("{{\"memo\":\"{}\"}}", "x".repeat(70 * 1024));
+    let r = api
+        .send_raw(
+            "POST",
+            "/v1/transfers",
+            "application/json",
+            big.into_bytes(),
+        )
+        .await;
+    assert_eq!((r.status, r.code()), (413, Some("payload_too_large")));
+    // Unknown accounts are refusals (recorded), not errors.
+    let r = api
+        .post(
+            "/v1/transfers",
+            transfer_body(&unique("trf_"), &from, "acc_unknown", 1),
+        )
+        .await;
+    assert_eq!((r.status, r.code()), (422, Some("account_not_found")));
+    assert_eq!(
+        api.get("/v1/accounts/acc_unknown").await.expect(404).code(),
+        Some("account_not_found")
+    );
+    assert_eq!(
+        api.get("/v1/accounts/bad.id").await.expect(400).code(),
+        Some("invalid_id")
+    );
+    assert_eq!(
+        api.get(&format!("/v1/accounts/{from}/entries?limit=0"))
+            .await
+            .expect(400)
+            .code(),
+        Some("invalid_query")
+    );
+    assert_eq!(
+        api.get(&format!("/v1/accounts/{from}/entries?limit=abc"))
+            .await
+            .expect(400)
+            .code(),
+        Some("invalid_query")
+    );
+    assert_eq!(
+        api.get(&format!("/v1/accounts/{from}/entries?after_seq=-1"))
+            .await
+            .expect(400)
+            .code(),
+        Some("invalid_query")
+    );
+    let r = api.post("/v1/deposits", json!({"deposit_id": "d1", "to_account": to, "amount": "5", "sender_bank": "", "sender_name": "x"})).await;
+    assert_eq!((r.status, r.code()), (400, Some("invalid_request")));
+    assert_eq!(
+        api.post("/v1/customers", json!({"name": ""}))
+            .await
+            .expect(400)
+            .code(),
+        Some("invalid_request")
+    );
+    assert_eq!(
+        api.patch(&format!("/v1/accounts/{to}"), json!({"status": "frozen"}))
+            .await
+            .expect(400)
+            .code(),
+        Some("invalid_request")
+    );
+    assert_eq!(
+        api.get("/v1/nowhere").await.expect(404).code(),
+        Some("not_found")
+    );
+    // Nothing was written by any of it.
+    assert_eq!(api.balance(&from).await, 1000);
+    assert_eq!(api.all_entries(&from).await.len(), 1);
+    assert_eq!(api.all_entries(&to).await.len(), 0);
+}

@@ -1,0 +1,378 @@
+//! B8: the transactional outbox and its relay.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_nats::jetstream::stream;
+use bank_tests::db::fresh_database;
+use bank_tests::nats::stream_messages;
+use bank_tests::{NatsServer, eventually};
+use common::outbox::{self, OutboxMessage, Relay, RelayConfig, RelayWaker};
+use common::shutdown::CancellationToken;
+use sea_orm::{ConnectionTrait, Database, DatabaseConnection, Statement, TransactionTrait};
+
+async fn outbox_db() -> DatabaseConnection {
+    let url = fresh_database("outbox").await.unwrap();
+    let db = Database::connect(url.as_str()).await.unwrap();
+    // The same DDL as the services' migrations.
+    db.execute_unprepared(outbox::CREATE_SQL).await.unwrap();
+    db.execute_unprepared(outbox::NOTIFY_OPT_OUT_SQL)
+        .await
+        .unwrap();
+    db
+}
+
+async fn test_stream(nats: &NatsServer) -> async_nats::jetstream::Context {
+    let js = nats.jetstream().await.unwrap();
+    js.create_stream(stream::Config {
+        name: "TEST".into(),
+        subjects: vec!["test.>".into()],
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    js
+}
+
+fn relay(
+    db: &DatabaseConnection,
+    js: &async_nats::jetstream::Context,
+    abort_before_mark: bool,
+) -> Relay {
+    Relay::new(
+        db.clone(),
+        js.clone(),
+        RelayConfig {
+            service: "test",
+            batch_size: 50,
+            poll_interval: Duration::from_millis(100),
+            retention: Duration::from_secs(3600),
+            abort_before_mark,
+        },
+        RelayWaker::default(),
+    )
+}
+
+fn message(subject: &str, n: usize) -> OutboxMessage {
+    OutboxMessage {
+        event_id: format!("{subject}:{n}"),
+        subject: subject.to_owned(),
+        payload: format!("{{\"n\":{n}}}"),
+        traceparent: None,
+    }
+}
+
+async fn unpublished(db: &DatabaseConnection) -> i64 {
+    db.query_one_raw(Statement::from_string(
+        db.get_database_backend(),
+        "SELECT count(*) AS n FROM outbox WHERE published_at IS NULL",
+    ))
+    .await
+    .unwrap()
+    .unwrap()
+    .try_get("", "n")
+    .unwrap()
+}
+
+async fn published_ids(
+    js: &async_nats::jetstream::Context,
+) -> Vec<(String, String, serde_json::Value)> {
+    stream_messages(js, "TEST")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| {
+            let id = m
+                .headers
+                .get("Nats-Msg-Id")
+                .map(|v| v.to_string())
+                .unwrap_or_default();
+            assert!(
+                m.headers.get("traceparent").is_some(),
+                "every message carries traceparent"
+            );
+            (
+                id,
+                m.subject.to_string(),
+                serde_json::from_slice(&m.payload).unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn b08_committed_rows_are_published_once_with_their_event_id() {
+    let nats = NatsServer::start().await.unwrap();
+    let js = test_stream(&nats).await;
+    let db = outbox_db().await;
+    for n in 0..40 {
+        let txn = db.begin().await.unwrap();
+        outbox::enqueue(&txn, &[message(&format!("test.s{}", n % 4), n)])
+            .await
+            .unwrap();
+        txn.commit().await.unwrap();
+    }
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(relay(&db, &js, false).run(stop.clone()));
+    eventually("all rows published", Duration::from_secs(20), || async {
+        match unpublished(&db).await {
+            0 => Ok(()),
+            n => Err(format!("{n} unpublished")),
+        }
+    })
+    .await;
+    stop.cancel();
+    task.await.unwrap();
+    let msgs = published_ids(&js).await;
+    assert_eq!(msgs.len(), 40);
+    for (id, subject, body) in &msgs {
+        assert_eq!(
+            id,
+            &format!("{subject}:{}", body["n"]),
+            "Nats-Msg-Id is the event id"
+        );
+    }
+}
+
+#[tokio::test]
+async fn b08_rolled_back_transaction_publishes_nothing() {
+    let nats = NatsServer::start().await.unwrap();
+    let js = test_stream(&nats).await;
+    let db = outbox_db().await;
+    let txn = db.begin().await.unwrap();
+    outbox::enqueue(&txn, &[message("test.rollback", 1)])
+        .await
+        .unwrap();
+    txn.rollback().await.unwrap();
+    let txn = db.begin().await.unwrap();
+    outbox::enqueue(&txn, &[message("test.commit", 2)])
+        .await
+        .unwrap();
+    txn.commit().await.unwrap();
+    let r = relay(&db, &js, false);
+    assert_eq!(r.publish_pass().await.unwrap(), 1);
+    let msgs = published_ids(&js).await;
+    assert_eq!(msgs.len(), 1);
+    assert_eq!(msgs[0].0, "test.commit:2");
+}
+
+#[tokio::test]
+async fn b08_relay_stopped_after_publish_before_mark_republishes_and_stream_keeps_one_copy() {
+    let nats = NatsServer::start().await.unwrap();
+    let js = test_stream(&nats).await;
+    let db = outbox_db().await;
+    let rows: Vec<_> = (0..10).map(|n| message("test.crash", n)).collect();
+    outbox::enqueue(&db, &rows).await.unwrap();
+    // Publishes, then fails before marking: as a crash at that point would.
+    let crashing = relay(&db, &js, true);
+    assert!(crashing.publish_pass().await.is_err());
+    assert_eq!(unpublished(&db).await, 10, "nothing was marked");
+    assert_eq!(
+        published_ids(&js).await.len(),
+        10,
+        "but everything was published"
+    );
+    // The restarted relay publishes again; JetStream drops the duplicates.
+    let restarted = relay(&db, &js, false);
+    assert_eq!(restarted.publish_pass().await.unwrap(), 10);
+    assert_eq!(unpublished(&db).await, 0);
+    let msgs = published_ids(&js).await;
+    assert_eq!(msgs.len(), 10, "one copy of each in the stream");
+}
+
+#[tokio::test]
+async fn b08_two_relays_publish_every_row_in_per_subject_order() {
+    let nats = NatsServer::start().await.unwrap();
+    let js = test_stream(&nats).await;
+    let db = outbox_db().await;
+    let stop = CancellationToken::new();
+    let a = tokio::spawn(relay(&db, &js, false).run(stop.clone()));
+    let b = tokio::spawn(relay(&db, &js, false).run(stop.clone()));
+    // Ten writers, each the only writer of its subject, writing in order.
+    let mut writers = Vec::new();
+    for w in 0..10 {
+        let db = db.clone();
+        writers.push(tokio::spawn(async move {
+            for n in 0..50 {
+                let txn = db.begin().await.unwrap();
+                outbox::enqueue(&txn, &[message(&format!("test.w{w}"), n)])
+                    .await
+                    .unwrap();
+                txn.commit().await.unwrap();
+            }
+        }));
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    eventually(
+        "all 500 rows published",
+        Duration::from_secs(30),
+        || async {
+            match unpublished(&db).await {
+                0 => Ok(()),
+                n => Err(format!("{n} unpublished")),
+            }
+        },
+    )
+    .await;
+    stop.cancel();
+    a.await.unwrap();
+    b.await.unwrap();
+    let msgs = published_ids(&js).await;
+    assert_eq!(msgs.len(), 500, "every row exactly once");
+    let mut last: HashMap<String, i64> = HashMap::new();
+    for (_, subject, body) in msgs {
+        let n = body["n"].as_i64().unwrap();
+        let prev = last.insert(subject.clone(), n);
+        assert_eq!(prev.map_or(0, |p| p + 1), n, "{subject} out of order");
+    }
+}
+
+#[tokio::test]
+async fn b08_rows_wait_while_nats_is_down_and_are_published_when_it_returns() {
+    let mut nats = NatsServer::start().await.unwrap();
+    let js = test_stream(&nats).await;
+    let db = outbox_db().await;
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(relay(&db, &js, false).run(stop.clone()));
+    nats.stop().await;
+    let rows: Vec<_> = (0..20).map(|n| message("test.outage", n)).collect();
+    outbox::enqueue(&db, &rows).await.unwrap();
+    // While NATS is down nothing can be marked.
+    tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            assert_eq!(
+                unpublished(&db).await,
+                20,
+                "rows must wait while NATS is down"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .ok();
+    nats.resume().await.unwrap();
+    eventually(
+        "rows published after NATS returns",
+        Duration::from_secs(60),
+        || async {
+            match unpublished(&db).await {
+                0 => Ok(()),
+                n => Err(format!("{n} unpublished")),
+            }
+        },
+    )
+    .await;
+    stop.cancel();
+    task.await.unwrap();
+    let js = nats.jetstream().await.unwrap();
+    assert_eq!(published_ids(&js).await.len(), 20);
+}
+
+/// A relay that would otherwise only poll once an hour, so that only a
+/// wake-up can explain a prompt publish.
+fn slow_polling_relay(
+    db: &DatabaseConnection,
+    js: &async_nats::jetstream::Context,
+    waker: RelayWaker,
+) -> Relay {
+    Relay::new(
+        db.clone(),
+        js.clone(),
+        RelayConfig {
+            service: "test",
+            batch_size: 50,
+            poll_interval: Duration::from_secs(3600),
+            retention: Duration::from_secs(3600),
+            abort_before_mark: false,
+        },
+        waker,
+    )
+}
+
+async fn enqueue_one(db: &DatabaseConnection, n: usize, notify: bool) {
+    let txn = db.begin().await.unwrap();
+    if !notify {
+        txn.execute_unprepared("SET LOCAL bank.outbox_notify = 'off'")
+            .await
+            .unwrap();
+    }
+    outbox::enqueue(&txn, &[message("test.wake", n)])
+        .await
+        .unwrap();
+    txn.commit().await.unwrap();
+}
+
+async fn wait_until_all_published(db: &DatabaseConnection, what: &str) {
+    eventually(what, Duration::from_secs(20), || async {
+        match unpublished(db).await {
+            0 => Ok(()),
+            n => Err(format!("{n} unpublished")),
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn b08_relay_is_woken_by_listen_notify_after_commit() {
+    let nats = NatsServer::start().await.unwrap();
+    let js = test_stream(&nats).await;
+    let db = outbox_db().await;
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(slow_polling_relay(&db, &js, RelayWaker::default()).run(stop.clone()));
+    // The notification only reaches a relay that is already listening.
+    eventually("the relay listens", Duration::from_secs(20), || async {
+        let listening: i64 = db
+            .query_one_raw(Statement::from_string(
+                db.get_database_backend(),
+                "SELECT count(*) AS n FROM pg_stat_activity \
+                 WHERE datname = current_database() AND query ILIKE 'LISTEN%outbox_inserted%'",
+            ))
+            .await
+            .unwrap()
+            .unwrap()
+            .try_get("", "n")
+            .unwrap();
+        if listening > 0 {
+            Ok(())
+        } else {
+            Err("no LISTEN session".into())
+        }
+    })
+    .await;
+    // A writer outside the services (no opt-out): the trigger's NOTIFY wakes
+    // it. (The relay also passes once when its listener connects; only the
+    // rows after the first prove the notification.)
+    for n in 1..=3 {
+        enqueue_one(&db, n, true).await;
+        wait_until_all_published(&db, "the notified row is published").await;
+    }
+    assert_eq!(published_ids(&js).await.len(), 3);
+    stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test]
+async fn b08_writer_that_opts_out_of_notify_wakes_its_relay_in_process() {
+    let nats = NatsServer::start().await.unwrap();
+    let js = test_stream(&nats).await;
+    let db = outbox_db().await;
+    let waker = RelayWaker::default();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(slow_polling_relay(&db, &js, waker.clone()).run(stop.clone()));
+    for n in 1..=3 {
+        enqueue_one(&db, n, false).await;
+        waker.wake();
+        wait_until_all_published(&db, "the row is published after the in-process wake").await;
+    }
+    let ids: Vec<String> = published_ids(&js)
+        .await
+        .into_iter()
+        .map(|(id, _, _)| id)
+        .collect();
+    assert_eq!(ids, ["test.wake:1", "test.wake:2", "test.wake:3"]);
+    stop.cancel();
+    task.await.unwrap();
+}

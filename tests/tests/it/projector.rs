@@ -1,0 +1,654 @@
+//! The projector: B14-B16, B23, F5-F7.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use async_nats::HeaderMap;
+use bank_tests::apps::{CORE_TOKEN, ProjectorOptions};
+use bank_tests::nats::stream_messages;
+use bank_tests::process::ServiceProcess;
+use bank_tests::proxy::{Action, FaultProxy};
+use bank_tests::verify::{channel_history, history_mismatches};
+use bank_tests::{CoreApp, NatsServer, ProjectorApp, eventually, unique};
+use serde_json::{Value, json};
+
+struct Rig {
+    nats: NatsServer,
+    core: CoreApp,
+    proxy: FaultProxy,
+    channel_db: String,
+}
+
+impl Rig {
+    async fn new() -> Self {
+        let nats = NatsServer::start().await.unwrap();
+        let core = CoreApp::spawn(&nats).await.unwrap();
+        let proxy = FaultProxy::start(&core.api.base).await.unwrap();
+        let channel_db = bank_tests::db::fresh_database("channel").await.unwrap();
+        Self {
+            nats,
+            core,
+            proxy,
+            channel_db,
+        }
+    }
+
+    /// A projector reaching the core through the proxy.
+    async fn projector(&self, opts: ProjectorOptions) -> ProjectorApp {
+        ProjectorApp::spawn(&self.nats, &self.proxy.url(), &self.channel_db, opts)
+            .await
+            .unwrap()
+    }
+
+    async fn synced(&self, account: &str) -> usize {
+        channel_history(&self.channel_db, account)
+            .await
+            .unwrap()
+            .len()
+    }
+
+    async fn wait_synced(&self, account: &str, n: usize, within: Duration) {
+        eventually(
+            &format!("{account} history has {n} entries"),
+            within,
+            || async {
+                let got = self.synced(account).await;
+                if got == n {
+                    Ok(())
+                } else {
+                    Err(format!("{got}"))
+                }
+            },
+        )
+        .await;
+    }
+
+    /// Stream sequences of an account's ledger messages, in order.
+    async fn ledger_seqs_of(&self, account: &str) -> Vec<(u64, Value)> {
+        let js = self.nats.jetstream().await.unwrap();
+        stream_messages(&js, "LEDGER")
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|m| m.subject.as_str() == format!("bank.ledger.{account}"))
+            .map(|m| (m.sequence, serde_json::from_slice(&m.payload).unwrap()))
+            .collect()
+    }
+
+    async fn wait_published(&self, account: &str, n: usize) -> Vec<(u64, Value)> {
+        eventually(
+            "ledger events published",
+            Duration::from_secs(10),
+            || async {
+                let m = self.ledger_seqs_of(account).await;
+                if m.len() >= n {
+                    Ok(m)
+                } else {
+                    Err(format!("{}", m.len()))
+                }
+            },
+        )
+        .await
+    }
+}
+
+async fn publish_raw(nats: &NatsServer, subject: &str, body: Vec<u8>) {
+    let js = nats.jetstream().await.unwrap();
+    let mut h = HeaderMap::new();
+    h.insert("Nats-Msg-Id", unique("raw-").as_str());
+    js.publish_with_headers(subject.to_owned(), h, body.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
+async fn dead_letters(p: &ProjectorApp) -> Vec<Value> {
+    p.api.get("/v1/dead-letters").await.expect(200).body["dead_letters"]
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+#[tokio::test]
+async fn b14_the_same_event_delivered_twice_changes_nothing() {
+    let rig = Rig::new().await;
+    let _p = rig.projector(ProjectorOptions::default()).await;
+    let account = rig.core.api.funded_account(5000).await;
+    rig.wait_synced(&account, 1, Duration::from_secs(10)).await;
+    let before = channel_history(&rig.channel_db, &account).await.unwrap();
+    let (_, event) = rig.wait_published(&account, 1).await.remove(0);
+    for _ in 0..3 {
+        publish_raw(
+            &rig.nats,
+            &format!("bank.ledger.{account}"),
+            serde_json::to_vec(&event).unwrap(),
+        )
+        .await;
+    }
+    // A later event is applied after the duplicates, so they were handled.
+    rig.core.api.deposit(&account, 1).await.expect(200);
+    rig.wait_synced(&account, 2, Duration::from_secs(10)).await;
+    let after = channel_history(&rig.channel_db, &account).await.unwrap();
+    assert_eq!(after[0], before[0], "the duplicate changed nothing");
+    assert!(dead_letters(&_p).await.is_empty());
+}
+
+/// Seven deposits reach `LEDGER` while the projector is down; then the
+/// messages of seqs `deleted` are removed from the stream and those of `late`
+/// are removed and published again after the rest (so they arrive out of
+/// order). The restarted projector must build the whole history in order,
+/// filling what it lacks from the core.
+async fn history_survives_a_damaged_stream(deleted: &[i64], late: &[i64]) {
+    let rig = Rig::new().await;
+    let mut p = rig.projector(ProjectorOptions::default()).await;
+    p.stop().await.unwrap();
+    let account = rig.core.api.funded_account(0).await;
+    for i in 0..7 {
+        rig.core.api.deposit(&account, 1000 + i).await.expect(200);
+    }
+    let msgs = rig.wait_published(&account, 7).await;
+    let js = rig.nats.jetstream().await.unwrap();
+    let stream = js.get_stream("LEDGER").await.unwrap();
+    for (stream_seq, ev) in &msgs {
+        let seq = ev["seq"].as_i64().unwrap();
+        if deleted.contains(&seq) || late.contains(&seq) {
+            assert!(stream.delete_message(*stream_seq).await.unwrap());
+        }
+    }
+    for seq in late {
+        let ev = msgs
+            .iter()
+            .find(|(_, e)| e["seq"] == *seq)
+            .unwrap()
+            .1
+            .clone();
+        publish_raw(
+            &rig.nats,
+            &format!("bank.ledger.{account}"),
+            serde_json::to_vec(&ev).unwrap(),
+        )
+        .await;
+    }
+    let _p = rig.projector(ProjectorOptions::default()).await;
+    rig.wait_synced(&account, 7, Duration::from_secs(15)).await;
+    let history = channel_history(&rig.channel_db, &account).await.unwrap();
+    assert_eq!(
+        history.iter().map(|e| e.0).collect::<Vec<_>>(),
+        (1..=8).take(7).collect::<Vec<_>>()
+    );
+    assert!(
+        history_mismatches(
+            &rig.core.api,
+            &rig.channel_db,
+            std::slice::from_ref(&account)
+        )
+        .await
+        .unwrap()
+        .is_empty()
+    );
+    assert!(
+        rig.proxy
+            .seen()
+            .iter()
+            .any(|(_, p, _)| p.contains(&format!("/v1/accounts/{account}/entries"))),
+        "the gap was filled from the core's entries API"
+    );
+}
+
+#[tokio::test]
+async fn b15_deleted_events_are_filled_from_the_core_never_skipping_a_seq() {
+    history_survives_a_damaged_stream(&[2, 5], &[]).await;
+}
+
+#[tokio::test]
+async fn f6_seq_7_before_seq_6_never_skips_6_and_the_gaps_are_filled_from_the_core() {
+    // seq 6 arrives after seq 7, and seq 2 is missing altogether.
+    history_survives_a_damaged_stream(&[2], &[6]).await;
+}
+
+#[tokio::test]
+async fn b16_f5_poison_is_dead_lettered_at_once_and_others_keep_flowing() {
+    let rig = Rig::new().await;
+    let p = rig.projector(ProjectorOptions::default()).await;
+    let victim = rig.core.api.funded_account(100).await;
+    rig.wait_synced(&victim, 1, Duration::from_secs(10)).await;
+    let poison = br#"{"event_id": "x", "this is": "not a ledger entry"}"#.to_vec();
+    publish_raw(&rig.nats, &format!("bank.ledger.{victim}"), poison.clone()).await;
+    let other = rig.core.api.funded_account(200).await;
+    rig.wait_synced(&other, 1, Duration::from_secs(10)).await;
+    let letters = eventually(
+        "the poison in the dead-letter stream",
+        Duration::from_secs(10),
+        || async {
+            let l = dead_letters(&p).await;
+            if l.len() == 1 {
+                Ok(l)
+            } else {
+                Err(format!("{l:?}"))
+            }
+        },
+    )
+    .await;
+    let l = &letters[0];
+    assert_eq!(l["subject"], json!(format!("bank.ledger.{victim}")));
+    assert_eq!(l["body"], json!(String::from_utf8(poison).unwrap()));
+    assert_eq!(l["deliveries"], 1, "a permanent failure is not retried");
+    assert!(l["error"].as_str().unwrap().contains("not a ledger event"));
+    // The DLQ message carries the headers of API.md.
+    let js = rig.nats.jetstream().await.unwrap();
+    let raw = stream_messages(&js, "DLQ").await.unwrap();
+    assert_eq!(
+        raw[0].subject.as_str(),
+        format!("bank.dlq.bank.ledger.{victim}")
+    );
+    for h in [
+        "Bank-Dlq-Stream",
+        "Bank-Dlq-Stream-Seq",
+        "Bank-Dlq-Consumer",
+        "Bank-Dlq-Deliveries",
+        "Bank-Dlq-Error",
+    ] {
+        assert!(raw[0].headers.get(h).is_some(), "missing header {h}");
+    }
+    // Replaying it still fails, and it stays.
+    let id = l["id"].as_u64().unwrap();
+    let r = p
+        .api
+        .post(&format!("/v1/dead-letters/{id}/replay"), json!({}))
+        .await
+        .expect(422);
+    assert_eq!(r.code(), Some("replay_failed"));
+    assert_eq!(dead_letters(&p).await.len(), 1);
+    // The victim's later events are unaffected.
+    rig.core.api.deposit(&victim, 5).await.expect(200);
+    rig.wait_synced(&victim, 2, Duration::from_secs(10)).await;
+}
+
+#[tokio::test]
+async fn b16_f5_transient_failures_back_off_then_apply_or_dead_letter_and_replay_applies_once() {
+    let rig = Rig::new().await;
+    let mut p = rig.projector(ProjectorOptions::default()).await;
+    p.stop().await.unwrap();
+    let account = rig.core.api.funded_account(0).await;
+    for i in 0..2 {
+        rig.core.api.deposit(&account, 10 + i).await.expect(200);
+    }
+    let msgs = rig.wait_published(&account, 2).await;
+    let stream = rig
+        .nats
+        .jetstream()
+        .await
+        .unwrap()
+        .get_stream("LEDGER")
+        .await
+        .unwrap();
+    stream.delete_message(msgs[0].0).await.unwrap();
+    // The core is unreachable for gap fills.
+    rig.proxy.add(None, "/entries", Action::Fail(503), None);
+    let p = rig
+        .projector(ProjectorOptions {
+            max_deliveries: 4,
+            retry_base_ms: 200,
+            retry_max_ms: 5_000,
+        })
+        .await;
+    // Other accounts keep flowing meanwhile.
+    let bystander = rig.core.api.funded_account(1).await;
+    rig.wait_synced(&bystander, 1, Duration::from_secs(10))
+        .await;
+    let letters = eventually(
+        "the blocked event dead-lettered after 4 deliveries",
+        Duration::from_secs(30),
+        || async {
+            let l = dead_letters(&p).await;
+            if l.len() == 1 {
+                Ok(l)
+            } else {
+                Err(format!("{} letters", l.len()))
+            }
+        },
+    )
+    .await;
+    for l in &letters {
+        assert_eq!(l["deliveries"], 4);
+        assert!(
+            l["error"].as_str().unwrap().contains("filling the gap"),
+            "{l}"
+        );
+    }
+    // Retries came with growing delays: the gap-fill attempts spread out.
+    let attempts: Vec<Instant> = rig
+        .proxy
+        .seen()
+        .into_iter()
+        .filter(|(_, path, _)| path.contains(&format!("/v1/accounts/{account}/entries")))
+        .map(|(_, _, t)| t)
+        .collect();
+    // Each delivery made one gap-fill attempt, and the redeliveries were
+    // spaced by a growing backoff: with a 200 ms base doubling per delivery
+    // (jitter over the upper half), four deliveries span at least
+    // 100 + 200 + 400 = 700 ms, more than three fixed-delay retries could
+    // (at most 3 x 200 ms). Load only makes it longer, so this cannot flake.
+    assert_eq!(attempts.len(), 4, "one gap-fill attempt per delivery");
+    let span = attempts[3] - attempts[0];
+    assert!(
+        span >= Duration::from_millis(700),
+        "retries did not back off: {span:?}"
+    );
+    assert_eq!(
+        rig.synced(&account).await,
+        0,
+        "nothing written past the gap"
+    );
+
+    // Fix the cause, then replay: applied once.
+    rig.proxy.clear();
+    for l in &letters {
+        let id = l["id"].as_u64().unwrap();
+        p.api
+            .post(&format!("/v1/dead-letters/{id}/replay"), json!({}))
+            .await
+            .expect(200);
+        assert_eq!(
+            p.api
+                .post(&format!("/v1/dead-letters/{id}/replay"), json!({}))
+                .await
+                .expect(404)
+                .code(),
+            Some("dead_letter_not_found")
+        );
+    }
+    assert!(dead_letters(&p).await.is_empty());
+    assert!(
+        history_mismatches(
+            &rig.core.api,
+            &rig.channel_db,
+            std::slice::from_ref(&account)
+        )
+        .await
+        .unwrap()
+        .is_empty()
+    );
+
+    // A transient failure that clears before the limit is simply applied.
+    let mut p = p;
+    p.stop().await.unwrap();
+    rig.core.api.deposit(&account, 99).await.expect(200);
+    rig.core.api.deposit(&account, 98).await.expect(200);
+    // Seq 1 was deleted above; the stream holds seqs 2..=4. Delete seq 3.
+    let msgs = rig.wait_published(&account, 3).await;
+    let three = msgs.iter().find(|(_, e)| e["seq"] == 3).unwrap().0;
+    stream.delete_message(three).await.unwrap();
+    rig.proxy.add(None, "/entries", Action::Fail(503), Some(2));
+    let p2 = rig
+        .projector(ProjectorOptions {
+            max_deliveries: 6,
+            retry_base_ms: 200,
+            retry_max_ms: 2_000,
+        })
+        .await;
+    rig.wait_synced(&account, 4, Duration::from_secs(20)).await;
+    assert!(dead_letters(&p2).await.is_empty());
+}
+
+#[tokio::test]
+async fn b23_tax_records_are_idempotent_under_duplicate_delivery() {
+    let rig = Rig::new().await;
+    let p = rig.projector(ProjectorOptions::default()).await;
+    let account = rig.core.api.funded_account(60_000_000).await;
+    let today: chrono::NaiveDate = rig
+        .core
+        .api
+        .get("/v1/admin/clock")
+        .await
+        .str("today")
+        .parse()
+        .unwrap();
+    rig.core
+        .api
+        .post(
+            "/v1/admin/clock",
+            json!({"today": (today + chrono::Duration::days(3)).to_string()}),
+        )
+        .await
+        .expect(200);
+    let pid = unique("pay_");
+    rig.core
+        .api
+        .post(
+            &format!("/v1/accounts/{account}/interest/payouts"),
+            json!({"payout_id": pid}),
+        )
+        .await
+        .expect(200);
+    let records = eventually("the tax record", Duration::from_secs(10), || async {
+        let r = p
+            .api
+            .get(&format!("/v1/tax-records?account_id={account}"))
+            .await
+            .expect(200)
+            .body;
+        let list = r["tax_records"].as_array().cloned().unwrap_or_default();
+        if list.len() == 1 {
+            Ok(list)
+        } else {
+            Err(r.to_string())
+        }
+    })
+    .await;
+    assert_eq!(records[0]["payout_id"], json!(pid));
+    assert_eq!(
+        (
+            records[0]["gross"].as_str(),
+            records[0]["tax"].as_str(),
+            records[0]["net"].as_str()
+        ),
+        (Some("8301"), Some("1278"), Some("7023"))
+    );
+    // The same event again (a redelivery the duplicate window did not catch).
+    let js = rig.nats.jetstream().await.unwrap();
+    let ev = stream_messages(&js, "INTEREST").await.unwrap().remove(0);
+    publish_raw(&rig.nats, "bank.interest.paid", ev.payload.to_vec()).await;
+    publish_raw(&rig.nats, "bank.interest.paid", ev.payload.to_vec()).await;
+    // Then a second payout, so we know the duplicates were consumed first.
+    rig.core
+        .api
+        .post(
+            "/v1/admin/clock",
+            json!({"today": (today + chrono::Duration::days(4)).to_string()}),
+        )
+        .await
+        .expect(200);
+    rig.core
+        .api
+        .post(
+            &format!("/v1/accounts/{account}/interest/payouts"),
+            json!({"payout_id": unique("pay_")}),
+        )
+        .await
+        .expect(200);
+    eventually(
+        "two distinct tax records",
+        Duration::from_secs(10),
+        || async {
+            let r = p
+                .api
+                .get(&format!("/v1/tax-records?account_id={account}"))
+                .await
+                .expect(200)
+                .body;
+            let n = r["tax_records"].as_array().map(|l| l.len()).unwrap_or(0);
+            if n == 2 { Ok(()) } else { Err(r.to_string()) }
+        },
+    )
+    .await;
+    assert!(dead_letters(&p).await.is_empty());
+}
+
+async fn history_equals_ledger(rig: &Rig, accounts: &[String]) {
+    eventually(
+        "history equals ledger for every account",
+        Duration::from_secs(60),
+        || async {
+            let m = history_mismatches(&rig.core.api, &rig.channel_db, accounts)
+                .await
+                .map_err(|e| e.to_string())?;
+            if m.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("{m:?}"))
+            }
+        },
+    )
+    .await;
+}
+
+fn projector_env(rig: &Rig) -> HashMap<String, String> {
+    HashMap::from([
+        ("CHANNEL_DATABASE_URL".to_owned(), rig.channel_db.clone()),
+        ("CORE_URL".to_owned(), rig.core.api.base.clone()),
+        ("CORE_API_TOKEN".to_owned(), CORE_TOKEN.to_owned()),
+        ("NATS_URL".to_owned(), rig.nats.url()),
+        ("PROJECTOR_HTTP_ADDR".to_owned(), "127.0.0.1:0".to_owned()),
+        ("DATABASE_MAX_CONNECTIONS".to_owned(), "4".to_owned()),
+    ])
+}
+
+#[tokio::test]
+async fn f7_projector_killed_repeatedly_and_two_instances_keep_history_equal_to_ledger() {
+    let rig = Rig::new().await;
+    let mut accounts = Vec::new();
+    for _ in 0..8 {
+        accounts.push(rig.core.api.funded_account(1_000_000).await);
+    }
+    let mut projector = ServiceProcess::start("projector", projector_env(&rig)).unwrap();
+    let load = {
+        let api = rig.core.api.clone();
+        let accounts = accounts.clone();
+        tokio::spawn(async move {
+            for i in 0..400usize {
+                let r = api
+                    .core_transfer(&accounts[i % 8], &accounts[(i * 5 + 3) % 8], 1 + i as u64)
+                    .await;
+                assert!(
+                    r.status == 200 || r.code() == Some("same_account"),
+                    "{}",
+                    r.body
+                );
+            }
+        })
+    };
+    // Kill it (SIGKILL) five times while the transfers flow.
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(400)).await; // the fault's timing, not a wait for state
+        projector.kill().await;
+        projector.restart().unwrap();
+    }
+    load.await.unwrap();
+    history_equals_ledger(&rig, &accounts).await;
+
+    // Two instances on the same durable consumer.
+    let mut second = ServiceProcess::start("projector", projector_env(&rig)).unwrap();
+    let transfers = (0..300usize).map(|i| {
+        rig.core
+            .api
+            .core_transfer(&accounts[(i * 3) % 8], &accounts[(i + 1) % 8], 7)
+    });
+    for r in futures::future::join_all(transfers).await {
+        r.expect(200);
+    }
+    history_equals_ledger(&rig, &accounts).await;
+    projector.kill().await;
+    second.kill().await;
+}
+
+#[tokio::test]
+async fn f5_poison_redelivered_after_the_broker_forgot_its_termination_is_not_lettered_twice() {
+    let rig = Rig::new().await;
+    // Every publish on the dead-letter subjects, including any that
+    // JetStream's duplicate window would drop from the stream.
+    let watcher = async_nats::connect(rig.nats.url()).await.unwrap();
+    let mut published = watcher.subscribe("bank.dlq.>").await.unwrap();
+    watcher.flush().await.unwrap();
+
+    let mut p = rig.projector(ProjectorOptions::default()).await;
+    let victim = rig.core.api.funded_account(100).await;
+    rig.wait_synced(&victim, 1, Duration::from_secs(10)).await;
+    publish_raw(
+        &rig.nats,
+        &format!("bank.ledger.{victim}"),
+        br#"{"not": "a ledger entry"}"#.to_vec(),
+    )
+    .await;
+    eventually(
+        "the poison is lettered",
+        Duration::from_secs(10),
+        || async {
+            match dead_letters(&p).await.len() {
+                1 => Ok(()),
+                n => Err(format!("{n} letters")),
+            }
+        },
+    )
+    .await;
+    p.stop().await.unwrap();
+
+    // The broker forgets the consumer's acknowledgements (as after a crash
+    // that lost its state): everything in LEDGER is delivered again.
+    let js = rig.nats.jetstream().await.unwrap();
+    let consumer = p.config.ledger_consumer.clone();
+    js.delete_consumer_from_stream(&consumer, "LEDGER")
+        .await
+        .unwrap();
+    let p = rig.projector(ProjectorOptions::default()).await;
+    eventually(
+        "the redelivered stream is handled",
+        Duration::from_secs(20),
+        || async {
+            let mut c: async_nats::jetstream::consumer::PullConsumer = js
+                .get_consumer_from_stream(&consumer, "LEDGER")
+                .await
+                .map_err(|e| e.to_string())?;
+            let info = c.info().await.map_err(|e| e.to_string())?;
+            if info.num_pending == 0
+                && info.num_ack_pending == 0
+                && info.delivered.stream_sequence > 0
+            {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{} pending, {} unacknowledged",
+                    info.num_pending, info.num_ack_pending
+                ))
+            }
+        },
+    )
+    .await;
+
+    // Exactly one letter was ever published, and it is the only one kept.
+    watcher.flush().await.unwrap();
+    let mut seen = 0;
+    while let Some(Some(_)) =
+        futures::FutureExt::now_or_never(futures::StreamExt::next(&mut published))
+    {
+        seen += 1;
+    }
+    assert_eq!(seen, 1, "the redelivered poison was published to DLQ again");
+    assert_eq!(dead_letters(&p).await.len(), 1);
+    let metrics = reqwest::get(format!("{}/metrics", p.api.base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("projector_dead_letters_repeated_total") && !l.ends_with(" 0")),
+        "the repeat is counted"
+    );
+    // The victim's history is intact and still moves.
+    rig.core.api.deposit(&victim, 5).await.expect(200);
+    rig.wait_synced(&victim, 2, Duration::from_secs(10)).await;
+}

@@ -1,0 +1,670 @@
+//! The transfer service: B9-B13, B20, B30, B31 and F1-F4.
+
+use std::time::{Duration, Instant};
+
+use axum::http::Method;
+use bank_tests::apps::{TransferOptions, customer_token};
+use bank_tests::nats::stream_messages;
+use bank_tests::proxy::Action;
+use bank_tests::{Api, Reply, Stack, StackOptions, TransferApp, eventually, unique};
+use sea_orm::{ConnectionTrait, Database, Statement};
+use serde_json::{Value, json};
+
+async fn send(api: &Api, from: &str, to: &str, amount: u64) -> Reply {
+    api.post(
+        "/v1/transfers",
+        json!({"from_account": from, "to_account": to, "amount": amount.to_string()}),
+    )
+    .await
+}
+
+async fn status(api: &Api, id: &str) -> Value {
+    api.get(&format!("/v1/transfers/{id}"))
+        .await
+        .expect(200)
+        .body
+}
+
+async fn wait_status(api: &Api, id: &str, want: &str, within: Duration) -> Value {
+    eventually(&format!("transfer {id} {want}"), within, || async {
+        let s = status(api, id).await;
+        if s["status"] == want {
+            Ok(s)
+        } else {
+            Err(s.to_string())
+        }
+    })
+    .await
+}
+
+fn fast(ttl: u64, core_timeout_ms: u64) -> StackOptions {
+    StackOptions {
+        transfer: TransferOptions {
+            request_ttl_secs: ttl,
+            core_timeout_ms,
+            reconcile_interval_ms: 200,
+            fence_margin_ms: 1000,
+            database_url: None,
+        },
+        ..Default::default()
+    }
+}
+
+async fn channel_count(stack: &Stack, sql: &str) -> i64 {
+    let db = Database::connect(stack.transfer.db_url.as_str())
+        .await
+        .unwrap();
+    let n = db
+        .query_one_raw(Statement::from_string(
+            db.get_database_backend(),
+            sql.to_owned(),
+        ))
+        .await
+        .unwrap()
+        .unwrap()
+        .try_get_by_index::<i64>(0)
+        .unwrap();
+    db.close().await.unwrap();
+    n
+}
+
+#[tokio::test]
+async fn b09_transfer_is_stored_pending_with_id_and_requested_at_before_the_core_is_called() {
+    let stack = Stack::start(fast(60, 5000)).await.unwrap();
+    let (_, from, api) = stack.customer_with_account(10_000).await;
+    let to = stack.core.api.funded_account(0).await;
+    stack
+        .proxy
+        .add(Some(Method::POST), "/v1/transfers", Action::Hold, Some(1));
+    let request = tokio::spawn({
+        let api = api.clone();
+        let (from, to) = (from.clone(), to.clone());
+        async move { send(&api, &from, &to, 1000).await }
+    });
+    eventually(
+        "the request is held at the proxy",
+        Duration::from_secs(5),
+        || async {
+            if stack
+                .proxy
+                .seen()
+                .iter()
+                .any(|(m, p, _)| m == Method::POST && p == "/v1/transfers")
+            {
+                Ok(())
+            } else {
+                Err("not yet".into())
+            }
+        },
+    )
+    .await;
+    // The core has not received it, yet the channel already stored it.
+    assert!(
+        !stack
+            .proxy
+            .forwarded()
+            .iter()
+            .any(|(m, p)| m == Method::POST && p == "/v1/transfers")
+    );
+    let pending = channel_count(
+        &stack,
+        &format!("SELECT count(*) FROM transfer_requests WHERE from_account = '{from}' AND status = 'pending' AND requested_at IS NOT NULL"),
+    )
+    .await;
+    assert_eq!(pending, 1);
+    stack.proxy.release_held();
+    let r = request.await.unwrap().expect(200);
+    assert_eq!(r.body["status"], "succeeded");
+    assert!(r.str("transfer_id").starts_with("trf_"));
+    assert!(r.body["requested_at"].is_string());
+    assert_eq!(stack.core.api.balance(&to).await, 1000);
+}
+
+#[tokio::test]
+async fn b10_second_transfer_while_pending_is_refused_by_the_database() {
+    let stack = Stack::start(fast(60, 300)).await.unwrap();
+    let (_, from, api) = stack.customer_with_account(10_000).await;
+    let to = stack.core.api.funded_account(0).await;
+    stack
+        .proxy
+        .add(Some(Method::POST), "/v1/transfers", Action::Hold, Some(1));
+    let first = send(&api, &from, &to, 1000).await.expect(202);
+    let id = first.str("transfer_id");
+    let second = send(&api, &from, &to, 1000).await.expect(409);
+    assert_eq!(second.code(), Some("transfer_in_progress"));
+    assert_eq!(second.body["error"]["transfer_id"], json!(id));
+    // Enforced by the database itself, not only by code.
+    let db = Database::connect(stack.transfer.db_url.as_str())
+        .await
+        .unwrap();
+    let err = db
+        .execute_unprepared(&format!(
+            "INSERT INTO transfer_requests (transfer_id, customer_id, from_account, to_account, amount, status, requested_at) \
+             VALUES ('trf_direct', 'cus_x', '{from}', '{to}', 5, 'pending', now())"
+        ))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("transfer_requests_one_pending_per_account"),
+        "{err}"
+    );
+    stack.proxy.release_held();
+    wait_status(&api, &id, "succeeded", Duration::from_secs(10)).await;
+    // Free again once resolved.
+    send(&api, &from, &to, 500).await.expect(200);
+    assert_eq!(stack.core.api.balance(&to).await, 1500);
+}
+
+#[tokio::test]
+async fn b11_timeout_answers_pending_and_the_result_arrives_without_another_request() {
+    let stack = Stack::start(fast(60, 300)).await.unwrap();
+    let (_, from, api) = stack.customer_with_account(10_000).await;
+    let to = stack.core.api.funded_account(0).await;
+    stack.proxy.add(
+        Some(Method::POST),
+        "/v1/transfers",
+        Action::DelayResponse(Duration::from_millis(1500)),
+        Some(1),
+    );
+    let r = send(&api, &from, &to, 2500).await.expect(202);
+    assert_eq!(r.body["status"], "pending");
+    let id = r.str("transfer_id");
+    let done = wait_status(&api, &id, "succeeded", Duration::from_secs(5)).await;
+    assert!(done["from_seq"].is_i64());
+    assert_eq!(stack.core.api.balance(&to).await, 2500);
+    let posts = stack
+        .proxy
+        .seen()
+        .iter()
+        .filter(|(m, p, _)| m == Method::POST && p == "/v1/transfers")
+        .count();
+    assert_eq!(posts, 1, "the transfer was sent to the core once");
+}
+
+#[tokio::test]
+async fn b13_reconciler_resolves_pending_transfers_left_by_a_crash_at_start_up() {
+    let stack = Stack::start(fast(2, 3000)).await.unwrap();
+    let (customer, from, _) = stack.customer_with_account(10_000).await;
+    let to = stack.core.api.funded_account(0).await;
+    let mut transfer = stack.transfer;
+    transfer.stop().await.unwrap();
+    // Two transfers left pending by a "crash": one the core executed, one it never saw.
+    let executed = unique("trf_");
+    stack
+        .core
+        .api
+        .post(
+            "/v1/transfers",
+            bank_tests::client::transfer_body(&executed, &from, &to, 700),
+        )
+        .await
+        .expect(200);
+    let lost = unique("trf_");
+    let other_from = stack.core.api.new_account(&customer).await;
+    let db = Database::connect(transfer.db_url.as_str()).await.unwrap();
+    db.execute_unprepared(&format!(
+        "INSERT INTO transfer_requests (transfer_id, customer_id, from_account, to_account, amount, status, requested_at) VALUES \
+         ('{executed}', '{customer}', '{from}', '{to}', 700, 'pending', now() - interval '1 second'), \
+         ('{lost}', '{customer}', '{other_from}', '{to}', 100, 'pending', now() - interval '10 seconds')"
+    ))
+    .await
+    .unwrap();
+    let restarted = TransferApp::spawn(
+        &stack.nats,
+        &stack.proxy.url(),
+        TransferOptions {
+            request_ttl_secs: 2,
+            database_url: Some(transfer.db_url.clone()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let api = restarted.as_customer(&customer);
+    let a = wait_status(&api, &executed, "succeeded", Duration::from_secs(5)).await;
+    assert_eq!(a["from_seq"], 2);
+    let b = wait_status(&api, &lost, "failed", Duration::from_secs(5)).await;
+    assert_eq!(b["reason"], "never_received");
+    assert_eq!(stack.core.api.balance(&to).await, 700);
+}
+
+#[tokio::test]
+async fn b20_status_changes_are_published_as_transfer_events() {
+    let stack = Stack::start(fast(60, 3000)).await.unwrap();
+    let (_, from, api) = stack.customer_with_account(10_000).await;
+    let to = stack.core.api.funded_account(0).await;
+    let ok = send(&api, &from, &to, 1000)
+        .await
+        .expect(200)
+        .str("transfer_id");
+    let refused = send(&api, &from, &to, 1_000_000).await.expect(422);
+    assert_eq!(refused.code(), Some("insufficient_funds"));
+    let refused_id = refused.body["error"]["transfer_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let js = stack.nats.jetstream().await.unwrap();
+    let events = eventually("four transfer events", Duration::from_secs(10), || async {
+        let m = stream_messages(&js, "TRANSFERS")
+            .await
+            .map_err(|e| e.to_string())?;
+        if m.len() >= 4 {
+            Ok(m)
+        } else {
+            Err(format!("{} events", m.len()))
+        }
+    })
+    .await;
+    let mut seen: Vec<(String, String)> = Vec::new();
+    for m in &events {
+        let ev: Value = serde_json::from_slice(&m.payload).unwrap();
+        let id = ev["event_id"].as_str().unwrap().to_owned();
+        assert_eq!(
+            m.headers.get("Nats-Msg-Id").map(|v| v.to_string()),
+            Some(id.clone())
+        );
+        assert!(m.headers.get("traceparent").is_some());
+        let word = m
+            .subject
+            .as_str()
+            .strip_prefix("bank.transfer.")
+            .unwrap()
+            .to_owned();
+        assert_eq!(
+            id,
+            format!("{}:{word}", ev["transfer_id"].as_str().unwrap())
+        );
+        let expected_status = if word == "requested" {
+            "pending"
+        } else {
+            word.as_str()
+        };
+        assert_eq!(ev["status"], expected_status);
+        seen.push((ev["transfer_id"].as_str().unwrap().to_owned(), word));
+        if ev["status"] == "failed" {
+            assert_eq!(ev["reason"], "insufficient_funds");
+        }
+    }
+    for expected in [
+        (ok.clone(), "requested"),
+        (ok.clone(), "succeeded"),
+        (refused_id.clone(), "requested"),
+        (refused_id.clone(), "failed"),
+    ] {
+        assert!(
+            seen.contains(&(expected.0.clone(), expected.1.to_owned())),
+            "missing {expected:?} in {seen:?}"
+        );
+    }
+    assert_eq!(events.len(), 4);
+}
+
+#[tokio::test]
+async fn b30_customers_need_a_valid_token_and_act_only_on_their_own_accounts() {
+    let stack = Stack::start(fast(60, 3000)).await.unwrap();
+    let (_, mine, me) = stack.customer_with_account(10_000).await;
+    let (_, theirs, them) = stack.customer_with_account(10_000).await;
+    let their_transfer = send(&them, &theirs, &mine, 10)
+        .await
+        .expect(200)
+        .str("transfer_id");
+
+    let anonymous = me.with_token(None);
+    let expired = me.with_token(Some(
+        transfer::auth::issue_token(bank_tests::apps::JWT_SECRET, "cus_x", 0).unwrap(),
+    ));
+    let expired_long_ago = {
+        // exp in the past beyond the leeway
+        let claims = json!({"sub": "cus_x", "exp": 1_000_000});
+        let t = jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(bank_tests::apps::JWT_SECRET.as_bytes()),
+        )
+        .unwrap();
+        me.with_token(Some(t))
+    };
+    let _ = expired;
+    let wrong_key = me.with_token(Some(
+        transfer::auth::issue_token("another-secret", "cus_x", 3600).unwrap(),
+    ));
+    let no_exp = {
+        let claims = json!({"sub": "cus_x"});
+        let t = jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(bank_tests::apps::JWT_SECRET.as_bytes()),
+        )
+        .unwrap();
+        me.with_token(Some(t))
+    };
+    let garbage = me.with_token(Some("not-a-jwt".into()));
+    let routes = [
+        ("POST", "/v1/transfers".to_owned()),
+        ("GET", format!("/v1/transfers/{their_transfer}")),
+        ("GET", format!("/v1/accounts/{mine}/history")),
+        ("POST", format!("/v1/accounts/{mine}/history/sync")),
+        ("GET", format!("/v1/accounts/{mine}/interest")),
+        ("POST", format!("/v1/accounts/{mine}/interest/receive")),
+    ];
+    for client in [&anonymous, &expired_long_ago, &wrong_key, &no_exp, &garbage] {
+        for (m, p) in &routes {
+            let r = client
+                .send(
+                    m,
+                    p,
+                    Some(json!({"from_account": mine, "to_account": theirs, "amount": "1"})),
+                    &[],
+                )
+                .await;
+            assert_eq!((r.status, r.code()), (401, Some("unauthorized")), "{m} {p}");
+        }
+    }
+    // Someone else's account: 403 everywhere; someone else's transfer: not found.
+    let r = send(&me, &theirs, &mine, 1).await;
+    assert_eq!((r.status, r.code()), (403, Some("forbidden")));
+    for (m, p) in [
+        ("GET", format!("/v1/accounts/{theirs}/history")),
+        ("POST", format!("/v1/accounts/{theirs}/history/sync")),
+        ("GET", format!("/v1/accounts/{theirs}/interest")),
+        ("POST", format!("/v1/accounts/{theirs}/interest/receive")),
+        ("GET", "/v1/accounts/acc_nobody/history".to_owned()),
+    ] {
+        let r = me.send(m, &p, None, &[]).await;
+        assert_eq!((r.status, r.code()), (403, Some("forbidden")), "{m} {p}");
+    }
+    assert_eq!(
+        me.get(&format!("/v1/transfers/{their_transfer}"))
+            .await
+            .expect(404)
+            .code(),
+        Some("transfer_not_found")
+    );
+    assert_eq!(
+        stack.core.api.balance(&theirs).await,
+        9_990,
+        "nothing moved from their account"
+    );
+}
+
+#[tokio::test]
+async fn b31_transfer_service_bad_input_gets_a_documented_4xx() {
+    let stack = Stack::start(fast(60, 3000)).await.unwrap();
+    let (_, from, api) = stack.customer_with_account(10_000).await;
+    let (_, other, _) = stack.customer_with_account(0).await;
+    let good = json!({"from_account": from, "to_account": other, "amount": "10"});
+    let with = |k: &str, v: Value| {
+        let mut b = good.clone();
+        b[k] = v;
+        b
+    };
+    for body in [
+        with("amount", json!(10)),
+        with("amount", json!("0")),
+        with("amount", json!("-1")),
+        with("amount", json!("0.5")),
+        with("amount", json!("10000000000000000")),
+        with("amount", json!(null)),
+        with("to_account", json!("has space")),
+        with("memo", json!("m".repeat(141))),
+        with("unexpected", json!(true)),
+        json!({}),
+        json!("string"),
+    ] {
+        let r = api.post("/v1/transfers", body.clone()).await;
+        assert_eq!(
+            (r.status, r.code()),
+            (400, Some("invalid_request")),
+            "{body}: {}",
+            r.body
+        );
+    }
+    let r = api
+        .send_raw(
+            "POST",
+            "/v1/transfers",
+            "application/json",
+            b"{\"from_account\":".to_vec(),
+        )
+        .await;
+    assert_eq!((r.status, r.code()), (400, Some("malformed_json")));
+    let r = api
+        .send_raw(
+            "POST",
+            "/v1/transfers",
+            "application/json",
+            vec![b' '; 100 * 1024],
+        )
+        .await;
+    assert_eq!((r.status, r.code()), (413, Some("payload_too_large")));
+    let r = api
+        .send(
+            "POST",
+            "/v1/transfers",
+            Some(good.clone()),
+            &[("Idempotency-Key", "bad key with spaces")],
+        )
+        .await;
+    assert_eq!((r.status, r.code()), (400, Some("invalid_idempotency_key")));
+    for q in [
+        "limit=0",
+        "limit=101",
+        "limit=abc",
+        "cursor=%%%",
+        "cursor=aDE6YWNjX290aGVyOjU",
+        "extra=1",
+    ] {
+        let r = api.get(&format!("/v1/accounts/{from}/history?{q}")).await;
+        assert_eq!(r.status, 400, "{q}: {}", r.body);
+        assert!(
+            matches!(r.code(), Some("invalid_query" | "invalid_cursor")),
+            "{q}: {}",
+            r.body
+        );
+    }
+    assert_eq!(
+        api.get("/v1/accounts/bad.id/history")
+            .await
+            .expect(400)
+            .code(),
+        Some("invalid_id")
+    );
+    assert_eq!(
+        api.get("/v1/transfers/bad.id").await.expect(400).code(),
+        Some("invalid_id")
+    );
+    // A target that does not exist is the core's refusal, recorded as failed.
+    let r = send(&api, &from, "acc_nobody", 10).await.expect(422);
+    assert_eq!(r.code(), Some("account_not_found"));
+    assert_eq!(stack.core.api.balance(&from).await, 10_000);
+    // Idempotency-Key: same key, same transfer; same key, other body: conflict.
+    let key = [("Idempotency-Key", "order-42")];
+    let a = api
+        .send("POST", "/v1/transfers", Some(good.clone()), &key)
+        .await
+        .expect(200);
+    let b = api
+        .send("POST", "/v1/transfers", Some(good.clone()), &key)
+        .await
+        .expect(200);
+    assert_eq!(a.body["transfer_id"], b.body["transfer_id"]);
+    let c = api
+        .send(
+            "POST",
+            "/v1/transfers",
+            Some(with("amount", json!("11"))),
+            &key,
+        )
+        .await
+        .expect(409);
+    assert_eq!(c.code(), Some("idempotency_conflict"));
+    assert_eq!(stack.core.api.balance(&other).await, 10);
+    let _ = customer_token("x");
+}
+
+#[tokio::test]
+async fn f1_core_answers_after_the_timeout_pending_then_succeeded_no_second_transfer_meanwhile() {
+    let mut opts = fast(60, 300);
+    opts.with_projector = true;
+    let stack = Stack::start(opts).await.unwrap();
+    let (_, from, api) = stack.customer_with_account(10_000).await;
+    let to = stack.core.api.funded_account(0).await;
+    stack.proxy.add(
+        Some(Method::POST),
+        "/v1/transfers",
+        Action::DelayResponse(Duration::from_secs(2)),
+        Some(1),
+    );
+    let r = send(&api, &from, &to, 3000).await.expect(202);
+    let id = r.str("transfer_id");
+    assert_eq!(
+        send(&api, &from, &to, 3000).await.expect(409).code(),
+        Some("transfer_in_progress")
+    );
+    wait_status(&api, &id, "succeeded", Duration::from_secs(5)).await;
+    // The projector brings the entry; the history shows the transfer once.
+    let hist = eventually(
+        "the transfer in the history",
+        Duration::from_secs(10),
+        || async {
+            let h = api
+                .get(&format!("/v1/accounts/{from}/history"))
+                .await
+                .expect(200)
+                .body;
+            if h["synced_through_seq"] == 2 {
+                Ok(h)
+            } else {
+                Err(h.to_string())
+            }
+        },
+    )
+    .await;
+    let with_id: Vec<&Value> = hist["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["transfer_id"] == json!(id))
+        .collect();
+    assert_eq!(with_id.len(), 1);
+    assert_eq!(
+        stack.core.api.balance(&from).await,
+        7_000,
+        "money moved once"
+    );
+}
+
+#[tokio::test]
+async fn f2_customer_retry_after_timeout_is_refused_and_money_moves_once() {
+    let stack = Stack::start(fast(60, 300)).await.unwrap();
+    let (_, from, api) = stack.customer_with_account(10_000).await;
+    let to = stack.core.api.funded_account(0).await;
+    stack.proxy.add(
+        Some(Method::POST),
+        "/v1/transfers",
+        Action::DelayRequest(Duration::from_secs(1)),
+        Some(1),
+    );
+    let id = send(&api, &from, &to, 4000)
+        .await
+        .expect(202)
+        .str("transfer_id");
+    // The customer saw a timeout and presses "send" again, several times.
+    for _ in 0..3 {
+        let r = send(&api, &from, &to, 4000).await.expect(409);
+        assert_eq!(r.code(), Some("transfer_in_progress"));
+        assert_eq!(r.body["error"]["transfer_id"], json!(id));
+    }
+    wait_status(&api, &id, "succeeded", Duration::from_secs(5)).await;
+    assert_eq!(stack.core.api.balance(&to).await, 4000);
+    assert_eq!(stack.core.api.balance(&from).await, 6000);
+}
+
+#[tokio::test]
+async fn f3_lost_request_fails_after_the_ttl_and_the_account_is_usable_again() {
+    let stack = Stack::start(fast(2, 300)).await.unwrap();
+    let (_, from, api) = stack.customer_with_account(10_000).await;
+    let to = stack.core.api.funded_account(0).await;
+    stack
+        .proxy
+        .add(Some(Method::POST), "/v1/transfers", Action::Drop, Some(1));
+    let started = Instant::now();
+    let r = send(&api, &from, &to, 1000).await.expect(202);
+    let id = r.str("transfer_id");
+    let failed = wait_status(&api, &id, "failed", Duration::from_secs(2 + 5)).await;
+    assert!(
+        started.elapsed() <= Duration::from_secs(2 + 5),
+        "failed no later than TTL + 5 s"
+    );
+    assert_eq!(failed["reason"], "never_received");
+    // The core recorded the fence.
+    let core_view = stack
+        .core
+        .api
+        .get(&format!("/v1/transfers/{id}"))
+        .await
+        .expect(200);
+    assert_eq!(core_view.body["reason"], "never_received");
+    send(&api, &from, &to, 1000).await.expect(200);
+    assert_eq!(
+        stack.core.api.balance(&to).await,
+        1000,
+        "only the second transfer moved money"
+    );
+}
+
+#[tokio::test]
+async fn f4_request_arriving_after_the_channel_declared_failure_never_moves_money() {
+    let stack = Stack::start(fast(2, 300)).await.unwrap();
+    let (_, from, api) = stack.customer_with_account(10_000).await;
+    let to = stack.core.api.funded_account(0).await;
+    stack
+        .proxy
+        .add(Some(Method::POST), "/v1/transfers", Action::Hold, Some(1));
+    let id = send(&api, &from, &to, 1000)
+        .await
+        .expect(202)
+        .str("transfer_id");
+    wait_status(&api, &id, "failed", Duration::from_secs(7)).await;
+    // Now the delayed request reaches the core.
+    let delivered = || {
+        stack
+            .proxy
+            .forwarded()
+            .iter()
+            .filter(|(m, p)| m == Method::POST && p == "/v1/transfers")
+            .count()
+    };
+    assert_eq!(delivered(), 0);
+    stack.proxy.release_held();
+    eventually(
+        "the held request was delivered",
+        Duration::from_secs(5),
+        || async {
+            if delivered() == 1 {
+                Ok(())
+            } else {
+                Err("not yet".into())
+            }
+        },
+    )
+    .await;
+    let core_view = eventually("the core's decision", Duration::from_secs(5), || async {
+        let r = stack.core.api.get(&format!("/v1/transfers/{id}")).await;
+        if r.status == 200 {
+            Ok(r.body)
+        } else {
+            Err(r.body.to_string())
+        }
+    })
+    .await;
+    assert_eq!(core_view["status"], "failed");
+    assert_eq!(
+        stack.core.api.balance(&from).await,
+        10_000,
+        "money never moves"
+    );
+    assert_eq!(stack.core.api.balance(&to).await, 0);
+    assert_eq!(status(&api, &id).await["status"], "failed");
+}
