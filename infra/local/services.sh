@@ -1,0 +1,192 @@
+#!/usr/bin/env bash
+# Local services for the bank backbone: PostgreSQL, NATS with JetStream, Redis.
+#
+#   infra/local/services.sh up      use what is reachable, start what is not
+#   infra/local/services.sh down    stop only what this script started
+#   infra/local/services.sh status  show what answers
+#
+# For each service: if something answers on its port (127.0.0.1), it is used
+# as it is. Otherwise the Debian package is installed if its program is
+# missing, and the service is started on loopback with its data under
+# $LOCAL_DIR (default .local/, ignored by git). Idempotent: running `up` twice
+# starts nothing the second time. Ports: PG_PORT, NATS_PORT, REDIS_PORT.
+#
+# A NATS server started here runs JetStream with `sync_interval: always`
+# (fsync before every acknowledgement; the default, fsync every two minutes,
+# loses acknowledged messages on power loss, as Jepsen showed in 2025). That
+# option needs nats-server >= 2.10; Debian 12 ships 2.9.10, so when the
+# installed server is older, the nats-server package of the next Debian release
+# (a static Go binary) is unpacked into $LOCAL_DIR/bin and used instead.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+LOCAL_DIR=${LOCAL_DIR:-$ROOT/.local}
+PG_PORT=${PG_PORT:-5432}
+NATS_PORT=${NATS_PORT:-4222}
+REDIS_PORT=${REDIS_PORT:-6379}
+DATABASES=${DATABASES:-"bank_core bank_channel"}
+NATS_DEB_URL=${NATS_DEB_URL:-http://deb.debian.org/debian/pool/main/n/nats-server/nats-server_2.10.27-1+b2_amd64.deb}
+STARTED="$LOCAL_DIR/started"
+BIN_DIR=${BIN_DIR:-$ROOT/.local/bin}
+
+log() { printf '[services] %s\n' "$*" >&2; }
+die() { printf '[services] ERROR: %s\n' "$*" >&2; exit 1; }
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else die "need root (or sudo) to run: $*"; fi
+}
+
+# True when something accepts TCP connections on 127.0.0.1:$1.
+port_open() { timeout 1 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1" 2>/dev/null; }
+
+wait_port() {
+  local port=$1 what=$2 i
+  for i in $(seq 1 100); do port_open "$port" && return 0; sleep 0.2; done
+  die "$what did not start listening on 127.0.0.1:$port (see $LOCAL_DIR/*.log)"
+}
+
+apt_updated=
+apt_install() {
+  log "installing Debian packages: $*"
+  if [ -z "$apt_updated" ]; then as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq; apt_updated=1; fi
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+mark_started() { mkdir -p "$LOCAL_DIR"; grep -qx "$1" "$STARTED" 2>/dev/null || echo "$1" >>"$STARTED"; }
+
+pg_bindir() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1; }
+
+# Runs a PostgreSQL server program as a non-root user (initdb refuses root).
+pg_run() {
+  if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+psql_admin() {
+  psql "postgresql://postgres@127.0.0.1:$PG_PORT/postgres" -v ON_ERROR_STOP=1 -qtAX "$@"
+}
+
+up_postgres() {
+  if port_open "$PG_PORT"; then
+    log "PostgreSQL: using the server already listening on 127.0.0.1:$PG_PORT"
+  else
+    [ -n "$(pg_bindir)" ] || apt_install postgresql
+    local bin data run
+    bin=$(pg_bindir); data="$LOCAL_DIR/postgres"; run="$LOCAL_DIR/postgres-run"
+    mkdir -p "$data" "$run"
+    [ "$(id -u)" = 0 ] && chown postgres:postgres "$data" "$run" && chmod 700 "$data"
+    if [ ! -f "$data/PG_VERSION" ]; then
+      log "PostgreSQL: initialising $data"
+      pg_run "$bin/initdb" -D "$data" -U postgres --auth=trust -E UTF8 >"$LOCAL_DIR/postgres-initdb.log"
+    fi
+    log "PostgreSQL: starting on 127.0.0.1:$PG_PORT"
+    touch "$LOCAL_DIR/postgres.log"; [ "$(id -u)" = 0 ] && chown postgres "$LOCAL_DIR/postgres.log"
+    pg_run "$bin/pg_ctl" -D "$data" -l "$LOCAL_DIR/postgres.log" -w -t 60 start \
+      -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -c unix_socket_directories=$run -c max_connections=300 -c fsync=on" >/dev/null
+    mark_started postgres
+    wait_port "$PG_PORT" PostgreSQL
+  fi
+  command -v psql >/dev/null || apt_install postgresql-client
+  local db
+  for db in $DATABASES; do
+    if [ "$(psql_admin -c "SELECT 1 FROM pg_database WHERE datname = '$db'")" != 1 ]; then
+      log "PostgreSQL: creating database $db"
+      psql_admin -c "CREATE DATABASE \"$db\""
+    fi
+  done
+}
+
+# Prints the path of a nats-server that supports sync_interval (>= 2.10).
+nats_binary() {
+  local sys ver
+  sys=$(command -v nats-server || true)
+  if [ -n "$sys" ]; then
+    ver=$("$sys" --version 2>/dev/null | sed -n 's/.*v\([0-9]*\)\.\([0-9]*\).*/\1 \2/p')
+    set -- $ver
+    if [ "${1:-0}" -gt 2 ] || { [ "${1:-0}" -eq 2 ] && [ "${2:-0}" -ge 10 ]; }; then echo "$sys"; return; fi
+  fi
+  local own="$BIN_DIR/nats-server"
+  if [ ! -x "$own" ]; then
+    log "NATS: installed nats-server is older than 2.10 (no sync_interval); unpacking Debian's 2.10 package into $BIN_DIR"
+    command -v curl >/dev/null || apt_install curl ca-certificates
+    local tmp; tmp=$(mktemp -d)
+    curl -fsSL -m 300 -o "$tmp/nats.deb" "$NATS_DEB_URL" || die "cannot download $NATS_DEB_URL"
+    dpkg-deb -x "$tmp/nats.deb" "$tmp/x"
+    mkdir -p "$BIN_DIR"; cp "$tmp/x/usr/sbin/nats-server" "$own"; rm -rf "$tmp"
+  fi
+  echo "$own"
+}
+
+up_nats() {
+  if port_open "$NATS_PORT"; then
+    log "NATS: using the server already listening on 127.0.0.1:$NATS_PORT (its JetStream settings are its own)"
+    return
+  fi
+  command -v nats-server >/dev/null || [ -x "$BIN_DIR/nats-server" ] || apt_install nats-server
+  local bin dir="$LOCAL_DIR/nats"
+  bin=$(nats_binary)
+  mkdir -p "$dir"
+  cat >"$LOCAL_DIR/nats.conf" <<CONF
+listen: 127.0.0.1:$NATS_PORT
+pid_file: "$LOCAL_DIR/nats.pid"
+jetstream {
+  store_dir: "$dir"
+  sync_interval: always
+}
+CONF
+  log "NATS: starting $("$bin" --version) with JetStream (sync_interval: always) on 127.0.0.1:$NATS_PORT"
+  nohup "$bin" -c "$LOCAL_DIR/nats.conf" >"$LOCAL_DIR/nats.log" 2>&1 &
+  mark_started nats
+  wait_port "$NATS_PORT" NATS
+}
+
+up_redis() {
+  if port_open "$REDIS_PORT"; then
+    log "Redis: using the server already listening on 127.0.0.1:$REDIS_PORT"
+    return
+  fi
+  command -v redis-server >/dev/null || apt_install redis-server
+  mkdir -p "$LOCAL_DIR/redis"
+  log "Redis: starting on 127.0.0.1:$REDIS_PORT"
+  redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --daemonize yes --dir "$LOCAL_DIR/redis" \
+    --pidfile "$LOCAL_DIR/redis.pid" --logfile "$LOCAL_DIR/redis.log" --save "" --appendonly no
+  mark_started redis
+  wait_port "$REDIS_PORT" Redis
+}
+
+# Sends TERM to the process in pid file $1 and waits (10 s) for it to exit.
+stop_pidfile() {
+  local pid i
+  [ -f "$1" ] || return 0
+  pid=$(cat "$1"); kill "$pid" 2>/dev/null || return 0
+  for i in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.2; done
+  log "pid $pid did not exit after 10 s; killing it"; kill -9 "$pid" 2>/dev/null || true
+}
+
+down() {
+  [ -f "$STARTED" ] || { log "nothing was started here"; return; }
+  local s
+  while read -r s; do
+    case $s in
+      postgres) log "stopping PostgreSQL"; pg_run "$(pg_bindir)/pg_ctl" -D "$LOCAL_DIR/postgres" -m fast -w stop >/dev/null || true ;;
+      nats) log "stopping NATS"; stop_pidfile "$LOCAL_DIR/nats.pid" ;;
+      redis) log "stopping Redis"; stop_pidfile "$LOCAL_DIR/redis.pid" ;;
+    esac
+  done <"$STARTED"
+  rm -f "$STARTED"
+}
+
+status() {
+  local name port
+  for name in PostgreSQL:$PG_PORT NATS:$NATS_PORT Redis:$REDIS_PORT; do
+    port=${name#*:}
+    if port_open "$port"; then echo "${name%%:*} 127.0.0.1:$port up"; else echo "${name%%:*} 127.0.0.1:$port down"; fi
+  done
+}
+
+case ${1:-up} in
+  up) mkdir -p "$LOCAL_DIR"; up_postgres; up_nats; up_redis; status ;;
+  down) down ;;
+  status) status ;;
+  nats-binary) nats_binary ;;
+  *) die "usage: $0 up|down|status|nats-binary" ;;
+esac
