@@ -91,15 +91,27 @@ async fn b28_one_transfer_is_one_trace_across_three_services_and_metrics_move() 
                 .filter(|s| s.trace_id == root.trace_id)
                 .cloned()
                 .collect();
-            let services: std::collections::HashSet<_> =
-                trace.iter().map(|s| s.service.clone()).collect();
-            let has_apply = trace
+            // Each service exports its spans in batches as they end, so wait
+            // until every span this test checks has arrived.
+            let wanted = [
+                ("transfer", "POST /v1/transfers".to_owned()),
+                ("transfer", "core transfer".to_owned()),
+                ("core-bank", "POST /v1/transfers".to_owned()),
+                ("core-bank", format!("publish bank.ledger.{from}")),
+                ("projector", format!("apply bank.ledger.{from}")),
+            ];
+            let missing: Vec<_> = wanted
                 .iter()
-                .any(|s| s.service == "projector" && s.name.starts_with("apply bank.ledger."));
-            if services.len() == 3 && has_apply {
+                .filter(|(service, name)| {
+                    !trace
+                        .iter()
+                        .any(|s| s.service == *service && s.name == *name)
+                })
+                .collect();
+            if missing.is_empty() {
                 Ok(trace)
             } else {
-                Err(format!("{services:?} apply={has_apply}"))
+                Err(format!("missing {missing:?}"))
             }
         },
     )
