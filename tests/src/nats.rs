@@ -12,6 +12,7 @@ pub struct NatsServer {
     port: u16,
     dir: PathBuf,
     child: Option<Child>,
+    fsync_every_write: bool,
 }
 
 /// The nats-server binary: `NATS_SERVER_BIN`, else the one `make` unpacked
@@ -34,14 +35,25 @@ pub fn free_port() -> u16 {
 }
 
 impl NatsServer {
-    /// Starts a server with JetStream in a temporary directory.
+    /// Starts a server with JetStream in a temporary directory, with
+    /// `sync_interval: always` where the server supports it.
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with_fsync(true).await
+    }
+
+    /// Starts a server whose JetStream fsyncs every write
+    /// (`fsync_every_write`, `sync_interval: always`) or keeps the server's
+    /// default (fsync every 2 minutes: acknowledged messages can be lost on
+    /// power loss). Only the benchmark's `--nats-sync default` uses the
+    /// latter, to measure what the fsyncs cost.
+    pub async fn start_with_fsync(fsync_every_write: bool) -> anyhow::Result<Self> {
         let dir = std::env::temp_dir().join(crate::unique("bank-nats-"));
         std::fs::create_dir_all(&dir)?;
         let mut s = Self {
             port: free_port(),
             dir,
             child: None,
+            fsync_every_write,
         };
         s.resume().await?;
         Ok(s)
@@ -55,7 +67,7 @@ impl NatsServer {
     /// Starts the server again (same port, same storage) after [`Self::stop`].
     pub async fn resume(&mut self) -> anyhow::Result<()> {
         let conf = self.dir.join("nats.conf");
-        let sync = if supports_sync_interval() {
+        let sync = if self.fsync_every_write && supports_sync_interval() {
             "  sync_interval: always\n"
         } else {
             ""

@@ -58,6 +58,18 @@ struct Args {
     /// Only these scenarios (comma separated, e.g. P1,P3).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// JetStream durability of the benchmark's nats-server: `always` (fsync
+    /// every write, as the project runs it) or `default` (the server's
+    /// 2-minute fsync interval, which can lose acknowledged messages on power
+    /// loss; only for measuring what the fsyncs cost).
+    #[arg(long, value_enum, default_value_t = NatsSync::Always)]
+    nats_sync: NatsSync,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum NatsSync {
+    Always,
+    Default,
 }
 
 #[derive(Default, Clone, serde::Serialize)]
@@ -117,7 +129,7 @@ struct Bench {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let nats = NatsServer::start().await?;
+    let nats = NatsServer::start_with_fsync(args.nats_sync == NatsSync::Always).await?;
     let core_db_url = bank_tests::db::fresh_database("bench_core").await?;
     let channel_db_url = bank_tests::db::fresh_database("bench_channel").await?;
     let (core_addr, transfer_addr, projector_addr) = (
@@ -167,7 +179,16 @@ async fn main() -> anyhow::Result<()> {
         json: serde_json::Map::new(),
         args,
     };
-    let machine = machine();
+    let machine = format!(
+        "{}; NATS JetStream {}",
+        machine(),
+        match b.args.nats_sync {
+            NatsSync::Always => "with sync_interval: always (fsync per write)",
+            NatsSync::Default => {
+                "with the server's default sync interval (NOT durable; diagnostic run)"
+            }
+        }
+    );
     println!("bench: {machine}");
     let only = b.args.only.clone();
     let wants = |id: &str| only.is_empty() || only.iter().any(|o| o.eq_ignore_ascii_case(id));
