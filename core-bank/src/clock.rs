@@ -98,8 +98,10 @@ impl Clock {
             Some(r) => r.try_get("", "today")?,
             None => None,
         };
+        // Never backwards: a refresh that read the row just before a local
+        // `set` committed must not undo it when it lands just after.
         if let Ok(mut g) = self.set_date.write() {
-            *g = date;
+            *g = (*g).max(date);
         }
         Ok(())
     }

@@ -2,11 +2,13 @@
 //!
 //! The setting lives in the core database (`interest_rollout`), so every
 //! replica follows the same one; each replica re-reads it every second, and
-//! the replica that changes it applies it at once. Accounts are bucketed by a
+//! the replica that changes it applies it at once (a re-read that began
+//! before that change is discarded, so it cannot undo it). Accounts are bucketed by a
 //! stable hash of their id (FNV-1a, fixed by this code, not by the Rust
 //! version): bucket `< new_path_percent` means the new path. Raising the
 //! percentage only ever adds accounts to the new path.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use common::AccountId;
@@ -25,10 +27,18 @@ pub struct RolloutSetting {
     pub shadow: bool,
 }
 
+/// Which local stores a refresh's read may predate (see
+/// [`Rollout::apply_refreshed`]).
+#[derive(Debug, Clone, Copy)]
+pub struct RefreshTicket(u64);
+
 /// The setting in force in this process.
 #[derive(Debug, Clone)]
 pub struct Rollout {
     current: Arc<RwLock<RolloutSetting>>,
+    /// Incremented by every local `store`: a refresh whose read began before
+    /// a store may have read the old row, and is discarded.
+    stores: Arc<AtomicU64>,
 }
 
 impl Default for Rollout {
@@ -38,6 +48,7 @@ impl Default for Rollout {
                 new_path_percent: 0,
                 shadow: false,
             })),
+            stores: Arc::new(AtomicU64::new(0)),
         }
     }
 }
@@ -65,28 +76,50 @@ impl Rollout {
         }
     }
 
-    fn set_local(&self, s: RolloutSetting) {
-        if let Ok(mut g) = self.current.write() {
-            *g = s;
-        }
-    }
-
     /// Re-reads the setting from the database.
     pub async fn refresh(&self, db: &DatabaseConnection) -> Result<(), DbErr> {
+        let ticket = self.refresh_ticket();
+        if let Some(read) = Self::read(db).await? {
+            self.apply_refreshed(ticket, read);
+        }
+        Ok(())
+    }
+
+    /// Taken before a refresh reads the database; see [`Self::apply_refreshed`].
+    pub fn refresh_ticket(&self) -> RefreshTicket {
+        RefreshTicket(self.stores.load(Ordering::SeqCst))
+    }
+
+    /// The setting stored in the database, if the row exists.
+    pub async fn read(db: &DatabaseConnection) -> Result<Option<RolloutSetting>, DbErr> {
         let row = db
             .query_one_raw(Statement::from_string(
                 db.get_database_backend(),
                 "SELECT new_path_percent, shadow FROM interest_rollout WHERE id = 1",
             ))
             .await?;
-        if let Some(r) = row {
+        row.map(|r| {
             let percent: i32 = r.try_get("", "new_path_percent")?;
-            self.set_local(RolloutSetting {
+            Ok(RolloutSetting {
                 new_path_percent: percent.clamp(0, 100) as u8,
                 shadow: r.try_get("", "shadow")?,
-            });
+            })
+        })
+        .transpose()
+    }
+
+    /// Applies a setting read by a refresh, unless this process stored a
+    /// setting since `ticket` was taken: that read may have seen the row as it
+    /// was before the store, and applying it would undo the store here until
+    /// the next refresh.
+    pub fn apply_refreshed(&self, ticket: RefreshTicket, read: RolloutSetting) {
+        // Checked under the lock that `store` also takes to apply its
+        // setting, so a store cannot slip in between check and write.
+        if let Ok(mut g) = self.current.write()
+            && self.stores.load(Ordering::SeqCst) == ticket.0
+        {
+            *g = read;
         }
-        Ok(())
     }
 
     /// Stores a new setting (validated by the caller) and applies it here now.
@@ -101,7 +134,10 @@ impl Rollout {
             [i32::from(s.new_path_percent).into(), s.shadow.into()],
         ))
         .await?;
-        self.set_local(s);
+        if let Ok(mut g) = self.current.write() {
+            self.stores.fetch_add(1, Ordering::SeqCst);
+            *g = s;
+        }
         tracing::info!(
             new_path_percent = s.new_path_percent,
             shadow = s.shadow,

@@ -715,3 +715,55 @@ async fn b03_b22_seed_example_payout_racing_deposits_loses_nothing() {
     }
     assert_eq!(p.str("net"), "7023");
 }
+
+/// A replica refreshes the business date and the rollout every second while
+/// its HTTP handlers may change them. A refresh that read the row just before
+/// a local change committed must not undo that change when it lands after it
+/// (it did: the replica served the old date or rollout for up to a second).
+#[tokio::test]
+async fn b26_a_refresh_that_read_the_old_row_never_undoes_a_newer_local_change() {
+    use core_bank::clock::Clock;
+    use core_bank::interest::rollout::{Rollout, RolloutSetting};
+
+    let (_nats, core) = core().await;
+    let db = sea_orm::Database::connect(core.db_url.as_str())
+        .await
+        .unwrap();
+
+    // The clock: set forward here, then a refresh reads an older date (the
+    // row as it was before the set committed).
+    let clock = Clock::new(chrono_tz::Asia::Seoul, true);
+    let start = clock.today();
+    let later = start + chrono::Duration::days(3);
+    clock.set(&db, later).await.unwrap();
+    sea_orm::ConnectionTrait::execute_unprepared(
+        &db,
+        &format!(
+            "UPDATE business_clock SET today = '{}' WHERE id = 1",
+            start + chrono::Duration::days(1)
+        ),
+    )
+    .await
+    .unwrap();
+    clock.refresh(&db).await.unwrap();
+    assert_eq!(clock.today(), later, "the business date never moves back");
+
+    // The rollout: a refresh reads the row, a local store commits, then the
+    // refresh applies what it read.
+    let rollout = Rollout::default();
+    rollout.refresh(&db).await.unwrap();
+    let old = rollout.get();
+    let ticket = rollout.refresh_ticket();
+    let read = Rollout::read(&db).await.unwrap().unwrap();
+    assert_eq!(read, old);
+    let new = RolloutSetting {
+        new_path_percent: 70,
+        shadow: true,
+    };
+    rollout.store(&db, new).await.unwrap();
+    rollout.apply_refreshed(ticket, read);
+    assert_eq!(rollout.get(), new, "the stale read was discarded");
+    // The next refresh reads the stored row and keeps it.
+    rollout.refresh(&db).await.unwrap();
+    assert_eq!(rollout.get(), new);
+}
