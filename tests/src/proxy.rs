@@ -11,7 +11,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::{oneshot, watch};
 
 /// What to do with a matching request.
 #[derive(Debug, Clone)]
@@ -24,7 +24,10 @@ pub enum Action {
     DelayResponse(Duration),
     /// Never forward, never answer (the client times out).
     Drop,
-    /// Keep until [`FaultProxy::release_held`], then forward (nobody hears the answer).
+    /// Keep until the next [`FaultProxy::release_held`] after the rule was
+    /// added, then forward (nobody hears the answer). A matching request that
+    /// arrives after that release is forwarded at once: a release is never
+    /// lost on a request that was still on its way.
     Hold,
     /// Answer this status without forwarding.
     Fail(u16),
@@ -42,14 +45,29 @@ pub struct Rule {
     pub action: Action,
     /// Matches left.
     pub times: Option<usize>,
+    /// For [`Action::Hold`]: the release count that frees its requests.
+    pub released_by: u64,
 }
 
-#[derive(Default)]
 struct Shared {
     rules: Mutex<Vec<Rule>>,
     seen: Mutex<Vec<(Method, String, std::time::Instant)>>,
     forwarded: Mutex<Vec<(Method, String)>>,
-    release: Notify,
+    answered: Mutex<Vec<(Method, String, u16)>>,
+    /// How many times [`FaultProxy::release_held`] was called.
+    releases: watch::Sender<u64>,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Self {
+            rules: Mutex::default(),
+            seen: Mutex::default(),
+            forwarded: Mutex::default(),
+            answered: Mutex::default(),
+            releases: watch::Sender::new(0),
+        }
+    }
 }
 
 /// A running proxy.
@@ -112,6 +130,7 @@ impl FaultProxy {
                 path_contains: path_contains.to_owned(),
                 action,
                 times,
+                released_by: *self.shared.releases.borrow() + 1,
             });
         }
     }
@@ -123,15 +142,26 @@ impl FaultProxy {
         }
     }
 
-    /// Forwards every held request now.
+    /// Forwards every held request now, and those of the current hold
+    /// rules that have not reached the proxy yet as soon as they do.
     pub fn release_held(&self) {
-        self.shared.release.notify_waiters();
+        self.shared.releases.send_modify(|n| *n += 1);
     }
 
     /// Requests that reached the proxy, as (method, path, when).
     pub fn seen(&self) -> Vec<(Method, String, std::time::Instant)> {
         self.shared
             .seen
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default()
+    }
+
+    /// Requests the upstream answered, as (method, path, status), whether or
+    /// not the client still listened.
+    pub fn answered(&self) -> Vec<(Method, String, u16)> {
+        self.shared
+            .answered
             .lock()
             .map(|s| s.clone())
             .unwrap_or_default()
@@ -152,13 +182,13 @@ impl Drop for FaultProxy {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
-        self.shared.release.notify_waiters();
+        self.shared.releases.send_modify(|n| *n = u64::MAX);
     }
 }
 
-fn action_for(shared: &Shared, method: &Method, path: &str) -> Action {
+fn action_for(shared: &Shared, method: &Method, path: &str) -> (Action, u64) {
     let Ok(mut rules) = shared.rules.lock() else {
-        return Action::Pass;
+        return (Action::Pass, 0);
     };
     for rule in rules.iter_mut() {
         let method_ok = rule.method.as_ref().is_none_or(|m| m == method);
@@ -166,10 +196,10 @@ fn action_for(shared: &Shared, method: &Method, path: &str) -> Action {
             if let Some(t) = rule.times.as_mut() {
                 *t -= 1;
             }
-            return rule.action.clone();
+            return (rule.action.clone(), rule.released_by);
         }
     }
-    Action::Pass
+    (Action::Pass, 0)
 }
 
 /// Runs the request in its own task, so a client that gives up (a timeout)
@@ -204,14 +234,18 @@ async fn forward_detached(
     if let Ok(mut seen) = s.shared.seen.lock() {
         seen.push((method.clone(), path.clone(), std::time::Instant::now()));
     }
-    let action = action_for(&s.shared, &method, &path);
+    let (action, released_by) = action_for(&s.shared, &method, &path);
     let mut answer_delay = None;
     match action {
         Action::Pass => {}
         Action::DelayRequest(d) => tokio::time::sleep(d).await,
         Action::DelayResponse(d) => answer_delay = Some(d),
         Action::Drop => std::future::pending::<()>().await,
-        Action::Hold => s.shared.release.notified().await,
+        Action::Hold => {
+            let mut releases = s.shared.releases.subscribe();
+            // Err only when the sender is gone, i.e. the proxy is dropped.
+            let _ = releases.wait_for(|n| *n >= released_by).await;
+        }
         Action::Fail(code) => {
             return StatusCode::from_u16(code)
                 .unwrap_or(StatusCode::BAD_GATEWAY)
@@ -223,7 +257,7 @@ async fn forward_detached(
     }
     let mut req = s
         .http
-        .request(method, format!("{}{path}", s.upstream))
+        .request(method.clone(), format!("{}{path}", s.upstream))
         .body(body);
     for (k, v) in headers.iter() {
         if k != "host" && k != "content-length" {
@@ -237,6 +271,9 @@ async fn forward_detached(
     let status = resp.status();
     let resp_headers = resp.headers().clone();
     let bytes = resp.bytes().await.unwrap_or_default();
+    if let Ok(mut a) = s.shared.answered.lock() {
+        a.push((method, path, status.as_u16()));
+    }
     if let Some(d) = answer_delay {
         tokio::time::sleep(d).await;
     }

@@ -303,7 +303,35 @@ async fn b25_cache_hit_invalidation_on_payout_and_midnight_key_change() {
     let api = &core.api;
     let account = api.funded_account(60_000_000).await;
     let day = advance(api, 3).await;
-    let first = interest(api, &account).await;
+    let mut redis = redis::Client::open(bank_tests::redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    // The deposit's invalidation is applied to Redis in the background; until
+    // then the account bypasses the cache, so query until a figure is stored.
+    let first = eventually(
+        "the first query stores its figure",
+        Duration::from_secs(10),
+        || {
+            let mut redis = redis.clone();
+            let account = account.clone();
+            async move {
+                let first = interest(api, &account).await;
+                let stored: bool = redis::cmd("EXISTS")
+                    .arg(format!("bank:interest:{account}:{day}"))
+                    .query_async(&mut redis)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if stored {
+                    Ok(first)
+                } else {
+                    Err("not cached yet".into())
+                }
+            }
+        },
+    )
+    .await;
     assert_eq!(first["gross"], "8301");
     // Change the truth behind the service's back: a cached answer does not see it.
     let db = sea_orm::Database::connect(core.db_url.as_str())
@@ -321,11 +349,6 @@ async fn b25_cache_hit_invalidation_on_payout_and_midnight_key_change() {
         first,
         "second query is served from the cache"
     );
-    let mut redis = redis::Client::open(bank_tests::redis_url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
     let ttl: i64 = redis::cmd("TTL")
         .arg(format!("bank:interest:{account}:{day}"))
         .query_async(&mut redis)

@@ -328,7 +328,8 @@ async fn b08_relay_is_woken_by_listen_notify_after_commit() {
             .query_one_raw(Statement::from_string(
                 db.get_database_backend(),
                 "SELECT count(*) AS n FROM pg_stat_activity \
-                 WHERE datname = current_database() AND query ILIKE 'LISTEN%outbox_inserted%'",
+                 WHERE datname = current_database() AND state = 'idle' \
+                   AND query ILIKE 'LISTEN%outbox_inserted%'",
             ))
             .await
             .unwrap()

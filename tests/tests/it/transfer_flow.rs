@@ -516,12 +516,20 @@ async fn f1_core_answers_after_the_timeout_pending_then_succeeded_no_second_tran
         Action::DelayResponse(Duration::from_secs(2)),
         Some(1),
     );
+    // Until the retry below is checked, the transfer service cannot learn
+    // the outcome from the core's status endpoint either (its resolver would
+    // otherwise clear the pending transfer within ~100 ms, a race with the
+    // retry on a loaded machine).
+    stack
+        .proxy
+        .add(Some(Method::GET), "/v1/transfers/", Action::Fail(503), None);
     let r = send(&api, &from, &to, 3000).await.expect(202);
     let id = r.str("transfer_id");
     assert_eq!(
         send(&api, &from, &to, 3000).await.expect(409).code(),
         Some("transfer_in_progress")
     );
+    stack.proxy.clear();
     wait_status(&api, &id, "succeeded", Duration::from_secs(5)).await;
     // The projector brings the entry; the history shows the transfer once.
     let hist = eventually(
@@ -566,6 +574,11 @@ async fn f2_customer_retry_after_timeout_is_refused_and_money_moves_once() {
         Action::DelayRequest(Duration::from_secs(1)),
         Some(1),
     );
+    // As in f1: the status endpoint is unavailable while the retries are
+    // checked, so the pending transfer cannot be resolved in between.
+    stack
+        .proxy
+        .add(Some(Method::GET), "/v1/transfers/", Action::Fail(503), None);
     let id = send(&api, &from, &to, 4000)
         .await
         .expect(202)
@@ -576,6 +589,7 @@ async fn f2_customer_retry_after_timeout_is_refused_and_money_moves_once() {
         assert_eq!(r.code(), Some("transfer_in_progress"));
         assert_eq!(r.body["error"]["transfer_id"], json!(id));
     }
+    stack.proxy.clear();
     wait_status(&api, &id, "succeeded", Duration::from_secs(5)).await;
     assert_eq!(stack.core.api.balance(&to).await, 4000);
     assert_eq!(stack.core.api.balance(&from).await, 6000);
@@ -592,7 +606,8 @@ async fn f3_lost_request_fails_after_the_ttl_and_the_account_is_usable_again() {
     let started = Instant::now();
     let r = send(&api, &from, &to, 1000).await.expect(202);
     let id = r.str("transfer_id");
-    let failed = wait_status(&api, &id, "failed", Duration::from_secs(2 + 5)).await;
+    let within = Duration::from_secs(2 + 5).saturating_sub(started.elapsed());
+    let failed = wait_status(&api, &id, "failed", within).await;
     assert!(
         started.elapsed() <= Duration::from_secs(2 + 5),
         "failed no later than TTL + 5 s"
@@ -638,18 +653,28 @@ async fn f4_request_arriving_after_the_channel_declared_failure_never_moves_mone
     };
     assert_eq!(delivered(), 0);
     stack.proxy.release_held();
-    eventually(
-        "the held request was delivered",
+    // The core answered the late request (nobody listens any more): it is
+    // refused as fenced.
+    let late_answer = eventually(
+        "the core answered the held request",
         Duration::from_secs(5),
         || async {
-            if delivered() == 1 {
-                Ok(())
-            } else {
-                Err("not yet".into())
+            let answers: Vec<u16> = stack
+                .proxy
+                .answered()
+                .into_iter()
+                .filter(|(m, p, _)| m == Method::POST && p == "/v1/transfers")
+                .map(|(_, _, status)| status)
+                .collect();
+            match answers.as_slice() {
+                [status] => Ok(*status),
+                _ => Err(format!("answers so far: {answers:?}")),
             }
         },
     )
     .await;
+    assert_eq!(delivered(), 1);
+    assert_eq!(late_answer, 422, "the late request is refused");
     let core_view = eventually("the core's decision", Duration::from_secs(5), || async {
         let r = stack.core.api.get(&format!("/v1/transfers/{id}")).await;
         if r.status == 200 {
