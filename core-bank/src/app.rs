@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 
 use crate::clock::Clock;
 use crate::config::Config;
-use crate::http::{self, AppState};
+use crate::http::{self, AppShared, AppState};
 use crate::interest::cache::InterestCache;
 use crate::interest::rollout::Rollout;
 use crate::interest::{InterestService, InterestSettings};
@@ -192,14 +192,14 @@ impl App {
         ));
 
         let readiness = Readiness::database_and_nats(self.db.clone(), self.nats.clone());
-        let state = AppState {
+        let state = AppState::new(AppShared {
             db: self.db.clone(),
             clock: self.clock.clone(),
             ledger,
             interest: self.interest.clone(),
             request_ttl: self.config.request_ttl(),
             api_token: Arc::from(self.config.api_token.as_str()),
-        };
+        });
         let router = http::router(
             state,
             readiness.clone(),

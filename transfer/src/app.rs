@@ -15,7 +15,7 @@ use tokio::net::TcpListener;
 use crate::auth::TokenVerifier;
 use crate::config::Config;
 use crate::core_client::CoreClient;
-use crate::http::{self, AppState};
+use crate::http::{self, AppShared, AppState};
 use crate::migration::Migrator;
 use crate::transfers::reconciler::{self, Resolver};
 use crate::transfers::service::TransferService;
@@ -135,7 +135,7 @@ impl App {
         ));
 
         let readiness = Readiness::database_and_nats(self.db.clone(), self.nats.clone());
-        let state = AppState {
+        let state = AppState::new(AppShared {
             db: self.db.clone(),
             core: self.core.clone(),
             transfers,
@@ -144,7 +144,7 @@ impl App {
                 .max_capacity(100_000)
                 .time_to_live(Duration::from_secs(self.config.ownership_cache_secs))
                 .build(),
-        };
+        });
         let router = http::router(
             state,
             readiness.clone(),

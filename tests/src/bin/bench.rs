@@ -548,6 +548,10 @@ impl Bench {
                 .await
                 .expect(200);
         }
+        eprintln!(
+            "bench: P4 cached expected-interest queries, 8 clients, {} s",
+            self.args.secs
+        );
         let core = self.core.clone();
         let (lat, errors, elapsed) = self
             .closed_loop(8, self.args.secs, move |i| {

@@ -23,9 +23,28 @@ use crate::auth::TokenVerifier;
 use crate::core_client::{CoreClient, CoreError};
 use crate::transfers::service::TransferService;
 
-/// What handlers share.
+/// What handlers share: a handle to [`AppShared`], so the per-request
+/// clones axum makes of the state cost one reference count.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<AppShared>);
+
+impl AppState {
+    /// Wraps the shared parts.
+    pub fn new(shared: AppShared) -> Self {
+        Self(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = AppShared;
+
+    fn deref(&self) -> &AppShared {
+        &self.0
+    }
+}
+
+/// The parts handlers share.
+pub struct AppShared {
     /// Channel database.
     pub db: DatabaseConnection,
     /// The core.
@@ -44,7 +63,7 @@ impl FromRef<AppState> for TokenVerifier {
     }
 }
 
-impl AppState {
+impl AppShared {
     /// Checks that `account` belongs to `customer` (403 otherwise, also for
     /// accounts that do not exist, so existence does not leak).
     pub async fn check_owner(
