@@ -27,25 +27,9 @@ use crate::clock::Clock;
 use crate::interest::InterestService;
 use crate::ledger::Ledger;
 
-/// What handlers share: a handle to [`AppShared`], so the per-request
-/// clones axum makes of the state cost one reference count.
-#[derive(Clone)]
-pub struct AppState(Arc<AppShared>);
-
-impl AppState {
-    /// Wraps the shared parts.
-    pub fn new(shared: AppShared) -> Self {
-        Self(Arc::new(shared))
-    }
-}
-
-impl std::ops::Deref for AppState {
-    type Target = AppShared;
-
-    fn deref(&self) -> &AppShared {
-        &self.0
-    }
-}
+/// What handlers share, behind one `Arc`: axum clones the state for every
+/// request, and that should cost one reference count.
+pub type AppState = Arc<AppShared>;
 
 /// The parts handlers share.
 pub struct AppShared {
