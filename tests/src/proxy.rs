@@ -46,7 +46,7 @@ pub struct Rule {
     /// Matches left.
     pub times: Option<usize>,
     /// For [`Action::Hold`]: the release count that frees its requests.
-    pub released_by: u64,
+    released_by: u64,
 }
 
 struct Shared {
@@ -150,31 +150,23 @@ impl FaultProxy {
 
     /// Requests that reached the proxy, as (method, path, when).
     pub fn seen(&self) -> Vec<(Method, String, std::time::Instant)> {
-        self.shared
-            .seen
-            .lock()
-            .map(|s| s.clone())
-            .unwrap_or_default()
+        snapshot(&self.shared.seen)
     }
 
     /// Requests the upstream answered, as (method, path, status), whether or
     /// not the client still listened.
     pub fn answered(&self) -> Vec<(Method, String, u16)> {
-        self.shared
-            .answered
-            .lock()
-            .map(|s| s.clone())
-            .unwrap_or_default()
+        snapshot(&self.shared.answered)
     }
 
     /// Requests forwarded to the upstream, as (method, path).
     pub fn forwarded(&self) -> Vec<(Method, String)> {
-        self.shared
-            .forwarded
-            .lock()
-            .map(|s| s.clone())
-            .unwrap_or_default()
+        snapshot(&self.shared.forwarded)
     }
+}
+
+fn snapshot<T: Clone>(log: &Mutex<Vec<T>>) -> Vec<T> {
+    log.lock().map(|l| l.clone()).unwrap_or_default()
 }
 
 impl Drop for FaultProxy {

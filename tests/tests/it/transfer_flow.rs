@@ -37,6 +37,17 @@ async fn wait_status(api: &Api, id: &str, want: &str, within: Duration) -> Value
     .await
 }
 
+/// Until the next `proxy.clear()`, the transfer service cannot learn a
+/// transfer's outcome from the core's status endpoint, so a pending transfer
+/// stays pending while a test checks what happens meanwhile (its resolver
+/// would otherwise clear it within ~100 ms, racing the check on a loaded
+/// machine).
+fn hide_core_status(stack: &Stack) {
+    stack
+        .proxy
+        .add(Some(Method::GET), "/v1/transfers/", Action::Fail(503), None);
+}
+
 fn fast(ttl: u64, core_timeout_ms: u64) -> StackOptions {
     StackOptions {
         transfer: TransferOptions {
@@ -516,13 +527,7 @@ async fn f1_core_answers_after_the_timeout_pending_then_succeeded_no_second_tran
         Action::DelayResponse(Duration::from_secs(2)),
         Some(1),
     );
-    // Until the retry below is checked, the transfer service cannot learn
-    // the outcome from the core's status endpoint either (its resolver would
-    // otherwise clear the pending transfer within ~100 ms, a race with the
-    // retry on a loaded machine).
-    stack
-        .proxy
-        .add(Some(Method::GET), "/v1/transfers/", Action::Fail(503), None);
+    hide_core_status(&stack);
     let r = send(&api, &from, &to, 3000).await.expect(202);
     let id = r.str("transfer_id");
     assert_eq!(
@@ -574,11 +579,7 @@ async fn f2_customer_retry_after_timeout_is_refused_and_money_moves_once() {
         Action::DelayRequest(Duration::from_secs(1)),
         Some(1),
     );
-    // As in f1: the status endpoint is unavailable while the retries are
-    // checked, so the pending transfer cannot be resolved in between.
-    stack
-        .proxy
-        .add(Some(Method::GET), "/v1/transfers/", Action::Fail(503), None);
+    hide_core_status(&stack);
     let id = send(&api, &from, &to, 4000)
         .await
         .expect(202)
