@@ -180,6 +180,16 @@ impl Api {
         a
     }
 
+    /// A funded account whose state was then changed with `PATCH` (for
+    /// example `{"status": "suspended"}` or `{"deposit_stopped": true}`).
+    pub async fn funded_account_with(&self, amount: u64, patch: Value) -> String {
+        let a = self.funded_account(amount).await;
+        self.patch(&format!("/v1/accounts/{a}"), patch)
+            .await
+            .expect(200);
+        a
+    }
+
     /// Deposits from another bank with a fresh deposit id.
     pub async fn deposit(&self, account: &str, amount: u64) -> Reply {
         self.post(

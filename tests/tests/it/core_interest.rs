@@ -224,27 +224,15 @@ async fn b24_payout_refusals() {
             .expect(200);
         protected.push(a);
     }
-    let suspended = api.funded_account(1_000_000).await;
-    api.patch(
-        &format!("/v1/accounts/{suspended}"),
-        json!({"status": "suspended"}),
-    )
-    .await
-    .expect(200);
-    let closed = api.funded_account(0).await;
-    api.patch(
-        &format!("/v1/accounts/{closed}"),
-        json!({"status": "closed"}),
-    )
-    .await
-    .expect(200);
-    let stopped = api.funded_account(1_000_000).await;
-    api.patch(
-        &format!("/v1/accounts/{stopped}"),
-        json!({"deposit_stopped": true}),
-    )
-    .await
-    .expect(200);
+    let suspended = api
+        .funded_account_with(1_000_000, json!({"status": "suspended"}))
+        .await;
+    let closed = api
+        .funded_account_with(0, json!({"status": "closed"}))
+        .await;
+    let stopped = api
+        .funded_account_with(1_000_000, json!({"deposit_stopped": true}))
+        .await;
     let fresh = api.funded_account(1_000_000).await;
     assert_eq!(
         payout(api, &fresh, &unique("pay_"))

@@ -368,34 +368,18 @@ async fn b06_every_refusal_is_final_recorded_and_reported() {
     let api = &core.api;
     let rich = api.funded_account(1_000_000).await;
     let poor = api.funded_account(10).await;
-    let suspended = api.funded_account(1000).await;
-    api.patch(
-        &format!("/v1/accounts/{suspended}"),
-        json!({"status": "suspended"}),
-    )
-    .await
-    .expect(200);
-    let closed = api.funded_account(0).await;
-    api.patch(
-        &format!("/v1/accounts/{closed}"),
-        json!({"status": "closed"}),
-    )
-    .await
-    .expect(200);
-    let no_withdrawal = api.funded_account(1000).await;
-    api.patch(
-        &format!("/v1/accounts/{no_withdrawal}"),
-        json!({"withdrawal_stopped": true}),
-    )
-    .await
-    .expect(200);
-    let no_deposit = api.funded_account(0).await;
-    api.patch(
-        &format!("/v1/accounts/{no_deposit}"),
-        json!({"deposit_stopped": true}),
-    )
-    .await
-    .expect(200);
+    let suspended = api
+        .funded_account_with(1000, json!({"status": "suspended"}))
+        .await;
+    let closed = api
+        .funded_account_with(0, json!({"status": "closed"}))
+        .await;
+    let no_withdrawal = api
+        .funded_account_with(1000, json!({"withdrawal_stopped": true}))
+        .await;
+    let no_deposit = api
+        .funded_account_with(0, json!({"deposit_stopped": true}))
+        .await;
     let fenced = unique("trf_");
     api.post(&format!("/v1/transfers/{fenced}/fence"), json!({}))
         .await
