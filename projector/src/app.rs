@@ -10,7 +10,6 @@ use common::shutdown::CancellationToken;
 use sea_orm::DatabaseConnection;
 use sea_orm_migration::MigratorTrait;
 use tokio::net::TcpListener;
-use transfer::core_client::CoreClient;
 
 use crate::config::Config;
 use crate::consume::{self, Context, Feed};
@@ -38,12 +37,10 @@ pub async fn context(config: &Config) -> anyhow::Result<(Context, async_nats::Cl
         config.nats.stream_replicas,
     )
     .await?;
-    let core = CoreClient::new(
-        &config.core_url,
-        &config.core_api_token,
-        Duration::from_secs(10),
-    )
-    .context("building the core client")?;
+    let core = config
+        .core
+        .client(Duration::from_secs(10))
+        .context("building the core client")?;
     Ok((
         Context {
             db,

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use common::config::{NatsArgs, PoolArgs, TelemetryArgs};
+use transfer::core_client::CoreLinkArgs;
 
 /// The projector: ledger events into the channel history, interest events
 /// into tax records.
@@ -81,21 +82,9 @@ pub struct Config {
         default_value = "postgres://postgres@127.0.0.1:5432/bank_channel?sslmode=disable"
     )]
     pub database_url: String,
-    /// Base URL of the core bank (gap fill, rebuild).
-    #[arg(
-        long = "core-url",
-        env = "CORE_URL",
-        default_value = "http://127.0.0.1:8081"
-    )]
-    pub core_url: String,
-    /// Service credential for the core.
-    #[arg(
-        long = "core-api-token",
-        env = "CORE_API_TOKEN",
-        default_value = "dev-core-token",
-        hide_env_values = true
-    )]
-    pub core_api_token: String,
+    /// How to reach the core (gap fill, rebuild).
+    #[command(flatten)]
+    pub core: CoreLinkArgs,
     /// When set, `/v1` routes require `Authorization: Bearer <token>`.
     #[arg(
         long = "api-token",

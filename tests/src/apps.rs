@@ -157,8 +157,8 @@ impl TransferApp {
         let mut config = transfer::Config::defaults();
         config.http_addr = "127.0.0.1:0".parse()?;
         config.database_url = db_url.clone();
-        config.core_url = core_url.to_owned();
-        config.core_api_token = CORE_TOKEN.to_owned();
+        config.core.core_url = core_url.to_owned();
+        config.core.core_api_token = CORE_TOKEN.to_owned();
         config.jwt_secret = JWT_SECRET.to_owned();
         config.nats.nats_url = nats.url();
         config.request_ttl_secs = opts.request_ttl_secs;
@@ -231,8 +231,8 @@ impl ProjectorApp {
         let mut config = projector::Config::defaults();
         config.http_addr = "127.0.0.1:0".parse()?;
         config.database_url = db_url.to_owned();
-        config.core_url = core_url.to_owned();
-        config.core_api_token = CORE_TOKEN.to_owned();
+        config.core.core_url = core_url.to_owned();
+        config.core.core_api_token = CORE_TOKEN.to_owned();
         config.nats.nats_url = nats.url();
         config.max_deliveries = opts.max_deliveries;
         config.retry_base_ms = opts.retry_base_ms;

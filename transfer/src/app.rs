@@ -68,12 +68,10 @@ impl App {
             config.nats.stream_replicas,
         )
         .await?;
-        let core = CoreClient::new(
-            &config.core_url,
-            &config.core_api_token,
-            Duration::from_secs(5),
-        )
-        .context("building the core client")?;
+        let core = config
+            .core
+            .client(Duration::from_secs(5))
+            .context("building the core client")?;
         let listener = TcpListener::bind(config.http_addr)
             .await
             .with_context(|| format!("binding {}", config.http_addr))?;

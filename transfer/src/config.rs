@@ -6,6 +6,8 @@ use std::time::Duration;
 use clap::{Args, Parser};
 use common::config::{NatsArgs, PoolArgs, RelayArgs, TelemetryArgs};
 
+use crate::core_client::CoreLinkArgs;
+
 /// The transfer service: the customer channel.
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -54,21 +56,9 @@ pub struct Config {
         default_value = "postgres://postgres@127.0.0.1:5432/bank_channel?sslmode=disable"
     )]
     pub database_url: String,
-    /// Base URL of the core bank.
-    #[arg(
-        long = "core-url",
-        env = "CORE_URL",
-        default_value = "http://127.0.0.1:8081"
-    )]
-    pub core_url: String,
-    /// Service credential for the core.
-    #[arg(
-        long = "core-api-token",
-        env = "CORE_API_TOKEN",
-        default_value = "dev-core-token",
-        hide_env_values = true
-    )]
-    pub core_api_token: String,
+    /// How to reach the core.
+    #[command(flatten)]
+    pub core: CoreLinkArgs,
     /// HS256 secret of customer tokens.
     #[arg(
         long = "jwt-secret",

@@ -11,6 +11,35 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tracing::Instrument;
 
+/// How to reach the core: the settings shared by the transfer service and
+/// the projector, flattened into each one's configuration.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CoreLinkArgs {
+    /// Base URL of the core bank.
+    #[arg(
+        long = "core-url",
+        env = "CORE_URL",
+        default_value = "http://127.0.0.1:8081"
+    )]
+    pub core_url: String,
+    /// Service credential for the core.
+    #[arg(
+        long = "core-api-token",
+        env = "CORE_API_TOKEN",
+        default_value = "dev-core-token",
+        hide_env_values = true
+    )]
+    pub core_api_token: String,
+}
+
+impl CoreLinkArgs {
+    /// A client for this core whose calls time out after `default_timeout`
+    /// unless a call says otherwise.
+    pub fn client(&self, default_timeout: Duration) -> Result<CoreClient, reqwest::Error> {
+        CoreClient::new(&self.core_url, &self.core_api_token, default_timeout)
+    }
+}
+
 /// Why a core call did not give an answer.
 #[derive(Debug, thiserror::Error)]
 pub enum CoreError {
