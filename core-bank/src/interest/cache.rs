@@ -24,7 +24,7 @@ use common::AccountId;
 use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
-use tokio::sync::Mutex as AsyncMutex;
+use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 
 use super::Accrual;
@@ -57,7 +57,9 @@ struct Cached {
 #[derive(Clone)]
 pub struct InterestCache {
     client: Option<redis::Client>,
-    conn: Arc<AsyncMutex<Option<ConnectionManager>>>,
+    /// Set once the first connection succeeds; the manager reconnects by
+    /// itself after that, so lookups read it without a lock.
+    conn: Arc<OnceCell<ConnectionManager>>,
     last_attempt: Arc<Mutex<Option<Instant>>>,
     pending: Arc<Mutex<HashSet<String>>>,
     wake: Arc<tokio::sync::Notify>,
@@ -89,7 +91,7 @@ impl InterestCache {
         };
         Self {
             client,
-            conn: Arc::new(AsyncMutex::new(None)),
+            conn: Arc::new(OnceCell::new()),
             last_attempt: Arc::new(Mutex::new(None)),
             pending: Arc::new(Mutex::new(HashSet::new())),
             wake: Arc::new(tokio::sync::Notify::new()),
@@ -97,8 +99,7 @@ impl InterestCache {
     }
 
     async fn connection(&self) -> Option<ConnectionManager> {
-        let mut guard = self.conn.lock().await;
-        if let Some(c) = guard.as_ref() {
+        if let Some(c) = self.conn.get() {
             return Some(c.clone());
         }
         {
@@ -114,11 +115,15 @@ impl InterestCache {
             .set_response_timeout(Some(Duration::from_millis(500)))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_secs(1));
-        match ConnectionManager::new_with_config(client, config).await {
-            Ok(c) => {
-                *guard = Some(c.clone());
-                Some(c)
-            }
+        // Callers arriving during this attempt were turned away by the
+        // throttle above (they answer from the database); one connection is
+        // opened.
+        match self
+            .conn
+            .get_or_try_init(|| ConnectionManager::new_with_config(client, config))
+            .await
+        {
+            Ok(c) => Some(c.clone()),
             Err(e) => {
                 tracing::warn!(error = %e, "redis unreachable; interest queries read the database");
                 None
