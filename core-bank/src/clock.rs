@@ -98,12 +98,18 @@ impl Clock {
             Some(r) => r.try_get("", "today")?,
             None => None,
         };
-        // Never backwards: a refresh that read the row just before a local
-        // `set` committed must not undo it when it lands just after.
+        // A refresh that read the row just before a local `set` committed
+        // must not undo it when it lands just after.
+        self.raise(date);
+        Ok(())
+    }
+
+    /// Applies a date set here or read from the database, never moving
+    /// backwards.
+    fn raise(&self, date: Option<NaiveDate>) {
         if let Ok(mut g) = self.set_date.write() {
             *g = (*g).max(date);
         }
-        Ok(())
     }
 
     /// Moves the business date forward to `date`.
@@ -125,9 +131,7 @@ impl Clock {
             [date.into()],
         ))
         .await?;
-        if let Ok(mut g) = self.set_date.write() {
-            *g = Some(g.map_or(date, |cur| cur.max(date)));
-        }
+        self.raise(Some(date));
         Ok(self.today())
     }
 
