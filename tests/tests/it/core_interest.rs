@@ -248,27 +248,20 @@ async fn b24_payout_refusals() {
             Some("customer_protected")
         );
     }
-    assert_eq!(
-        payout(api, &suspended, &unique("pay_"))
-            .await
-            .expect(422)
-            .code(),
-        Some("account_not_active")
-    );
-    assert_eq!(
-        payout(api, &closed, &unique("pay_"))
-            .await
-            .expect(422)
-            .code(),
-        Some("account_not_active")
-    );
-    assert_eq!(
-        payout(api, &stopped, &unique("pay_"))
-            .await
-            .expect(422)
-            .code(),
-        Some("deposit_stopped")
-    );
+    for (account, code) in [
+        (&suspended, "account_not_active"),
+        (&closed, "account_not_active"),
+        (&stopped, "deposit_stopped"),
+    ] {
+        assert_eq!(
+            payout(api, account, &unique("pay_"))
+                .await
+                .expect(422)
+                .code(),
+            Some(code),
+            "{account}"
+        );
+    }
     assert_eq!(
         payout(api, "acc_nobody", &unique("pay_"))
             .await
