@@ -147,12 +147,40 @@ def load_yaml(path: str) -> Any:
 ENV_RE = re.compile(r'env\s*=\s*"([A-Z][A-Z0-9_]*)"')
 
 
+FLATTEN_RE = re.compile(r"#\[command\(flatten\)\]\s*pub\s+\w+\s*:\s*(\w+)")
+
+
+def struct_bodies() -> dict[str, str]:
+    """The body of every `pub struct Name { ... }` in the crates' sources."""
+    out = {}
+    for crate in ("common", *SERVICES):
+        for dirpath, _, files in os.walk(os.path.join(ROOT, crate, "src")):
+            for name in files:
+                if name.endswith(".rs"):
+                    text = open(os.path.join(dirpath, name), encoding="utf-8").read()
+                    for m in re.finditer(r"^pub struct (\w+) \{\n(.*?)^\}", text, re.S | re.M):
+                        out.setdefault(m.group(1), m.group(2))
+    return out
+
+
+def settings_of(src: str, structs: dict[str, str], seen: set[str]) -> set[str]:
+    """Env names declared in `src` and in the argument groups it flattens,
+    wherever those are defined (e.g. a group shared by two services)."""
+    names = set(ENV_RE.findall(src))
+    for ty in FLATTEN_RE.findall(src):
+        if ty in structs and ty not in seen:
+            seen.add(ty)
+            names |= settings_of(structs[ty], structs, seen)
+    return names
+
+
 def service_settings() -> dict[str, set[str]]:
     common = set(ENV_RE.findall(open(os.path.join(ROOT, "common/src/config.rs"), encoding="utf-8").read()))
+    structs = struct_bodies()
     out = {}
     for svc in SERVICES:
         src = open(os.path.join(ROOT, svc, "src/config.rs"), encoding="utf-8").read()
-        out[svc] = common | set(ENV_RE.findall(src))
+        out[svc] = common | settings_of(src, structs, set())
     return out
 
 
