@@ -189,6 +189,12 @@ async fn try_pay(
     let today = clock.today();
     let now = clock.now();
     let txn = db.begin().await?;
+    // The pools force custom plans (for the batch statements' arrays); these
+    // statements have one shape and look rows up by key, so their cached
+    // generic plans are as good, and re-planning them on every payout was
+    // ~30% of PostgreSQL's CPU under payouts.
+    txn.execute_unprepared("SET LOCAL plan_cache_mode = force_generic_plan")
+        .await?;
     // One round trip: the payout if this id is known, and the account,
     // locked (only this row), with its customer's status and whether it was
     // paid today.
