@@ -58,6 +58,11 @@ impl Api {
         }
     }
 
+    /// The bearer token sent, if any.
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
     /// The same service with another token.
     pub fn with_token(&self, token: Option<String>) -> Self {
         Self {
