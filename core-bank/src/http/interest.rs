@@ -35,7 +35,9 @@ impl From<PayoutError> for ApiError {
             PayoutError::AccountNotActive => ApiError::unprocessable("account_not_active", msg),
             PayoutError::DepositStopped => ApiError::unprocessable("deposit_stopped", msg),
             PayoutError::NothingToPay => ApiError::unprocessable("nothing_to_pay", msg),
-            PayoutError::AlreadyPaidToday => ApiError::conflict("already_paid_today", msg),
+            PayoutError::AlreadyPaidToday | PayoutError::PaidMeanwhile => {
+                ApiError::conflict("already_paid_today", msg)
+            }
             PayoutError::IdempotencyConflict(_) => ApiError::conflict("idempotency_conflict", msg),
             PayoutError::Db(db) => db_error(&db),
         }

@@ -72,6 +72,11 @@ pub enum PayoutError {
     /// No completed day, or less than one won accrued.
     #[error("no interest has accrued since the last payout")]
     NothingToPay,
+    /// Another payout of the account committed while this one waited for
+    /// its lock; the payout is run again, so callers see this only if it
+    /// keeps happening.
+    #[error("a concurrent payout of this account committed first")]
+    PaidMeanwhile,
     /// The payout id is known for another account.
     #[error("payout {0} was already used for another account")]
     IdempotencyConflict(String),
@@ -82,7 +87,8 @@ pub enum PayoutError {
 
 impl PayoutError {
     fn is_retryable(&self) -> bool {
-        matches!(self, PayoutError::Db(e) if common::db::is_transient(e)
+        matches!(self, PayoutError::PaidMeanwhile)
+            || matches!(self, PayoutError::Db(e) if common::db::is_transient(e)
             || common::db::is_unique_violation_of(e, "interest_payouts_pkey"))
     }
 }
@@ -198,6 +204,15 @@ async fn try_pay(
     // One round trip: the payout if this id is known, and the account,
     // locked (only this row), with its customer's status and whether it was
     // paid today.
+    //
+    // After waiting for the lock of a transaction that paid the account,
+    // PostgreSQL returns the new row but reads the rest (the known id, the
+    // `EXISTS`) on the statement's older snapshot. The row tells: a payout on
+    // date D pays through D - 1, so `interest_paid_through = today - 1` with
+    // no payout dated today in the snapshot means one committed while this
+    // one waited, and the transaction is run again with a fresh snapshot.
+    // Without that, a concurrent retry of the same payout id was refused
+    // (`nothing_to_pay`) instead of answered with the payout.
     let row = txn
         .query_one_raw(Statement::from_sql_and_values(
             backend,
@@ -207,6 +222,7 @@ async fn try_pay(
                  LEFT JOIN LATERAL ( \
                    SELECT a.balance, a.last_seq, a.status, a.deposit_stopped, a.opened_on, a.interest_paid_through, \
                           c.status AS customer_status, \
+                          coalesce(a.interest_paid_through = $2::date - 1, false) AS paid_by_row, \
                           EXISTS (SELECT 1 FROM interest_payouts p WHERE p.account_id = a.account_id \
                                   AND p.business_date = $2) AS paid_today \
                    FROM accounts a JOIN customers c ON c.customer_id = a.customer_id \
@@ -227,6 +243,9 @@ async fn try_pay(
     }
     if row.try_get::<Option<String>>("", "status")?.is_none() {
         return Err(PayoutError::AccountNotFound);
+    }
+    if row.try_get::<bool>("", "paid_by_row")? && !row.try_get::<bool>("", "paid_today")? {
+        return Err(PayoutError::PaidMeanwhile);
     }
     let customer_status: String = row.try_get("", "customer_status")?;
     if let Some(s) = CustomerStatus::parse(&customer_status).filter(|s| s.is_protected()) {

@@ -720,6 +720,74 @@ async fn b03_b22_seed_example_payout_racing_deposits_loses_nothing() {
     assert_eq!(p.str("net"), "7023");
 }
 
+/// Concurrent payouts, with retries of the same payout id and a second id
+/// for the same account racing each other: each request gets the answer it
+/// would get alone (a replayed id the same payout, the second id
+/// `already_paid_today`, refusals only for their own account), and every paid
+/// account has exactly one interest entry with the next sequence number. A
+/// retry that waited for the lock of its own first attempt used to be
+/// refused as `nothing_to_pay`, because the statement's snapshot predated
+/// the payout it had waited for.
+#[tokio::test]
+async fn b22_b24_concurrent_payouts_and_retries_each_get_their_own_answer() {
+    let (_nats, core) = core().await;
+    let api = &core.api;
+    let mut accounts = Vec::new();
+    for _ in 0..24 {
+        accounts.push(api.funded_account(60_000_000).await);
+    }
+    let c = api.new_customer("Protected").await;
+    let protected = api.new_account(&c).await;
+    api.deposit(&protected, 60_000_000).await.expect(200);
+    api.patch(&format!("/v1/customers/{c}"), json!({"status": "hacked"}))
+        .await
+        .expect(200);
+    advance(api, 3).await;
+    let fresh = api.funded_account(60_000_000).await;
+
+    // Per account: a payout id twice, and a second payout id.
+    let ids: Vec<(String, String)> = accounts
+        .iter()
+        .map(|_| (unique("pay_"), unique("pay_")))
+        .collect();
+    let mut calls = Vec::new();
+    for (account, (first, second)) in accounts.iter().zip(&ids) {
+        calls.push((account.clone(), first.clone()));
+        calls.push((account.clone(), second.clone()));
+        calls.push((account.clone(), first.clone()));
+    }
+    calls.push((protected.clone(), unique("pay_")));
+    calls.push((fresh.clone(), unique("pay_")));
+    let answers = join_all(calls.iter().map(|(a, id)| payout(api, a, id))).await;
+
+    let n = accounts.len();
+    for (k, account) in accounts.iter().enumerate() {
+        let (a, b, again) = (&answers[3 * k], &answers[3 * k + 1], &answers[3 * k + 2]);
+        let (winner, loser) = match (a.status, b.status) {
+            (200, 409) => (a, b),
+            (409, 200) => (b, a),
+            other => panic!("{account}: one payout must succeed, got {other:?}"),
+        };
+        assert_eq!(loser.code(), Some("already_paid_today"), "{account}");
+        // The replayed id answers like its first request.
+        assert_eq!(again.status, a.status, "{account}");
+        if a.status == 200 {
+            assert_eq!(again.body, a.body, "{account}");
+        }
+        assert_eq!(winner.str("net"), "7023");
+        assert_eq!(winner.str("balance"), "60007023");
+        assert_eq!(winner.body["seq"], 2);
+        assert_eq!(api.balance(account).await, 60_007_023);
+        let entries = api.all_entries(account).await;
+        assert_eq!(entries.len(), 2, "{account}: one interest entry");
+        assert_eq!(entries[1]["kind"], "interest");
+        assert_eq!(entries[1]["payout_id"], winner.body["payout_id"]);
+    }
+    assert_eq!(answers[3 * n].code(), Some("customer_protected"));
+    assert_eq!(answers[3 * n + 1].code(), Some("nothing_to_pay"));
+    assert_eq!(api.balance(&protected).await, 60_000_000);
+}
+
 /// A replica refreshes the business date and the rollout every second while
 /// its HTTP handlers may change them. A refresh that read the row just before
 /// a local change committed must not undo that change when it lands after it
