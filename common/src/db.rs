@@ -109,7 +109,8 @@ pub fn is_transient(err: &DbErr) -> bool {
     }
 }
 
-/// Runs `attempt` again while it fails with a transient database error, with
+/// Runs `attempt` again while it fails with an error a retry may cure
+/// ([`AsDbErr::is_retryable`]: by default a transient database error), with
 /// jittered exponential backoff (5 ms doubling to 200 ms, at most `max_retries`
 /// retries). Callers never see lock timeouts or deadlocks unless they persist.
 pub async fn retry_transient<T, E, F, Fut>(max_retries: usize, attempt: F) -> Result<T, E>
@@ -126,7 +127,7 @@ where
                 .with_max_times(max_retries)
                 .with_jitter(),
         )
-        .when(|e: &E| e.as_db_err().is_some_and(is_transient))
+        .when(|e: &E| e.is_retryable())
         .notify(|e: &E, wait: Duration| {
             metrics::counter!("db_transaction_retries_total").increment(1);
             tracing::debug!(error = %e, wait_ms = wait.as_millis() as u64, "retrying transaction");
@@ -138,6 +139,13 @@ where
 pub trait AsDbErr {
     /// The database error inside, if there is one.
     fn as_db_err(&self) -> Option<&DbErr>;
+
+    /// Whether running the whole transaction again may succeed. By default:
+    /// a transient database error ([`is_transient`]). Callers add their own
+    /// races (a concurrent insert of the same id, say).
+    fn is_retryable(&self) -> bool {
+        self.as_db_err().is_some_and(is_transient)
+    }
 }
 
 impl AsDbErr for DbErr {

@@ -85,19 +85,25 @@ pub enum PayoutError {
     Db(#[from] DbErr),
 }
 
-impl PayoutError {
-    fn is_retryable(&self) -> bool {
-        matches!(self, PayoutError::PaidMeanwhile)
-            || matches!(self, PayoutError::Db(e) if common::db::is_transient(e)
-            || common::db::is_unique_violation_of(e, "interest_payouts_pkey"))
-    }
-}
-
 impl common::db::AsDbErr for PayoutError {
     fn as_db_err(&self) -> Option<&DbErr> {
         match self {
             PayoutError::Db(e) => Some(e),
             _ => None,
+        }
+    }
+
+    /// Transient database errors, and the two races a fresh snapshot
+    /// resolves: the same payout id inserted concurrently, and a payout of
+    /// the account committed while this one waited for its lock.
+    fn is_retryable(&self) -> bool {
+        match self {
+            PayoutError::PaidMeanwhile => true,
+            PayoutError::Db(e) => {
+                common::db::is_transient(e)
+                    || common::db::is_unique_violation_of(e, "interest_payouts_pkey")
+            }
+            _ => false,
         }
     }
 }
@@ -110,24 +116,11 @@ pub async fn pay(
     account: &AccountId,
     payout_id: &PayoutId,
 ) -> Result<Payout, PayoutError> {
-    let mut attempts = 0;
-    loop {
-        attempts += 1;
-        match try_pay(db, clock, interest, account, payout_id).await {
-            Err(e) if e.is_retryable() && attempts < 10 => {
-                metrics::counter!("db_transaction_retries_total").increment(1);
-                let wait = 2u64.pow(attempts.min(7)) + rand::random::<u64>() % 5;
-                tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
-            }
-            other => {
-                if other.is_ok() {
-                    interest.cache().invalidate(std::slice::from_ref(account));
-                    interest.wake_relay();
-                }
-                return other;
-            }
-        }
-    }
+    let payout =
+        common::db::retry_transient(9, || try_pay(db, clock, interest, account, payout_id)).await?;
+    interest.cache().invalidate(std::slice::from_ref(account));
+    interest.wake_relay();
+    Ok(payout)
 }
 
 const PAYOUT_COLUMNS: &str =
