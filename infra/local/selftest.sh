@@ -2,9 +2,12 @@
 # Exercises the "start our own" path of services.sh, which a machine with the
 # services already running never takes: bring all three up on free alternate
 # ports, check each answers (SQL, JetStream, PING), and stop them again.
+# The ports lie below Linux's ephemeral range (32768-60999): a port inside it
+# can be the local end of some client's connection at that moment, and
+# nats-server once failed to bind 54222 that way during a `.ci/run`.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-export LOCAL_DIR="$ROOT/.local/selftest" PG_PORT=${SELFTEST_PG_PORT:-55432} NATS_PORT=${SELFTEST_NATS_PORT:-54222} REDIS_PORT=${SELFTEST_REDIS_PORT:-56379}
+export LOCAL_DIR="$ROOT/.local/selftest" PG_PORT=${SELFTEST_PG_PORT:-15432} NATS_PORT=${SELFTEST_NATS_PORT:-14222} REDIS_PORT=${SELFTEST_REDIS_PORT:-16379}
 svc="$ROOT/infra/local/services.sh"
 
 for p in "$PG_PORT" "$NATS_PORT" "$REDIS_PORT"; do
