@@ -184,7 +184,11 @@ status() {
 }
 
 case ${1:-up} in
-  up) mkdir -p "$LOCAL_DIR"; up_postgres; up_nats; up_redis; status ;;
+  # `up` also makes sure a nats-server >= 2.10 is at hand even when the
+  # running server is older: the test kit, `make bench` and `make chaos`
+  # start their own servers with `sync_interval: always`, and refuse to run
+  # on one that cannot fsync every write.
+  up) mkdir -p "$LOCAL_DIR"; up_postgres; up_nats; up_redis; nats_binary >/dev/null; status ;;
   down) down ;;
   status) status ;;
   nats-binary) nats_binary ;;

@@ -15,10 +15,13 @@ pub struct NatsServer {
     fsync_every_write: bool,
 }
 
-/// The nats-server binary: `NATS_SERVER_BIN`, else the one `make` unpacked
-/// into `.local/bin`, else `nats-server` from `PATH`.
+/// The nats-server binary: `NATS_SERVER_BIN` (when set and not empty), else
+/// the one `make services` unpacked into `.local/bin` (when the installed
+/// server is older than 2.10), else `nats-server` from `PATH`.
 pub fn binary() -> String {
-    if let Ok(b) = std::env::var("NATS_SERVER_BIN") {
+    if let Ok(b) = std::env::var("NATS_SERVER_BIN")
+        && !b.trim().is_empty()
+    {
         return b;
     }
     let local = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.local/bin/nats-server");
@@ -36,7 +39,9 @@ pub fn free_port() -> u16 {
 
 impl NatsServer {
     /// Starts a server with JetStream in a temporary directory, with
-    /// `sync_interval: always` where the server supports it.
+    /// `sync_interval: always`, as the project runs it. Fails when the
+    /// server is too old for that option (before 2.10) rather than quietly
+    /// running a less durable server.
     pub async fn start() -> anyhow::Result<Self> {
         Self::start_with_fsync(true).await
     }
@@ -47,6 +52,16 @@ impl NatsServer {
     /// power loss). Only the benchmark's `--nats-sync default` uses the
     /// latter, to measure what the fsyncs cost.
     pub async fn start_with_fsync(fsync_every_write: bool) -> anyhow::Result<Self> {
+        if fsync_every_write {
+            let version = version()?;
+            anyhow::ensure!(
+                supports_sync_interval(&version),
+                "`{}` reports nats-server {version}, which cannot fsync every write \
+                 (`sync_interval: always` needs 2.10 or later); run `make services`, \
+                 which unpacks Debian's 2.10 into .local/bin, or set NATS_SERVER_BIN",
+                binary()
+            );
+        }
         let dir = std::env::temp_dir().join(crate::unique("bank-nats-"));
         std::fs::create_dir_all(&dir)?;
         let mut s = Self {
@@ -67,7 +82,7 @@ impl NatsServer {
     /// Starts the server again (same port, same storage) after [`Self::stop`].
     pub async fn resume(&mut self) -> anyhow::Result<()> {
         let conf = self.dir.join("nats.conf");
-        let sync = if self.fsync_every_write && supports_sync_interval() {
+        let sync = if self.fsync_every_write {
             "  sync_interval: always\n"
         } else {
             ""
@@ -123,18 +138,24 @@ impl Drop for NatsServer {
     }
 }
 
-fn supports_sync_interval() -> bool {
+/// The version the nats-server binary reports (`2.10.27`).
+pub fn version() -> anyhow::Result<String> {
     let out = std::process::Command::new(binary())
         .arg("--version")
-        .output();
-    let Ok(out) = out else { return false };
-    let v = String::from_utf8_lossy(&out.stdout).to_string();
-    let nums: Vec<u32> = v
+        .output()
+        .map_err(|e| anyhow::anyhow!("cannot run `{} --version`: {e}", binary()))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text
         .trim()
-        .trim_start_matches("nats-server: v")
-        .split('.')
-        .filter_map(|p| p.parse().ok())
-        .collect();
+        .trim_start_matches("nats-server:")
+        .trim()
+        .trim_start_matches('v')
+        .to_owned())
+}
+
+/// Whether a server of this version knows `sync_interval` (2.10 or later).
+fn supports_sync_interval(version: &str) -> bool {
+    let nums: Vec<u32> = version.split('.').map_while(|p| p.parse().ok()).collect();
     matches!(nums.as_slice(), [a, b, ..] if (*a, *b) >= (2, 10))
 }
 
@@ -155,4 +176,20 @@ pub async fn stream_messages(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::supports_sync_interval;
+
+    #[test]
+    fn sync_interval_needs_2_10_or_later() {
+        assert!(!supports_sync_interval("2.9.10"));
+        assert!(!supports_sync_interval("1.12.0"));
+        assert!(!supports_sync_interval(""));
+        assert!(!supports_sync_interval("garbage"));
+        assert!(supports_sync_interval("2.10.27"));
+        assert!(supports_sync_interval("2.15.1"));
+        assert!(supports_sync_interval("3.0.0"));
+    }
 }

@@ -83,6 +83,10 @@ async fn main() -> anyhow::Result<()> {
 async fn run(args: &Args, seed: u64) -> anyhow::Result<bool> {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut nats = NatsServer::start().await?;
+    println!(
+        "chaos: nats-server {} with sync_interval: always",
+        bank_tests::nats::version()?
+    );
     let core_db = bank_tests::db::fresh_database("chaos_core").await?;
     let channel_db = bank_tests::db::fresh_database("chaos_channel").await?;
     let core_addr = format!("127.0.0.1:{}", free_port());
