@@ -49,6 +49,11 @@ struct Args {
     /// saturation).
     #[arg(long, default_value_t = 200)]
     reference_rate: u64,
+    /// Offered rate of P4's paced payout run (8 clients on a fixed
+    /// schedule), payouts per second, reported for reference; by default
+    /// half the rate the 8 closed-loop clients reached in the same run.
+    #[arg(long)]
+    payout_rate: Option<u64>,
     /// History entries of the P5 account.
     #[arg(long, default_value_t = 100_000)]
     history_entries: i64,
@@ -180,8 +185,9 @@ async fn main() -> anyhow::Result<()> {
         args,
     };
     let machine = format!(
-        "{}; NATS JetStream {}",
+        "{}; NATS {} JetStream {}",
         machine(),
+        bank_tests::nats::version()?,
         match b.args.nats_sync {
             NatsSync::Always => "with sync_interval: always (fsync per write)",
             NatsSync::Default => {
@@ -363,8 +369,12 @@ impl Bench {
     /// Runs `clients` loops of `op` for `secs`; returns latencies and errors.
     async fn p1(&mut self, accounts: &[String]) -> anyhow::Result<()> {
         let accounts = Arc::new(accounts.to_vec());
-        let (lat, errors, elapsed) =
-            closed_loop(&self.core, self.args.clients, self.args.secs, move |_| {
+        let (lat, errors, elapsed) = closed_loop(
+            &self.core,
+            self.args.clients,
+            self.args.secs,
+            None,
+            move |_| {
                 let (a, b) = {
                     let mut r = rand::rng();
                     let a = r.random_range(0..accounts.len());
@@ -380,8 +390,9 @@ impl Bench {
                         1,
                     ),
                 ))
-            })
-            .await?;
+            },
+        )
+        .await?;
         let s = stats(lat, errors, elapsed);
         let pg = pgbench(self.args.clients, self.args.secs, self.args.accounts).await?;
         let ratio = s.per_sec / pg.max(1e-9);
@@ -405,8 +416,12 @@ impl Bench {
     async fn p3(&mut self) -> anyhow::Result<()> {
         let sources = Arc::new(self.funded_accounts(self.args.clients, 1_000_000_000).await);
         let hot = self.core.funded_account(0).await;
-        let (lat, errors, elapsed) =
-            closed_loop(&self.core, self.args.clients, self.args.secs, move |i| {
+        let (lat, errors, elapsed) = closed_loop(
+            &self.core,
+            self.args.clients,
+            self.args.secs,
+            None,
+            move |i| {
                 Some(Op::post(
                     "/v1/transfers",
                     bank_tests::client::transfer_body(
@@ -416,8 +431,9 @@ impl Bench {
                         1,
                     ),
                 ))
-            })
-            .await?;
+            },
+        )
+        .await?;
         let s = stats(lat, errors, elapsed);
         self.json.insert("P3".into(), json!(s));
         self.row(
@@ -464,6 +480,7 @@ impl Bench {
             &self.core,
             8,
             self.args.secs,
+            None,
             pay_each_once(accounts.clone()),
         )
         .await?;
@@ -473,10 +490,33 @@ impl Bench {
             &self.core,
             1,
             self.args.secs / 2,
+            None,
             pay_each_once(Arc::new(reserved.to_vec())),
         )
         .await?;
         let pay1 = stats(lat1, errors1, elapsed1);
+        // The same 8 clients at a fixed offered rate below saturation, on the
+        // next business day so that the accounts can be paid again.
+        self.core
+            .post(
+                "/v1/admin/clock",
+                json!({"today": (today + chrono::Duration::days(2)).to_string()}),
+            )
+            .await
+            .expect(200);
+        let payout_rate = self
+            .args
+            .payout_rate
+            .unwrap_or(((pay.per_sec / 2.0 / 10.0).round() as u64 * 10).max(10));
+        let (lat_r, errors_r, elapsed_r) = closed_loop(
+            &self.core,
+            8,
+            self.args.secs / 2,
+            Some(payout_rate),
+            pay_each_once(accounts.clone()),
+        )
+        .await?;
+        let paced = stats(lat_r, errors_r, elapsed_r);
         // Cached expected-interest queries over 1,000 accounts (warmed once).
         let sample: Arc<Vec<String>> =
             Arc::new(accounts.iter().rev().take(1000).cloned().collect());
@@ -490,7 +530,7 @@ impl Bench {
             "bench: P4 cached expected-interest queries, 8 clients, {} s",
             self.args.secs
         );
-        let (lat, errors, elapsed) = closed_loop(&self.core, 8, self.args.secs, move |i| {
+        let (lat, errors, elapsed) = closed_loop(&self.core, 8, self.args.secs, None, move |i| {
             Some(Op::get(format!(
                 "/v1/accounts/{}/interest",
                 sample[i % sample.len()]
@@ -500,7 +540,13 @@ impl Bench {
         let cached = stats(lat, errors, elapsed);
         self.json.insert(
             "P4".into(),
-            json!({"payout": pay, "payout_one_client": pay1, "cached_query": cached}),
+            json!({
+                "payout": pay,
+                "payout_one_client": pay1,
+                "payout_paced": paced,
+                "payout_paced_rate": payout_rate,
+                "cached_query": cached
+            }),
         );
         self.row(
             "P4",
@@ -520,6 +566,23 @@ impl Bench {
                 pay1.count, pay1.per_sec, pay1.p50_ms, pay1.p99_ms, pay1.max_ms, pay1.errors
             ),
             "reference: no queueing",
+            None,
+        );
+        self.row(
+            "P4 (ref)",
+            &format!(
+                "interest payouts, 8 clients at {payout_rate}/s offered (half the closed-loop rate unless set), distinct accounts"
+            ),
+            format!(
+                "{} payouts, {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms, errors {}",
+                paced.count,
+                paced.per_sec,
+                paced.p50_ms,
+                paced.p99_ms,
+                paced.max_ms,
+                paced.errors
+            ),
+            "reference: below saturation",
             None,
         );
         self.row(
@@ -565,10 +628,11 @@ impl Bench {
         ] {
             let check = api.get(&path).await.expect(200);
             assert_eq!(check.body["entries"].as_array().map(|e| e.len()), Some(20));
-            let (lat, errors, elapsed) = closed_loop(&api, 8, self.args.secs / 2, move |_| {
-                Some(Op::get(path.clone()))
-            })
-            .await?;
+            let (lat, errors, elapsed) =
+                closed_loop(&api, 8, self.args.secs / 2, None, move |_| {
+                    Some(Op::get(path.clone()))
+                })
+                .await?;
             let s = stats(lat, errors, elapsed);
             figures.push(s.clone());
             results.insert(label.into(), json!(s));
@@ -1002,10 +1066,16 @@ impl Op {
 /// JSON parsing per request): the load generator shares the two cores with
 /// the services, and reqwest took ~53 us of CPU per request, a third of the
 /// machine at 12,000 cached queries/s, which then showed as server latency.
+///
+/// With `rate` (requests per second over all clients), each client sends on
+/// a fixed schedule instead of right after the previous answer, and a
+/// request's latency runs from its scheduled time, so time spent behind
+/// schedule counts (no coordinated omission).
 async fn closed_loop<F>(
     api: &Api,
     clients: usize,
     secs: u64,
+    rate: Option<u64>,
     next: F,
 ) -> anyhow::Result<(Vec<Duration>, usize, Duration)>
 where
@@ -1036,10 +1106,16 @@ where
             auth.clone(),
             authority.clone(),
         );
+        // Per-client interval of a paced run; clients are staggered evenly.
+        let interval = rate.map(|r| Duration::from_secs_f64(clients as f64 / r.max(1) as f64));
+        let mut scheduled = interval.map(|iv| started + iv.mul_f64(c as f64 / clients as f64));
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             let mut i = c * 1_000_000;
             while Instant::now() < deadline {
+                if let Some(at) = scheduled {
+                    tokio::time::sleep_until(at.into()).await;
+                }
                 // The scenario's time ends with the last operation.
                 let Some(op) = next(i) else { break };
                 i += 1;
@@ -1058,7 +1134,10 @@ where
                     None => bytes::Bytes::new(),
                 };
                 let req = req.body(Full::new(body)).expect("request");
-                let t = Instant::now();
+                let t = scheduled.unwrap_or_else(Instant::now);
+                if let (Some(at), Some(iv)) = (scheduled.as_mut(), interval) {
+                    *at += iv;
+                }
                 let ok = match sender.send_request(req).await {
                     Ok(resp) => {
                         let status = resp.status();
