@@ -87,6 +87,16 @@ struct Stats {
     max_ms: f64,
 }
 
+impl Stats {
+    /// `9000 payouts, 1163/s, p50 6.35 ms, p99 16.07 ms, max 52.17 ms, errors 0`.
+    fn summary(&self, what: &str) -> String {
+        format!(
+            "{} {what}, {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms, errors {}",
+            self.count, self.per_sec, self.p50_ms, self.p99_ms, self.max_ms, self.errors
+        )
+    }
+}
+
 fn stats(mut lat: Vec<Duration>, errors: usize, elapsed: Duration) -> Stats {
     lat.sort();
     let q = |p: f64| -> f64 {
@@ -465,11 +475,11 @@ impl Bench {
             .str("today")
             .parse()
             .unwrap();
-        self.core
-            .post(
-                "/v1/admin/clock",
-                json!({"today": (today + chrono::Duration::days(1)).to_string()}),
-            )
+        let set_date = |date: chrono::NaiveDate| {
+            self.core
+                .post("/v1/admin/clock", json!({"today": date.to_string()}))
+        };
+        set_date(today + chrono::Duration::days(1))
             .await
             .expect(200);
         // The last accounts are kept for the one-client reference run.
@@ -497,11 +507,7 @@ impl Bench {
         let pay1 = stats(lat1, errors1, elapsed1);
         // The same 8 clients at a fixed offered rate below saturation, on the
         // next business day so that the accounts can be paid again.
-        self.core
-            .post(
-                "/v1/admin/clock",
-                json!({"today": (today + chrono::Duration::days(2)).to_string()}),
-            )
+        set_date(today + chrono::Duration::days(2))
             .await
             .expect(200);
         let payout_rate = self
@@ -551,20 +557,14 @@ impl Bench {
         self.row(
             "P4",
             "interest payouts, 8 clients, distinct accounts",
-            format!(
-                "{} payouts, {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms, errors {}",
-                pay.count, pay.per_sec, pay.p50_ms, pay.p99_ms, pay.max_ms, pay.errors
-            ),
+            pay.summary("payouts"),
             "p99 <= 7 ms, max <= 11 ms",
             Some(pay.p99_ms <= 7.0 && pay.max_ms <= 11.0),
         );
         self.row(
             "P4 (ref)",
             "interest payouts, 1 client, distinct accounts",
-            format!(
-                "{} payouts, {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms, errors {}",
-                pay1.count, pay1.per_sec, pay1.p50_ms, pay1.p99_ms, pay1.max_ms, pay1.errors
-            ),
+            pay1.summary("payouts"),
             "reference: no queueing",
             None,
         );
@@ -573,15 +573,7 @@ impl Bench {
             &format!(
                 "interest payouts, 8 clients at {payout_rate}/s offered (half the closed-loop rate unless set), distinct accounts"
             ),
-            format!(
-                "{} payouts, {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms, errors {}",
-                paced.count,
-                paced.per_sec,
-                paced.p50_ms,
-                paced.p99_ms,
-                paced.max_ms,
-                paced.errors
-            ),
+            paced.summary("payouts"),
             "reference: below saturation",
             None,
         );
