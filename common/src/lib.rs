@@ -20,4 +20,4 @@ pub mod telemetry;
 pub mod time;
 
 pub use ids::{AccountId, CustomerId, DepositId, PayoutId, TransferId};
-pub use money::{Amount, MAX_WON, MoneyError, Won};
+pub use money::{Amount, MAX_BALANCE_WON, MAX_WON, MoneyError, Won};

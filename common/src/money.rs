@@ -12,10 +12,16 @@ use std::str::FromStr;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-/// The largest amount of a single movement and the largest balance the system
-/// accepts: 10^15 won (one quadrillion). It is far above any real balance and
-/// leaves room in `NUMERIC(20,0)` columns for sums over many accounts.
+/// The largest amount of a single movement: 10^15 won (one quadrillion),
+/// far above any real transfer.
 pub const MAX_WON: i64 = 1_000_000_000_000_000;
+
+/// The largest balance an account may reach, and so the bound of every
+/// signed figure ([`Won`]) read from the wire: 10^18 won. Several movements
+/// can take a balance past [`MAX_WON`], so balances (`balance_after` in
+/// events and entries) must parse up to this. It leaves room in
+/// `NUMERIC(20,0)` columns for sums over many accounts.
+pub const MAX_BALANCE_WON: i64 = 1_000_000_000_000_000_000;
 
 /// Why a string is not an acceptable amount of money.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -29,14 +35,19 @@ pub enum MoneyError {
     /// Zero or negative where a positive amount is required.
     #[error("amount must be greater than zero")]
     NotPositive,
-    /// Larger than [`MAX_WON`] in absolute value.
-    #[error("amount must not exceed 1000000000000000 won")]
-    TooLarge,
+    /// Larger than the type's bound ([`MAX_WON`] for an [`Amount`],
+    /// [`MAX_BALANCE_WON`] for a [`Won`]) in absolute value.
+    #[error("amount must not exceed {max} won")]
+    TooLarge {
+        /// The bound.
+        max: i64,
+    },
 }
 
 /// Parses the strict textual form shared by all money types: an optional `-`,
-/// then ASCII digits, with no exponent, sign `+`, spaces or fraction.
-fn parse_whole_won(text: &str) -> Result<Decimal, MoneyError> {
+/// then ASCII digits, with no exponent, sign `+`, spaces or fraction, at most
+/// `max` in absolute value.
+fn parse_whole_won(text: &str, max: i64) -> Result<Decimal, MoneyError> {
     let digits = text.strip_prefix('-').unwrap_or(text);
     if digits.is_empty() {
         return Err(MoneyError::NotANumber);
@@ -54,14 +65,14 @@ fn parse_whole_won(text: &str) -> Result<Decimal, MoneyError> {
     if !digits.bytes().all(|b| b.is_ascii_digit()) {
         return Err(MoneyError::NotANumber);
     }
-    // 17 digits are enough for MAX_WON; longer inputs are too large (or padded
-    // with zeros, which we refuse rather than interpret).
-    if digits.len() > 17 {
-        return Err(MoneyError::TooLarge);
+    // 19 digits are enough for MAX_BALANCE_WON; longer inputs are too large
+    // (or padded with zeros, which we refuse rather than interpret).
+    if digits.len() > 19 {
+        return Err(MoneyError::TooLarge { max });
     }
     let value = Decimal::from_str(text).map_err(|_| MoneyError::NotANumber)?;
-    if value.abs() > Decimal::from(MAX_WON) {
-        return Err(MoneyError::TooLarge);
+    if value.abs() > Decimal::from(max) {
+        return Err(MoneyError::TooLarge { max });
     }
     Ok(value)
 }
@@ -103,7 +114,7 @@ impl Amount {
             return Err(MoneyError::NotPositive);
         }
         if value > Decimal::from(MAX_WON) {
-            return Err(MoneyError::TooLarge);
+            return Err(MoneyError::TooLarge { max: MAX_WON });
         }
         Ok(Self(value.normalize()))
     }
@@ -123,7 +134,7 @@ impl FromStr for Amount {
     type Err = MoneyError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::new(parse_whole_won(s)?)
+        Self::new(parse_whole_won(s, MAX_WON)?)
     }
 }
 
@@ -146,7 +157,7 @@ impl<'de> Deserialize<'de> for Amount {
 }
 
 /// A signed amount of whole won: balances, signed ledger amounts, interest
-/// figures. Bounded by [`MAX_WON`] in absolute value when parsed.
+/// figures. Bounded by [`MAX_BALANCE_WON`] in absolute value when parsed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Won(Decimal);
 
@@ -216,7 +227,7 @@ impl FromStr for Won {
     type Err = MoneyError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::new(parse_whole_won(s)?)
+        Self::new(parse_whole_won(s, MAX_BALANCE_WON)?)
     }
 }
 
@@ -308,6 +319,33 @@ mod tests {
         assert_eq!(scaled.to_string(), "15000");
         assert!(serde_json::from_str::<Won>("-15000").is_err());
         assert!(Won::new(dec!(0.5)).is_err());
+    }
+
+    /// Balances grow past the single-movement bound (two deposits of 10^15
+    /// make 2 * 10^15), and every `balance_after` is read back through `Won`.
+    #[test]
+    fn signed_won_parses_balances_up_to_the_balance_bound() {
+        for text in [
+            "2000000000000000",
+            "1000000000000000000",
+            "-1000000000000000000",
+        ] {
+            let w: Won = serde_json::from_str(&format!("\"{text}\"")).unwrap();
+            assert_eq!(w.to_string(), text);
+        }
+        for text in [
+            "1000000000000000001",
+            "10000000000000000000",
+            "-1000000000000000001",
+        ] {
+            let err = serde_json::from_str::<Won>(&format!("\"{text}\"")).unwrap_err();
+            assert!(
+                err.to_string().contains("exceed 1000000000000000000"),
+                "{text}: {err}"
+            );
+        }
+        // The movement bound is unchanged.
+        assert!(parse_json(r#"{"amount":"2000000000000000"}"#).is_err());
     }
 
     #[test]

@@ -26,8 +26,9 @@ use serde::Serialize;
 pub use executor::{Ledger, LedgerConfig};
 
 /// Largest balance an account may reach (10^18 won); a deposit or transfer
-/// that would exceed it is refused with `balance_limit_exceeded`.
-pub const MAX_BALANCE_WON: i64 = 1_000_000_000_000_000_000;
+/// that would exceed it is refused with `balance_limit_exceeded`. The same
+/// bound is what every balance read back from the wire may hold.
+pub use common::MAX_BALANCE_WON;
 
 /// Why the core refused to execute a movement. Refusals are final: they are
 /// recorded, and a replay of the same request gets the same refusal.

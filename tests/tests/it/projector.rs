@@ -8,7 +8,7 @@ use bank_tests::apps::{CORE_TOKEN, ProjectorOptions};
 use bank_tests::nats::stream_messages;
 use bank_tests::process::ServiceProcess;
 use bank_tests::proxy::{Action, FaultProxy};
-use bank_tests::verify::{channel_history, history_mismatches};
+use bank_tests::verify::{channel_history, core_ledger, history_mismatches};
 use bank_tests::{CoreApp, NatsServer, ProjectorApp, eventually, unique};
 use serde_json::{Value, json};
 
@@ -132,6 +132,33 @@ async fn b14_the_same_event_delivered_twice_changes_nothing() {
     let after = channel_history(&rig.channel_db, &account).await.unwrap();
     assert_eq!(after[0], before[0], "the duplicate changed nothing");
     assert!(dead_letters(&_p).await.is_empty());
+}
+
+/// Balances may grow past the bound of one movement (10^15 won) up to
+/// 10^18. Each entry's `balance_after` must still be readable by the
+/// projector, or that account's history stops at the first such entry
+/// (dead-lettered as unreadable, and the gap fill failing the same way).
+#[tokio::test]
+async fn b14_balances_above_the_single_movement_bound_reach_the_history() {
+    let rig = Rig::new().await;
+    let p = rig.projector(ProjectorOptions::default()).await;
+    let account = rig.core.api.funded_account(0).await;
+    for _ in 0..3 {
+        rig.core
+            .api
+            .deposit(&account, 1_000_000_000_000_000)
+            .await
+            .expect(200);
+    }
+    rig.wait_synced(&account, 3, Duration::from_secs(15)).await;
+    let history = channel_history(&rig.channel_db, &account).await.unwrap();
+    let balances: Vec<&str> = history.iter().map(|e| e.3.as_str()).collect();
+    assert_eq!(
+        balances,
+        ["1000000000000000", "2000000000000000", "3000000000000000"]
+    );
+    assert_eq!(history, core_ledger(&rig.core.api, &account).await);
+    assert!(dead_letters(&p).await.is_empty());
 }
 
 /// Seven deposits reach `LEDGER` while the projector is down; then the
