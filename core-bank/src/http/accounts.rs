@@ -227,6 +227,9 @@ pub(super) async fn patch_account(
         ));
     }
     let a = accounts::change_account(&s.db, &id, body).await?;
-    s.interest.cache().invalidate(std::slice::from_ref(&id));
+    s.interest
+        .cache()
+        .invalidate_now(std::slice::from_ref(&id))
+        .await;
     Ok(axum::Json(a.into()))
 }

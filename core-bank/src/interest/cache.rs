@@ -1,21 +1,34 @@
 //! The expected-interest cache in Redis (B25).
 //!
-//! Key `bank:interest:<account>:<business date>`, expiring at the next local
-//! midnight: a new business date reads a new key, so the database is read at
-//! most once a day per account. Invalidation (after a payout or any balance
-//! change) increments the account's generation `bank:interest-gen:<account>`;
-//! each cached value carries the generation it was computed under, and a value
-//! whose generation is not the current one is a miss. A slow reader that
-//! stores a figure computed before a payout therefore never serves it.
+//! Key `bank:interest:<account>:<business date>:<path>`, expiring at the next
+//! local midnight: a new business date reads a new key, so the database is
+//! read at most once a day per account. The calculation path is part of the
+//! key, so a rollout change (B26) takes effect at once for accounts already
+//! cached: a rolled-back account reads the legacy path's own entry. In shadow
+//! mode a hit runs neither path; both are compared when the figure is
+//! computed, at every payout and by the verifier.
+//!
+//! Invalidation (after a payout or any balance change) increments the
+//! account's generation `bank:interest-gen:<account>`; each cached value
+//! carries the generation it was computed under, and a value whose generation
+//! is not the current one is a miss. A slow reader that stores a figure
+//! computed before a payout therefore never serves it. A payout answers only
+//! after its increment reached Redis ([`InterestCache::invalidate_now`]), so
+//! no replica serves the pre-payout figure once the customer has the answer;
+//! balance changes (which do not change the figure for completed days) are
+//! applied in the background.
 //!
 //! Redis is optional at run time: any Redis error makes the query answer from
 //! the database (counted in `interest_cache_fallbacks_total`). The connection
 //! manager reconnects by itself; if Redis was down at start-up, a connection
-//! is attempted again at most once a second. Invalidations are applied by a background
-//! task that retries until Redis answers; until then the affected accounts
-//! bypass the cache in this process.
+//! is attempted again at most once a second. Invalidations that could not be
+//! applied are retried by a background task until Redis answers (and once more
+//! at shutdown); until then the affected accounts bypass the cache in this
+//! process. If Redis is unreachable from this replica only, or the process
+//! dies before Redis answers, other replicas may serve the older figure until
+//! the increment lands or the key expires at midnight.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,7 +40,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 
-use super::Accrual;
+use super::{Accrual, Path};
 
 /// Most invalidations waiting for Redis; beyond it new ones are dropped with
 /// a warning (their keys still expire at midnight).
@@ -61,8 +74,62 @@ pub struct InterestCache {
     /// itself after that, so lookups read it without a lock.
     conn: Arc<OnceCell<ConnectionManager>>,
     last_attempt: Arc<Mutex<Option<Instant>>>,
-    pending: Arc<Mutex<HashSet<String>>>,
+    pending: Arc<Mutex<Pending>>,
     wake: Arc<tokio::sync::Notify>,
+}
+
+/// Accounts whose generation increment has not reached Redis yet, each with
+/// the version of its latest invalidation: an account invalidated again while
+/// an increment is in flight stays pending after that increment lands, since
+/// a reader may have taken the new generation before the second change.
+#[derive(Debug, Default)]
+struct Pending {
+    accounts: HashMap<String, u64>,
+    next_version: u64,
+}
+
+impl Pending {
+    /// Marks `accounts` as invalidated (again). When the set is full, new
+    /// accounts are dropped with a warning (their keys still expire at
+    /// midnight).
+    fn add(&mut self, accounts: &[AccountId]) {
+        for id in accounts {
+            if self.accounts.len() >= MAX_PENDING_INVALIDATIONS
+                && !self.accounts.contains_key(id.as_str())
+            {
+                tracing::warn!(account = %id, "too many queued interest cache invalidations; dropping one");
+                continue;
+            }
+            self.next_version += 1;
+            self.accounts.insert(id.to_string(), self.next_version);
+        }
+    }
+
+    /// Up to `n` pending accounts with their versions, to increment.
+    fn take(&self, n: usize) -> Vec<(String, u64)> {
+        self.accounts
+            .iter()
+            .take(n)
+            .map(|(id, v)| (id.clone(), *v))
+            .collect()
+    }
+
+    /// The pending versions of `ids` (those not pending are left out).
+    fn versions_of(&self, ids: &[AccountId]) -> Vec<(String, u64)> {
+        ids.iter()
+            .filter_map(|id| self.accounts.get(id.as_str()).map(|v| (id.to_string(), *v)))
+            .collect()
+    }
+
+    /// Forgets the accounts whose increments landed, unless invalidated again
+    /// since they were taken.
+    fn done(&mut self, landed: &[(String, u64)]) {
+        for (id, version) in landed {
+            if self.accounts.get(id) == Some(version) {
+                self.accounts.remove(id);
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for InterestCache {
@@ -71,8 +138,8 @@ impl std::fmt::Debug for InterestCache {
     }
 }
 
-fn key(account: &AccountId, date: NaiveDate) -> String {
-    format!("bank:interest:{account}:{date}")
+fn key(account: &AccountId, date: NaiveDate, path: Path) -> String {
+    format!("bank:interest:{account}:{date}:{}", path.as_str())
 }
 
 fn gen_key(account: &str) -> String {
@@ -93,7 +160,7 @@ impl InterestCache {
             client,
             conn: Arc::new(OnceCell::new()),
             last_attempt: Arc::new(Mutex::new(None)),
-            pending: Arc::new(Mutex::new(HashSet::new())),
+            pending: Arc::new(Mutex::new(Pending::default())),
             wake: Arc::new(tokio::sync::Notify::new()),
         }
     }
@@ -134,12 +201,13 @@ impl InterestCache {
     fn bypass(&self, account: &AccountId) -> bool {
         self.pending
             .lock()
-            .map(|p| p.contains(account.as_str()))
+            .map(|p| p.accounts.contains_key(account.as_str()))
             .unwrap_or(true)
     }
 
-    /// Looks up the figure of `account` for business date `date`.
-    pub async fn get(&self, account: &AccountId, date: NaiveDate) -> Lookup {
+    /// Looks up the figure of `account` for business date `date` computed by
+    /// `path`.
+    pub async fn get(&self, account: &AccountId, date: NaiveDate, path: Path) -> Lookup {
         if self.bypass(account) {
             return Lookup::Unavailable;
         }
@@ -147,7 +215,7 @@ impl InterestCache {
             return Lookup::Unavailable;
         };
         let res: Result<(Option<String>, Option<i64>), _> = redis::pipe()
-            .get(key(account, date))
+            .get(key(account, date, path))
             .get(gen_key(account.as_str()))
             .query_async(&mut conn)
             .await;
@@ -182,7 +250,11 @@ impl InterestCache {
             return;
         };
         let res: Result<(), _> = conn
-            .set_ex(key(&accrual.account_id, date), value, ttl_secs)
+            .set_ex(
+                key(&accrual.account_id, date, accrual.path),
+                value,
+                ttl_secs,
+            )
             .await;
         if let Err(e) = res {
             tracing::debug!(error = %e, "redis store failed");
@@ -198,27 +270,48 @@ impl InterestCache {
             return;
         }
         if let Ok(mut p) = self.pending.lock() {
-            for id in accounts {
-                if p.len() < MAX_PENDING_INVALIDATIONS {
-                    p.insert(id.to_string());
-                } else {
-                    tracing::warn!(account = %id, "too many queued interest cache invalidations; dropping one");
-                }
-            }
+            p.add(accounts);
         }
         self.wake.notify_one();
     }
 
-    async fn bump_generations(&self, ids: &[String]) -> bool {
+    /// Invalidates the cached figures of `accounts` and returns once the
+    /// generations are bumped in Redis, or once that failed (bounded by the
+    /// connection's 500 ms response timeout); what failed is left to
+    /// [`InterestCache::run_invalidations`], as with [`Self::invalidate`].
+    pub async fn invalidate_now(&self, accounts: &[AccountId]) {
+        if accounts.is_empty() {
+            return;
+        }
+        let taken = match self.pending.lock() {
+            Ok(mut p) => {
+                p.add(accounts);
+                p.versions_of(accounts)
+            }
+            Err(_) => return,
+        };
+        if !self.bump_generations(&taken).await {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Increments the generations of `taken` in one pipeline and forgets
+    /// those not invalidated again meanwhile; false if Redis failed.
+    async fn bump_generations(&self, taken: &[(String, u64)]) -> bool {
         let Some(mut conn) = self.connection().await else {
             return false;
         };
         let mut pipe = redis::pipe();
-        for id in ids {
+        for (id, _) in taken {
             pipe.incr(gen_key(id), 1).ignore();
         }
         match pipe.query_async::<()>(&mut conn).await {
-            Ok(()) => true,
+            Ok(()) => {
+                if let Ok(mut p) = self.pending.lock() {
+                    p.done(taken);
+                }
+                true
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "redis invalidation failed; will retry");
                 false
@@ -228,25 +321,37 @@ impl InterestCache {
 
     /// Applies queued invalidations in batches of up to 1,000, woken by
     /// [`InterestCache::invalidate`] and retrying every second while Redis
-    /// fails, until `shutdown`.
+    /// fails, until `shutdown`; then makes one last attempt, so a clean stop
+    /// leaves nothing behind that Redis could take.
     pub async fn run_invalidations(self, shutdown: CancellationToken) {
         loop {
-            let ids: Vec<String> = match self.pending.lock() {
-                Ok(p) => p.iter().take(1000).cloned().collect(),
+            let taken = match self.pending.lock() {
+                Ok(p) => p.take(1000),
                 Err(_) => Vec::new(),
             };
-            if !ids.is_empty() && self.bump_generations(&ids).await {
-                if let Ok(mut p) = self.pending.lock() {
-                    for id in &ids {
-                        p.remove(id);
-                    }
-                }
+            if !taken.is_empty() && self.bump_generations(&taken).await {
                 continue;
             }
             tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => break,
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+        loop {
+            let taken = match self.pending.lock() {
+                Ok(p) => p.take(1000),
+                Err(_) => Vec::new(),
+            };
+            if taken.is_empty() {
+                return;
+            }
+            if !self.bump_generations(&taken).await {
+                tracing::warn!(
+                    accounts = taken.len(),
+                    "interest cache invalidations not applied at shutdown; other replicas may serve older figures until midnight"
+                );
+                return;
             }
         }
     }
@@ -258,5 +363,39 @@ impl InterestCache {
             .await
             .map(|_| ())
             .map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn ids(names: &[&str]) -> Vec<AccountId> {
+        names
+            .iter()
+            .map(|n| AccountId::parse(*n).unwrap())
+            .collect()
+    }
+
+    /// An account invalidated again while its increment is in flight must
+    /// stay pending: a reader may have taken the incremented generation and
+    /// stored a figure from before the second change.
+    #[test]
+    fn b25_an_invalidation_during_an_increment_is_not_lost() {
+        let mut p = Pending::default();
+        p.add(&ids(&["acc_a", "acc_b"]));
+        let in_flight = p.take(1000);
+        p.add(&ids(&["acc_a"]));
+        p.done(&in_flight);
+        assert!(
+            p.accounts.contains_key("acc_a"),
+            "re-invalidated: still pending"
+        );
+        assert!(!p.accounts.contains_key("acc_b"), "landed: forgotten");
+        let again = p.versions_of(&ids(&["acc_a", "acc_b"]));
+        assert_eq!(again.len(), 1);
+        p.done(&again);
+        assert!(p.accounts.is_empty());
     }
 }

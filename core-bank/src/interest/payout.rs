@@ -118,8 +118,11 @@ pub async fn pay(
 ) -> Result<Payout, PayoutError> {
     let payout =
         common::db::retry_transient(9, || try_pay(db, clock, interest, account, payout_id)).await?;
-    interest.cache().invalidate(std::slice::from_ref(account));
     interest.wake_relay();
+    interest
+        .cache()
+        .invalidate_now(std::slice::from_ref(account))
+        .await;
     Ok(payout)
 }
 

@@ -193,7 +193,8 @@ impl InterestService {
     /// Expected interest for the completed unpaid days, through the cache.
     pub async fn expected(&self, account: &AccountId) -> Result<Accrual, InterestError> {
         let today = self.clock.today();
-        let generation = match self.cache.get(account, today).await {
+        let path = self.rollout.path_for(account);
+        let generation = match self.cache.get(account, today, path).await {
             Lookup::Hit(a) => {
                 metrics::counter!("interest_cache_hits_total").increment(1);
                 return Ok(a);

@@ -300,7 +300,7 @@ async fn b25_cache_hit_invalidation_on_payout_and_midnight_key_change() {
             async move {
                 let first = interest(api, &account).await;
                 let stored: bool = redis::cmd("EXISTS")
-                    .arg(format!("bank:interest:{account}:{day}"))
+                    .arg(format!("bank:interest:{account}:{day}:legacy"))
                     .query_async(&mut redis)
                     .await
                     .map_err(|e| e.to_string())?;
@@ -331,7 +331,7 @@ async fn b25_cache_hit_invalidation_on_payout_and_midnight_key_change() {
         "second query is served from the cache"
     );
     let ttl: i64 = redis::cmd("TTL")
-        .arg(format!("bank:interest:{account}:{day}"))
+        .arg(format!("bank:interest:{account}:{day}:legacy"))
         .query_async(&mut redis)
         .await
         .unwrap();
@@ -423,6 +423,83 @@ fn b26_legacy_and_new_paths_agree_over_random_histories() {
             })
         })
         .unwrap();
+}
+
+/// A rollout change takes effect at once for an account whose figure is
+/// already cached: rolling the new path back must not keep serving the new
+/// path's cached figure (and `"path"`) until midnight. A payout's answer
+/// comes only after its invalidation reached Redis.
+#[tokio::test]
+async fn b26_a_rollout_change_applies_to_figures_already_cached() {
+    let (_nats, core) = core().await;
+    let api = &core.api;
+    let account = api.funded_account(60_000_000).await;
+    let day = advance(api, 3).await;
+    let mut redis = redis::Client::open(bank_tests::redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    // The new path's figure is in the cache (the deposit's invalidation is
+    // applied in the background; until then the account bypasses the cache).
+    set_rollout(api, 100, false).await;
+    eventually(
+        "the new path's figure is cached",
+        Duration::from_secs(10),
+        || {
+            let mut redis = redis.clone();
+            let key = format!("bank:interest:{account}:{day}:new");
+            let account = account.clone();
+            async move {
+                interest(api, &account).await;
+                let stored: bool = redis::cmd("EXISTS")
+                    .arg(key)
+                    .query_async(&mut redis)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if stored {
+                    Ok(())
+                } else {
+                    Err("not cached yet".into())
+                }
+            }
+        },
+    )
+    .await;
+    let generation = |redis: &mut redis::aio::MultiplexedConnection| {
+        let mut redis = redis.clone();
+        let key = format!("bank:interest-gen:{account}");
+        async move {
+            redis::cmd("GET")
+                .arg(key)
+                .query_async::<Option<i64>>(&mut redis)
+                .await
+                .unwrap()
+                .unwrap_or(0)
+        }
+    };
+    for (percent, path) in [(100, "new"), (0, "legacy"), (100, "new")] {
+        set_rollout(api, percent, false).await;
+        // Twice: the second answer comes from the cache once the first
+        // stored it.
+        for _ in 0..2 {
+            let r = interest(api, &account).await;
+            assert_eq!(r["path"], path, "rollout {percent}%: {r}");
+            assert_eq!(r["gross"], "8301");
+        }
+    }
+    let before = generation(&mut redis).await;
+    api.post(
+        &format!("/v1/accounts/{account}/interest/payouts"),
+        json!({"payout_id": unique("pay_")}),
+    )
+    .await
+    .expect(200);
+    assert!(
+        generation(&mut redis).await > before,
+        "the payout answered before its cache invalidation reached Redis"
+    );
+    assert_eq!(interest(api, &account).await["days"], 0);
 }
 
 #[tokio::test]
