@@ -167,6 +167,53 @@ async fn b10_second_transfer_while_pending_is_refused_by_the_database() {
     assert_eq!(stack.core.api.balance(&to).await, 1500);
 }
 
+/// A client that double-submits (the same `Idempotency-Key`, sent twice at
+/// once) gets the one transfer twice. Both requests can miss the key look-up;
+/// the second insert then collides on the one-pending index as well as on the
+/// key, and must be answered as a replay, not as `transfer_in_progress`.
+#[tokio::test]
+async fn b10_concurrent_submits_with_one_idempotency_key_get_one_transfer() {
+    let stack = Stack::start(fast(60, 5000)).await.unwrap();
+    let to = stack.core.api.funded_account(0).await;
+    let mut customers = Vec::new();
+    for _ in 0..12 {
+        customers.push(stack.customer_with_account(10_000).await);
+    }
+    let rounds = customers.iter().map(|(_, from, api)| {
+        let to = to.clone();
+        async move {
+            let key = unique("key-");
+            let body = json!({"from_account": from, "to_account": to, "amount": "100"});
+            let headers = [("Idempotency-Key", key.as_str())];
+            let answers = futures::future::join_all(
+                (0..3).map(|_| api.send("POST", "/v1/transfers", Some(body.clone()), &headers)),
+            )
+            .await;
+            (from.clone(), answers)
+        }
+    });
+    for (from, answers) in futures::future::join_all(rounds).await {
+        let ids: Vec<Value> = answers
+            .iter()
+            .map(|r| {
+                assert!(
+                    r.status == 200 || r.status == 202,
+                    "{from}: {} {}",
+                    r.status,
+                    r.body
+                );
+                r.body["transfer_id"].clone()
+            })
+            .collect();
+        assert!(ids.iter().all(|id| *id == ids[0]), "{from}: {ids:?}");
+        let id = ids[0].as_str().unwrap().to_owned();
+        let api = &customers.iter().find(|c| c.1 == from).unwrap().2;
+        wait_status(api, &id, "succeeded", Duration::from_secs(10)).await;
+        assert_eq!(stack.core.api.balance(&from).await, 9_900, "{from}");
+    }
+    assert_eq!(stack.core.api.balance(&to).await, 1_200);
+}
+
 #[tokio::test]
 async fn b11_timeout_answers_pending_and_the_result_arrives_without_another_request() {
     let stack = Stack::start(fast(60, 300)).await.unwrap();

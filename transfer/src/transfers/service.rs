@@ -106,6 +106,15 @@ impl TransferService {
             attempts += 1;
             match insert_pending(&self.db, self.resolver.outbox(), &req).await {
                 Ok(()) => break,
+                // A concurrent submit with the same key (both missed the
+                // look-up above) collides on the one-pending index too, and
+                // PostgreSQL may report that one first: it is a replay.
+                Err(InsertError::InProgress(_))
+                    if let Some(key) = &idempotency_key
+                        && let Some(existing) = find_by_key(&self.db, customer, key).await? =>
+                {
+                    return same_request(existing, &new);
+                }
                 // The pending transfer resolved between the conflict and our
                 // look-up: try once more.
                 Err(InsertError::InProgress(None)) if attempts < 2 => continue,
