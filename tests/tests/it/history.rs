@@ -93,6 +93,86 @@ async fn b17_keyset_pages_cover_every_seq_once_newest_first_with_an_index_scan()
     }
 }
 
+/// The core executes a pending transfer while a history request is syncing
+/// (its entries fetch already answered, without the transfer). The answer
+/// must still show the transfer: as pending, or as an entry, never as
+/// neither (settling after the sync used to mark it succeeded and then serve
+/// a page without it).
+#[tokio::test]
+async fn b18_a_transfer_executed_during_the_sync_is_shown_pending_or_as_an_entry() {
+    // No projector: whatever the history shows comes from the on-demand sync.
+    let stack = Stack::start(StackOptions::default()).await.unwrap();
+    let (_, account, api) = stack.customer_with_account(10_000).await;
+    let to = stack.core.api.funded_account(0).await;
+    stack
+        .proxy
+        .add(Some(Method::POST), "/v1/transfers", Action::Hold, Some(1));
+    let sent = api
+        .post(
+            "/v1/transfers",
+            json!({"from_account": account, "to_account": to, "amount": "500"}),
+        )
+        .await
+        .expect(202);
+    let id = sent.str("transfer_id");
+    // The history's entries fetch is answered by the core at once, but the
+    // answer reaches the channel only 3 s later.
+    stack.proxy.add(
+        Some(Method::GET),
+        "/entries",
+        Action::DelayResponse(Duration::from_secs(3)),
+        Some(1),
+    );
+    let history = tokio::spawn({
+        let api = api.clone();
+        let account = account.clone();
+        async move { api.get(&format!("/v1/accounts/{account}/history")).await }
+    });
+    bank_tests::eventually(
+        "the core answered the history's entries fetch",
+        Duration::from_secs(10),
+        || async {
+            let answered = stack.proxy.answered();
+            if answered
+                .iter()
+                .any(|(m, p, _)| m == Method::GET && p.contains("/entries"))
+            {
+                Ok(())
+            } else {
+                Err(format!("{answered:?}"))
+            }
+        },
+    )
+    .await;
+    // Now the core executes the transfer, before that answer arrives.
+    stack.proxy.release_held();
+    bank_tests::eventually(
+        "the core executed the transfer",
+        Duration::from_secs(10),
+        || async {
+            let r = stack.core.api.get(&format!("/v1/transfers/{id}")).await;
+            if r.status == 200 && r.body["status"] == "succeeded" {
+                Ok(())
+            } else {
+                Err(r.body.to_string())
+            }
+        },
+    )
+    .await;
+    let h = history.await.unwrap().expect(200).body;
+    let pending = h["pending"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["transfer_id"] == json!(id));
+    let entry = h["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["transfer_id"] == json!(id));
+    assert!(pending || entry, "the transfer is in neither list: {h}");
+}
+
 #[tokio::test]
 async fn b18_history_syncs_from_the_core_when_the_channel_knows_of_unshown_activity() {
     // No projector: whatever the history shows comes from the on-demand sync.

@@ -59,9 +59,11 @@ impl From<SyncError> for ApiError {
     }
 }
 
-/// Syncs the account and settles its pending transfers from the core.
+/// Settles the account's pending transfers from the core, then syncs its
+/// entries. In this order a transfer the settling found executed has its
+/// entry fetched by the sync; the other way round, a transfer executed
+/// between the two showed neither as pending nor as an entry.
 async fn sync_and_settle(s: &AppState, account: &AccountId) -> Result<(i64, u64), ApiError> {
-    let report = sync_account(&s.db, &s.core, account).await?;
     let pending = pending_touching(&s.db, account)
         .await
         .map_err(|e| db_error(&e))?;
@@ -70,8 +72,13 @@ async fn sync_and_settle(s: &AppState, account: &AccountId) -> Result<(i64, u64)
             tracing::debug!(transfer_id = %p.transfer_id, error = %e, "settling a pending transfer during sync");
         }
     }
+    let report = sync_account(&s.db, &s.core, account).await?;
     Ok((report.synced_through_seq, report.applied))
 }
+
+/// Most syncs one history request makes while transfers keep being
+/// confirmed (by the resolver or reconciler) beyond what it synced.
+const MAX_SYNCS_PER_PAGE: usize = 3;
 
 /// The account's transactions, newest first, with keyset pagination. When
 /// the channel knows of activity the history does not show yet (a pending
@@ -101,27 +108,33 @@ pub(super) async fn history(
         .map_err(|e| ApiError::bad_request("invalid_cursor", e.to_string()))?;
     s.check_owner(&customer, &account).await?;
 
-    let synced = synced_through(&s.db, &account)
-        .await
-        .map_err(|e| db_error(&e))?;
-    let pending = pending_touching(&s.db, &account)
-        .await
-        .map_err(|e| db_error(&e))?;
-    let behind = confirmed_beyond(&s.db, &account, synced)
-        .await
-        .map_err(|e| db_error(&e))?;
-    if (!pending.is_empty() || behind)
-        && let Err(e) = sync_and_settle(&s, &account).await
-    {
-        // Serve what the channel has; the pending list still shows what is in flight.
-        tracing::warn!(account = %account, error = %e, "history sync before answering failed");
-    }
-    let synced = synced_through(&s.db, &account)
-        .await
-        .map_err(|e| db_error(&e))?;
-    let pending = pending_touching(&s.db, &account)
-        .await
-        .map_err(|e| db_error(&e))?;
+    // A pending transfer, or a confirmed one beyond the synced seq, means the
+    // history may not show everything the customer was told: sync first. A
+    // transfer confirmed by another task while this one synced is caught by
+    // looking again (bounded).
+    let mut syncs = 0;
+    let (synced, pending) = loop {
+        let synced = synced_through(&s.db, &account)
+            .await
+            .map_err(|e| db_error(&e))?;
+        let pending = pending_touching(&s.db, &account)
+            .await
+            .map_err(|e| db_error(&e))?;
+        let behind = confirmed_beyond(&s.db, &account, synced)
+            .await
+            .map_err(|e| db_error(&e))?;
+        let needs_sync = behind || (syncs == 0 && !pending.is_empty());
+        if !needs_sync || syncs == MAX_SYNCS_PER_PAGE {
+            break (synced, pending);
+        }
+        syncs += 1;
+        if let Err(e) = sync_and_settle(&s, &account).await {
+            // Serve what the channel has (read once more); the pending list
+            // still shows what is in flight.
+            tracing::warn!(account = %account, error = %e, "history sync before answering failed");
+            syncs = MAX_SYNCS_PER_PAGE;
+        }
+    };
     let (entries, next_cursor) = page(&s.db, &account, before, limit)
         .await
         .map_err(|e| db_error(&e))?;
