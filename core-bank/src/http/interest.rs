@@ -39,6 +39,7 @@ impl From<PayoutError> for ApiError {
                 ApiError::conflict("already_paid_today", msg)
             }
             PayoutError::IdempotencyConflict(_) => ApiError::conflict("idempotency_conflict", msg),
+            PayoutError::DateChanged => ApiError::unavailable(msg),
             PayoutError::Db(db) => db_error(&db),
         }
     }

@@ -77,6 +77,11 @@ pub enum PayoutError {
     /// keeps happening.
     #[error("a concurrent payout of this account committed first")]
     PaidMeanwhile,
+    /// The business date changed while the payout waited for its lock; it
+    /// is run again under the new date, so callers see this only if it
+    /// keeps happening.
+    #[error("the business date changed during the payout")]
+    DateChanged,
     /// The payout id is known for another account.
     #[error("payout {0} was already used for another account")]
     IdempotencyConflict(String),
@@ -98,7 +103,7 @@ impl common::db::AsDbErr for PayoutError {
     /// the account committed while this one waited for its lock.
     fn is_retryable(&self) -> bool {
         match self {
-            PayoutError::PaidMeanwhile => true,
+            PayoutError::PaidMeanwhile | PayoutError::DateChanged => true,
             PayoutError::Db(e) => {
                 common::db::is_transient(e)
                     || common::db::is_unique_violation_of(e, "interest_payouts_pkey")
@@ -228,6 +233,12 @@ async fn try_pay(
         ))
         .await?
         .ok_or_else(|| DbErr::Custom("payout look-up returned no row".into()))?;
+    // The date was read before the lock wait; a payout must not pay under a
+    // date that ended while it waited (a transfer of the new date may be
+    // ahead of it on this account).
+    if clock.today() != today {
+        return Err(PayoutError::DateChanged);
+    }
     if row.try_get::<Option<String>>("", "payout_id")?.is_some() {
         let payout = payout_from_row(&row)?;
         txn.commit().await?;

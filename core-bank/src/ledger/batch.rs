@@ -204,8 +204,6 @@ pub(crate) async fn run_batch(
     cfg: &LedgerConfig,
     jobs: &[Job],
 ) -> Result<BatchOutput, BatchError> {
-    let now = clock.now();
-    let today = clock.today();
     let mut phases = Phases::start();
     let txn = db.begin().await?;
     phases.mark("begin");
@@ -271,6 +269,12 @@ pub(crate) async fn run_batch(
         lock_accounts(&txn, needed.into_iter().collect()).await?
     };
     phases.mark("lock_accounts");
+    // The time and business date are read once the rows are locked, not
+    // before the wait: a request that expired while waiting is refused
+    // (B5), and entries written after a date change, behind a payout of the
+    // new date, carry the new date.
+    let now = clock.now();
+    let today = clock.today();
     let index: HashMap<String, usize> = accounts
         .iter()
         .enumerate()

@@ -133,6 +133,88 @@ async fn b21_tier_boundaries_zero_and_intraday_changes() {
     );
 }
 
+/// A payout that waits for its account's lock across a change of the
+/// business date pays under the new date: it covers the day that just ended
+/// and is recorded on the new date, as a payout started after the change.
+#[tokio::test]
+async fn b22_a_payout_waiting_for_its_lock_across_a_date_change_pays_under_the_new_date() {
+    use sea_orm::{ConnectionTrait, Statement, TransactionTrait};
+    let nats = NatsServer::start().await.unwrap();
+    let core = CoreApp::spawn_with(
+        &nats,
+        CoreOptions {
+            lock_timeout_ms: 10_000,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let api = &core.api;
+    let account = api.funded_account(60_000_000).await;
+    let day = advance(api, 3).await;
+    let db = sea_orm::Database::connect(core.db_url.as_str())
+        .await
+        .unwrap();
+    let holder = db.begin().await.unwrap();
+    holder
+        .execute_unprepared(&format!(
+            "SELECT 1 FROM accounts WHERE account_id = '{account}' FOR UPDATE"
+        ))
+        .await
+        .unwrap();
+    let payout = tokio::spawn({
+        let api = api.clone();
+        let account = account.clone();
+        async move {
+            api.post(
+                &format!("/v1/accounts/{account}/interest/payouts"),
+                json!({"payout_id": unique("pay_")}),
+            )
+            .await
+        }
+    });
+    eventually(
+        "the payout waits for the account's lock",
+        Duration::from_secs(10),
+        || async {
+            let waiting = db
+                .query_one_raw(Statement::from_string(
+                    db.get_database_backend(),
+                    "SELECT count(*) AS n FROM pg_stat_activity \
+                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                ))
+                .await
+                .map_err(|e| e.to_string())?
+                .and_then(|r| r.try_get::<i64>("", "n").ok())
+                .unwrap_or(0);
+            if waiting > 0 {
+                Ok(())
+            } else {
+                Err("not waiting yet".into())
+            }
+        },
+    )
+    .await;
+    let next = advance(api, 1).await;
+    holder.commit().await.unwrap();
+    let paid = payout.await.unwrap().expect(200);
+    assert_eq!(paid.str("through"), day.to_string(), "{}", paid.body);
+    let recorded = db
+        .query_one_raw(Statement::from_string(
+            db.get_database_backend(),
+            format!(
+                "SELECT business_date::text AS d FROM ledger_entries \
+                 WHERE account_id = '{account}' AND kind = 'interest'"
+            ),
+        ))
+        .await
+        .unwrap()
+        .unwrap()
+        .try_get::<String>("", "d")
+        .unwrap();
+    assert_eq!(recorded, next.to_string());
+}
+
 #[tokio::test]
 async fn b22_payout_once_per_day_idempotent_by_payout_id() {
     let (_nats, core) = core().await;

@@ -362,6 +362,74 @@ async fn b05_request_older_than_ttl_is_refused_and_recorded() {
     core.api.post("/v1/transfers", body).await.expect(200);
 }
 
+/// A request that is within its TTL when it arrives but expires while it
+/// waits for an account lock is refused: the core checks the age once the
+/// rows are locked, not before the wait.
+#[tokio::test]
+async fn b05_a_request_that_expires_while_waiting_for_a_lock_is_refused() {
+    let nats = NatsServer::start().await.unwrap();
+    let core = CoreApp::spawn_with(
+        &nats,
+        CoreOptions {
+            request_ttl_secs: 2,
+            lock_timeout_ms: 10_000,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let from = core.api.funded_account(1000).await;
+    let to = core.api.funded_account(0).await;
+    // Another transaction holds the source account's row lock.
+    let db = sea_orm::Database::connect(core.db_url.as_str())
+        .await
+        .unwrap();
+    let holder = db.begin().await.unwrap();
+    holder
+        .execute_unprepared(&format!(
+            "SELECT 1 FROM accounts WHERE account_id = '{from}' FOR UPDATE"
+        ))
+        .await
+        .unwrap();
+    let id = unique("trf_");
+    let requested_at = chrono::Utc::now() - chrono::Duration::milliseconds(1500);
+    let mut body = transfer_body(&id, &from, &to, 100);
+    body["requested_at"] = json!(requested_at.to_rfc3339());
+    let request = tokio::spawn({
+        let api = core.api.clone();
+        async move { api.post("/v1/transfers", body).await }
+    });
+    // Release the lock only once the core waits for it and the TTL has passed.
+    eventually(
+        "the core waits for the lock until the request expired",
+        Duration::from_secs(10),
+        || async {
+            let waiting = db
+                .query_one_raw(Statement::from_string(
+                    db.get_database_backend(),
+                    "SELECT count(*) AS n FROM pg_stat_activity \
+                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                ))
+                .await
+                .map_err(|e| e.to_string())?
+                .and_then(|r| r.try_get::<i64>("", "n").ok())
+                .unwrap_or(0);
+            let expired = chrono::Utc::now() - requested_at > chrono::Duration::milliseconds(2100);
+            if waiting > 0 && expired {
+                Ok(())
+            } else {
+                Err(format!("waiting {waiting}, expired {expired}"))
+            }
+        },
+    )
+    .await;
+    holder.commit().await.unwrap();
+    let r = request.await.unwrap().expect(422);
+    assert_eq!(r.code(), Some("request_expired"));
+    assert_eq!(core.api.balance(&from).await, 1000);
+    assert_eq!(core.api.balance(&to).await, 0);
+}
+
 #[tokio::test]
 async fn b06_every_refusal_is_final_recorded_and_reported() {
     let (_nats, core) = core().await;
