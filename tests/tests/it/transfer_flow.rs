@@ -214,6 +214,40 @@ async fn b10_concurrent_submits_with_one_idempotency_key_get_one_transfer() {
     assert_eq!(stack.core.api.balance(&to).await, 1_200);
 }
 
+/// A status that something between channel and core may send after passing
+/// the request on (429 from a gateway, 408) is not the core's refusal: the
+/// transfer stays pending until the core's own answer (here: it never saw
+/// the request, so it ends through the fence after the TTL, as F3).
+#[tokio::test]
+async fn f3_a_gateway_status_between_channel_and_core_is_not_taken_as_a_refusal() {
+    let stack = Stack::start(fast(2, 5000)).await.unwrap();
+    let (_, from, api) = stack.customer_with_account(10_000).await;
+    let to = stack.core.api.funded_account(0).await;
+    for gateway_status in [429, 408] {
+        stack.proxy.add(
+            Some(Method::POST),
+            "/v1/transfers",
+            Action::Fail(gateway_status),
+            Some(1),
+        );
+        let r = send(&api, &from, &to, 1000).await.expect(202);
+        assert_eq!(r.str("status"), "pending", "{gateway_status}: {}", r.body);
+        let id = r.str("transfer_id");
+        let done = wait_status(&api, &id, "failed", Duration::from_secs(15)).await;
+        assert_ne!(done["reason"], "core_rejected", "{gateway_status}: {done}");
+    }
+    assert_eq!(stack.core.api.balance(&from).await, 10_000);
+    // A status the core itself gives for a malformed request stays final.
+    stack.proxy.add(
+        Some(Method::POST),
+        "/v1/transfers",
+        Action::Fail(400),
+        Some(1),
+    );
+    let r = send(&api, &from, &to, 1000).await;
+    assert_eq!(r.code(), Some("core_rejected"), "{}", r.body);
+}
+
 #[tokio::test]
 async fn b11_timeout_answers_pending_and_the_result_arrives_without_another_request() {
     let stack = Stack::start(fast(60, 300)).await.unwrap();

@@ -164,9 +164,12 @@ impl TransferService {
                 code,
                 message,
                 ..
-            }) if status != 409 => {
+            }) if CORE_REJECTIONS.contains(&status) => {
                 // The core rejected the request itself (bad input or credentials):
-                // it did not and will not execute.
+                // it did not and will not execute. Other statuses (408, 409,
+                // 429, ...) may come from something between the two services
+                // after the request went on, so they leave the transfer
+                // pending for the resolver to ask the core.
                 tracing::error!(transfer_id = %req.transfer_id, status, %code, %message, "the core rejected a transfer request");
                 Some(Resolution::Failed {
                     reason: "core_rejected".into(),
@@ -210,6 +213,10 @@ impl TransferService {
         .await
     }
 }
+
+/// Statuses by which the core rejects a transfer request it will never
+/// execute (malformed, unauthorized, unknown route, too large, wrong type).
+const CORE_REJECTIONS: [u16; 7] = [400, 401, 403, 404, 405, 413, 415];
 
 /// An idempotency-key replay: the same request gets the stored transfer.
 fn same_request(
