@@ -89,10 +89,11 @@ struct Pending {
 }
 
 impl Pending {
-    /// Marks `accounts` as invalidated (again). When the set is full, new
-    /// accounts are dropped with a warning (their keys still expire at
-    /// midnight).
-    fn add(&mut self, accounts: &[AccountId]) {
+    /// Marks `accounts` as invalidated (again) and returns them with their
+    /// new versions, to increment. When the set is full, new accounts are
+    /// dropped with a warning (their keys still expire at midnight).
+    fn add(&mut self, accounts: &[AccountId]) -> Vec<(String, u64)> {
+        let mut added = Vec::with_capacity(accounts.len());
         for id in accounts {
             if self.accounts.len() >= MAX_PENDING_INVALIDATIONS
                 && !self.accounts.contains_key(id.as_str())
@@ -102,7 +103,9 @@ impl Pending {
             }
             self.next_version += 1;
             self.accounts.insert(id.to_string(), self.next_version);
+            added.push((id.to_string(), self.next_version));
         }
+        added
     }
 
     /// Up to `n` pending accounts with their versions, to increment.
@@ -111,13 +114,6 @@ impl Pending {
             .iter()
             .take(n)
             .map(|(id, v)| (id.clone(), *v))
-            .collect()
-    }
-
-    /// The pending versions of `ids` (those not pending are left out).
-    fn versions_of(&self, ids: &[AccountId]) -> Vec<(String, u64)> {
-        ids.iter()
-            .filter_map(|id| self.accounts.get(id.as_str()).map(|v| (id.to_string(), *v)))
             .collect()
     }
 
@@ -266,12 +262,7 @@ impl InterestCache {
     /// [`InterestCache::run_invalidations`] (coalesced, retried until Redis
     /// answers).
     pub fn invalidate(&self, accounts: &[AccountId]) {
-        if accounts.is_empty() {
-            return;
-        }
-        if let Ok(mut p) = self.pending.lock() {
-            p.add(accounts);
-        }
+        self.queue(accounts);
         self.wake.notify_one();
     }
 
@@ -280,19 +271,27 @@ impl InterestCache {
     /// connection's 500 ms response timeout); what failed is left to
     /// [`InterestCache::run_invalidations`], as with [`Self::invalidate`].
     pub async fn invalidate_now(&self, accounts: &[AccountId]) {
-        if accounts.is_empty() {
-            return;
-        }
-        let taken = match self.pending.lock() {
-            Ok(mut p) => {
-                p.add(accounts);
-                p.versions_of(accounts)
-            }
-            Err(_) => return,
-        };
-        if !self.bump_generations(&taken).await {
+        let queued = self.queue(accounts);
+        if !queued.is_empty() && !self.bump_generations(&queued).await {
             self.wake.notify_one();
         }
+    }
+
+    /// Adds `accounts` to the pending set (they bypass the cache in this
+    /// process from now on); returns them with their versions.
+    fn queue(&self, accounts: &[AccountId]) -> Vec<(String, u64)> {
+        match self.pending.lock() {
+            Ok(mut p) => p.add(accounts),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// Up to 1,000 pending accounts with their versions.
+    fn next_batch(&self) -> Vec<(String, u64)> {
+        self.pending
+            .lock()
+            .map(|p| p.take(1000))
+            .unwrap_or_default()
     }
 
     /// Increments the generations of `taken` in one pipeline and forgets
@@ -325,10 +324,7 @@ impl InterestCache {
     /// leaves nothing behind that Redis could take.
     pub async fn run_invalidations(self, shutdown: CancellationToken) {
         loop {
-            let taken = match self.pending.lock() {
-                Ok(p) => p.take(1000),
-                Err(_) => Vec::new(),
-            };
+            let taken = self.next_batch();
             if !taken.is_empty() && self.bump_generations(&taken).await {
                 continue;
             }
@@ -339,10 +335,7 @@ impl InterestCache {
             }
         }
         loop {
-            let taken = match self.pending.lock() {
-                Ok(p) => p.take(1000),
-                Err(_) => Vec::new(),
-            };
+            let taken = self.next_batch();
             if taken.is_empty() {
                 return;
             }
@@ -393,7 +386,7 @@ mod tests {
             "re-invalidated: still pending"
         );
         assert!(!p.accounts.contains_key("acc_b"), "landed: forgotten");
-        let again = p.versions_of(&ids(&["acc_a", "acc_b"]));
+        let again = p.take(1000);
         assert_eq!(again.len(), 1);
         p.done(&again);
         assert!(p.accounts.is_empty());
