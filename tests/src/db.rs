@@ -44,3 +44,47 @@ pub async fn query_strings(url: &str, sql: &str) -> anyhow::Result<Vec<String>> 
     db.close().await?;
     Ok(out)
 }
+
+/// An account's row lock held from outside the services (as a long
+/// transaction of another replica would), to make a service wait for it.
+pub struct AccountLock {
+    db: sea_orm::DatabaseConnection,
+    txn: sea_orm::DatabaseTransaction,
+}
+
+impl AccountLock {
+    /// Locks `account` in the core database at `db_url`.
+    pub async fn hold(db_url: &str, account: &str) -> anyhow::Result<Self> {
+        use sea_orm::TransactionTrait;
+        let db = Database::connect(db_url).await?;
+        let txn = db.begin().await?;
+        txn.execute_raw(Statement::from_sql_and_values(
+            txn.get_database_backend(),
+            "SELECT 1 FROM accounts WHERE account_id = $1 FOR UPDATE",
+            [account.into()],
+        ))
+        .await?;
+        Ok(Self { db, txn })
+    }
+
+    /// How many sessions of this database wait for a lock now.
+    pub async fn waiters(&self) -> anyhow::Result<i64> {
+        let row = self
+            .db
+            .query_one_raw(Statement::from_string(
+                self.db.get_database_backend(),
+                "SELECT count(*) AS n FROM pg_stat_activity \
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            ))
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("count returned no row"))?;
+        Ok(row.try_get("", "n")?)
+    }
+
+    /// Releases the lock.
+    pub async fn release(self) -> anyhow::Result<()> {
+        self.txn.commit().await?;
+        self.db.close().await?;
+        Ok(())
+    }
+}

@@ -4,6 +4,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use bank_tests::apps::CoreOptions;
+use bank_tests::db::AccountLock;
 use bank_tests::nats::{free_port, stream_messages};
 use bank_tests::{Api, CoreApp, NatsServer, eventually, unique};
 use chrono::NaiveDate;
@@ -44,6 +45,41 @@ async fn set_rollout(api: &Api, percent: u8, shadow: bool) {
     )
     .await
     .expect(200);
+}
+
+/// Queries the expected interest until the answer is in the cache under
+/// `path` (an invalidation still on its way to Redis makes the account
+/// bypass the cache); returns the last answer.
+async fn query_until_cached(
+    api: &Api,
+    redis: &redis::aio::MultiplexedConnection,
+    account: &str,
+    day: NaiveDate,
+    path: &str,
+) -> Value {
+    let key = format!("bank:interest:{account}:{day}:{path}");
+    eventually(
+        &format!("the {path} path's figure is cached"),
+        Duration::from_secs(10),
+        || {
+            let mut redis = redis.clone();
+            let key = key.clone();
+            async move {
+                let answer = interest(api, account).await;
+                let stored: bool = redis::cmd("EXISTS")
+                    .arg(key)
+                    .query_async(&mut redis)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if stored {
+                    Ok(answer)
+                } else {
+                    Err("not cached yet".into())
+                }
+            }
+        },
+    )
+    .await
 }
 
 async fn interest(api: &Api, account: &str) -> Value {
@@ -138,7 +174,7 @@ async fn b21_tier_boundaries_zero_and_intraday_changes() {
 /// and is recorded on the new date, as a payout started after the change.
 #[tokio::test]
 async fn b22_a_payout_waiting_for_its_lock_across_a_date_change_pays_under_the_new_date() {
-    use sea_orm::{ConnectionTrait, Statement, TransactionTrait};
+    use sea_orm::{ConnectionTrait, Statement};
     let nats = NatsServer::start().await.unwrap();
     let core = CoreApp::spawn_with(
         &nats,
@@ -152,16 +188,7 @@ async fn b22_a_payout_waiting_for_its_lock_across_a_date_change_pays_under_the_n
     let api = &core.api;
     let account = api.funded_account(60_000_000).await;
     let day = advance(api, 3).await;
-    let db = sea_orm::Database::connect(core.db_url.as_str())
-        .await
-        .unwrap();
-    let holder = db.begin().await.unwrap();
-    holder
-        .execute_unprepared(&format!(
-            "SELECT 1 FROM accounts WHERE account_id = '{account}' FOR UPDATE"
-        ))
-        .await
-        .unwrap();
+    let lock = AccountLock::hold(&core.db_url, &account).await.unwrap();
     let payout = tokio::spawn({
         let api = api.clone();
         let account = account.clone();
@@ -177,26 +204,18 @@ async fn b22_a_payout_waiting_for_its_lock_across_a_date_change_pays_under_the_n
         "the payout waits for the account's lock",
         Duration::from_secs(10),
         || async {
-            let waiting = db
-                .query_one_raw(Statement::from_string(
-                    db.get_database_backend(),
-                    "SELECT count(*) AS n FROM pg_stat_activity \
-                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
-                ))
-                .await
-                .map_err(|e| e.to_string())?
-                .and_then(|r| r.try_get::<i64>("", "n").ok())
-                .unwrap_or(0);
-            if waiting > 0 {
-                Ok(())
-            } else {
-                Err("not waiting yet".into())
+            match lock.waiters().await {
+                Ok(n) if n > 0 => Ok(()),
+                other => Err(format!("not waiting yet: {other:?}")),
             }
         },
     )
     .await;
     let next = advance(api, 1).await;
-    holder.commit().await.unwrap();
+    lock.release().await.unwrap();
+    let db = sea_orm::Database::connect(core.db_url.as_str())
+        .await
+        .unwrap();
     let paid = payout.await.unwrap().expect(200);
     assert_eq!(paid.str("through"), day.to_string(), "{}", paid.body);
     let recorded = db
@@ -373,28 +392,7 @@ async fn b25_cache_hit_invalidation_on_payout_and_midnight_key_change() {
         .unwrap();
     // The deposit's invalidation is applied to Redis in the background; until
     // then the account bypasses the cache, so query until a figure is stored.
-    let first = eventually(
-        "the first query stores its figure",
-        Duration::from_secs(10),
-        || {
-            let mut redis = redis.clone();
-            let account = account.clone();
-            async move {
-                let first = interest(api, &account).await;
-                let stored: bool = redis::cmd("EXISTS")
-                    .arg(format!("bank:interest:{account}:{day}:legacy"))
-                    .query_async(&mut redis)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                if stored {
-                    Ok(first)
-                } else {
-                    Err("not cached yet".into())
-                }
-            }
-        },
-    )
-    .await;
+    let first = query_until_cached(api, &redis, &account, day, "legacy").await;
     assert_eq!(first["gross"], "8301");
     // Change the truth behind the service's back: a cached answer does not see it.
     let db = sea_orm::Database::connect(core.db_url.as_str())
@@ -525,29 +523,7 @@ async fn b26_a_rollout_change_applies_to_figures_already_cached() {
     // The new path's figure is in the cache (the deposit's invalidation is
     // applied in the background; until then the account bypasses the cache).
     set_rollout(api, 100, false).await;
-    eventually(
-        "the new path's figure is cached",
-        Duration::from_secs(10),
-        || {
-            let mut redis = redis.clone();
-            let key = format!("bank:interest:{account}:{day}:new");
-            let account = account.clone();
-            async move {
-                interest(api, &account).await;
-                let stored: bool = redis::cmd("EXISTS")
-                    .arg(key)
-                    .query_async(&mut redis)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                if stored {
-                    Ok(())
-                } else {
-                    Err("not cached yet".into())
-                }
-            }
-        },
-    )
-    .await;
+    query_until_cached(api, &redis, &account, day, "new").await;
     let generation = |redis: &mut redis::aio::MultiplexedConnection| {
         let mut redis = redis.clone();
         let key = format!("bank:interest-gen:{account}");

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use bank_tests::apps::{CORE_TOKEN, CoreOptions};
 use bank_tests::client::transfer_body;
+use bank_tests::db::AccountLock;
 use bank_tests::nats::stream_messages;
 use bank_tests::{Api, CoreApp, NatsServer, eventually, unique};
 use futures::future::join_all;
@@ -381,16 +382,7 @@ async fn b05_a_request_that_expires_while_waiting_for_a_lock_is_refused() {
     let from = core.api.funded_account(1000).await;
     let to = core.api.funded_account(0).await;
     // Another transaction holds the source account's row lock.
-    let db = sea_orm::Database::connect(core.db_url.as_str())
-        .await
-        .unwrap();
-    let holder = db.begin().await.unwrap();
-    holder
-        .execute_unprepared(&format!(
-            "SELECT 1 FROM accounts WHERE account_id = '{from}' FOR UPDATE"
-        ))
-        .await
-        .unwrap();
+    let lock = AccountLock::hold(&core.db_url, &from).await.unwrap();
     let id = unique("trf_");
     let requested_at = chrono::Utc::now() - chrono::Duration::milliseconds(1500);
     let mut body = transfer_body(&id, &from, &to, 100);
@@ -404,16 +396,7 @@ async fn b05_a_request_that_expires_while_waiting_for_a_lock_is_refused() {
         "the core waits for the lock until the request expired",
         Duration::from_secs(10),
         || async {
-            let waiting = db
-                .query_one_raw(Statement::from_string(
-                    db.get_database_backend(),
-                    "SELECT count(*) AS n FROM pg_stat_activity \
-                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
-                ))
-                .await
-                .map_err(|e| e.to_string())?
-                .and_then(|r| r.try_get::<i64>("", "n").ok())
-                .unwrap_or(0);
+            let waiting = lock.waiters().await.map_err(|e| e.to_string())?;
             let expired = chrono::Utc::now() - requested_at > chrono::Duration::milliseconds(2100);
             if waiting > 0 && expired {
                 Ok(())
@@ -423,7 +406,7 @@ async fn b05_a_request_that_expires_while_waiting_for_a_lock_is_refused() {
         },
     )
     .await;
-    holder.commit().await.unwrap();
+    lock.release().await.unwrap();
     let r = request.await.unwrap().expect(422);
     assert_eq!(r.code(), Some("request_expired"));
     assert_eq!(core.api.balance(&from).await, 1000);
