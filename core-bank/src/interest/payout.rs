@@ -194,7 +194,6 @@ async fn try_pay(
 ) -> Result<Payout, PayoutError> {
     let backend = db.get_database_backend();
     let today = clock.today();
-    let now = clock.now();
     let txn = db.begin().await?;
     // The pools force custom plans (for the batch statements' arrays); these
     // statements have one shape and look rows up by key, so their cached
@@ -239,6 +238,7 @@ async fn try_pay(
     if clock.today() != today {
         return Err(PayoutError::DateChanged);
     }
+    let now = clock.now();
     if row.try_get::<Option<String>>("", "payout_id")?.is_some() {
         let payout = payout_from_row(&row)?;
         txn.commit().await?;
