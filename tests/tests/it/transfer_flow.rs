@@ -79,19 +79,8 @@ async fn channel_count(stack: &Stack, sql: &str) -> i64 {
     n
 }
 
-#[tokio::test]
-async fn b09_transfer_is_stored_pending_with_id_and_requested_at_before_the_core_is_called() {
-    let stack = Stack::start(fast(60, 5000)).await.unwrap();
-    let (_, from, api) = stack.customer_with_account(10_000).await;
-    let to = stack.core.api.funded_account(0).await;
-    stack
-        .proxy
-        .add(Some(Method::POST), "/v1/transfers", Action::Hold, Some(1));
-    let request = tokio::spawn({
-        let api = api.clone();
-        let (from, to) = (from.clone(), to.clone());
-        async move { send(&api, &from, &to, 1000).await }
-    });
+/// Waits until a `POST /v1/transfers` reached the proxy.
+async fn wait_held(stack: &Stack) {
     eventually(
         "the request is held at the proxy",
         Duration::from_secs(5),
@@ -109,6 +98,22 @@ async fn b09_transfer_is_stored_pending_with_id_and_requested_at_before_the_core
         },
     )
     .await;
+}
+
+#[tokio::test]
+async fn b09_transfer_is_stored_pending_with_id_and_requested_at_before_the_core_is_called() {
+    let stack = Stack::start(fast(60, 5000)).await.unwrap();
+    let (_, from, api) = stack.customer_with_account(10_000).await;
+    let to = stack.core.api.funded_account(0).await;
+    stack
+        .proxy
+        .add(Some(Method::POST), "/v1/transfers", Action::Hold, Some(1));
+    let request = tokio::spawn({
+        let api = api.clone();
+        let (from, to) = (from.clone(), to.clone());
+        async move { send(&api, &from, &to, 1000).await }
+    });
+    wait_held(&stack).await;
     // The core has not received it, yet the channel already stored it.
     assert!(
         !stack
@@ -129,6 +134,53 @@ async fn b09_transfer_is_stored_pending_with_id_and_requested_at_before_the_core
     assert!(r.str("transfer_id").starts_with("trf_"));
     assert!(r.body["requested_at"].is_string());
     assert_eq!(stack.core.api.balance(&to).await, 1000);
+}
+
+/// F1: the core executed the transfer, but the channel database cannot
+/// record its answer (an outside lock on the requests table outlasts the
+/// lock timeout). The customer is told the transfer is pending, not given an
+/// error for money that moved, and the resolver records the outcome once the
+/// database is back.
+#[tokio::test]
+async fn f1_an_answer_the_channel_database_cannot_record_leaves_the_transfer_pending() {
+    use sea_orm::TransactionTrait;
+    let stack = Stack::start(fast(60, 5000)).await.unwrap();
+    let (_, from, api) = stack.customer_with_account(10_000).await;
+    let to = stack.core.api.funded_account(0).await;
+    stack
+        .proxy
+        .add(Some(Method::POST), "/v1/transfers", Action::Hold, Some(1));
+    let request = tokio::spawn({
+        let api = api.clone();
+        let (from, to) = (from.clone(), to.clone());
+        async move { send(&api, &from, &to, 1000).await }
+    });
+    wait_held(&stack).await;
+    let db = Database::connect(stack.transfer.db_url.as_str())
+        .await
+        .unwrap();
+    let lock = db.begin().await.unwrap();
+    lock.execute_unprepared("LOCK TABLE transfer_requests IN SHARE MODE")
+        .await
+        .unwrap();
+    stack.proxy.release_held();
+    let r = request.await.unwrap().expect(202);
+    assert_eq!(r.body["status"], "pending", "{r:?}");
+    assert_eq!(
+        stack.core.api.balance(&to).await,
+        1000,
+        "the core executed it"
+    );
+    lock.rollback().await.unwrap();
+    wait_status(
+        &api,
+        &r.str("transfer_id"),
+        "succeeded",
+        Duration::from_secs(15),
+    )
+    .await;
+    assert_eq!(stack.core.api.balance(&to).await, 1000, "moved once");
+    assert_eq!(stack.core.api.balance(&from).await, 9_000);
 }
 
 #[tokio::test]

@@ -8,7 +8,9 @@
 //! 3. The core is called with `CORE_TIMEOUT_MS`. Success or refusal resolves
 //!    the transfer at once; a timeout or an unreachable core leaves it
 //!    pending (the customer gets 202) and hands it to a resolver that polls
-//!    the core's status, and, after the TTL, fences it (B11, B12).
+//!    the core's status, and, after the TTL, fences it (B11, B12). So does
+//!    an answer the channel database fails to record: the customer is told
+//!    the transfer is pending, never an error for money that moved.
 
 use std::time::Duration;
 
@@ -181,9 +183,17 @@ impl TransferService {
             }
         };
         let result = match resolution {
-            Some(r) => match resolve(&self.db, self.resolver.outbox(), &req, &r).await? {
-                Some(updated) => updated,
-                None => find(&self.db, &req.transfer_id).await?.unwrap_or(req),
+            Some(r) => match self.record(&req, &r).await {
+                Ok(recorded) => recorded,
+                Err(e) => {
+                    // The core has answered, but the answer could not be
+                    // recorded: the transfer is still pending here, so the
+                    // customer is told so, and the resolver asks the core
+                    // again and records the outcome once the database is back.
+                    tracing::error!(transfer_id = %req.transfer_id, error = %e, "recording the core's answer failed; the transfer stays pending for the resolver");
+                    self.resolver.spawn(req.clone());
+                    req
+                }
             },
             None => {
                 self.resolver.spawn(req.clone());
@@ -197,6 +207,23 @@ impl TransferService {
 }
 
 impl TransferService {
+    /// Records the core's answer; the request as it now stands.
+    async fn record(
+        &self,
+        req: &TransferRequest,
+        resolution: &Resolution,
+    ) -> Result<TransferRequest, DbErr> {
+        Ok(
+            match resolve(&self.db, self.resolver.outbox(), req, resolution).await? {
+                Some(updated) => updated,
+                // Resolved meanwhile by the resolver: its record stands.
+                None => find(&self.db, &req.transfer_id)
+                    .await?
+                    .unwrap_or_else(|| req.clone()),
+            },
+        )
+    }
+
     /// Asks the core about a pending transfer now and resolves it if its
     /// outcome is known (fencing it when it is past the TTL).
     pub async fn settle_now(
