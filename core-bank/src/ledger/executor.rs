@@ -10,8 +10,9 @@
 //! Failure handling: a transaction that fails for a transient reason (lock
 //! timeout, deadlock, serialization failure, a concurrent insert of the same
 //! id, a lost connection) is retried as a whole, up to 10 times with jittered
-//! backoff. A non-transient failure of a batch of several commands re-runs
-//! each command alone, so one bad command cannot fail its neighbours.
+//! backoff; if it still fails, every command of the batch gets the error. A
+//! non-transient failure of a batch of several commands re-runs each command
+//! alone, so one bad command cannot fail its neighbours.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -158,7 +159,10 @@ async fn execute(shared: &Shared, jobs: Vec<Job>) {
                 let _ = job.reply.send(outcome);
             }
         }
-        Err(e) if size > 1 => {
+        // Retries are spent on a transient failure (the database is down,
+        // say): running each command alone would only repeat them. Any other
+        // failure may be one command's, so each runs alone.
+        Err(e) if size > 1 && !e.is_retryable() => {
             tracing::warn!(error = %e, size, "ledger batch failed; executing its commands one by one");
             for job in jobs {
                 Box::pin(execute(shared, vec![job])).await;
