@@ -51,19 +51,25 @@ pub struct DeadLetter {
 /// Publishes `m` to `DLQ` and terminates it on its stream. If the publish
 /// fails the message is naked instead, so it is never lost.
 pub async fn dead_letter(ctx: &Context, m: &Message, reason: &str, kind: &'static str) {
-    let (stream, stream_seq, consumer, delivered) = match m.info() {
+    let (stream, stream_seq, stored_at_ns, consumer, delivered) = match m.info() {
         Ok(i) => (
             i.stream.to_owned(),
             i.stream_sequence,
+            i64::try_from(i.published.unix_timestamp_nanos()).unwrap_or(i64::MAX),
             i.consumer.to_owned(),
             i.delivered,
         ),
-        Err(_) => (String::from("unknown"), 0, String::from("unknown"), 0),
+        Err(_) => (String::from("unknown"), 0, 0, String::from("unknown"), 0),
     };
     let mut error: String = reason.chars().filter(|c| !c.is_control()).collect();
     error.truncate(MAX_ERROR_LEN);
     let mut headers = HeaderMap::new();
-    headers.insert("Nats-Msg-Id", format!("dlq:{stream}:{stream_seq}").as_str());
+    // The message is its stream, its sequence and when the stream stored it:
+    // a stream created again reuses sequence numbers.
+    headers.insert(
+        "Nats-Msg-Id",
+        format!("dlq:{stream}:{stream_seq}:{stored_at_ns}").as_str(),
+    );
     headers.insert(H_STREAM, stream.as_str());
     headers.insert(H_STREAM_SEQ, stream_seq.to_string().as_str());
     headers.insert(H_CONSUMER, consumer.as_str());
@@ -78,7 +84,7 @@ pub async fn dead_letter(ctx: &Context, m: &Message, reason: &str, kind: &'stati
     // anyway; this record also covers redeliveries after it.
     let known = stream_seq > 0; // the message's metadata was readable
     let before = if known {
-        lettered_before(ctx, &stream, stream_seq).await
+        lettered_before(ctx, &stream, stream_seq, stored_at_ns).await
     } else {
         Ok(None)
     };
@@ -108,7 +114,7 @@ pub async fn dead_letter(ctx: &Context, m: &Message, reason: &str, kind: &'stati
     match published {
         Ok(dlq_seq) => {
             let recorded = if known {
-                record_lettered(ctx, &stream, stream_seq, dlq_seq).await
+                record_lettered(ctx, &stream, stream_seq, stored_at_ns, dlq_seq).await
             } else {
                 Ok(())
             };
@@ -131,26 +137,49 @@ pub async fn dead_letter(ctx: &Context, m: &Message, reason: &str, kind: &'stati
 }
 
 /// The `DLQ` sequence of an earlier letter of this source message, if any.
-async fn lettered_before(ctx: &Context, stream: &str, seq: u64) -> Result<Option<u64>, DbErr> {
+/// A record of the same sequence stored at another time was a message of an
+/// earlier stream of that name; rows from before the time was kept (0) match.
+async fn lettered_before(
+    ctx: &Context,
+    stream: &str,
+    seq: u64,
+    stored_at_ns: i64,
+) -> Result<Option<u64>, DbErr> {
     let row = ctx
         .db
         .query_one_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
-            "SELECT dlq_seq FROM dead_lettered WHERE stream = $1 AND stream_seq = $2",
-            [stream.into(), to_i64(seq).into()],
+            "SELECT dlq_seq FROM dead_lettered WHERE stream = $1 AND stream_seq = $2 \
+             AND stored_at_ns IN ($3, 0)",
+            [stream.into(), to_i64(seq).into(), stored_at_ns.into()],
         ))
         .await?;
     row.map(|r| r.try_get::<i64>("", "dlq_seq").map(|s| s.max(0) as u64))
         .transpose()
 }
 
-async fn record_lettered(ctx: &Context, stream: &str, seq: u64, dlq_seq: u64) -> Result<(), DbErr> {
+/// Records the letter; a record of the same sequence from an earlier stream
+/// of that name is replaced.
+async fn record_lettered(
+    ctx: &Context,
+    stream: &str,
+    seq: u64,
+    stored_at_ns: i64,
+    dlq_seq: u64,
+) -> Result<(), DbErr> {
     ctx.db
         .execute_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
-            "INSERT INTO dead_lettered (stream, stream_seq, dlq_seq) VALUES ($1, $2, $3) \
-             ON CONFLICT (stream, stream_seq) DO NOTHING",
-            [stream.into(), to_i64(seq).into(), to_i64(dlq_seq).into()],
+            "INSERT INTO dead_lettered (stream, stream_seq, stored_at_ns, dlq_seq) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (stream, stream_seq) DO UPDATE \
+             SET stored_at_ns = EXCLUDED.stored_at_ns, dlq_seq = EXCLUDED.dlq_seq, dead_lettered_at = now() \
+             WHERE dead_lettered.stored_at_ns NOT IN (EXCLUDED.stored_at_ns, 0)",
+            [
+                stream.into(),
+                to_i64(seq).into(),
+                stored_at_ns.into(),
+                to_i64(dlq_seq).into(),
+            ],
         ))
         .await
         .map(|_| ())

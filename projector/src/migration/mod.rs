@@ -5,6 +5,7 @@ use sea_orm_migration::prelude::*;
 
 mod m20261121_000001_tax_records;
 mod m20261122_000001_dead_lettered;
+mod m20261203_000001_dead_lettered_published;
 
 /// The projector's migrator.
 #[derive(Debug)]
@@ -16,6 +17,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261121_000001_tax_records::Migration),
             Box::new(m20261122_000001_dead_lettered::Migration),
+            Box::new(m20261203_000001_dead_lettered_published::Migration),
         ]
     }
 

@@ -679,3 +679,88 @@ async fn f5_poison_redelivered_after_the_broker_forgot_its_termination_is_not_le
     rig.core.api.deposit(&victim, 5).await.expect(200);
     rig.wait_synced(&victim, 2, Duration::from_secs(10)).await;
 }
+
+/// A stream deleted and created again numbers its messages from 1 again. A
+/// poison message at a sequence number an earlier poison of the old stream
+/// had is another message, and gets its own letter (the record of lettered
+/// messages, and the letter's `Nats-Msg-Id`, hold when the stream stored it).
+#[tokio::test]
+async fn f5_a_poison_at_a_sequence_reused_by_a_recreated_stream_gets_its_own_letter() {
+    let rig = Rig::new().await;
+    let mut p = rig.projector(ProjectorOptions::default()).await;
+    let victim = rig.core.api.funded_account(100).await;
+    rig.wait_synced(&victim, 1, Duration::from_secs(10)).await;
+    let subject = format!("bank.ledger.{victim}");
+    publish_raw(
+        &rig.nats,
+        &subject,
+        br#"{"not": "a ledger entry"}"#.to_vec(),
+    )
+    .await;
+    let first = eventually(
+        "the poison is lettered",
+        Duration::from_secs(10),
+        || async {
+            match dead_letters(&p).await.as_slice() {
+                [one] => Ok(one.clone()),
+                other => Err(format!("{} letters", other.len())),
+            }
+        },
+    )
+    .await;
+    let seq = first["stream_seq"].as_u64().unwrap();
+    let (_, entry) = rig.wait_published(&victim, 1).await.remove(0);
+    p.stop().await.unwrap();
+
+    // The operator deletes LEDGER and creates it again, then the same
+    // sequence number comes round with another bad message.
+    let js = rig.nats.jetstream().await.unwrap();
+    let mut stream = js.get_stream("LEDGER").await.unwrap();
+    let config = stream.info().await.unwrap().config.clone();
+    js.delete_stream("LEDGER").await.unwrap();
+    js.create_stream(config).await.unwrap();
+    let mut stored = 0;
+    while stored + 1 < seq {
+        // Copies of the victim's first entry: duplicates, applied once.
+        let ack = js
+            .publish(subject.clone(), entry.to_string().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        stored = ack.sequence;
+    }
+    let ack = js
+        .publish(
+            subject.clone(),
+            br#"{"still": "not a ledger entry"}"#.to_vec().into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(
+        ack.sequence, seq,
+        "the second poison reuses the first one's sequence"
+    );
+
+    let p = rig.projector(ProjectorOptions::default()).await;
+    let letters = eventually(
+        "the second poison is lettered",
+        Duration::from_secs(10),
+        || async {
+            match dead_letters(&p).await {
+                l if l.len() == 2 => Ok(l),
+                l => Err(format!("{} letters", l.len())),
+            }
+        },
+    )
+    .await;
+    let bodies: Vec<&str> = letters.iter().filter_map(|l| l["body"].as_str()).collect();
+    assert!(bodies.iter().any(|b| b.contains("still")), "{letters:?}");
+    assert!(
+        letters
+            .iter()
+            .all(|l| l["stream_seq"].as_u64() == Some(seq))
+    );
+}

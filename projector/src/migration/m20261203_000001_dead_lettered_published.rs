@@ -1,0 +1,30 @@
+//! A dead-lettered message is identified by its stream, its sequence and the
+//! time the stream stored it: a stream deleted and created again reuses
+//! sequence numbers, and a new message at a reused sequence must get its own
+//! letter. Rows from before this column (0) match any time.
+
+use sea_orm_migration::prelude::*;
+
+#[derive(DeriveMigrationName)]
+pub struct Migration;
+
+#[async_trait::async_trait]
+impl MigrationTrait for Migration {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .get_connection()
+            .execute_unprepared(
+                "ALTER TABLE dead_lettered ADD COLUMN stored_at_ns BIGINT NOT NULL DEFAULT 0",
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .get_connection()
+            .execute_unprepared("ALTER TABLE dead_lettered DROP COLUMN IF EXISTS stored_at_ns")
+            .await?;
+        Ok(())
+    }
+}
