@@ -173,6 +173,59 @@ async fn b18_a_transfer_executed_during_the_sync_is_shown_pending_or_as_an_entry
     assert!(pending || entry, "the transfer is in neither list: {h}");
 }
 
+/// A customer told "sent" finds the transfer even when the history cannot be
+/// synced: no projector, and the core's entries cannot be read. The transfer
+/// the core confirmed is listed with the pending ones, with its status.
+#[tokio::test]
+async fn b18_a_confirmed_transfer_is_listed_while_the_history_cannot_be_synced() {
+    let stack = Stack::start(StackOptions::default()).await.unwrap();
+    let (_, account, api) = stack.customer_with_account(10_000).await;
+    let to = stack.core.api.funded_account(0).await;
+    stack
+        .proxy
+        .add(Some(Method::GET), "/entries", Action::Fail(503), None);
+    let sent = api
+        .post(
+            "/v1/transfers",
+            json!({"from_account": account, "to_account": to, "amount": "500"}),
+        )
+        .await
+        .expect(200);
+    let id = sent.str("transfer_id");
+    let history = api
+        .get(&format!("/v1/accounts/{account}/history"))
+        .await
+        .expect(200);
+    let entries = history.body["entries"].as_array().unwrap();
+    let pending = history.body["pending"].as_array().unwrap();
+    let shown = entries.iter().any(|e| e["transfer_id"] == json!(id))
+        || pending
+            .iter()
+            .any(|p| p["transfer_id"] == json!(id) && p["status"] == "succeeded");
+    assert!(
+        shown,
+        "the sent transfer is not in the history: {}",
+        history.body
+    );
+
+    // Once the core can be read again, it is an entry and no longer listed.
+    stack.proxy.clear();
+    let history = api
+        .get(&format!("/v1/accounts/{account}/history"))
+        .await
+        .expect(200);
+    assert!(
+        history.body["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["transfer_id"] == json!(id)),
+        "{}",
+        history.body
+    );
+    assert_eq!(history.body["pending"], json!([]), "{}", history.body);
+}
+
 #[tokio::test]
 async fn b18_history_syncs_from_the_core_when_the_channel_knows_of_unshown_activity() {
     // No projector: whatever the history shows comes from the on-demand sync.

@@ -35,7 +35,10 @@ pub(super) struct HistoryPage {
     /// Newest first.
     #[schema(value_type = Vec<Object>)]
     entries: Vec<LedgerEntry>,
-    /// Transfers from or to the account whose result is not known yet.
+    /// Transfers from or to the account that the entries do not show yet:
+    /// those whose result is not known, and, while the history cannot be
+    /// synced from the core, those the core confirmed whose entry has not
+    /// arrived (with their status).
     pending: Vec<TransferRequest>,
     /// Cursor of the next (older) page; null on the last page.
     next_cursor: Option<String>,
@@ -113,7 +116,7 @@ pub(super) async fn history(
     // transfer confirmed by another task while this one synced is caught by
     // looking again (bounded).
     let mut syncs = 0;
-    let (synced, pending) = loop {
+    let (synced, mut pending, behind) = loop {
         let synced = synced_through(&s.db, &account)
             .await
             .map_err(|e| db_error(&e))?;
@@ -123,9 +126,9 @@ pub(super) async fn history(
         let behind = confirmed_beyond(&s.db, &account, synced)
             .await
             .map_err(|e| db_error(&e))?;
-        let needs_sync = behind || (syncs == 0 && !pending.is_empty());
+        let needs_sync = !behind.is_empty() || (syncs == 0 && !pending.is_empty());
         if !needs_sync || syncs == MAX_SYNCS_PER_PAGE {
-            break (synced, pending);
+            break (synced, pending, behind);
         }
         syncs += 1;
         if let Err(e) = sync_and_settle(&s, &account).await {
@@ -135,6 +138,13 @@ pub(super) async fn history(
             syncs = MAX_SYNCS_PER_PAGE;
         }
     };
+    if !behind.is_empty() {
+        // The core could not be read (or kept confirming transfers): a
+        // customer told "sent" must still find the transfer, so those whose
+        // entry has not arrived are listed with the pending ones (B18).
+        tracing::warn!(account = %account, synced, confirmed = behind.len(), "history answered behind the ledger; confirmed transfers listed with the pending ones");
+        pending.extend(behind);
+    }
     let (entries, next_cursor) = page(&s.db, &account, before, limit)
         .await
         .map_err(|e| db_error(&e))?;

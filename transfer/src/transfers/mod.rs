@@ -338,25 +338,23 @@ pub async fn pending_touching(
     .await
 }
 
-/// True when a transfer the core confirmed touches `account` with a seq the
-/// history does not hold yet.
+/// Transfers the core confirmed that touch `account` with a seq the history
+/// does not hold yet, newest first (at most 100).
 pub async fn confirmed_beyond(
     db: &DatabaseConnection,
     account: &AccountId,
     synced: i64,
-) -> Result<bool, DbErr> {
-    let row = db
-        .query_one_raw(Statement::from_sql_and_values(
-            db.get_database_backend(),
-            "SELECT EXISTS (SELECT 1 FROM transfer_requests WHERE from_account = $1 AND from_seq > $2) \
-                 OR EXISTS (SELECT 1 FROM transfer_requests WHERE to_account = $1 AND to_seq > $2) AS beyond",
-            [account.to_string().into(), synced.into()],
-        ))
-        .await?;
-    Ok(row
-        .map(|r| r.try_get::<bool>("", "beyond"))
-        .transpose()?
-        .unwrap_or(false))
+) -> Result<Vec<TransferRequest>, DbErr> {
+    many(
+        db,
+        format!(
+            "SELECT {COLUMNS} FROM transfer_requests WHERE from_account = $1 AND from_seq > $2 \
+             UNION ALL SELECT {COLUMNS} FROM transfer_requests WHERE to_account = $1 AND to_seq > $2 \
+             AND from_account <> $1 ORDER BY requested_at DESC LIMIT 100"
+        ),
+        vec![account.to_string().into(), synced.into()],
+    )
+    .await
 }
 
 /// Pending transfers requested before `before`, oldest first.
