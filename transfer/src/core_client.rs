@@ -118,6 +118,33 @@ struct TransferRequest<'a> {
     memo: Option<&'a str>,
 }
 
+/// Largest answer read from the core (a page of 1,000 entries is ~0.4 MiB);
+/// anything bigger came from something else and is not read to the end.
+const MAX_CORE_ANSWER_BYTES: usize = 4 << 20;
+
+/// The answer's body, up to [`MAX_CORE_ANSWER_BYTES`].
+async fn read_capped(mut resp: reqwest::Response, timeout: Duration) -> Result<Vec<u8>, CoreError> {
+    let too_big = || {
+        CoreError::Unexpected(format!(
+            "an answer larger than {MAX_CORE_ANSWER_BYTES} bytes"
+        ))
+    };
+    if resp
+        .content_length()
+        .is_some_and(|n| n > MAX_CORE_ANSWER_BYTES as u64)
+    {
+        return Err(too_big());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| classify(e, timeout))? {
+        if body.len() + chunk.len() > MAX_CORE_ANSWER_BYTES {
+            return Err(too_big());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
 /// The core's API as seen from the channel.
 #[derive(Debug, Clone)]
 pub struct CoreClient {
@@ -166,7 +193,7 @@ impl CoreClient {
             }
             let resp = req.send().await.map_err(|e| classify(e, timeout))?;
             let status = resp.status().as_u16();
-            let bytes = resp.bytes().await.map_err(|e| classify(e, timeout))?;
+            let bytes = read_capped(resp, timeout).await?;
             if (200..300).contains(&status) {
                 return serde_json::from_slice(&bytes)
                     .map_err(|e| CoreError::Unexpected(e.to_string()));

@@ -270,6 +270,37 @@ async fn b10_concurrent_submits_with_one_idempotency_key_get_one_transfer() {
 /// the request on (429 from a gateway, 408) is not the core's refusal: the
 /// transfer stays pending until the core's own answer (here: it never saw
 /// the request, so it ends through the fence after the TTL, as F3).
+/// The interest routes pass the core's answers about the customer's request
+/// through; a status from something between channel and core (a gateway's
+/// 429 without a body) or the core refusing the channel's own credentials is
+/// answered 503 in the error shape, never passed on as the customer's.
+#[tokio::test]
+async fn f3_a_gateway_status_on_the_interest_routes_is_answered_503_in_the_error_shape() {
+    let stack = Stack::start(StackOptions::default()).await.unwrap();
+    let (_, account, api) = stack.customer_with_account(10_000).await;
+    let path = format!("/v1/accounts/{account}/interest");
+    api.get(&path).await.expect(200);
+    for status in [429, 401] {
+        stack.proxy.add(
+            Some(Method::GET),
+            "/interest",
+            Action::Fail(status),
+            Some(1),
+        );
+        let r = api.get(&path).await.expect(503);
+        assert!(r.code().is_some(), "{status}: {:?}", r.body);
+    }
+    // The core's own refusal about the request is the customer's answer.
+    let r = api
+        .post(
+            &format!("/v1/accounts/{account}/interest/receive"),
+            json!({}),
+        )
+        .await
+        .expect(422);
+    assert_eq!(r.code(), Some("nothing_to_pay"), "{:?}", r.body);
+}
+
 #[tokio::test]
 async fn f3_a_gateway_status_between_channel_and_core_is_not_taken_as_a_refusal() {
     let stack = Stack::start(fast(2, 5000)).await.unwrap();

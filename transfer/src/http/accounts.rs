@@ -175,11 +175,21 @@ pub(super) async fn sync(
     }))
 }
 
-/// Passes a core answer through unchanged (status and body).
+/// The core's statuses a customer is shown as they are: the account is
+/// unknown, the payout conflicts, or the core refused it.
+const CUSTOMER_STATUSES: [u16; 3] = [404, 409, 422];
+
+/// Passes a core answer through unchanged (status and body) when it is the
+/// core's answer about the customer's request. Anything else -- the core
+/// refusing the channel itself (401, 403: a wrong `CORE_API_TOKEN`), or a
+/// status or body from something between the two (a gateway's 429) -- is
+/// the channel's problem, not the customer's: 503 in the error shape.
 fn pass_through(result: Result<serde_json::Value, CoreError>) -> Response {
     match result {
         Ok(v) => (StatusCode::OK, axum::Json(v)).into_response(),
-        Err(CoreError::Refused { status, body, .. }) => {
+        Err(CoreError::Refused { status, body, .. })
+            if CUSTOMER_STATUSES.contains(&status) && body["error"]["code"].is_string() =>
+        {
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
             (status, axum::Json(body)).into_response()
         }
