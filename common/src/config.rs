@@ -7,6 +7,45 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 
+/// A credential setting (a service token, a signing secret). `Debug` and
+/// `Display` print `[redacted]`, so a configuration logged whole, or a
+/// struct holding one, never shows it; [`Secret::expose`] is the one way to
+/// read it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a credential.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The credential itself, for the one place that must send or check it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
+}
+
+impl std::fmt::Display for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self::new(s))
+    }
+}
+
 /// Connection to NATS JetStream.
 #[derive(Debug, Clone, Args)]
 pub struct NatsArgs {
@@ -85,4 +124,18 @@ pub struct PoolArgs {
     /// Longest a single statement may run.
     #[arg(long, env = "DATABASE_STATEMENT_TIMEOUT_MS", default_value_t = 30_000)]
     pub db_statement_timeout_ms: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Secret;
+
+    #[test]
+    fn a_secret_never_prints_its_value() {
+        let s: Secret = "hunter2-token".parse().unwrap_or_else(|e| match e {});
+        assert_eq!(s.expose(), "hunter2-token");
+        for shown in [format!("{s:?}"), format!("{s}"), format!("{:?}", Some(&s))] {
+            assert!(!shown.contains("hunter2"), "{shown}");
+        }
+    }
 }

@@ -198,7 +198,7 @@ impl App {
             ledger,
             interest: self.interest.clone(),
             request_ttl: self.config.request_ttl(),
-            api_token: Arc::from(self.config.api_token.as_str()),
+            api_token: Arc::from(self.config.api_token.expose()),
         });
         let router = http::router(
             state,

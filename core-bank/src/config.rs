@@ -65,7 +65,7 @@ pub struct Config {
         default_value = "dev-core-token",
         hide_env_values = true
     )]
-    pub api_token: String,
+    pub api_token: common::config::Secret,
     /// Requests older than this (by `requested_at`, on the core's clock) are refused.
     #[arg(
         long = "request-ttl-secs",

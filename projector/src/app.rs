@@ -121,7 +121,11 @@ impl App {
         let router = crate::http::router(
             self.ctx.clone(),
             readiness.clone(),
-            self.ctx.config.api_token.clone(),
+            self.ctx
+                .config
+                .api_token
+                .as_ref()
+                .map(|t| t.expose().to_owned()),
         );
         let stop_http = readiness.drain_on(
             shutdown.clone(),

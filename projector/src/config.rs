@@ -91,7 +91,7 @@ pub struct Config {
         env = "PROJECTOR_API_TOKEN",
         hide_env_values = true
     )]
-    pub api_token: Option<String>,
+    pub api_token: Option<common::config::Secret>,
     /// Durable consumer name on `LEDGER`.
     #[arg(
         long,

@@ -70,7 +70,7 @@ impl CoreApp {
         config.database_url = db_url.clone();
         config.nats.nats_url = nats.url();
         config.redis_url = opts.redis_url;
-        config.api_token = CORE_TOKEN.to_owned();
+        config.api_token = common::config::Secret::new(CORE_TOKEN);
         config.request_ttl_secs = opts.request_ttl_secs;
         config.test_clock = opts.test_clock;
         config.pool.db_max_connections = 6;
@@ -158,8 +158,8 @@ impl TransferApp {
         config.http_addr = "127.0.0.1:0".parse()?;
         config.database_url = db_url.clone();
         config.core.core_url = core_url.to_owned();
-        config.core.core_api_token = CORE_TOKEN.to_owned();
-        config.jwt_secret = JWT_SECRET.to_owned();
+        config.core.core_api_token = common::config::Secret::new(CORE_TOKEN);
+        config.jwt_secret = common::config::Secret::new(JWT_SECRET);
         config.nats.nats_url = nats.url();
         config.request_ttl_secs = opts.request_ttl_secs;
         config.core_timeout_ms = opts.core_timeout_ms;
@@ -232,7 +232,7 @@ impl ProjectorApp {
         config.http_addr = "127.0.0.1:0".parse()?;
         config.database_url = db_url.to_owned();
         config.core.core_url = core_url.to_owned();
-        config.core.core_api_token = CORE_TOKEN.to_owned();
+        config.core.core_api_token = common::config::Secret::new(CORE_TOKEN);
         config.nats.nats_url = nats.url();
         config.max_deliveries = opts.max_deliveries;
         config.retry_base_ms = opts.retry_base_ms;

@@ -137,7 +137,7 @@ impl App {
             db: self.db.clone(),
             core: self.core.clone(),
             transfers,
-            verifier: TokenVerifier::new(&self.config.jwt_secret),
+            verifier: TokenVerifier::new(self.config.jwt_secret.expose()),
             owners: moka::future::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(Duration::from_secs(self.config.ownership_cache_secs))

@@ -66,7 +66,7 @@ pub struct Config {
         default_value = "dev-jwt-secret",
         hide_env_values = true
     )]
-    pub jwt_secret: String,
+    pub jwt_secret: common::config::Secret,
     /// Request TTL; must equal the core's.
     #[arg(
         long = "request-ttl-secs",

@@ -29,7 +29,7 @@ pub struct CoreLinkArgs {
         default_value = "dev-core-token",
         hide_env_values = true
     )]
-    pub core_api_token: String,
+    pub core_api_token: common::config::Secret,
 }
 
 impl CoreLinkArgs {
@@ -150,13 +150,17 @@ async fn read_capped(mut resp: reqwest::Response, timeout: Duration) -> Result<V
 pub struct CoreClient {
     http: reqwest::Client,
     base: String,
-    token: String,
+    token: common::config::Secret,
     default_timeout: Duration,
 }
 
 impl CoreClient {
     /// A client for the core at `base` (e.g. `http://127.0.0.1:8081`).
-    pub fn new(base: &str, token: &str, default_timeout: Duration) -> Result<Self, reqwest::Error> {
+    pub fn new(
+        base: &str,
+        token: &common::config::Secret,
+        default_timeout: Duration,
+    ) -> Result<Self, reqwest::Error> {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
             .pool_max_idle_per_host(256)
@@ -164,7 +168,7 @@ impl CoreClient {
         Ok(Self {
             http,
             base: base.trim_end_matches('/').to_owned(),
-            token: token.to_owned(),
+            token: token.clone(),
             default_timeout,
         })
     }
@@ -183,7 +187,7 @@ impl CoreClient {
             let mut req = self
                 .http
                 .request(method, format!("{}{path}", self.base))
-                .bearer_auth(&self.token)
+                .bearer_auth(self.token.expose())
                 .timeout(timeout);
             if let Some(tp) = common::telemetry::current_traceparent() {
                 req = req.header(common::telemetry::TRACEPARENT, tp);

@@ -11,7 +11,7 @@ async fn main() -> anyhow::Result<()> {
     if let Some(Command::IssueToken { customer, ttl_secs }) = &cli.command {
         println!(
             "{}",
-            transfer::auth::issue_token(&cli.config.jwt_secret, customer, *ttl_secs)?
+            transfer::auth::issue_token(cli.config.jwt_secret.expose(), customer, *ttl_secs)?
         );
         return Ok(());
     }
