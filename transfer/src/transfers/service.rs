@@ -118,8 +118,9 @@ impl TransferService {
                     return same_request(existing, &new);
                 }
                 // The pending transfer resolved between the conflict and our
-                // look-up: try once more.
-                Err(InsertError::InProgress(None)) if attempts < 2 => continue,
+                // look-up: try again (a few times, so the answer names the
+                // pending transfer as API.md requires).
+                Err(InsertError::InProgress(None)) if attempts < 5 => continue,
                 Err(InsertError::InProgress(id)) => {
                     metrics::counter!("transfer_requests_total", "result" => "transfer_in_progress").increment(1);
                     return Err(SubmitError::InProgress(id));
