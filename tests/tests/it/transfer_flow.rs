@@ -404,6 +404,82 @@ async fn b13_reconciler_resolves_pending_transfers_left_by_a_crash_at_start_up()
     assert_eq!(stack.core.api.balance(&to).await, 700);
 }
 
+/// A reconciler pass reaches every pending transfer, not only the oldest
+/// page: 520 transfers the core never saw (they wait for their fence) are
+/// older than 20 the core executed, and those 20 are resolved at once.
+#[tokio::test]
+async fn b13_a_reconciler_pass_reaches_transfers_behind_a_long_head_of_unresolvable_ones() {
+    let stack = Stack::start(fast(60, 3000)).await.unwrap();
+    let (customer, _, _) = stack.customer_with_account(0).await;
+    let to = stack.core.api.funded_account(0).await;
+    let mut transfer = stack.transfer;
+    transfer.stop().await.unwrap();
+    let mut rows = Vec::new();
+    for i in 0..520u128 {
+        rows.push(format!(
+            "('{}', '{customer}', 'acc_{:032x}', '{to}', 1, 'pending', now() - interval '30 seconds' + {i} * interval '1 millisecond')",
+            unique("trf_"),
+            0xfeed_0000_0000_u128 + i
+        ));
+    }
+    let mut executed = Vec::new();
+    for _ in 0..20 {
+        let from = stack.core.api.new_account(&customer).await;
+        stack.core.api.deposit(&from, 100).await.expect(200);
+        let id = unique("trf_");
+        stack
+            .core
+            .api
+            .post(
+                "/v1/transfers",
+                bank_tests::client::transfer_body(&id, &from, &to, 100),
+            )
+            .await
+            .expect(200);
+        rows.push(format!(
+            "('{id}', '{customer}', '{from}', '{to}', 100, 'pending', now() - interval '2 seconds')"
+        ));
+        executed.push(id);
+    }
+    let db = Database::connect(transfer.db_url.as_str()).await.unwrap();
+    db.execute_unprepared(&format!(
+        "INSERT INTO transfer_requests (transfer_id, customer_id, from_account, to_account, amount, status, requested_at) VALUES {}",
+        rows.join(", ")
+    ))
+    .await
+    .unwrap();
+    let restarted = TransferApp::spawn(
+        &stack.nats,
+        &stack.proxy.url(),
+        TransferOptions {
+            database_url: Some(transfer.db_url.clone()),
+            ..fast(60, 3000).transfer
+        },
+    )
+    .await
+    .unwrap();
+    let api = restarted.as_customer(&customer);
+    // Well before the head's fence (about 31 s from now).
+    eventually(
+        "the executed transfers are resolved",
+        Duration::from_secs(10),
+        || async {
+            let mut left = 0;
+            for id in &executed {
+                if status(&api, id).await["status"] != "succeeded" {
+                    left += 1;
+                }
+            }
+            if left == 0 {
+                Ok(())
+            } else {
+                Err(format!("{left} still pending"))
+            }
+        },
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn b20_status_changes_are_published_as_transfer_events() {
     let stack = Stack::start(fast(60, 3000)).await.unwrap();

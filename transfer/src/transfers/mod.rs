@@ -357,21 +357,44 @@ pub async fn confirmed_beyond(
     .await
 }
 
-/// Pending transfers requested before `before`, oldest first.
+/// Pending transfers requested before `before`, oldest first (by
+/// `requested_at`, then id), after the transfer `after` of the previous page.
 pub async fn pending_before(
     db: &DatabaseConnection,
     before: DateTime<Utc>,
+    after: Option<&TransferRequest>,
     limit: u64,
 ) -> Result<Vec<TransferRequest>, DbErr> {
-    many(
-        db,
-        format!(
-            "SELECT {COLUMNS} FROM transfer_requests WHERE status = 'pending' AND requested_at < $1 \
-             ORDER BY requested_at LIMIT $2"
-        ),
-        vec![before.into(), (limit as i64).into()],
-    )
-    .await
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    match after {
+        None => {
+            many(
+                db,
+                format!(
+                    "SELECT {COLUMNS} FROM transfer_requests WHERE status = 'pending' AND requested_at < $1 \
+                     ORDER BY requested_at, transfer_id LIMIT $2"
+                ),
+                vec![before.into(), limit.into()],
+            )
+            .await
+        }
+        Some(last) => {
+            many(
+                db,
+                format!(
+                    "SELECT {COLUMNS} FROM transfer_requests WHERE status = 'pending' AND requested_at < $1 \
+                     AND (requested_at, transfer_id) > ($3, $4) ORDER BY requested_at, transfer_id LIMIT $2"
+                ),
+                vec![
+                    before.into(),
+                    limit.into(),
+                    last.requested_at.into(),
+                    last.transfer_id.to_string().into(),
+                ],
+            )
+            .await
+        }
+    }
 }
 
 /// Number of pending transfers and the age in seconds of the oldest.

@@ -30,8 +30,12 @@ use crate::core_client::{CoreClient, CoreError, CoreTransfer};
 
 /// Most resolver tasks at once; beyond it the reconciler takes over.
 const MAX_RESOLVERS: usize = 1024;
-/// Pending transfers handled per reconciler pass, and at once.
-const PASS_LIMIT: u64 = 500;
+/// Pending transfers read per page of a reconciler pass, pages per pass (a
+/// pass covers up to 50,000 transfers, so those behind a long head of
+/// transfers the core never saw are not left waiting), and transfers
+/// settled at once.
+const PASS_PAGE: u64 = 500;
+const PASS_MAX_PAGES: usize = 100;
 const PASS_CONCURRENCY: usize = 16;
 
 /// Why settling failed (it is retried by the next pass).
@@ -193,7 +197,7 @@ pub async fn run(
     }
 }
 
-/// One pass over the pending transfers older than a second.
+/// One pass over the pending transfers older than a second, page by page.
 pub async fn pass(
     db: &DatabaseConnection,
     outbox: &RelayWaker,
@@ -206,20 +210,30 @@ pub async fn pass(
     if count == 0 {
         return Ok(0);
     }
-    let pending = pending_before(db, Utc::now() - chrono::Duration::seconds(1), PASS_LIMIT).await?;
-    let resolved = futures::stream::iter(pending)
-        .map(|p| async move {
-            match settle(db, outbox, core, &p, fence_after).await {
-                Ok(r) => r.is_some(),
-                Err(e) => {
-                    tracing::debug!(transfer_id = %p.transfer_id, error = %e, "reconciling");
-                    false
+    let cutoff = Utc::now() - chrono::Duration::seconds(1);
+    let mut after: Option<TransferRequest> = None;
+    let mut resolved = 0;
+    for _ in 0..PASS_MAX_PAGES {
+        let page = pending_before(db, cutoff, after.as_ref(), PASS_PAGE).await?;
+        let full = page.len() as u64 == PASS_PAGE;
+        after = page.last().cloned();
+        resolved += futures::stream::iter(page)
+            .map(|p| async move {
+                match settle(db, outbox, core, &p, fence_after).await {
+                    Ok(r) => r.is_some(),
+                    Err(e) => {
+                        tracing::debug!(transfer_id = %p.transfer_id, error = %e, "reconciling");
+                        false
+                    }
                 }
-            }
-        })
-        .buffer_unordered(PASS_CONCURRENCY)
-        .filter(|r| futures::future::ready(*r))
-        .count()
-        .await;
+            })
+            .buffer_unordered(PASS_CONCURRENCY)
+            .filter(|r| futures::future::ready(*r))
+            .count()
+            .await;
+        if !full {
+            break;
+        }
+    }
     Ok(resolved)
 }
