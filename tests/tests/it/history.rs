@@ -226,6 +226,55 @@ async fn b18_a_confirmed_transfer_is_listed_while_the_history_cannot_be_synced()
     assert_eq!(history.body["pending"], json!([]), "{}", history.body);
 }
 
+/// A slow core does not hold the history: the account's pending transfers
+/// are asked about together within a budget, and what did not settle is
+/// listed as pending. (Asked one at a time, eight transfers at the client's
+/// 5 s timeout each held the page past the 30 s HTTP timeout: 503.)
+#[tokio::test]
+async fn b18_history_answers_with_pending_transfers_listed_while_the_core_is_slow() {
+    let stack = Stack::start(StackOptions {
+        transfer: bank_tests::apps::TransferOptions {
+            core_timeout_ms: 300,
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let (_, account, api) = stack.customer_with_account(0).await;
+    // Eight incoming transfers the core never receives: pending.
+    stack
+        .proxy
+        .add(Some(Method::POST), "/v1/transfers", Action::Drop, None);
+    for _ in 0..8 {
+        let (_, from, sender) = stack.customer_with_account(1_000).await;
+        sender
+            .post(
+                "/v1/transfers",
+                json!({"from_account": from, "to_account": account, "amount": "100"}),
+            )
+            .await
+            .expect(202);
+    }
+    // The core answers status questions only after the client gave up.
+    stack.proxy.add(
+        Some(Method::GET),
+        "/v1/transfers/",
+        Action::DelayResponse(Duration::from_secs(6)),
+        None,
+    );
+    let history = api
+        .get(&format!("/v1/accounts/{account}/history"))
+        .await
+        .expect(200);
+    assert_eq!(
+        history.body["pending"].as_array().map(Vec::len),
+        Some(8),
+        "{}",
+        history.body
+    );
+}
+
 #[tokio::test]
 async fn b18_history_syncs_from_the_core_when_the_channel_knows_of_unshown_activity() {
     // No projector: whatever the history shows comes from the on-demand sync.

@@ -70,14 +70,30 @@ async fn sync_and_settle(s: &AppState, account: &AccountId) -> Result<(i64, u64)
     let pending = pending_touching(&s.db, account)
         .await
         .map_err(|e| db_error(&e))?;
-    for p in pending {
-        if let Err(e) = s.transfers.settle_now(&p).await {
-            tracing::debug!(transfer_id = %p.transfer_id, error = %e, "settling a pending transfer during sync");
-        }
+    let settling = futures::StreamExt::for_each_concurrent(
+        futures::stream::iter(pending),
+        SETTLE_CONCURRENCY,
+        |p| async move {
+            if let Err(e) = s.transfers.settle_now(&p).await {
+                tracing::debug!(transfer_id = %p.transfer_id, error = %e, "settling a pending transfer during sync");
+            }
+        },
+    );
+    if tokio::time::timeout(SETTLE_BUDGET, settling).await.is_err() {
+        // A slow core: what did not settle is shown as pending (the
+        // resolvers and the reconciler go on with it).
+        tracing::warn!(account = %account, budget_ms = SETTLE_BUDGET.as_millis() as u64, "settling pending transfers before the history took too long");
     }
     let report = sync_account(&s.db, &s.core, account).await?;
     Ok((report.synced_through_seq, report.applied))
 }
+
+/// Pending transfers of the account asked about at once while syncing, and
+/// the longest the asking may take: an account can have up to 100 pending
+/// transfers, and one at a time against a slow core (5 s each) would hold
+/// the history past the HTTP timeout.
+const SETTLE_CONCURRENCY: usize = 8;
+const SETTLE_BUDGET: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Most syncs one history request makes while transfers keep being
 /// confirmed (by the resolver or reconciler) beyond what it synced.
