@@ -366,35 +366,21 @@ pub async fn pending_before(
     limit: u64,
 ) -> Result<Vec<TransferRequest>, DbErr> {
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-    match after {
-        None => {
-            many(
-                db,
-                format!(
-                    "SELECT {COLUMNS} FROM transfer_requests WHERE status = 'pending' AND requested_at < $1 \
-                     ORDER BY requested_at, transfer_id LIMIT $2"
-                ),
-                vec![before.into(), limit.into()],
-            )
-            .await
-        }
-        Some(last) => {
-            many(
-                db,
-                format!(
-                    "SELECT {COLUMNS} FROM transfer_requests WHERE status = 'pending' AND requested_at < $1 \
-                     AND (requested_at, transfer_id) > ($3, $4) ORDER BY requested_at, transfer_id LIMIT $2"
-                ),
-                vec![
-                    before.into(),
-                    limit.into(),
-                    last.requested_at.into(),
-                    last.transfer_id.to_string().into(),
-                ],
-            )
-            .await
-        }
-    }
+    many(
+        db,
+        format!(
+            "SELECT {COLUMNS} FROM transfer_requests WHERE status = 'pending' AND requested_at < $1 \
+             AND ($3::timestamptz IS NULL OR (requested_at, transfer_id) > ($3, $4)) \
+             ORDER BY requested_at, transfer_id LIMIT $2"
+        ),
+        vec![
+            before.into(),
+            limit.into(),
+            after.map(|t| t.requested_at).into(),
+            after.map(|t| t.transfer_id.to_string()).into(),
+        ],
+    )
+    .await
 }
 
 /// Number of pending transfers and the age in seconds of the oldest.
