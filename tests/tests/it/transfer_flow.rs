@@ -79,8 +79,23 @@ async fn channel_count(stack: &Stack, sql: &str) -> i64 {
     n
 }
 
-/// Waits until a `POST /v1/transfers` reached the proxy.
-async fn wait_held(stack: &Stack) {
+/// Sends a transfer whose call to the core is held at the proxy (until
+/// `release_held`), and returns once the proxy holds it.
+async fn send_held(
+    stack: &Stack,
+    api: &Api,
+    from: &str,
+    to: &str,
+    amount: u64,
+) -> tokio::task::JoinHandle<Reply> {
+    stack
+        .proxy
+        .add(Some(Method::POST), "/v1/transfers", Action::Hold, Some(1));
+    let request = tokio::spawn({
+        let api = api.clone();
+        let (from, to) = (from.to_owned(), to.to_owned());
+        async move { send(&api, &from, &to, amount).await }
+    });
     eventually(
         "the request is held at the proxy",
         Duration::from_secs(5),
@@ -98,6 +113,7 @@ async fn wait_held(stack: &Stack) {
         },
     )
     .await;
+    request
 }
 
 #[tokio::test]
@@ -105,15 +121,7 @@ async fn b09_transfer_is_stored_pending_with_id_and_requested_at_before_the_core
     let stack = Stack::start(fast(60, 5000)).await.unwrap();
     let (_, from, api) = stack.customer_with_account(10_000).await;
     let to = stack.core.api.funded_account(0).await;
-    stack
-        .proxy
-        .add(Some(Method::POST), "/v1/transfers", Action::Hold, Some(1));
-    let request = tokio::spawn({
-        let api = api.clone();
-        let (from, to) = (from.clone(), to.clone());
-        async move { send(&api, &from, &to, 1000).await }
-    });
-    wait_held(&stack).await;
+    let request = send_held(&stack, &api, &from, &to, 1000).await;
     // The core has not received it, yet the channel already stored it.
     assert!(
         !stack
@@ -147,15 +155,7 @@ async fn f1_an_answer_the_channel_database_cannot_record_leaves_the_transfer_pen
     let stack = Stack::start(fast(60, 5000)).await.unwrap();
     let (_, from, api) = stack.customer_with_account(10_000).await;
     let to = stack.core.api.funded_account(0).await;
-    stack
-        .proxy
-        .add(Some(Method::POST), "/v1/transfers", Action::Hold, Some(1));
-    let request = tokio::spawn({
-        let api = api.clone();
-        let (from, to) = (from.clone(), to.clone());
-        async move { send(&api, &from, &to, 1000).await }
-    });
-    wait_held(&stack).await;
+    let request = send_held(&stack, &api, &from, &to, 1000).await;
     let db = Database::connect(stack.transfer.db_url.as_str())
         .await
         .unwrap();
