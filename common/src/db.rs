@@ -94,7 +94,9 @@ pub fn is_transient(err: &DbErr) -> bool {
             code.as_str(),
             SERIALIZATION_FAILURE | DEADLOCK_DETECTED | LOCK_NOT_AVAILABLE
         ) || code.starts_with("08") // connection exception
+            || code.starts_with("53") // insufficient resources (too many connections, disk full)
             || code == "57P01" // admin shutdown
+            || code == "57P02" // crash shutdown
             || code == "57P03"; // cannot connect now
     }
     match err {
@@ -107,6 +109,18 @@ pub fn is_transient(err: &DbErr) -> bool {
         }
         _ => false,
     }
+}
+
+/// True when PostgreSQL refused the data itself (SQLSTATE class 22, data
+/// exception, or 23, integrity constraint violation: a NUL byte in a text,
+/// a number out of the column's range, a failed check). The same statement
+/// with the same data fails the same way again, so retrying cannot help;
+/// other rows in the same transaction are not at fault. A unique violation
+/// is left out: here it is the mark of a concurrent insert, which a retry
+/// resolves.
+pub fn is_rejected_data(err: &DbErr) -> bool {
+    pg_code(err)
+        .is_some_and(|c| (c.starts_with("22") || c.starts_with("23")) && c != UNIQUE_VIOLATION)
 }
 
 /// Runs `attempt` again while it fails with an error a retry may cure

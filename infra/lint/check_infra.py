@@ -72,6 +72,7 @@ METRICS: dict[str, tuple[str, set[str]]] = {
     "projector_lag_seconds": ("histogram", set()),
     "projector_consumer_pending": ("gauge", {"feed"}),
     "projector_consumer_ack_pending": ("gauge", {"feed"}),
+    "projector_database_unavailable": ("gauge", {"feed"}),
     "projector_batch_size": ("histogram", {"feed"}),
     "projector_tax_records_total": ("counter", set()),
     "interest_cache_hits_total": ("counter", set()),

@@ -17,6 +17,7 @@ pub mod otlp;
 pub mod process;
 pub mod procs;
 pub mod proxy;
+pub mod tcp_proxy;
 pub mod verify;
 pub mod wait;
 

@@ -144,8 +144,10 @@ pub async fn apply_with_gap_fill(ctx: &Context, entries: &[LedgerEntry]) -> Resu
     Ok(outcome)
 }
 
-/// Handles a batch from the `LEDGER` consumer.
-pub async fn handle(ctx: &Context, batch: Vec<Message>) {
+/// Handles a batch from the `LEDGER` consumer. Returns the messages left
+/// unsettled because the channel database is unavailable (see
+/// [`super::Held`]); every other message is acked, naked or dead-lettered.
+pub async fn handle(ctx: &Context, batch: Vec<Message>) -> Vec<Message> {
     let mut valid: Vec<(Message, LedgerEntry)> = Vec::with_capacity(batch.len());
     for m in batch {
         match decode(m.subject.as_str(), &m.payload) {
@@ -154,7 +156,7 @@ pub async fn handle(ctx: &Context, batch: Vec<Message>) {
         }
     }
     if valid.is_empty() {
-        return;
+        return Vec::new();
     }
     // Lanes: the batch is split by account into disjoint groups applied
     // concurrently, each in its own transaction. An account is always in the
@@ -170,7 +172,10 @@ pub async fn handle(ctx: &Context, batch: Vec<Message>) {
             .filter(|l| !l.is_empty())
             .map(|l| handle_lane(ctx, l)),
     )
-    .await;
+    .await
+    .into_iter()
+    .flatten()
+    .collect()
 }
 
 /// Concurrent transactions per batch.
@@ -180,58 +185,97 @@ fn lane_of(account: &str) -> usize {
     (common::ids::stable_hash(account) % LANES as u64) as usize
 }
 
-async fn handle_lane(ctx: &Context, valid: Vec<(Message, LedgerEntry)>) {
+/// Applies one lane in one transaction. If PostgreSQL refuses the data of
+/// some entry, the lane is applied again one entry at a time, so only that
+/// entry is dead-lettered and the rest of the lane goes on.
+async fn handle_lane(ctx: &Context, valid: Vec<(Message, LedgerEntry)>) -> Vec<Message> {
     let entries: Vec<LedgerEntry> = valid.iter().map(|(_, e)| e.clone()).collect();
-    // Long gap fills must not let the messages time out.
+    match apply_holding_progress(ctx, &valid, &entries).await {
+        Ok(outcome) => {
+            settle(ctx, &valid, &outcome).await;
+            Vec::new()
+        }
+        Err(e) if common::db::is_transient(&e) => {
+            tracing::warn!(error = %e, held = valid.len(), "the channel database is unavailable; holding the lane");
+            valid.into_iter().map(|(m, _)| m).collect()
+        }
+        Err(e) if common::db::is_rejected_data(&e) && valid.len() > 1 => {
+            tracing::warn!(error = %e, entries = valid.len(), "the channel database refused an entry of the lane; applying its entries one at a time");
+            let mut rest = valid.into_iter();
+            while let Some((m, entry)) = rest.next() {
+                let one = [(m, entry)];
+                let entries = [one[0].1.clone()];
+                match apply_holding_progress(ctx, &one, &entries).await {
+                    Ok(outcome) => settle(ctx, &one, &outcome).await,
+                    Err(e) if common::db::is_transient(&e) => {
+                        let [(m, _)] = one;
+                        return std::iter::once(m).chain(rest.map(|(m, _)| m)).collect();
+                    }
+                    Err(e) => fail(ctx, &one[0].0, Failure::of_database(&e)).await,
+                }
+            }
+            Vec::new()
+        }
+        Err(e) => {
+            let failure = Failure::of_database(&e);
+            tracing::warn!(error = %e, "applying a ledger batch failed");
+            for (m, _) in &valid {
+                fail(ctx, m, failure.clone()).await;
+            }
+            Vec::new()
+        }
+    }
+}
+
+/// [`apply_with_gap_fill`], telling the server every 10 s that the messages
+/// are still being worked on, so a long gap fill does not let them time out.
+async fn apply_holding_progress(
+    ctx: &Context,
+    valid: &[(Message, LedgerEntry)],
+    entries: &[LedgerEntry],
+) -> Result<Outcome, DbErr> {
     let progress = async {
         loop {
             tokio::time::sleep(std::time::Duration::from_secs(10)).await;
-            for (m, _) in &valid {
+            for (m, _) in valid {
                 let _ = m.ack_with(AckKind::Progress).await;
             }
         }
     };
-    let result = tokio::select! {
-        r = apply_with_gap_fill(ctx, &entries) => r,
-        _ = progress => return,
-    };
-    match result {
-        Ok(outcome) => {
-            let now = chrono::Utc::now();
-            for (m, e) in &valid {
-                if outcome.holds(e) {
-                    let span = tracing::info_span!(
-                        "projector.apply",
-                        otel.kind = "consumer",
-                        otel.name = %format!("apply {}", m.subject),
-                        messaging.message_id = %e.event_id(),
-                    );
-                    common::telemetry::set_remote_parent(&span, traceparent(m).as_deref());
-                    let _entered = span.enter();
-                    if outcome
-                        .before
-                        .get(e.account_id.as_str())
-                        .is_none_or(|b| e.seq > *b)
-                    {
-                        let lag = (now - e.occurred_at)
-                            .to_std()
-                            .map(|d| d.as_secs_f64())
-                            .unwrap_or(0.0);
-                        metrics::histogram!("projector_lag_seconds").record(lag);
-                    }
-                    drop(_entered);
-                    ack(m).await;
-                } else {
-                    fail(ctx, m, Failure::Transient(outcome.reason(e))).await;
-                }
+    tokio::select! {
+        r = apply_with_gap_fill(ctx, entries) => r,
+        never = progress => never,
+    }
+}
+
+/// Acks what the history now holds; naks the rest with the reason.
+async fn settle(ctx: &Context, valid: &[(Message, LedgerEntry)], outcome: &Outcome) {
+    let now = chrono::Utc::now();
+    for (m, e) in valid {
+        if outcome.holds(e) {
+            let span = tracing::info_span!(
+                "projector.apply",
+                otel.kind = "consumer",
+                otel.name = %format!("apply {}", m.subject),
+                messaging.message_id = %e.event_id(),
+            );
+            common::telemetry::set_remote_parent(&span, traceparent(m).as_deref());
+            let _entered = span.enter();
+            if outcome
+                .before
+                .get(e.account_id.as_str())
+                .is_none_or(|b| e.seq > *b)
+            {
+                let lag = (now - e.occurred_at)
+                    .to_std()
+                    .map(|d| d.as_secs_f64())
+                    .unwrap_or(0.0);
+                metrics::histogram!("projector_lag_seconds").record(lag);
             }
-        }
-        Err(e) => {
-            let reason = format!("channel database: {e}");
-            tracing::warn!(%reason, "applying a ledger batch failed; retrying with backoff");
-            for (m, _) in &valid {
-                fail(ctx, m, Failure::Transient(reason.clone())).await;
-            }
+            drop(_entered);
+            ack(m).await;
+        } else {
+            fail(ctx, m, Failure::Transient(outcome.reason(e))).await;
         }
     }
 }

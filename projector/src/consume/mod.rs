@@ -16,6 +16,13 @@
 //! transient one at the maximum deliveries: published to `DLQ` with its body
 //! and the reason, then terminated on the source). Nothing is dropped
 //! silently: every dead letter is logged and counted.
+//!
+//! An unavailable channel database is not a failure of the message: the
+//! handlers return such messages unsettled, and the consumer stops pulling,
+//! keeps them (telling the server they are in progress), probes the database
+//! with backoff and handles them again once it answers. An outage of any
+//! length therefore spends none of a message's delivery budget and
+//! dead-letters nothing.
 
 pub mod dlq;
 pub mod ledger;
@@ -43,6 +50,20 @@ pub enum Failure {
     Permanent(String),
     /// Retrying later may help (database or core unavailable, missing entries).
     Transient(String),
+}
+
+impl Failure {
+    /// How a database error (other than unavailability, which holds the
+    /// message instead) settles a message: data PostgreSQL refuses is
+    /// permanent; anything else may be cured by a later delivery.
+    pub fn of_database(e: &sea_orm::DbErr) -> Self {
+        let reason = format!("channel database: {e}");
+        if common::db::is_rejected_data(e) {
+            Failure::Permanent(reason)
+        } else {
+            Failure::Transient(reason)
+        }
+    }
 }
 
 /// What the handlers need.
@@ -188,14 +209,110 @@ pub async fn run(ctx: Context, feed: Feed, consumer: PullConsumer, shutdown: Can
                     feed = feed_label(feed),
                     size = batch.len()
                 );
-                match feed {
-                    Feed::Ledger => ledger::handle(&ctx, batch).instrument(span).await,
-                    Feed::Interest => tax::handle(&ctx, batch).instrument(span).await,
+                let held = handle(&ctx, feed, batch).instrument(span).await;
+                if !held.is_empty() {
+                    match hold_until_handled(&ctx, feed, held, &mut messages, &shutdown).await {
+                        Resumed::Consuming => {}
+                        Resumed::Resubscribing => break,
+                        Resumed::ShuttingDown => return,
+                    }
                 }
             }
             if broken {
                 break;
             }
+        }
+    }
+}
+
+async fn handle(ctx: &Context, feed: Feed, batch: Vec<Message>) -> Vec<Message> {
+    match feed {
+        Feed::Ledger => ledger::handle(ctx, batch).await,
+        Feed::Interest => tax::handle(ctx, batch).await,
+    }
+}
+
+/// How consuming goes on after a hold.
+enum Resumed {
+    /// With the same subscription.
+    Consuming,
+    /// With a new subscription (the old one broke while holding).
+    Resubscribing,
+    /// Not at all.
+    ShuttingDown,
+}
+
+/// Keeps messages the channel database could not take while it is
+/// unavailable. Every probe interval (100 ms doubling to 5 s, and at most a
+/// third of the ack wait) it adds what the subscription has delivered since
+/// to what it holds (at most the consumer's ack-pending limit, as the server
+/// delivers no more), tells the server all of it is in progress, pings the
+/// database and, once it answers, handles it again. On shutdown it naks
+/// what it still holds.
+async fn hold_until_handled(
+    ctx: &Context,
+    feed: Feed,
+    mut held: Vec<Message>,
+    messages: &mut pull::Stream,
+    shutdown: &CancellationToken,
+) -> Resumed {
+    let started = tokio::time::Instant::now();
+    let ceiling =
+        Duration::from_secs(5).min(Duration::from_secs(ctx.config.ack_wait_secs.max(1)) / 3);
+    let mut delay = Duration::from_millis(100).min(ceiling);
+    let mut broken = false;
+    metrics::gauge!("projector_database_unavailable", "feed" => feed_label(feed)).set(1.0);
+    tracing::warn!(
+        ?feed,
+        held = held.len(),
+        "channel database unavailable: consuming paused, messages held"
+    );
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                for m in &held {
+                    if let Err(e) = m.ack_with(AckKind::Nak(Some(ctx.config.retry_delay(1)))).await {
+                        tracing::warn!(error = %e, "nak failed; the message will be redelivered after ack_wait");
+                    }
+                }
+                return Resumed::ShuttingDown;
+            }
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(ceiling);
+        while !broken {
+            match messages.next().now_or_never() {
+                Some(Some(Ok(m))) => held.push(m),
+                Some(Some(Err(e))) => {
+                    tracing::warn!(error = %e, ?feed, "message stream error while holding; re-subscribing after");
+                    broken = true;
+                }
+                Some(None) => broken = true,
+                None => break,
+            }
+        }
+        for m in &held {
+            if let Err(e) = m.ack_with(AckKind::Progress).await {
+                tracing::debug!(error = %e, "progress ack failed; the message may be redelivered");
+            }
+        }
+        if let Err(e) = ctx.db.ping().await {
+            tracing::debug!(error = %e, "channel database still unavailable");
+            continue;
+        }
+        held = handle(ctx, feed, held).await;
+        if held.is_empty() {
+            metrics::gauge!("projector_database_unavailable", "feed" => feed_label(feed)).set(0.0);
+            tracing::info!(
+                ?feed,
+                paused_ms = started.elapsed().as_millis() as u64,
+                "channel database answers again; consuming resumed"
+            );
+            return if broken {
+                Resumed::Resubscribing
+            } else {
+                Resumed::Consuming
+            };
         }
     }
 }

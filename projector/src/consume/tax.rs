@@ -61,14 +61,20 @@ pub async fn record(db: &DatabaseConnection, events: &[InterestPaidEvent]) -> Re
     Ok(res.rows_affected())
 }
 
-/// Handles a batch from the `INTEREST` consumer.
-pub async fn handle(ctx: &Context, batch: Vec<Message>) {
+/// Handles a batch from the `INTEREST` consumer. Returns the messages left
+/// unsettled because the channel database is unavailable (see
+/// [`super::Held`]). If PostgreSQL refuses the data of some event, the batch
+/// is recorded again one event at a time, so only that one is dead-lettered.
+pub async fn handle(ctx: &Context, batch: Vec<Message>) -> Vec<Message> {
     let mut valid = Vec::with_capacity(batch.len());
     for m in batch {
         match decode(m.subject.as_str(), &m.payload) {
             Ok(e) => valid.push((m, e)),
             Err(reason) => fail(ctx, &m, Failure::Permanent(reason)).await,
         }
+    }
+    if valid.is_empty() {
+        return Vec::new();
     }
     let events: Vec<InterestPaidEvent> = valid.iter().map(|(_, e)| e.clone()).collect();
     match record(&ctx.db, &events).await {
@@ -78,11 +84,32 @@ pub async fn handle(ctx: &Context, batch: Vec<Message>) {
                 ack(m).await;
             }
         }
+        Err(e) if common::db::is_transient(&e) => {
+            tracing::warn!(error = %e, held = valid.len(), "the channel database is unavailable; holding the tax records");
+            return valid.into_iter().map(|(m, _)| m).collect();
+        }
+        Err(e) if common::db::is_rejected_data(&e) && valid.len() > 1 => {
+            tracing::warn!(error = %e, events = valid.len(), "the channel database refused a tax record; recording them one at a time");
+            let mut rest = valid.into_iter();
+            while let Some((m, ev)) = rest.next() {
+                match record(&ctx.db, std::slice::from_ref(&ev)).await {
+                    Ok(new) => {
+                        metrics::counter!("projector_tax_records_total").increment(new);
+                        ack(&m).await;
+                    }
+                    Err(e) if common::db::is_transient(&e) => {
+                        return std::iter::once(m).chain(rest.map(|(m, _)| m)).collect();
+                    }
+                    Err(e) => fail(ctx, &m, Failure::of_database(&e)).await,
+                }
+            }
+        }
         Err(e) => {
-            let reason = format!("channel database: {e}");
+            let failure = Failure::of_database(&e);
             for (m, _) in &valid {
-                fail(ctx, m, Failure::Transient(reason.clone())).await;
+                fail(ctx, m, failure.clone()).await;
             }
         }
     }
+    Vec::new()
 }

@@ -8,6 +8,7 @@ use bank_tests::apps::{CORE_TOKEN, ProjectorOptions};
 use bank_tests::nats::stream_messages;
 use bank_tests::process::ServiceProcess;
 use bank_tests::proxy::{Action, FaultProxy};
+use bank_tests::tcp_proxy::TcpCut;
 use bank_tests::verify::{channel_history, core_ledger, history_mismatches};
 use bank_tests::{CoreApp, NatsServer, ProjectorApp, eventually, unique};
 use serde_json::{Value, json};
@@ -36,6 +37,13 @@ impl Rig {
     /// A projector reaching the core through the proxy.
     async fn projector(&self, opts: ProjectorOptions) -> ProjectorApp {
         ProjectorApp::spawn(&self.nats, &self.proxy.url(), &self.channel_db, opts)
+            .await
+            .unwrap()
+    }
+
+    /// A projector reaching the core through the proxy and its database at `db_url`.
+    async fn projector_on(&self, db_url: &str, opts: ProjectorOptions) -> ProjectorApp {
+        ProjectorApp::spawn(&self.nats, &self.proxy.url(), db_url, opts)
             .await
             .unwrap()
     }
@@ -763,4 +771,186 @@ async fn f5_a_poison_at_a_sequence_reused_by_a_recreated_stream_gets_its_own_let
             .iter()
             .all(|l| l["stream_seq"].as_u64() == Some(seq))
     );
+}
+
+/// Pays interest on `account` after moving the core's clock `days` ahead.
+async fn pay_interest(rig: &Rig, account: &str, days: i64) -> String {
+    let today: chrono::NaiveDate = rig
+        .core
+        .api
+        .get("/v1/admin/clock")
+        .await
+        .str("today")
+        .parse()
+        .unwrap();
+    rig.core
+        .api
+        .post(
+            "/v1/admin/clock",
+            json!({"today": (today + chrono::Duration::days(days)).to_string()}),
+        )
+        .await
+        .expect(200);
+    let pid = unique("pay_");
+    rig.core
+        .api
+        .post(
+            &format!("/v1/accounts/{account}/interest/payouts"),
+            json!({"payout_id": pid}),
+        )
+        .await
+        .expect(200);
+    pid
+}
+
+#[tokio::test]
+async fn f7_a_channel_database_outage_pauses_the_projector_and_dead_letters_nothing() {
+    let rig = Rig::new().await;
+    let cut = TcpCut::start("127.0.0.1:5432").await.unwrap();
+    // A delivery budget an outage of a few seconds would spend many times over.
+    let p = rig
+        .projector_on(
+            &cut.route(&rig.channel_db).unwrap(),
+            ProjectorOptions {
+                max_deliveries: 2,
+                retry_base_ms: 50,
+                retry_max_ms: 200,
+            },
+        )
+        .await;
+    let mut accounts = Vec::new();
+    for _ in 0..6 {
+        accounts.push(rig.core.api.funded_account(60_000_000).await);
+    }
+    for a in &accounts {
+        rig.wait_synced(a, 1, Duration::from_secs(10)).await;
+    }
+
+    cut.cut();
+    for (i, a) in accounts.iter().enumerate() {
+        rig.core.api.deposit(a, 10 + i as u64).await.expect(200);
+    }
+    let payout = pay_interest(&rig, &accounts[0], 3).await;
+    // The events reached the projector and it kept failing to reach its
+    // database: it went on trying to connect long after the old two-delivery
+    // budget would have been spent.
+    let js = rig.nats.jetstream().await.unwrap();
+    eventually(
+        "the projector received the events and kept probing its database",
+        Duration::from_secs(30),
+        || async {
+            let ledger = js.get_stream("LEDGER").await.map_err(|e| e.to_string())?;
+            let mut c = ledger
+                .get_consumer::<async_nats::jetstream::consumer::pull::Config>("projector-ledger")
+                .await
+                .map_err(|e| e.to_string())?;
+            let info = c.info().await.map_err(|e| e.to_string())?;
+            let pending = info.num_ack_pending + info.num_pending as usize;
+            // Six deposits and the interest credit.
+            if pending >= 7 && cut.refused() >= 8 {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{pending} pending, {} connections refused",
+                    cut.refused()
+                ))
+            }
+        },
+    )
+    .await;
+    assert!(
+        dead_letters(&p).await.is_empty(),
+        "nothing dead-lettered during the outage"
+    );
+
+    cut.restore();
+    history_equals_ledger(&rig, &accounts).await;
+    let records = eventually("the tax record", Duration::from_secs(30), || async {
+        let r = p
+            .api
+            .get(&format!("/v1/tax-records?account_id={}", accounts[0]))
+            .await
+            .body;
+        let list = r["tax_records"].as_array().cloned().unwrap_or_default();
+        if list.len() == 1 {
+            Ok(list)
+        } else {
+            Err(r.to_string())
+        }
+    })
+    .await;
+    assert_eq!(records[0]["payout_id"], json!(payout));
+    assert!(
+        dead_letters(&p).await.is_empty(),
+        "nothing dead-lettered after it"
+    );
+    let raw = stream_messages(&js, "DLQ").await.unwrap();
+    assert!(raw.is_empty(), "{} messages in DLQ", raw.len());
+}
+
+#[tokio::test]
+async fn f5_an_entry_the_channel_database_refuses_is_dead_lettered_alone_and_at_once() {
+    let rig = Rig::new().await;
+    // Everything is published before the projector starts, so the forged
+    // entry arrives in one batch with the others (and shares a lane with
+    // some of them).
+    let victim = rig.core.api.funded_account(100).await;
+    let mut bystanders = Vec::new();
+    for _ in 0..12 {
+        bystanders.push(rig.core.api.funded_account(100).await);
+    }
+    let first = rig.wait_published(&victim, 1).await.remove(0).1;
+    // The victim's next entry, as it would pass every check of the event
+    // itself, with a memo PostgreSQL cannot store (a NUL character).
+    let mut forged = first.clone();
+    forged["seq"] = json!(2);
+    forged["event_id"] = json!(format!("{victim}:2"));
+    forged["memo"] = json!("bad\u{0}memo");
+    publish_raw(
+        &rig.nats,
+        &format!("bank.ledger.{victim}"),
+        serde_json::to_vec(&forged).unwrap(),
+    )
+    .await;
+    for b in &bystanders {
+        rig.core.api.deposit(b, 5).await.expect(200);
+    }
+    let p = rig.projector(ProjectorOptions::default()).await;
+    for b in &bystanders {
+        rig.wait_synced(b, 2, Duration::from_secs(15)).await;
+    }
+    let letters = eventually(
+        "the forged entry dead-lettered",
+        Duration::from_secs(15),
+        || async {
+            let l = dead_letters(&p).await;
+            if l.is_empty() {
+                Err("no letter".to_owned())
+            } else {
+                Ok(l)
+            }
+        },
+    )
+    .await;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(
+        letters[0]["subject"],
+        json!(format!("bank.ledger.{victim}"))
+    );
+    assert_eq!(letters[0]["deliveries"], 1, "refused data is not retried");
+    assert!(
+        letters[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("channel database"),
+        "{}",
+        letters[0]
+    );
+    assert_eq!(rig.synced(&victim).await, 1);
+    // The victim's real next entry is applied.
+    rig.core.api.deposit(&victim, 7).await.expect(200);
+    rig.wait_synced(&victim, 2, Duration::from_secs(15)).await;
+    let mut all = bystanders.clone();
+    all.push(victim);
+    history_equals_ledger(&rig, &all).await;
 }
