@@ -38,10 +38,17 @@ impl std::fmt::Display for Secret {
     }
 }
 
+/// Parsing a setting as a [`Secret`] refuses an empty (or blank) value: an
+/// empty service token would match an empty `Authorization` credential, and
+/// an empty signing key lets anyone sign tokens. A service given one does not
+/// start.
 impl std::str::FromStr for Secret {
-    type Err = std::convert::Infallible;
+    type Err = &'static str;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.trim().is_empty() {
+            return Err("a credential must not be empty");
+        }
         Ok(Self::new(s))
     }
 }
@@ -132,10 +139,19 @@ mod tests {
 
     #[test]
     fn a_secret_never_prints_its_value() {
-        let s: Secret = "hunter2-token".parse().unwrap_or_else(|e| match e {});
+        let s: Secret = "hunter2-token"
+            .parse()
+            .unwrap_or_else(|_| Secret::new("refused"));
         assert_eq!(s.expose(), "hunter2-token");
         for shown in [format!("{s:?}"), format!("{s}"), format!("{:?}", Some(&s))] {
             assert!(!shown.contains("hunter2"), "{shown}");
+        }
+    }
+
+    #[test]
+    fn an_empty_or_blank_secret_is_refused() {
+        for value in ["", " ", "\t\n"] {
+            assert!(value.parse::<Secret>().is_err(), "{value:?} accepted");
         }
     }
 }

@@ -1,5 +1,5 @@
-//! Operations: B28 (one trace per transfer, metrics, health) and B29
-//! (graceful shutdown on SIGTERM), against the real binaries.
+//! Operations: B28 (one trace per transfer, metrics, health), B29
+//! (graceful shutdown on SIGTERM) and B30 (no empty credentials), against the real binaries.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -375,4 +375,42 @@ async fn b29_sigterm_during_load_loses_nothing_and_each_service_exits_zero() {
         }
     })
     .await;
+}
+
+#[tokio::test]
+async fn b30_a_service_given_an_empty_credential_refuses_to_start() {
+    // An empty service token would match a request presenting an empty one,
+    // and an empty signing key lets anyone sign customer tokens.
+    let cases = [
+        ("core-bank", "CORE_API_TOKEN"),
+        ("transfer", "CORE_API_TOKEN"),
+        ("transfer", "AUTH_JWT_SECRET"),
+        ("projector", "CORE_API_TOKEN"),
+        ("projector", "PROJECTOR_API_TOKEN"),
+    ];
+    for (service, setting) in cases {
+        for value in ["", "  "] {
+            let run = tokio::process::Command::new(bank_tests::process::binary(service))
+                .env(setting, value)
+                // Were it to start, it would listen on a free port only.
+                .env("CORE_HTTP_ADDR", "127.0.0.1:0")
+                .env("TRANSFER_HTTP_ADDR", "127.0.0.1:0")
+                .env("PROJECTOR_HTTP_ADDR", "127.0.0.1:0")
+                .kill_on_drop(true)
+                .output();
+            let out = tokio::time::timeout(Duration::from_secs(20), run)
+                .await
+                .unwrap_or_else(|_| panic!("{service} with {setting}={value:?} started"))
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                !out.status.success(),
+                "{service} with {setting}={value:?} exited 0"
+            );
+            assert!(
+                stderr.contains("must not be empty"),
+                "{service} with {setting}={value:?}: {stderr}"
+            );
+        }
+    }
 }
