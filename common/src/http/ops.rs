@@ -13,7 +13,6 @@ use sea_orm::DatabaseConnection;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use super::{ApiError, MAX_BODY_BYTES};
@@ -194,6 +193,28 @@ async fn limit_in_flight(
     }
 }
 
+/// Answers 503 `timeout` in the error format when the handler has not
+/// answered within the request timeout (its work is dropped: handlers keep
+/// their writes in transactions, so nothing is left half done). Inside the
+/// metrics layer, so a timeout is counted like any other answer.
+async fn answer_within(State(limit): State<Duration>, req: Request, next: Next) -> Response {
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => {
+            metrics::counter!("http_request_timeouts_total").increment(1);
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "timeout",
+                format!(
+                    "no answer within {} ms; retry later (with the same id, where the request has one)",
+                    limit.as_millis()
+                ),
+            )
+            .into_response()
+        }
+    }
+}
+
 async fn record_http_metrics(req: Request, next: Next) -> Response {
     let route = req
         .extensions()
@@ -229,14 +250,14 @@ pub fn with_edge(api: Router, readiness: Readiness, request_timeout: Duration) -
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(
+            request_timeout,
+            answer_within,
+        ))
         .layer(axum::middleware::from_fn(record_http_metrics))
         .layer(axum::middleware::from_fn_with_state(
             Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
             limit_in_flight,
-        ))
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::SERVICE_UNAVAILABLE,
-            request_timeout,
         ))
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
             let route = req
@@ -266,4 +287,39 @@ pub async fn serve(
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use tower::ServiceExt;
+
+    #[tokio::test]
+    async fn a_request_without_an_answer_in_time_gets_503_timeout_in_the_error_format() {
+        // A handler that never answers: the fault is the missing answer.
+        let api = Router::new().route("/never", get(std::future::pending::<&'static str>));
+        let app = with_edge(api, Readiness::new(Vec::new()), Duration::from_millis(50));
+        let response = app
+            .oneshot(
+                Request::builder()
+                    .uri("/never")
+                    .body(Body::empty())
+                    .unwrap_or_default(),
+            )
+            .await
+            .unwrap_or_else(|e| match e {});
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let body = axum::body::to_bytes(response.into_body(), 64 * 1024)
+            .await
+            .unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        assert_eq!(v["error"]["code"], "timeout", "{v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("50 ms")),
+            "{v}"
+        );
+    }
 }
