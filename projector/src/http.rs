@@ -185,7 +185,7 @@ struct TaxRecords {
 }
 
 /// Tax withheld on an account's interest payouts (newest first, at most 1,000).
-#[utoipa::path(get, path = "/v1/tax-records", params(TaxQuery), responses((status = 200, body = TaxRecords), (status = 400, body = ErrorBody)))]
+#[utoipa::path(get, path = "/v1/tax-records", params(TaxQuery), responses((status = 200, body = TaxRecords), (status = 400, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn tax_records(
     State(ctx): State<Context>,
     Query(q): Query<TaxQuery>,
@@ -201,7 +201,7 @@ async fn tax_records(
             [account.to_string().into()],
         ))
         .await
-        .map_err(|e| ApiError::internal(&e))?;
+        .map_err(|e| ApiError::database(&e))?;
     let won = |r: &sea_orm::QueryResult, c: &str| -> Result<common::Won, ApiError> {
         let d: Decimal = r.try_get("", c).map_err(|e| ApiError::internal(&e))?;
         common::Won::new(d).map_err(|e| ApiError::internal(&e))

@@ -94,6 +94,18 @@ impl ApiError {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
     }
 
+    /// A database error: 503 `unavailable` when it is transient (the database
+    /// is down, a lock wait timed out; retrying later may work), else 500
+    /// `internal`.
+    pub fn database(err: &sea_orm::DbErr) -> Self {
+        if crate::db::is_transient(err) {
+            tracing::warn!(error = %err, "database unavailable");
+            Self::unavailable("the database is unavailable; retry later")
+        } else {
+            Self::internal(err)
+        }
+    }
+
     /// 500 `internal`: logs the whole error chain once and answers without
     /// leaking it.
     pub fn internal(err: &(dyn std::error::Error + 'static)) -> Self {

@@ -7,7 +7,7 @@ use common::{AccountId, CustomerId, Won};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::{AppState, db_error, parse_id};
+use super::{AppState, parse_id};
 use crate::accounts::{self, AccountChanges, AccountsError, CustomerStatus};
 use crate::store::{account, customer};
 
@@ -29,7 +29,7 @@ impl From<AccountsError> for ApiError {
             AccountsError::AccountClosed => {
                 ApiError::unprocessable("account_closed", e.to_string())
             }
-            AccountsError::Db(db) => db_error(&db),
+            AccountsError::Db(db) => ApiError::database(&db),
         }
     }
 }

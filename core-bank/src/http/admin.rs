@@ -6,7 +6,7 @@ use common::http::{ApiError, ErrorBody, Json};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{AppState, db_error};
+use super::AppState;
 use crate::clock::ClockError;
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -40,6 +40,6 @@ pub(super) async fn set_clock(
             Err(ApiError::unprocessable("clock_backwards", e.to_string()))
         }
         Err(ClockError::Disabled) => Err(ApiError::not_found("not_found", "no such route")),
-        Err(ClockError::Db(db)) => Err(db_error(&db)),
+        Err(ClockError::Db(db)) => Err(ApiError::database(&db)),
     }
 }

@@ -6,7 +6,7 @@ use common::{AccountId, PayoutId};
 use serde::Deserialize;
 use utoipa::ToSchema;
 
-use super::{AppState, db_error, parse_id};
+use super::{AppState, parse_id};
 use crate::interest::Accrual;
 use crate::interest::payout::{self, Payout, PayoutError};
 use crate::interest::rollout::RolloutSetting;
@@ -21,7 +21,7 @@ impl From<InterestError> for ApiError {
             InterestError::AccountNotFound => {
                 ApiError::not_found("account_not_found", "no such account")
             }
-            InterestError::Db(db) => db_error(&db),
+            InterestError::Db(db) => ApiError::database(&db),
         }
     }
 }
@@ -40,7 +40,7 @@ impl From<PayoutError> for ApiError {
             }
             PayoutError::IdempotencyConflict(_) => ApiError::conflict("idempotency_conflict", msg),
             PayoutError::DateChanged => ApiError::unavailable(msg),
-            PayoutError::Db(db) => db_error(&db),
+            PayoutError::Db(db) => ApiError::database(&db),
         }
     }
 }
@@ -88,7 +88,7 @@ pub(super) async fn get_rollout(
         .rollout()
         .refresh(&s.db)
         .await
-        .map_err(|e| db_error(&e))?;
+        .map_err(|e| ApiError::database(&e))?;
     Ok(axum::Json(s.interest.rollout().get()))
 }
 
@@ -110,7 +110,7 @@ pub(super) async fn put_rollout(
         .rollout()
         .store(&s.db, body)
         .await
-        .map_err(|e| db_error(&e))?;
+        .map_err(|e| ApiError::database(&e))?;
     Ok(axum::Json(stored))
 }
 
@@ -139,6 +139,6 @@ pub(super) async fn verify(
         .interest
         .verify(sample, |_, _| {})
         .await
-        .map_err(|e| db_error(&e))?;
+        .map_err(|e| ApiError::database(&e))?;
     Ok(axum::Json(report))
 }

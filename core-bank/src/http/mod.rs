@@ -132,16 +132,6 @@ async fn require_service_token(
     }
 }
 
-/// Maps a database error: transient ones are 503 (retry), others 500.
-pub(crate) fn db_error(e: &sea_orm::DbErr) -> ApiError {
-    if common::db::is_transient(e) {
-        tracing::warn!(error = %e, "database unavailable");
-        ApiError::unavailable("the database is unavailable; retry later")
-    } else {
-        ApiError::internal(e)
-    }
-}
-
 /// Parses a path id, answering 400 `invalid_id`.
 pub(crate) fn parse_id<T: std::str::FromStr<Err = common::ids::IdError>>(
     s: &str,

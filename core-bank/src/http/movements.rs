@@ -9,7 +9,7 @@ use common::{AccountId, Amount, DepositId, TransferId, Won};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::{AppState, db_error, parse_id};
+use super::{AppState, parse_id};
 use crate::ledger::{
     DepositCmd, DepositRecord, LedgerError, Status, TransferCmd, TransferRecord, queries,
 };
@@ -36,7 +36,7 @@ impl From<LedgerError> for ApiError {
             LedgerError::ShuttingDown => {
                 ApiError::unavailable("the core is shutting down; retry later")
             }
-            LedgerError::Db(db) => db_error(&db),
+            LedgerError::Db(db) => ApiError::database(&db),
         }
     }
 }
@@ -214,7 +214,7 @@ pub(super) async fn get_transfer(
             "transfer_not_found",
             "the core never received this transfer",
         )),
-        Err(e) => Err(db_error(&e)),
+        Err(e) => Err(ApiError::database(&e)),
     }
 }
 
@@ -230,7 +230,7 @@ pub(super) async fn fence(
     let id: TransferId = parse_id(&id)?;
     let rec = common::db::retry_transient(5, || queries::fence(&s.db, &id, s.clock.now()))
         .await
-        .map_err(|e| db_error(&e))?;
+        .map_err(|e| ApiError::database(&e))?;
     if rec.fenced {
         tracing::info!(transfer_id = %id, "transfer fenced: never received");
     }
@@ -358,7 +358,7 @@ pub(super) async fn entries(
     // greatest seq returned.
     let entries = queries::entries_after(&s.db, &id, after, limit)
         .await
-        .map_err(|e| db_error(&e))?;
+        .map_err(|e| ApiError::database(&e))?;
     let account = crate::accounts::get_account(&s.db, &id).await?;
     Ok(axum::Json(EntriesPage {
         entries,

@@ -862,6 +862,17 @@ async fn f7_a_channel_database_outage_pauses_the_projector_and_dead_letters_noth
         dead_letters(&p).await.is_empty(),
         "nothing dead-lettered during the outage"
     );
+    // Its API says the database is away, in the error format.
+    let r = p
+        .api
+        .get(&format!("/v1/tax-records?account_id={}", accounts[0]))
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (503, Some("unavailable")),
+        "{}",
+        r.body
+    );
 
     cut.restore();
     history_equals_ledger(&rig, &accounts).await;

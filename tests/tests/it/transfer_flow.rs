@@ -621,6 +621,12 @@ async fn b30_customers_need_a_valid_token_and_act_only_on_their_own_accounts() {
         ("GET", format!("/v1/accounts/{theirs}/interest")),
         ("POST", format!("/v1/accounts/{theirs}/interest/receive")),
         ("GET", "/v1/accounts/acc_nobody/history".to_owned()),
+        // Authorization comes before the query: no hint from a bad cursor or limit.
+        (
+            "GET",
+            format!("/v1/accounts/{theirs}/history?cursor=garbage"),
+        ),
+        ("GET", format!("/v1/accounts/{theirs}/history?limit=0")),
     ] {
         let r = me.send(m, &p, None, &[]).await;
         assert_eq!((r.status, r.code()), (403, Some("forbidden")), "{m} {p}");

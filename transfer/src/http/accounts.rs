@@ -9,7 +9,7 @@ use common::{AccountId, PayoutId};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::{AppState, core_unavailable, db_error, parse_id};
+use super::{AppState, core_unavailable, parse_id};
 use crate::auth::Customer;
 use crate::core_client::CoreError;
 use crate::history::page::{decode_cursor, page};
@@ -57,7 +57,7 @@ impl From<SyncError> for ApiError {
     fn from(e: SyncError) -> Self {
         match e {
             SyncError::Core(c) => core_unavailable(&c),
-            SyncError::Db(db) => db_error(&db),
+            SyncError::Db(db) => ApiError::database(&db),
         }
     }
 }
@@ -69,7 +69,7 @@ impl From<SyncError> for ApiError {
 async fn sync_and_settle(s: &AppState, account: &AccountId) -> Result<(i64, u64), ApiError> {
     let pending = pending_touching(&s.db, account)
         .await
-        .map_err(|e| db_error(&e))?;
+        .map_err(|e| ApiError::database(&e))?;
     let settling = futures::StreamExt::for_each_concurrent(
         futures::stream::iter(pending),
         SETTLE_CONCURRENCY,
@@ -112,6 +112,9 @@ pub(super) async fn history(
     Query(q): Query<HistoryQuery>,
 ) -> Result<axum::Json<HistoryPage>, ApiError> {
     let account: AccountId = parse_id(&id)?;
+    // Whose account it is comes before anything about the request: another
+    // customer learns nothing from how a bad cursor or limit is answered.
+    s.check_owner(&customer, &account).await?;
     let limit = q.limit.unwrap_or(DEFAULT_PAGE);
     if !(1..=MAX_PAGE).contains(&limit) {
         return Err(ApiError::bad_request(
@@ -125,7 +128,6 @@ pub(super) async fn history(
         .map(|c| decode_cursor(&account, c))
         .transpose()
         .map_err(|e| ApiError::bad_request("invalid_cursor", e.to_string()))?;
-    s.check_owner(&customer, &account).await?;
 
     // A pending transfer, or a confirmed one beyond the synced seq, means the
     // history may not show everything the customer was told: sync first. A
@@ -135,13 +137,13 @@ pub(super) async fn history(
     let (synced, mut pending, behind) = loop {
         let synced = synced_through(&s.db, &account)
             .await
-            .map_err(|e| db_error(&e))?;
+            .map_err(|e| ApiError::database(&e))?;
         let pending = pending_touching(&s.db, &account)
             .await
-            .map_err(|e| db_error(&e))?;
+            .map_err(|e| ApiError::database(&e))?;
         let behind = confirmed_beyond(&s.db, &account, synced)
             .await
-            .map_err(|e| db_error(&e))?;
+            .map_err(|e| ApiError::database(&e))?;
         let needs_sync = !behind.is_empty() || (syncs == 0 && !pending.is_empty());
         if !needs_sync || syncs == MAX_SYNCS_PER_PAGE {
             break (synced, pending, behind);
@@ -163,7 +165,7 @@ pub(super) async fn history(
     }
     let (entries, next_cursor) = page(&s.db, &account, before, limit)
         .await
-        .map_err(|e| db_error(&e))?;
+        .map_err(|e| ApiError::database(&e))?;
     Ok(axum::Json(HistoryPage {
         account_id: account.to_string(),
         entries,

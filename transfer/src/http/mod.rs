@@ -85,15 +85,6 @@ pub(crate) fn core_unavailable(e: &CoreError) -> ApiError {
     ApiError::unavailable("the core bank is unavailable; retry later")
 }
 
-/// 503 or 500 for a channel database error.
-pub(crate) fn db_error(e: &sea_orm::DbErr) -> ApiError {
-    if common::db::is_transient(e) {
-        ApiError::unavailable("the channel database is unavailable; retry later")
-    } else {
-        ApiError::internal(e)
-    }
-}
-
 /// Parses a path id, answering 400 `invalid_id`.
 pub(crate) fn parse_id<T: std::str::FromStr<Err = common::ids::IdError>>(
     s: &str,

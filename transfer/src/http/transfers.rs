@@ -9,7 +9,7 @@ use common::{AccountId, Amount, TransferId};
 use serde::Deserialize;
 use utoipa::ToSchema;
 
-use super::{AppState, db_error, parse_id};
+use super::{AppState, parse_id};
 use crate::auth::Customer;
 use crate::transfers::service::{NewTransfer, SubmitError};
 use crate::transfers::{TransferRequest, find};
@@ -50,7 +50,7 @@ impl From<SubmitError> for ApiError {
                 ApiError::conflict("idempotency_conflict", e.to_string())
                     .with_detail("field", field)
             }
-            SubmitError::Db(db) => db_error(&db),
+            SubmitError::Db(db) => ApiError::database(&db),
         }
     }
 }
@@ -145,7 +145,7 @@ pub(super) async fn get(
     Path(id): Path<String>,
 ) -> Result<axum::Json<TransferRequest>, ApiError> {
     let id: TransferId = parse_id(&id)?;
-    match find(&s.db, &id).await.map_err(|e| db_error(&e))? {
+    match find(&s.db, &id).await.map_err(|e| ApiError::database(&e))? {
         Some(t) if t.customer_id == customer => Ok(axum::Json(t)),
         _ => Err(ApiError::not_found(
             "transfer_not_found",
