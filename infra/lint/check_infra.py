@@ -73,6 +73,8 @@ METRICS: dict[str, tuple[str, set[str]]] = {
     "projector_consumer_pending": ("gauge", {"feed"}),
     "projector_consumer_ack_pending": ("gauge", {"feed"}),
     "projector_database_unavailable": ("gauge", {"feed"}),
+    "projector_conflicting_events_total": ("counter", set()),
+    "history_repairs_total": ("counter", set()),
     "projector_batch_size": ("histogram", {"feed"}),
     "projector_tax_records_total": ("counter", set()),
     "interest_cache_hits_total": ("counter", set()),

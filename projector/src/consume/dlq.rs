@@ -287,6 +287,12 @@ pub async fn replay(ctx: &Context, id: u64) -> Result<DeadLetter, ReplayError> {
             let outcome = ledger::apply_with_gap_fill(ctx, std::slice::from_ref(&entry))
                 .await
                 .map_err(|e| failed(format!("channel database: {e}")))?;
+            if outcome.conflicts(&entry) {
+                return Err(failed(format!(
+                    "entry {} differs from the core's ledger at that seq",
+                    entry.event_id()
+                )));
+            }
             if !outcome.holds(&entry) {
                 let why = outcome
                     .blocked

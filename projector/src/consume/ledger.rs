@@ -5,8 +5,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
 use async_nats::jetstream::{AckKind, Message};
-use common::events::{LEDGER_SUBJECT_PREFIX, LedgerEntry, LedgerEvent};
+use common::events::{EntryKind, LEDGER_SUBJECT_PREFIX, LedgerEntry, LedgerEvent};
 use sea_orm::DbErr;
+use transfer::history::sync::{self, SyncError};
 use transfer::history::writer;
 
 use super::{Context, Failure, ack, fail, traceparent};
@@ -29,6 +30,21 @@ pub fn decode(subject: &str, payload: &[u8]) -> Result<LedgerEntry, String> {
     if ev.entry.seq < 1 {
         return Err(format!("invalid seq {}", ev.entry.seq));
     }
+    let amount = ev.entry.amount.value();
+    let leaves = ev.entry.kind == EntryKind::TransferOut;
+    if amount.is_zero() || amount.is_sign_negative() != leaves {
+        return Err(format!(
+            "amount {} cannot be a {} entry",
+            ev.entry.amount,
+            ev.entry.kind.as_str()
+        ));
+    }
+    if ev.entry.seq == 1 && ev.entry.balance_after != ev.entry.amount {
+        return Err(format!(
+            "seq 1 with amount {} leaves balance {}, not {}",
+            ev.entry.amount, ev.entry.amount, ev.entry.balance_after
+        ));
+    }
     if ev.event_id != ev.entry.event_id() {
         return Err(format!(
             "event_id {} does not match {}",
@@ -48,6 +64,11 @@ pub struct Outcome {
     pub synced: BTreeMap<String, i64>,
     /// Why an account's remaining entries could not be applied.
     pub blocked: HashMap<String, String>,
+    /// Entries that differ from the history's (the core's) entry at their seq.
+    pub conflicts: Vec<LedgerEntry>,
+    /// Entries that differ from the history's entry at their seq, where the
+    /// core could not be asked which is right.
+    pub waiting: Vec<LedgerEntry>,
 }
 
 impl Outcome {
@@ -56,6 +77,13 @@ impl Outcome {
         self.synced
             .get(entry.account_id.as_str())
             .is_some_and(|s| entry.seq <= *s)
+            && !self.conflicts(entry)
+            && !self.waiting.contains(entry)
+    }
+
+    /// True when `entry` is not the core's entry at its seq.
+    pub fn conflicts(&self, entry: &LedgerEntry) -> bool {
+        self.conflicts.iter().any(|c| c == entry)
     }
 
     fn reason(&self, entry: &LedgerEntry) -> String {
@@ -75,6 +103,8 @@ pub async fn apply_with_gap_fill(ctx: &Context, entries: &[LedgerEntry]) -> Resu
         before: report.before.clone(),
         synced: report.synced.clone(),
         blocked: HashMap::new(),
+        conflicts: report.conflicts.clone(),
+        waiting: Vec::new(),
     };
     metrics::counter!("projector_events_applied_total").increment(report.applied);
     metrics::counter!("projector_duplicates_total").increment(report.duplicates);
@@ -125,15 +155,24 @@ pub async fn apply_with_gap_fill(ctx: &Context, entries: &[LedgerEntry]) -> Resu
             }
             synced = now;
         }
-        if synced < target {
-            // Apply what the batch holds beyond the filled range, if it now continues it.
-            let rest: Vec<LedgerEntry> = entries
-                .iter()
-                .filter(|e| e.account_id == account && e.seq > synced)
-                .cloned()
-                .collect();
-            let r = writer::apply(&ctx.db, &rest).await?;
-            synced = r.synced.get(account.as_str()).copied().unwrap_or(synced);
+        // The batch's entries again: those within the filled range are now
+        // checked against the core's (an entry that did not continue the
+        // balances turns out a conflict), the rest applied if they continue.
+        let own: Vec<LedgerEntry> = entries
+            .iter()
+            .filter(|e| e.account_id == account)
+            .cloned()
+            .collect();
+        let r = writer::apply(&ctx.db, &own).await?;
+        synced = r.synced.get(account.as_str()).copied().unwrap_or(synced);
+        outcome.conflicts.extend(r.conflicts);
+        if gap.discontinuous && synced == gap.synced_through_seq {
+            outcome.blocked.entry(account.to_string()).or_insert_with(|| {
+                format!(
+                    "entry {} does not continue the balance after seq {}; waiting for the core's entry",
+                    gap.first_blocked_seq, gap.synced_through_seq
+                )
+            });
         }
         if synced > gap.synced_through_seq {
             tracing::info!(%account, from = gap.synced_through_seq + 1, through = synced, elapsed_ms = started.elapsed().as_millis() as u64, "filled a history gap from the core");
@@ -141,7 +180,65 @@ pub async fn apply_with_gap_fill(ctx: &Context, entries: &[LedgerEntry]) -> Resu
         }
         outcome.synced.insert(account.to_string(), synced);
     }
+    if !outcome.conflicts.is_empty() {
+        settle_conflicts(ctx, &mut outcome).await?;
+    }
     Ok(outcome)
+}
+
+/// An entry that differs from the history's entry at its seq: one of the two
+/// is not the core's. The core decides. If the message is the core's entry,
+/// the history held a wrong one: it is cut back to before that seq and
+/// fetched from the core again, and the message holds. Otherwise the message
+/// stays a conflict (dead-lettered). If the core cannot be asked, the
+/// message waits (a transient failure).
+async fn settle_conflicts(ctx: &Context, outcome: &mut Outcome) -> Result<(), DbErr> {
+    let conflicts = std::mem::take(&mut outcome.conflicts);
+    for c in conflicts {
+        let account = c.account_id.to_string();
+        let core_entry = match ctx.core.entries(&c.account_id, c.seq - 1, 1).await {
+            Ok(page) => page.entries.into_iter().next(),
+            Err(e) => {
+                outcome.blocked.insert(
+                    account,
+                    format!(
+                        "entry {} differs from the history; asking the core: {e}",
+                        c.event_id()
+                    ),
+                );
+                outcome.waiting.push(c);
+                continue;
+            }
+        };
+        if !core_entry
+            .as_ref()
+            .is_some_and(|k| writer::same_values(k, &c))
+        {
+            metrics::counter!("projector_conflicting_events_total").increment(1);
+            tracing::warn!(event_id = %c.event_id(), "an event differs from the core's entry at its seq");
+            outcome.conflicts.push(c);
+            continue;
+        }
+        metrics::counter!("history_repairs_total").increment(1);
+        tracing::error!(event_id = %c.event_id(), "the history held an entry the core does not have at that seq; fetching the account's entries from there again");
+        writer::truncate_from(&ctx.db, &c.account_id, c.seq).await?;
+        let synced = match sync::sync_account(&ctx.db, &ctx.core, &c.account_id).await {
+            Ok(r) => r.synced_through_seq,
+            Err(SyncError::Db(e)) => return Err(e),
+            Err(SyncError::Core(e)) => {
+                outcome.blocked.insert(
+                    account.clone(),
+                    format!(
+                        "refetching the history after seq {} from the core: {e}",
+                        c.seq - 1
+                    ),
+                );
+                writer::synced_through(&ctx.db, &c.account_id).await?
+            }
+        };
+        outcome.synced.insert(account, synced);
+    }
+    Ok(())
 }
 
 /// Handles a batch from the `LEDGER` consumer. Returns the messages left
@@ -252,7 +349,17 @@ async fn apply_holding_progress(
 async fn settle(ctx: &Context, valid: &[(Message, LedgerEntry)], outcome: &Outcome) {
     let now = chrono::Utc::now();
     for (m, e) in valid {
-        if outcome.holds(e) {
+        if outcome.conflicts(e) {
+            fail(
+                ctx,
+                m,
+                Failure::Permanent(format!(
+                    "entry {} differs from the core's ledger at that seq",
+                    e.event_id()
+                )),
+            )
+            .await;
+        } else if outcome.holds(e) {
             let span = tracing::info_span!(
                 "projector.apply",
                 otel.kind = "consumer",
@@ -277,5 +384,61 @@ async fn settle(ctx: &Context, valid: &[(Message, LedgerEntry)], outcome: &Outco
         } else {
             fail(ctx, m, Failure::Transient(outcome.reason(e))).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decode;
+    use serde_json::{Value, json};
+
+    const ACCOUNT: &str = "acc_01a23a50080676da9ced6504fc06d3cc";
+
+    fn event(seq: i64, kind: &str, amount: &str, balance_after: &str) -> Vec<u8> {
+        let v: Value = json!({
+            "event_id": format!("{ACCOUNT}:{seq}"),
+            "account_id": ACCOUNT,
+            "seq": seq,
+            "kind": kind,
+            "amount": amount,
+            "balance_after": balance_after,
+            "occurred_at": "2026-12-03T00:00:00Z",
+            "business_date": "2026-12-03",
+        });
+        serde_json::to_vec(&v).unwrap_or_default()
+    }
+
+    fn check(seq: i64, kind: &str, amount: &str, balance_after: &str) -> Result<(), String> {
+        decode(
+            &format!("bank.ledger.{ACCOUNT}"),
+            &event(seq, kind, amount, balance_after),
+        )
+        .map(|_| ())
+    }
+
+    #[test]
+    fn b15_an_entry_whose_amount_cannot_be_its_kind_is_refused() {
+        assert_eq!(check(2, "deposit", "100", "300"), Ok(()));
+        assert_eq!(check(2, "transfer_out", "-100", "300"), Ok(()));
+        for (kind, amount) in [
+            ("deposit", "-100"),
+            ("transfer_in", "-1"),
+            ("interest", "0"),
+            ("transfer_out", "100"),
+            ("transfer_out", "0"),
+        ] {
+            let r = check(2, kind, amount, "300");
+            assert!(
+                r.as_ref().is_err_and(|e| e.contains("cannot be")),
+                "{kind} {amount}: {r:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn b15_a_first_entry_must_leave_its_amount_as_the_balance() {
+        assert_eq!(check(1, "deposit", "100", "100"), Ok(()));
+        let r = check(1, "deposit", "100", "1000");
+        assert!(r.as_ref().is_err_and(|e| e.contains("seq 1")), "{r:?}");
     }
 }

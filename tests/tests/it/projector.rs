@@ -912,10 +912,8 @@ async fn f5_an_entry_the_channel_database_refuses_is_dead_lettered_alone_and_at_
     }
     let first = rig.wait_published(&victim, 1).await.remove(0).1;
     // The victim's next entry, as it would pass every check of the event
-    // itself, with a memo PostgreSQL cannot store (a NUL character).
-    let mut forged = first.clone();
-    forged["seq"] = json!(2);
-    forged["event_id"] = json!(format!("{victim}:2"));
+    // and of the balances, with a memo PostgreSQL cannot store (a NUL).
+    let mut forged: Value = serde_json::from_slice(&forged(&first, 2, 100, 200)).unwrap();
     forged["memo"] = json!("bad\u{0}memo");
     publish_raw(
         &rig.nats,
@@ -964,4 +962,80 @@ async fn f5_an_entry_the_channel_database_refuses_is_dead_lettered_alone_and_at_
     let mut all = bystanders.clone();
     all.push(victim);
     history_equals_ledger(&rig, &all).await;
+}
+
+/// `entry` with other values at `seq`: what a corrupt or forged message on
+/// the broker would carry.
+fn forged(entry: &Value, seq: i64, amount: i64, balance_after: i64) -> Vec<u8> {
+    let account = entry["account_id"].as_str().unwrap();
+    let mut f = entry.clone();
+    f["seq"] = json!(seq);
+    f["event_id"] = json!(format!("{account}:{seq}"));
+    let money = |n: i64| {
+        if entry["amount"].is_string() {
+            json!(n.to_string())
+        } else {
+            json!(n)
+        }
+    };
+    f["amount"] = money(amount);
+    f["balance_after"] = money(balance_after);
+    serde_json::to_vec(&f).unwrap()
+}
+
+async fn wait_letters(p: &ProjectorApp, n: usize) -> Vec<Value> {
+    eventually(
+        &format!("{n} dead letters"),
+        Duration::from_secs(30),
+        || async {
+            let l = dead_letters(p).await;
+            if l.len() == n {
+                Ok(l)
+            } else {
+                Err(format!("{l:?}"))
+            }
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn b15_an_event_that_is_not_the_cores_never_stays_in_the_history() {
+    let rig = Rig::new().await;
+    let p = rig.projector(ProjectorOptions::default()).await;
+    let account = rig.core.api.funded_account(100).await;
+    rig.wait_synced(&account, 1, Duration::from_secs(10)).await;
+    let first = rig.wait_published(&account, 1).await.remove(0).1;
+    let subject = format!("bank.ledger.{account}");
+
+    // 1. A forged seq 2 that continues the balances arrives before the
+    //    core's: it is applied. The core's seq 2 then conflicts with it, the
+    //    core says which is right, and the history is repaired.
+    publish_raw(&rig.nats, &subject, forged(&first, 2, 1_000, 1_100)).await;
+    rig.wait_synced(&account, 2, Duration::from_secs(10)).await;
+    rig.core.api.deposit(&account, 5).await.expect(200);
+    history_equals_ledger(&rig, std::slice::from_ref(&account)).await;
+    let history = channel_history(&rig.channel_db, &account).await.unwrap();
+    assert_eq!(history.len(), 2, "{history:?}");
+
+    // 2. A forged seq 2 after the core's: dead-lettered at once, alone.
+    publish_raw(&rig.nats, &subject, forged(&first, 2, 7, 107)).await;
+    let letters = wait_letters(&p, 1).await;
+    assert_eq!(letters[0]["deliveries"], 1, "{}", letters[0]);
+    assert!(
+        letters[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("differs from the core's ledger"),
+        "{}",
+        letters[0]
+    );
+
+    // 3. A seq 3 that does not continue the balances is never written; the
+    //    core's seq 3 is, and the forged one ends in the dead-letter stream.
+    publish_raw(&rig.nats, &subject, forged(&first, 3, 7, 999_999)).await;
+    rig.core.api.deposit(&account, 9).await.expect(200);
+    wait_letters(&p, 2).await;
+    history_equals_ledger(&rig, std::slice::from_ref(&account)).await;
+    assert_eq!(rig.synced(&account).await, 3);
 }

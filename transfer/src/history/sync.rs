@@ -48,6 +48,12 @@ pub async fn sync_account(
         }
         let report = writer::apply(db, &page.entries).await?;
         applied += report.applied;
+        if !report.conflicts.is_empty() {
+            // The core's own entries differ from what the history holds: the
+            // projector repairs this when it meets it; say so loudly here.
+            metrics::counter!("history_conflicts_total").increment(report.conflicts.len() as u64);
+            tracing::error!(account = %account, first_seq = report.conflicts[0].seq, count = report.conflicts.len(), "the history holds entries that differ from the core's");
+        }
         let now = report
             .synced
             .get(account.as_str())

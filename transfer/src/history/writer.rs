@@ -5,10 +5,19 @@
 //! kept by applying entries only under the account's `history_sync` row lock
 //! and only in sequence:
 //!
-//! - `seq <= synced`: a duplicate; nothing changes (B14);
-//! - `seq == synced + 1`: applied, `synced` advances;
+//! - `seq <= synced`: a duplicate; nothing changes (B14). If its values
+//!   (kind, amount, balance, the transfer, deposit or payout) differ from the
+//!   entry held at that seq it is reported as a conflict;
+//! - `seq == synced + 1`: applied, `synced` advances, if it continues the
+//!   history: the balance before it plus its amount is its balance. An entry
+//!   that does not is treated as a gap: it is not written, and the caller
+//!   fetches the core's entry for that seq;
 //! - `seq > synced + 1`: a gap; nothing is written past it (B15), and the
 //!   caller is told which seqs are missing so it can fetch them.
+//!
+//! So an event that is not the core's (a corrupt or forged message on the
+//! broker) cannot enter the history: it either does not continue the
+//! balances, or it loses to the core's entry and then conflicts with it.
 //!
 //! Any number of writers (projector instances, sync requests) may apply
 //! concurrently: the row locks serialize them per account, taken in account
@@ -29,6 +38,9 @@ pub struct Gap {
     pub synced_through_seq: i64,
     /// The first seq that was given but could not be applied.
     pub first_blocked_seq: i64,
+    /// True when the entry at `synced_through_seq + 1` was given but does not
+    /// continue the balances (a seq was not missing: its values are wrong).
+    pub discontinuous: bool,
 }
 
 /// What [`apply`] did.
@@ -44,6 +56,9 @@ pub struct ApplyReport {
     pub before: BTreeMap<String, i64>,
     /// `synced_through_seq` of every account touched, after applying.
     pub synced: BTreeMap<String, i64>,
+    /// Entries given as duplicates whose values differ from the history's
+    /// entry at their seq (see [`same_values`]).
+    pub conflicts: Vec<LedgerEntry>,
 }
 
 /// Applies entries (any accounts, any order, duplicates allowed) in one
@@ -61,7 +76,9 @@ pub async fn apply(db: &DatabaseConnection, entries: &[LedgerEntry]) -> Result<A
     }
     for list in by_account.values_mut() {
         list.sort_by_key(|e| e.seq);
-        list.dedup_by_key(|e| e.seq);
+        // Identical copies once; different entries at one seq all stay, so
+        // the ones that lose are reported as conflicts.
+        list.dedup_by(|a, b| a == b);
     }
     let accounts: Vec<String> = by_account.keys().cloned().collect();
     let backend = db.get_database_backend();
@@ -74,16 +91,30 @@ pub async fn apply(db: &DatabaseConnection, entries: &[LedgerEntry]) -> Result<A
             backend,
             "INSERT INTO history_sync (account_id) SELECT unnest($1::text[]) ORDER BY 1 \
              ON CONFLICT (account_id) DO UPDATE SET account_id = EXCLUDED.account_id \
-             RETURNING account_id, synced_through_seq",
+             RETURNING account_id, synced_through_seq, \
+               (SELECT h.balance_after FROM history_entries h \
+                 WHERE h.account_id = history_sync.account_id \
+                   AND h.seq = history_sync.synced_through_seq) AS balance",
             [accounts.into()],
         ))
         .await?;
     let mut synced: BTreeMap<String, i64> = BTreeMap::new();
+    // The balance after the last entry held, where it is known.
+    let mut balance: BTreeMap<String, rust_decimal::Decimal> = BTreeMap::new();
     for r in rows {
-        synced.insert(
-            r.try_get("", "account_id")?,
-            r.try_get("", "synced_through_seq")?,
-        );
+        let account: String = r.try_get("", "account_id")?;
+        let seq: i64 = r.try_get("", "synced_through_seq")?;
+        let held: Option<rust_decimal::Decimal> = r.try_get("", "balance")?;
+        match (seq, held) {
+            (0, _) => {
+                balance.insert(account.clone(), rust_decimal::Decimal::ZERO);
+            }
+            (_, Some(b)) => {
+                balance.insert(account.clone(), b);
+            }
+            (_, None) => {}
+        }
+        synced.insert(account, seq);
     }
 
     let mut report = ApplyReport {
@@ -91,13 +122,32 @@ pub async fn apply(db: &DatabaseConnection, entries: &[LedgerEntry]) -> Result<A
         ..ApplyReport::default()
     };
     let mut cols = Columns::default();
+    // Duplicates of entries held before this call, checked in the database.
+    let mut held = Columns::default();
+    let mut held_entries: Vec<&LedgerEntry> = Vec::new();
     for (account, list) in &by_account {
-        let mut next = synced.get(account).copied().unwrap_or(0) + 1;
+        let held_through = synced.get(account).copied().unwrap_or(0);
+        let mut next = held_through + 1;
+        let mut before = balance.get(account).copied();
+        let mut last_applied: Option<&LedgerEntry> = None;
         for e in list {
             if e.seq < next {
                 report.duplicates += 1;
-            } else if e.seq == next {
+                if e.seq <= held_through {
+                    held.push(e);
+                    held_entries.push(e);
+                } else if last_applied.is_some_and(|a| a.seq == e.seq && !same_values(a, e)) {
+                    // Another entry at a seq applied just now (sorted: it is
+                    // the last one applied).
+                    report.conflicts.push((*e).clone());
+                }
+                continue;
+            }
+            let continues = before.is_none_or(|b| b + e.amount.value() == e.balance_after.value());
+            if e.seq == next && continues {
                 cols.push(e);
+                last_applied = Some(e);
+                before = Some(e.balance_after.value());
                 next += 1;
                 report.applied += 1;
             } else {
@@ -105,11 +155,19 @@ pub async fn apply(db: &DatabaseConnection, entries: &[LedgerEntry]) -> Result<A
                     account_id: e.account_id.clone(),
                     synced_through_seq: next - 1,
                     first_blocked_seq: e.seq,
+                    discontinuous: e.seq == next,
                 });
                 break;
             }
         }
         report.synced.insert(account.clone(), next - 1);
+    }
+    if !held_entries.is_empty() {
+        for i in held.differing(&txn).await? {
+            if let Some(e) = held_entries.get(i) {
+                report.conflicts.push((*e).clone());
+            }
+        }
     }
     if report.applied > 0 {
         let (ids, seqs): (Vec<String>, Vec<i64>) = report
@@ -122,6 +180,20 @@ pub async fn apply(db: &DatabaseConnection, entries: &[LedgerEntry]) -> Result<A
     }
     txn.commit().await?;
     Ok(report)
+}
+
+/// Whether two entries at one seq say the same: kind, amount, balance and
+/// the transfer, deposit or payout. (Times, counterparty and memo are not
+/// compared: they describe the entry, they do not move money.)
+pub fn same_values(a: &LedgerEntry, b: &LedgerEntry) -> bool {
+    a.account_id == b.account_id
+        && a.seq == b.seq
+        && a.kind == b.kind
+        && a.amount == b.amount
+        && a.balance_after == b.balance_after
+        && a.transfer_id == b.transfer_id
+        && a.deposit_id == b.deposit_id
+        && a.payout_id == b.payout_id
 }
 
 #[derive(Default)]
@@ -170,6 +242,41 @@ impl Columns {
         self.counterparty
             .push(e.counterparty.clone().unwrap_or_default());
         self.memo.push(e.memo.clone().unwrap_or_default());
+    }
+
+    /// The positions of these entries whose values differ from the
+    /// history's entry at the same seq (see [`same_values`]).
+    async fn differing<C: ConnectionTrait>(self, txn: &C) -> Result<Vec<usize>, DbErr> {
+        let rows = txn
+            .query_all_raw(Statement::from_sql_and_values(
+                txn.get_database_backend(),
+                r#"
+SELECT x.i
+FROM unnest($1::text[], $2::bigint[], $3::text[], $4::numeric[], $5::numeric[],
+            $6::text[], $7::text[], $8::text[]) WITH ORDINALITY AS x(a, s, k, am, b, t, dp, p, i)
+JOIN history_entries h ON h.account_id = x.a AND h.seq = x.s
+WHERE (h.kind, h.amount, h.balance_after,
+       COALESCE(h.transfer_id, ''), COALESCE(h.deposit_id, ''), COALESCE(h.payout_id, ''))
+      IS DISTINCT FROM (x.k, x.am, x.b, x.t, x.dp, x.p)
+"#,
+                [
+                    self.account.into(),
+                    self.seq.into(),
+                    self.kind.into(),
+                    self.amount.into(),
+                    self.balance.into(),
+                    self.transfer.into(),
+                    self.deposit.into(),
+                    self.payout.into(),
+                ],
+            ))
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let i: i64 = r.try_get("", "i")?;
+                Ok(usize::try_from(i - 1).unwrap_or(usize::MAX))
+            })
+            .collect()
     }
 
     async fn write<C: ConnectionTrait>(
@@ -230,6 +337,38 @@ pub async fn synced_through<C: ConnectionTrait>(
         .map(|r| r.try_get::<i64>("", "synced_through_seq"))
         .transpose()?
         .unwrap_or(0))
+}
+
+/// Forgets an account's entries from `seq` on, under the lock the writer
+/// takes: the repair when the history turns out to hold an entry that is not
+/// the core's (the caller then fetches the core's entries again).
+pub async fn truncate_from(
+    db: &DatabaseConnection,
+    account: &AccountId,
+    seq: i64,
+) -> Result<(), DbErr> {
+    let txn = db.begin().await?;
+    let backend = db.get_database_backend();
+    txn.execute_raw(Statement::from_sql_and_values(
+        backend,
+        "SELECT 1 FROM history_sync WHERE account_id = $1 FOR UPDATE",
+        [account.to_string().into()],
+    ))
+    .await?;
+    txn.execute_raw(Statement::from_sql_and_values(
+        backend,
+        "DELETE FROM history_entries WHERE account_id = $1 AND seq >= $2",
+        [account.to_string().into(), seq.into()],
+    ))
+    .await?;
+    txn.execute_raw(Statement::from_sql_and_values(
+        backend,
+        "UPDATE history_sync SET synced_through_seq = LEAST(synced_through_seq, $2 - 1), updated_at = now() \
+         WHERE account_id = $1",
+        [account.to_string().into(), seq.into()],
+    ))
+    .await?;
+    txn.commit().await
 }
 
 /// Forgets an account's history (for `projector rebuild --reset`), under the
