@@ -123,6 +123,24 @@ pub fn is_rejected_data(err: &DbErr) -> bool {
         .is_some_and(|c| (c.starts_with("22") || c.starts_with("23")) && c != UNIQUE_VIOLATION)
 }
 
+/// True when the database itself is out of reach or not serving: a lost or
+/// refused connection, an exhausted pool, a server shutting down or starting,
+/// too many connections, a statement timeout (a hung server: lock waits end
+/// earlier, at `lock_timeout`), or a read-only server (a failover under way).
+/// Unlike lock timeouts, deadlocks and serialization failures, which another
+/// writer causes and a retry soon cures, these say nothing about the work.
+pub fn is_unavailable(err: &DbErr) -> bool {
+    if let Some(code) = pg_code(err) {
+        return code.starts_with("08")
+            || code.starts_with("53")
+            || matches!(
+                code.as_str(),
+                "57P01" | "57P02" | "57P03" | "57014" | "25006"
+            );
+    }
+    is_transient(err)
+}
+
 /// Runs `attempt` again while it fails with an error a retry may cure
 /// ([`AsDbErr::is_retryable`]: by default a transient database error), with
 /// jittered exponential backoff (5 ms doubling to 200 ms, at most `max_retries`

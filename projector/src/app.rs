@@ -73,6 +73,19 @@ impl App {
     /// Connects, migrates, creates the durable consumers and binds the listener.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         let _ = common::metrics::handle();
+        // Series the alerts watch with increase(), present from the start: a
+        // counter first seen at 1 would count as no increase.
+        for stream in [
+            common::jetstream::LEDGER_STREAM,
+            common::jetstream::INTEREST_STREAM,
+        ] {
+            for kind in ["permanent", "exhausted"] {
+                metrics::counter!("projector_dead_letters_total", "stream" => stream, "kind" => kind)
+                    .increment(0);
+            }
+        }
+        metrics::counter!("projector_conflicting_events_total").increment(0);
+        metrics::counter!("history_repairs_total").increment(0);
         let (ctx, nats) = context(&config).await?;
         let ledger = consume::consumer(&ctx, Feed::Ledger).await?;
         let interest = consume::consumer(&ctx, Feed::Interest).await?;

@@ -207,6 +207,8 @@ pub struct ProjectorOptions {
     pub retry_base_ms: u64,
     /// `PROJECTOR_RETRY_MAX_MS`.
     pub retry_max_ms: u64,
+    /// `PROJECTOR_ACK_WAIT_SECS`.
+    pub ack_wait_secs: u64,
 }
 
 impl Default for ProjectorOptions {
@@ -215,6 +217,7 @@ impl Default for ProjectorOptions {
             max_deliveries: 5,
             retry_base_ms: 100,
             retry_max_ms: 2_000,
+            ack_wait_secs: 60,
         }
     }
 }
@@ -237,6 +240,7 @@ impl ProjectorApp {
         config.max_deliveries = opts.max_deliveries;
         config.retry_base_ms = opts.retry_base_ms;
         config.retry_max_ms = opts.retry_max_ms;
+        config.ack_wait_secs = opts.ack_wait_secs;
         config.pool.db_max_connections = 6;
         let app = projector::App::build(config.clone()).await?;
         let addr = app.local_addr()?;

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
 use async_nats::jetstream::{AckKind, Message};
+use common::AccountId;
 use common::events::{EntryKind, LEDGER_SUBJECT_PREFIX, LedgerEntry, LedgerEvent};
 use sea_orm::DbErr;
 use transfer::history::sync::{self, SyncError};
@@ -119,6 +120,7 @@ pub async fn apply_with_gap_fill(ctx: &Context, entries: &[LedgerEntry]) -> Resu
             .max()
             .unwrap_or(gap.first_blocked_seq);
         let started = Instant::now();
+        let mut repaired = false;
         for _ in 0..MAX_GAP_PAGES {
             if synced >= target {
                 break;
@@ -146,6 +148,26 @@ pub async fn apply_with_gap_fill(ctx: &Context, entries: &[LedgerEntry]) -> Resu
             let r = writer::apply(&ctx.db, &page.entries).await?;
             metrics::counter!("projector_gap_entries_filled_total").increment(r.applied);
             let now = r.synced.get(account.as_str()).copied().unwrap_or(synced);
+            if now <= synced && synced > 0 && !repaired {
+                // The core's next entry does not continue the history: the
+                // last entry held may not be the core's.
+                repaired = true;
+                match sync::repair_unless_the_cores(&ctx.db, &ctx.core, &account, synced).await {
+                    Ok(true) => {
+                        synced = writer::synced_through(&ctx.db, &account).await?;
+                        continue;
+                    }
+                    Ok(false) => {}
+                    Err(SyncError::Db(e)) => return Err(e),
+                    Err(SyncError::Core(e)) => {
+                        outcome.blocked.insert(
+                            account.to_string(),
+                            format!("checking the entry at seq {synced} with the core: {e}"),
+                        );
+                        break;
+                    }
+                }
+            }
             if now <= synced {
                 outcome.blocked.insert(
                     account.to_string(),
@@ -181,69 +203,84 @@ pub async fn apply_with_gap_fill(ctx: &Context, entries: &[LedgerEntry]) -> Resu
         outcome.synced.insert(account.to_string(), synced);
     }
     if !outcome.conflicts.is_empty() {
-        settle_conflicts(ctx, &mut outcome).await?;
+        settle_conflicts(ctx, entries, &mut outcome).await?;
     }
     Ok(outcome)
 }
 
 /// An entry that differs from the history's entry at its seq: one of the two
-/// is not the core's. The core decides. If the message is the core's entry,
-/// the history held a wrong one: it is cut back to before that seq and
-/// fetched from the core again, and the message holds. Otherwise the message
-/// stays a conflict (dead-lettered). If the core cannot be asked, the
-/// message waits (a transient failure).
-async fn settle_conflicts(ctx: &Context, outcome: &mut Outcome) -> Result<(), DbErr> {
-    let conflicts = std::mem::take(&mut outcome.conflicts);
+/// is not the core's, and the core decides. If the held one is not, the
+/// history is cut back before that seq and fetched from the core again, and
+/// the batch's entries of that account are checked once more against it (a
+/// message that is the core's entry then holds; one that is not conflicts).
+/// If the held one is the core's, the message stays a conflict
+/// (dead-lettered). If the core cannot be asked, the message waits (a
+/// transient failure).
+async fn settle_conflicts(
+    ctx: &Context,
+    entries: &[LedgerEntry],
+    outcome: &mut Outcome,
+) -> Result<(), DbErr> {
+    let mut conflicts = std::mem::take(&mut outcome.conflicts);
+    conflicts.dedup();
+    let mut repaired: Vec<AccountId> = Vec::new();
     for c in conflicts {
-        let account = c.account_id.to_string();
-        let core_entry = match ctx.core.entries(&c.account_id, c.seq - 1, 1).await {
-            Ok(page) => page.entries.into_iter().next(),
-            Err(e) => {
+        if repaired.contains(&c.account_id) || outcome.conflicts.contains(&c) {
+            continue;
+        }
+        match sync::repair_unless_the_cores(&ctx.db, &ctx.core, &c.account_id, c.seq).await {
+            Ok(false) => {
+                metrics::counter!("projector_conflicting_events_total").increment(1);
+                tracing::warn!(event_id = %c.event_id(), "an event differs from the core's entry at its seq");
+                outcome.conflicts.push(c);
+            }
+            Ok(true) => repaired.push(c.account_id.clone()),
+            Err(SyncError::Db(e)) => return Err(e),
+            Err(SyncError::Core(e)) => {
                 outcome.blocked.insert(
-                    account,
+                    c.account_id.to_string(),
                     format!(
                         "entry {} differs from the history; asking the core: {e}",
                         c.event_id()
                     ),
                 );
                 outcome.waiting.push(c);
-                continue;
             }
-        };
-        if !core_entry
-            .as_ref()
-            .is_some_and(|k| writer::same_values(k, &c))
-        {
-            metrics::counter!("projector_conflicting_events_total").increment(1);
-            tracing::warn!(event_id = %c.event_id(), "an event differs from the core's entry at its seq");
-            outcome.conflicts.push(c);
-            continue;
         }
-        metrics::counter!("history_repairs_total").increment(1);
-        tracing::error!(event_id = %c.event_id(), "the history held an entry the core does not have at that seq; fetching the account's entries from there again");
-        writer::truncate_from(&ctx.db, &c.account_id, c.seq).await?;
-        let synced = match sync::sync_account(&ctx.db, &ctx.core, &c.account_id).await {
+    }
+    for account in repaired {
+        let synced = match sync::sync_account(&ctx.db, &ctx.core, &account).await {
             Ok(r) => r.synced_through_seq,
             Err(SyncError::Db(e)) => return Err(e),
             Err(SyncError::Core(e)) => {
                 outcome.blocked.insert(
-                    account.clone(),
-                    format!(
-                        "refetching the history after seq {} from the core: {e}",
-                        c.seq - 1
-                    ),
+                    account.to_string(),
+                    format!("fetching the history again from the core: {e}"),
                 );
-                writer::synced_through(&ctx.db, &c.account_id).await?
+                writer::synced_through(&ctx.db, &account).await?
             }
         };
-        outcome.synced.insert(account, synced);
+        let own: Vec<LedgerEntry> = entries
+            .iter()
+            .filter(|e| e.account_id == account)
+            .cloned()
+            .collect();
+        let r = writer::apply(&ctx.db, &own).await?;
+        for c in r.conflicts {
+            metrics::counter!("projector_conflicting_events_total").increment(1);
+            tracing::warn!(event_id = %c.event_id(), "an event differs from the core's entry at its seq");
+            outcome.conflicts.push(c);
+        }
+        let now = r.synced.get(account.as_str()).copied().unwrap_or(synced);
+        outcome.synced.insert(account.to_string(), now.max(synced));
     }
     Ok(())
 }
 
 /// Handles a batch from the `LEDGER` consumer. Returns the messages left
 /// unsettled because the channel database is unavailable (see
-/// [`super::Held`]); every other message is acked, naked or dead-lettered.
+/// [`super::run`], which holds them); every other message is acked, naked or
+/// dead-lettered.
 pub async fn handle(ctx: &Context, batch: Vec<Message>) -> Vec<Message> {
     let mut valid: Vec<(Message, LedgerEntry)> = Vec::with_capacity(batch.len());
     for m in batch {
@@ -292,7 +329,7 @@ async fn handle_lane(ctx: &Context, valid: Vec<(Message, LedgerEntry)>) -> Vec<M
             settle(ctx, &valid, &outcome).await;
             Vec::new()
         }
-        Err(e) if common::db::is_transient(&e) => {
+        Err(e) if common::db::is_unavailable(&e) => {
             tracing::warn!(error = %e, held = valid.len(), "the channel database is unavailable; holding the lane");
             valid.into_iter().map(|(m, _)| m).collect()
         }
@@ -304,7 +341,7 @@ async fn handle_lane(ctx: &Context, valid: Vec<(Message, LedgerEntry)>) -> Vec<M
                 let entries = [one[0].1.clone()];
                 match apply_holding_progress(ctx, &one, &entries).await {
                     Ok(outcome) => settle(ctx, &one, &outcome).await,
-                    Err(e) if common::db::is_transient(&e) => {
+                    Err(e) if common::db::is_unavailable(&e) => {
                         let [(m, _)] = one;
                         return std::iter::once(m).chain(rest.map(|(m, _)| m)).collect();
                     }
@@ -324,16 +361,19 @@ async fn handle_lane(ctx: &Context, valid: Vec<(Message, LedgerEntry)>) -> Vec<M
     }
 }
 
-/// [`apply_with_gap_fill`], telling the server every 10 s that the messages
+/// [`apply_with_gap_fill`], telling the server regularly that the messages
 /// are still being worked on, so a long gap fill does not let them time out.
 async fn apply_holding_progress(
     ctx: &Context,
     valid: &[(Message, LedgerEntry)],
     entries: &[LedgerEntry],
 ) -> Result<Outcome, DbErr> {
+    // Well within the ack wait (at most every 10 s).
+    let every = std::time::Duration::from_secs(ctx.config.ack_wait_secs.max(1)).div_f64(3.0);
+    let every = every.min(std::time::Duration::from_secs(10));
     let progress = async {
         loop {
-            tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+            tokio::time::sleep(every).await;
             for (m, _) in valid {
                 let _ = m.ack_with(AckKind::Progress).await;
             }

@@ -17,12 +17,16 @@
 //! and the reason, then terminated on the source). Nothing is dropped
 //! silently: every dead letter is logged and counted.
 //!
-//! An unavailable channel database is not a failure of the message: the
-//! handlers return such messages unsettled, and the consumer stops pulling,
-//! keeps them (telling the server they are in progress), probes the database
-//! with backoff and handles them again once it answers. An outage of any
-//! length therefore spends none of a message's delivery budget and
-//! dead-letters nothing.
+//! An unavailable channel database (no connection, a server shutting down,
+//! hung or read-only: `common::db::is_unavailable`) is not a failure of the
+//! message: the handlers return such messages unsettled, and the consumer
+//! stops pulling, keeps them (telling the server they are in progress),
+//! probes the database with backoff and handles them again once it answers.
+//! An outage therefore spends none of the held messages' delivery budget and
+//! dead-letters nothing. Messages the server had already sent to the dropped
+//! subscription come back after the ack wait, one delivery counted. Lock
+//! timeouts, deadlocks and serialization failures stay ordinary transient
+//! failures, retried within the budget.
 
 pub mod dlq;
 pub mod ledger;
@@ -211,11 +215,14 @@ pub async fn run(ctx: Context, feed: Feed, consumer: PullConsumer, shutdown: Can
                 );
                 let held = handle(&ctx, feed, batch).instrument(span).await;
                 if !held.is_empty() {
-                    match hold_until_handled(&ctx, feed, held, &mut messages, &shutdown).await {
-                        Resumed::Consuming => {}
-                        Resumed::Resubscribing => break,
-                        Resumed::ShuttingDown => return,
+                    // Stop pulling while the database is away: what this
+                    // instance has not taken yet stays with the server for
+                    // other instances (or for this one, later).
+                    drop(messages);
+                    if hold_until_handled(&ctx, feed, held, &shutdown).await {
+                        break;
                     }
+                    return;
                 }
             }
             if broken {
@@ -232,35 +239,21 @@ async fn handle(ctx: &Context, feed: Feed, batch: Vec<Message>) -> Vec<Message> 
     }
 }
 
-/// How consuming goes on after a hold.
-enum Resumed {
-    /// With the same subscription.
-    Consuming,
-    /// With a new subscription (the old one broke while holding).
-    Resubscribing,
-    /// Not at all.
-    ShuttingDown,
-}
-
-/// Keeps messages the channel database could not take while it is
-/// unavailable. Every probe interval (100 ms doubling to 5 s, and at most a
-/// third of the ack wait) it adds what the subscription has delivered since
-/// to what it holds (at most the consumer's ack-pending limit, as the server
-/// delivers no more), tells the server all of it is in progress, pings the
-/// database and, once it answers, handles it again. On shutdown it naks
-/// what it still holds.
+/// Keeps the messages the channel database could not take while it is
+/// unavailable: every probe interval (100 ms doubling to 5 s, and at most a
+/// third of the ack wait) it tells the server they are in progress, pings the
+/// database and, once it answers, handles them again. Returns false on
+/// shutdown, after naking what it still holds.
 async fn hold_until_handled(
     ctx: &Context,
     feed: Feed,
     mut held: Vec<Message>,
-    messages: &mut pull::Stream,
     shutdown: &CancellationToken,
-) -> Resumed {
+) -> bool {
     let started = tokio::time::Instant::now();
     let ceiling =
         Duration::from_secs(5).min(Duration::from_secs(ctx.config.ack_wait_secs.max(1)) / 3);
     let mut delay = Duration::from_millis(100).min(ceiling);
-    let mut broken = false;
     metrics::gauge!("projector_database_unavailable", "feed" => feed_label(feed)).set(1.0);
     tracing::warn!(
         ?feed,
@@ -275,22 +268,11 @@ async fn hold_until_handled(
                         tracing::warn!(error = %e, "nak failed; the message will be redelivered after ack_wait");
                     }
                 }
-                return Resumed::ShuttingDown;
+                return false;
             }
             _ = tokio::time::sleep(delay) => {}
         }
         delay = (delay * 2).min(ceiling);
-        while !broken {
-            match messages.next().now_or_never() {
-                Some(Some(Ok(m))) => held.push(m),
-                Some(Some(Err(e))) => {
-                    tracing::warn!(error = %e, ?feed, "message stream error while holding; re-subscribing after");
-                    broken = true;
-                }
-                Some(None) => broken = true,
-                None => break,
-            }
-        }
         for m in &held {
             if let Err(e) = m.ack_with(AckKind::Progress).await {
                 tracing::debug!(error = %e, "progress ack failed; the message may be redelivered");
@@ -308,11 +290,7 @@ async fn hold_until_handled(
                 paused_ms = started.elapsed().as_millis() as u64,
                 "channel database answers again; consuming resumed"
             );
-            return if broken {
-                Resumed::Resubscribing
-            } else {
-                Resumed::Consuming
-            };
+            return true;
         }
     }
 }

@@ -63,8 +63,9 @@ pub async fn record(db: &DatabaseConnection, events: &[InterestPaidEvent]) -> Re
 
 /// Handles a batch from the `INTEREST` consumer. Returns the messages left
 /// unsettled because the channel database is unavailable (see
-/// [`super::Held`]). If PostgreSQL refuses the data of some event, the batch
-/// is recorded again one event at a time, so only that one is dead-lettered.
+/// [`super::run`], which holds them). If PostgreSQL refuses the data of some
+/// event, the batch is recorded again one event at a time, so only that one
+/// is dead-lettered.
 pub async fn handle(ctx: &Context, batch: Vec<Message>) -> Vec<Message> {
     let mut valid = Vec::with_capacity(batch.len());
     for m in batch {
@@ -84,7 +85,7 @@ pub async fn handle(ctx: &Context, batch: Vec<Message>) -> Vec<Message> {
                 ack(m).await;
             }
         }
-        Err(e) if common::db::is_transient(&e) => {
+        Err(e) if common::db::is_unavailable(&e) => {
             tracing::warn!(error = %e, held = valid.len(), "the channel database is unavailable; holding the tax records");
             return valid.into_iter().map(|(m, _)| m).collect();
         }
@@ -97,7 +98,7 @@ pub async fn handle(ctx: &Context, batch: Vec<Message>) -> Vec<Message> {
                         metrics::counter!("projector_tax_records_total").increment(new);
                         ack(&m).await;
                     }
-                    Err(e) if common::db::is_transient(&e) => {
+                    Err(e) if common::db::is_unavailable(&e) => {
                         return std::iter::once(m).chain(rest.map(|(m, _)| m)).collect();
                     }
                     Err(e) => fail(ctx, &m, Failure::of_database(&e)).await,

@@ -11,7 +11,10 @@ use bank_tests::proxy::{Action, FaultProxy};
 use bank_tests::tcp_proxy::TcpCut;
 use bank_tests::verify::{channel_history, core_ledger, history_mismatches};
 use bank_tests::{CoreApp, NatsServer, ProjectorApp, eventually, unique};
+use common::Won;
+use common::events::{EntryKind, LedgerEntry};
 use serde_json::{Value, json};
+use transfer::history::writer;
 
 struct Rig {
     nats: NatsServer,
@@ -326,6 +329,7 @@ async fn b16_f5_transient_failures_back_off_then_apply_or_dead_letter_and_replay
             max_deliveries: 4,
             retry_base_ms: 200,
             retry_max_ms: 5_000,
+            ..ProjectorOptions::default()
         })
         .await;
     // Other accounts keep flowing meanwhile.
@@ -421,6 +425,7 @@ async fn b16_f5_transient_failures_back_off_then_apply_or_dead_letter_and_replay
             max_deliveries: 6,
             retry_base_ms: 200,
             retry_max_ms: 2_000,
+            ..ProjectorOptions::default()
         })
         .await;
     rig.wait_synced(&account, 4, Duration::from_secs(20)).await;
@@ -806,7 +811,14 @@ async fn pay_interest(rig: &Rig, account: &str, days: i64) -> String {
 #[tokio::test]
 async fn f7_a_channel_database_outage_pauses_the_projector_and_dead_letters_nothing() {
     let rig = Rig::new().await;
-    let cut = TcpCut::start("127.0.0.1:5432").await.unwrap();
+    let pg = reqwest::Url::parse(&rig.channel_db).unwrap();
+    let cut = TcpCut::start(&format!(
+        "{}:{}",
+        pg.host_str().unwrap(),
+        pg.port().unwrap_or(5432)
+    ))
+    .await
+    .unwrap();
     // A delivery budget an outage of a few seconds would spend many times over.
     let p = rig
         .projector_on(
@@ -815,6 +827,8 @@ async fn f7_a_channel_database_outage_pauses_the_projector_and_dead_letters_noth
                 max_deliveries: 2,
                 retry_base_ms: 50,
                 retry_max_ms: 200,
+                // What the paused subscription had been sent comes back soon.
+                ack_wait_secs: 6,
             },
         )
         .await;
@@ -1036,6 +1050,139 @@ async fn b15_an_event_that_is_not_the_cores_never_stays_in_the_history() {
     publish_raw(&rig.nats, &subject, forged(&first, 3, 7, 999_999)).await;
     rig.core.api.deposit(&account, 9).await.expect(200);
     wait_letters(&p, 2).await;
+    history_equals_ledger(&rig, std::slice::from_ref(&account)).await;
+    assert_eq!(rig.synced(&account).await, 3);
+}
+
+fn entry(account: &common::AccountId, seq: i64, amount: i64, balance_after: i64) -> LedgerEntry {
+    LedgerEntry {
+        account_id: account.clone(),
+        seq,
+        kind: EntryKind::Deposit,
+        amount: Won::new(amount.into()).unwrap(),
+        balance_after: Won::new(balance_after.into()).unwrap(),
+        occurred_at: chrono::Utc::now(),
+        business_date: chrono::Utc::now().date_naive(),
+        transfer_id: None,
+        deposit_id: None,
+        payout_id: None,
+        counterparty: None,
+        memo: None,
+    }
+}
+
+#[tokio::test]
+async fn b15_a_writer_that_waited_for_another_checks_the_balance_the_other_left() {
+    use sea_orm::{ConnectionTrait, Database, Statement, TransactionTrait};
+    use sea_orm_migration::MigratorTrait;
+    let url = bank_tests::db::fresh_database("writer").await.unwrap();
+    let db = Database::connect(url.as_str()).await.unwrap();
+    transfer::migration::Migrator::up(&db, None).await.unwrap();
+    let account = common::AccountId::generate();
+    writer::apply(&db, &[entry(&account, 1, 100, 100)])
+        .await
+        .unwrap();
+
+    // Another writer (a second projector, a customer's sync) holds the
+    // account and adds a seq (50 won more) while this writer waits for the
+    // lock with the next seq, which does not (999) or does (210) continue it.
+    for (held_seq, given, continues) in [(2, 999, false), (3, 210, true)] {
+        let other = db.begin().await.unwrap();
+        other
+            .execute_raw(Statement::from_sql_and_values(
+                other.get_database_backend(),
+                "SELECT 1 FROM history_sync WHERE account_id = $1 FOR UPDATE",
+                [account.to_string().into()],
+            ))
+            .await
+            .unwrap();
+        let balance: i64 = 100 + 50 * (held_seq - 1);
+        other
+            .execute_raw(Statement::from_sql_and_values(
+                other.get_database_backend(),
+                "INSERT INTO history_entries (account_id, seq, kind, amount, balance_after, occurred_at, business_date) \
+                 VALUES ($1, $2, 'deposit', 50, $3, now(), current_date)",
+                [account.to_string().into(), held_seq.into(), balance.into()],
+            ))
+            .await
+            .unwrap();
+        other
+            .execute_raw(Statement::from_sql_and_values(
+                other.get_database_backend(),
+                "UPDATE history_sync SET synced_through_seq = $2 WHERE account_id = $1",
+                [account.to_string().into(), held_seq.into()],
+            ))
+            .await
+            .unwrap();
+        let waiting = {
+            let db = db.clone();
+            let e = entry(&account, held_seq + 1, 10, given);
+            tokio::spawn(async move { writer::apply(&db, &[e]).await })
+        };
+        eventually(
+            "the writer waits for the lock",
+            Duration::from_secs(10),
+            || async {
+                let n = bank_tests::db::query_strings(
+                    &url,
+                    "SELECT count(*)::text FROM pg_stat_activity \
+                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+                if n.first().map(String::as_str) == Some("1") {
+                    Ok(())
+                } else {
+                    Err(format!("{n:?} waiting"))
+                }
+            },
+        )
+        .await;
+        other.commit().await.unwrap();
+        let report = waiting.await.unwrap().unwrap();
+        if continues {
+            assert_eq!(report.applied, 1, "{report:?}");
+        } else {
+            assert_eq!(report.applied, 0, "{report:?}");
+            assert!(
+                report.gaps.first().is_some_and(|g| g.discontinuous),
+                "{report:?}"
+            );
+        }
+    }
+    let held = bank_tests::db::query_strings(
+        &url,
+        &format!("SELECT seq::text || ':' || balance_after::text FROM history_entries WHERE account_id = '{account}' ORDER BY seq"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(held, ["1:100", "2:150", "3:200", "4:210"]);
+}
+
+#[tokio::test]
+async fn b15_a_wrong_last_entry_is_repaired_when_the_cores_next_entry_does_not_continue_it() {
+    let rig = Rig::new().await;
+    let mut p = rig.projector(ProjectorOptions::default()).await;
+    let account = rig.core.api.funded_account(100).await;
+    rig.wait_synced(&account, 1, Duration::from_secs(10)).await;
+    p.stop().await.unwrap();
+    let first = rig.wait_published(&account, 1).await.remove(0).1;
+    let subject = format!("bank.ledger.{account}");
+    // The core's seq 2 is lost from the stream; a forged seq 2 that
+    // continues the balances takes its place; then the core's seq 3.
+    rig.core.api.deposit(&account, 5).await.expect(200);
+    let msgs = rig.wait_published(&account, 2).await;
+    let js = rig.nats.jetstream().await.unwrap();
+    js.get_stream("LEDGER")
+        .await
+        .unwrap()
+        .delete_message(msgs[1].0)
+        .await
+        .unwrap();
+    publish_raw(&rig.nats, &subject, forged(&first, 2, 1_000, 1_100)).await;
+    rig.core.api.deposit(&account, 9).await.expect(200);
+    rig.wait_published(&account, 2).await;
+    let _p = rig.projector(ProjectorOptions::default()).await;
     history_equals_ledger(&rig, std::slice::from_ref(&account)).await;
     assert_eq!(rig.synced(&account).await, 3);
 }

@@ -41,6 +41,7 @@ pub async fn sync_account(
 ) -> Result<SyncReport, SyncError> {
     let mut applied = 0;
     let mut synced = writer::synced_through(db, account).await?;
+    let mut repaired = false;
     for _ in 0..MAX_PAGES {
         let page = core.entries(account, synced, PAGE).await?;
         if page.entries.is_empty() {
@@ -48,17 +49,20 @@ pub async fn sync_account(
         }
         let report = writer::apply(db, &page.entries).await?;
         applied += report.applied;
-        if !report.conflicts.is_empty() {
-            // The core's own entries differ from what the history holds: the
-            // projector repairs this when it meets it; say so loudly here.
-            metrics::counter!("history_conflicts_total").increment(report.conflicts.len() as u64);
-            tracing::error!(account = %account, first_seq = report.conflicts[0].seq, count = report.conflicts.len(), "the history holds entries that differ from the core's");
-        }
         let now = report
             .synced
             .get(account.as_str())
             .copied()
             .unwrap_or(synced);
+        if now <= synced && synced > 0 && !repaired {
+            // The core's next entry does not continue the history: the last
+            // entry held may not be the core's.
+            repaired = true;
+            if repair_unless_the_cores(db, core, account, synced).await? {
+                synced = writer::synced_through(db, account).await?;
+                continue;
+            }
+        }
         if now <= synced || now >= page.last_seq {
             synced = now;
             break;
@@ -70,4 +74,32 @@ pub async fn sync_account(
         synced_through_seq: synced,
         applied,
     })
+}
+
+/// Checks the history's entry at `seq` against the core's. If the core has
+/// another entry at that seq, or none, the history held an entry that is not
+/// the core's (a forged or damaged event that continued the balances): the
+/// history is cut back to before `seq`, and the caller fetches the core's
+/// entries again. Returns whether it cut.
+pub async fn repair_unless_the_cores(
+    db: &DatabaseConnection,
+    core: &CoreClient,
+    account: &AccountId,
+    seq: i64,
+) -> Result<bool, SyncError> {
+    let page = core.entries(account, seq - 1, 1).await?;
+    if let Some(entry) = page.entries.iter().find(|e| e.seq == seq) {
+        // Given again, the core's entry is a duplicate checked against the
+        // one held (or applied, if the history no longer holds that seq).
+        let report = writer::apply(db, std::slice::from_ref(entry)).await?;
+        if report.conflicts.is_empty() {
+            return Ok(false);
+        }
+    } else if writer::synced_through(db, account).await? < seq {
+        return Ok(false);
+    }
+    writer::truncate_from(db, account, seq).await?;
+    metrics::counter!("history_repairs_total").increment(1);
+    tracing::error!(account = %account, seq, "the history held an entry that is not the core's; cut back to before it, to be fetched from the core again");
+    Ok(true)
 }

@@ -15,9 +15,11 @@
 //! - `seq > synced + 1`: a gap; nothing is written past it (B15), and the
 //!   caller is told which seqs are missing so it can fetch them.
 //!
-//! So an event that is not the core's (a corrupt or forged message on the
-//! broker) cannot enter the history: it either does not continue the
-//! balances, or it loses to the core's entry and then conflicts with it.
+//! An event that is not the core's (a corrupt or forged message on the
+//! broker) is refused when it does not continue the balances. One that does
+//! continue them is written, and shows until the core's entry for that seq
+//! arrives and conflicts with it; the projector then asks the core and
+//! repairs the history (see `projector::consume::ledger`).
 //!
 //! Any number of writers (projector instances, sync requests) may apply
 //! concurrently: the row locks serialize them per account, taken in account
@@ -84,22 +86,31 @@ pub async fn apply(db: &DatabaseConnection, entries: &[LedgerEntry]) -> Result<A
     let backend = db.get_database_backend();
     let txn = db.begin().await?;
     // One statement creates missing sync rows and locks every row (in account
-    // order, like the ledger): `DO UPDATE` takes the row lock and returns the
-    // current value, as `SELECT ... FOR UPDATE` would.
+    // order, like the ledger): `DO UPDATE` takes the row lock, as
+    // `SELECT ... FOR UPDATE` would.
+    txn.execute_raw(Statement::from_sql_and_values(
+        backend,
+        "INSERT INTO history_sync (account_id) SELECT unnest($1::text[]) ORDER BY 1 \
+         ON CONFLICT (account_id) DO UPDATE SET account_id = EXCLUDED.account_id",
+        [accounts.clone().into()],
+    ))
+    .await?;
+    // Then, in a statement of its own (so it sees what another writer
+    // committed while this one waited for the locks), where each history
+    // stands and the balance after its last entry.
     let rows = txn
         .query_all_raw(Statement::from_sql_and_values(
             backend,
-            "INSERT INTO history_sync (account_id) SELECT unnest($1::text[]) ORDER BY 1 \
-             ON CONFLICT (account_id) DO UPDATE SET account_id = EXCLUDED.account_id \
-             RETURNING account_id, synced_through_seq, \
-               (SELECT h.balance_after FROM history_entries h \
-                 WHERE h.account_id = history_sync.account_id \
-                   AND h.seq = history_sync.synced_through_seq) AS balance",
+            "SELECT s.account_id, s.synced_through_seq, h.balance_after AS balance \
+             FROM history_sync s \
+             LEFT JOIN history_entries h ON h.account_id = s.account_id AND h.seq = s.synced_through_seq \
+             WHERE s.account_id = ANY($1::text[])",
             [accounts.into()],
         ))
         .await?;
     let mut synced: BTreeMap<String, i64> = BTreeMap::new();
-    // The balance after the last entry held, where it is known.
+    // The balance after the last entry held. Missing only if the history
+    // lost that entry: then no entry can be shown to continue it.
     let mut balance: BTreeMap<String, rust_decimal::Decimal> = BTreeMap::new();
     for r in rows {
         let account: String = r.try_get("", "account_id")?;
@@ -130,7 +141,11 @@ pub async fn apply(db: &DatabaseConnection, entries: &[LedgerEntry]) -> Result<A
         let mut next = held_through + 1;
         let mut before = balance.get(account).copied();
         let mut last_applied: Option<&LedgerEntry> = None;
-        for e in list {
+        // Entries at `next` that do not continue the balances (another entry
+        // at the same seq may).
+        let mut refused: Vec<&LedgerEntry> = Vec::new();
+        let mut beyond: Option<i64> = None;
+        for e in list.iter().copied() {
             if e.seq < next {
                 report.duplicates += 1;
                 if e.seq <= held_through {
@@ -139,26 +154,37 @@ pub async fn apply(db: &DatabaseConnection, entries: &[LedgerEntry]) -> Result<A
                 } else if last_applied.is_some_and(|a| a.seq == e.seq && !same_values(a, e)) {
                     // Another entry at a seq applied just now (sorted: it is
                     // the last one applied).
-                    report.conflicts.push((*e).clone());
+                    report.conflicts.push(e.clone());
                 }
                 continue;
             }
-            let continues = before.is_none_or(|b| b + e.amount.value() == e.balance_after.value());
-            if e.seq == next && continues {
+            if e.seq > next {
+                beyond = Some(e.seq);
+                break;
+            }
+            if before.is_some_and(|b| b + e.amount.value() == e.balance_after.value()) {
+                report.conflicts.extend(refused.drain(..).cloned());
                 cols.push(e);
                 last_applied = Some(e);
                 before = Some(e.balance_after.value());
                 next += 1;
                 report.applied += 1;
             } else {
-                report.gaps.push(Gap {
-                    account_id: e.account_id.clone(),
-                    synced_through_seq: next - 1,
-                    first_blocked_seq: e.seq,
-                    discontinuous: e.seq == next,
-                });
-                break;
+                refused.push(e);
             }
+        }
+        if !refused.is_empty() || beyond.is_some() {
+            report.gaps.push(Gap {
+                account_id: AccountId::parse(account.as_str())
+                    .map_err(|e| DbErr::Custom(format!("account id {account}: {e}")))?,
+                synced_through_seq: next - 1,
+                first_blocked_seq: if refused.is_empty() {
+                    beyond.unwrap_or(next)
+                } else {
+                    next
+                },
+                discontinuous: !refused.is_empty(),
+            });
         }
         report.synced.insert(account.clone(), next - 1);
     }
@@ -182,18 +208,22 @@ pub async fn apply(db: &DatabaseConnection, entries: &[LedgerEntry]) -> Result<A
     Ok(report)
 }
 
-/// Whether two entries at one seq say the same: kind, amount, balance and
-/// the transfer, deposit or payout. (Times, counterparty and memo are not
-/// compared: they describe the entry, they do not move money.)
+/// Whether two entries at one seq say the same, as the history stores them:
+/// every field, times to the microsecond, an empty text as none.
 pub fn same_values(a: &LedgerEntry, b: &LedgerEntry) -> bool {
+    let text = |t: &Option<String>| t.clone().unwrap_or_default();
     a.account_id == b.account_id
         && a.seq == b.seq
         && a.kind == b.kind
         && a.amount == b.amount
         && a.balance_after == b.balance_after
+        && a.occurred_at.timestamp_micros() == b.occurred_at.timestamp_micros()
+        && a.business_date == b.business_date
         && a.transfer_id == b.transfer_id
         && a.deposit_id == b.deposit_id
         && a.payout_id == b.payout_id
+        && text(&a.counterparty) == text(&b.counterparty)
+        && text(&a.memo) == text(&b.memo)
 }
 
 #[derive(Default)]
@@ -252,12 +282,14 @@ impl Columns {
                 txn.get_database_backend(),
                 r#"
 SELECT x.i
-FROM unnest($1::text[], $2::bigint[], $3::text[], $4::numeric[], $5::numeric[],
-            $6::text[], $7::text[], $8::text[]) WITH ORDINALITY AS x(a, s, k, am, b, t, dp, p, i)
+FROM unnest($1::text[], $2::bigint[], $3::text[], $4::numeric[], $5::numeric[], $6::timestamptz[],
+            $7::date[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[])
+       WITH ORDINALITY AS x(a, s, k, am, b, o, d, t, dp, p, c, m, i)
 JOIN history_entries h ON h.account_id = x.a AND h.seq = x.s
-WHERE (h.kind, h.amount, h.balance_after,
-       COALESCE(h.transfer_id, ''), COALESCE(h.deposit_id, ''), COALESCE(h.payout_id, ''))
-      IS DISTINCT FROM (x.k, x.am, x.b, x.t, x.dp, x.p)
+WHERE (h.kind, h.amount, h.balance_after, h.occurred_at, h.business_date,
+       COALESCE(h.transfer_id, ''), COALESCE(h.deposit_id, ''), COALESCE(h.payout_id, ''),
+       COALESCE(h.counterparty, ''), COALESCE(h.memo, ''))
+      IS DISTINCT FROM (x.k, x.am, x.b, x.o, x.d, x.t, x.dp, x.p, x.c, x.m)
 "#,
                 [
                     self.account.into(),
@@ -265,9 +297,13 @@ WHERE (h.kind, h.amount, h.balance_after,
                     self.kind.into(),
                     self.amount.into(),
                     self.balance.into(),
+                    self.occurred.into(),
+                    self.date.into(),
                     self.transfer.into(),
                     self.deposit.into(),
                     self.payout.into(),
+                    self.counterparty.into(),
+                    self.memo.into(),
                 ],
             ))
             .await?;
