@@ -31,6 +31,11 @@ pub enum Action {
     Hold,
     /// Answer this status without forwarding.
     Fail(u16),
+    /// Answer this status at once, and forward the request anyway at the
+    /// next [`FaultProxy::release_held`] (nobody hears the core's answer): a
+    /// gateway that answered an error while a retried or mirrored copy of the
+    /// request still went on.
+    FailAndHold(u16),
 }
 
 /// A rule: requests whose method and path match get the action, for the next
@@ -243,7 +248,28 @@ async fn forward_detached(
                 .unwrap_or(StatusCode::BAD_GATEWAY)
                 .into_response();
         }
+        Action::FailAndHold(code) => {
+            tokio::spawn(async move {
+                let mut releases = s.shared.releases.subscribe();
+                let _ = releases.wait_for(|n| *n >= released_by).await;
+                let _ = send_upstream(&s, method, path, headers, body, None).await;
+            });
+            return StatusCode::from_u16(code)
+                .unwrap_or(StatusCode::BAD_GATEWAY)
+                .into_response();
+        }
     }
+    send_upstream(&s, method, path, headers, body, answer_delay).await
+}
+
+async fn send_upstream(
+    s: &ProxyState,
+    method: Method,
+    path: String,
+    headers: HeaderMap,
+    body: Bytes,
+    answer_delay: Option<Duration>,
+) -> Response {
     if let Ok(mut f) = s.shared.forwarded.lock() {
         f.push((method.clone(), path.clone()));
     }

@@ -320,15 +320,73 @@ async fn f3_a_gateway_status_between_channel_and_core_is_not_taken_as_a_refusal(
         assert_ne!(done["reason"], "core_rejected", "{gateway_status}: {done}");
     }
     assert_eq!(stack.core.api.balance(&from).await, 10_000);
-    // A status the core itself gives for a malformed request stays final.
-    stack.proxy.add(
-        Some(Method::POST),
-        "/v1/transfers",
-        Action::Fail(400),
-        Some(1),
-    );
-    let r = send(&api, &from, &to, 1000).await;
-    assert_eq!(r.code(), Some("core_rejected"), "{}", r.body);
+    // A status the core also gives (400 for a malformed request), or a 422
+    // that is not one of the core's refusals, is final only once the
+    // transfer is fenced: here a gateway answered it, and a copy of the
+    // request still reaches the core afterwards (a retry or a mirror).
+    for (gateway_status, name) in [(400, "400"), (422, "422 without a core refusal")] {
+        stack.proxy.add(
+            Some(Method::POST),
+            "/v1/transfers",
+            Action::FailAndHold(gateway_status),
+            Some(1),
+        );
+        let r = send(&api, &from, &to, 1000).await;
+        assert_eq!(
+            (r.status, r.code()),
+            (422, Some("never_received")),
+            "{name}: {}",
+            r.body
+        );
+        let id = r.body["error"]["transfer_id"]
+            .as_str()
+            .map(str::to_owned)
+            .unwrap_or_else(|| panic!("{name}: no transfer_id in {}", r.body));
+        // The copy arrives within the TTL, and is refused by the fence.
+        let copies = || {
+            stack
+                .proxy
+                .answered()
+                .into_iter()
+                .filter(|(m, p, _)| m == Method::POST && p == "/v1/transfers")
+                .map(|(_, _, status)| status)
+                .collect::<Vec<u16>>()
+        };
+        let before = copies().len();
+        stack.proxy.release_held();
+        let answers = eventually(
+            "the late copy answered by the core",
+            Duration::from_secs(10),
+            || async {
+                let answers = copies();
+                if answers.len() > before {
+                    Ok(answers)
+                } else {
+                    Err(format!("{answers:?}"))
+                }
+            },
+        )
+        .await;
+        assert_eq!(answers.last(), Some(&422), "{name}: the copy was refused");
+        let core_view = stack
+            .core
+            .api
+            .get(&format!("/v1/transfers/{id}"))
+            .await
+            .expect(200);
+        assert_eq!(
+            core_view.str("status"),
+            "failed",
+            "{name}: {}",
+            core_view.body
+        );
+        assert_eq!(
+            stack.core.api.balance(&from).await,
+            10_000,
+            "{name}: money moved"
+        );
+        stack.proxy.clear();
+    }
 }
 
 #[tokio::test]

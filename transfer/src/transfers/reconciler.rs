@@ -49,7 +49,8 @@ pub enum SettleError {
     Db(#[from] DbErr),
 }
 
-fn resolution(t: &CoreTransfer) -> Resolution {
+/// The outcome the core's record of a transfer says.
+pub(super) fn resolution(t: &CoreTransfer) -> Resolution {
     if t.status == "succeeded" {
         Resolution::Succeeded {
             from_seq: t.from_seq,

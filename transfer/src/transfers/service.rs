@@ -151,37 +151,49 @@ impl TransferService {
                 self.core_timeout,
             )
             .await;
+        // Whether the answer may not be the core's (a gateway's status, or a
+        // refusal in a shape the core does not give): then the transfer is
+        // fenced at once, so that a copy of the request still on its way can
+        // never execute after the customer was told it failed (B12).
+        let mut fence_now = false;
         let resolution = match answer {
-            Ok(t) if t.status == "succeeded" => Some(Resolution::Succeeded {
-                from_seq: t.from_seq,
-                to_seq: t.to_seq,
-            }),
-            Ok(t) => Some(Resolution::Failed {
-                reason: t.reason.unwrap_or_else(|| "refused".into()),
-            }),
+            Ok(t) => Some(super::reconciler::resolution(&t)),
             Err(CoreError::Refused {
                 status: 422, code, ..
-            }) => Some(Resolution::Failed { reason: code }),
+            }) if CORE_REFUSALS.contains(&code.as_str()) => {
+                Some(Resolution::Failed { reason: code })
+            }
             Err(CoreError::Refused {
                 status,
                 code,
                 message,
                 ..
-            }) if CORE_REJECTIONS.contains(&status) => {
-                // The core rejected the request itself (bad input or credentials):
-                // it did not and will not execute. Other statuses (408, 409,
-                // 429, ...) may come from something between the two services
-                // after the request went on, so they leave the transfer
-                // pending for the resolver to ask the core.
-                tracing::error!(transfer_id = %req.transfer_id, status, %code, %message, "the core rejected a transfer request");
-                Some(Resolution::Failed {
-                    reason: "core_rejected".into(),
-                })
+            }) if status == 422 || CORE_REJECTIONS.contains(&status) => {
+                // Bad input or credentials, as the core rejects them, but
+                // also what a gateway between the two services may answer
+                // while the request (or a retried copy) goes on. Other
+                // statuses (408, 409, 429, ...) leave the transfer pending
+                // for the resolver to ask the core.
+                tracing::error!(transfer_id = %req.transfer_id, status, %code, %message, "a transfer request was rejected on the way to the core; fencing it");
+                fence_now = true;
+                None
             }
             Err(e) => {
                 tracing::warn!(transfer_id = %req.transfer_id, error = %e, "no answer from the core; the transfer stays pending");
                 None
             }
+        };
+        let resolution = match (resolution, fence_now) {
+            (None, true) => match self.core.fence(&req.transfer_id).await {
+                // The fence answers with the core's own record: executed
+                // (it had arrived) or fenced (it never will).
+                Ok(answer) => Some(super::reconciler::resolution(&answer)),
+                Err(e) => {
+                    tracing::warn!(transfer_id = %req.transfer_id, error = %e, "fencing failed; the transfer stays pending");
+                    None
+                }
+            },
+            (r, _) => r,
         };
         let result = match resolution {
             Some(r) => match self.record(&req, &r).await {
@@ -244,7 +256,22 @@ impl TransferService {
 
 /// Statuses by which the core rejects a transfer request it will never
 /// execute (malformed, unauthorized, unknown route, too large, wrong type).
+/// Something between the services may answer them too, so they are final
+/// only once the transfer is fenced.
 const CORE_REJECTIONS: [u16; 7] = [400, 401, 403, 404, 405, 413, 415];
+
+/// The core's refusals of a transfer (API.md), each recorded there as final.
+const CORE_REFUSALS: [&str; 9] = [
+    "insufficient_funds",
+    "account_not_found",
+    "account_not_active",
+    "withdrawal_stopped",
+    "deposit_stopped",
+    "same_account",
+    "request_expired",
+    "transfer_fenced",
+    "balance_limit_exceeded",
+];
 
 /// An idempotency-key replay: the same request gets the stored transfer.
 fn same_request(
