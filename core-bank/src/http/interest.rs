@@ -35,6 +35,9 @@ impl From<PayoutError> for ApiError {
             PayoutError::AccountNotActive => ApiError::unprocessable("account_not_active", msg),
             PayoutError::DepositStopped => ApiError::unprocessable("deposit_stopped", msg),
             PayoutError::NothingToPay => ApiError::unprocessable("nothing_to_pay", msg),
+            PayoutError::BalanceLimitExceeded => {
+                ApiError::unprocessable("balance_limit_exceeded", msg)
+            }
             PayoutError::AlreadyPaidToday | PayoutError::PaidMeanwhile => {
                 ApiError::conflict("already_paid_today", msg)
             }
@@ -68,7 +71,7 @@ pub(super) struct PayoutBody {
     params(("id" = String, Path, description = "account id")),
     responses((status = 200, body = Payout), (status = 404, body = ErrorBody),
         (status = 409, description = "already_paid_today, idempotency_conflict", body = ErrorBody),
-        (status = 422, description = "customer_protected, account_not_active, deposit_stopped, nothing_to_pay", body = ErrorBody)))]
+        (status = 422, description = "customer_protected, account_not_active, deposit_stopped, nothing_to_pay, balance_limit_exceeded", body = ErrorBody)))]
 pub(super) async fn payout(
     State(s): State<AppState>,
     Path(id): Path<String>,

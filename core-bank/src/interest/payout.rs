@@ -72,6 +72,9 @@ pub enum PayoutError {
     /// No completed day, or less than one won accrued.
     #[error("no interest has accrued since the last payout")]
     NothingToPay,
+    /// The payout would take the balance above the supported maximum.
+    #[error("the payout would take the balance above 10^18 won")]
+    BalanceLimitExceeded,
     /// Another payout of the account committed while this one waited for
     /// its lock; the payout is run again, so callers see this only if it
     /// keeps happening.
@@ -280,6 +283,11 @@ async fn try_pay(
     let balance: Decimal = row.try_get("", "balance")?;
     let last_seq: i64 = row.try_get("", "last_seq")?;
     let seq = last_seq + 1;
+    // The bound every balance keeps (as transfers and deposits check it):
+    // an event above it could not be read by the consumers.
+    if balance + accrual.net.value() > Decimal::from(common::MAX_BALANCE_WON) {
+        return Err(PayoutError::BalanceLimitExceeded);
+    }
     let new_balance =
         Won::new(balance + accrual.net.value()).map_err(|e| DbErr::Custom(e.to_string()))?;
 

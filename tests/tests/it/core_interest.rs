@@ -380,6 +380,38 @@ async fn b24_payout_refusals() {
 }
 
 #[tokio::test]
+async fn b24_a_payout_that_would_take_the_balance_past_the_limit_is_refused() {
+    let (_nats, core) = core().await;
+    let api = &core.api;
+    let account = api.funded_account(0).await;
+    // 10^18 won, the largest balance: a thousand of the largest movement.
+    let max_won = u64::try_from(common::MAX_WON).unwrap();
+    for _ in 0..20 {
+        let deposits = (0..50).map(|_| api.deposit(&account, max_won));
+        for r in join_all(deposits).await {
+            r.expect(200);
+        }
+    }
+    assert_eq!(
+        api.balance(&account).await,
+        i128::from(common::MAX_BALANCE_WON)
+    );
+    advance(api, 3).await;
+    let r = payout(api, &account, &unique("pay_")).await;
+    assert_eq!(
+        (r.status, r.code()),
+        (422, Some("balance_limit_exceeded")),
+        "{}",
+        r.body
+    );
+    assert_eq!(
+        api.balance(&account).await,
+        i128::from(common::MAX_BALANCE_WON),
+        "nothing paid"
+    );
+}
+
+#[tokio::test]
 async fn b25_cache_hit_invalidation_on_payout_and_midnight_key_change() {
     let (_nats, core) = core().await;
     let api = &core.api;
