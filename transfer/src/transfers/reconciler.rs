@@ -175,6 +175,16 @@ impl Resolver {
     }
 }
 
+fn error_chain(e: &SettleError) -> String {
+    let mut chain = Vec::new();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        chain.push(s.to_string());
+        source = s.source();
+    }
+    chain.join(": ")
+}
+
 /// The periodic reconciler: at start-up, then every `interval`.
 pub async fn run(
     db: DatabaseConnection,
@@ -214,27 +224,42 @@ pub async fn pass(
     let cutoff = Utc::now() - chrono::Duration::seconds(1);
     let mut after: Option<TransferRequest> = None;
     let mut resolved = 0;
+    let mut failed = 0u64;
+    let mut last_error: Option<String> = None;
     for _ in 0..PASS_MAX_PAGES {
         let page = pending_before(db, cutoff, after.as_ref(), PASS_PAGE).await?;
         let full = page.len() as u64 == PASS_PAGE;
         after = page.last().cloned();
-        resolved += futures::stream::iter(page)
+        let outcomes: Vec<Result<bool, String>> = futures::stream::iter(page)
             .map(|p| async move {
-                match settle(db, outbox, core, &p, fence_after).await {
-                    Ok(r) => r.is_some(),
-                    Err(e) => {
-                        tracing::debug!(transfer_id = %p.transfer_id, error = %e, "reconciling");
-                        false
-                    }
-                }
+                settle(db, outbox, core, &p, fence_after)
+                    .await
+                    .map(|r| r.is_some())
+                    .map_err(|e| format!("{}: {e}: {}", p.transfer_id, error_chain(&e)))
             })
             .buffer_unordered(PASS_CONCURRENCY)
-            .filter(|r| futures::future::ready(*r))
-            .count()
+            .collect()
             .await;
+        for o in outcomes {
+            match o {
+                Ok(true) => resolved += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    failed += 1;
+                    last_error = Some(e);
+                }
+            }
+        }
         if !full {
             break;
         }
+    }
+    if failed > 0 {
+        // Counted with the failed passes: either way pending transfers are
+        // not being settled (usually the core is unreachable or refuses the
+        // channel's credential). One line per pass, not per transfer.
+        metrics::counter!("reconciler_errors_total").increment(failed);
+        tracing::warn!(failed, last_error = last_error.as_deref().unwrap_or(""), "the reconciler could not settle pending transfers");
     }
     Ok(resolved)
 }
