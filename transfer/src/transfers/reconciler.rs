@@ -259,7 +259,11 @@ pub async fn pass(
         // not being settled (usually the core is unreachable or refuses the
         // channel's credential). One line per pass, not per transfer.
         metrics::counter!("reconciler_errors_total").increment(failed);
-        tracing::warn!(failed, last_error = last_error.as_deref().unwrap_or(""), "the reconciler could not settle pending transfers");
+        tracing::warn!(
+            failed,
+            last_error = last_error.as_deref().unwrap_or(""),
+            "the reconciler could not settle pending transfers"
+        );
     }
     Ok(resolved)
 }
