@@ -38,6 +38,8 @@ pub struct CoreOptions {
     pub lock_timeout_ms: u64,
     /// Use this database instead of a fresh one.
     pub database_url: Option<String>,
+    /// `DATABASE_MAX_CONNECTIONS`.
+    pub db_max_connections: u32,
 }
 
 impl Default for CoreOptions {
@@ -48,6 +50,7 @@ impl Default for CoreOptions {
             redis_url: crate::redis_url(),
             lock_timeout_ms: 2_000,
             database_url: None,
+            db_max_connections: 6,
         }
     }
 }
@@ -73,7 +76,7 @@ impl CoreApp {
         config.api_token = common::config::Secret::new(CORE_TOKEN);
         config.request_ttl_secs = opts.request_ttl_secs;
         config.test_clock = opts.test_clock;
-        config.pool.db_max_connections = 6;
+        config.pool.db_max_connections = opts.db_max_connections;
         config.pool.db_lock_timeout_ms = opts.lock_timeout_ms;
         config.relay.outbox_poll_interval_ms = 100;
         Self::start(config).await

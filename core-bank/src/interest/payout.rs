@@ -276,12 +276,40 @@ async fn try_pay(
         opened_on: row.try_get("", "opened_on")?,
         paid_through: row.try_get("", "interest_paid_through")?,
     };
-    let accrual = interest.compute_for_bucket(&txn, &terms, today).await?;
+    let (accrual, mismatch) = interest.compute_for_bucket(&txn, &terms, today).await?;
+    let balance: Decimal = row.try_get("", "balance")?;
+    let last_seq: i64 = row.try_get("", "last_seq")?;
+    let outcome = write(
+        txn, account, payout_id, accrual, balance, last_seq, today, now,
+    )
+    .await;
+    // Reported once the transaction has ended (committed or rolled back), on
+    // a connection of its own: holding this one while waiting for another
+    // could exhaust the pool under concurrent payouts, and a refused payout
+    // must still publish its mismatch.
+    if let Some(m) = mismatch {
+        interest.report_mismatch(m).await;
+    }
+    outcome
+}
+
+/// The rest of a payout, in its transaction: the checks on the figure, the
+/// entry, the payout record and the two events.
+#[allow(clippy::too_many_arguments)]
+async fn write(
+    txn: sea_orm::DatabaseTransaction,
+    account: &AccountId,
+    payout_id: &PayoutId,
+    accrual: crate::interest::Accrual,
+    balance: Decimal,
+    last_seq: i64,
+    today: chrono::NaiveDate,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<Payout, PayoutError> {
+    let backend = txn.get_database_backend();
     if accrual.days <= 0 || accrual.gross.value() <= Decimal::ZERO {
         return Err(PayoutError::NothingToPay);
     }
-    let balance: Decimal = row.try_get("", "balance")?;
-    let last_seq: i64 = row.try_get("", "last_seq")?;
     let seq = last_seq + 1;
     // The bound every balance keeps (as transfers and deposits check it):
     // an event above it could not be read by the consumers.

@@ -55,6 +55,17 @@ pub struct InterestService {
     outbox: RelayWaker,
 }
 
+/// The two paths' figures for one account, when they disagree in shadow mode.
+#[derive(Debug, Clone)]
+pub struct ShadowMismatch {
+    /// The legacy path's figure.
+    pub legacy: Accrual,
+    /// The new path's figure.
+    pub new: Accrual,
+    /// The business date of the calculation.
+    pub as_of: NaiveDate,
+}
+
 impl InterestService {
     /// A service over the core database.
     pub fn new(
@@ -132,15 +143,18 @@ impl InterestService {
     }
 
     /// The figure of the account's rollout bucket. In shadow mode both paths
-    /// run and a disagreement is reported (logged, counted, published).
+    /// run, and a disagreement is returned with it, for the caller to
+    /// [`report_mismatch`](Self::report_mismatch) once it no longer holds
+    /// `conn` (a transaction's connection).
     pub async fn compute_for_bucket<C: ConnectionTrait>(
         &self,
         conn: &C,
         terms: &AccountTerms,
         today: NaiveDate,
-    ) -> Result<Accrual, DbErr> {
+    ) -> Result<(Accrual, Option<ShadowMismatch>), DbErr> {
         let path = self.rollout.path_for(&terms.account_id);
         let chosen = self.compute(conn, terms, today, path).await?;
+        let mut mismatch = None;
         if self.rollout.get().shadow {
             let other_path = match path {
                 Path::Legacy => Path::New,
@@ -152,13 +166,25 @@ impl InterestService {
                     Path::Legacy => (chosen.clone(), other),
                     Path::New => (other, chosen.clone()),
                 };
-                self.report_mismatch(&legacy, &new, today).await;
+                mismatch = Some(ShadowMismatch {
+                    legacy,
+                    new,
+                    as_of: today,
+                });
             }
         }
-        Ok(chosen)
+        Ok((chosen, mismatch))
     }
 
-    async fn report_mismatch(&self, legacy: &Accrual, new: &Accrual, today: NaiveDate) {
+    /// Reports a shadow disagreement: logged, counted, and published on
+    /// `ALERTS` through the outbox.
+    pub async fn report_mismatch(&self, m: ShadowMismatch) {
+        let ShadowMismatch {
+            legacy,
+            new,
+            as_of: today,
+        } = m;
+        let (legacy, new) = (&legacy, &new);
         metrics::counter!("interest_shadow_mismatches_total").increment(1);
         tracing::warn!(
             account = %legacy.account_id,
@@ -211,7 +237,10 @@ impl InterestService {
         let terms = Self::terms(&self.db, account)
             .await?
             .ok_or(InterestError::AccountNotFound)?;
-        let accrual = self.compute_for_bucket(&self.db, &terms, today).await?;
+        let (accrual, mismatch) = self.compute_for_bucket(&self.db, &terms, today).await?;
+        if let Some(m) = mismatch {
+            self.report_mismatch(m).await;
+        }
         if let Some(generation) = generation {
             self.cache
                 .put(
@@ -244,7 +273,12 @@ impl InterestService {
                 let legacy = self.compute(&self.db, &terms, today, Path::Legacy).await?;
                 let new = self.compute(&self.db, &terms, today, Path::New).await?;
                 if !legacy.same_figures(&new) {
-                    self.report_mismatch(&legacy, &new, today).await;
+                    self.report_mismatch(ShadowMismatch {
+                        legacy: legacy.clone(),
+                        new: new.clone(),
+                        as_of: today,
+                    })
+                    .await;
                     report.mismatches.push(Mismatch {
                         account_id: id,
                         legacy,

@@ -675,6 +675,58 @@ async fn b26_rollout_buckets_are_stable_and_change_at_run_time_on_every_replica(
 }
 
 #[tokio::test]
+async fn b27_concurrent_payouts_in_shadow_mode_publish_every_mismatch_without_starving_the_pool() {
+    let nats = NatsServer::start().await.unwrap();
+    // A small pool, fewer connections than concurrent payouts.
+    let core = CoreApp::spawn_with(
+        &nats,
+        CoreOptions {
+            db_max_connections: 3,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let api = &core.api;
+    let mut accounts = Vec::new();
+    for _ in 0..6 {
+        let a = api.funded_account(60_000_000).await;
+        core_bank::interest::test_hooks::skew_new_path(
+            &common::AccountId::parse(a.as_str()).unwrap(),
+            dec!(1),
+        );
+        accounts.push(a);
+    }
+    advance(api, 3).await;
+    set_rollout(api, 0, true).await;
+    let ids: Vec<String> = accounts.iter().map(|_| unique("pay_")).collect();
+    let payouts = accounts.iter().zip(&ids).map(|(a, id)| payout(api, a, id));
+    for r in join_all(payouts).await {
+        r.expect(200);
+    }
+    let js = nats.jetstream().await.unwrap();
+    // Each payout reports its mismatch after its transaction, on a
+    // connection of its own; reporting while holding the transaction's
+    // waited for a connection none of the payouts would give back, until the
+    // pool's acquire timeout, and the alerts were lost.
+    eventually(
+        "a mismatch alert per payout",
+        Duration::from_secs(15),
+        || async {
+            let m = stream_messages(&js, "ALERTS")
+                .await
+                .map_err(|e| e.to_string())?;
+            if m.len() == accounts.len() {
+                Ok(())
+            } else {
+                Err(format!("{} alerts", m.len()))
+            }
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn b27_injected_mismatch_is_logged_counted_and_published() {
     let (nats, core) = core().await;
     let api = &core.api;
