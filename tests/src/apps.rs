@@ -287,6 +287,9 @@ pub struct StackOptions {
     pub with_projector: bool,
     /// Projector options.
     pub projector: ProjectorOptions,
+    /// The core's `REQUEST_TTL_SECS`, when it is not to be the channel's
+    /// (a misconfiguration the fence must still cover).
+    pub core_request_ttl_secs: Option<u64>,
 }
 
 impl Stack {
@@ -294,7 +297,9 @@ impl Stack {
     pub async fn start(opts: StackOptions) -> anyhow::Result<Self> {
         let nats = NatsServer::start().await?;
         let mut core_opts = opts.core.clone();
-        core_opts.request_ttl_secs = opts.transfer.request_ttl_secs;
+        core_opts.request_ttl_secs = opts
+            .core_request_ttl_secs
+            .unwrap_or(opts.transfer.request_ttl_secs);
         let core = CoreApp::spawn_with(&nats, core_opts).await?;
         let proxy = crate::proxy::FaultProxy::start(&core.api.base).await?;
         let transfer = TransferApp::spawn(&nats, &proxy.url(), opts.transfer.clone()).await?;

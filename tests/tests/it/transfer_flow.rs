@@ -936,7 +936,21 @@ async fn f3_lost_request_fails_after_the_ttl_and_the_account_is_usable_again() {
 
 #[tokio::test]
 async fn f4_request_arriving_after_the_channel_declared_failure_never_moves_money() {
-    let stack = Stack::start(fast(2, 300)).await.unwrap();
+    // The core's TTL as the channel's (the request is also past it when it
+    // arrives), and the core's TTL much longer (a misconfiguration): the
+    // fence alone must refuse it then.
+    for core_ttl in [None, Some(600)] {
+        late_request_never_moves_money(core_ttl).await;
+    }
+}
+
+async fn late_request_never_moves_money(core_ttl: Option<u64>) {
+    let stack = Stack::start(StackOptions {
+        core_request_ttl_secs: core_ttl,
+        ..fast(2, 300)
+    })
+    .await
+    .unwrap();
     let (_, from, api) = stack.customer_with_account(10_000).await;
     let to = stack.core.api.funded_account(0).await;
     stack
@@ -980,6 +994,22 @@ async fn f4_request_arriving_after_the_channel_declared_failure_never_moves_mone
     .await;
     assert_eq!(delivered(), 1);
     assert_eq!(late_answer, 422, "the late request is refused");
+    // It was refused by the fence: the same request again gets the core's
+    // recorded answer for this id, whichever refused it first.
+    let again = stack
+        .core
+        .api
+        .post(
+            "/v1/transfers",
+            bank_tests::client::transfer_body(&id, &from, &to, 1000),
+        )
+        .await;
+    assert_eq!(
+        (again.status, again.code()),
+        (422, Some("transfer_fenced")),
+        "core TTL {core_ttl:?}: {}",
+        again.body
+    );
     let core_view = eventually("the core's decision", Duration::from_secs(5), || async {
         let r = stack.core.api.get(&format!("/v1/transfers/{id}")).await;
         if r.status == 200 {
