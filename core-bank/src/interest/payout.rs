@@ -167,7 +167,8 @@ ins_e AS (
   VALUES ($1, $2, 'interest', $3, $4, $5, $6, $7)
 ),
 upd_a AS (
-  UPDATE accounts SET balance = $4, last_seq = $2, interest_paid_through = $8, updated_at = $5
+  UPDATE accounts SET balance = $4, last_seq = $2, interest_paid_through = $8, updated_at = $5,
+                      last_business_date = GREATEST(last_business_date, $6)
   WHERE account_id = $1
 ),
 ups_b AS (
@@ -224,6 +225,7 @@ async fn try_pay(
                  LEFT JOIN LATERAL (SELECT {PAYOUT_COLUMNS} FROM interest_payouts WHERE payout_id = $3) k ON true \
                  LEFT JOIN LATERAL ( \
                    SELECT a.balance, a.last_seq, a.status, a.deposit_stopped, a.opened_on, a.interest_paid_through, \
+                          a.last_business_date, \
                           c.status AS customer_status, \
                           coalesce(a.interest_paid_through = $2::date - 1, false) AS paid_by_row, \
                           EXISTS (SELECT 1 FROM interest_payouts p WHERE p.account_id = a.account_id \
@@ -253,6 +255,12 @@ async fn try_pay(
     }
     if row.try_get::<Option<String>>("", "status")?.is_none() {
         return Err(PayoutError::AccountNotFound);
+    }
+    // Another replica, whose clock passed midnight a moment earlier, wrote
+    // an entry of the next date: this one's date is about to change too.
+    let last_date: Option<chrono::NaiveDate> = row.try_get("", "last_business_date")?;
+    if last_date.is_some_and(|d| d > today) {
+        return Err(PayoutError::DateChanged);
     }
     if row.try_get::<bool>("", "paid_by_row")? && !row.try_get::<bool>("", "paid_today")? {
         return Err(PayoutError::PaidMeanwhile);

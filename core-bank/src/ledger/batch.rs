@@ -85,6 +85,8 @@ struct AccountState {
     active: bool,
     deposit_stopped: bool,
     withdrawal_stopped: bool,
+    /// The business date of the account's last entry.
+    last_business_date: Option<NaiveDate>,
     changed: bool,
 }
 
@@ -274,7 +276,14 @@ pub(crate) async fn run_batch(
     // (B5), and entries written after a date change, behind a payout of the
     // new date, carry the new date.
     let now = clock.now();
-    let today = clock.today();
+    // Never before an entry already written on these accounts: another
+    // replica whose clock passed midnight a moment earlier may have written
+    // one under the next date, and an account's dates must not go back (the
+    // daily closing balances would be overwritten out of order).
+    let today = accounts
+        .iter()
+        .filter_map(|a| a.last_business_date)
+        .fold(clock.today(), std::cmp::max);
     let index: HashMap<String, usize> = accounts
         .iter()
         .enumerate()
@@ -610,7 +619,8 @@ async fn lock_accounts(
     let rows = txn
         .query_all_raw(Statement::from_sql_and_values(
             txn.get_database_backend(),
-            "SELECT account_id, balance, last_seq, status, deposit_stopped, withdrawal_stopped \
+            "SELECT account_id, balance, last_seq, status, deposit_stopped, withdrawal_stopped, \
+                    last_business_date \
              FROM accounts WHERE account_id = ANY($1) ORDER BY account_id FOR UPDATE",
             [ids.into()],
         ))
@@ -627,6 +637,7 @@ async fn lock_accounts(
                 active: status == "active",
                 deposit_stopped: r.try_get("", "deposit_stopped")?,
                 withdrawal_stopped: r.try_get("", "withdrawal_stopped")?,
+                last_business_date: r.try_get("", "last_business_date")?,
                 changed: false,
             })
         })
@@ -660,7 +671,8 @@ ins_e AS (
        AS x(acc, q, k, a, ba, tid, did, cp, m)
 ),
 upd_a AS (
-  UPDATE accounts SET balance = x.b, last_seq = x.q, updated_at = $27::timestamptz
+  UPDATE accounts SET balance = x.b, last_seq = x.q, updated_at = $27::timestamptz,
+                      last_business_date = GREATEST(accounts.last_business_date, $28::date)
   FROM unnest($33::text[], $34::numeric[], $35::bigint[]) AS x(id, b, q)
   WHERE accounts.account_id = x.id
 ),

@@ -840,3 +840,54 @@ async fn b31_core_bad_input_gets_a_documented_4xx_and_writes_nothing() {
     assert_eq!(api.all_entries(&from).await.len(), 1);
     assert_eq!(api.all_entries(&to).await.len(), 0);
 }
+
+#[tokio::test]
+async fn b01_an_accounts_entry_dates_never_go_back_between_replicas_a_moment_apart() {
+    let nats = NatsServer::start().await.unwrap();
+    let a = CoreApp::spawn(&nats).await.unwrap();
+    let b = CoreApp::spawn_with(
+        &nats,
+        CoreOptions {
+            database_url: Some(a.db_url.clone()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let account = a.api.funded_account(1_000).await;
+    let today: chrono::NaiveDate = a
+        .api
+        .get("/v1/admin/clock")
+        .await
+        .expect(200)
+        .str("today")
+        .parse()
+        .unwrap();
+    let tomorrow = today + chrono::Duration::days(1);
+    // Replica a passes midnight first and writes an entry of the new date;
+    // replica b (its clock a moment behind: it reads the new date within a
+    // second) writes the next entry of the account.
+    a.api
+        .post("/v1/admin/clock", json!({"today": tomorrow.to_string()}))
+        .await
+        .expect(200);
+    a.api.deposit(&account, 10).await.expect(200);
+    b.api.deposit(&account, 20).await.expect(200);
+    let entries = a
+        .api
+        .get(&format!(
+            "/v1/accounts/{account}/entries?after_seq=0&limit=10"
+        ))
+        .await
+        .expect(200)
+        .body["entries"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let dates: Vec<&str> = entries
+        .iter()
+        .map(|e| e["business_date"].as_str().unwrap())
+        .collect();
+    let (d0, d1) = (today.to_string(), tomorrow.to_string());
+    assert_eq!(dates, [d0.as_str(), d1.as_str(), d1.as_str()]);
+}
