@@ -125,18 +125,16 @@ pub fn is_rejected_data(err: &DbErr) -> bool {
 
 /// True when the database itself is out of reach or not serving: a lost or
 /// refused connection, an exhausted pool, a server shutting down or starting,
-/// too many connections, a statement timeout (a hung server: lock waits end
-/// earlier, at `lock_timeout`), or a read-only server (a failover under way).
+/// too many connections, or a read-only server (a failover under way). A
+/// statement timeout is not among them: the server answers, and the same
+/// statement may time out again however long one waits.
 /// Unlike lock timeouts, deadlocks and serialization failures, which another
 /// writer causes and a retry soon cures, these say nothing about the work.
 pub fn is_unavailable(err: &DbErr) -> bool {
     if let Some(code) = pg_code(err) {
         return code.starts_with("08")
             || code.starts_with("53")
-            || matches!(
-                code.as_str(),
-                "57P01" | "57P02" | "57P03" | "57014" | "25006"
-            );
+            || matches!(code.as_str(), "57P01" | "57P02" | "57P03" | "25006");
     }
     is_transient(err)
 }

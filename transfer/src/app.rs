@@ -57,6 +57,9 @@ impl App {
     /// Connects, migrates, ensures the `TRANSFERS` stream and binds the listener.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         let _ = common::metrics::handle();
+        // Watched with increase() by LedgerEventsNotTheCores: present from
+        // the start, so the first repair counts.
+        metrics::counter!("history_repairs_total").increment(0);
         let db = connect_db(&config.database_url, &config.pool, "transfer").await?;
         let nats = common::jetstream::connect(&config.nats.nats_url, "transfer")
             .await

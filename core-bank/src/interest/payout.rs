@@ -225,7 +225,7 @@ async fn try_pay(
                  LEFT JOIN LATERAL (SELECT {PAYOUT_COLUMNS} FROM interest_payouts WHERE payout_id = $3) k ON true \
                  LEFT JOIN LATERAL ( \
                    SELECT a.balance, a.last_seq, a.status, a.deposit_stopped, a.opened_on, a.interest_paid_through, \
-                          a.last_business_date, \
+                          COALESCE(a.last_business_date, a.opened_on) AS last_business_date, \
                           c.status AS customer_status, \
                           coalesce(a.interest_paid_through = $2::date - 1, false) AS paid_by_row, \
                           EXISTS (SELECT 1 FROM interest_payouts p WHERE p.account_id = a.account_id \

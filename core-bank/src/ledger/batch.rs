@@ -85,7 +85,7 @@ struct AccountState {
     active: bool,
     deposit_stopped: bool,
     withdrawal_stopped: bool,
-    /// The business date of the account's last entry.
+    /// The business date of the account's last entry (or of its opening).
     last_business_date: Option<NaiveDate>,
     changed: bool,
 }
@@ -620,7 +620,7 @@ async fn lock_accounts(
         .query_all_raw(Statement::from_sql_and_values(
             txn.get_database_backend(),
             "SELECT account_id, balance, last_seq, status, deposit_stopped, withdrawal_stopped, \
-                    last_business_date \
+                    COALESCE(last_business_date, opened_on) AS last_business_date \
              FROM accounts WHERE account_id = ANY($1) ORDER BY account_id FOR UPDATE",
             [ids.into()],
         ))

@@ -13,11 +13,12 @@ impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         manager
             .get_connection()
+            // The column only (a catalog change, instant): no backfill, which
+            // would scan the whole ledger with `accounts` locked. Until an
+            // account's next entry sets it, NULL means "no constraint", which
+            // is what it was before.
             .execute_unprepared(
-                "ALTER TABLE accounts ADD COLUMN IF NOT EXISTS last_business_date DATE;
-                 UPDATE accounts a SET last_business_date = e.last
-                 FROM (SELECT account_id, max(business_date) AS last FROM ledger_entries GROUP BY account_id) e
-                 WHERE e.account_id = a.account_id AND a.last_business_date IS NULL;",
+                "ALTER TABLE accounts ADD COLUMN IF NOT EXISTS last_business_date DATE",
             )
             .await?;
         Ok(())

@@ -153,11 +153,11 @@ pub async fn apply_with_gap_fill(ctx: &Context, entries: &[LedgerEntry]) -> Resu
                 // last entry held may not be the core's.
                 repaired = true;
                 match sync::repair_unless_the_cores(&ctx.db, &ctx.core, &account, synced).await {
-                    Ok(true) => {
+                    Ok(check) if check.cut => {
                         synced = writer::synced_through(&ctx.db, &account).await?;
                         continue;
                     }
-                    Ok(false) => {}
+                    Ok(_) => {}
                     Err(SyncError::Db(e)) => return Err(e),
                     Err(SyncError::Core(e)) => {
                         outcome.blocked.insert(
@@ -229,12 +229,22 @@ async fn settle_conflicts(
             continue;
         }
         match sync::repair_unless_the_cores(&ctx.db, &ctx.core, &c.account_id, c.seq).await {
-            Ok(false) => {
-                metrics::counter!("projector_conflicting_events_total").increment(1);
-                tracing::warn!(event_id = %c.event_id(), "an event differs from the core's entry at its seq");
-                outcome.conflicts.push(c);
+            Ok(check) => {
+                if check.cut
+                    || check
+                        .cores
+                        .as_ref()
+                        .is_some_and(|k| writer::same_values(k, &c))
+                {
+                    // The history is being put right (here or by another
+                    // writer): fetch it again and check the batch's entries.
+                    repaired.push(c.account_id.clone());
+                } else {
+                    metrics::counter!("projector_conflicting_events_total").increment(1);
+                    tracing::warn!(event_id = %c.event_id(), "an event differs from the core's entry at its seq");
+                    outcome.conflicts.push(c);
+                }
             }
-            Ok(true) => repaired.push(c.account_id.clone()),
             Err(SyncError::Db(e)) => return Err(e),
             Err(SyncError::Core(e)) => {
                 outcome.blocked.insert(

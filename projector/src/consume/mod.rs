@@ -18,7 +18,7 @@
 //! silently: every dead letter is logged and counted.
 //!
 //! An unavailable channel database (no connection, a server shutting down,
-//! hung or read-only: `common::db::is_unavailable`) is not a failure of the
+//! read-only: `common::db::is_unavailable`) is not a failure of the
 //! message: the handlers return such messages unsettled, and the consumer
 //! stops pulling, keeps them (telling the server they are in progress),
 //! probes the database with backoff and handles them again once it answers.

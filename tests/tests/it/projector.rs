@@ -1181,7 +1181,8 @@ async fn b15_a_wrong_last_entry_is_repaired_when_the_cores_next_entry_does_not_c
         .unwrap();
     publish_raw(&rig.nats, &subject, forged(&first, 2, 1_000, 1_100)).await;
     rig.core.api.deposit(&account, 9).await.expect(200);
-    rig.wait_published(&account, 2).await;
+    // The forged seq 2 and the core's seq 3.
+    rig.wait_published(&account, 3).await;
     let _p = rig.projector(ProjectorOptions::default()).await;
     history_equals_ledger(&rig, std::slice::from_ref(&account)).await;
     assert_eq!(rig.synced(&account).await, 3);

@@ -1,6 +1,7 @@
 //! Bringing one account's history up to date from the core (B18, B19).
 
 use common::AccountId;
+use common::events::LedgerEntry;
 use sea_orm::{DatabaseConnection, DbErr};
 
 use super::writer;
@@ -58,7 +59,10 @@ pub async fn sync_account(
             // The core's next entry does not continue the history: the last
             // entry held may not be the core's.
             repaired = true;
-            if repair_unless_the_cores(db, core, account, synced).await? {
+            if repair_unless_the_cores(db, core, account, synced)
+                .await?
+                .cut
+            {
                 synced = writer::synced_through(db, account).await?;
                 continue;
             }
@@ -76,30 +80,40 @@ pub async fn sync_account(
     })
 }
 
+/// What [`repair_unless_the_cores`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldCheck {
+    /// The core's entry at that seq (none if the core has none).
+    pub cores: Option<LedgerEntry>,
+    /// Whether the history was cut back to before that seq.
+    pub cut: bool,
+}
+
 /// Checks the history's entry at `seq` against the core's. If the core has
 /// another entry at that seq, or none, the history held an entry that is not
 /// the core's (a forged or damaged event that continued the balances): the
 /// history is cut back to before `seq`, and the caller fetches the core's
-/// entries again. Returns whether it cut.
+/// entries again.
 pub async fn repair_unless_the_cores(
     db: &DatabaseConnection,
     core: &CoreClient,
     account: &AccountId,
     seq: i64,
-) -> Result<bool, SyncError> {
+) -> Result<HeldCheck, SyncError> {
     let page = core.entries(account, seq - 1, 1).await?;
-    if let Some(entry) = page.entries.iter().find(|e| e.seq == seq) {
+    let cores = page.entries.into_iter().find(|e| e.seq == seq);
+    if let Some(entry) = &cores {
         // Given again, the core's entry is a duplicate checked against the
         // one held (or applied, if the history no longer holds that seq).
         let report = writer::apply(db, std::slice::from_ref(entry)).await?;
         if report.conflicts.is_empty() {
-            return Ok(false);
+            return Ok(HeldCheck { cores, cut: false });
         }
     } else if writer::synced_through(db, account).await? < seq {
-        return Ok(false);
+        return Ok(HeldCheck { cores, cut: false });
     }
     writer::truncate_from(db, account, seq).await?;
     metrics::counter!("history_repairs_total").increment(1);
     tracing::error!(account = %account, seq, "the history held an entry that is not the core's; cut back to before it, to be fetched from the core again");
-    Ok(true)
+    Ok(HeldCheck { cores, cut: true })
 }
