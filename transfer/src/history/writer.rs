@@ -274,6 +274,25 @@ impl Columns {
         self.memo.push(e.memo.clone().unwrap_or_default());
     }
 
+    /// The twelve columns as statement parameters `$1..$12`, in the order of
+    /// `history_entries`.
+    fn into_values(self) -> Vec<sea_orm::Value> {
+        vec![
+            self.account.into(),
+            self.seq.into(),
+            self.kind.into(),
+            self.amount.into(),
+            self.balance.into(),
+            self.occurred.into(),
+            self.date.into(),
+            self.transfer.into(),
+            self.deposit.into(),
+            self.payout.into(),
+            self.counterparty.into(),
+            self.memo.into(),
+        ]
+    }
+
     /// The positions of these entries whose values differ from the
     /// history's entry at the same seq (see [`same_values`]).
     async fn differing<C: ConnectionTrait>(self, txn: &C) -> Result<Vec<usize>, DbErr> {
@@ -291,20 +310,7 @@ WHERE (h.kind, h.amount, h.balance_after, h.occurred_at, h.business_date,
        COALESCE(h.counterparty, ''), COALESCE(h.memo, ''))
       IS DISTINCT FROM (x.k, x.am, x.b, x.o, x.d, x.t, x.dp, x.p, x.c, x.m)
 "#,
-                [
-                    self.account.into(),
-                    self.seq.into(),
-                    self.kind.into(),
-                    self.amount.into(),
-                    self.balance.into(),
-                    self.occurred.into(),
-                    self.date.into(),
-                    self.transfer.into(),
-                    self.deposit.into(),
-                    self.payout.into(),
-                    self.counterparty.into(),
-                    self.memo.into(),
-                ],
+                self.into_values(),
             ))
             .await?;
         rows.iter()
@@ -336,22 +342,11 @@ UPDATE history_sync SET synced_through_seq = x.s, updated_at = now()
 FROM unnest($13::text[], $14::bigint[]) AS x(a, s)
 WHERE history_sync.account_id = x.a
 "#,
-            [
-                self.account.into(),
-                self.seq.into(),
-                self.kind.into(),
-                self.amount.into(),
-                self.balance.into(),
-                self.occurred.into(),
-                self.date.into(),
-                self.transfer.into(),
-                self.deposit.into(),
-                self.payout.into(),
-                self.counterparty.into(),
-                self.memo.into(),
-                ids.into(),
-                seqs.into(),
-            ],
+            {
+                let mut values = self.into_values();
+                values.extend([ids.into(), seqs.into()]);
+                values
+            },
         ))
         .await?;
         Ok(())
