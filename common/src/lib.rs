@@ -21,3 +21,15 @@ pub mod time;
 
 pub use ids::{AccountId, CustomerId, DepositId, PayoutId, TransferId};
 pub use money::{Amount, MAX_BALANCE_WON, MAX_WON, MoneyError, Won};
+
+/// An error and its sources, `outer: inner: ...`, for a log line.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut chain = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        chain.push_str(": ");
+        chain.push_str(&s.to_string());
+        source = s.source();
+    }
+    chain
+}

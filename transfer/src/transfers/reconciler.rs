@@ -175,16 +175,6 @@ impl Resolver {
     }
 }
 
-fn error_chain(e: &SettleError) -> String {
-    let mut chain = Vec::new();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        chain.push(s.to_string());
-        source = s.source();
-    }
-    chain.join(": ")
-}
-
 /// The periodic reconciler: at start-up, then every `interval`.
 pub async fn run(
     db: DatabaseConnection,
@@ -235,7 +225,7 @@ pub async fn pass(
                 settle(db, outbox, core, &p, fence_after)
                     .await
                     .map(|r| r.is_some())
-                    .map_err(|e| format!("{}: {e}: {}", p.transfer_id, error_chain(&e)))
+                    .map_err(|e| format!("{}: {}", p.transfer_id, common::error_chain(&e)))
             })
             .buffer_unordered(PASS_CONCURRENCY)
             .collect()
