@@ -175,6 +175,27 @@ impl Api {
             .str("account_id")
     }
 
+    /// The core's business date (`GET /v1/admin/clock`).
+    pub async fn business_date(&self) -> chrono::NaiveDate {
+        self.get("/v1/admin/clock")
+            .await
+            .expect(200)
+            .str("today")
+            .parse()
+            .expect("a date")
+    }
+
+    /// Moves the core's (test) business date `days` ahead; the new date.
+    pub async fn advance_business_date(&self, days: i64) -> chrono::NaiveDate {
+        let next = self.business_date().await + chrono::Duration::days(days);
+        let r = self
+            .post("/v1/admin/clock", json!({"today": next.to_string()}))
+            .await
+            .expect(200);
+        assert_eq!(r.str("today"), next.to_string());
+        next
+    }
+
     /// Opens an account (for a new customer) funded with `amount` won.
     pub async fn funded_account(&self, amount: u64) -> String {
         let c = self.new_customer("Test Customer").await;

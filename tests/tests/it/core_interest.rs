@@ -19,25 +19,6 @@ async fn core() -> (NatsServer, CoreApp) {
     (nats, core)
 }
 
-async fn today(api: &Api) -> NaiveDate {
-    api.get("/v1/admin/clock")
-        .await
-        .expect(200)
-        .str("today")
-        .parse()
-        .unwrap()
-}
-
-async fn advance(api: &Api, days: i64) -> NaiveDate {
-    let next = today(api).await + chrono::Duration::days(days);
-    let r = api
-        .post("/v1/admin/clock", json!({"today": next.to_string()}))
-        .await
-        .expect(200);
-    assert_eq!(r.str("today"), next.to_string());
-    next
-}
-
 async fn set_rollout(api: &Api, percent: u8, shadow: bool) {
     api.put(
         "/v1/admin/interest/rollout",
@@ -104,8 +85,8 @@ async fn b21_worked_example_on_both_paths() {
     // figure would hide the second path, so each account is queried once).
     let on_legacy = core.api.funded_account(60_000_000).await;
     let on_new = core.api.funded_account(60_000_000).await;
-    let opened = today(&core.api).await;
-    advance(&core.api, 3).await;
+    let opened = core.api.business_date().await;
+    core.api.advance_business_date(3).await;
     for (percent, account, path) in [(0, &on_legacy, "legacy"), (100, &on_new, "new")] {
         set_rollout(&core.api, percent, false).await;
         let i = interest(&core.api, account).await;
@@ -137,7 +118,7 @@ async fn b21_tier_boundaries_zero_and_intraday_changes() {
     api.core_transfer(&busy, &sink, 15_000_000)
         .await
         .expect(200);
-    advance(api, 1).await;
+    api.advance_business_date(1).await;
     for percent in [0, 100] {
         set_rollout(api, percent, false).await;
         // floor(50,000,000 x 0.02 / 365) = floor(2739.72) = 2739
@@ -160,7 +141,7 @@ async fn b21_tier_boundaries_zero_and_intraday_changes() {
     // floor(5,000,000 x 0.02 / 365) = floor(273.97) = 273
     assert_eq!(interest(api, &busy).await["gross"], "273");
     // A jump of several days closes each day with the unchanged balance.
-    advance(api, 9).await;
+    api.advance_business_date(9).await;
     let i = interest(api, &exactly).await;
     // floor(10 x 1,000,000 / 365) = 27397
     assert_eq!(
@@ -187,7 +168,7 @@ async fn b22_a_payout_waiting_for_its_lock_across_a_date_change_pays_under_the_n
     .unwrap();
     let api = &core.api;
     let account = api.funded_account(60_000_000).await;
-    let day = advance(api, 3).await;
+    let day = api.advance_business_date(3).await;
     let lock = AccountLock::hold(&core.db_url, &account).await.unwrap();
     let payout = tokio::spawn({
         let api = api.clone();
@@ -211,7 +192,7 @@ async fn b22_a_payout_waiting_for_its_lock_across_a_date_change_pays_under_the_n
         },
     )
     .await;
-    let next = advance(api, 1).await;
+    let next = api.advance_business_date(1).await;
     lock.release().await.unwrap();
     let db = sea_orm::Database::connect(core.db_url.as_str())
         .await
@@ -239,7 +220,7 @@ async fn b22_payout_once_per_day_idempotent_by_payout_id() {
     let (_nats, core) = core().await;
     let api = &core.api;
     let account = api.funded_account(60_000_000).await;
-    advance(api, 3).await;
+    api.advance_business_date(3).await;
     let pid = unique("pay_");
     let first = payout(api, &account, &pid).await.expect(200);
     assert_eq!(
@@ -272,7 +253,7 @@ async fn b22_payout_once_per_day_idempotent_by_payout_id() {
     assert_eq!(entries[1]["amount"], "7023");
     assert_eq!(entries[1]["payout_id"], json!(pid));
     // Next day: one more day accrues on the new balance; payable again.
-    advance(api, 1).await;
+    api.advance_business_date(1).await;
     let i = interest(api, &account).await;
     assert_eq!(i["days"], 1);
     payout(api, &account, &unique("pay_")).await.expect(200);
@@ -283,7 +264,7 @@ async fn b23_payout_emits_one_interest_paid_event_with_the_figures() {
     let (nats, core) = core().await;
     let api = &core.api;
     let account = api.funded_account(60_000_000).await;
-    advance(api, 3).await;
+    api.advance_business_date(3).await;
     let pid = unique("pay_");
     payout(api, &account, &pid).await.expect(200);
     payout(api, &account, &pid).await.expect(200);
@@ -342,7 +323,7 @@ async fn b24_payout_refusals() {
             .code(),
         Some("nothing_to_pay")
     );
-    advance(api, 2).await;
+    api.advance_business_date(2).await;
     for a in &protected {
         assert_eq!(
             payout(api, a, &unique("pay_")).await.expect(422).code(),
@@ -372,7 +353,7 @@ async fn b24_payout_refusals() {
     );
     // A balance too small to earn a won over the days has nothing to pay.
     let tiny = api.funded_account(1).await;
-    advance(api, 1).await;
+    api.advance_business_date(1).await;
     assert_eq!(
         payout(api, &tiny, &unique("pay_")).await.expect(422).code(),
         Some("nothing_to_pay")
@@ -396,7 +377,7 @@ async fn b24_a_payout_that_would_take_the_balance_past_the_limit_is_refused() {
         api.balance(&account).await,
         i128::from(common::MAX_BALANCE_WON)
     );
-    advance(api, 3).await;
+    api.advance_business_date(3).await;
     let r = payout(api, &account, &unique("pay_")).await;
     assert_eq!(
         (r.status, r.code()),
@@ -416,7 +397,7 @@ async fn b25_cache_hit_invalidation_on_payout_and_midnight_key_change() {
     let (_nats, core) = core().await;
     let api = &core.api;
     let account = api.funded_account(60_000_000).await;
-    let day = advance(api, 3).await;
+    let day = api.advance_business_date(3).await;
     let mut redis = redis::Client::open(bank_tests::redis_url())
         .unwrap()
         .get_multiplexed_async_connection()
@@ -465,7 +446,7 @@ async fn b25_cache_hit_invalidation_on_payout_and_midnight_key_change() {
         (Some(0), Some("0"))
     );
     // Next business date: a new key, computed afresh.
-    advance(api, 1).await;
+    api.advance_business_date(1).await;
     let next = interest(api, &account).await;
     assert_eq!(next["days"], 1);
     assert_ne!(next["gross"], "0");
@@ -511,7 +492,7 @@ fn b26_legacy_and_new_paths_agree_over_random_histories() {
                         Step::Transfer(a, b, n) => {
                             drop(api.core_transfer(&accounts[a], &accounts[b], n).await)
                         }
-                        Step::Advance(d) => drop(advance(api, d).await),
+                        Step::Advance(d) => drop(api.advance_business_date(d).await),
                         Step::Payout(a) => drop(payout(api, &accounts[a], &unique("pay_")).await),
                     }
                 }
@@ -546,7 +527,7 @@ async fn b26_a_rollout_change_applies_to_figures_already_cached() {
     let (_nats, core) = core().await;
     let api = &core.api;
     let account = api.funded_account(60_000_000).await;
-    let day = advance(api, 3).await;
+    let day = api.advance_business_date(3).await;
     let mut redis = redis::Client::open(bank_tests::redis_url())
         .unwrap()
         .get_multiplexed_async_connection()
@@ -632,12 +613,12 @@ async fn b26_rollout_buckets_are_stable_and_change_at_run_time_on_every_replica(
         };
         for _ in 0..2 {
             // Advance the clock on both (shared database) so each query is a cache miss.
-            advance(&a.api, 1).await;
+            a.api.advance_business_date(1).await;
             eventually(
                 "replica b sees the new date",
                 Duration::from_secs(3),
                 || async {
-                    if today(&b.api).await == today(&a.api).await {
+                    if b.api.business_date().await == a.api.business_date().await {
                         Ok(())
                     } else {
                         Err("behind".into())
@@ -654,7 +635,7 @@ async fn b26_rollout_buckets_are_stable_and_change_at_run_time_on_every_replica(
         }
     }
     set_rollout(&a.api, 100, false).await;
-    advance(&a.api, 1).await;
+    a.api.advance_business_date(1).await;
     eventually(
         "replica b switches every account to the new path within a second",
         Duration::from_secs(3),
@@ -697,7 +678,7 @@ async fn b27_concurrent_payouts_in_shadow_mode_publish_every_mismatch_without_st
         );
         accounts.push(a);
     }
-    advance(api, 3).await;
+    api.advance_business_date(3).await;
     set_rollout(api, 0, true).await;
     let ids: Vec<String> = accounts.iter().map(|_| unique("pay_")).collect();
     let payouts = accounts.iter().zip(&ids).map(|(a, id)| payout(api, a, id));
@@ -732,7 +713,7 @@ async fn b27_injected_mismatch_is_logged_counted_and_published() {
     let api = &core.api;
     let account = api.funded_account(60_000_000).await;
     let honest = api.funded_account(60_000_000).await;
-    advance(api, 3).await;
+    api.advance_business_date(3).await;
     core_bank::interest::test_hooks::skew_new_path(
         &common::AccountId::parse(account.as_str()).unwrap(),
         dec!(1),
@@ -849,7 +830,7 @@ async fn f8_redis_down_interest_queries_still_answer_correctly() {
     .unwrap();
     let api = &core.api;
     let account = api.funded_account(60_000_000).await;
-    advance(api, 3).await;
+    api.advance_business_date(3).await;
     assert_eq!(
         interest(api, &account).await["gross"],
         "8301",
@@ -875,7 +856,7 @@ async fn f8_redis_down_interest_queries_still_answer_correctly() {
         "0",
         "correct after Redis returns"
     );
-    advance(api, 1).await;
+    api.advance_business_date(1).await;
     let next = interest(api, &account).await;
     assert_eq!(next["days"], 1);
     eventually(
@@ -909,7 +890,7 @@ async fn b03_b22_seed_example_payout_racing_deposits_loses_nothing() {
     let (_nats, core) = core().await;
     let api = &core.api;
     let account = api.funded_account(60_000_000).await;
-    advance(api, 3).await;
+    api.advance_business_date(3).await;
     let pid = unique("pay_");
     let (p, deposits) = tokio::join!(
         payout(api, &account, &pid),
@@ -961,7 +942,7 @@ async fn b22_b24_concurrent_payouts_and_retries_each_get_their_own_answer() {
     api.patch(&format!("/v1/customers/{c}"), json!({"status": "hacked"}))
         .await
         .expect(200);
-    advance(api, 3).await;
+    api.advance_business_date(3).await;
     let fresh = api.funded_account(60_000_000).await;
 
     // Per account: a payout id twice, and a second payout id.

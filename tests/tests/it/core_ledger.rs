@@ -855,22 +855,11 @@ async fn b01_an_accounts_entry_dates_never_go_back_between_replicas_a_moment_apa
     .await
     .unwrap();
     let account = a.api.funded_account(1_000).await;
-    let today: chrono::NaiveDate = a
-        .api
-        .get("/v1/admin/clock")
-        .await
-        .expect(200)
-        .str("today")
-        .parse()
-        .unwrap();
-    let tomorrow = today + chrono::Duration::days(1);
+    let today = a.api.business_date().await;
     // Replica a passes midnight first and writes an entry of the new date;
     // replica b (its clock a moment behind: it reads the new date within a
     // second) writes the next entry of the account.
-    a.api
-        .post("/v1/admin/clock", json!({"today": tomorrow.to_string()}))
-        .await
-        .expect(200);
+    let tomorrow = a.api.advance_business_date(1).await;
     a.api.deposit(&account, 10).await.expect(200);
     b.api.deposit(&account, 20).await.expect(200);
     let entries = a

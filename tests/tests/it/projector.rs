@@ -437,31 +437,7 @@ async fn b23_tax_records_are_idempotent_under_duplicate_delivery() {
     let rig = Rig::new().await;
     let p = rig.projector(ProjectorOptions::default()).await;
     let account = rig.core.api.funded_account(60_000_000).await;
-    let today: chrono::NaiveDate = rig
-        .core
-        .api
-        .get("/v1/admin/clock")
-        .await
-        .str("today")
-        .parse()
-        .unwrap();
-    rig.core
-        .api
-        .post(
-            "/v1/admin/clock",
-            json!({"today": (today + chrono::Duration::days(3)).to_string()}),
-        )
-        .await
-        .expect(200);
-    let pid = unique("pay_");
-    rig.core
-        .api
-        .post(
-            &format!("/v1/accounts/{account}/interest/payouts"),
-            json!({"payout_id": pid}),
-        )
-        .await
-        .expect(200);
+    let pid = pay_interest(&rig, &account, 3).await;
     let records = eventually("the tax record", Duration::from_secs(10), || async {
         let r = p
             .api
@@ -492,22 +468,7 @@ async fn b23_tax_records_are_idempotent_under_duplicate_delivery() {
     publish_raw(&rig.nats, "bank.interest.paid", ev.payload.to_vec()).await;
     publish_raw(&rig.nats, "bank.interest.paid", ev.payload.to_vec()).await;
     // Then a second payout, so we know the duplicates were consumed first.
-    rig.core
-        .api
-        .post(
-            "/v1/admin/clock",
-            json!({"today": (today + chrono::Duration::days(4)).to_string()}),
-        )
-        .await
-        .expect(200);
-    rig.core
-        .api
-        .post(
-            &format!("/v1/accounts/{account}/interest/payouts"),
-            json!({"payout_id": unique("pay_")}),
-        )
-        .await
-        .expect(200);
+    pay_interest(&rig, &account, 1).await;
     eventually(
         "two distinct tax records",
         Duration::from_secs(10),
@@ -780,22 +741,7 @@ async fn f5_a_poison_at_a_sequence_reused_by_a_recreated_stream_gets_its_own_let
 
 /// Pays interest on `account` after moving the core's clock `days` ahead.
 async fn pay_interest(rig: &Rig, account: &str, days: i64) -> String {
-    let today: chrono::NaiveDate = rig
-        .core
-        .api
-        .get("/v1/admin/clock")
-        .await
-        .str("today")
-        .parse()
-        .unwrap();
-    rig.core
-        .api
-        .post(
-            "/v1/admin/clock",
-            json!({"today": (today + chrono::Duration::days(days)).to_string()}),
-        )
-        .await
-        .expect(200);
+    rig.core.api.advance_business_date(days).await;
     let pid = unique("pay_");
     rig.core
         .api
