@@ -180,14 +180,9 @@ pub async fn apply_with_gap_fill(ctx: &Context, entries: &[LedgerEntry]) -> Resu
         // The batch's entries again: those within the filled range are now
         // checked against the core's (an entry that did not continue the
         // balances turns out a conflict), the rest applied if they continue.
-        let own: Vec<LedgerEntry> = entries
-            .iter()
-            .filter(|e| e.account_id == account)
-            .cloned()
-            .collect();
-        let r = writer::apply(&ctx.db, &own).await?;
-        synced = r.synced.get(account.as_str()).copied().unwrap_or(synced);
-        outcome.conflicts.extend(r.conflicts);
+        let (now, conflicts) = apply_again(ctx, entries, &account).await?;
+        synced = now.unwrap_or(synced);
+        outcome.conflicts.extend(conflicts);
         if gap.discontinuous && synced == gap.synced_through_seq {
             outcome.blocked.entry(account.to_string()).or_insert_with(|| {
                 format!(
@@ -270,21 +265,35 @@ async fn settle_conflicts(
                 writer::synced_through(&ctx.db, &account).await?
             }
         };
-        let own: Vec<LedgerEntry> = entries
-            .iter()
-            .filter(|e| e.account_id == account)
-            .cloned()
-            .collect();
-        let r = writer::apply(&ctx.db, &own).await?;
-        for c in r.conflicts {
+        let (now, conflicts) = apply_again(ctx, entries, &account).await?;
+        for c in conflicts {
             metrics::counter!("projector_conflicting_events_total").increment(1);
             tracing::warn!(event_id = %c.event_id(), "an event differs from the core's entry at its seq");
             outcome.conflicts.push(c);
         }
-        let now = r.synced.get(account.as_str()).copied().unwrap_or(synced);
-        outcome.synced.insert(account.to_string(), now.max(synced));
+        outcome
+            .synced
+            .insert(account.to_string(), now.unwrap_or(synced).max(synced));
     }
     Ok(())
+}
+
+/// Applies the batch's entries of `account` again, after its history was
+/// filled or repaired from the core: those now held are checked against the
+/// core's entries (conflicts), the rest applied if they continue. Returns
+/// where the history stands and the conflicts.
+async fn apply_again(
+    ctx: &Context,
+    entries: &[LedgerEntry],
+    account: &AccountId,
+) -> Result<(Option<i64>, Vec<LedgerEntry>), DbErr> {
+    let own: Vec<LedgerEntry> = entries
+        .iter()
+        .filter(|e| &e.account_id == account)
+        .cloned()
+        .collect();
+    let r = writer::apply(&ctx.db, &own).await?;
+    Ok((r.synced.get(account.as_str()).copied(), r.conflicts))
 }
 
 /// Handles a batch from the `LEDGER` consumer. Returns the messages left
