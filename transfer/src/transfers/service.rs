@@ -151,11 +151,6 @@ impl TransferService {
                 self.core_timeout,
             )
             .await;
-        // Whether the answer may not be the core's (a gateway's status, or a
-        // refusal in a shape the core does not give): then the transfer is
-        // fenced at once, so that a copy of the request still on its way can
-        // never execute after the customer was told it failed (B12).
-        let mut fence_now = false;
         let resolution = match answer {
             Ok(t) => Some(super::reconciler::resolution(&t)),
             Err(CoreError::Refused {
@@ -171,29 +166,25 @@ impl TransferService {
             }) if status == 422 || CORE_REJECTIONS.contains(&status) => {
                 // Bad input or credentials, as the core rejects them, but
                 // also what a gateway between the two services may answer
-                // while the request (or a retried copy) goes on. Other
-                // statuses (408, 409, 429, ...) leave the transfer pending
-                // for the resolver to ask the core.
+                // while the request (or a retried copy) goes on: the
+                // transfer is fenced at once, so that no copy can execute
+                // after the customer was told it failed (B12). The fence
+                // answers with the core's own record: executed (it had
+                // arrived) or fenced (it never will). Other statuses (408,
+                // 409, 429, ...) leave the transfer pending for the resolver.
                 tracing::error!(transfer_id = %req.transfer_id, status, %code, %message, "a transfer request was rejected on the way to the core; fencing it");
-                fence_now = true;
-                None
+                match self.core.fence(&req.transfer_id).await {
+                    Ok(answer) => Some(super::reconciler::resolution(&answer)),
+                    Err(e) => {
+                        tracing::warn!(transfer_id = %req.transfer_id, error = %e, "fencing failed; the transfer stays pending");
+                        None
+                    }
+                }
             }
             Err(e) => {
                 tracing::warn!(transfer_id = %req.transfer_id, error = %e, "no answer from the core; the transfer stays pending");
                 None
             }
-        };
-        let resolution = match (resolution, fence_now) {
-            (None, true) => match self.core.fence(&req.transfer_id).await {
-                // The fence answers with the core's own record: executed
-                // (it had arrived) or fenced (it never will).
-                Ok(answer) => Some(super::reconciler::resolution(&answer)),
-                Err(e) => {
-                    tracing::warn!(transfer_id = %req.transfer_id, error = %e, "fencing failed; the transfer stays pending");
-                    None
-                }
-            },
-            (r, _) => r,
         };
         let result = match resolution {
             Some(r) => match self.record(&req, &r).await {
