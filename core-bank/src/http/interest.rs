@@ -82,6 +82,28 @@ pub(super) async fn payout(
     Ok(axum::Json(p))
 }
 
+/// One payout of the account, as `POST .../interest/payouts` answered it;
+/// a read only (the projector checks tax events against it).
+#[utoipa::path(get, path = "/v1/accounts/{id}/interest/payouts/{payout_id}",
+    params(("id" = String, Path, description = "account id"), ("payout_id" = String, Path, description = "payout id")),
+    responses((status = 200, body = Payout),
+        (status = 404, description = "payout_not_found: the core made no such payout to this account", body = ErrorBody)))]
+pub(super) async fn get_payout(
+    State(s): State<AppState>,
+    Path((id, payout_id)): Path<(String, String)>,
+) -> Result<axum::Json<Payout>, ApiError> {
+    let id: AccountId = parse_id(&id)?;
+    let payout_id: PayoutId = parse_id(&payout_id)?;
+    match payout::find(&s.db, &id, &payout_id).await {
+        Ok(Some(p)) => Ok(axum::Json(p)),
+        Ok(None) => Err(ApiError::not_found(
+            "payout_not_found",
+            format!("no payout {payout_id} to account {id}"),
+        )),
+        Err(e) => Err(ApiError::database(&e)),
+    }
+}
+
 /// The rollout setting in force.
 #[utoipa::path(get, path = "/v1/admin/interest/rollout", responses((status = 200, body = RolloutSetting)))]
 pub(super) async fn get_rollout(

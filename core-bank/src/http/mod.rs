@@ -83,6 +83,7 @@ fn api(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(movements::entries))
         .routes(routes!(interest::expected))
         .routes(routes!(interest::payout))
+        .routes(routes!(interest::get_payout))
         .routes(routes!(interest::get_rollout, interest::put_rollout))
         .routes(routes!(interest::verify))
         .routes(routes!(admin::get_clock, admin::set_clock))

@@ -134,6 +134,25 @@ pub async fn pay(
     Ok(payout)
 }
 
+/// The payout `payout_id` of `account`, if the core made it (a payout of
+/// another account is not this account's).
+pub async fn find<C: ConnectionTrait>(
+    conn: &C,
+    account: &AccountId,
+    payout_id: &PayoutId,
+) -> Result<Option<Payout>, DbErr> {
+    let row = conn
+        .query_one_raw(Statement::from_sql_and_values(
+            conn.get_database_backend(),
+            format!(
+                "SELECT {PAYOUT_COLUMNS} FROM interest_payouts WHERE payout_id = $1 AND account_id = $2"
+            ),
+            [payout_id.to_string().into(), account.to_string().into()],
+        ))
+        .await?;
+    row.as_ref().map(payout_from_row).transpose()
+}
+
 const PAYOUT_COLUMNS: &str =
     "payout_id, account_id, gross, tax, net, balance_after, seq, from_date, through_date, paid_at";
 

@@ -247,6 +247,21 @@ async fn b22_payout_once_per_day_idempotent_by_payout_id() {
         payout(api, &other, &pid).await.expect(409).code(),
         Some("idempotency_conflict")
     );
+    // It reads back as it was answered, on its account only; an unknown id
+    // is not paid by reading it.
+    let read = api
+        .get(&format!("/v1/accounts/{account}/interest/payouts/{pid}"))
+        .await
+        .expect(200);
+    assert_eq!(read.body, first.body);
+    for (acc, id) in [(&other, pid.clone()), (&account, unique("pay_"))] {
+        let r = api
+            .get(&format!("/v1/accounts/{acc}/interest/payouts/{id}"))
+            .await
+            .expect(404);
+        assert_eq!(r.code(), Some("payout_not_found"));
+    }
+    assert_eq!(api.balance(&account).await, 60_007_023);
     // The entry is a ledger entry of kind interest.
     let entries = api.all_entries(&account).await;
     assert_eq!(entries[1]["kind"], "interest");
