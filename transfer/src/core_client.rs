@@ -3,9 +3,9 @@
 
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use common::events::LedgerEntry;
-use common::{AccountId, Amount, CustomerId, PayoutId, TransferId};
+use common::{AccountId, Amount, CustomerId, PayoutId, TransferId, Won};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -96,6 +96,27 @@ pub struct CoreTransfer {
     pub from_seq: Option<i64>,
     /// Credit entry.
     pub to_seq: Option<i64>,
+}
+
+/// An interest payout as the core recorded it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct CorePayout {
+    /// Id.
+    pub payout_id: PayoutId,
+    /// The credited account.
+    pub account_id: AccountId,
+    /// Interest before tax.
+    pub gross: Won,
+    /// Withholding tax.
+    pub tax: Won,
+    /// Credited amount.
+    pub net: Won,
+    /// First business date covered.
+    pub from: NaiveDate,
+    /// Last business date covered.
+    pub through: NaiveDate,
+    /// When it committed.
+    pub paid_at: DateTime<Utc>,
 }
 
 /// A page of the core's entries API.
@@ -345,6 +366,32 @@ impl CoreClient {
             self.default_timeout,
         )
         .await
+    }
+
+    /// `GET /v1/accounts/{id}/interest/payouts/{payout_id}`; `Ok(None)` when
+    /// the core answers `payout_not_found` (any other 404, say a gateway's,
+    /// is an error, not an answer).
+    pub async fn payout_of(
+        &self,
+        id: &AccountId,
+        payout_id: &PayoutId,
+    ) -> Result<Option<CorePayout>, CoreError> {
+        match self
+            .call(
+                "payout_of",
+                reqwest::Method::GET,
+                &format!("/v1/accounts/{id}/interest/payouts/{payout_id}"),
+                None,
+                self.default_timeout,
+            )
+            .await
+        {
+            Ok(p) => Ok(Some(p)),
+            Err(CoreError::Refused {
+                status: 404, code, ..
+            }) if code == "payout_not_found" => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// `GET /v1/accounts?after=&limit=`: one page of account ids.
