@@ -85,6 +85,9 @@ impl App {
             }
         }
         metrics::counter!("projector_conflicting_events_total").increment(0);
+        metrics::counter!("projector_interest_events_not_the_cores_total").increment(0);
+        metrics::counter!("projector_tax_records_recovered_total").increment(0);
+        metrics::counter!("projector_tax_sweep_errors_total").increment(0);
         metrics::counter!("history_repairs_total").increment(0);
         let (ctx, nats) = context(&config).await?;
         let ledger = consume::consumer(&ctx, Feed::Ledger).await?;
@@ -121,6 +124,11 @@ impl App {
             self.ctx.clone(),
             Feed::Interest,
             self.interest.clone(),
+            consumers.clone(),
+        ));
+        tasks.spawn(consume::tax::sweep(
+            self.ctx.clone(),
+            Duration::from_secs(self.ctx.config.tax_sweep_secs.max(1)),
             consumers.clone(),
         ));
         tasks.spawn(consume::report_pending(

@@ -125,6 +125,11 @@ pub struct Config {
     /// How long a delivered message may go unacknowledged before redelivery.
     #[arg(long, env = "PROJECTOR_ACK_WAIT_SECS", default_value_t = 60)]
     pub ack_wait_secs: u64,
+    /// How often unrecorded payouts are looked for (history interest entries
+    /// without a tax record, written at least this long ago), and recorded
+    /// from the core.
+    #[arg(long, env = "PROJECTOR_TAX_SWEEP_SECS", default_value_t = 60)]
+    pub tax_sweep_secs: u64,
     /// Pause between readiness turning 503 and the listener closing, on SIGTERM.
     #[arg(long, env = "SHUTDOWN_DRAIN_DELAY_MS", default_value_t = 0)]
     pub shutdown_drain_delay_ms: u64,

@@ -212,6 +212,8 @@ pub struct ProjectorOptions {
     pub retry_max_ms: u64,
     /// `PROJECTOR_ACK_WAIT_SECS`.
     pub ack_wait_secs: u64,
+    /// `PROJECTOR_TAX_SWEEP_SECS`.
+    pub tax_sweep_secs: u64,
 }
 
 impl Default for ProjectorOptions {
@@ -221,6 +223,7 @@ impl Default for ProjectorOptions {
             retry_base_ms: 100,
             retry_max_ms: 2_000,
             ack_wait_secs: 60,
+            tax_sweep_secs: 60,
         }
     }
 }
@@ -244,6 +247,7 @@ impl ProjectorApp {
         config.retry_base_ms = opts.retry_base_ms;
         config.retry_max_ms = opts.retry_max_ms;
         config.ack_wait_secs = opts.ack_wait_secs;
+        config.tax_sweep_secs = opts.tax_sweep_secs;
         config.pool.db_max_connections = 6;
         let app = projector::App::build(config.clone()).await?;
         let addr = app.local_addr()?;

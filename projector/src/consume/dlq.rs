@@ -304,6 +304,16 @@ pub async fn replay(ctx: &Context, id: u64) -> Result<DeadLetter, ReplayError> {
         }
         INTEREST_STREAM => {
             let ev = tax::decode(&letter.subject, letter.body.as_bytes()).map_err(failed)?;
+            match tax::check(ctx, &ev).await {
+                Ok(tax::Check::Confirmed) => {}
+                Ok(tax::Check::NotTheCores(reason)) => return Err(failed(reason)),
+                Err(e) => {
+                    return Err(failed(format!(
+                        "the core cannot confirm the payout: {}",
+                        common::error_chain(&e)
+                    )));
+                }
+            }
             tax::record(&ctx.db, &[ev])
                 .await
                 .map_err(|e| failed(format!("channel database: {e}")))?;

@@ -1,10 +1,38 @@
 //! Interest payouts into tax records (B23), idempotent by `payout_id`.
+//!
+//! A tax record is written only with the figures of a payout the core
+//! confirms: each event is checked against
+//! `GET /v1/accounts/{id}/interest/payouts/{payout_id}` (payout id, account,
+//! gross, tax, net, dates and time must all match). The broker takes
+//! messages from anyone who can reach it, and the first record of a payout
+//! id is the one kept; so an event published by something else (a payout
+//! the core never made, or other figures for one it did) is dead-lettered
+//! instead of standing as the tax record, even if it arrives first.
+//!
+//! A lost event (deleted from the stream, or dropped by the broker's
+//! duplicate window because something else published first under its id)
+//! would leave a payout without a record. [`sweep`] finds the history's
+//! interest entries that have no tax record a while after they were written
+//! and records the core's figures of those payouts.
+
+use std::time::Duration;
 
 use async_nats::jetstream::Message;
 use common::events::{INTEREST_PAID_SUBJECT, InterestPaidEvent};
+use common::shutdown::CancellationToken;
+use common::{AccountId, PayoutId};
+use futures::StreamExt;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, Statement};
+use transfer::core_client::{CoreError, CorePayout};
 
 use super::{Context, Failure, ack, fail};
+
+/// Events checked against the core at once.
+const CHECKS_IN_FLIGHT: usize = 8;
+/// History entries the sweep looks back over, by when they were written.
+const SWEEP_WINDOW_DAYS: i64 = 30;
+/// Payouts one sweep pass recovers at most.
+const SWEEP_LIMIT: i64 = 500;
 
 /// Decodes and validates an interest event.
 pub fn decode(subject: &str, payload: &[u8]) -> Result<InterestPaidEvent, String> {
@@ -61,8 +89,80 @@ pub async fn record(db: &DatabaseConnection, events: &[InterestPaidEvent]) -> Re
     Ok(res.rows_affected())
 }
 
-/// Handles a batch from the `INTEREST` consumer. Returns the messages left
-/// unsettled because the channel database is unavailable (see
+/// What the core says about an interest event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Check {
+    /// The core made this payout, with these figures.
+    Confirmed,
+    /// The core made no such payout to the account, or other figures.
+    NotTheCores(String),
+}
+
+/// Checks an event against the core's record of its payout (one call).
+pub async fn check(ctx: &Context, ev: &InterestPaidEvent) -> Result<Check, CoreError> {
+    Ok(
+        match ctx.core.payout_of(&ev.account_id, &ev.payout_id).await? {
+            None => Check::NotTheCores(format!(
+                "the core made no payout {} to account {}",
+                ev.payout_id, ev.account_id
+            )),
+            Some(p) => compare(ev, &p),
+        },
+    )
+}
+
+/// An event against the core's payout.
+fn compare(ev: &InterestPaidEvent, p: &CorePayout) -> Check {
+    let same = p.payout_id == ev.payout_id
+        && p.account_id == ev.account_id
+        && p.gross == ev.gross
+        && p.tax == ev.tax
+        && p.net == ev.net
+        && p.from == ev.from
+        && p.through == ev.through
+        && p.paid_at.timestamp_micros() == ev.paid_at.timestamp_micros();
+    if same {
+        Check::Confirmed
+    } else {
+        Check::NotTheCores(format!(
+            "the core's payout {} to {} is gross {} tax {} net {} for {}..{} at {}; \
+             the event says gross {} tax {} net {} for {}..{} at {}",
+            p.payout_id,
+            p.account_id,
+            p.gross,
+            p.tax,
+            p.net,
+            p.from,
+            p.through,
+            p.paid_at,
+            ev.gross,
+            ev.tax,
+            ev.net,
+            ev.from,
+            ev.through,
+            ev.paid_at
+        ))
+    }
+}
+
+/// The event the core published for a payout.
+fn event_of(p: CorePayout) -> InterestPaidEvent {
+    InterestPaidEvent {
+        event_id: InterestPaidEvent::id_for(&p.payout_id),
+        payout_id: p.payout_id,
+        account_id: p.account_id,
+        gross: p.gross,
+        tax: p.tax,
+        net: p.net,
+        from: p.from,
+        through: p.through,
+        paid_at: p.paid_at,
+    }
+}
+
+/// Handles a batch from the `INTEREST` consumer: decodes, checks each event
+/// against the core, and records the confirmed ones. Returns the messages
+/// left unsettled because the channel database is unavailable (see
 /// [`super::run`], which holds them). If PostgreSQL refuses the data of some
 /// event, the batch is recorded again one event at a time, so only that one
 /// is dead-lettered.
@@ -74,6 +174,38 @@ pub async fn handle(ctx: &Context, batch: Vec<Message>) -> Vec<Message> {
             Err(reason) => fail(ctx, &m, Failure::Permanent(reason)).await,
         }
     }
+    let checked: Vec<_> = futures::stream::iter(valid)
+        .map(|(m, ev)| async move {
+            let outcome = check(ctx, &ev).await;
+            (m, ev, outcome)
+        })
+        .buffer_unordered(CHECKS_IN_FLIGHT)
+        .collect()
+        .await;
+    let mut confirmed = Vec::with_capacity(checked.len());
+    for (m, ev, outcome) in checked {
+        match outcome {
+            Ok(Check::Confirmed) => confirmed.push((m, ev)),
+            Ok(Check::NotTheCores(reason)) => {
+                metrics::counter!("projector_interest_events_not_the_cores_total").increment(1);
+                tracing::warn!(payout_id = %ev.payout_id, account = %ev.account_id, %reason, "an interest event is not the core's; no tax record");
+                fail(ctx, &m, Failure::Permanent(reason)).await;
+            }
+            Err(e) => {
+                let reason = format!(
+                    "the core cannot confirm the payout: {}",
+                    common::error_chain(&e)
+                );
+                fail(ctx, &m, Failure::Transient(reason)).await;
+            }
+        }
+    }
+    record_settling(ctx, confirmed).await
+}
+
+/// Records confirmed events and settles their messages; returns those held
+/// because the channel database is unavailable.
+async fn record_settling(ctx: &Context, valid: Vec<(Message, InterestPaidEvent)>) -> Vec<Message> {
     if valid.is_empty() {
         return Vec::new();
     }
@@ -113,4 +245,81 @@ pub async fn handle(ctx: &Context, batch: Vec<Message>) -> Vec<Message> {
         }
     }
     Vec::new()
+}
+
+/// Why a sweep pass stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum SweepError {
+    /// The channel database failed.
+    #[error("channel database")]
+    Db(#[from] DbErr),
+    /// The core could not be read.
+    #[error("reading payouts from the core")]
+    Core(#[from] CoreError),
+}
+
+/// One sweep pass: the history's interest entries written between
+/// [`SWEEP_WINDOW_DAYS`] ago and `min_age` ago that have no tax record get
+/// the core's figures of their payout recorded. Returns how many were
+/// recovered. An entry whose payout the core does not know is left to the
+/// history's own check against the core (B15), and logged.
+pub async fn sweep_once(ctx: &Context, min_age: Duration) -> Result<u64, SweepError> {
+    let rows = ctx
+        .db
+        .query_all_raw(Statement::from_sql_and_values(
+            ctx.db.get_database_backend(),
+            "SELECT h.account_id, h.payout_id FROM history_entries h \
+             WHERE h.payout_id IS NOT NULL AND h.kind = 'interest' \
+               AND h.applied_at >= now() - make_interval(days => $1) \
+               AND h.applied_at < now() - make_interval(secs => $2) \
+               AND NOT EXISTS (SELECT 1 FROM tax_records t WHERE t.payout_id = h.payout_id) \
+             ORDER BY h.applied_at LIMIT $3",
+            [
+                (SWEEP_WINDOW_DAYS as i32).into(),
+                min_age.as_secs_f64().into(),
+                SWEEP_LIMIT.into(),
+            ],
+        ))
+        .await?;
+    let mut recovered = 0;
+    for r in rows {
+        let account: String = r.try_get("", "account_id")?;
+        let payout: String = r.try_get("", "payout_id")?;
+        let (Ok(account), Ok(payout)) = (AccountId::parse(account), PayoutId::parse(payout)) else {
+            continue;
+        };
+        match ctx.core.payout_of(&account, &payout).await? {
+            Some(p) => {
+                let new = record(&ctx.db, &[event_of(p)]).await?;
+                if new > 0 {
+                    metrics::counter!("projector_tax_records_total").increment(new);
+                    metrics::counter!("projector_tax_records_recovered_total").increment(new);
+                    tracing::warn!(payout_id = %payout, account = %account, "a payout's interest event never arrived; its tax record was recorded from the core");
+                }
+                recovered += new;
+            }
+            None => {
+                tracing::warn!(payout_id = %payout, account = %account, "the history holds an interest entry for a payout the core does not know");
+            }
+        }
+    }
+    Ok(recovered)
+}
+
+/// Runs [`sweep_once`] every `every` until `shutdown`, looking at entries
+/// written at least `every` ago (by then their event has normally been
+/// recorded).
+pub async fn sweep(ctx: Context, every: Duration, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = sweep_once(&ctx, every).await {
+            metrics::counter!("projector_tax_sweep_errors_total").increment(1);
+            tracing::warn!(error = %common::error_chain(&e), "tax record sweep failed; retried at the next pass");
+        }
+    }
 }

@@ -487,6 +487,171 @@ async fn b23_tax_records_are_idempotent_under_duplicate_delivery() {
     assert!(dead_letters(&p).await.is_empty());
 }
 
+/// An interest event as anyone able to publish on the broker could send it.
+fn interest_event(payout_id: &str, account: &str, gross: i64, tax: i64, date: &str) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "event_id": format!("interest:{payout_id}"),
+        "payout_id": payout_id,
+        "account_id": account,
+        "gross": gross.to_string(),
+        "tax": tax.to_string(),
+        "net": (gross - tax).to_string(),
+        "from": date,
+        "through": date,
+        "paid_at": chrono::Utc::now(),
+    }))
+    .unwrap()
+}
+
+async fn tax_records(p: &ProjectorApp, account: &str) -> Vec<Value> {
+    p.api
+        .get(&format!("/v1/tax-records?account_id={account}"))
+        .await
+        .expect(200)
+        .body["tax_records"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn b23_an_interest_event_the_core_does_not_confirm_never_becomes_a_tax_record() {
+    let rig = Rig::new().await;
+    let p = rig.projector(ProjectorOptions::default()).await;
+    let account = rig.core.api.funded_account(60_000_000).await;
+    let date = rig.core.api.advance_business_date(3).await.to_string();
+    // 1. Before the core pays it: an event for the payout id the customer
+    //    is about to use, with other figures, and one for a payout that never
+    //    happens. (The first record of a payout id is the one kept, so the
+    //    first one would otherwise stand as the tax record.)
+    let pid = unique("pay_");
+    publish_raw(
+        &rig.nats,
+        "bank.interest.paid",
+        interest_event(&pid, &account, 100_000, 15_400, &date),
+    )
+    .await;
+    let never = unique("pay_");
+    publish_raw(
+        &rig.nats,
+        "bank.interest.paid",
+        interest_event(&never, &account, 5_000, 770, &date),
+    )
+    .await;
+    let letters = wait_letters(&p, 2).await;
+    for l in &letters {
+        assert!(
+            l["error"]
+                .as_str()
+                .unwrap()
+                .contains("the core made no payout"),
+            "{l}"
+        );
+    }
+    assert!(tax_records(&p, &account).await.is_empty());
+    // 2. The core's payout is recorded with the core's figures.
+    let paid = rig
+        .core
+        .api
+        .post(
+            &format!("/v1/accounts/{account}/interest/payouts"),
+            json!({"payout_id": pid}),
+        )
+        .await
+        .expect(200)
+        .body;
+    let records = eventually("the tax record", Duration::from_secs(20), || async {
+        let list = tax_records(&p, &account).await;
+        if list.len() == 1 {
+            Ok(list)
+        } else {
+            Err(format!("{list:?}"))
+        }
+    })
+    .await;
+    for field in ["payout_id", "gross", "tax", "net"] {
+        assert_eq!(records[0][field], paid[field], "{field}");
+    }
+    // 3. Other figures for it after the core's: dead-lettered too, and the
+    //    record stays the core's.
+    publish_raw(
+        &rig.nats,
+        "bank.interest.paid",
+        interest_event(&pid, &account, 8_301, 1_277, &date),
+    )
+    .await;
+    let letters = wait_letters(&p, 3).await;
+    let third = letters
+        .iter()
+        .find(|l| l["error"].as_str().unwrap().contains("the event says"))
+        .unwrap_or_else(|| panic!("{letters:?}"));
+    // 4. A replay does not record it either.
+    let id = third["id"].as_u64().unwrap();
+    let r = p
+        .api
+        .post(&format!("/v1/dead-letters/{id}/replay"), json!({}))
+        .await;
+    assert_eq!(r.status, 422, "{:?}", r.body);
+    let records = tax_records(&p, &account).await;
+    assert_eq!(records.len(), 1);
+    for field in ["payout_id", "gross", "tax", "net"] {
+        assert_eq!(records[0][field], paid[field], "{field}");
+    }
+}
+
+#[tokio::test]
+async fn b23_a_payout_whose_event_was_lost_from_the_stream_still_gets_its_tax_record() {
+    let rig = Rig::new().await;
+    // No projector yet: the payout's event is deleted from the stream
+    // before anything reads it.
+    let account = rig.core.api.funded_account(60_000_000).await;
+    let pid = pay_interest(&rig, &account, 3).await;
+    let js = rig.nats.jetstream().await.unwrap();
+    let ev = eventually("the interest event", Duration::from_secs(10), || async {
+        let msgs = stream_messages(&js, "INTEREST")
+            .await
+            .map_err(|e| e.to_string())?;
+        msgs.into_iter()
+            .find(|m| String::from_utf8_lossy(&m.payload).contains(&pid))
+            .ok_or_else(|| "not published yet".to_owned())
+    })
+    .await;
+    let mut stream = js.get_stream("INTEREST").await.unwrap();
+    assert!(stream.delete_message(ev.sequence).await.unwrap());
+    assert!(stream.info().await.unwrap().state.messages == 0);
+    let p = rig
+        .projector(ProjectorOptions {
+            tax_sweep_secs: 1,
+            ..ProjectorOptions::default()
+        })
+        .await;
+    let records = eventually(
+        "the recovered tax record",
+        Duration::from_secs(30),
+        || async {
+            let list = tax_records(&p, &account).await;
+            if list.len() == 1 {
+                Ok(list)
+            } else {
+                Err(format!("{list:?}"))
+            }
+        },
+    )
+    .await;
+    let paid = rig
+        .core
+        .api
+        .get(&format!("/v1/accounts/{account}/interest/payouts/{pid}"))
+        .await
+        .expect(200)
+        .body;
+    for field in ["payout_id", "account_id", "gross", "tax", "net"] {
+        assert_eq!(records[0][field], paid[field], "{field}");
+    }
+    assert_eq!(records[0]["net"], json!("7023"));
+    assert!(dead_letters(&p).await.is_empty());
+}
+
 async fn history_equals_ledger(rig: &Rig, accounts: &[String]) {
     eventually(
         "history equals ledger for every account",
@@ -775,6 +940,7 @@ async fn f7_a_channel_database_outage_pauses_the_projector_and_dead_letters_noth
                 retry_max_ms: 200,
                 // What the paused subscription had been sent comes back soon.
                 ack_wait_secs: 6,
+                ..ProjectorOptions::default()
             },
         )
         .await;
