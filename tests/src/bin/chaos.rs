@@ -333,7 +333,8 @@ async fn run(args: &Args, seed: u64) -> anyhow::Result<bool> {
         )
         .await?;
         let diff = bank_tests::verify::history_mismatches(&core, &channel_db, &accounts).await?;
-        if pending == ["0"] && backlog == ["0"] && diff.is_empty() {
+        let (paid, taxed) = payouts_and_tax_records(&core_db, &channel_db).await?;
+        if pending == ["0"] && backlog == ["0"] && diff.is_empty() && paid == taxed {
             converged = true;
             break;
         }
@@ -426,6 +427,21 @@ async fn run(args: &Args, seed: u64) -> anyhow::Result<bool> {
             entries[0]
         ),
     );
+    let (paid, taxed) = payouts_and_tax_records(&core_db, &channel_db).await?;
+    check(
+        "every payout has its tax record, with the core's figures",
+        paid == taxed,
+        format!(
+            "{} payouts at the core, {} tax records; differing: {:?}",
+            paid.len(),
+            taxed.len(),
+            paid.iter()
+                .filter(|p| !taxed.contains(p))
+                .chain(taxed.iter().filter(|t| !paid.contains(t)))
+                .take(5)
+                .collect::<Vec<_>>()
+        ),
+    );
     let js = nats.jetstream().await?;
     let dlq = stream_messages(&js, "DLQ").await.unwrap_or_default();
     // Letters of poison messages, grouped by the poison's sequence in LEDGER.
@@ -516,6 +532,26 @@ async fn deposit(core: &Api, account: &str, amount: u64, book: &Mutex<Ledgerbook
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     panic!("deposit to {account} got no definitive answer in 120 s");
+}
+
+/// The core's payouts and the channel's tax records, each as
+/// `payout_id account gross tax net`, in payout id order.
+async fn payouts_and_tax_records(
+    core_db: &str,
+    channel_db: &str,
+) -> anyhow::Result<(Vec<String>, Vec<String>)> {
+    const FIGURES: &str = "SELECT concat_ws(' ', payout_id, account_id, gross, tax, net)";
+    let paid = bank_tests::db::query_strings(
+        core_db,
+        &format!("{FIGURES} FROM interest_payouts ORDER BY payout_id"),
+    )
+    .await?;
+    let taxed = bank_tests::db::query_strings(
+        channel_db,
+        &format!("{FIGURES} FROM tax_records ORDER BY payout_id"),
+    )
+    .await?;
+    Ok((paid, taxed))
 }
 
 /// "Receive interest now", retried with the same key until definitive.
