@@ -8,11 +8,17 @@
 //! mode a hit runs neither path; both are compared when the figure is
 //! computed, at every payout and by the verifier.
 //!
-//! Invalidation (after a payout or any balance change) increments the
-//! account's generation `bank:interest-gen:<account>`; each cached value
-//! carries the generation it was computed under, and a value whose generation
-//! is not the current one is a miss. A slow reader that stores a figure
-//! computed before a payout therefore never serves it. A payout answers only
+//! Invalidation (after a payout or any balance change) sets the account's
+//! generation `bank:interest-gen:<account>` to a fresh random token; each
+//! cached value carries the generation it was computed under, and a value
+//! whose generation is not the current one is a miss. A slow reader that
+//! stores a figure computed before a payout therefore never serves it. A
+//! missing generation (never set, expired, or evicted under any
+//! `maxmemory-policy`) is a miss too, and the next store sets a fresh token
+//! only if none exists (`SET NX`): a value cached under a generation that is
+//! gone can never match again, so eviction cannot bring back a figure from
+//! before a payout. Generations expire after [`GENERATION_TTL_SECS`], longer
+//! than any value lives (values expire at the next midnight). A payout answers only
 //! after its increment reached Redis ([`InterestCache::invalidate_now`]), so
 //! no replica serves the pre-payout figure once the customer has the answer;
 //! balance changes (which do not change the figure for completed days) are
@@ -46,6 +52,16 @@ use super::{Accrual, Path};
 /// a warning (their keys still expire at midnight).
 const MAX_PENDING_INVALIDATIONS: usize = 100_000;
 
+/// How long a generation lives after it was set; cached values live until
+/// the next local midnight, so at most about a day.
+const GENERATION_TTL_SECS: u64 = 3 * 24 * 3600;
+
+/// A fresh generation: random, so a generation that was lost (expired or
+/// evicted) is never issued again.
+fn new_generation() -> i64 {
+    (rand::random::<u64>() >> 1) as i64
+}
+
 /// The answer of a cache lookup.
 #[derive(Debug)]
 pub enum Lookup {
@@ -53,8 +69,9 @@ pub enum Lookup {
     Hit(Accrual),
     /// No current figure; store the computed one under this generation.
     Miss {
-        /// The account's generation when looked up.
-        generation: i64,
+        /// The account's generation when looked up; none if Redis has none
+        /// (the store then sets one, unless another appeared meanwhile).
+        generation: Option<i64>,
     },
     /// Redis could not be asked.
     Unavailable,
@@ -222,9 +239,8 @@ impl InterestCache {
                 return Lookup::Unavailable;
             }
         };
-        let generation = generation.unwrap_or(0);
         match value.map(|v| serde_json::from_str::<Cached>(&v)) {
-            Some(Ok(c)) if c.generation == generation => Lookup::Hit(c.accrual),
+            Some(Ok(c)) if Some(c.generation) == generation => Lookup::Hit(c.accrual),
             Some(Err(e)) => {
                 tracing::warn!(error = %e, %account, "unreadable cached interest; recomputing");
                 Lookup::Miss { generation }
@@ -233,10 +249,41 @@ impl InterestCache {
         }
     }
 
-    /// Stores a figure computed under `generation`, expiring after `ttl_secs`.
-    pub async fn put(&self, accrual: &Accrual, date: NaiveDate, generation: i64, ttl_secs: u64) {
+    /// Stores a figure computed under `generation`, expiring after
+    /// `ttl_secs`. With no generation, it first sets a fresh one if the
+    /// account still has none, and stores nothing if another appeared (an
+    /// invalidation may have come between the lookup and now).
+    pub async fn put(
+        &self,
+        accrual: &Accrual,
+        date: NaiveDate,
+        generation: Option<i64>,
+        ttl_secs: u64,
+    ) {
         let Some(mut conn) = self.connection().await else {
             return;
+        };
+        let generation = match generation {
+            Some(g) => g,
+            None => {
+                let fresh = new_generation();
+                let set: Result<Option<String>, _> = redis::cmd("SET")
+                    .arg(gen_key(accrual.account_id.as_str()))
+                    .arg(fresh)
+                    .arg("NX")
+                    .arg("EX")
+                    .arg(GENERATION_TTL_SECS)
+                    .query_async(&mut conn)
+                    .await;
+                match set {
+                    Ok(Some(_)) => fresh,
+                    Ok(None) => return,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "redis generation store failed");
+                        return;
+                    }
+                }
+            }
         };
         let cached = Cached {
             generation,
@@ -294,15 +341,16 @@ impl InterestCache {
             .unwrap_or_default()
     }
 
-    /// Increments the generations of `taken` in one pipeline and forgets
-    /// those not invalidated again meanwhile; false if Redis failed.
+    /// Gives `taken` fresh generations in one pipeline and forgets those not
+    /// invalidated again meanwhile; false if Redis failed.
     async fn bump_generations(&self, taken: &[(String, u64)]) -> bool {
         let Some(mut conn) = self.connection().await else {
             return false;
         };
         let mut pipe = redis::pipe();
         for (id, _) in taken {
-            pipe.incr(gen_key(id), 1).ignore();
+            pipe.set_ex(gen_key(id), new_generation(), GENERATION_TTL_SECS)
+                .ignore();
         }
         match pipe.query_async::<()>(&mut conn).await {
             Ok(()) => {

@@ -19,6 +19,26 @@ async fn core() -> (NatsServer, CoreApp) {
     (nats, core)
 }
 
+/// A core with an account of 60,000,000 won three days into accruing
+/// (gross 8,301), and a connection to the Redis of its cache.
+async fn accrued_for_three_days() -> (
+    NatsServer,
+    CoreApp,
+    String,
+    NaiveDate,
+    redis::aio::MultiplexedConnection,
+) {
+    let (nats, core) = core().await;
+    let account = core.api.funded_account(60_000_000).await;
+    let day = core.api.advance_business_date(3).await;
+    let redis = redis::Client::open(bank_tests::redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    (nats, core, account, day, redis)
+}
+
 async fn set_rollout(api: &Api, percent: u8, shadow: bool) {
     api.put(
         "/v1/admin/interest/rollout",
@@ -409,15 +429,8 @@ async fn b24_a_payout_that_would_take_the_balance_past_the_limit_is_refused() {
 
 #[tokio::test]
 async fn b25_cache_hit_invalidation_on_payout_and_midnight_key_change() {
-    let (_nats, core) = core().await;
+    let (_nats, core, account, day, mut redis) = accrued_for_three_days().await;
     let api = &core.api;
-    let account = api.funded_account(60_000_000).await;
-    let day = api.advance_business_date(3).await;
-    let mut redis = redis::Client::open(bank_tests::redis_url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
     // The deposit's invalidation is applied to Redis in the background; until
     // then the account bypasses the cache, so query until a figure is stored.
     let first = query_until_cached(api, &redis, &account, day, "legacy").await;
@@ -539,15 +552,8 @@ fn b26_legacy_and_new_paths_agree_over_random_histories() {
 /// comes only after its invalidation reached Redis.
 #[tokio::test]
 async fn b26_a_rollout_change_applies_to_figures_already_cached() {
-    let (_nats, core) = core().await;
+    let (_nats, core, account, day, mut redis) = accrued_for_three_days().await;
     let api = &core.api;
-    let account = api.funded_account(60_000_000).await;
-    let day = api.advance_business_date(3).await;
-    let mut redis = redis::Client::open(bank_tests::redis_url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
     // The new path's figure is in the cache (the deposit's invalidation is
     // applied in the background; until then the account bypasses the cache).
     set_rollout(api, 100, false).await;
@@ -581,11 +587,74 @@ async fn b26_a_rollout_change_applies_to_figures_already_cached() {
     )
     .await
     .expect(200);
-    assert!(
-        generation(&mut redis).await > before,
+    assert_ne!(
+        generation(&mut redis).await,
+        before,
         "the payout answered before its cache invalidation reached Redis"
     );
     assert_eq!(interest(api, &account).await["days"], 0);
+}
+
+/// Redis under an `allkeys-*` policy may evict any key, a generation among
+/// them, while a figure cached under it survives.
+#[tokio::test]
+async fn b25_an_evicted_generation_never_brings_back_a_figure_from_before_a_payout() {
+    let (_nats, core, account, day, mut redis) = accrued_for_three_days().await;
+    let api = &core.api;
+    let path = interest(api, &account).await["path"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let value_key = format!("bank:interest:{account}:{day}:{path}");
+    let generation_key = format!("bank:interest-gen:{account}");
+    let evicting = redis.clone();
+    let evict = |keys: Vec<String>| {
+        let mut redis = evicting.clone();
+        async move {
+            redis::cmd("DEL")
+                .arg(keys)
+                .query_async::<i64>(&mut redis)
+                .await
+                .unwrap()
+        }
+    };
+    // Both keys evicted: the figure is cached again, under a generation
+    // that did not exist before.
+    query_until_cached(api, &redis, &account, day, &path).await;
+    evict(vec![value_key.clone(), generation_key.clone()]).await;
+    let cached = query_until_cached(api, &redis, &account, day, &path).await;
+    assert_eq!(cached["gross"], "8301");
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(&generation_key)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(ttl > 0, "the generation has a TTL: {ttl}");
+    // A payout, then its generation is evicted while the old figure stays.
+    api.post(
+        &format!("/v1/accounts/{account}/interest/payouts"),
+        json!({"payout_id": unique("pay_")}),
+    )
+    .await
+    .expect(200);
+    assert_eq!(evict(vec![generation_key.clone()]).await, 1);
+    let exists: bool = redis::cmd("EXISTS")
+        .arg(&value_key)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(
+        exists,
+        "the figure from before the payout is still in Redis"
+    );
+    for _ in 0..2 {
+        let after = interest(api, &account).await;
+        assert_eq!(
+            (after["days"].clone(), after["gross"].clone()),
+            (json!(0), json!("0")),
+            "{after}"
+        );
+    }
 }
 
 #[tokio::test]
