@@ -5,7 +5,9 @@
 //! deposits and interest payouts, and meanwhile, on a schedule drawn from the
 //! seed: SIGKILLs and restarts each service, restarts nats-server, SIGTERMs
 //! services, delays and drops requests between the transfer service and the
-//! core (through a fault proxy), and publishes poison messages. Then it stops
+//! core (through a fault proxy), publishes poison messages and forged
+//! interest events, and loses interest events (deleted from the stream while
+//! the projector is down). Then it stops
 //! the faults, waits for convergence, and checks the invariants, printing each
 //! with its figure. Exits 1 if any check fails. Replay a run with `--seed`.
 
@@ -109,6 +111,7 @@ async fn run(args: &Args, seed: u64) -> anyhow::Result<bool> {
             ("PROJECTOR_MAX_DELIVERIES".into(), "10".into()),
             ("PROJECTOR_RETRY_BASE_MS".into(), "200".into()),
             ("PROJECTOR_RETRY_MAX_MS".into(), "3000".into()),
+            ("PROJECTOR_TAX_SWEEP_SECS".into(), "2".into()),
         ]);
         for (k, v) in extra {
             e.insert((*k).into(), v.clone());
@@ -204,12 +207,14 @@ async fn run(args: &Args, seed: u64) -> anyhow::Result<bool> {
     // Faults.
     let started = Instant::now();
     let mut poison_sent = 0u64;
+    let mut forged_sent = 0u64;
+    let mut interest_events_deleted = 0u64;
     let mut day_shifts = 0;
     let mut faults: BTreeMap<&'static str, u64> = BTreeMap::new();
     while started.elapsed() < Duration::from_secs(args.secs) {
         let pause = Duration::from_millis(rng.random_range(1_000..4_000));
         tokio::time::sleep(pause).await;
-        let fault = rng.random_range(0..10);
+        let fault = rng.random_range(0..11);
         let name = match fault {
             0 => {
                 svc.core.kill().await;
@@ -289,6 +294,69 @@ async fn run(args: &Args, seed: u64) -> anyhow::Result<bool> {
                     poison_sent += 1;
                 }
                 "publish a poison message"
+            }
+            9 if rng.random_bool(0.5) => {
+                // Payouts whose events never reach the projector: it is
+                // down while they are made, and their messages are deleted
+                // from the stream before it is back. The sweep must record
+                // their tax from the core.
+                svc.projector.kill().await;
+                let js = nats.jetstream().await?;
+                let mut stream = js.get_stream("INTEREST").await?;
+                let before = stream.info().await?.state.last_sequence;
+                let today: chrono::NaiveDate =
+                    core.get("/v1/admin/clock").await.str("today").parse()?;
+                core.post(
+                    "/v1/admin/clock",
+                    json!({"today": (today + chrono::Duration::days(1)).to_string()}),
+                )
+                .await;
+                let first = rng.random_range(0..accounts.len());
+                for i in 0..accounts.len() {
+                    let a = &accounts[(first + i) % accounts.len()];
+                    if pay_interest(&core, a, &book).await {
+                        break;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(rng.random_range(300..1_500))).await;
+                let after = stream.info().await?.state.last_sequence;
+                for seq in before + 1..=after {
+                    if stream.delete_message(seq).await.unwrap_or(false) {
+                        interest_events_deleted += 1;
+                    }
+                }
+                svc.projector.restart()?;
+                wait_ready(&svc.projector_url).await?;
+                "lose interest events (projector down, messages deleted)"
+            }
+            9 => {
+                // An interest event the core never published, for a payout
+                // it never made: dead-lettered, never a tax record.
+                let victim = &accounts[rng.random_range(0..accounts.len())];
+                let payout_id = unique("pay_forged_");
+                let body = json!({
+                    "event_id": format!("interest:{payout_id}"),
+                    "payout_id": payout_id,
+                    "account_id": victim,
+                    "gross": "1000",
+                    "tax": "154",
+                    "net": "846",
+                    "from": "2026-01-01",
+                    "through": "2026-01-01",
+                    "paid_at": chrono::Utc::now(),
+                    "forged": forged_sent,
+                });
+                let js = nats.jetstream().await?;
+                let mut h = async_nats::HeaderMap::new();
+                h.insert("Nats-Msg-Id", unique("forged-").as_str());
+                if let Ok(ack) = js
+                    .publish_with_headers("bank.interest.paid", h, body.to_string().into())
+                    .await
+                    && ack.await.is_ok()
+                {
+                    forged_sent += 1;
+                }
+                "publish a forged interest event"
             }
             _ => {
                 if day_shifts < 5 {
@@ -432,7 +500,7 @@ async fn run(args: &Args, seed: u64) -> anyhow::Result<bool> {
         "every payout has its tax record, with the core's figures",
         paid == taxed,
         format!(
-            "{} payouts at the core, {} tax records; differing: {:?}",
+            "{} payouts at the core, {} tax records ({interest_events_deleted} of their events deleted from the stream); differing: {:?}",
             paid.len(),
             taxed.len(),
             paid.iter()
@@ -444,6 +512,18 @@ async fn run(args: &Args, seed: u64) -> anyhow::Result<bool> {
     );
     let js = nats.jetstream().await?;
     let dlq = stream_messages(&js, "DLQ").await.unwrap_or_default();
+    let forged_letters = dlq
+        .iter()
+        .filter(|m| {
+            m.subject.as_str() == "bank.dlq.bank.interest.paid"
+                && String::from_utf8_lossy(&m.payload).contains("\"forged\"")
+        })
+        .count() as u64;
+    check(
+        "every forged interest event is dead-lettered (and none is a tax record)",
+        forged_letters == forged_sent,
+        format!("{forged_sent} published, {forged_letters} dead-lettered"),
+    );
     // Letters of poison messages, grouped by the poison's sequence in LEDGER.
     let mut poison: std::collections::BTreeMap<String, Vec<String>> = Default::default();
     for m in &dlq {
@@ -552,6 +632,34 @@ async fn payouts_and_tax_records(
     )
     .await?;
     Ok((paid, taxed))
+}
+
+/// A payout through the core; true if it paid (its net is booked).
+async fn pay_interest(core: &Api, account: &str, book: &Mutex<Ledgerbook>) -> bool {
+    let payout_id = unique("pay_chaos_");
+    for _ in 0..50 {
+        match core
+            .try_send(
+                "POST",
+                &format!("/v1/accounts/{account}/interest/payouts"),
+                Some(json!({ "payout_id": payout_id })),
+                &[],
+            )
+            .await
+        {
+            Ok(r) if r.status == 200 => {
+                let net: i128 = r.body["net"]
+                    .as_str()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0);
+                book.lock().await.interest_net += net;
+                return true;
+            }
+            Ok(r) if (400..500).contains(&r.status) => return false,
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+    panic!("interest payout {payout_id} for {account} got no definitive answer");
 }
 
 /// "Receive interest now", retried with the same key until definitive.
