@@ -652,6 +652,55 @@ async fn b23_a_payout_whose_event_was_lost_from_the_stream_still_gets_its_tax_re
     assert!(dead_letters(&p).await.is_empty());
 }
 
+#[tokio::test]
+async fn f5_a_tax_event_the_core_cannot_confirm_is_retried_dead_lettered_and_still_recorded() {
+    let rig = Rig::new().await;
+    // The core's payout look-ups fail (503) through the projector's path.
+    rig.proxy
+        .add(None, "/interest/payouts/", Action::Fail(503), None);
+    let p = rig
+        .projector(ProjectorOptions {
+            max_deliveries: 3,
+            retry_base_ms: 50,
+            retry_max_ms: 200,
+            tax_sweep_secs: 1,
+            ..ProjectorOptions::default()
+        })
+        .await;
+    let account = rig.core.api.funded_account(60_000_000).await;
+    let pid = pay_interest(&rig, &account, 3).await;
+    // Retried with backoff, then dead-lettered, never recorded unconfirmed.
+    let letters = wait_letters(&p, 1).await;
+    let error = letters[0]["error"].as_str().unwrap();
+    assert!(
+        error.contains("cannot confirm") && error.contains("after 3 deliveries"),
+        "{error}"
+    );
+    assert_eq!(letters[0]["deliveries"], 3);
+    assert!(tax_records(&p, &account).await.is_empty());
+    // The core answers again: the sweep records the payout from it, and a
+    // replay of the letter is then a duplicate.
+    rig.proxy.clear();
+    let records = eventually("the tax record", Duration::from_secs(30), || async {
+        let list = tax_records(&p, &account).await;
+        if list.len() == 1 {
+            Ok(list)
+        } else {
+            Err(format!("{list:?}"))
+        }
+    })
+    .await;
+    assert_eq!(records[0]["payout_id"], json!(pid));
+    assert_eq!(records[0]["net"], json!("7023"));
+    let id = letters[0]["id"].as_u64().unwrap();
+    p.api
+        .post(&format!("/v1/dead-letters/{id}/replay"), json!({}))
+        .await
+        .expect(200);
+    assert!(dead_letters(&p).await.is_empty());
+    assert_eq!(tax_records(&p, &account).await.len(), 1);
+}
+
 async fn history_equals_ledger(rig: &Rig, accounts: &[String]) {
     eventually(
         "history equals ledger for every account",
