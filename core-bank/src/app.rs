@@ -102,6 +102,13 @@ impl App {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         // Install the metrics recorder before anything records.
         let _ = common::metrics::handle();
+        if config
+            .read_api_token
+            .as_ref()
+            .is_some_and(|r| r.expose() == config.api_token.expose())
+        {
+            anyhow::bail!("CORE_READ_API_TOKEN must differ from CORE_API_TOKEN");
+        }
         let db = connect_db(&config).await?;
         let nats = common::jetstream::connect(&config.nats.nats_url, "core-bank")
             .await
@@ -198,7 +205,14 @@ impl App {
             ledger,
             interest: self.interest.clone(),
             request_ttl: self.config.request_ttl(),
-            api_token: Arc::from(self.config.api_token.expose()),
+            tokens: http::ServiceTokens {
+                full: Arc::from(self.config.api_token.expose()),
+                read_only: self
+                    .config
+                    .read_api_token
+                    .as_ref()
+                    .map(|t| Arc::from(t.expose())),
+            },
         });
         let router = http::router(
             state,

@@ -66,6 +66,15 @@ pub struct Config {
         hide_env_values = true
     )]
     pub api_token: common::config::Secret,
+    /// An optional second credential that may only read (`GET`): for
+    /// callers that never move money, such as the projector. A write with it
+    /// is refused with 403.
+    #[arg(
+        long = "read-api-token",
+        env = "CORE_READ_API_TOKEN",
+        hide_env_values = true
+    )]
+    pub read_api_token: Option<common::config::Secret>,
     /// Requests older than this (by `requested_at`, on the core's clock) are refused.
     #[arg(
         long = "request-ttl-secs",

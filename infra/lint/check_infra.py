@@ -108,7 +108,7 @@ SERVICES = {
 # Settings that are not in the ConfigMap bank-config: secrets (from Secrets,
 # key by key) and the drain delay (on each Deployment).
 NOT_IN_CONFIGMAP = {
-    "CORE_API_TOKEN", "AUTH_JWT_SECRET", "PROJECTOR_API_TOKEN", "CORE_DATABASE_URL",
+    "CORE_API_TOKEN", "CORE_READ_API_TOKEN", "AUTH_JWT_SECRET", "PROJECTOR_API_TOKEN", "CORE_DATABASE_URL",
     "CHANNEL_DATABASE_URL", "SHUTDOWN_DRAIN_DELAY_MS",
 }
 

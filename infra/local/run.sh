@@ -12,6 +12,8 @@ mkdir -p "$LOCAL/logs" "$LOCAL/pids"
 # Demo settings: the business clock may be moved (to show interest accruing).
 export BANK_TEST_CLOCK=${BANK_TEST_CLOCK:-1}
 export CORE_API_TOKEN=${CORE_API_TOKEN:-dev-core-token}
+# The projector only reads from the core: it gets the read-only credential.
+export CORE_READ_API_TOKEN=${CORE_READ_API_TOKEN:-dev-core-read-token}
 export AUTH_JWT_SECRET=${AUTH_JWT_SECRET:-dev-jwt-secret}
 CORE=${CORE_URL:-http://127.0.0.1:8081}
 TRANSFER=http://${TRANSFER_HTTP_ADDR:-127.0.0.1:8080}
@@ -22,9 +24,10 @@ log() { printf '[run] %s\n' "$*" >&2; }
 running() { [ -f "$LOCAL/pids/$1.pid" ] && kill -0 "$(cat "$LOCAL/pids/$1.pid")" 2>/dev/null; }
 
 start_one() {
-  local name=$1
+  local name=$1 token=$CORE_API_TOKEN
   if running "$name"; then log "$name already running (pid $(cat "$LOCAL/pids/$name.pid"))"; return; fi
-  nohup "$BIN/$name" >>"$LOCAL/logs/$name.log" 2>&1 &
+  [ "$name" = projector ] && token=$CORE_READ_API_TOKEN
+  CORE_API_TOKEN=$token nohup "$BIN/$name" >>"$LOCAL/logs/$name.log" 2>&1 &
   echo $! >"$LOCAL/pids/$name.pid"
   log "$name started (pid $!, log .local/logs/$name.log)"
 }

@@ -11,6 +11,9 @@ use crate::nats::NatsServer;
 
 /// Service credential used by tests.
 pub const CORE_TOKEN: &str = "test-core-token";
+/// The core's read-only credential in tests: the projector's, so every
+/// projector test shows it needs nothing more.
+pub const CORE_READ_TOKEN: &str = "test-core-read-token";
 /// JWT secret used by tests.
 pub const JWT_SECRET: &str = "test-jwt-secret";
 
@@ -74,6 +77,7 @@ impl CoreApp {
         config.nats.nats_url = nats.url();
         config.redis_url = opts.redis_url;
         config.api_token = common::config::Secret::new(CORE_TOKEN);
+        config.read_api_token = Some(common::config::Secret::new(CORE_READ_TOKEN));
         config.request_ttl_secs = opts.request_ttl_secs;
         config.test_clock = opts.test_clock;
         config.pool.db_max_connections = opts.db_max_connections;
@@ -241,7 +245,7 @@ impl ProjectorApp {
         config.http_addr = "127.0.0.1:0".parse()?;
         config.database_url = db_url.to_owned();
         config.core.core_url = core_url.to_owned();
-        config.core.core_api_token = common::config::Secret::new(CORE_TOKEN);
+        config.core.core_api_token = common::config::Secret::new(CORE_READ_TOKEN);
         config.nats.nats_url = nats.url();
         config.max_deliveries = opts.max_deliveries;
         config.retry_base_ms = opts.retry_base_ms;

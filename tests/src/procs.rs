@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use crate::apps::{CORE_TOKEN, JWT_SECRET};
+use crate::apps::{CORE_READ_TOKEN, CORE_TOKEN, JWT_SECRET};
 use crate::client::Api;
 use crate::nats::{NatsServer, free_port};
 use crate::process::ServiceProcess;
@@ -53,6 +53,7 @@ impl ProcStack {
         for (k, v) in [
             ("NATS_URL", nats.url()),
             ("CORE_API_TOKEN", CORE_TOKEN.to_owned()),
+            ("CORE_READ_API_TOKEN", CORE_READ_TOKEN.to_owned()),
             ("AUTH_JWT_SECRET", JWT_SECRET.to_owned()),
             ("CORE_URL", format!("http://{}", cfg.core_url)),
             ("CORE_DATABASE_URL", cfg.core_db.clone()),
@@ -67,7 +68,12 @@ impl ProcStack {
         let core = ServiceProcess::start("core-bank", base.clone())?;
         wait_ready(&format!("http://{}", cfg.core_url)).await?;
         let transfer = ServiceProcess::start("transfer", base.clone())?;
-        let projector = ServiceProcess::start("projector", base)?;
+        // The projector only reads from the core.
+        let mut projector_env = base;
+        if !cfg.env.contains_key("CORE_API_TOKEN") {
+            projector_env.insert("CORE_API_TOKEN".to_owned(), CORE_READ_TOKEN.to_owned());
+        }
+        let projector = ServiceProcess::start("projector", projector_env)?;
         wait_ready(&format!("http://{}", cfg.transfer_url)).await?;
         wait_ready(&format!("http://{}", cfg.projector_url)).await?;
         Ok(Self {

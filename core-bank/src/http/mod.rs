@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Request, State};
+use axum::http::Method;
 use axum::http::header::AUTHORIZATION;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -43,8 +44,17 @@ pub struct AppShared {
     pub interest: InterestService,
     /// Request TTL (B5).
     pub request_ttl: Duration,
-    /// The service credential.
-    pub api_token: Arc<str>,
+    /// The service credentials.
+    pub tokens: ServiceTokens,
+}
+
+/// The credentials `/v1` accepts.
+#[derive(Clone)]
+pub struct ServiceTokens {
+    /// `CORE_API_TOKEN`: every route.
+    pub full: Arc<str>,
+    /// `CORE_READ_API_TOKEN`: `GET` (and `HEAD`) only.
+    pub read_only: Option<Arc<str>>,
 }
 
 struct BearerAuth;
@@ -88,10 +98,10 @@ fn api(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(interest::verify))
         .routes(routes!(admin::get_clock, admin::set_clock))
         .split_for_parts();
-    let token = state.api_token.clone();
+    let tokens = state.tokens.clone();
     let router = router
         .route_layer(axum::middleware::from_fn_with_state(
-            token,
+            tokens,
             require_service_token,
         ))
         .with_state(state);
@@ -112,9 +122,10 @@ pub fn router(state: AppState, readiness: Readiness, request_timeout: Duration) 
     common::http::with_edge(api, readiness, request_timeout)
 }
 
-/// Checks `Authorization: Bearer <CORE_API_TOKEN>` in constant time.
+/// Checks `Authorization: Bearer <token>` in constant time: the full
+/// credential passes everywhere, the read-only one on `GET` and `HEAD`.
 async fn require_service_token(
-    State(token): State<Arc<str>>,
+    State(tokens): State<ServiceTokens>,
     req: Request,
     next: Next,
 ) -> Response {
@@ -124,13 +135,18 @@ async fn require_service_token(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    let ok: bool = presented.as_bytes().ct_eq(token.as_bytes()).into();
-    if ok {
-        next.run(req).await
-    } else {
-        ApiError::unauthorized("a valid service token is required (Authorization: Bearer ...)")
-            .into_response()
+    let is = |token: &str| -> bool { presented.as_bytes().ct_eq(token.as_bytes()).into() };
+    if is(&tokens.full) {
+        return next.run(req).await;
     }
+    if tokens.read_only.as_deref().is_some_and(is) {
+        if matches!(*req.method(), Method::GET | Method::HEAD) {
+            return next.run(req).await;
+        }
+        return ApiError::forbidden("this credential may only read (GET)").into_response();
+    }
+    ApiError::unauthorized("a valid service token is required (Authorization: Bearer ...)")
+        .into_response()
 }
 
 /// Parses a path id, answering 400 `invalid_id`.

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use bank_tests::apps::{CORE_TOKEN, JWT_SECRET, customer_token};
+use bank_tests::apps::{CORE_READ_TOKEN, CORE_TOKEN, JWT_SECRET, customer_token};
 use bank_tests::nats::{NatsServer, free_port, stream_messages};
 use bank_tests::process::ServiceProcess;
 use bank_tests::procs::wait_ready;
@@ -112,6 +112,7 @@ async fn run(args: &Args, seed: u64) -> anyhow::Result<bool> {
             ("PROJECTOR_RETRY_BASE_MS".into(), "200".into()),
             ("PROJECTOR_RETRY_MAX_MS".into(), "3000".into()),
             ("PROJECTOR_TAX_SWEEP_SECS".into(), "2".into()),
+            ("CORE_READ_API_TOKEN".into(), CORE_READ_TOKEN.into()),
         ]);
         for (k, v) in extra {
             e.insert((*k).into(), v.clone());
@@ -132,6 +133,8 @@ async fn run(args: &Args, seed: u64) -> anyhow::Result<bool> {
             env(&[
                 ("PROJECTOR_HTTP_ADDR", projector_addr.clone()),
                 ("CORE_URL", core_url.clone()),
+                // The projector only reads from the core.
+                ("CORE_API_TOKEN", CORE_READ_TOKEN.into()),
             ]),
         )?,
         core_url: core_url.clone(),

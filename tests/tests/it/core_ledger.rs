@@ -3,7 +3,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use bank_tests::apps::{CORE_TOKEN, CoreOptions};
+use bank_tests::apps::{CORE_READ_TOKEN, CORE_TOKEN, CoreOptions};
 use bank_tests::client::transfer_body;
 use bank_tests::db::AccountLock;
 use bank_tests::nats::stream_messages;
@@ -710,6 +710,30 @@ async fn b30_core_routes_require_the_service_token() {
             );
         }
     }
+    // The read-only credential reads, and nothing else.
+    let reader = core.api.with_token(Some(CORE_READ_TOKEN.to_owned()));
+    for (method, path) in &routes {
+        let r = reader.send(method, path, Some(json!({})), &[]).await;
+        if *method == "GET" {
+            assert!(
+                !matches!(r.status, 401 | 403),
+                "{method} {path}: {} {:?}",
+                r.status,
+                r.body
+            );
+        } else {
+            assert_eq!(
+                (r.status, r.code()),
+                (403, Some("forbidden")),
+                "{method} {path}"
+            );
+        }
+    }
+    assert_eq!(
+        reader.get(&format!("/v1/accounts/{account}")).await.status,
+        200
+    );
+    assert_eq!(core.api.balance(&account).await, 0, "nothing moved");
     // Operational endpoints stay open.
     assert_eq!(missing.get("/healthz").await.status, 200);
     assert_eq!(missing.get("/openapi.json").await.status, 200);

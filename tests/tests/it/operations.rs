@@ -383,6 +383,7 @@ async fn b30_a_service_given_an_empty_credential_refuses_to_start() {
     // and an empty signing key lets anyone sign customer tokens.
     let cases = [
         ("core-bank", "CORE_API_TOKEN"),
+        ("core-bank", "CORE_READ_API_TOKEN"),
         ("transfer", "CORE_API_TOKEN"),
         ("transfer", "AUTH_JWT_SECRET"),
         ("projector", "CORE_API_TOKEN"),

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
-use bank_tests::apps::{CORE_TOKEN, ProjectorOptions};
+use bank_tests::apps::{CORE_READ_TOKEN, ProjectorOptions};
 use bank_tests::nats::stream_messages;
 use bank_tests::process::ServiceProcess;
 use bank_tests::proxy::{Action, FaultProxy};
@@ -723,7 +723,7 @@ fn projector_env(rig: &Rig) -> HashMap<String, String> {
     HashMap::from([
         ("CHANNEL_DATABASE_URL".to_owned(), rig.channel_db.clone()),
         ("CORE_URL".to_owned(), rig.core.api.base.clone()),
-        ("CORE_API_TOKEN".to_owned(), CORE_TOKEN.to_owned()),
+        ("CORE_API_TOKEN".to_owned(), CORE_READ_TOKEN.to_owned()),
         ("NATS_URL".to_owned(), rig.nats.url()),
         ("PROJECTOR_HTTP_ADDR".to_owned(), "127.0.0.1:0".to_owned()),
         ("DATABASE_MAX_CONNECTIONS".to_owned(), "4".to_owned()),
