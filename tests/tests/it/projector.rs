@@ -1232,6 +1232,58 @@ fn entry(account: &common::AccountId, seq: i64, amount: i64, balance_after: i64)
     }
 }
 
+/// Two repairs of one account may race: the second must not cut the core's
+/// entry the first fetched back. The cut is decided under the writer's lock.
+#[tokio::test]
+async fn b15_a_late_repair_never_cuts_the_cores_entry_another_repair_fetched_back() {
+    use sea_orm::Database;
+    use sea_orm_migration::MigratorTrait;
+    let url = bank_tests::db::fresh_database("repair").await.unwrap();
+    let db = Database::connect(url.as_str()).await.unwrap();
+    transfer::migration::Migrator::up(&db, None).await.unwrap();
+    let account = common::AccountId::generate();
+    // A forged seq 2 that continues the balances is held.
+    writer::apply(
+        &db,
+        &[
+            entry(&account, 1, 100, 100),
+            entry(&account, 2, 1_000, 1_100),
+        ],
+    )
+    .await
+    .unwrap();
+    let cores = entry(&account, 2, 7, 107);
+    // The first repair cuts it, and the core's seq 2 is fetched back.
+    assert!(
+        writer::truncate_from(&db, &account, 2, Some(&cores))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        writer::apply(&db, std::slice::from_ref(&cores))
+            .await
+            .unwrap()
+            .applied,
+        1
+    );
+    // The second repair, which saw the forged entry before, cuts nothing.
+    assert!(
+        !writer::truncate_from(&db, &account, 2, Some(&cores))
+            .await
+            .unwrap()
+    );
+    // Nor does one for a seq the history does not hold.
+    assert!(!writer::truncate_from(&db, &account, 5, None).await.unwrap());
+    let held = bank_tests::db::query_strings(
+        &url,
+        &format!("SELECT seq::text || ':' || balance_after::text FROM history_entries WHERE account_id = '{account}' ORDER BY seq"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(held, ["1:100", "2:107"]);
+    assert_eq!(writer::synced_through(&db, &account).await.unwrap(), 2);
+}
+
 #[tokio::test]
 async fn b15_a_writer_that_waited_for_another_checks_the_balance_the_other_left() {
     use sea_orm::{ConnectionTrait, Database, Statement, TransactionTrait};

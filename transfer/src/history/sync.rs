@@ -109,11 +109,13 @@ pub async fn repair_unless_the_cores(
         if report.conflicts.is_empty() {
             return Ok(HeldCheck { cores, cut: false });
         }
-    } else if writer::synced_through(db, account).await? < seq {
-        return Ok(HeldCheck { cores, cut: false });
     }
-    writer::truncate_from(db, account, seq).await?;
-    metrics::counter!("history_repairs_total").increment(1);
-    tracing::error!(account = %account, seq, "the history held an entry that is not the core's; cut back to before it, to be fetched from the core again");
-    Ok(HeldCheck { cores, cut: true })
+    // Checked again under the lock: another repair may have cut and fetched
+    // the core's entries since.
+    let cut = writer::truncate_from(db, account, seq, cores.as_ref()).await?;
+    if cut {
+        metrics::counter!("history_repairs_total").increment(1);
+        tracing::error!(account = %account, seq, "the history held an entry that is not the core's; cut back to before it, to be fetched from the core again");
+    }
+    Ok(HeldCheck { cores, cut })
 }

@@ -372,20 +372,38 @@ pub async fn synced_through<C: ConnectionTrait>(
 
 /// Forgets an account's entries from `seq` on, under the lock the writer
 /// takes: the repair when the history turns out to hold an entry that is not
-/// the core's (the caller then fetches the core's entries again).
+/// the core's (the caller then fetches the core's entries again). Decided
+/// under the lock: nothing is cut if the history no longer holds `seq`, or
+/// holds `unless` (the core's entry) there, as after another repair that
+/// cut and fetched again meanwhile. Returns whether it cut.
 pub async fn truncate_from(
     db: &DatabaseConnection,
     account: &AccountId,
     seq: i64,
-) -> Result<(), DbErr> {
+    unless: Option<&LedgerEntry>,
+) -> Result<bool, DbErr> {
     let txn = db.begin().await?;
     let backend = db.get_database_backend();
-    txn.execute_raw(Statement::from_sql_and_values(
-        backend,
-        "SELECT 1 FROM history_sync WHERE account_id = $1 FOR UPDATE",
-        [account.to_string().into()],
-    ))
-    .await?;
+    let synced = txn
+        .query_one_raw(Statement::from_sql_and_values(
+            backend,
+            "SELECT synced_through_seq FROM history_sync WHERE account_id = $1 FOR UPDATE",
+            [account.to_string().into()],
+        ))
+        .await?
+        .map(|r| r.try_get::<i64>("", "synced_through_seq"))
+        .transpose()?
+        .unwrap_or(0);
+    if synced < seq {
+        return Ok(false);
+    }
+    if let Some(entry) = unless {
+        let mut held = Columns::default();
+        held.push(entry);
+        if held.differing(&txn).await?.is_empty() {
+            return Ok(false);
+        }
+    }
     txn.execute_raw(Statement::from_sql_and_values(
         backend,
         "DELETE FROM history_entries WHERE account_id = $1 AND seq >= $2",
@@ -399,7 +417,8 @@ pub async fn truncate_from(
         [account.to_string().into(), seq.into()],
     ))
     .await?;
-    txn.commit().await
+    txn.commit().await?;
+    Ok(true)
 }
 
 /// Forgets an account's history (for `projector rebuild --reset`), under the
