@@ -24,6 +24,7 @@ use common::{AccountId, PayoutId};
 use futures::StreamExt;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, Statement};
 use transfer::core_client::{CoreError, CorePayout};
+use transfer::history::sync::{self, SyncError};
 
 use super::{Context, Failure, ack, fail};
 
@@ -256,19 +257,22 @@ pub enum SweepError {
     /// The core could not be read.
     #[error("reading payouts from the core")]
     Core(#[from] CoreError),
+    /// A history entry that is not the core's could not be repaired.
+    #[error("repairing the history")]
+    Repair(#[from] SyncError),
 }
 
 /// One sweep pass: the history's interest entries written between
 /// [`SWEEP_WINDOW_DAYS`] ago and `min_age` ago that have no tax record get
 /// the core's figures of their payout recorded. Returns how many were
-/// recovered. An entry whose payout the core does not know is left to the
-/// history's own check against the core (B15), and logged.
+/// recovered. An entry whose payout the core does not know is not the
+/// core's: the history is repaired from the core's entries (B15).
 pub async fn sweep_once(ctx: &Context, min_age: Duration) -> Result<u64, SweepError> {
     let rows = ctx
         .db
         .query_all_raw(Statement::from_sql_and_values(
             ctx.db.get_database_backend(),
-            "SELECT h.account_id, h.payout_id FROM history_entries h \
+            "SELECT h.account_id, h.payout_id, h.seq FROM history_entries h \
              WHERE h.payout_id IS NOT NULL AND h.kind = 'interest' \
                AND h.applied_at >= now() - make_interval(days => $1) \
                AND h.applied_at < now() - make_interval(secs => $2) \
@@ -285,6 +289,7 @@ pub async fn sweep_once(ctx: &Context, min_age: Duration) -> Result<u64, SweepEr
     for r in rows {
         let account: String = r.try_get("", "account_id")?;
         let payout: String = r.try_get("", "payout_id")?;
+        let seq: i64 = r.try_get("", "seq")?;
         let (Ok(account), Ok(payout)) = (AccountId::parse(account), PayoutId::parse(payout)) else {
             continue;
         };
@@ -299,7 +304,11 @@ pub async fn sweep_once(ctx: &Context, min_age: Duration) -> Result<u64, SweepEr
                 recovered += new;
             }
             None => {
-                tracing::warn!(payout_id = %payout, account = %account, "the history holds an interest entry for a payout the core does not know");
+                // Not the core's entry: checked against the core's entry at
+                // that seq and cut back if so (B15).
+                let check =
+                    sync::repair_unless_the_cores(&ctx.db, &ctx.core, &account, seq).await?;
+                tracing::warn!(payout_id = %payout, account = %account, seq, cut = check.cut, "the history held an interest entry for a payout the core does not know");
             }
         }
     }

@@ -701,6 +701,43 @@ async fn f5_a_tax_event_the_core_cannot_confirm_is_retried_dead_lettered_and_sti
     assert_eq!(tax_records(&p, &account).await.len(), 1);
 }
 
+#[tokio::test]
+async fn b15_an_interest_entry_for_a_payout_the_core_never_made_is_cut_by_the_tax_sweep() {
+    let rig = Rig::new().await;
+    let mut p = rig.projector(ProjectorOptions::default()).await;
+    let account = rig.core.api.funded_account(100).await;
+    rig.wait_synced(&account, 1, Duration::from_secs(10)).await;
+    p.stop().await.unwrap();
+    // Something wrote an interest entry the core never made, continuing the
+    // balances, as the last entry (no later entry of the core contradicts it).
+    let db = sea_orm::Database::connect(rig.channel_db.as_str())
+        .await
+        .unwrap();
+    let id = common::AccountId::parse(account.clone()).unwrap();
+    let mut forged = entry(&id, 2, 7, 107);
+    forged.kind = EntryKind::Interest;
+    forged.payout_id = Some(common::PayoutId::parse(unique("pay_")).unwrap());
+    assert_eq!(writer::apply(&db, &[forged]).await.unwrap().applied, 1);
+    assert_eq!(rig.synced(&account).await, 2);
+    // The sweep looks for its tax record, asks the core for the payout, and
+    // cuts the entry.
+    let p = rig
+        .projector(ProjectorOptions {
+            tax_sweep_secs: 1,
+            ..ProjectorOptions::default()
+        })
+        .await;
+    eventually("the entry cut", Duration::from_secs(30), || async {
+        match rig.synced(&account).await {
+            1 => Ok(()),
+            n => Err(format!("{n} entries")),
+        }
+    })
+    .await;
+    history_equals_ledger(&rig, std::slice::from_ref(&account)).await;
+    assert!(tax_records(&p, &account).await.is_empty());
+}
+
 async fn history_equals_ledger(rig: &Rig, accounts: &[String]) {
     eventually(
         "history equals ledger for every account",
