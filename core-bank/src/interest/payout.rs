@@ -304,12 +304,15 @@ async fn try_pay(
         paid_through: row.try_get("", "interest_paid_through")?,
     };
     let (accrual, mismatch) = interest.compute_for_bucket(&txn, &terms, today).await?;
-    let balance: Decimal = row.try_get("", "balance")?;
-    let last_seq: i64 = row.try_get("", "last_seq")?;
-    let outcome = write(
-        txn, account, payout_id, accrual, balance, last_seq, today, now,
-    )
-    .await;
+    let locked = Locked {
+        account,
+        payout_id,
+        balance: row.try_get("", "balance")?,
+        last_seq: row.try_get("", "last_seq")?,
+        today,
+        now,
+    };
+    let outcome = write(txn, locked, accrual).await;
     // Reported once the transaction has ended (committed or rolled back), on
     // a connection of its own: holding this one while waiting for another
     // could exhaust the pool under concurrent payouts, and a refused payout
@@ -320,19 +323,31 @@ async fn try_pay(
     outcome
 }
 
-/// The rest of a payout, in its transaction: the checks on the figure, the
-/// entry, the payout record and the two events.
-#[allow(clippy::too_many_arguments)]
-async fn write(
-    txn: sea_orm::DatabaseTransaction,
-    account: &AccountId,
-    payout_id: &PayoutId,
-    accrual: crate::interest::Accrual,
+/// A payout's account as read under its lock, and the moment it pays.
+struct Locked<'a> {
+    account: &'a AccountId,
+    payout_id: &'a PayoutId,
     balance: Decimal,
     last_seq: i64,
-    today: chrono::NaiveDate,
-    now: chrono::DateTime<chrono::Utc>,
+    today: NaiveDate,
+    now: DateTime<Utc>,
+}
+
+/// The rest of a payout, in its transaction: the checks on the figure, the
+/// entry, the payout record and the two events.
+async fn write(
+    txn: sea_orm::DatabaseTransaction,
+    locked: Locked<'_>,
+    accrual: crate::interest::Accrual,
 ) -> Result<Payout, PayoutError> {
+    let Locked {
+        account,
+        payout_id,
+        balance,
+        last_seq,
+        today,
+        now,
+    } = locked;
     let backend = txn.get_database_backend();
     if accrual.days <= 0 || accrual.gross.value() <= Decimal::ZERO {
         return Err(PayoutError::NothingToPay);
