@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use bank_tests::apps::{CORE_TOKEN, JWT_SECRET, customer_token};
+use bank_tests::apps::{CORE_READ_TOKEN, CORE_TOKEN, JWT_SECRET, customer_token};
 use bank_tests::nats::{NatsServer, free_port};
 use bank_tests::process::ServiceProcess;
 use bank_tests::procs::wait_ready;
@@ -155,6 +155,7 @@ async fn main() -> anyhow::Result<()> {
     let env: HashMap<String, String> = HashMap::from([
         ("NATS_URL".into(), nats.url()),
         ("CORE_API_TOKEN".into(), CORE_TOKEN.into()),
+        ("CORE_READ_API_TOKEN".into(), CORE_READ_TOKEN.into()),
         ("AUTH_JWT_SECRET".into(), JWT_SECRET.into()),
         ("CORE_DATABASE_URL".into(), core_db_url.clone()),
         ("CHANNEL_DATABASE_URL".into(), channel_db_url.clone()),
@@ -168,7 +169,10 @@ async fn main() -> anyhow::Result<()> {
     let core_proc = ServiceProcess::start("core-bank", env.clone())?;
     wait_ready(&format!("http://{core_addr}")).await?;
     let transfer_proc = ServiceProcess::start("transfer", env.clone())?;
-    let projector = ServiceProcess::start("projector", env.clone())?;
+    // The projector only reads from the core, as deployed.
+    let mut projector_env = env.clone();
+    projector_env.insert("CORE_API_TOKEN".into(), CORE_READ_TOKEN.into());
+    let projector = ServiceProcess::start("projector", projector_env)?;
     for u in [
         format!("http://{transfer_addr}"),
         format!("http://{projector_addr}"),
