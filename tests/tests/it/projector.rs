@@ -599,6 +599,80 @@ async fn b23_an_interest_event_the_core_does_not_confirm_never_becomes_a_tax_rec
     }
 }
 
+/// Something publishes first under the core's own event id
+/// (`interest:<payout_id>`): the broker then drops the core's event as a
+/// duplicate, inside its two-minute window.
+#[tokio::test]
+async fn b23_a_forged_event_under_the_cores_event_id_only_delays_the_tax_record() {
+    let rig = Rig::new().await;
+    let p = rig
+        .projector(ProjectorOptions {
+            tax_sweep_secs: 1,
+            ..ProjectorOptions::default()
+        })
+        .await;
+    let account = rig.core.api.funded_account(60_000_000).await;
+    let date = rig.core.api.advance_business_date(3).await.to_string();
+    let pid = unique("pay_");
+    let js = rig.nats.jetstream().await.unwrap();
+    let mut h = HeaderMap::new();
+    h.insert("Nats-Msg-Id", format!("interest:{pid}").as_str());
+    js.publish_with_headers(
+        "bank.interest.paid",
+        h,
+        interest_event(&pid, &account, 100_000, 15_400, &date).into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    wait_letters(&p, 1).await;
+    let paid = rig
+        .core
+        .api
+        .post(
+            &format!("/v1/accounts/{account}/interest/payouts"),
+            json!({"payout_id": pid}),
+        )
+        .await
+        .expect(200)
+        .body;
+    // The core's relay published its event, and the broker dropped it.
+    eventually(
+        "the core's outbox drained",
+        Duration::from_secs(10),
+        || async {
+            let left = bank_tests::db::query_strings(
+                &rig.core.db_url,
+                "SELECT count(*)::text FROM outbox WHERE published_at IS NULL",
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            if left == ["0"] {
+                Ok(())
+            } else {
+                Err(format!("{left:?}"))
+            }
+        },
+    )
+    .await;
+    let interest = stream_messages(&js, "INTEREST").await.unwrap();
+    assert_eq!(interest.len(), 1, "only the forged event is in the stream");
+    // The sweep records the core's figures.
+    let records = eventually("the tax record", Duration::from_secs(30), || async {
+        let list = tax_records(&p, &account).await;
+        if list.len() == 1 {
+            Ok(list)
+        } else {
+            Err(format!("{list:?}"))
+        }
+    })
+    .await;
+    for field in ["payout_id", "gross", "tax", "net"] {
+        assert_eq!(records[0][field], paid[field], "{field}");
+    }
+}
+
 #[tokio::test]
 async fn b23_a_payout_whose_event_was_lost_from_the_stream_still_gets_its_tax_record() {
     let rig = Rig::new().await;
