@@ -76,6 +76,7 @@ METRICS: dict[str, tuple[str, set[str]]] = {
     "projector_conflicting_events_total": ("counter", set()),
     "projector_interest_events_not_the_cores_total": ("counter", set()),
     "projector_tax_records_recovered_total": ("counter", set()),
+    "projector_tax_sweep_errors_total": ("counter", set()),
     "history_repairs_total": ("counter", set()),
     "projector_batch_size": ("histogram", {"feed"}),
     "projector_tax_records_total": ("counter", set()),
