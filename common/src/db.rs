@@ -208,3 +208,32 @@ where
     txn.commit().await?;
     result
 }
+
+/// Implements `MigrationTrait` for `$migration` (a unit struct deriving
+/// `DeriveMigrationName`, which keeps naming it after its file) as one SQL
+/// text run up and one run down: the shape of most migrations here.
+#[macro_export]
+macro_rules! sql_migration {
+    ($migration:ident, up: $up:expr, down: $down:expr $(,)?) => {
+        #[async_trait::async_trait]
+        impl sea_orm_migration::prelude::MigrationTrait for $migration {
+            async fn up(
+                &self,
+                manager: &sea_orm_migration::prelude::SchemaManager,
+            ) -> Result<(), sea_orm_migration::prelude::DbErr> {
+                use sea_orm_migration::sea_orm::ConnectionTrait;
+                manager.get_connection().execute_unprepared($up).await?;
+                Ok(())
+            }
+
+            async fn down(
+                &self,
+                manager: &sea_orm_migration::prelude::SchemaManager,
+            ) -> Result<(), sea_orm_migration::prelude::DbErr> {
+                use sea_orm_migration::sea_orm::ConnectionTrait;
+                manager.get_connection().execute_unprepared($down).await?;
+                Ok(())
+            }
+        }
+    };
+}

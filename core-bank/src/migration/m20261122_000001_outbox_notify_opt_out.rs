@@ -6,21 +6,8 @@ use sea_orm_migration::prelude::*;
 #[derive(DeriveMigrationName)]
 pub struct Migration;
 
-#[async_trait::async_trait]
-impl MigrationTrait for Migration {
-    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager
-            .get_connection()
-            .execute_unprepared(common::outbox::NOTIFY_OPT_OUT_SQL)
-            .await?;
-        Ok(())
-    }
-
-    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager
-            .get_connection()
-            .execute_unprepared(common::outbox::CREATE_SQL)
-            .await?;
-        Ok(())
-    }
-}
+common::sql_migration!(
+    Migration,
+    up: common::outbox::NOTIFY_OPT_OUT_SQL,
+    down: common::outbox::CREATE_SQL,
+);

@@ -8,27 +8,12 @@ use sea_orm_migration::prelude::*;
 #[derive(DeriveMigrationName)]
 pub struct Migration;
 
-#[async_trait::async_trait]
-impl MigrationTrait for Migration {
-    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager
-            .get_connection()
-            // The column only (a catalog change, instant): no backfill, which
-            // would scan the whole ledger with `accounts` locked. Until an
-            // account's next entry sets it, NULL means "no constraint", which
-            // is what it was before.
-            .execute_unprepared(
-                "ALTER TABLE accounts ADD COLUMN IF NOT EXISTS last_business_date DATE",
-            )
-            .await?;
-        Ok(())
-    }
-
-    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager
-            .get_connection()
-            .execute_unprepared("ALTER TABLE accounts DROP COLUMN IF EXISTS last_business_date")
-            .await?;
-        Ok(())
-    }
-}
+common::sql_migration!(
+    Migration,
+    // The column only (a catalog change, instant): no backfill, which
+    // would scan the whole ledger with `accounts` locked. Until an
+    // account's next entry sets it, NULL means "no constraint", which
+    // is what it was before.
+    up: "ALTER TABLE accounts ADD COLUMN IF NOT EXISTS last_business_date DATE",
+    down: "ALTER TABLE accounts DROP COLUMN IF EXISTS last_business_date",
+);

@@ -5,13 +5,9 @@ use sea_orm_migration::prelude::*;
 #[derive(DeriveMigrationName)]
 pub struct Migration;
 
-#[async_trait::async_trait]
-impl MigrationTrait for Migration {
-    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager
-            .get_connection()
-            .execute_unprepared(
-                r#"
+common::sql_migration!(
+    Migration,
+    up: r#"
 CREATE TABLE tax_records (
     payout_id    TEXT PRIMARY KEY,
     account_id   TEXT NOT NULL,
@@ -25,16 +21,5 @@ CREATE TABLE tax_records (
 );
 CREATE INDEX tax_records_account ON tax_records (account_id, paid_at);
 "#,
-            )
-            .await?;
-        Ok(())
-    }
-
-    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager
-            .get_connection()
-            .execute_unprepared("DROP TABLE IF EXISTS tax_records")
-            .await?;
-        Ok(())
-    }
-}
+    down: "DROP TABLE IF EXISTS tax_records",
+);

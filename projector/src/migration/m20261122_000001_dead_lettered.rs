@@ -8,13 +8,9 @@ use sea_orm_migration::prelude::*;
 #[derive(DeriveMigrationName)]
 pub struct Migration;
 
-#[async_trait::async_trait]
-impl MigrationTrait for Migration {
-    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager
-            .get_connection()
-            .execute_unprepared(
-                r#"
+common::sql_migration!(
+    Migration,
+    up: r#"
 CREATE TABLE dead_lettered (
     stream          TEXT   NOT NULL,
     stream_seq      BIGINT NOT NULL,
@@ -23,16 +19,5 @@ CREATE TABLE dead_lettered (
     PRIMARY KEY (stream, stream_seq)
 );
 "#,
-            )
-            .await?;
-        Ok(())
-    }
-
-    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager
-            .get_connection()
-            .execute_unprepared("DROP TABLE IF EXISTS dead_lettered")
-            .await?;
-        Ok(())
-    }
-}
+    down: "DROP TABLE IF EXISTS dead_lettered",
+);

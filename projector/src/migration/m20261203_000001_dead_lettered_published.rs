@@ -8,23 +8,8 @@ use sea_orm_migration::prelude::*;
 #[derive(DeriveMigrationName)]
 pub struct Migration;
 
-#[async_trait::async_trait]
-impl MigrationTrait for Migration {
-    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager
-            .get_connection()
-            .execute_unprepared(
-                "ALTER TABLE dead_lettered ADD COLUMN stored_at_ns BIGINT NOT NULL DEFAULT 0",
-            )
-            .await?;
-        Ok(())
-    }
-
-    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager
-            .get_connection()
-            .execute_unprepared("ALTER TABLE dead_lettered DROP COLUMN IF EXISTS stored_at_ns")
-            .await?;
-        Ok(())
-    }
-}
+common::sql_migration!(
+    Migration,
+    up: "ALTER TABLE dead_lettered ADD COLUMN stored_at_ns BIGINT NOT NULL DEFAULT 0",
+    down: "ALTER TABLE dead_lettered DROP COLUMN IF EXISTS stored_at_ns",
+);

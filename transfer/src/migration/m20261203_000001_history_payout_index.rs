@@ -11,24 +11,9 @@ use sea_orm_migration::prelude::*;
 #[derive(DeriveMigrationName)]
 pub struct Migration;
 
-#[async_trait::async_trait]
-impl MigrationTrait for Migration {
-    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager
-            .get_connection()
-            .execute_unprepared(
-                "CREATE INDEX IF NOT EXISTS history_entries_payout_applied \
+common::sql_migration!(
+    Migration,
+    up: "CREATE INDEX IF NOT EXISTS history_entries_payout_applied \
                  ON history_entries (applied_at) WHERE payout_id IS NOT NULL",
-            )
-            .await?;
-        Ok(())
-    }
-
-    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager
-            .get_connection()
-            .execute_unprepared("DROP INDEX IF EXISTS history_entries_payout_applied")
-            .await?;
-        Ok(())
-    }
-}
+    down: "DROP INDEX IF EXISTS history_entries_payout_applied",
+);
