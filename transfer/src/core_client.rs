@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, NaiveDate, Utc};
-use common::events::LedgerEntry;
+use common::events::{InterestPaidEvent, LedgerEntry};
 use common::{AccountId, Amount, CustomerId, PayoutId, TransferId, Won};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -117,6 +117,23 @@ pub struct CorePayout {
     pub through: NaiveDate,
     /// When it committed.
     pub paid_at: DateTime<Utc>,
+}
+
+impl CorePayout {
+    /// The event the core published for this payout.
+    pub fn into_event(self) -> InterestPaidEvent {
+        InterestPaidEvent {
+            event_id: InterestPaidEvent::id_for(&self.payout_id),
+            payout_id: self.payout_id,
+            account_id: self.account_id,
+            gross: self.gross,
+            tax: self.tax,
+            net: self.net,
+            from: self.from,
+            through: self.through,
+            paid_at: self.paid_at,
+        }
+    }
 }
 
 /// A page of the core's entries API.
@@ -299,18 +316,31 @@ impl CoreClient {
         &self,
         id: &TransferId,
     ) -> Result<Option<CoreTransfer>, CoreError> {
+        self.get_unless_not_found(
+            "transfer_status",
+            &format!("/v1/transfers/{id}"),
+            "transfer_not_found",
+        )
+        .await
+    }
+
+    /// A `GET` whose 404 with the code `not_found` is an answer (`Ok(None)`).
+    /// Any other 404 (a gateway's, a route missing behind a wrong `CORE_URL`)
+    /// is an error, never taken for "the core has none".
+    async fn get_unless_not_found<T: DeserializeOwned>(
+        &self,
+        op: &'static str,
+        path: &str,
+        not_found: &str,
+    ) -> Result<Option<T>, CoreError> {
         match self
-            .call(
-                "transfer_status",
-                reqwest::Method::GET,
-                &format!("/v1/transfers/{id}"),
-                None,
-                self.default_timeout,
-            )
+            .call(op, reqwest::Method::GET, path, None, self.default_timeout)
             .await
         {
-            Ok(t) => Ok(Some(t)),
-            Err(CoreError::Refused { status: 404, .. }) => Ok(None),
+            Ok(v) => Ok(Some(v)),
+            Err(CoreError::Refused {
+                status: 404, code, ..
+            }) if code == not_found => Ok(None),
             Err(e) => Err(e),
         }
     }
@@ -369,29 +399,18 @@ impl CoreClient {
     }
 
     /// `GET /v1/accounts/{id}/interest/payouts/{payout_id}`; `Ok(None)` when
-    /// the core answers `payout_not_found` (any other 404, say a gateway's,
-    /// is an error, not an answer).
+    /// the core made no such payout to that account.
     pub async fn payout_of(
         &self,
         id: &AccountId,
         payout_id: &PayoutId,
     ) -> Result<Option<CorePayout>, CoreError> {
-        match self
-            .call(
-                "payout_of",
-                reqwest::Method::GET,
-                &format!("/v1/accounts/{id}/interest/payouts/{payout_id}"),
-                None,
-                self.default_timeout,
-            )
-            .await
-        {
-            Ok(p) => Ok(Some(p)),
-            Err(CoreError::Refused {
-                status: 404, code, ..
-            }) if code == "payout_not_found" => Ok(None),
-            Err(e) => Err(e),
-        }
+        self.get_unless_not_found(
+            "payout_of",
+            &format!("/v1/accounts/{id}/interest/payouts/{payout_id}"),
+            "payout_not_found",
+        )
+        .await
     }
 
     /// `GET /v1/accounts?after=&limit=`: one page of account ids.

@@ -23,7 +23,7 @@ use common::shutdown::CancellationToken;
 use common::{AccountId, PayoutId};
 use futures::StreamExt;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, Statement};
-use transfer::core_client::{CoreError, CorePayout};
+use transfer::core_client::CoreError;
 use transfer::history::sync::{self, SyncError};
 
 use super::{Context, Failure, ack, fail};
@@ -107,58 +107,36 @@ pub async fn check(ctx: &Context, ev: &InterestPaidEvent) -> Result<Check, CoreE
                 "the core made no payout {} to account {}",
                 ev.payout_id, ev.account_id
             )),
-            Some(p) => compare(ev, &p),
+            Some(p) => compare(ev, &p.into_event()),
         },
     )
 }
 
-/// An event against the core's payout.
-fn compare(ev: &InterestPaidEvent, p: &CorePayout) -> Check {
-    let same = p.payout_id == ev.payout_id
-        && p.account_id == ev.account_id
-        && p.gross == ev.gross
-        && p.tax == ev.tax
-        && p.net == ev.net
-        && p.from == ev.from
-        && p.through == ev.through
-        && p.paid_at.timestamp_micros() == ev.paid_at.timestamp_micros();
+/// An event against the event the core published for its payout: equal in
+/// every field, the time to the microsecond (as the core stores it).
+fn compare(ev: &InterestPaidEvent, cores: &InterestPaidEvent) -> Check {
+    let micros = |e: &InterestPaidEvent| e.paid_at.timestamp_micros();
+    let same = micros(ev) == micros(cores)
+        && InterestPaidEvent {
+            paid_at: cores.paid_at,
+            ..ev.clone()
+        } == *cores;
     if same {
         Check::Confirmed
     } else {
         Check::NotTheCores(format!(
-            "the core's payout {} to {} is gross {} tax {} net {} for {}..{} at {}; \
-             the event says gross {} tax {} net {} for {}..{} at {}",
-            p.payout_id,
-            p.account_id,
-            p.gross,
-            p.tax,
-            p.net,
-            p.from,
-            p.through,
-            p.paid_at,
-            ev.gross,
-            ev.tax,
-            ev.net,
-            ev.from,
-            ev.through,
-            ev.paid_at
+            "the core's payout is {}; the event says {}",
+            summary(cores),
+            summary(ev)
         ))
     }
 }
 
-/// The event the core published for a payout.
-fn event_of(p: CorePayout) -> InterestPaidEvent {
-    InterestPaidEvent {
-        event_id: InterestPaidEvent::id_for(&p.payout_id),
-        payout_id: p.payout_id,
-        account_id: p.account_id,
-        gross: p.gross,
-        tax: p.tax,
-        net: p.net,
-        from: p.from,
-        through: p.through,
-        paid_at: p.paid_at,
-    }
+fn summary(e: &InterestPaidEvent) -> String {
+    format!(
+        "{} ({}) to {}: gross {} tax {} net {} for {}..{} at {}",
+        e.payout_id, e.event_id, e.account_id, e.gross, e.tax, e.net, e.from, e.through, e.paid_at
+    )
 }
 
 /// Handles a batch from the `INTEREST` consumer: decodes, checks each event
@@ -295,7 +273,7 @@ pub async fn sweep_once(ctx: &Context, min_age: Duration) -> Result<u64, SweepEr
         };
         match ctx.core.payout_of(&account, &payout).await? {
             Some(p) => {
-                let new = record(&ctx.db, &[event_of(p)]).await?;
+                let new = record(&ctx.db, &[p.into_event()]).await?;
                 if new > 0 {
                     metrics::counter!("projector_tax_records_total").increment(new);
                     metrics::counter!("projector_tax_records_recovered_total").increment(new);
