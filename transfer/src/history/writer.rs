@@ -251,24 +251,13 @@ impl Columns {
         self.balance.push(e.balance_after.value());
         self.occurred.push(e.occurred_at);
         self.date.push(e.business_date);
-        self.transfer.push(
-            e.transfer_id
-                .as_ref()
-                .map(ToString::to_string)
-                .unwrap_or_default(),
-        );
-        self.deposit.push(
-            e.deposit_id
-                .as_ref()
-                .map(ToString::to_string)
-                .unwrap_or_default(),
-        );
-        self.payout.push(
-            e.payout_id
-                .as_ref()
-                .map(ToString::to_string)
-                .unwrap_or_default(),
-        );
+        // An empty text stands for none (`NULLIF` in the statements).
+        fn text<T: ToString>(id: &Option<T>) -> String {
+            id.as_ref().map(ToString::to_string).unwrap_or_default()
+        }
+        self.transfer.push(text(&e.transfer_id));
+        self.deposit.push(text(&e.deposit_id));
+        self.payout.push(text(&e.payout_id));
         self.counterparty
             .push(e.counterparty.clone().unwrap_or_default());
         self.memo.push(e.memo.clone().unwrap_or_default());
