@@ -64,6 +64,19 @@ impl CoreApp {
         Self::spawn_with(nats, CoreOptions::default()).await
     }
 
+    /// Starts a second replica of this core: the same database, defaults
+    /// otherwise.
+    pub async fn replica(&self, nats: &NatsServer) -> anyhow::Result<Self> {
+        Self::spawn_with(
+            nats,
+            CoreOptions {
+                database_url: Some(self.db_url.clone()),
+                ..CoreOptions::default()
+            },
+        )
+        .await
+    }
+
     /// Starts a core bank.
     pub async fn spawn_with(nats: &NatsServer, opts: CoreOptions) -> anyhow::Result<Self> {
         crate::init_logging();

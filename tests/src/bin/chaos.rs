@@ -307,13 +307,7 @@ async fn run(args: &Args, seed: u64) -> anyhow::Result<bool> {
                 let js = nats.jetstream().await?;
                 let mut stream = js.get_stream("INTEREST").await?;
                 let before = stream.info().await?.state.last_sequence;
-                let today: chrono::NaiveDate =
-                    core.get("/v1/admin/clock").await.str("today").parse()?;
-                core.post(
-                    "/v1/admin/clock",
-                    json!({"today": (today + chrono::Duration::days(1)).to_string()}),
-                )
-                .await;
+                core.advance_business_date(1).await;
                 let first = rng.random_range(0..accounts.len());
                 for i in 0..accounts.len() {
                     let a = &accounts[(first + i) % accounts.len()];
@@ -364,13 +358,7 @@ async fn run(args: &Args, seed: u64) -> anyhow::Result<bool> {
             _ => {
                 if day_shifts < 5 {
                     day_shifts += 1;
-                    let today: chrono::NaiveDate =
-                        core.get("/v1/admin/clock").await.str("today").parse()?;
-                    core.post(
-                        "/v1/admin/clock",
-                        json!({"today": (today + chrono::Duration::days(1)).to_string()}),
-                    )
-                    .await;
+                    core.advance_business_date(1).await;
                     "advance the business date (interest accrues)"
                 } else {
                     "nothing"

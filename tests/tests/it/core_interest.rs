@@ -661,15 +661,7 @@ async fn b25_an_evicted_generation_never_brings_back_a_figure_from_before_a_payo
 async fn b26_rollout_buckets_are_stable_and_change_at_run_time_on_every_replica() {
     let nats = NatsServer::start().await.unwrap();
     let a = CoreApp::spawn(&nats).await.unwrap();
-    let b = CoreApp::spawn_with(
-        &nats,
-        CoreOptions {
-            database_url: Some(a.db_url.clone()),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let b = a.replica(&nats).await.unwrap();
     let mut accounts = Vec::new();
     for _ in 0..20 {
         accounts.push(a.api.funded_account(1000).await);

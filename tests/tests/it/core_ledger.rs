@@ -869,15 +869,7 @@ async fn b31_core_bad_input_gets_a_documented_4xx_and_writes_nothing() {
 async fn b01_an_accounts_entry_dates_never_go_back_between_replicas_a_moment_apart() {
     let nats = NatsServer::start().await.unwrap();
     let a = CoreApp::spawn(&nats).await.unwrap();
-    let b = CoreApp::spawn_with(
-        &nats,
-        CoreOptions {
-            database_url: Some(a.db_url.clone()),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let b = a.replica(&nats).await.unwrap();
     let account = a.api.funded_account(1_000).await;
     let today = a.api.business_date().await;
     // Replica a passes midnight first and writes an entry of the new date;

@@ -438,21 +438,7 @@ async fn b23_tax_records_are_idempotent_under_duplicate_delivery() {
     let p = rig.projector(ProjectorOptions::default()).await;
     let account = rig.core.api.funded_account(60_000_000).await;
     let pid = pay_interest(&rig, &account, 3).await;
-    let records = eventually("the tax record", Duration::from_secs(10), || async {
-        let r = p
-            .api
-            .get(&format!("/v1/tax-records?account_id={account}"))
-            .await
-            .expect(200)
-            .body;
-        let list = r["tax_records"].as_array().cloned().unwrap_or_default();
-        if list.len() == 1 {
-            Ok(list)
-        } else {
-            Err(r.to_string())
-        }
-    })
-    .await;
+    let records = wait_tax_records(&p, &account, 1).await;
     assert_eq!(records[0]["payout_id"], json!(pid));
     assert_eq!(
         (
@@ -469,21 +455,7 @@ async fn b23_tax_records_are_idempotent_under_duplicate_delivery() {
     publish_raw(&rig.nats, "bank.interest.paid", ev.payload.to_vec()).await;
     // Then a second payout, so we know the duplicates were consumed first.
     pay_interest(&rig, &account, 1).await;
-    eventually(
-        "two distinct tax records",
-        Duration::from_secs(10),
-        || async {
-            let r = p
-                .api
-                .get(&format!("/v1/tax-records?account_id={account}"))
-                .await
-                .expect(200)
-                .body;
-            let n = r["tax_records"].as_array().map(|l| l.len()).unwrap_or(0);
-            if n == 2 { Ok(()) } else { Err(r.to_string()) }
-        },
-    )
-    .await;
+    wait_tax_records(&p, &account, 2).await;
     assert!(dead_letters(&p).await.is_empty());
 }
 
@@ -512,6 +484,30 @@ async fn tax_records(p: &ProjectorApp, account: &str) -> Vec<Value> {
         .as_array()
         .cloned()
         .unwrap_or_default()
+}
+
+/// Waits until `account` has `n` tax records; returns them.
+async fn wait_tax_records(p: &ProjectorApp, account: &str, n: usize) -> Vec<Value> {
+    eventually(
+        &format!("{n} tax records"),
+        Duration::from_secs(30),
+        || async {
+            let list = tax_records(p, account).await;
+            if list.len() == n {
+                Ok(list)
+            } else {
+                Err(format!("{list:?}"))
+            }
+        },
+    )
+    .await
+}
+
+/// A tax record holds the figures of the core's payout answer.
+fn assert_the_cores_figures(record: &Value, paid: &Value) {
+    for field in ["payout_id", "account_id", "gross", "tax", "net"] {
+        assert_eq!(record[field], paid[field], "{field}");
+    }
 }
 
 #[tokio::test]
@@ -550,28 +546,9 @@ async fn b23_an_interest_event_the_core_does_not_confirm_never_becomes_a_tax_rec
     }
     assert!(tax_records(&p, &account).await.is_empty());
     // 2. The core's payout is recorded with the core's figures.
-    let paid = rig
-        .core
-        .api
-        .post(
-            &format!("/v1/accounts/{account}/interest/payouts"),
-            json!({"payout_id": pid}),
-        )
-        .await
-        .expect(200)
-        .body;
-    let records = eventually("the tax record", Duration::from_secs(20), || async {
-        let list = tax_records(&p, &account).await;
-        if list.len() == 1 {
-            Ok(list)
-        } else {
-            Err(format!("{list:?}"))
-        }
-    })
-    .await;
-    for field in ["payout_id", "gross", "tax", "net"] {
-        assert_eq!(records[0][field], paid[field], "{field}");
-    }
+    let paid = pay_out(&rig, &account, &pid).await;
+    let records = wait_tax_records(&p, &account, 1).await;
+    assert_the_cores_figures(&records[0], &paid);
     // 3. Other figures for it after the core's: dead-lettered too, and the
     //    record stays the core's.
     publish_raw(
@@ -594,9 +571,7 @@ async fn b23_an_interest_event_the_core_does_not_confirm_never_becomes_a_tax_rec
     assert_eq!(r.status, 422, "{:?}", r.body);
     let records = tax_records(&p, &account).await;
     assert_eq!(records.len(), 1);
-    for field in ["payout_id", "gross", "tax", "net"] {
-        assert_eq!(records[0][field], paid[field], "{field}");
-    }
+    assert_the_cores_figures(&records[0], &paid);
 }
 
 /// Something publishes first under the core's own event id
@@ -627,16 +602,7 @@ async fn b23_a_forged_event_under_the_cores_event_id_only_delays_the_tax_record(
     .await
     .unwrap();
     wait_letters(&p, 1).await;
-    let paid = rig
-        .core
-        .api
-        .post(
-            &format!("/v1/accounts/{account}/interest/payouts"),
-            json!({"payout_id": pid}),
-        )
-        .await
-        .expect(200)
-        .body;
+    let paid = pay_out(&rig, &account, &pid).await;
     // The core's relay published its event, and the broker dropped it.
     eventually(
         "the core's outbox drained",
@@ -659,18 +625,8 @@ async fn b23_a_forged_event_under_the_cores_event_id_only_delays_the_tax_record(
     let interest = stream_messages(&js, "INTEREST").await.unwrap();
     assert_eq!(interest.len(), 1, "only the forged event is in the stream");
     // The sweep records the core's figures.
-    let records = eventually("the tax record", Duration::from_secs(30), || async {
-        let list = tax_records(&p, &account).await;
-        if list.len() == 1 {
-            Ok(list)
-        } else {
-            Err(format!("{list:?}"))
-        }
-    })
-    .await;
-    for field in ["payout_id", "gross", "tax", "net"] {
-        assert_eq!(records[0][field], paid[field], "{field}");
-    }
+    let records = wait_tax_records(&p, &account, 1).await;
+    assert_the_cores_figures(&records[0], &paid);
 }
 
 #[tokio::test]
@@ -699,19 +655,7 @@ async fn b23_a_payout_whose_event_was_lost_from_the_stream_still_gets_its_tax_re
             ..ProjectorOptions::default()
         })
         .await;
-    let records = eventually(
-        "the recovered tax record",
-        Duration::from_secs(30),
-        || async {
-            let list = tax_records(&p, &account).await;
-            if list.len() == 1 {
-                Ok(list)
-            } else {
-                Err(format!("{list:?}"))
-            }
-        },
-    )
-    .await;
+    let records = wait_tax_records(&p, &account, 1).await;
     let paid = rig
         .core
         .api
@@ -719,9 +663,7 @@ async fn b23_a_payout_whose_event_was_lost_from_the_stream_still_gets_its_tax_re
         .await
         .expect(200)
         .body;
-    for field in ["payout_id", "account_id", "gross", "tax", "net"] {
-        assert_eq!(records[0][field], paid[field], "{field}");
-    }
+    assert_the_cores_figures(&records[0], &paid);
     assert_eq!(records[0]["net"], json!("7023"));
     assert!(dead_letters(&p).await.is_empty());
 }
@@ -755,15 +697,7 @@ async fn f5_a_tax_event_the_core_cannot_confirm_is_retried_dead_lettered_and_sti
     // The core answers again: the sweep records the payout from it, and a
     // replay of the letter is then a duplicate.
     rig.proxy.clear();
-    let records = eventually("the tax record", Duration::from_secs(30), || async {
-        let list = tax_records(&p, &account).await;
-        if list.len() == 1 {
-            Ok(list)
-        } else {
-            Err(format!("{list:?}"))
-        }
-    })
-    .await;
+    let records = wait_tax_records(&p, &account, 1).await;
     assert_eq!(records[0]["payout_id"], json!(pid));
     assert_eq!(records[0]["net"], json!("7023"));
     let id = letters[0]["id"].as_u64().unwrap();
@@ -1068,6 +1002,12 @@ async fn f5_a_poison_at_a_sequence_reused_by_a_recreated_stream_gets_its_own_let
 async fn pay_interest(rig: &Rig, account: &str, days: i64) -> String {
     rig.core.api.advance_business_date(days).await;
     let pid = unique("pay_");
+    pay_out(rig, account, &pid).await;
+    pid
+}
+
+/// Pays the accrued interest of `account` as payout `pid`; the core's answer.
+async fn pay_out(rig: &Rig, account: &str, pid: &str) -> Value {
     rig.core
         .api
         .post(
@@ -1075,8 +1015,8 @@ async fn pay_interest(rig: &Rig, account: &str, days: i64) -> String {
             json!({"payout_id": pid}),
         )
         .await
-        .expect(200);
-    pid
+        .expect(200)
+        .body
 }
 
 #[tokio::test]
