@@ -318,7 +318,7 @@ async fn try_pay(
     // could exhaust the pool under concurrent payouts, and a refused payout
     // must still publish its mismatch.
     if let Some(m) = mismatch {
-        interest.report_mismatch(m).await;
+        interest.report_mismatch(&m).await;
     }
     outcome
 }

@@ -178,13 +178,12 @@ impl InterestService {
 
     /// Reports a shadow disagreement: logged, counted, and published on
     /// `ALERTS` through the outbox.
-    pub async fn report_mismatch(&self, m: ShadowMismatch) {
+    pub async fn report_mismatch(&self, m: &ShadowMismatch) {
         let ShadowMismatch {
             legacy,
             new,
             as_of: today,
         } = m;
-        let (legacy, new) = (&legacy, &new);
         metrics::counter!("interest_shadow_mismatches_total").increment(1);
         tracing::warn!(
             account = %legacy.account_id,
@@ -200,7 +199,7 @@ impl InterestService {
             account_id: legacy.account_id.clone(),
             legacy: legacy.gross,
             new: new.gross,
-            as_of: today,
+            as_of: *today,
         };
         let result = match OutboxMessage::from_event(&event) {
             Ok(msg) => outbox::enqueue(&self.db, &[msg])
@@ -239,7 +238,7 @@ impl InterestService {
             .ok_or(InterestError::AccountNotFound)?;
         let (accrual, mismatch) = self.compute_for_bucket(&self.db, &terms, today).await?;
         if let Some(m) = mismatch {
-            self.report_mismatch(m).await;
+            self.report_mismatch(&m).await;
         }
         if let Some(generation) = generation {
             self.cache
@@ -273,16 +272,16 @@ impl InterestService {
                 let legacy = self.compute(&self.db, &terms, today, Path::Legacy).await?;
                 let new = self.compute(&self.db, &terms, today, Path::New).await?;
                 if !legacy.same_figures(&new) {
-                    self.report_mismatch(ShadowMismatch {
-                        legacy: legacy.clone(),
-                        new: new.clone(),
-                        as_of: today,
-                    })
-                    .await;
-                    report.mismatches.push(Mismatch {
-                        account_id: id,
+                    let m = ShadowMismatch {
                         legacy,
                         new,
+                        as_of: today,
+                    };
+                    self.report_mismatch(&m).await;
+                    report.mismatches.push(Mismatch {
+                        account_id: id,
+                        legacy: m.legacy,
+                        new: m.new,
                     });
                 }
             }
