@@ -73,6 +73,14 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// Records an event that differs from the core's entry at its seq (to be
+    /// dead-lettered), counted and logged.
+    fn conflict(&mut self, c: LedgerEntry) {
+        metrics::counter!("projector_conflicting_events_total").increment(1);
+        tracing::warn!(event_id = %c.event_id(), "an event differs from the core's entry at its seq");
+        self.conflicts.push(c);
+    }
+
     /// True when `entry` is in the history now.
     pub fn holds(&self, entry: &LedgerEntry) -> bool {
         self.synced
@@ -235,9 +243,7 @@ async fn settle_conflicts(
                     // writer): fetch it again and check the batch's entries.
                     repaired.push(c.account_id.clone());
                 } else {
-                    metrics::counter!("projector_conflicting_events_total").increment(1);
-                    tracing::warn!(event_id = %c.event_id(), "an event differs from the core's entry at its seq");
-                    outcome.conflicts.push(c);
+                    outcome.conflict(c);
                 }
             }
             Err(SyncError::Db(e)) => return Err(e),
@@ -267,9 +273,7 @@ async fn settle_conflicts(
         };
         let (now, conflicts) = apply_again(ctx, entries, &account).await?;
         for c in conflicts {
-            metrics::counter!("projector_conflicting_events_total").increment(1);
-            tracing::warn!(event_id = %c.event_id(), "an event differs from the core's entry at its seq");
-            outcome.conflicts.push(c);
+            outcome.conflict(c);
         }
         outcome
             .synced
