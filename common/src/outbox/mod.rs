@@ -70,6 +70,20 @@ BEGIN
 END $$;
 "#;
 
+/// Vacuums the outbox after a fixed number of dead rows rather than a share
+/// of the table (run by a later migration of each service). Every published
+/// row leaves a dead entry in `outbox_unpublished` that each relay pass walks
+/// past until vacuum removes it; with the default share (20% of a table that
+/// keeps a day of published rows) that could be hours of rows. Autovacuum
+/// looks at each database every `autovacuum_naptime` (60 s by default), so
+/// the bound is this threshold or a naptime of rows, whichever is larger.
+pub const VACUUM_SETTINGS_SQL: &str = "ALTER TABLE outbox SET \
+    (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 20000)";
+
+/// Undoes [`VACUUM_SETTINGS_SQL`].
+pub const VACUUM_SETTINGS_RESET_SQL: &str =
+    "ALTER TABLE outbox RESET (autovacuum_vacuum_scale_factor, autovacuum_vacuum_threshold)";
+
 /// DDL that removes the outbox (for a migration's `down`).
 pub const DROP_SQL: &str = "DROP TABLE IF EXISTS outbox; DROP FUNCTION IF EXISTS outbox_notify();";
 

@@ -36,6 +36,35 @@ use crate::telemetry;
 /// ("outbox" in ASCII).
 const RELAY_LOCK_KEY: i64 = 0x6f75_7462_6f78;
 
+/// Opens a pass: takes the relay lock (`$1`: the key) and sets the pass's
+/// transaction-local settings.
+///
+/// - The mark need not wait for its WAL flush: a mark lost in a crash only
+///   re-publishes rows that JetStream's duplicate window drops (and consumers
+///   are idempotent anyway), and it saves one fsync per pass beside the
+///   writers' own.
+/// - [`UNPUBLISHED_SQL`] must walk the partial index `outbox_unpublished` in
+///   id order. Every marked row leaves a dead entry there until vacuum; an
+///   index scan flags each one it meets as dead, so the next pass skips it
+///   without reading the table, while a bitmap or sequential scan (which the
+///   planner picks when its statistics were taken while rows waited) reads
+///   every dead row's table page on every pass: 5 ms a pass instead of
+///   0.1 ms after 26,000 marks, measured during `make bench`'s P2.
+pub const PASS_START_SQL: &str = "SELECT pg_try_advisory_xact_lock($1) AS locked, \
+     set_config('synchronous_commit', 'off', true) AS sync, \
+     set_config('enable_seqscan', 'off', true) AS seqscan, \
+     set_config('enable_bitmapscan', 'off', true) AS bitmapscan";
+
+/// The rows a pass publishes (`$1`: the batch size), oldest first.
+pub const UNPUBLISHED_SQL: &str = "SELECT id, event_id, subject, payload, traceparent FROM outbox \
+     WHERE published_at IS NULL ORDER BY id LIMIT $1";
+
+/// Rows deleted per pruning statement.
+const PRUNE_BATCH: i64 = 10_000;
+
+/// Pruning statements per run (a run every 60 s).
+const PRUNE_MAX_BATCHES: usize = 600;
+
 /// Pause before retrying when another replica holds the relay lock.
 const CONTENDED_RETRY: Duration = Duration::from_millis(20);
 
@@ -205,12 +234,7 @@ impl Relay {
         let locked = txn
             .query_one_raw(Statement::from_sql_and_values(
                 backend,
-                // The mark need not wait for its WAL flush: a mark lost in a
-                // crash only re-publishes rows that JetStream's duplicate
-                // window drops (and consumers are idempotent anyway), and it
-                // saves one fsync per pass beside the writers' own.
-                "SELECT pg_try_advisory_xact_lock($1) AS locked, \
-                 set_config('synchronous_commit', 'off', true) AS sync",
+                PASS_START_SQL,
                 [RELAY_LOCK_KEY.into()],
             ))
             .await?
@@ -224,8 +248,7 @@ impl Relay {
         let rows = txn
             .query_all_raw(Statement::from_sql_and_values(
                 backend,
-                "SELECT id, event_id, subject, payload, traceparent FROM outbox \
-                 WHERE published_at IS NULL ORDER BY id LIMIT $1",
+                UNPUBLISHED_SQL,
                 [i64::from(self.cfg.batch_size).into()],
             ))
             .await?
@@ -339,17 +362,31 @@ impl Relay {
         }
     }
 
-    async fn prune(&self) -> Result<u64, DbErr> {
-        let res = self
-            .db
-            .execute_raw(Statement::from_sql_and_values(
-                self.db.get_database_backend(),
-                "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox \
-                 WHERE published_at < clock_timestamp() - make_interval(secs => $1) LIMIT 10000)",
-                [(self.cfg.retention.as_secs() as i64).into()],
-            ))
-            .await?;
-        Ok(res.rows_affected())
+    /// Deletes rows published longer than the retention ago, in batches of
+    /// [`PRUNE_BATCH`] (each its own short transaction), until none are left
+    /// or [`PRUNE_MAX_BATCHES`] ran: so pruning keeps up with up to
+    /// 100,000 published rows a second at one run a minute.
+    pub async fn prune(&self) -> Result<u64, DbErr> {
+        let mut pruned = 0;
+        for _ in 0..PRUNE_MAX_BATCHES {
+            let res = self
+                .db
+                .execute_raw(Statement::from_sql_and_values(
+                    self.db.get_database_backend(),
+                    "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox \
+                     WHERE published_at < clock_timestamp() - make_interval(secs => $1) LIMIT $2)",
+                    [
+                        (self.cfg.retention.as_secs() as i64).into(),
+                        PRUNE_BATCH.into(),
+                    ],
+                ))
+                .await?;
+            pruned += res.rows_affected();
+            if res.rows_affected() < PRUNE_BATCH as u64 {
+                break;
+            }
+        }
+        Ok(pruned)
     }
 }
 
