@@ -11,6 +11,7 @@
 
 pub mod apps;
 pub mod client;
+pub mod cpu;
 pub mod db;
 pub mod nats;
 pub mod otlp;

@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bank_tests::apps::{CORE_READ_TOKEN, CORE_TOKEN, JWT_SECRET, customer_token};
+use bank_tests::cpu::{CpuMeter, Part, Usage, Who};
 use bank_tests::nats::{NatsServer, free_port};
 use bank_tests::process::ServiceProcess;
 use bank_tests::procs::wait_ready;
@@ -135,6 +136,7 @@ struct Bench {
     projector: ServiceProcess,
     projector_url: String,
     pids: Vec<(&'static str, u32)>,
+    nats_pid: u32,
     /// The P5 account, whose history rows were written directly (not projected).
     synthetic: String,
     rows: Vec<Row>,
@@ -193,6 +195,7 @@ async fn main() -> anyhow::Result<()> {
         projector,
         projector_url: format!("http://{projector_addr}"),
         pids,
+        nats_pid: nats.pid().unwrap_or(0),
         synthetic: String::from("none"),
         rows: Vec::new(),
         json: serde_json::Map::new(),
@@ -295,9 +298,6 @@ async fn count(db: &DatabaseConnection, q: &str) -> i64 {
 }
 
 impl Bench {
-    /// Waits until the system is quiet: the core's outbox is published and the
-    /// projector has applied every ledger entry, so one scenario's background
-    /// work does not run during the next one's measurement.
     /// Ledger entries projected into the channel history (the synthetic P5
     /// account excluded). Equal to counting the history entries (they are
     /// exactly seqs 1..=synced per account), without scanning them while the
@@ -309,18 +309,28 @@ impl Bench {
         )
     }
 
+    /// Waits until the system is quiet: both outboxes are published, the
+    /// projector has applied every ledger entry and recorded the tax of every
+    /// payout, and no autovacuum worker is
+    /// cleaning up after the last scenario, so one scenario's background work
+    /// does not run during the next one's measurement.
     async fn settle(&self) {
         let deadline = Instant::now() + Duration::from_secs(300);
         let projected = self.projected_sql();
         while Instant::now() < deadline {
-            let backlog = count(
-                &self.core_db,
-                "SELECT count(*) FROM outbox WHERE published_at IS NULL",
-            )
-            .await;
+            const UNPUBLISHED: &str = "SELECT count(*) FROM outbox WHERE published_at IS NULL";
+            let backlog = count(&self.core_db, UNPUBLISHED).await
+                + count(&self.channel_db, UNPUBLISHED).await;
             let ledger = count(&self.core_db, LEDGER_ENTRIES).await;
             let history = count(&self.channel_db, &projected).await;
-            if backlog == 0 && history >= ledger {
+            let untaxed = count(&self.core_db, "SELECT count(*) FROM interest_payouts").await
+                - count(&self.channel_db, "SELECT count(*) FROM tax_records").await;
+            let vacuuming = count(
+                &self.core_db,
+                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'autovacuum worker'",
+            )
+            .await;
+            if backlog == 0 && history >= ledger && untaxed <= 0 && vacuuming == 0 {
                 // Write back what the previous scenario dirtied now, so that a
                 // checkpoint it caused does not stall the next measurement
                 // (the same server holds both databases).
@@ -332,6 +342,64 @@ impl Bench {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         println!("bench: WARNING the system did not settle within 300 s");
+    }
+
+    /// CPU time of every part of the stack: the three services, NATS,
+    /// PostgreSQL (all its processes), Redis and the load generator.
+    fn cpu_meter(&self) -> CpuMeter {
+        let mut parts: Vec<Part> = self
+            .pids
+            .iter()
+            .map(|(name, pid)| Part {
+                name,
+                who: Who::Pid(*pid),
+            })
+            .collect();
+        parts.extend([
+            Part {
+                name: "NATS",
+                who: Who::Pid(self.nats_pid),
+            },
+            Part {
+                name: "PostgreSQL",
+                who: Who::Named("postgres"),
+            },
+            Part {
+                name: "Redis",
+                who: Who::Named("redis-server"),
+            },
+            Part {
+                name: "load generator",
+                who: Who::Myself,
+            },
+        ]);
+        CpuMeter::new(parts)
+    }
+
+    /// A reference row with the CPU one operation cost across the stack
+    /// (`usage` over `ops` operations), and the rate at which that saturates
+    /// this machine.
+    fn cpu_row(&mut self, id: &str, what: &str, usage: &Usage, ops: usize) {
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1) as f64;
+        let per_op = usage.total_ms() / ops.max(1) as f64;
+        let bound = cores * 1000.0 / per_op.max(1e-9);
+        self.json.insert(
+            format!("cpu_{}", id.replace(' ', "_")),
+            json!({"ops": ops, "usage": usage, "ms_per_op": per_op, "bound_per_sec": bound}),
+        );
+        self.row(
+            &format!("{id} CPU"),
+            &format!("CPU per {what}, every process of the stack"),
+            format!(
+                "{} over {ops} in {:.1} s; {cores:.0} cores saturate at {bound:.0}/s",
+                usage.per_op(ops),
+                usage.secs
+            ),
+            "reference: what bounds the rate",
+            None,
+        );
     }
 
     fn row(&mut self, id: &str, scenario: &str, figures: String, target: &str, met: Option<bool>) {
@@ -383,6 +451,7 @@ impl Bench {
     /// Runs `clients` loops of `op` for `secs`; returns latencies and errors.
     async fn p1(&mut self, accounts: &[String]) -> anyhow::Result<()> {
         let accounts = Arc::new(accounts.to_vec());
+        let cpu = self.cpu_meter().sample();
         let (lat, errors, elapsed) = closed_loop(
             &self.core,
             self.args.clients,
@@ -408,6 +477,10 @@ impl Bench {
         )
         .await?;
         let s = stats(lat, errors, elapsed);
+        // The relay and the projector finish their share of these transfers
+        // before pgbench runs, so that it does not compete with them.
+        self.settle().await;
+        let cpu = self.cpu_meter().since(&cpu);
         let pg = pgbench(self.args.clients, self.args.secs, self.args.accounts).await?;
         let ratio = s.per_sec / pg.max(1e-9);
         self.json.insert(
@@ -424,12 +497,19 @@ impl Bench {
             "ratio >= 1.0",
             Some(ratio >= 1.0),
         );
+        self.cpu_row(
+            "P1",
+            "transfer (ledger, outbox, relay, projector)",
+            &cpu,
+            s.count,
+        );
         Ok(())
     }
 
     async fn p3(&mut self) -> anyhow::Result<()> {
         let sources = Arc::new(self.funded_accounts(self.args.clients, 1_000_000_000).await);
         let hot = self.core.funded_account(0).await;
+        let cpu = self.cpu_meter().sample();
         let (lat, errors, elapsed) = closed_loop(
             &self.core,
             self.args.clients,
@@ -460,6 +540,9 @@ impl Bench {
             ">= 1,000/s, 0 errors",
             Some(s.per_sec >= 1000.0 && s.errors == 0),
         );
+        self.settle().await;
+        let cpu = self.cpu_meter().since(&cpu);
+        self.cpu_row("P3", "transfer into the hot account", &cpu, s.count);
         Ok(())
     }
 
@@ -490,6 +573,7 @@ impl Bench {
         let reserve = (accounts.len() / 5).min(1000);
         let (main, reserved) = accounts.split_at(accounts.len() - reserve);
         let accounts = Arc::new(main.to_vec());
+        let cpu = self.cpu_meter().sample();
         let (lat, errors, elapsed) = closed_loop(
             &self.core,
             8,
@@ -499,6 +583,10 @@ impl Bench {
         )
         .await?;
         let pay = stats(lat, errors, elapsed);
+        // The relay and the projector (history entry, checked tax record)
+        // finish these payouts before the next run starts.
+        self.settle().await;
+        let pay_cpu = self.cpu_meter().since(&cpu);
         // The same with one client, for reference: latency without queueing.
         let (lat1, errors1, elapsed1) = closed_loop(
             &self.core,
@@ -527,7 +615,9 @@ impl Bench {
         )
         .await?;
         let paced = stats(lat_r, errors_r, elapsed_r);
-        // Cached expected-interest queries over 1,000 accounts (warmed once).
+        // Cached expected-interest queries over 1,000 accounts (warmed once),
+        // once the paced payouts' events are projected.
+        self.settle().await;
         let sample: Arc<Vec<String>> =
             Arc::new(accounts.iter().rev().take(1000).cloned().collect());
         for acc in sample.iter() {
@@ -540,6 +630,7 @@ impl Bench {
             "bench: P4 cached expected-interest queries, 8 clients, {} s",
             self.args.secs
         );
+        let cpu = self.cpu_meter().sample();
         let (lat, errors, elapsed) = closed_loop(&self.core, 8, self.args.secs, None, move |i| {
             Some(Op::get(format!(
                 "/v1/accounts/{}/interest",
@@ -548,6 +639,7 @@ impl Bench {
         })
         .await?;
         let cached = stats(lat, errors, elapsed);
+        let cached_cpu = self.cpu_meter().since(&cpu);
         self.json.insert(
             "P4".into(),
             json!({
@@ -564,6 +656,12 @@ impl Bench {
             pay.summary("payouts"),
             "p99 <= 7 ms, max <= 11 ms",
             Some(pay.p99_ms <= 7.0 && pay.max_ms <= 11.0),
+        );
+        self.cpu_row(
+            "P4",
+            "payout (ledger, outbox, relay, projector with its check)",
+            &pay_cpu,
+            pay.count,
         );
         self.row(
             "P4 (ref)",
@@ -591,6 +689,7 @@ impl Bench {
             "p99 <= 1 ms",
             Some(cached.p99_ms <= 1.0),
         );
+        self.cpu_row("P4 cached", "cached query", &cached_cpu, cached.count);
         Ok(())
     }
 
@@ -672,6 +771,7 @@ impl Bench {
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
         let mut tasks = Vec::with_capacity(total as usize);
+        let cpu = self.cpu_meter().sample();
         let started = Instant::now();
         for i in 0..total as usize {
             tick.tick().await;
@@ -710,6 +810,7 @@ impl Bench {
         // Wait cheaply (no scan of the history while the projector works),
         // then read the application times once.
         self.settle().await;
+        let cpu = self.cpu_meter().since(&cpu);
         let deadline = Instant::now() + Duration::from_secs(120);
         let mut applied: HashMap<String, chrono::DateTime<chrono::Utc>> = HashMap::new();
         while Instant::now() < deadline {
@@ -772,6 +873,12 @@ impl Bench {
                 Some(s.p99_ms <= 100.0 && s.errors == 0)
             },
         );
+        self.cpu_row(
+            if reference { "P2 (ref)" } else { "P2" },
+            "transfer end to end (channel, core, both relays, projector)",
+            &cpu,
+            s.count,
+        );
         Ok(())
     }
 
@@ -828,6 +935,11 @@ impl Bench {
         let backlog = target - applied_before;
         self.projector.restart()?;
         let started = Instant::now();
+        if let Some(pid) = self.projector.pid() {
+            self.pids.retain(|(n, _)| *n != "projector");
+            self.pids.push(("projector", pid));
+        }
+        let cpu = self.cpu_meter().sample();
         wait_ready(&self.projector_url).await?;
         let deadline = Instant::now() + Duration::from_secs(600);
         let mut now_applied = 0;
@@ -844,10 +956,7 @@ impl Bench {
         }
         let elapsed = started.elapsed();
         let rate = (now_applied - applied_before) as f64 / elapsed.as_secs_f64();
-        if let Some(pid) = self.projector.pid() {
-            self.pids.retain(|(n, _)| *n != "projector");
-            self.pids.push(("projector", pid));
-        }
+        let cpu = self.cpu_meter().since(&cpu);
         self.json.insert(
             "P6".into(),
             json!({"backlog": backlog, "seconds": elapsed.as_secs_f64(), "events_per_sec": rate,
@@ -863,6 +972,12 @@ impl Bench {
             ),
             ">= 20,000 events/s",
             Some(rate >= 20_000.0 && now_applied >= target),
+        );
+        self.cpu_row(
+            "P6",
+            "ledger event caught up (projector and PostgreSQL)",
+            &cpu,
+            usize::try_from(now_applied - applied_before).unwrap_or(0),
         );
         let _ = &self.channel_db_url;
         Ok(())
