@@ -203,6 +203,27 @@ fn machine_ticks() -> MachineTicks {
     }
 }
 
+/// Milliseconds one `write` + `fsync` of a small record takes on the disk
+/// holding `dir`, over `n` of them in a row (what a JetStream store with
+/// `sync_interval: always` or a PostgreSQL commit waits for).
+pub fn fsync_ms(dir: &std::path::Path, n: usize) -> std::io::Result<f64> {
+    use std::io::Write;
+    let path = dir.join(format!("fsync_probe_{}", std::process::id()));
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)?;
+    let started = Instant::now();
+    for _ in 0..n {
+        f.write_all(&[b'x'; 300])?;
+        f.sync_all()?;
+    }
+    let ms = started.elapsed().as_secs_f64() * 1000.0 / n.max(1) as f64;
+    drop(f);
+    std::fs::remove_file(&path)?;
+    Ok(ms)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -229,6 +250,17 @@ mod tests {
             assert!(Instant::now() < deadline, "no CPU counted: {usage:?}");
         };
         assert!(usage.busy > 0.0, "{usage:?}");
+    }
+
+    #[test]
+    fn an_fsync_probe_takes_time_and_leaves_no_file() {
+        let dir = std::env::temp_dir().join(format!("fsync_probe_dir_{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ms = fsync_ms(&dir, 20).unwrap();
+        let left = std::fs::read_dir(&dir).unwrap().count();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(ms > 0.0, "{ms}");
+        assert_eq!(left, 0);
     }
 
     #[test]

@@ -201,9 +201,14 @@ async fn main() -> anyhow::Result<()> {
         json: serde_json::Map::new(),
         args,
     };
+    // How fast the disk makes a write durable, one after another: each
+    // JetStream message and each PostgreSQL commit waits for one.
+    std::fs::create_dir_all("target/bench")?;
+    let fsync_ms = bank_tests::cpu::fsync_ms(std::path::Path::new("target/bench"), 1000)?;
     let machine = format!(
-        "{}; NATS {} JetStream {}",
+        "{}; disk write+fsync {fsync_ms:.2} ms ({:.0}/s one after another); NATS {} JetStream {}",
         machine(),
+        1000.0 / fsync_ms.max(1e-9),
         bank_tests::nats::version()?,
         match b.args.nats_sync {
             NatsSync::Always => "with sync_interval: always (fsync per write)",
