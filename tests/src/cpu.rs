@@ -65,28 +65,39 @@ impl Usage {
         self.parts_ms.iter().map(|(_, ms)| ms).sum()
     }
 
-    /// `4.1 ms: PostgreSQL 1.5, core-bank 1.0, ...; machine busy 97%, steal 1%`
-    /// per operation, parts over 0.05 ms in decreasing order.
+    /// `4.10 ms (PostgreSQL 1.50, core-bank 1.00, ...); machine busy 97%,
+    /// steal 1%` per operation: the parts that took at least 2% of the
+    /// total, in decreasing order, with three decimals below 0.1 ms.
     pub fn per_op(&self, ops: usize) -> String {
         let n = ops.max(1) as f64;
+        let total = self.total_ms() / n;
         let mut parts: Vec<(&str, f64)> = self
             .parts_ms
             .iter()
             .map(|(name, ms)| (*name, ms / n))
-            .filter(|(_, ms)| *ms >= 0.05)
+            .filter(|(_, ms)| *ms >= total * 0.02 && *ms > 0.0)
             .collect();
         parts.sort_by(|a, b| b.1.total_cmp(&a.1));
         let listed: Vec<String> = parts
             .iter()
-            .map(|(name, ms)| format!("{name} {ms:.2}"))
+            .map(|(name, ms)| format!("{name} {}", ms_text(*ms)))
             .collect();
         format!(
-            "{:.2} ms ({}); machine busy {:.0}%, steal {:.0}%",
-            self.total_ms() / n,
+            "{} ms ({}); machine busy {:.0}%, steal {:.0}%",
+            ms_text(total),
             listed.join(", "),
             self.busy * 100.0,
             self.steal * 100.0
         )
+    }
+}
+
+/// Two decimals, or three below 0.1.
+fn ms_text(ms: f64) -> String {
+    if ms < 0.1 {
+        format!("{ms:.3}")
+    } else {
+        format!("{ms:.2}")
     }
 }
 
@@ -266,14 +277,19 @@ mod tests {
     #[test]
     fn per_operation_lists_the_parts_by_cost() {
         let usage = Usage {
-            parts_ms: vec![("core", 1000.0), ("pg", 3000.0), ("redis", 1.0)],
+            parts_ms: vec![
+                ("core", 1000.0),
+                ("pg", 3000.0),
+                ("redis", 1.0),
+                ("nats", 90.0),
+            ],
             secs: 2.0,
             busy: 0.97,
             steal: 0.01,
         };
         assert_eq!(
             usage.per_op(1000),
-            "4.00 ms (pg 3.00, core 1.00); machine busy 97%, steal 1%"
+            "4.09 ms (pg 3.00, core 1.00, nats 0.090); machine busy 97%, steal 1%"
         );
     }
 

@@ -398,7 +398,7 @@ impl Bench {
             &format!("{id} CPU"),
             &format!("CPU per {what}, every process of the stack"),
             format!(
-                "{} over {ops} in {:.1} s; {cores:.0} cores saturate at {bound:.0}/s",
+                "{} over {ops} in {:.1} s; {cores:.0} cores at this cost per operation: {bound:.0}/s",
                 usage.per_op(ops),
                 usage.secs
             ),
