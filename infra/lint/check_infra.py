@@ -52,6 +52,7 @@ METRICS: dict[str, tuple[str, set[str]]] = {
     "core_fences_total": ("counter", set()),
     "outbox_backlog": ("gauge", {"service"}),
     "outbox_oldest_age_seconds": ("gauge", {"service"}),
+    "outbox_relay_read_duration_seconds": ("histogram", {"service"}),
     "outbox_published_total": ("counter", {"service"}),
     "outbox_relay_errors_total": ("counter", {"service"}),
     "transfer_requests_total": ("counter", {"result"}),

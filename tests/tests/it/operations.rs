@@ -217,6 +217,8 @@ async fn b28_one_transfer_is_one_trace_across_three_services_and_metrics_move() 
             // trail the published events a little.
             if c.contains("outbox_backlog{service=\"core-bank\"} 0")
                 && metric(&c, "outbox_published_total") >= 3.0
+                && metric(&c, "outbox_relay_read_duration_seconds_count") >= 1.0
+                && metric(&t, "outbox_relay_read_duration_seconds_count") >= 1.0
                 && t.contains("pending_transfers 0")
             {
                 Ok(())
