@@ -215,7 +215,7 @@ where
 #[macro_export]
 macro_rules! sql_migration {
     ($migration:ident, up: $up:expr, down: $down:expr $(,)?) => {
-        #[async_trait::async_trait]
+        #[sea_orm_migration::async_trait::async_trait]
         impl sea_orm_migration::prelude::MigrationTrait for $migration {
             async fn up(
                 &self,

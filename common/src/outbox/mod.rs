@@ -8,6 +8,7 @@
 //! anywhere between commit and mark only causes a re-publish that JetStream's
 //! duplicate window drops.
 
+pub mod migrations;
 pub mod relay;
 
 use sea_orm::{ConnectionTrait, DbErr, Statement};

@@ -1,11 +1,10 @@
 //! Database migrations of the core, applied at start-up.
 
+use common::outbox::migrations as outbox;
 use sea_orm_migration::prelude::*;
 
 mod m20261121_000001_core_schema;
-mod m20261122_000001_outbox_notify_opt_out;
 mod m20261203_000001_account_last_business_date;
-mod m20261203_000002_outbox_vacuum;
 
 /// The core's migrator.
 #[derive(Debug)]
@@ -16,9 +15,9 @@ impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
         vec![
             Box::new(m20261121_000001_core_schema::Migration),
-            Box::new(m20261122_000001_outbox_notify_opt_out::Migration),
+            Box::new(outbox::m20261122_000001_outbox_notify_opt_out::Migration),
             Box::new(m20261203_000001_account_last_business_date::Migration),
-            Box::new(m20261203_000002_outbox_vacuum::Migration),
+            Box::new(outbox::m20261203_000002_outbox_vacuum::Migration),
         ]
     }
 }

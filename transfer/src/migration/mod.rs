@@ -1,11 +1,10 @@
 //! Migrations of the channel database's transfer and history tables.
 
+use common::outbox::migrations as outbox;
 use sea_orm_migration::prelude::*;
 
 mod m20261121_000001_channel_schema;
-mod m20261122_000001_outbox_notify_opt_out;
 mod m20261203_000001_history_payout_index;
-mod m20261203_000002_outbox_vacuum;
 
 /// The channel migrator (the projector has its own, with its own table).
 #[derive(Debug)]
@@ -16,9 +15,9 @@ impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
         vec![
             Box::new(m20261121_000001_channel_schema::Migration),
-            Box::new(m20261122_000001_outbox_notify_opt_out::Migration),
+            Box::new(outbox::m20261122_000001_outbox_notify_opt_out::Migration),
             Box::new(m20261203_000001_history_payout_index::Migration),
-            Box::new(m20261203_000002_outbox_vacuum::Migration),
+            Box::new(outbox::m20261203_000002_outbox_vacuum::Migration),
         ]
     }
 }

@@ -6,8 +6,8 @@ use sea_orm_migration::prelude::*;
 #[derive(DeriveMigrationName)]
 pub struct Migration;
 
-common::sql_migration!(
+crate::sql_migration!(
     Migration,
-    up: common::outbox::NOTIFY_OPT_OUT_SQL,
-    down: common::outbox::CREATE_SQL,
+    up: crate::outbox::NOTIFY_OPT_OUT_SQL,
+    down: crate::outbox::CREATE_SQL,
 );

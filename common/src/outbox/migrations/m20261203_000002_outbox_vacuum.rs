@@ -1,14 +1,14 @@
 //! Vacuums the outbox after a fixed number of dead rows, so the relay's
 //! index of unpublished rows stays small under load (see
-//! `common::outbox::VACUUM_SETTINGS_SQL`).
+//! `crate::outbox::VACUUM_SETTINGS_SQL`).
 
 use sea_orm_migration::prelude::*;
 
 #[derive(DeriveMigrationName)]
 pub struct Migration;
 
-common::sql_migration!(
+crate::sql_migration!(
     Migration,
-    up: common::outbox::VACUUM_SETTINGS_SQL,
-    down: common::outbox::VACUUM_SETTINGS_RESET_SQL,
+    up: crate::outbox::VACUUM_SETTINGS_SQL,
+    down: crate::outbox::VACUUM_SETTINGS_RESET_SQL,
 );
