@@ -101,21 +101,19 @@ fn ms_text(ms: f64) -> String {
     }
 }
 
+/// Milliseconds per clock tick, the unit of `/proc` CPU times: 100 ticks a
+/// second on every Linux this runs on (`getconf CLK_TCK`).
+const TICK_MS: f64 = 10.0;
+
 /// Reads CPU time of the parts of the stack.
 #[derive(Debug, Clone)]
 pub struct CpuMeter {
     parts: Vec<Part>,
-    tick_ms: f64,
 }
 
 impl CpuMeter {
-    /// Clock ticks are 100 a second on every Linux this runs on (`getconf
-    /// CLK_TCK`); the kernel reports `/proc` times in them.
     pub fn new(parts: Vec<Part>) -> Self {
-        Self {
-            parts,
-            tick_ms: 10.0,
-        }
+        Self { parts }
     }
 
     pub fn sample(&self) -> Sample {
@@ -135,7 +133,7 @@ impl CpuMeter {
                 .parts
                 .iter()
                 .zip(to.parts.iter().zip(&from.parts))
-                .map(|(p, (t, f))| (p.name, t.saturating_sub(*f) as f64 * self.tick_ms))
+                .map(|(p, (t, f))| (p.name, t.saturating_sub(*f) as f64 * TICK_MS))
                 .collect(),
             secs: to.at.duration_since(from.at).as_secs_f64(),
             busy: to.machine.busy.saturating_sub(from.machine.busy) as f64 / total,

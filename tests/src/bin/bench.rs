@@ -254,10 +254,13 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The cores this process may run on (1 if unknown).
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 fn machine() -> String {
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
+    let cpus = cores();
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
@@ -385,9 +388,7 @@ impl Bench {
     /// (`usage` over `ops` operations), and the rate at which that saturates
     /// this machine.
     fn cpu_row(&mut self, id: &str, what: &str, usage: &Usage, ops: usize) {
-        let cores = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1) as f64;
+        let cores = cores() as f64;
         let per_op = usage.total_ms() / ops.max(1) as f64;
         let bound = cores * 1000.0 / per_op.max(1e-9);
         self.json.insert(
