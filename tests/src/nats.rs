@@ -5,7 +5,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 /// A running (or stopped) nats-server owned by a test. Killed on drop.
 pub struct NatsServer {
@@ -100,7 +100,7 @@ impl NatsServer {
                 self.dir.join("js").display()
             ),
         )?;
-        let child = Command::new(binary())
+        let child = crate::process::dies_with_parent(binary())
             .arg("-c")
             .arg(&conf)
             .stdout(Stdio::null())

@@ -28,6 +28,27 @@ pub fn binary(name: &str) -> PathBuf {
     );
 }
 
+/// A command for `program` that is killed when the process that spawns it
+/// dies, even by SIGKILL (a test binary killed mid-run must not leave
+/// services holding ports and database connections behind).
+///
+/// It runs under `setpriv --pdeathsig KILL` (util-linux, present on every
+/// Debian system), which sets the parent-death signal and then executes
+/// `program` in its place, so the pid is the service's. Linux sends that
+/// signal when the *thread* that spawned the child exits: spawn from a test's
+/// own thread or a runtime worker, never from a short-lived blocking thread.
+/// Without `setpriv` the command runs `program` directly.
+pub fn dies_with_parent(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    const SETPRIV: &str = "/usr/bin/setpriv";
+    if std::path::Path::new(SETPRIV).is_file() {
+        let mut c = Command::new(SETPRIV);
+        c.args(["--pdeathsig", "KILL", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
 /// A running service binary.
 pub struct ServiceProcess {
     name: String,
@@ -61,7 +82,7 @@ impl ServiceProcess {
     /// Starts it again with the same settings (after a kill).
     pub fn restart(&mut self) -> anyhow::Result<()> {
         let log = std::env::var("TEST_LOG").unwrap_or_else(|_| "warn".to_owned());
-        let child = Command::new(binary(&self.name))
+        let child = dies_with_parent(binary(&self.name))
             .args(&self.args)
             .envs(&self.env)
             .env("RUST_LOG", log)
@@ -99,5 +120,59 @@ impl ServiceProcess {
     /// The process id, while running.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().and_then(|c| c.id())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::dies_with_parent;
+    use std::time::{Duration, Instant};
+
+    /// Running (not a zombie, not gone).
+    fn alive(pid: u32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                let state = s.rsplit_once(") ")?.1.chars().next()?;
+                Some(state != 'Z' && state != 'X')
+            })
+            .unwrap_or(false)
+    }
+
+    #[test]
+    fn a_child_is_killed_when_the_thread_that_spawned_it_ends() {
+        // The spawning thread stands for the test binary: when it ends, the
+        // kernel sends the child its parent-death signal.
+        let pid = std::thread::spawn(|| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let child = dies_with_parent("sleep").arg("600").spawn().unwrap();
+                let pid = child.id().unwrap();
+                // Running `sleep` itself (past `setpriv`), so a child that
+                // never started cannot pass the test.
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .map_or(true, |c| c.trim() != "sleep")
+                {
+                    assert!(Instant::now() < deadline, "sleep {pid} did not start");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                assert!(alive(pid));
+                pid
+            })
+        })
+        .join()
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while alive(pid) {
+            assert!(
+                Instant::now() < deadline,
+                "sleep {pid} outlived the thread that spawned it"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
