@@ -1,5 +1,6 @@
 //! Operations: B28 (one trace per transfer, metrics, health), B29
-//! (graceful shutdown on SIGTERM) and B30 (no empty credentials), against the real binaries.
+//! (graceful shutdown on SIGTERM), B30 (no empty credentials) and the
+//! reconciler's metrics (B13), against the real binaries.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -8,7 +9,8 @@ use bank_tests::apps::customer_token;
 use bank_tests::otlp::OtlpReceiver;
 use bank_tests::procs::{ProcStack, wait_ready};
 use bank_tests::verify::history_mismatches;
-use bank_tests::{Api, NatsServer, eventually};
+use bank_tests::{Api, NatsServer, eventually, unique};
+use sea_orm::{ConnectionTrait, Database};
 use serde_json::json;
 
 fn metric(text: &str, name: &str) -> f64 {
@@ -416,4 +418,101 @@ async fn b30_a_service_given_an_empty_credential_refuses_to_start() {
             );
         }
     }
+}
+
+/// The reconciler's metrics (B13), from the running binary: what it resolved
+/// and how, the pending gauges, and its failures while the core is down.
+#[tokio::test]
+async fn b13_the_reconcilers_actions_failures_and_pending_transfers_are_in_its_metrics() {
+    let nats = NatsServer::start().await.unwrap();
+    let env = HashMap::from([
+        ("REQUEST_TTL_SECS".to_owned(), "2".to_owned()),
+        ("RECONCILE_INTERVAL_MS".to_owned(), "200".to_owned()),
+        ("RECONCILE_FENCE_MARGIN_MS".to_owned(), "500".to_owned()),
+    ]);
+    let mut stack = ProcStack::start(&nats, env).await.unwrap();
+    let core = stack.core_api();
+    let customer = core.new_customer("Reconciled").await;
+    let from = core.new_account(&customer).await;
+    core.deposit(&from, 10_000).await.expect(200);
+    let to = core.funded_account(0).await;
+    // Left pending by a "crash", both older than the fence: one the core
+    // executed, one it never saw.
+    let executed = unique("trf_");
+    core.post(
+        "/v1/transfers",
+        bank_tests::client::transfer_body(&executed, &from, &to, 700),
+    )
+    .await
+    .expect(200);
+    let lost = unique("trf_");
+    let channel = Database::connect(stack.cfg.channel_db.as_str())
+        .await
+        .unwrap();
+    // One pending transfer per account at a time.
+    let pending = |id: &str, from: &str, amount: u32| {
+        format!(
+            "INSERT INTO transfer_requests (transfer_id, customer_id, from_account, to_account, amount, status, requested_at) \
+             VALUES ('{id}', '{customer}', '{from}', '{to}', {amount}, 'pending', now() - interval '10 seconds')"
+        )
+    };
+    channel
+        .execute_unprepared(&pending(&executed, &from, 700))
+        .await
+        .unwrap();
+    let lost_from = core.new_account(&customer).await;
+    channel
+        .execute_unprepared(&pending(&lost, &lost_from, 100))
+        .await
+        .unwrap();
+    let transfer = stack.transfer_base();
+    eventually(
+        "both resolutions counted, nothing pending",
+        Duration::from_secs(20),
+        || async {
+            let m = scrape(&transfer).await;
+            let found = metric(&m, "reconciler_actions_total{action=\"fenced_found\"}");
+            let never = metric(
+                &m,
+                "reconciler_actions_total{action=\"fenced_never_received\"}",
+            );
+            if found == 1.0 && never == 1.0 && m.contains("\npending_transfers 0") {
+                Ok(())
+            } else {
+                Err(format!(
+                    "fenced_found {found}, fenced_never_received {never}"
+                ))
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        metric(&scrape(&transfer).await, "reconciler_errors_total"),
+        0.0
+    );
+
+    // With the core down, a pending transfer cannot be settled: the gauges
+    // show it and every pass counts the failure.
+    let stuck_from = core.new_account(&customer).await;
+    stack.core.kill().await;
+    let stuck = unique("trf_");
+    channel
+        .execute_unprepared(&pending(&stuck, &stuck_from, 50))
+        .await
+        .unwrap();
+    eventually(
+        "the failure counted and the transfer shown pending",
+        Duration::from_secs(20),
+        || async {
+            let m = scrape(&transfer).await;
+            let errors = metric(&m, "reconciler_errors_total");
+            let age = metric(&m, "pending_transfers_oldest_age_seconds");
+            if errors >= 2.0 && m.contains("\npending_transfers 1") && age >= 10.0 {
+                Ok(())
+            } else {
+                Err(format!("errors {errors}, oldest age {age}"))
+            }
+        },
+    )
+    .await;
 }
