@@ -12,6 +12,10 @@ use common::shutdown::CancellationToken;
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection, Statement, TransactionTrait};
 
 async fn outbox_db() -> DatabaseConnection {
+    outbox_db_and_url().await.0
+}
+
+async fn outbox_db_and_url() -> (DatabaseConnection, String) {
     let url = fresh_database("outbox").await.unwrap();
     let db = Database::connect(url.as_str()).await.unwrap();
     // The same DDL as the services' migrations.
@@ -22,7 +26,7 @@ async fn outbox_db() -> DatabaseConnection {
     db.execute_unprepared(outbox::VACUUM_SETTINGS_SQL)
         .await
         .unwrap();
-    db
+    (db, url)
 }
 
 async fn test_stream(nats: &NatsServer) -> async_nats::jetstream::Context {
@@ -437,6 +441,76 @@ async fn b08_a_pass_walks_the_index_of_unpublished_rows_whatever_the_statistics(
         plan.contains("Index Scan using outbox_unpublished") && !plan.contains("Sort"),
         "a pass reads the unpublished rows through their index, in id order:\n{plan}"
     );
+}
+
+/// Sessions of `db`'s database inside a transaction, other than the one
+/// asking (which must not be one of the pool under test, or it could be the
+/// very connection it looks for).
+async fn sessions_in_a_transaction(db: &DatabaseConnection) -> i64 {
+    db.query_one_raw(Statement::from_string(
+        db.get_database_backend(),
+        "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = current_database() \
+         AND pid <> pg_backend_pid() AND state LIKE 'idle in transaction%'",
+    ))
+    .await
+    .unwrap()
+    .unwrap()
+    .try_get("", "n")
+    .unwrap()
+}
+
+/// A pass abandoned in the middle (here: its future dropped while NATS is
+/// frozen and the acknowledgements never come) must not leave a pooled
+/// connection inside its transaction, holding the relay lock: the pass is
+/// rolled back and the next passes publish everything.
+#[tokio::test]
+async fn b08_a_pass_abandoned_midway_leaves_no_connection_inside_its_transaction() {
+    let nats = NatsServer::start().await.unwrap();
+    let js = test_stream(&nats).await;
+    let (db, url) = outbox_db_and_url().await;
+    let observer = Database::connect(url.as_str()).await.unwrap();
+    let rows: Vec<_> = (0..20).map(|n| message("test.abandoned", n)).collect();
+    outbox::enqueue(&db, &rows).await.unwrap();
+    let relay = relay(&db, &js, false);
+    let pid = nats.pid().unwrap().to_string();
+    let signal = |sig: &str| {
+        let status = std::process::Command::new("kill")
+            .args([sig, pid.as_str()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {sig} {pid}");
+    };
+    signal("-STOP");
+    let abandoned = tokio::time::timeout(Duration::from_millis(500), relay.publish_pass()).await;
+    signal("-CONT");
+    assert!(
+        abandoned.is_err(),
+        "the pass waited for NATS: {abandoned:?}"
+    );
+    eventually(
+        "no session left inside the abandoned pass's transaction",
+        Duration::from_secs(10),
+        || async {
+            match sessions_in_a_transaction(&observer).await {
+                0 => Ok(()),
+                n => Err(format!("{n} sessions idle in a transaction")),
+            }
+        },
+    )
+    .await;
+    eventually(
+        "the next passes publish every row",
+        Duration::from_secs(20),
+        || async {
+            relay.publish_pass().await.map_err(|e| e.to_string())?;
+            match unpublished(&db).await {
+                0 => Ok(()),
+                n => Err(format!("{n} unpublished")),
+            }
+        },
+    )
+    .await;
+    assert_eq!(published_ids(&js).await.len(), 20);
 }
 
 /// Pruning keeps up with a busy outbox: one run removes every row past the
