@@ -385,9 +385,15 @@ async fn b08_writer_that_opts_out_of_notify_wakes_its_relay_in_process() {
     task.await.unwrap();
 }
 
-/// The plan of a pass's query for unpublished rows, as `EXPLAIN` prints it,
-/// after `settings` in the same transaction.
-async fn pass_plan(db: &DatabaseConnection, settings: Option<&str>) -> String {
+/// The plan of one of a pass's statements (`sql`, run with `arg`), as
+/// `EXPLAIN EXECUTE` prints it, and whether it was a generic plan (which
+/// `settings` may ask for).
+async fn pass_plan(
+    db: &DatabaseConnection,
+    settings: Option<&str>,
+    sql: &str,
+    arg: &str,
+) -> (String, bool) {
     let txn = db.begin().await.unwrap();
     if let Some(sql) = settings {
         txn.query_one_raw(Statement::from_sql_and_values(
@@ -398,11 +404,13 @@ async fn pass_plan(db: &DatabaseConnection, settings: Option<&str>) -> String {
         .await
         .unwrap();
     }
+    txn.execute_unprepared(&format!("PREPARE pass_statement AS {sql}"))
+        .await
+        .unwrap();
     let plan = txn
-        .query_all_raw(Statement::from_sql_and_values(
+        .query_all_raw(Statement::from_string(
             db.get_database_backend(),
-            format!("EXPLAIN {}", outbox::relay::UNPUBLISHED_SQL),
-            [1000_i64.into()],
+            format!("EXPLAIN EXECUTE pass_statement({arg})"),
         ))
         .await
         .unwrap()
@@ -410,15 +418,31 @@ async fn pass_plan(db: &DatabaseConnection, settings: Option<&str>) -> String {
         .map(|r| r.try_get_by_index::<String>(0).unwrap())
         .collect::<Vec<_>>()
         .join("\n");
+    let generic: i64 = txn
+        .query_one_raw(Statement::from_string(
+            db.get_database_backend(),
+            "SELECT generic_plans FROM pg_prepared_statements WHERE name = 'pass_statement'",
+        ))
+        .await
+        .unwrap()
+        .unwrap()
+        .try_get_by_index(0)
+        .unwrap();
+    // Prepared statements outlive the transaction.
+    txn.execute_unprepared("DEALLOCATE pass_statement")
+        .await
+        .unwrap();
     txn.rollback().await.unwrap();
-    plan
+    (plan, generic > 0)
 }
 
 /// The statistics were taken while rows waited, so the planner expects
 /// hundreds of unpublished rows: left to itself it reads the whole table,
 /// where every published row's dead entry costs a table read on every pass.
 /// The pass's own settings keep it on the index of unpublished rows in id
-/// order, which skips dead entries once flagged.
+/// order, which skips dead entries once flagged; and as the pass keeps one
+/// generic plan per statement instead of planning each time, that plan is
+/// the index scan too, as is the mark's.
 #[tokio::test]
 async fn b08_a_pass_walks_the_index_of_unpublished_rows_whatever_the_statistics() {
     let db = outbox_db().await;
@@ -431,15 +455,22 @@ async fn b08_a_pass_walks_the_index_of_unpublished_rows_whatever_the_statistics(
     )
     .await
     .unwrap();
-    let unguided = pass_plan(&db, None).await;
+    let read = outbox::relay::UNPUBLISHED_SQL;
+    let (unguided, _) = pass_plan(&db, None, read, "1000").await;
     assert!(
         !unguided.contains("Index Scan using outbox_unpublished"),
         "precondition: these statistics mislead the planner, but it chose\n{unguided}"
     );
-    let plan = pass_plan(&db, Some(outbox::relay::PASS_START_SQL)).await;
+    let settings = Some(outbox::relay::PASS_START_SQL);
+    let (plan, generic) = pass_plan(&db, settings, read, "1000").await;
     assert!(
-        plan.contains("Index Scan using outbox_unpublished") && !plan.contains("Sort"),
-        "a pass reads the unpublished rows through their index, in id order:\n{plan}"
+        plan.contains("Index Scan using outbox_unpublished") && !plan.contains("Sort") && generic,
+        "a pass reads the unpublished rows through their index, in id order, with a generic plan:\n{plan}"
+    );
+    let (mark, generic) = pass_plan(&db, settings, outbox::relay::MARK_SQL, "'{1,2,3}'").await;
+    assert!(
+        mark.contains("Index Scan using outbox_pkey") && generic,
+        "the mark finds its rows by id, with a generic plan:\n{mark}"
     );
 }
 
