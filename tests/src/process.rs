@@ -49,6 +49,16 @@ pub fn dies_with_parent(program: impl AsRef<std::ffi::OsStr>) -> Command {
     }
 }
 
+/// Sends signal `name` (`TERM`, `STOP`, `CONT`, ...) to process `pid`.
+pub fn signal(pid: u32, name: &str) -> anyhow::Result<()> {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .status()?;
+    anyhow::ensure!(status.success(), "kill -{name} {pid}: {status}");
+    Ok(())
+}
+
 /// A running service binary.
 pub struct ServiceProcess {
     name: String,
@@ -108,10 +118,7 @@ impl ServiceProcess {
             return Ok(None);
         };
         if let Some(pid) = c.id() {
-            std::process::Command::new("kill")
-                .arg("-TERM")
-                .arg(pid.to_string())
-                .status()?;
+            signal(pid, "TERM")?;
         }
         let status = tokio::time::timeout(timeout, c.wait()).await??;
         Ok(status.code())

@@ -450,21 +450,18 @@ async fn b13_the_reconcilers_actions_failures_and_pending_transfers_are_in_its_m
         .await
         .unwrap();
     // One pending transfer per account at a time.
-    let pending = |id: &str, from: &str, amount: u32| {
-        format!(
-            "INSERT INTO transfer_requests (transfer_id, customer_id, from_account, to_account, amount, status, requested_at) \
-             VALUES ('{id}', '{customer}', '{from}', '{to}', {amount}, 'pending', now() - interval '10 seconds')"
-        )
+    let leave_pending = async |id: &str, from: &str, amount: u32| {
+        channel
+            .execute_unprepared(&format!(
+                "INSERT INTO transfer_requests (transfer_id, customer_id, from_account, to_account, amount, status, requested_at) \
+                 VALUES ('{id}', '{customer}', '{from}', '{to}', {amount}, 'pending', now() - interval '10 seconds')"
+            ))
+            .await
+            .unwrap();
     };
-    channel
-        .execute_unprepared(&pending(&executed, &from, 700))
-        .await
-        .unwrap();
+    leave_pending(&executed, &from, 700).await;
     let lost_from = core.new_account(&customer).await;
-    channel
-        .execute_unprepared(&pending(&lost, &lost_from, 100))
-        .await
-        .unwrap();
+    leave_pending(&lost, &lost_from, 100).await;
     let transfer = stack.transfer_base();
     eventually(
         "both resolutions counted, nothing pending",
@@ -496,10 +493,7 @@ async fn b13_the_reconcilers_actions_failures_and_pending_transfers_are_in_its_m
     let stuck_from = core.new_account(&customer).await;
     stack.core.kill().await;
     let stuck = unique("trf_");
-    channel
-        .execute_unprepared(&pending(&stuck, &stuck_from, 50))
-        .await
-        .unwrap();
+    leave_pending(&stuck, &stuck_from, 50).await;
     eventually(
         "the failure counted and the transfer shown pending",
         Duration::from_secs(20),

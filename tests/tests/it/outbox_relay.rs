@@ -6,6 +6,7 @@ use std::time::Duration;
 use async_nats::jetstream::stream;
 use bank_tests::db::fresh_database;
 use bank_tests::nats::stream_messages;
+use bank_tests::process::signal;
 use bank_tests::{NatsServer, eventually};
 use common::outbox::{self, OutboxMessage, Relay, RelayConfig, RelayWaker};
 use common::shutdown::CancellationToken;
@@ -82,6 +83,18 @@ async fn unpublished(db: &DatabaseConnection) -> i64 {
     .unwrap()
 }
 
+/// `Ok` once every row is published.
+async fn all_published(db: &DatabaseConnection) -> Result<(), String> {
+    match unpublished(db).await {
+        0 => Ok(()),
+        n => Err(format!("{n} unpublished")),
+    }
+}
+
+async fn wait_until_all_published_within(db: &DatabaseConnection, what: &str, within: Duration) {
+    eventually(what, within, || all_published(db)).await;
+}
+
 async fn published_ids(
     js: &async_nats::jetstream::Context,
 ) -> Vec<(String, String, serde_json::Value)> {
@@ -122,13 +135,7 @@ async fn b08_committed_rows_are_published_once_with_their_event_id() {
     }
     let stop = CancellationToken::new();
     let task = tokio::spawn(relay(&db, &js, false).run(stop.clone()));
-    eventually("all rows published", Duration::from_secs(20), || async {
-        match unpublished(&db).await {
-            0 => Ok(()),
-            n => Err(format!("{n} unpublished")),
-        }
-    })
-    .await;
+    wait_until_all_published_within(&db, "all rows published", Duration::from_secs(20)).await;
     stop.cancel();
     task.await.unwrap();
     let msgs = published_ids(&js).await;
@@ -213,17 +220,7 @@ async fn b08_two_relays_publish_every_row_in_per_subject_order() {
     for w in writers {
         w.await.unwrap();
     }
-    eventually(
-        "all 500 rows published",
-        Duration::from_secs(30),
-        || async {
-            match unpublished(&db).await {
-                0 => Ok(()),
-                n => Err(format!("{n} unpublished")),
-            }
-        },
-    )
-    .await;
+    wait_until_all_published_within(&db, "all 500 rows published", Duration::from_secs(30)).await;
     stop.cancel();
     a.await.unwrap();
     b.await.unwrap();
@@ -261,15 +258,10 @@ async fn b08_rows_wait_while_nats_is_down_and_are_published_when_it_returns() {
     .await
     .ok();
     nats.resume().await.unwrap();
-    eventually(
+    wait_until_all_published_within(
+        &db,
         "rows published after NATS returns",
         Duration::from_secs(60),
-        || async {
-            match unpublished(&db).await {
-                0 => Ok(()),
-                n => Err(format!("{n} unpublished")),
-            }
-        },
     )
     .await;
     stop.cancel();
@@ -313,13 +305,7 @@ async fn enqueue_one(db: &DatabaseConnection, n: usize, notify: bool) {
 }
 
 async fn wait_until_all_published(db: &DatabaseConnection, what: &str) {
-    eventually(what, Duration::from_secs(20), || async {
-        match unpublished(db).await {
-            0 => Ok(()),
-            n => Err(format!("{n} unpublished")),
-        }
-    })
-    .await;
+    wait_until_all_published_within(db, what, Duration::from_secs(20)).await;
 }
 
 #[tokio::test]
@@ -510,17 +496,10 @@ async fn b08_a_pass_abandoned_midway_leaves_no_connection_inside_its_transaction
     let rows: Vec<_> = (0..20).map(|n| message("test.abandoned", n)).collect();
     outbox::enqueue(&db, &rows).await.unwrap();
     let relay = relay(&db, &js, false);
-    let pid = nats.pid().unwrap().to_string();
-    let signal = |sig: &str| {
-        let status = std::process::Command::new("kill")
-            .args([sig, pid.as_str()])
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill {sig} {pid}");
-    };
-    signal("-STOP");
+    let pid = nats.pid().unwrap();
+    signal(pid, "STOP").unwrap();
     let abandoned = tokio::time::timeout(Duration::from_millis(500), relay.publish_pass()).await;
-    signal("-CONT");
+    signal(pid, "CONT").unwrap();
     assert!(
         abandoned.is_err(),
         "the pass waited for NATS: {abandoned:?}"
@@ -541,10 +520,7 @@ async fn b08_a_pass_abandoned_midway_leaves_no_connection_inside_its_transaction
         Duration::from_secs(20),
         || async {
             relay.publish_pass().await.map_err(|e| e.to_string())?;
-            match unpublished(&db).await {
-                0 => Ok(()),
-                n => Err(format!("{n} unpublished")),
-            }
+            all_published(&db).await
         },
     )
     .await;
