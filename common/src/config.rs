@@ -60,9 +60,10 @@ pub struct NatsArgs {
     #[arg(
         long = "nats-url",
         env = "NATS_URL",
-        default_value = "nats://127.0.0.1:4222"
+        default_value = "nats://127.0.0.1:4222",
+        hide_env_values = true
     )]
-    pub nats_url: String,
+    pub nats_url: Secret,
     /// Replicas of the streams this service creates (3 in a production cluster).
     #[arg(long, env = "NATS_STREAM_REPLICAS", default_value_t = 1)]
     pub stream_replicas: usize,

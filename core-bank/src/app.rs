@@ -45,7 +45,7 @@ impl std::fmt::Debug for App {
 
 /// Connects to the core database and applies migrations.
 pub async fn connect_db(config: &Config) -> anyhow::Result<DatabaseConnection> {
-    let db = common::db::connect(&config.database_url, &config.pool, "core-bank")
+    let db = common::db::connect(config.database_url.expose(), &config.pool, "core-bank")
         .await
         .context("connecting to the core database (CORE_DATABASE_URL)")?;
     common::db::with_migration_lock(&db, || Migrator::up(&db, None))
@@ -76,7 +76,7 @@ pub async fn interest_service(
         clock.clone(),
         settings,
         rollout,
-        InterestCache::new(&config.redis_url),
+        InterestCache::new(config.redis_url.expose()),
         outbox,
     ))
 }
@@ -110,7 +110,7 @@ impl App {
             anyhow::bail!("CORE_READ_API_TOKEN must differ from CORE_API_TOKEN");
         }
         let db = connect_db(&config).await?;
-        let nats = common::jetstream::connect(&config.nats.nats_url, "core-bank")
+        let nats = common::jetstream::connect(config.nats.nats_url.expose(), "core-bank")
             .await
             .context("connecting to NATS (NATS_URL)")?;
         let js = jetstream::new(nats.clone());

@@ -48,16 +48,18 @@ pub struct Config {
     #[arg(
         long = "database-url",
         env = "CORE_DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/bank_core?sslmode=disable"
+        default_value = "postgres://postgres@127.0.0.1:5432/bank_core?sslmode=disable",
+        hide_env_values = true
     )]
-    pub database_url: String,
+    pub database_url: common::config::Secret,
     /// Redis for the expected-interest cache.
     #[arg(
         long = "redis-url",
         env = "REDIS_URL",
-        default_value = "redis://127.0.0.1:6379"
+        default_value = "redis://127.0.0.1:6379",
+        hide_env_values = true
     )]
-    pub redis_url: String,
+    pub redis_url: common::config::Secret,
     /// Service credential every `/v1` caller must present as a bearer token.
     #[arg(
         long = "api-token",

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use common::config::Secret;
 use common::shutdown::CancellationToken;
 use tokio::task::JoinHandle;
 
@@ -86,9 +87,9 @@ impl CoreApp {
         };
         let mut config = core_bank::Config::defaults();
         config.http_addr = "127.0.0.1:0".parse()?;
-        config.database_url = db_url.clone();
-        config.nats.nats_url = nats.url();
-        config.redis_url = opts.redis_url;
+        config.database_url = Secret::new(db_url.clone());
+        config.nats.nats_url = Secret::new(nats.url());
+        config.redis_url = Secret::new(opts.redis_url);
         config.api_token = common::config::Secret::new(CORE_TOKEN);
         config.read_api_token = Some(common::config::Secret::new(CORE_READ_TOKEN));
         config.request_ttl_secs = opts.request_ttl_secs;
@@ -101,7 +102,7 @@ impl CoreApp {
 
     /// Starts a core bank with exactly this configuration.
     pub async fn start(config: core_bank::Config) -> anyhow::Result<Self> {
-        let db_url = config.database_url.clone();
+        let db_url = config.database_url.expose().to_owned();
         let app = core_bank::App::build(config.clone()).await?;
         let addr = app.local_addr()?;
         let task = Running::spawn(|shutdown| app.run(shutdown));
@@ -176,11 +177,11 @@ impl TransferApp {
         };
         let mut config = transfer::Config::defaults();
         config.http_addr = "127.0.0.1:0".parse()?;
-        config.database_url = db_url.clone();
+        config.database_url = Secret::new(db_url.clone());
         config.core.core_url = core_url.to_owned();
         config.core.core_api_token = common::config::Secret::new(CORE_TOKEN);
         config.jwt_secret = common::config::Secret::new(JWT_SECRET);
-        config.nats.nats_url = nats.url();
+        config.nats.nats_url = Secret::new(nats.url());
         config.request_ttl_secs = opts.request_ttl_secs;
         config.core_timeout_ms = opts.core_timeout_ms;
         config.reconcile_interval_ms = opts.reconcile_interval_ms;
@@ -256,10 +257,10 @@ impl ProjectorApp {
         crate::init_logging();
         let mut config = projector::Config::defaults();
         config.http_addr = "127.0.0.1:0".parse()?;
-        config.database_url = db_url.to_owned();
+        config.database_url = Secret::new(db_url);
         config.core.core_url = core_url.to_owned();
         config.core.core_api_token = common::config::Secret::new(CORE_READ_TOKEN);
-        config.nats.nats_url = nats.url();
+        config.nats.nats_url = Secret::new(nats.url());
         config.max_deliveries = opts.max_deliveries;
         config.retry_base_ms = opts.retry_base_ms;
         config.retry_max_ms = opts.retry_max_ms;

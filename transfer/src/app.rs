@@ -60,8 +60,8 @@ impl App {
         // Watched with increase() by LedgerEventsNotTheCores: present from
         // the start, so the first repair counts.
         metrics::counter!("history_repairs_total").increment(0);
-        let db = connect_db(&config.database_url, &config.pool, "transfer").await?;
-        let nats = common::jetstream::connect(&config.nats.nats_url, "transfer")
+        let db = connect_db(config.database_url.expose(), &config.pool, "transfer").await?;
+        let nats = common::jetstream::connect(config.nats.nats_url.expose(), "transfer")
             .await
             .context("connecting to NATS (NATS_URL)")?;
         let js = jetstream::new(nats.clone());

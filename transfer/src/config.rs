@@ -53,9 +53,10 @@ pub struct Config {
     #[arg(
         long = "database-url",
         env = "CHANNEL_DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/bank_channel?sslmode=disable"
+        default_value = "postgres://postgres@127.0.0.1:5432/bank_channel?sslmode=disable",
+        hide_env_values = true
     )]
-    pub database_url: String,
+    pub database_url: common::config::Secret,
     /// How to reach the core.
     #[command(flatten)]
     pub core: CoreLinkArgs,
