@@ -4,7 +4,6 @@
 use std::sync::Arc;
 
 use axum::extract::FromRequestParts;
-use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use common::CustomerId;
 use common::http::ApiError;
@@ -92,11 +91,7 @@ where
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         let verifier = <TokenVerifier as axum::extract::FromRef<S>>::from_ref(state);
-        let token = parts
-            .headers
-            .get(AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+        let token = common::http::bearer_token(&parts.headers)
             .ok_or_else(|| ApiError::unauthorized("a bearer token is required"))?;
         verifier.verify(token).map(Customer)
     }

@@ -14,3 +14,42 @@ pub use ops::{Readiness, ReadinessCheck, serve, with_edge};
 /// Largest accepted request body, in bytes. Bodies of this API are small; a
 /// larger one is refused with 413 before it is parsed.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// The credential of an `Authorization: Bearer <credential>` header. The
+/// scheme is matched without regard to case (RFC 7235: `bearer` and `BEARER`
+/// are the same scheme); the credential is returned as sent.
+pub fn bearer_token(headers: &axum::http::HeaderMap) -> Option<&str> {
+    let value = headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    let (scheme, credential) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| credential.trim_start_matches(' '))
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::{HeaderMap, HeaderValue, header::AUTHORIZATION};
+
+    use super::bearer_token;
+
+    fn with(value: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        if let Ok(v) = HeaderValue::from_str(value) {
+            h.insert(AUTHORIZATION, v);
+        }
+        h
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_matched_without_regard_to_case() {
+        assert_eq!(bearer_token(&with("Bearer abc")), Some("abc"));
+        assert_eq!(bearer_token(&with("bearer abc")), Some("abc"));
+        assert_eq!(bearer_token(&with("BEARER  abc")), Some("abc"));
+        assert_eq!(bearer_token(&with("Basic abc")), None);
+        assert_eq!(bearer_token(&with("Bearerabc")), None);
+        assert_eq!(bearer_token(&HeaderMap::new()), None);
+    }
+}

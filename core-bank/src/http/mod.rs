@@ -12,7 +12,6 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::{Request, State};
 use axum::http::Method;
-use axum::http::header::AUTHORIZATION;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -129,12 +128,7 @@ async fn require_service_token(
     req: Request,
     next: Next,
 ) -> Response {
-    let presented = req
-        .headers()
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
+    let presented = common::http::bearer_token(req.headers()).unwrap_or("");
     let is = |token: &str| -> bool { presented.as_bytes().ct_eq(token.as_bytes()).into() };
     if is(&tokens.full) {
         return next.run(req).await;
