@@ -442,22 +442,6 @@ impl CoreClient {
             page.next_after,
         ))
     }
-
-    /// `GET /readyz` of the core.
-    pub async fn ready(&self) -> Result<(), String> {
-        let resp = self
-            .http
-            .get(format!("{}/readyz", self.base))
-            .timeout(Duration::from_secs(2))
-            .send()
-            .await
-            .map_err(|e| e.to_string())?;
-        if resp.status().is_success() {
-            Ok(())
-        } else {
-            Err(format!("core readyz {}", resp.status()))
-        }
-    }
 }
 
 fn classify(e: reqwest::Error, timeout: Duration) -> CoreError {

@@ -36,16 +36,14 @@ pub(super) struct TransferBody {
 impl From<SubmitError> for ApiError {
     fn from(e: SubmitError) -> Self {
         match e {
-            SubmitError::InProgress(id) => {
-                let err = ApiError::conflict(
-                    "transfer_in_progress",
-                    "a transfer from this account is still pending; wait for its result",
-                );
-                match id {
-                    Some(id) => err.with_detail("transfer_id", id.to_string()),
-                    None => err,
-                }
-            }
+            SubmitError::InProgress(id) => ApiError::conflict(
+                "transfer_in_progress",
+                "a transfer from this account is still pending; wait for its result",
+            )
+            .with_detail("transfer_id", id.to_string()),
+            SubmitError::Contended => ApiError::unavailable(
+                "transfers from this account kept starting and finishing during the request; retry",
+            ),
             SubmitError::IdempotencyConflict(field) => {
                 ApiError::conflict("idempotency_conflict", e.to_string())
                     .with_detail("field", field)

@@ -23,6 +23,10 @@ use super::reconciler::Resolver;
 use super::{InsertError, Resolution, TransferRequest, find, find_by_key, insert_pending, resolve};
 use crate::core_client::{CoreClient, CoreError};
 
+/// Attempts at inserting a pending transfer while the account's previous one
+/// keeps resolving between the conflict and the look-up (1, 2, 4, 8 ms apart).
+const IN_PROGRESS_ATTEMPTS: u32 = 5;
+
 /// What the customer asked for.
 #[derive(Debug, Clone)]
 pub struct NewTransfer {
@@ -41,7 +45,12 @@ pub struct NewTransfer {
 pub enum SubmitError {
     /// The source account has a pending transfer.
     #[error("a transfer from this account is in progress")]
-    InProgress(Option<TransferId>),
+    InProgress(TransferId),
+    /// Each attempt collided with a pending transfer that had resolved by the
+    /// time it was looked up (other transfers from the account keep starting
+    /// and finishing): nothing to name, so the caller retries.
+    #[error("the account's transfers kept changing during the request")]
+    Contended,
     /// The idempotency key was used for a different request.
     #[error("the idempotency key was used for a different transfer ({0} differs)")]
     IdempotencyConflict(&'static str),
@@ -118,10 +127,17 @@ impl TransferService {
                     return same_request(existing, &new);
                 }
                 // The pending transfer resolved between the conflict and our
-                // look-up: try again (a few times, so the answer names the
-                // pending transfer as API.md requires).
-                Err(InsertError::InProgress(None)) if attempts < 5 => continue,
-                Err(InsertError::InProgress(id)) => {
+                // look-up: try again after a short pause (a few times, so the
+                // answer names the pending transfer as API.md requires).
+                Err(InsertError::InProgress(None)) if attempts < IN_PROGRESS_ATTEMPTS => {
+                    tokio::time::sleep(Duration::from_millis(1 << attempts)).await;
+                }
+                Err(InsertError::InProgress(None)) => {
+                    metrics::counter!("transfer_requests_total", "result" => "contended")
+                        .increment(1);
+                    return Err(SubmitError::Contended);
+                }
+                Err(InsertError::InProgress(Some(id))) => {
                     metrics::counter!("transfer_requests_total", "result" => "transfer_in_progress").increment(1);
                     return Err(SubmitError::InProgress(id));
                 }
