@@ -20,7 +20,7 @@ pub const MAX_WON: i64 = 1_000_000_000_000_000;
 /// signed figure ([`Won`]) read from the wire: 10^18 won. Several movements
 /// can take a balance past [`MAX_WON`], so balances (`balance_after` in
 /// events and entries) must parse up to this. It leaves room in
-/// `NUMERIC(20,0)` columns for sums over many accounts.
+/// the `NUMERIC(30,0)` columns for sums over many accounts.
 pub const MAX_BALANCE_WON: i64 = 1_000_000_000_000_000_000;
 
 /// Why a string is not an acceptable amount of money.

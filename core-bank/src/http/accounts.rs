@@ -91,17 +91,22 @@ pub struct AccountView {
     pub withdrawal_stopped: bool,
 }
 
-impl From<account::Model> for AccountView {
-    fn from(m: account::Model) -> Self {
-        Self {
+impl TryFrom<account::Model> for AccountView {
+    type Error = ApiError;
+
+    /// A stored balance that is not whole won (the column's scale makes it
+    /// impossible) is an internal error, never shown as some other figure.
+    fn try_from(m: account::Model) -> Result<Self, ApiError> {
+        let balance = Won::new(m.balance).map_err(|e| ApiError::internal(&e))?;
+        Ok(Self {
             account_id: m.account_id,
             customer_id: m.customer_id,
-            balance: Won::new(m.balance).unwrap_or_default(),
+            balance,
             last_seq: m.last_seq,
             status: m.status,
             deposit_stopped: m.deposit_stopped,
             withdrawal_stopped: m.withdrawal_stopped,
-        }
+        })
     }
 }
 
@@ -166,7 +171,7 @@ pub(super) async fn create_account(
     Json(body): Json<CreateAccount>,
 ) -> Result<(StatusCode, axum::Json<AccountView>), ApiError> {
     let a = accounts::open_account(&s.db, &body.customer_id, s.clock.today()).await?;
-    Ok((StatusCode::CREATED, axum::Json(a.into())))
+    Ok((StatusCode::CREATED, axum::Json(a.try_into()?)))
 }
 
 /// Lists accounts by id (keyset pages), optionally of one customer.
@@ -192,7 +197,10 @@ pub(super) async fn list_accounts(
         None
     };
     Ok(axum::Json(AccountList {
-        accounts: rows.into_iter().map(Into::into).collect(),
+        accounts: rows
+            .into_iter()
+            .map(TryInto::try_into)
+            .collect::<Result<_, _>>()?,
         next_after,
     }))
 }
@@ -205,7 +213,9 @@ pub(super) async fn get_account(
     Path(id): Path<String>,
 ) -> Result<axum::Json<AccountView>, ApiError> {
     let id: AccountId = parse_id(&id)?;
-    Ok(axum::Json(accounts::get_account(&s.db, &id).await?.into()))
+    Ok(axum::Json(
+        accounts::get_account(&s.db, &id).await?.try_into()?,
+    ))
 }
 
 /// Changes an account's status or stops. Closing needs a zero balance;
@@ -231,5 +241,5 @@ pub(super) async fn patch_account(
         .cache()
         .invalidate_now(std::slice::from_ref(&id))
         .await;
-    Ok(axum::Json(a.into()))
+    Ok(axum::Json(a.try_into()?))
 }

@@ -865,6 +865,98 @@ async fn b31_core_bad_input_gets_a_documented_4xx_and_writes_nothing() {
     assert_eq!(api.all_entries(&to).await.len(), 0);
 }
 
+/// The operator and interest routes refuse bad input with the documented
+/// 4xx and change nothing; without `BANK_TEST_CLOCK` the clock cannot be set,
+/// and the route answers 404 whatever body it is sent.
+#[tokio::test]
+async fn b31_core_admin_and_interest_routes_refuse_bad_input() {
+    let nats = NatsServer::start().await.unwrap();
+    let core = CoreApp::spawn_with(
+        &nats,
+        CoreOptions {
+            test_clock: false,
+            ..CoreOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let api = &core.api;
+    let today = api.business_date().await;
+    for body in [
+        json!({"today": (today + chrono::Days::new(3)).to_string()}),
+        json!({"today": "not a date"}),
+        json!([1]),
+    ] {
+        let r = api.post("/v1/admin/clock", body.clone()).await;
+        assert_eq!((r.status, r.code()), (404, Some("not_found")), "{body}");
+    }
+    let r = api
+        .send_raw("POST", "/v1/admin/clock", "text/plain", b"{".to_vec())
+        .await;
+    assert_eq!((r.status, r.code()), (404, Some("not_found")));
+    assert_eq!(api.business_date().await, today, "the clock did not move");
+
+    let rollout = api.get("/v1/admin/interest/rollout").await.expect(200).body;
+    for body in [
+        json!({"new_path_percent": 101, "shadow": false}),
+        json!({"new_path_percent": -1, "shadow": false}),
+        json!({"new_path_percent": "50", "shadow": false}),
+        json!({"new_path_percent": 50}),
+        json!({"new_path_percent": 50, "shadow": false, "extra": 1}),
+    ] {
+        let r = api.put("/v1/admin/interest/rollout", body.clone()).await;
+        assert_eq!(
+            (r.status, r.code()),
+            (400, Some("invalid_request")),
+            "{body}"
+        );
+    }
+    assert_eq!(
+        api.get("/v1/admin/interest/rollout").await.expect(200).body,
+        rollout,
+        "the rollout did not change"
+    );
+    for body in [
+        json!({"sample": 0}),
+        json!({"sample": 10_001}),
+        json!({"sample": "5"}),
+    ] {
+        let r = api.post("/v1/admin/interest/verify", body.clone()).await;
+        assert_eq!(
+            (r.status, r.code()),
+            (400, Some("invalid_request")),
+            "{body}"
+        );
+    }
+
+    let account = api.funded_account(1_000_000).await;
+    for body in [
+        json!({"payout_id": "bad.id"}),
+        json!({"payout_id": 7}),
+        json!({}),
+    ] {
+        let r = api
+            .post(
+                &format!("/v1/accounts/{account}/interest/payouts"),
+                body.clone(),
+            )
+            .await;
+        assert_eq!(
+            (r.status, r.code()),
+            (400, Some("invalid_request")),
+            "{body}"
+        );
+    }
+    assert_eq!(
+        api.get(&format!("/v1/accounts/{account}/interest/payouts/bad.id"))
+            .await
+            .expect(400)
+            .code(),
+        Some("invalid_id")
+    );
+    assert_eq!(api.balance(&account).await, 1_000_000, "nothing was paid");
+}
+
 #[tokio::test]
 async fn b01_an_accounts_entry_dates_never_go_back_between_replicas_a_moment_apart() {
     let nats = NatsServer::start().await.unwrap();
