@@ -34,6 +34,10 @@ pub struct StreamSpec {
     pub description: &'static str,
     /// How long messages are kept (zero: forever).
     pub max_age: Duration,
+    /// When set, the stream holds at most this many bytes and, once full,
+    /// refuses new messages instead of dropping old ones (a publisher keeps
+    /// what it could not publish and retries).
+    pub max_bytes: Option<i64>,
 }
 
 /// `LEDGER`: `bank.ledger.<account_id>`, kept for 30 days (longer than any
@@ -44,6 +48,7 @@ pub const LEDGER: StreamSpec = StreamSpec {
     subjects: &["bank.ledger.*"],
     description: "Ledger entries of the core bank, one subject per account",
     max_age: Duration::from_secs(30 * 86_400),
+    max_bytes: None,
 };
 /// `TRANSFERS`: transfer status events of the channel.
 pub const TRANSFERS: StreamSpec = StreamSpec {
@@ -51,6 +56,7 @@ pub const TRANSFERS: StreamSpec = StreamSpec {
     subjects: &["bank.transfer.*"],
     description: "Transfer requested/succeeded/failed events of the transfer service",
     max_age: Duration::from_secs(30 * 86_400),
+    max_bytes: None,
 };
 /// `INTEREST`: interest payouts.
 pub const INTEREST: StreamSpec = StreamSpec {
@@ -58,6 +64,7 @@ pub const INTEREST: StreamSpec = StreamSpec {
     subjects: &["bank.interest.*"],
     description: "Interest payouts of the core bank",
     max_age: Duration::from_secs(30 * 86_400),
+    max_bytes: None,
 };
 /// `ALERTS`: shadow verification mismatches and other alerts.
 pub const ALERTS: StreamSpec = StreamSpec {
@@ -65,14 +72,22 @@ pub const ALERTS: StreamSpec = StreamSpec {
     subjects: &["bank.alert.*"],
     description: "Operational alerts such as interest shadow mismatches",
     max_age: Duration::from_secs(30 * 86_400),
+    max_bytes: None,
 };
-/// `DLQ`: dead letters, kept until replayed or deleted by an operator.
+/// `DLQ`: dead letters, kept until replayed or deleted by an operator, up to
+/// [`DLQ_MAX_BYTES`]; a full DLQ refuses new letters, and the projector keeps
+/// retrying their messages (naked with backoff) until there is room, so a
+/// storm of bad messages cannot fill the disk and no letter is dropped.
 pub const DLQ: StreamSpec = StreamSpec {
     name: DLQ_STREAM,
     subjects: &["bank.dlq.>"],
     description: "Messages the projector could not apply, with the error in headers",
     max_age: Duration::ZERO,
+    max_bytes: Some(DLQ_MAX_BYTES),
 };
+
+/// Size bound of the `DLQ` stream: 1 GiB.
+pub const DLQ_MAX_BYTES: i64 = 1 << 30;
 
 /// Connects to NATS. The client reconnects by itself forever; publishes made
 /// while disconnected fail with a timeout and are retried by the caller.
@@ -101,7 +116,11 @@ pub fn stream_config(spec: &StreamSpec, replicas: usize) -> stream::Config {
         subjects: spec.subjects.iter().map(|s| (*s).to_owned()).collect(),
         storage: stream::StorageType::File,
         retention: stream::RetentionPolicy::Limits,
-        discard: stream::DiscardPolicy::Old,
+        discard: match spec.max_bytes {
+            Some(_) => stream::DiscardPolicy::New,
+            None => stream::DiscardPolicy::Old,
+        },
+        max_bytes: spec.max_bytes.unwrap_or(-1),
         duplicate_window: DUPLICATE_WINDOW,
         max_age: spec.max_age,
         num_replicas: replicas.max(1),

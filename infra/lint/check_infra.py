@@ -69,6 +69,7 @@ METRICS: dict[str, tuple[str, set[str]]] = {
     "projector_gap_entries_filled_total": ("counter", set()),
     "projector_retries_total": ("counter", set()),
     "projector_dead_letters_total": ("counter", {"stream", "kind"}),
+    "projector_dead_letter_publish_failures_total": ("counter", set()),
     "projector_dead_letters_replayed_total": ("counter", set()),
     "projector_lag_seconds": ("histogram", set()),
     "projector_consumer_pending": ("gauge", {"feed"}),

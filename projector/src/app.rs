@@ -19,11 +19,11 @@ use crate::migration::Migrator;
 /// and ensures the streams. Shared by the service and the CLI.
 pub async fn context(config: &Config) -> anyhow::Result<(Context, async_nats::Client)> {
     let db: DatabaseConnection =
-        transfer::app::connect_db(&config.database_url, &config.pool, "projector").await?;
+        transfer::app::connect_db(config.database_url.expose(), &config.pool, "projector").await?;
     common::db::with_migration_lock(&db, || Migrator::up(&db, None))
         .await
         .context("migrating the projector tables")?;
-    let nats = common::jetstream::connect(&config.nats.nats_url, "projector")
+    let nats = common::jetstream::connect(config.nats.nats_url.expose(), "projector")
         .await
         .context("connecting to NATS (NATS_URL)")?;
     let js = jetstream::new(nats.clone());
@@ -84,6 +84,7 @@ impl App {
                     .increment(0);
             }
         }
+        metrics::counter!("projector_dead_letter_publish_failures_total").increment(0);
         metrics::counter!("projector_conflicting_events_total").increment(0);
         metrics::counter!("projector_interest_events_not_the_cores_total").increment(0);
         metrics::counter!("projector_tax_records_recovered_total").increment(0);
@@ -95,6 +96,10 @@ impl App {
         let listener = TcpListener::bind(config.http_addr)
             .await
             .with_context(|| format!("binding {}", config.http_addr))?;
+        if config.api_token.is_none() && !config.http_addr.ip().is_loopback() {
+            // Dead letters hold memos and names, and a replay writes.
+            tracing::warn!(addr = %config.http_addr, "the dead-letter and tax-record API is open to anyone who can reach this address; set PROJECTOR_API_TOKEN");
+        }
         Ok(Self {
             ctx,
             nats,
@@ -147,6 +152,7 @@ impl App {
                 .api_token
                 .as_ref()
                 .map(|t| t.expose().to_owned()),
+            Duration::from_millis(self.ctx.config.http_request_timeout_ms),
         );
         let stop_http = readiness.drain_on(
             shutdown.clone(),

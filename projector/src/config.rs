@@ -79,9 +79,10 @@ pub struct Config {
     #[arg(
         long = "database-url",
         env = "CHANNEL_DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/bank_channel?sslmode=disable"
+        default_value = "postgres://postgres@127.0.0.1:5432/bank_channel?sslmode=disable",
+        hide_env_values = true
     )]
-    pub database_url: String,
+    pub database_url: common::config::Secret,
     /// How to reach the core (gap fill, rebuild).
     #[command(flatten)]
     pub core: CoreLinkArgs,
@@ -130,6 +131,10 @@ pub struct Config {
     /// from the core.
     #[arg(long, env = "PROJECTOR_TAX_SWEEP_SECS", default_value_t = 60)]
     pub tax_sweep_secs: u64,
+    /// Longest an HTTP request (a replay with its gap fill, a page of dead
+    /// letters) may take before it is answered 503.
+    #[arg(long, env = "HTTP_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
+    pub http_request_timeout_ms: u64,
     /// Pause between readiness turning 503 and the listener closing, on SIGTERM.
     #[arg(long, env = "SHUTDOWN_DRAIN_DELAY_MS", default_value_t = 0)]
     pub shutdown_drain_delay_ms: u64,

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Request, State};
-use axum::http::header::AUTHORIZATION;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -34,7 +33,12 @@ use crate::consume::dlq::{self, DeadLetter, ReplayError};
 struct ApiDoc;
 
 /// The whole HTTP application.
-pub fn router(ctx: Context, readiness: Readiness, token: Option<String>) -> Router {
+pub fn router(
+    ctx: Context,
+    readiness: Readiness,
+    token: Option<String>,
+    request_timeout: Duration,
+) -> Router {
     let (api, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(list_dead_letters))
         .routes(routes!(show_dead_letter))
@@ -56,16 +60,11 @@ pub fn router(ctx: Context, readiness: Readiness, token: Option<String>) -> Rout
             async move { axum::Json(doc.as_ref().clone()) }
         }),
     );
-    common::http::with_edge(api, readiness, Duration::from_secs(60))
+    common::http::with_edge(api, readiness, request_timeout)
 }
 
 async fn require_token(State(token): State<Arc<str>>, req: Request, next: Next) -> Response {
-    let presented = req
-        .headers()
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
+    let presented = common::http::bearer_token(req.headers()).unwrap_or("");
     if bool::from(presented.as_bytes().ct_eq(token.as_bytes())) {
         next.run(req).await
     } else {
@@ -102,10 +101,19 @@ async fn list_dead_letters(
     }
     let letters = dlq::list(&ctx, q.after.unwrap_or(0), limit)
         .await
-        .map_err(|e| ApiError::unavailable(format!("dead-letter stream: {e}")))?;
+        .map_err(|e| dead_letter_stream_unavailable(&e))?;
     Ok(axum::Json(DeadLetters {
         dead_letters: letters,
     }))
+}
+
+/// 503 for a failure to read the dead-letter stream; the detail is logged.
+fn dead_letter_stream_unavailable(e: &anyhow::Error) -> ApiError {
+    tracing::warn!(
+        error = format!("{e:#}"),
+        "reading the dead-letter stream failed"
+    );
+    ApiError::unavailable("the dead-letter stream cannot be read; retry later")
 }
 
 fn parse_letter_id(id: &str) -> Result<u64, ApiError> {
@@ -127,7 +135,7 @@ async fn show_dead_letter(
             "dead_letter_not_found",
             format!("no dead letter {id}"),
         )),
-        Err(e) => Err(ApiError::unavailable(format!("dead-letter stream: {e}"))),
+        Err(e) => Err(dead_letter_stream_unavailable(&e)),
     }
 }
 
@@ -136,7 +144,10 @@ impl From<ReplayError> for ApiError {
         match e {
             ReplayError::NotFound(_) => ApiError::not_found("dead_letter_not_found", e.to_string()),
             ReplayError::Failed { .. } => ApiError::unprocessable("replay_failed", e.to_string()),
-            ReplayError::Stream(_) => ApiError::unavailable(e.to_string()),
+            ReplayError::Stream(detail) => {
+                tracing::warn!(error = %detail, "replaying a dead letter: the stream failed");
+                ApiError::unavailable("the dead-letter stream cannot be read; retry later")
+            }
         }
     }
 }

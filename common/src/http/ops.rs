@@ -117,8 +117,11 @@ impl Readiness {
             let status = match result {
                 Ok(Ok(())) => "ok".to_owned(),
                 Ok(Err(e)) => {
+                    // The detail (a driver's error text) goes to the log,
+                    // not to whoever can reach the probe.
+                    tracing::warn!(check = %name, error = %e, "readiness check failed");
                     ok = false;
-                    e
+                    "failed".to_owned()
                 }
                 Err(_) => {
                     ok = false;

@@ -128,6 +128,8 @@ pub async fn dead_letter(ctx: &Context, m: &Message, reason: &str, kind: &'stati
             tracing::error!(%subject, %stream, stream_seq, delivered, kind, error = %error, "message dead-lettered");
         }
         Err(e) => {
+            // A full DLQ (it refuses new letters) or NATS unreachable.
+            metrics::counter!("projector_dead_letter_publish_failures_total").increment(1);
             tracing::error!(error = %e, original = %m.subject, "could not publish a dead letter; retrying the message later");
             let _ = m
                 .ack_with(AckKind::Nak(Some(ctx.config.retry_delay(delivered))))
@@ -226,12 +228,28 @@ pub async fn list(ctx: &Context, after: u64, limit: usize) -> anyhow::Result<Vec
     if info.state.messages == 0 {
         return Ok(out);
     }
-    let mut seq = after.max(info.state.first_sequence.saturating_sub(1)) + 1;
-    while seq <= info.state.last_sequence && out.len() < limit {
-        if let Ok(m) = stream.get_raw_message(seq).await {
-            out.push(to_letter(&m));
+    // Each request returns the next letter at or after `seq` (the server
+    // skips replayed, deleted ones), so a page costs one request per letter
+    // however many were replayed in between.
+    let every_letter = format!("{DLQ_SUBJECT_PREFIX}>");
+    let mut seq = after.saturating_add(1);
+    while out.len() < limit {
+        match stream
+            .get_first_raw_message_by_subject(&every_letter, seq)
+            .await
+        {
+            Ok(m) => {
+                seq = m.sequence.saturating_add(1);
+                out.push(to_letter(&m));
+            }
+            Err(e)
+                if e.kind()
+                    == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
+            {
+                break;
+            }
+            Err(e) => return Err(anyhow::anyhow!("reading dead letter after {seq}: {e}")),
         }
-        seq += 1;
     }
     Ok(out)
 }
@@ -274,6 +292,13 @@ pub enum ReplayError {
     Stream(String),
 }
 
+/// The reason a replay gives when the channel database failed: the driver's
+/// text goes to the log, not into the answer.
+fn channel_database_failed(id: u64, e: &DbErr) -> String {
+    tracing::warn!(id, error = %e, "replaying a dead letter: the channel database failed");
+    "the channel database failed; see the projector's log".to_owned()
+}
+
 /// Applies a dead letter through the normal path and removes it.
 pub async fn replay(ctx: &Context, id: u64) -> Result<DeadLetter, ReplayError> {
     let letter = get(ctx, id)
@@ -286,7 +311,7 @@ pub async fn replay(ctx: &Context, id: u64) -> Result<DeadLetter, ReplayError> {
             let entry = ledger::decode(&letter.subject, letter.body.as_bytes()).map_err(failed)?;
             let outcome = ledger::apply_with_gap_fill(ctx, std::slice::from_ref(&entry))
                 .await
-                .map_err(|e| failed(format!("channel database: {e}")))?;
+                .map_err(|e| failed(channel_database_failed(id, &e)))?;
             if outcome.conflicts(&entry) {
                 return Err(failed(format!(
                     "entry {} differs from the core's ledger at that seq",
@@ -316,7 +341,7 @@ pub async fn replay(ctx: &Context, id: u64) -> Result<DeadLetter, ReplayError> {
             }
             tax::record(&ctx.db, &[ev])
                 .await
-                .map_err(|e| failed(format!("channel database: {e}")))?;
+                .map_err(|e| failed(channel_database_failed(id, &e)))?;
         }
         other => return Err(failed(format!("unknown source stream {other:?}"))),
     }

@@ -301,6 +301,120 @@ async fn b16_f5_poison_is_dead_lettered_at_once_and_others_keep_flowing() {
     // The victim's later events are unaffected.
     rig.core.api.deposit(&victim, 5).await.expect(200);
     rig.wait_synced(&victim, 2, Duration::from_secs(10)).await;
+
+    // Pages of letters skip removed ones and end where the letters end.
+    for i in 0..3 {
+        let body = format!(r#"{{"poison": {i}}}"#).into_bytes();
+        publish_raw(&rig.nats, &format!("bank.ledger.{victim}"), body).await;
+    }
+    let ids: Vec<u64> = eventually("four letters", Duration::from_secs(10), || async {
+        let l = dead_letters(&p).await;
+        if l.len() == 4 {
+            Ok(l.iter().filter_map(|l| l["id"].as_u64()).collect())
+        } else {
+            Err(format!("{} letters", l.len()))
+        }
+    })
+    .await;
+    let dlq = js.get_stream("DLQ").await.unwrap();
+    assert!(dlq.delete_message(ids[1]).await.unwrap());
+    let page = |after: u64, limit: u64| {
+        let api = &p.api;
+        async move {
+            api.get(&format!("/v1/dead-letters?after={after}&limit={limit}"))
+                .await
+                .expect(200)
+                .body["dead_letters"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|l| l["id"].as_u64().unwrap())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(page(0, 2).await, vec![ids[0], ids[2]]);
+    assert_eq!(page(ids[2], 2).await, vec![ids[3]]);
+    assert_eq!(page(ids[3], 2).await, Vec::<u64>::new());
+}
+
+/// A DLQ that refuses new letters (full at its size bound) must not cost a
+/// message: it is kept (naked, redelivered with backoff) and lettered once
+/// there is room, and the consumer keeps applying everything else.
+#[tokio::test]
+async fn f5_a_full_dead_letter_stream_keeps_the_poison_until_there_is_room() {
+    let rig = Rig::new().await;
+    let p = rig.projector(ProjectorOptions::default()).await;
+    let js = rig.nats.jetstream().await.unwrap();
+    let full = |max_bytes: i64| {
+        let js = js.clone();
+        async move {
+            let mut dlq = js.get_stream("DLQ").await.unwrap();
+            let mut config = dlq.info().await.unwrap().config.clone();
+            config.max_bytes = max_bytes;
+            js.update_stream(config).await.unwrap();
+        }
+    };
+    // As created: bounded, and refusing (not dropping) when full.
+    let created = js
+        .get_stream("DLQ")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .config
+        .clone();
+    assert_eq!(created.max_bytes, common::jetstream::DLQ_MAX_BYTES);
+    assert_eq!(
+        created.discard,
+        async_nats::jetstream::stream::DiscardPolicy::New
+    );
+    // The fault: the DLQ refuses every new letter.
+    full(1).await;
+    let victim = rig.core.api.funded_account(100).await;
+    rig.wait_synced(&victim, 1, Duration::from_secs(10)).await;
+    let poison = br#"{"not": "a ledger entry"}"#.to_vec();
+    publish_raw(&rig.nats, &format!("bank.ledger.{victim}"), poison).await;
+    eventually(
+        "the poison redelivered while the DLQ is full",
+        Duration::from_secs(20),
+        || async {
+            let mut c: async_nats::jetstream::consumer::PullConsumer = js
+                .get_consumer_from_stream("projector-ledger", "LEDGER")
+                .await
+                .map_err(|e| e.to_string())?;
+            let info = c.info().await.map_err(|e| e.to_string())?;
+            if info.num_redelivered >= 1 && info.num_ack_pending >= 1 {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{} redelivered, {} unacknowledged",
+                    info.num_redelivered, info.num_ack_pending
+                ))
+            }
+        },
+    )
+    .await;
+    assert!(dead_letters(&p).await.is_empty(), "nothing was lettered");
+    // Everything else keeps flowing meanwhile.
+    rig.core.api.deposit(&victim, 5).await.expect(200);
+    rig.wait_synced(&victim, 2, Duration::from_secs(10)).await;
+    // Room again: the kept message is lettered, once.
+    full(common::jetstream::DLQ_MAX_BYTES).await;
+    let letters = eventually("the poison lettered", Duration::from_secs(20), || async {
+        let l = dead_letters(&p).await;
+        if l.is_empty() {
+            Err("no letter yet".to_owned())
+        } else {
+            Ok(l)
+        }
+    })
+    .await;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert!(
+        letters[0]["deliveries"].as_u64().unwrap() >= 2,
+        "{letters:?}"
+    );
 }
 
 #[tokio::test]
