@@ -42,7 +42,11 @@ impl ProcStack {
     /// Fresh databases and free ports; `extra` is added to every process's environment.
     pub async fn start(nats: &NatsServer, extra: HashMap<String, String>) -> anyhow::Result<Self> {
         let cfg = ProcConfig {
-            core_url: format!("127.0.0.1:{}", free_port()),
+            // A test may choose the core's address (to put a proxy before it).
+            core_url: extra
+                .get("CORE_HTTP_ADDR")
+                .cloned()
+                .unwrap_or_else(|| format!("127.0.0.1:{}", free_port())),
             transfer_url: format!("127.0.0.1:{}", free_port()),
             projector_url: format!("127.0.0.1:{}", free_port()),
             core_db: crate::db::fresh_database("core").await?,

@@ -6,8 +6,11 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use bank_tests::apps::customer_token;
+use bank_tests::client::transfer_body;
+use bank_tests::db::AccountLock;
 use bank_tests::otlp::OtlpReceiver;
 use bank_tests::procs::{ProcStack, wait_ready};
+use bank_tests::proxy::{Action, FaultProxy};
 use bank_tests::verify::history_mismatches;
 use bank_tests::{Api, NatsServer, eventually, unique};
 use sea_orm::{ConnectionTrait, Database};
@@ -249,10 +252,25 @@ async fn b28_one_transfer_is_one_trace_across_three_services_and_metrics_move() 
     let _ = transfer_id;
 }
 
-#[tokio::test]
-async fn b29_sigterm_during_load_loses_nothing_and_each_service_exits_zero() {
-    let nats = NatsServer::start().await.unwrap();
-    // A short TTL: transfers caught by the core's restart resolve quickly.
+/// What hits the stack while customers send transfers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    /// SIGTERM to each service in turn; each must exit 0.
+    Sigterm,
+    /// SIGKILL to each service in turn, as a crash.
+    Sigkill,
+    /// nats-server killed and started again, twice.
+    NatsRestart,
+}
+
+/// Six customers send transfers in a loop through the real binaries while
+/// `fault` hits the stack; after each hit the stack must make progress again.
+/// Then: no transfer is left pending, money is conserved, every transfer the
+/// core executed is known as succeeded by the channel (none twice), and the
+/// channel history equals the core ledger.
+async fn transfers_under_load_survive(fault: Fault) {
+    let mut nats = NatsServer::start().await.unwrap();
+    // A short TTL: transfers caught by a restart resolve quickly.
     let env = HashMap::from([("REQUEST_TTL_SECS".to_owned(), "5".to_owned())]);
     let mut stack = ProcStack::start(&nats, env).await.unwrap();
     let core = stack.core_api();
@@ -291,35 +309,65 @@ async fn b29_sigterm_during_load_loses_nothing_and_each_service_exits_zero() {
             answers
         }));
     }
-    for (name, which) in [("projector", 2), ("transfer", 1), ("core-bank", 0)] {
-        eventually(
-            "some transfers before the signal",
-            Duration::from_secs(10),
-            || async {
-                let n = core
-                    .get(&format!("/v1/accounts/{}", accounts[0]))
-                    .await
-                    .body["last_seq"]
-                    .as_i64()
-                    .unwrap_or(0);
-                if n > 1 { Ok(()) } else { Err(n.to_string()) }
-            },
-        )
-        .await;
-        let p = match which {
-            0 => &mut stack.core,
-            1 => &mut stack.transfer,
-            _ => &mut stack.projector,
+    // Entries on the first account: the load is moving money.
+    let progress = || async {
+        core.get(&format!("/v1/accounts/{}", accounts[0]))
+            .await
+            .body["last_seq"]
+            .as_i64()
+            .unwrap_or(0)
+    };
+    let progress_past = |before: i64| {
+        let progress = &progress;
+        async move {
+            eventually(
+                "transfers moving money",
+                Duration::from_secs(60),
+                || async {
+                    let n = progress().await;
+                    if n > before + 1 {
+                        Ok(())
+                    } else {
+                        Err(n.to_string())
+                    }
+                },
+            )
+            .await;
+        }
+    };
+    progress_past(0).await;
+    let hits: &[&str] = match fault {
+        Fault::NatsRestart => &["nats-server", "nats-server"],
+        _ => &["projector", "transfer", "core-bank"],
+    };
+    for name in hits {
+        let before = progress().await;
+        let (p, base) = match *name {
+            "core-bank" => (&mut stack.core, format!("http://{}", stack.cfg.core_url)),
+            "transfer" => (
+                &mut stack.transfer,
+                format!("http://{}", stack.cfg.transfer_url),
+            ),
+            "projector" => (
+                &mut stack.projector,
+                format!("http://{}", stack.cfg.projector_url),
+            ),
+            _ => {
+                nats.stop().await;
+                nats.resume().await.unwrap();
+                progress_past(before).await;
+                continue;
+            }
         };
-        let code = p.terminate(Duration::from_secs(30)).await.unwrap();
-        assert_eq!(code, Some(0), "{name} exits 0 after SIGTERM");
+        if fault == Fault::Sigterm {
+            let code = p.terminate(Duration::from_secs(30)).await.unwrap();
+            assert_eq!(code, Some(0), "{name} exits 0 after SIGTERM");
+        } else {
+            p.kill().await;
+        }
         p.restart().unwrap();
-        let base = match which {
-            0 => format!("http://{}", stack.cfg.core_url),
-            1 => stack.transfer_base(),
-            _ => format!("http://{}", stack.cfg.projector_url),
-        };
         wait_ready(&base).await.unwrap();
+        progress_past(before).await;
     }
     stop.cancel();
     let mut answers = Vec::new();
@@ -354,13 +402,13 @@ async fn b29_sigterm_during_load_loses_nothing_and_each_service_exits_zero() {
     assert_eq!(total, 6_000_000, "money conserved");
     let succeeded = bank_tests::db::query_strings(
         &db_url,
-        "SELECT count(*)::text FROM transfer_requests WHERE status = 'succeeded'",
+        "SELECT transfer_id FROM transfer_requests WHERE status = 'succeeded' ORDER BY 1",
     )
     .await
     .unwrap();
     let core_transfers = bank_tests::db::query_strings(
         &stack.cfg.core_db,
-        "SELECT count(*)::text FROM transfers WHERE status = 'succeeded'",
+        "SELECT transfer_id FROM transfers WHERE status = 'succeeded' ORDER BY 1",
     )
     .await
     .unwrap();
@@ -368,6 +416,14 @@ async fn b29_sigterm_during_load_loses_nothing_and_each_service_exits_zero() {
         succeeded, core_transfers,
         "every transfer the core executed is known as succeeded by the channel"
     );
+    // Each executed transfer moved money once: two entries each.
+    let entries = bank_tests::db::query_strings(
+        &stack.cfg.core_db,
+        "SELECT count(*)::text FROM ledger_entries WHERE transfer_id IS NOT NULL",
+    )
+    .await
+    .unwrap();
+    assert_eq!(entries, [(2 * core_transfers.len()).to_string()]);
     eventually("history equals ledger", Duration::from_secs(60), || async {
         let m = history_mismatches(&core, &db_url, &accounts)
             .await
@@ -379,6 +435,138 @@ async fn b29_sigterm_during_load_loses_nothing_and_each_service_exits_zero() {
         }
     })
     .await;
+}
+
+#[tokio::test]
+async fn b29_sigterm_during_load_loses_nothing_and_each_service_exits_zero() {
+    transfers_under_load_survive(Fault::Sigterm).await;
+}
+
+#[tokio::test]
+async fn f7_core_transfer_and_projector_killed_mid_load_lose_and_create_nothing() {
+    transfers_under_load_survive(Fault::Sigkill).await;
+}
+
+#[tokio::test]
+async fn f7_nats_restarted_mid_load_loses_no_event_and_no_history_entry() {
+    transfers_under_load_survive(Fault::NatsRestart).await;
+}
+
+/// Whether something accepts connections on `addr`.
+fn listening(addr: &str) -> bool {
+    std::net::TcpStream::connect(addr).is_ok()
+}
+
+/// B29: a request in flight when SIGTERM arrives is finished and answered;
+/// the listener closes at once; the process exits 0 only after the answer.
+/// For the transfer service the request waits on the core (its answer held
+/// back by a proxy); for the core it waits on a row lock.
+#[tokio::test]
+async fn b29_a_request_in_flight_at_sigterm_is_answered_before_the_service_exits() {
+    let nats = NatsServer::start().await.unwrap();
+    let core_addr = format!("127.0.0.1:{}", bank_tests::nats::free_port());
+    let proxy = FaultProxy::start(&format!("http://{core_addr}"))
+        .await
+        .unwrap();
+    let env = HashMap::from([
+        ("CORE_HTTP_ADDR".to_owned(), core_addr.clone()),
+        ("CORE_URL".to_owned(), proxy.url()),
+        ("CORE_TIMEOUT_MS".to_owned(), "10000".to_owned()),
+    ]);
+    let mut stack = ProcStack::start(&nats, env).await.unwrap();
+    let core = stack.core_api();
+    let customer = core.new_customer("Inflight").await;
+    let from = core.new_account(&customer).await;
+    let to = core.new_account(&customer).await;
+    core.deposit(&from, 1_000).await.expect(200);
+
+    // The transfer service, waiting on the core's answer.
+    proxy.add(
+        Some(reqwest::Method::POST),
+        "/v1/transfers",
+        Action::DelayResponse(Duration::from_secs(3)),
+        Some(1),
+    );
+    let api = Api::new(stack.transfer_base(), Some(customer_token(&customer)));
+    let body = json!({"from_account": from, "to_account": to, "amount": "10"});
+    let request = tokio::spawn({
+        let (api, body) = (api.clone(), body.clone());
+        async move { api.try_send("POST", "/v1/transfers", Some(body), &[]).await }
+    });
+    eventually(
+        "the request at the core",
+        Duration::from_secs(10),
+        || async {
+            if proxy.seen().iter().any(|(_, p, _)| p == "/v1/transfers") {
+                Ok(())
+            } else {
+                Err("not yet".to_owned())
+            }
+        },
+    )
+    .await;
+    let transfer_addr = stack.cfg.transfer_url.clone();
+    let pid = stack.transfer.pid().unwrap();
+    bank_tests::process::signal(pid, "TERM").unwrap();
+    eventually("the listener closed", Duration::from_secs(2), || async {
+        if listening(&transfer_addr) {
+            Err("open".to_owned())
+        } else {
+            Ok(())
+        }
+    })
+    .await;
+    assert!(!request.is_finished(), "the request was still in flight");
+    let answer = request.await.unwrap().unwrap();
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let code = stack
+        .transfer
+        .terminate(Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0), "transfer exits 0");
+    assert_eq!(core.balance(&from).await, 990, "moved once");
+
+    // The core, waiting on a row lock.
+    let lock = AccountLock::hold(&stack.cfg.core_db, &from).await.unwrap();
+    let request = tokio::spawn({
+        let core = core.clone();
+        let body = transfer_body(&unique("trf_"), &from, &to, 7);
+        async move {
+            core.try_send("POST", "/v1/transfers", Some(body), &[])
+                .await
+        }
+    });
+    eventually(
+        "the transfer waits on the lock",
+        Duration::from_secs(10),
+        || async {
+            match lock.waiters().await {
+                Ok(n) if n > 0 => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    let pid = stack.core.pid().unwrap();
+    bank_tests::process::signal(pid, "TERM").unwrap();
+    eventually("the listener closed", Duration::from_secs(2), || async {
+        if listening(&core_addr) {
+            Err("open".to_owned())
+        } else {
+            Ok(())
+        }
+    })
+    .await;
+    assert!(!request.is_finished(), "the request was still in flight");
+    lock.release().await.unwrap();
+    let answer = request.await.unwrap().unwrap();
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let code = stack.core.terminate(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(code, Some(0), "core-bank exits 0");
+    stack.core.restart().unwrap();
+    wait_ready(&format!("http://{core_addr}")).await.unwrap();
+    assert_eq!(core.balance(&from).await, 983, "both moved once");
 }
 
 #[tokio::test]
