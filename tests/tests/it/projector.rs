@@ -245,6 +245,81 @@ async fn f6_seq_7_before_seq_6_never_skips_6_and_the_gaps_are_filled_from_the_co
     history_survives_a_damaged_stream(&[2], &[6]).await;
 }
 
+/// F6 exactly: seq 7 arrives, seq 6 has not, and the core cannot be asked
+/// for it (its entries API fails). The history stops at 5 (seq 7 is held,
+/// not written past the gap); when seq 6 arrives late, both are applied in
+/// order, with the core still unreachable.
+#[tokio::test]
+async fn f6_seq_7_before_seq_6_waits_for_6_and_applies_both_in_order_when_it_arrives() {
+    let rig = Rig::new().await;
+    let opts = ProjectorOptions {
+        // Enough deliveries that seq 7 is still retried when seq 6 arrives.
+        max_deliveries: 1_000,
+        ..ProjectorOptions::default()
+    };
+    let mut p = rig.projector(opts.clone()).await;
+    let account = rig.core.api.funded_account(0).await;
+    for i in 0..5 {
+        rig.core.api.deposit(&account, 100 + i).await.expect(200);
+    }
+    rig.wait_synced(&account, 5, Duration::from_secs(10)).await;
+    p.stop().await.unwrap();
+    rig.core.api.deposit(&account, 6).await.expect(200);
+    rig.core.api.deposit(&account, 7).await.expect(200);
+    let msgs = rig.wait_published(&account, 7).await;
+    let (six_at, six) = msgs.iter().find(|(_, e)| e["seq"] == 6).unwrap().clone();
+    let stream = rig
+        .nats
+        .jetstream()
+        .await
+        .unwrap()
+        .get_stream("LEDGER")
+        .await
+        .unwrap();
+    assert!(stream.delete_message(six_at).await.unwrap());
+    rig.proxy.add(None, "/entries", Action::Fail(503), None);
+    let p = rig.projector(opts).await;
+    let entries_path = format!("/v1/accounts/{account}/entries");
+    eventually(
+        "seq 7 received and the gap fill tried, twice",
+        Duration::from_secs(15),
+        || async {
+            let tries = rig
+                .proxy
+                .seen()
+                .iter()
+                .filter(|(_, path, _)| path.contains(&entries_path))
+                .count();
+            if tries >= 2 {
+                Ok(())
+            } else {
+                Err(format!("{tries} tries"))
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        rig.synced(&account).await,
+        5,
+        "nothing written past the gap"
+    );
+    // seq 6 arrives late; the core is still unreachable.
+    publish_raw(
+        &rig.nats,
+        &format!("bank.ledger.{account}"),
+        serde_json::to_vec(&six).unwrap(),
+    )
+    .await;
+    rig.wait_synced(&account, 7, Duration::from_secs(15)).await;
+    let history = channel_history(&rig.channel_db, &account).await.unwrap();
+    assert_eq!(
+        history.iter().map(|e| e.0).collect::<Vec<_>>(),
+        (1..=7).collect::<Vec<_>>()
+    );
+    assert_eq!(history, core_ledger(&rig.core.api, &account).await);
+    assert!(dead_letters(&p).await.is_empty());
+}
+
 #[tokio::test]
 async fn b16_f5_poison_is_dead_lettered_at_once_and_others_keep_flowing() {
     let rig = Rig::new().await;
