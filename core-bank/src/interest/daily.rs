@@ -67,10 +67,6 @@ pub async fn accrue<C: ConnectionTrait>(
         let run_days = (through - run_start).num_days() + 1;
         weight += settings.annual_weight(balance) * Decimal::from(run_days);
     }
-    #[cfg(feature = "test-hooks")]
-    {
-        weight += super::test_hooks::skew_for(&terms.account_id) * Decimal::from(365);
-    }
     let (gross, tax, net) = settings.settle(weight);
     Ok(Accrual {
         account_id: terms.account_id.clone(),

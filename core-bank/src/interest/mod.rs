@@ -16,8 +16,6 @@ pub mod legacy;
 pub mod payout;
 pub mod rollout;
 pub mod service;
-#[cfg(feature = "test-hooks")]
-pub mod test_hooks;
 
 use chrono::NaiveDate;
 use common::{AccountId, Won};

@@ -10,7 +10,6 @@ use bank_tests::{Api, CoreApp, NatsServer, eventually, unique};
 use chrono::NaiveDate;
 use futures::future::join_all;
 use proptest::prelude::*;
-use rust_decimal_macros::dec;
 use serde_json::{Value, json};
 
 async fn core() -> (NatsServer, CoreApp) {
@@ -37,6 +36,25 @@ async fn accrued_for_three_days() -> (
         .await
         .unwrap();
     (nats, core, account, day, redis)
+}
+
+/// The fault shadow verification exists for: the new path's maintained
+/// daily balances drift from the history the legacy path recomputes from
+/// (here 10,000,000 won more on every stored day of `account`).
+async fn drift_daily_balances(core: &CoreApp, account: &str) {
+    use sea_orm::ConnectionTrait;
+    let db = sea_orm::Database::connect(core.db_url.as_str())
+        .await
+        .unwrap();
+    let drifted = db
+        .execute_unprepared(&format!(
+            "UPDATE daily_balances SET closing_balance = closing_balance + 10000000 \
+             WHERE account_id = '{account}'"
+        ))
+        .await
+        .unwrap()
+        .rows_affected();
+    assert!(drifted > 0, "{account} has daily balances to drift");
 }
 
 async fn set_rollout(api: &Api, percent: u8, shadow: bool) {
@@ -747,14 +765,12 @@ async fn b27_concurrent_payouts_in_shadow_mode_publish_every_mismatch_without_st
     let api = &core.api;
     let mut accounts = Vec::new();
     for _ in 0..6 {
-        let a = api.funded_account(60_000_000).await;
-        core_bank::interest::test_hooks::skew_new_path(
-            &common::AccountId::parse(a.as_str()).unwrap(),
-            dec!(1),
-        );
-        accounts.push(a);
+        accounts.push(api.funded_account(60_000_000).await);
     }
     api.advance_business_date(3).await;
+    for a in &accounts {
+        drift_daily_balances(&core, a).await;
+    }
     set_rollout(api, 0, true).await;
     let ids: Vec<String> = accounts.iter().map(|_| unique("pay_")).collect();
     let payouts = accounts.iter().zip(&ids).map(|(a, id)| payout(api, a, id));
@@ -784,16 +800,14 @@ async fn b27_concurrent_payouts_in_shadow_mode_publish_every_mismatch_without_st
 }
 
 #[tokio::test]
-async fn b27_injected_mismatch_is_logged_counted_and_published() {
+async fn b26_b27_drifted_daily_balances_change_only_the_new_path_and_the_mismatch_is_logged_counted_and_published()
+ {
     let (nats, core) = core().await;
     let api = &core.api;
     let account = api.funded_account(60_000_000).await;
     let honest = api.funded_account(60_000_000).await;
     api.advance_business_date(3).await;
-    core_bank::interest::test_hooks::skew_new_path(
-        &common::AccountId::parse(account.as_str()).unwrap(),
-        dec!(1),
-    );
+    drift_daily_balances(&core, &account).await;
     set_rollout(api, 0, true).await;
     let i = interest(api, &account).await;
     assert_eq!(
@@ -823,7 +837,7 @@ async fn b27_injected_mismatch_is_logged_counted_and_published() {
             ev["legacy"].as_str(),
             ev["new"].as_str()
         ),
-        (Some(account.as_str()), Some("8301"), Some("8302"))
+        (Some(account.as_str()), Some("8301"), Some("8383"))
     );
     let metrics = api.get("/metrics").await;
     let text = metrics.body.as_str().unwrap().to_owned();
