@@ -474,9 +474,10 @@ async fn b25_cache_hit_invalidation_on_payout_and_midnight_key_change() {
         .query_async(&mut redis)
         .await
         .unwrap();
+    let expected = secs_until_next_seoul_midnight();
     assert!(
-        ttl > 0 && ttl <= 86_400,
-        "the key expires by the next local midnight (ttl {ttl})"
+        (ttl - expected).abs() <= 5,
+        "the key expires at the next midnight in Seoul, in {expected} s (ttl {ttl})"
     );
     // Restore, pay out: the payout invalidates the entry.
     db.execute_unprepared(&format!(
@@ -562,6 +563,64 @@ fn b26_legacy_and_new_paths_agree_over_random_histories() {
             })
         })
         .unwrap();
+}
+
+/// Seconds from now to the next midnight in Asia/Seoul (the default
+/// `BANK_TIME_ZONE`), computed here independently of the service.
+fn secs_until_next_seoul_midnight() -> i64 {
+    use chrono::TimeZone;
+    let tz = chrono_tz::Asia::Seoul;
+    let now = chrono::Utc::now();
+    let tomorrow = now.with_timezone(&tz).date_naive() + chrono::Days::new(1);
+    let midnight = tz
+        .from_local_datetime(&tomorrow.and_hms_opt(0, 0, 0).unwrap())
+        .earliest()
+        .unwrap();
+    (midnight.with_timezone(&chrono::Utc) - now).num_seconds()
+}
+
+/// Any balance change (a deposit, a transfer) invalidates the account's
+/// cached figure, not only a payout: the account's generation moves, so the
+/// figure stored under the old one is never served again.
+#[tokio::test]
+async fn b25_a_deposit_or_a_transfer_invalidates_the_cached_figure() {
+    let (_nats, core, account, day, redis) = accrued_for_three_days().await;
+    let api = &core.api;
+    let other = api.funded_account(0).await;
+    let generation = || {
+        let mut redis = redis.clone();
+        let key = format!("bank:interest-gen:{account}");
+        async move {
+            redis::cmd("GET")
+                .arg(key)
+                .query_async::<Option<String>>(&mut redis)
+                .await
+                .unwrap()
+        }
+    };
+    for what in ["a deposit", "a transfer out"] {
+        query_until_cached(api, &redis, &account, day, "legacy").await;
+        let before = generation().await;
+        assert!(before.is_some(), "a cached figure has a generation");
+        let answer = match what {
+            "a deposit" => api.deposit(&account, 1).await,
+            _ => api.core_transfer(&account, &other, 1).await,
+        };
+        answer.expect(200);
+        eventually(
+            &format!("{what} moves the generation"),
+            Duration::from_secs(10),
+            || async {
+                let now = generation().await;
+                if now != before {
+                    Ok(())
+                } else {
+                    Err(format!("{now:?}"))
+                }
+            },
+        )
+        .await;
+    }
 }
 
 /// A rollout change takes effect at once for an account whose figure is
