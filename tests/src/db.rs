@@ -81,6 +81,25 @@ impl AccountLock {
         Ok(row.try_get("", "n")?)
     }
 
+    /// When the transactions now waiting for a lock in this database began
+    /// (microseconds since the epoch, oldest first). A waiter that gave up
+    /// (lock timeout) and tried again shows up with a later start.
+    pub async fn waiting_transactions(&self) -> anyhow::Result<Vec<i64>> {
+        let rows = self
+            .db
+            .query_all_raw(Statement::from_string(
+                self.db.get_database_backend(),
+                "SELECT (extract(epoch FROM xact_start) * 1000000)::int8 AS started \
+                 FROM pg_stat_activity \
+                 WHERE datname = current_database() AND wait_event_type = 'Lock' \
+                 ORDER BY 1",
+            ))
+            .await?;
+        rows.iter()
+            .map(|r| Ok(r.try_get::<i64>("", "started")?))
+            .collect()
+    }
+
     /// Releases the lock.
     pub async fn release(self) -> anyhow::Result<()> {
         self.txn.commit().await?;

@@ -10,7 +10,6 @@ use bank_tests::nats::stream_messages;
 use bank_tests::{Api, CoreApp, NatsServer, eventually, unique};
 use futures::future::join_all;
 use proptest::prelude::*;
-use sea_orm::{ConnectionTrait, Database, Statement, TransactionTrait};
 use serde_json::{Value, json};
 
 async fn core() -> (NatsServer, CoreApp) {
@@ -241,21 +240,35 @@ async fn b03_lock_held_past_lock_timeout_is_retried_transparently() {
     .unwrap();
     let from = core.api.funded_account(1000).await;
     let to = core.api.funded_account(0).await;
-    // Another session holds the source row lock for 600 ms (6 lock timeouts).
-    let db = Database::connect(core.db_url.as_str()).await.unwrap();
-    let txn = db.begin().await.unwrap();
-    txn.execute_raw(Statement::from_sql_and_values(
-        txn.get_database_backend(),
-        "SELECT 1 FROM accounts WHERE account_id = $1 FOR UPDATE",
-        [from.clone().into()],
-    ))
-    .await
-    .unwrap();
+    // Another session holds the source row lock (the fault) until the
+    // transfer has waited, timed out and tried again in a new transaction.
+    let lock = AccountLock::hold(&core.db_url, &from).await.unwrap();
     let api = core.api.clone();
     let (f, t) = (from.clone(), to.clone());
     let transfer = tokio::spawn(async move { api.core_transfer(&f, &t, 300).await });
-    tokio::time::sleep(Duration::from_millis(600)).await; // hold the lock: the fault itself
-    txn.commit().await.unwrap();
+    let first = eventually("the transfer waits", Duration::from_secs(10), || async {
+        match lock.waiting_transactions().await {
+            Ok(w) if !w.is_empty() => Ok(w[0]),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    eventually(
+        "the transfer retried after its lock timeout",
+        Duration::from_secs(10),
+        || async {
+            match lock.waiting_transactions().await {
+                Ok(w) if w.iter().any(|started| *started > first) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    assert!(
+        !transfer.is_finished(),
+        "still waiting while the lock is held"
+    );
+    lock.release().await.unwrap();
     transfer.await.unwrap().expect(200);
     assert_eq!(core.api.balance(&to).await, 300);
 }
