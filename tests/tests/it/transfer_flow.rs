@@ -150,7 +150,7 @@ async fn b09_transfer_is_stored_pending_with_id_and_requested_at_before_the_core
 /// error for money that moved, and the resolver records the outcome once the
 /// database is back.
 #[tokio::test]
-async fn f1_an_answer_the_channel_database_cannot_record_leaves_the_transfer_pending() {
+async fn b11_an_answer_the_channel_database_cannot_record_leaves_the_transfer_pending() {
     use sea_orm::TransactionTrait;
     let stack = Stack::start(fast(60, 5000)).await.unwrap();
     let (_, from, api) = stack.customer_with_account(10_000).await;
@@ -275,7 +275,7 @@ async fn b10_concurrent_submits_with_one_idempotency_key_get_one_transfer() {
 /// 429 without a body) or the core refusing the channel's own credentials is
 /// answered 503 in the error shape, never passed on as the customer's.
 #[tokio::test]
-async fn f3_a_gateway_status_on_the_interest_routes_is_answered_503_in_the_error_shape() {
+async fn b31_a_gateway_status_on_the_interest_routes_is_answered_503_in_the_error_shape() {
     let stack = Stack::start(StackOptions::default()).await.unwrap();
     let (_, account, api) = stack.customer_with_account(10_000).await;
     let path = format!("/v1/accounts/{account}/interest");
@@ -449,6 +449,9 @@ async fn b13_reconciler_resolves_pending_transfers_left_by_a_crash_at_start_up()
         TransferOptions {
             request_ttl_secs: 2,
             database_url: Some(transfer.db_url.clone()),
+            // No periodic pass within the test: only the start-up pass can
+            // resolve them.
+            reconcile_interval_ms: 3_600_000,
             ..Default::default()
         },
     )
