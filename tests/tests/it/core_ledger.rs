@@ -180,6 +180,69 @@ fn b02_random_concurrent_movements_conserve_money_and_keep_entries_consistent() 
         .unwrap();
 }
 
+/// Both entries or neither: the database refuses the credit side (a
+/// trigger, the fault) after the debit side was written in the same
+/// transaction. The transfer fails as a whole, nothing of it stays, and
+/// the same transfer goes through once the fault is gone.
+#[tokio::test]
+async fn b02_a_transfer_whose_credit_cannot_be_written_leaves_no_debit_behind() {
+    let (_nats, core) = core().await;
+    let api = &core.api;
+    let from = api.funded_account(1000).await;
+    let to = api.funded_account(0).await;
+    let db = sea_orm::Database::connect(core.db_url.as_str())
+        .await
+        .unwrap();
+    use sea_orm::ConnectionTrait;
+    db.execute_unprepared(&format!(
+        "CREATE FUNCTION refuse_credit() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN RAISE EXCEPTION 'injected fault: no credit to %', NEW.account_id; END $$;
+         CREATE TRIGGER refuse_credit BEFORE INSERT ON ledger_entries FOR EACH ROW
+         WHEN (NEW.account_id = '{to}') EXECUTE FUNCTION refuse_credit();"
+    ))
+    .await
+    .unwrap();
+    let id = unique("trf_");
+    let r = api
+        .post("/v1/transfers", transfer_body(&id, &from, &to, 100))
+        .await;
+    assert!(
+        r.status >= 500,
+        "the transfer failed: {} {}",
+        r.status,
+        r.body
+    );
+    assert_eq!(api.balance(&from).await, 1000, "no debit");
+    assert_eq!(api.balance(&to).await, 0, "no credit");
+    assert_eq!(api.all_entries(&from).await.len(), 1, "only the funding");
+    assert!(api.all_entries(&to).await.is_empty());
+    let events_of = |id: String| {
+        let url = core.db_url.clone();
+        async move {
+            bank_tests::db::query_strings(
+                &url,
+                &format!("SELECT count(*)::text FROM outbox WHERE payload LIKE '%{id}%'"),
+            )
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(events_of(id.clone()).await, ["0"], "no event of it");
+    db.execute_unprepared("DROP TRIGGER refuse_credit ON ledger_entries")
+        .await
+        .unwrap();
+    api.post("/v1/transfers", transfer_body(&id, &from, &to, 100))
+        .await
+        .expect(200);
+    assert_eq!(api.balance(&from).await, 900);
+    assert_eq!(api.balance(&to).await, 100);
+    assert_eq!(
+        events_of(id).await,
+        ["2"],
+        "one event per entry, once it went through"
+    );
+}
+
 #[tokio::test]
 async fn b03_seed_example_concurrent_credit_and_deposit_end_at_500() {
     let (_nats, core) = core().await;
