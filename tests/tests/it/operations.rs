@@ -252,6 +252,84 @@ async fn b28_one_transfer_is_one_trace_across_three_services_and_metrics_move() 
     let _ = transfer_id;
 }
 
+/// Readiness follows the dependencies: every service answers `/readyz` 503
+/// (naming the failed check, without the driver's text) while nats-server is
+/// down, and 200 again once it is back; a dead letter shows in the
+/// projector's metrics.
+#[tokio::test]
+async fn b28_readiness_follows_nats_and_a_dead_letter_is_counted() {
+    let mut nats = NatsServer::start().await.unwrap();
+    let stack = ProcStack::start(&nats, HashMap::new()).await.unwrap();
+    let projector = format!("http://{}", stack.cfg.projector_url);
+    let bases = [
+        format!("http://{}", stack.cfg.core_url),
+        stack.transfer_base(),
+        projector.clone(),
+    ];
+    let dead_letters = || async {
+        scrape(&projector)
+            .await
+            .lines()
+            .filter(|l| l.starts_with("projector_dead_letters_total{"))
+            .filter(|l| l.contains("stream=\"LEDGER\"") && l.contains("kind=\"permanent\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    assert_eq!(dead_letters().await, 0.0);
+    let js = nats.jetstream().await.unwrap();
+    js.publish("bank.ledger.acc_poison", "not json".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    eventually(
+        "the dead letter counted",
+        Duration::from_secs(20),
+        || async {
+            match dead_letters().await {
+                1.0 => Ok(()),
+                n => Err(n.to_string()),
+            }
+        },
+    )
+    .await;
+
+    let ready = |base: String| async move {
+        let r = reqwest::get(format!("{base}/readyz")).await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json::<serde_json::Value>().await.unwrap())
+    };
+    for base in &bases {
+        assert_eq!(ready(base.clone()).await.0, 200, "{base}");
+    }
+    nats.stop().await;
+    for base in &bases {
+        let body = eventually(
+            "not ready without NATS",
+            Duration::from_secs(20),
+            || async {
+                match ready(base.clone()).await {
+                    (503, body) => Ok(body),
+                    (status, body) => Err(format!("{status} {body}")),
+                }
+            },
+        )
+        .await;
+        assert_eq!(body["checks"]["nats"], "failed", "{base}: {body}");
+        assert_eq!(body["checks"]["database"], "ok", "{base}: {body}");
+    }
+    nats.resume().await.unwrap();
+    for base in &bases {
+        eventually("ready again", Duration::from_secs(30), || async {
+            match ready(base.clone()).await {
+                (200, _) => Ok(()),
+                (status, body) => Err(format!("{status} {body}")),
+            }
+        })
+        .await;
+    }
+}
+
 /// What hits the stack while customers send transfers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fault {
