@@ -171,7 +171,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn retry_delay_grows_and_is_capped() {
+    fn b16_retry_delay_grows_is_capped_and_jittered() {
         let mut c = Config::defaults();
         c.retry_base_ms = 100;
         c.retry_max_ms = 1000;
@@ -180,5 +180,10 @@ mod tests {
             let ceiling = (100u64 << (d - 1).min(20)).min(1000);
             assert!(ms >= ceiling / 2 && ms <= ceiling, "delivery {d}: {ms} ms");
         }
+        // Jitter: messages that failed together do not come back together.
+        // 50 draws over 501 values all equal has probability 501^-49.
+        let delays: std::collections::HashSet<Duration> =
+            (0..50).map(|_| c.retry_delay(10)).collect();
+        assert!(delays.len() > 1, "no jitter: {delays:?}");
     }
 }
