@@ -7,7 +7,7 @@ use bank_tests::apps::{TransferOptions, customer_token};
 use bank_tests::nats::stream_messages;
 use bank_tests::proxy::Action;
 use bank_tests::{Api, Reply, Stack, StackOptions, TransferApp, eventually, unique};
-use sea_orm::{ConnectionTrait, Database, Statement};
+use sea_orm::{ConnectionTrait, Database};
 use serde_json::{Value, json};
 
 async fn send(api: &Api, from: &str, to: &str, amount: u64) -> Reply {
@@ -61,24 +61,6 @@ fn fast(ttl: u64, core_timeout_ms: u64) -> StackOptions {
     }
 }
 
-async fn channel_count(stack: &Stack, sql: &str) -> i64 {
-    let db = Database::connect(stack.transfer.db_url.as_str())
-        .await
-        .unwrap();
-    let n = db
-        .query_one_raw(Statement::from_string(
-            db.get_database_backend(),
-            sql.to_owned(),
-        ))
-        .await
-        .unwrap()
-        .unwrap()
-        .try_get_by_index::<i64>(0)
-        .unwrap();
-    db.close().await.unwrap();
-    n
-}
-
 /// Sends a transfer whose call to the core is held at the proxy (until
 /// `release_held`), and returns once the proxy holds it.
 async fn send_held(
@@ -130,17 +112,31 @@ async fn b09_transfer_is_stored_pending_with_id_and_requested_at_before_the_core
             .iter()
             .any(|(m, p)| m == Method::POST && p == "/v1/transfers")
     );
-    let pending = channel_count(
-        &stack,
-        &format!("SELECT count(*) FROM transfer_requests WHERE from_account = '{from}' AND status = 'pending' AND requested_at IS NOT NULL"),
+    let stored = bank_tests::db::query_strings(
+        &stack.transfer.db_url,
+        &format!(
+            "SELECT transfer_id || ' ' || (extract(epoch FROM requested_at) * 1000000)::int8 \
+             FROM transfer_requests WHERE from_account = '{from}' AND status = 'pending'"
+        ),
     )
-    .await;
-    assert_eq!(pending, 1);
+    .await
+    .unwrap();
+    assert_eq!(stored.len(), 1, "{stored:?}");
     stack.proxy.release_held();
     let r = request.await.unwrap().expect(200);
     assert_eq!(r.body["status"], "succeeded");
+    // What was stored before the call is the transfer the customer is told
+    // about: the same id and request time.
+    let requested_at = chrono::DateTime::parse_from_rfc3339(&r.str("requested_at"))
+        .unwrap()
+        .timestamp_micros();
+    assert_eq!(
+        stored[0],
+        format!("{} {requested_at}", r.str("transfer_id")),
+        "{}",
+        r.body
+    );
     assert!(r.str("transfer_id").starts_with("trf_"));
-    assert!(r.body["requested_at"].is_string());
     assert_eq!(stack.core.api.balance(&to).await, 1000);
 }
 
