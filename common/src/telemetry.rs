@@ -42,10 +42,25 @@ impl TelemetryGuard {
     }
 }
 
-/// Installs the global subscriber: env filter, text or JSON logs, and the
-/// OpenTelemetry layer. Must run inside a tokio runtime (the OTLP exporter
-/// needs one). Calling it twice in one process keeps the first subscriber.
-pub fn init(service_name: &'static str, args: &TelemetryArgs) -> anyhow::Result<TelemetryGuard> {
+/// Where the logs go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogOutput {
+    /// Standard output: a service's logs.
+    Stdout,
+    /// Standard error: a command (`verify-interest`, `dlq list`, ...) whose
+    /// standard output is its result, for a pipe or a script to read.
+    Stderr,
+}
+
+/// Installs the global subscriber: env filter, text or JSON logs to
+/// `output`, and the OpenTelemetry layer. Must run inside a tokio runtime
+/// (the OTLP exporter needs one). Calling it twice in one process keeps the
+/// first subscriber.
+pub fn init(
+    service_name: &'static str,
+    args: &TelemetryArgs,
+    output: LogOutput,
+) -> anyhow::Result<TelemetryGuard> {
     let mut builder = SdkTracerProvider::builder()
         .with_resource(Resource::builder().with_service_name(service_name).build());
     if let Some(endpoint) = &args.otlp_endpoint {
@@ -65,13 +80,23 @@ pub fn init(service_name: &'static str, args: &TelemetryArgs) -> anyhow::Result<
         EnvFilter::try_new(&args.log_filter).unwrap_or_else(|_| EnvFilter::new("info"));
     let span_filter =
         EnvFilter::try_new(&args.trace_filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let writer = move || -> Box<dyn std::io::Write> {
+        match output {
+            LogOutput::Stdout => Box::new(std::io::stdout()),
+            LogOutput::Stderr => Box::new(std::io::stderr()),
+        }
+    };
     let fmt_layer = match args.log_format {
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
             .with_current_span(true)
             .with_span_list(false)
+            .with_writer(writer)
             .boxed(),
-        LogFormat::Text => tracing_subscriber::fmt::layer().with_target(true).boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_target(true)
+            .with_writer(writer)
+            .boxed(),
     };
     let result = tracing_subscriber::registry()
         .with(fmt_layer.with_filter(log_filter))

@@ -8,7 +8,12 @@ use core_bank::{App, Cli, Command};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let telemetry = common::telemetry::init("core-bank", &cli.config.telemetry)?;
+    // A command's standard output is its result; its logs go to stderr.
+    let output = match cli.command {
+        None => common::telemetry::LogOutput::Stdout,
+        Some(_) => common::telemetry::LogOutput::Stderr,
+    };
+    let telemetry = common::telemetry::init("core-bank", &cli.config.telemetry, output)?;
     let result = match cli.command {
         None => match App::build(cli.config).await {
             Ok(app) => app.run(common::shutdown::on_signals()).await,

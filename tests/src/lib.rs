@@ -58,7 +58,7 @@ fn tracing_subscriber_init() -> anyhow::Result<()> {
     };
     // The guard is leaked on purpose: spans must keep ids for the whole test
     // process (trace propagation is under test).
-    let guard = common::telemetry::init("tests", &args)?;
+    let guard = common::telemetry::init("tests", &args, common::telemetry::LogOutput::Stdout)?;
     std::mem::forget(guard);
     Ok(())
 }

@@ -15,7 +15,11 @@ async fn main() -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let telemetry = common::telemetry::init("transfer", &cli.config.telemetry)?;
+    let telemetry = common::telemetry::init(
+        "transfer",
+        &cli.config.telemetry,
+        common::telemetry::LogOutput::Stdout,
+    )?;
     let result = match App::build(cli.config).await {
         Ok(app) => app.run(common::shutdown::on_signals()).await,
         Err(e) => Err(e),

@@ -917,6 +917,63 @@ async fn b26_b27_drifted_daily_balances_change_only_the_new_path_and_the_mismatc
     assert_eq!(mismatches[0]["account_id"], json!(account));
 }
 
+/// The batch verifier as operators run it (`core-bank verify-interest`):
+/// over all accounts or a sample, the mismatches in its JSON report, exit
+/// status 1 when there are any and 0 when there are none.
+#[tokio::test]
+async fn b27_the_batch_verifier_command_reports_mismatches_over_all_or_a_sample() {
+    let (_nats, core) = core().await;
+    let api = &core.api;
+    let mut accounts = Vec::new();
+    for _ in 0..3 {
+        accounts.push(api.funded_account(60_000_000).await);
+    }
+    api.advance_business_date(3).await;
+    drift_daily_balances(&core, &accounts[1]).await;
+    let verify = |args: &'static [&'static str]| {
+        let db_url = core.db_url.clone();
+        async move {
+            let out = tokio::process::Command::new(bank_tests::process::binary("core-bank"))
+                .arg("verify-interest")
+                .args(args)
+                .env("CORE_DATABASE_URL", db_url)
+                .env("REDIS_URL", bank_tests::redis_url())
+                .kill_on_drop(true)
+                .output();
+            let out = tokio::time::timeout(Duration::from_secs(60), out)
+                .await
+                .unwrap()
+                .unwrap();
+            let report: Value = serde_json::from_slice(&out.stdout)
+                .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+            (out.status.code(), report)
+        }
+    };
+    let (code, report) = verify(&[]).await;
+    assert_eq!(code, Some(1), "{report}");
+    assert_eq!(report["checked"], 3);
+    let mismatches = report["mismatches"].as_array().unwrap();
+    assert_eq!(mismatches.len(), 1, "{report}");
+    assert_eq!(mismatches[0]["account_id"], json!(accounts[1]));
+    let (_, report) = verify(&["--sample", "2"]).await;
+    assert_eq!(report["checked"], 2, "{report}");
+    // Repaired: no mismatch, exit 0.
+    use sea_orm::ConnectionTrait;
+    let db = sea_orm::Database::connect(core.db_url.as_str())
+        .await
+        .unwrap();
+    db.execute_unprepared(&format!(
+        "UPDATE daily_balances SET closing_balance = closing_balance - 10000000 \
+         WHERE account_id = '{}'",
+        accounts[1]
+    ))
+    .await
+    .unwrap();
+    let (code, report) = verify(&[]).await;
+    assert_eq!(code, Some(0), "{report}");
+    assert_eq!(report["mismatches"], json!([]));
+}
+
 struct OwnRedis {
     port: u16,
     child: Option<tokio::process::Child>,
