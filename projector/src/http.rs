@@ -84,6 +84,8 @@ struct ListQuery {
 #[derive(Debug, Serialize, ToSchema)]
 struct DeadLetters {
     dead_letters: Vec<DeadLetter>,
+    /// `after` for the next page; null on the last page.
+    next_after: Option<u64>,
 }
 
 /// Dead letters, oldest first.
@@ -102,8 +104,13 @@ async fn list_dead_letters(
     let letters = dlq::list(&ctx, q.after.unwrap_or(0), limit)
         .await
         .map_err(|e| dead_letter_stream_unavailable(&e))?;
+    let next_after = match letters.last() {
+        Some(last) if letters.len() == limit => Some(last.id),
+        _ => None,
+    };
     Ok(axum::Json(DeadLetters {
         dead_letters: letters,
+        next_after,
     }))
 }
 
@@ -175,6 +182,29 @@ async fn replay_dead_letter(
 struct TaxQuery {
     /// The account.
     account_id: String,
+    /// 1..=1000, default 1000.
+    limit: Option<u64>,
+    /// `next_cursor` of the previous page.
+    cursor: Option<String>,
+}
+
+/// Where a page of tax records ends: the last record's payment time and
+/// payout id (`<RFC 3339 time>~<payout id>`), opaque to clients.
+fn tax_cursor(paid_at: chrono::DateTime<chrono::Utc>, payout_id: &str) -> String {
+    format!(
+        "{}~{payout_id}",
+        paid_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+    )
+}
+
+fn parse_tax_cursor(cursor: &str) -> Result<(chrono::DateTime<chrono::Utc>, String), ApiError> {
+    let invalid = || ApiError::bad_request("invalid_query", "cursor is not one this API returned");
+    let (at, payout_id) = cursor.split_once('~').ok_or_else(invalid)?;
+    let at = chrono::DateTime::parse_from_rfc3339(at).map_err(|_| invalid())?;
+    if payout_id.is_empty() || payout_id.len() > 200 {
+        return Err(invalid());
+    }
+    Ok((at.with_timezone(&chrono::Utc), payout_id.to_owned()))
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -193,9 +223,12 @@ struct TaxRecord {
 #[derive(Debug, Serialize, ToSchema)]
 struct TaxRecords {
     tax_records: Vec<TaxRecord>,
+    /// Cursor of the next page; null on the last page.
+    next_cursor: Option<String>,
 }
 
-/// Tax withheld on an account's interest payouts (newest first, at most 1,000).
+/// Tax withheld on an account's interest payouts, newest first, in pages
+/// (keyset on payment time and payout id).
 #[utoipa::path(get, path = "/v1/tax-records", params(TaxQuery), responses((status = 200, body = TaxRecords), (status = 400, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn tax_records(
     State(ctx): State<Context>,
@@ -203,16 +236,46 @@ async fn tax_records(
 ) -> Result<axum::Json<TaxRecords>, ApiError> {
     let account = AccountId::parse(q.account_id)
         .map_err(|e| ApiError::bad_request("invalid_query", e.to_string()))?;
+    let limit = q.limit.unwrap_or(1000);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            "limit must be between 1 and 1000",
+        ));
+    }
+    let (before_at, before_id) = match q.cursor.as_deref().map(parse_tax_cursor).transpose()? {
+        Some((at, id)) => (Some(at), Some(id)),
+        None => (None, None),
+    };
     let rows = ctx
         .db
         .query_all_raw(Statement::from_sql_and_values(
             ctx.db.get_database_backend(),
-            "SELECT payout_id, account_id, gross, tax, net, recorded_at FROM tax_records \
-             WHERE account_id = $1 ORDER BY paid_at DESC LIMIT 1000",
-            [account.to_string().into()],
+            "SELECT payout_id, account_id, gross, tax, net, recorded_at, paid_at FROM tax_records \
+             WHERE account_id = $1 \
+               AND ($2::timestamptz IS NULL OR (paid_at, payout_id) < ($2::timestamptz, $3::text)) \
+             ORDER BY paid_at DESC, payout_id DESC LIMIT $4",
+            [
+                account.to_string().into(),
+                before_at.into(),
+                before_id.into(),
+                (limit as i64).into(),
+            ],
         ))
         .await
         .map_err(|e| ApiError::database(&e))?;
+    let next_cursor = match rows.last() {
+        Some(last) if rows.len() as u64 == limit => {
+            let paid_at: chrono::DateTime<chrono::Utc> = last
+                .try_get("", "paid_at")
+                .map_err(|e| ApiError::internal(&e))?;
+            let payout_id: String = last
+                .try_get("", "payout_id")
+                .map_err(|e| ApiError::internal(&e))?;
+            Some(tax_cursor(paid_at, &payout_id))
+        }
+        _ => None,
+    };
     let won = |r: &sea_orm::QueryResult, c: &str| -> Result<common::Won, ApiError> {
         let d: Decimal = r.try_get("", c).map_err(|e| ApiError::internal(&e))?;
         common::Won::new(d).map_err(|e| ApiError::internal(&e))
@@ -236,5 +299,6 @@ async fn tax_records(
     }
     Ok(axum::Json(TaxRecords {
         tax_records: records,
+        next_cursor,
     }))
 }

@@ -408,6 +408,10 @@ async fn b16_f5_poison_is_dead_lettered_at_once_and_others_keep_flowing() {
         }
     };
     assert_eq!(page(0, 2).await, vec![ids[0], ids[2]]);
+    let body = p.api.get("/v1/dead-letters?limit=2").await.expect(200).body;
+    assert_eq!(body["next_after"], json!(ids[2]));
+    let body = p.api.get("/v1/dead-letters?limit=4").await.expect(200).body;
+    assert_eq!(body["next_after"], Value::Null, "three letters, last page");
     assert_eq!(page(ids[2], 2).await, vec![ids[3]]);
     assert_eq!(page(ids[3], 2).await, Vec::<u64>::new());
 }
@@ -643,9 +647,46 @@ async fn b23_tax_records_are_idempotent_under_duplicate_delivery() {
     publish_raw(&rig.nats, "bank.interest.paid", ev.payload.to_vec()).await;
     publish_raw(&rig.nats, "bank.interest.paid", ev.payload.to_vec()).await;
     // Then a second payout, so we know the duplicates were consumed first.
-    pay_interest(&rig, &account, 1).await;
+    let second = pay_interest(&rig, &account, 1).await;
     wait_tax_records(&p, &account, 2).await;
     assert!(dead_letters(&p).await.is_empty());
+
+    // Pages, newest first, end with a null cursor.
+    let page = |cursor: Option<String>| {
+        let api = &p.api;
+        let account = &account;
+        async move {
+            let mut path = format!("/v1/tax-records?account_id={account}&limit=1");
+            if let Some(c) = cursor {
+                path.push_str("&cursor=");
+                path.extend(form_urlencoded::byte_serialize(c.as_bytes()));
+            }
+            api.get(&path).await.expect(200).body
+        }
+    };
+    let first = page(None).await;
+    assert_eq!(
+        first["tax_records"][0]["payout_id"],
+        json!(second),
+        "{first}"
+    );
+    let next = page(first["next_cursor"].as_str().map(str::to_owned)).await;
+    assert_eq!(next["tax_records"][0]["payout_id"], json!(pid), "{next}");
+    let last = page(next["next_cursor"].as_str().map(str::to_owned)).await;
+    assert_eq!(last["tax_records"], json!([]), "{last}");
+    assert_eq!(last["next_cursor"], Value::Null);
+    assert_eq!(
+        tax_records(&p, &account).await.len(),
+        2,
+        "the default page holds both"
+    );
+    for bad in ["limit=0", "limit=1001", "cursor=nonsense"] {
+        let r = p
+            .api
+            .get(&format!("/v1/tax-records?account_id={account}&{bad}"))
+            .await;
+        assert_eq!((r.status, r.code()), (400, Some("invalid_query")), "{bad}");
+    }
 }
 
 /// An interest event as anyone able to publish on the broker could send it.
