@@ -565,6 +565,18 @@ fn b26_legacy_and_new_paths_agree_over_random_histories() {
         .unwrap();
 }
 
+/// The account's cache generation in Redis (none if never set or evicted).
+async fn interest_generation(
+    redis: &redis::aio::MultiplexedConnection,
+    account: &str,
+) -> Option<String> {
+    redis::cmd("GET")
+        .arg(format!("bank:interest-gen:{account}"))
+        .query_async::<Option<String>>(&mut redis.clone())
+        .await
+        .unwrap()
+}
+
 /// Seconds from now to the next midnight in Asia/Seoul (the default
 /// `BANK_TIME_ZONE`), computed here independently of the service.
 fn secs_until_next_seoul_midnight() -> i64 {
@@ -587,17 +599,7 @@ async fn b25_a_deposit_or_a_transfer_invalidates_the_cached_figure() {
     let (_nats, core, account, day, redis) = accrued_for_three_days().await;
     let api = &core.api;
     let other = api.funded_account(0).await;
-    let generation = || {
-        let mut redis = redis.clone();
-        let key = format!("bank:interest-gen:{account}");
-        async move {
-            redis::cmd("GET")
-                .arg(key)
-                .query_async::<Option<String>>(&mut redis)
-                .await
-                .unwrap()
-        }
-    };
+    let generation = || interest_generation(&redis, &account);
     for what in ["a deposit", "a transfer out"] {
         query_until_cached(api, &redis, &account, day, "legacy").await;
         let before = generation().await;
@@ -629,24 +631,12 @@ async fn b25_a_deposit_or_a_transfer_invalidates_the_cached_figure() {
 /// comes only after its invalidation reached Redis.
 #[tokio::test]
 async fn b26_a_rollout_change_applies_to_figures_already_cached() {
-    let (_nats, core, account, day, mut redis) = accrued_for_three_days().await;
+    let (_nats, core, account, day, redis) = accrued_for_three_days().await;
     let api = &core.api;
     // The new path's figure is in the cache (the deposit's invalidation is
     // applied in the background; until then the account bypasses the cache).
     set_rollout(api, 100, false).await;
     query_until_cached(api, &redis, &account, day, "new").await;
-    let generation = |redis: &mut redis::aio::MultiplexedConnection| {
-        let mut redis = redis.clone();
-        let key = format!("bank:interest-gen:{account}");
-        async move {
-            redis::cmd("GET")
-                .arg(key)
-                .query_async::<Option<i64>>(&mut redis)
-                .await
-                .unwrap()
-                .unwrap_or(0)
-        }
-    };
     for (percent, path) in [(100, "new"), (0, "legacy"), (100, "new")] {
         set_rollout(api, percent, false).await;
         // Twice: the second answer comes from the cache once the first
@@ -657,7 +647,7 @@ async fn b26_a_rollout_change_applies_to_figures_already_cached() {
             assert_eq!(r["gross"], "8301");
         }
     }
-    let before = generation(&mut redis).await;
+    let before = interest_generation(&redis, &account).await;
     api.post(
         &format!("/v1/accounts/{account}/interest/payouts"),
         json!({"payout_id": unique("pay_")}),
@@ -665,7 +655,7 @@ async fn b26_a_rollout_change_applies_to_figures_already_cached() {
     .await
     .expect(200);
     assert_ne!(
-        generation(&mut redis).await,
+        interest_generation(&redis, &account).await,
         before,
         "the payout answered before its cache invalidation reached Redis"
     );

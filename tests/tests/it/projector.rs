@@ -114,6 +114,18 @@ async fn publish_raw(nats: &NatsServer, subject: &str, body: Vec<u8>) {
         .unwrap();
 }
 
+/// The state of a projector's durable consumer on `LEDGER`.
+async fn ledger_consumer_info(
+    js: &async_nats::jetstream::Context,
+    consumer: &str,
+) -> Result<async_nats::jetstream::consumer::Info, String> {
+    let mut c: async_nats::jetstream::consumer::PullConsumer = js
+        .get_consumer_from_stream(consumer, "LEDGER")
+        .await
+        .map_err(|e| e.to_string())?;
+    c.info().await.cloned().map_err(|e| e.to_string())
+}
+
 async fn dead_letters(p: &ProjectorApp) -> Vec<Value> {
     p.api.get("/v1/dead-letters").await.expect(200).body["dead_letters"]
         .as_array()
@@ -458,11 +470,7 @@ async fn f5_a_full_dead_letter_stream_keeps_the_poison_until_there_is_room() {
         "the poison redelivered while the DLQ is full",
         Duration::from_secs(20),
         || async {
-            let mut c: async_nats::jetstream::consumer::PullConsumer = js
-                .get_consumer_from_stream("projector-ledger", "LEDGER")
-                .await
-                .map_err(|e| e.to_string())?;
-            let info = c.info().await.map_err(|e| e.to_string())?;
+            let info = ledger_consumer_info(&js, "projector-ledger").await?;
             if info.num_redelivered >= 1 && info.num_ack_pending >= 1 {
                 Ok(())
             } else {
@@ -1096,11 +1104,7 @@ async fn f5_poison_redelivered_after_the_broker_forgot_its_termination_is_not_le
         "the redelivered stream is handled",
         Duration::from_secs(20),
         || async {
-            let mut c: async_nats::jetstream::consumer::PullConsumer = js
-                .get_consumer_from_stream(&consumer, "LEDGER")
-                .await
-                .map_err(|e| e.to_string())?;
-            let info = c.info().await.map_err(|e| e.to_string())?;
+            let info = ledger_consumer_info(&js, &consumer).await?;
             if info.num_pending == 0
                 && info.num_ack_pending == 0
                 && info.delivered.stream_sequence > 0
@@ -1295,12 +1299,7 @@ async fn f7_a_channel_database_outage_pauses_the_projector_and_dead_letters_noth
         "the projector received the events and kept probing its database",
         Duration::from_secs(30),
         || async {
-            let ledger = js.get_stream("LEDGER").await.map_err(|e| e.to_string())?;
-            let mut c = ledger
-                .get_consumer::<async_nats::jetstream::consumer::pull::Config>("projector-ledger")
-                .await
-                .map_err(|e| e.to_string())?;
-            let info = c.info().await.map_err(|e| e.to_string())?;
+            let info = ledger_consumer_info(&js, "projector-ledger").await?;
             let pending = info.num_ack_pending + info.num_pending as usize;
             // Six deposits and the interest credit.
             if pending >= 7 && cut.refused() >= 8 {
