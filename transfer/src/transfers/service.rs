@@ -24,7 +24,7 @@ use super::{InsertError, Resolution, TransferRequest, find, find_by_key, insert_
 use crate::core_client::{CoreClient, CoreError};
 
 /// Attempts at inserting a pending transfer while the account's previous one
-/// keeps resolving between the conflict and the look-up (1, 2, 4, 8 ms apart).
+/// keeps resolving between the conflict and the look-up (2, 4, 8, 16 ms apart).
 const IN_PROGRESS_ATTEMPTS: u32 = 5;
 
 /// What the customer asked for.
