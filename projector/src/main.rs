@@ -5,6 +5,9 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::Parser;
 use projector::{App, Cli, Command, DlqAction};
 
+/// Dead letters read per request by the `dlq` commands.
+const PAGE: usize = 1000;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -34,15 +37,23 @@ async fn dlq(config: projector::Config, action: DlqAction) -> anyhow::Result<()>
     let (ctx, _nats) = projector::app::context(&config).await?;
     match action {
         DlqAction::List => {
-            let letters = dlq::list(&ctx, 0, 1000).await?;
             println!("{:>8}  {:>6}  {:<48}  error", "id", "tries", "subject");
-            for l in &letters {
-                println!(
-                    "{:>8}  {:>6}  {:<48}  {}",
-                    l.id, l.deliveries, l.subject, l.error
-                );
+            let (mut after, mut count) = (0, 0);
+            loop {
+                let page = dlq::list(&ctx, after, PAGE).await?;
+                for l in &page {
+                    println!(
+                        "{:>8}  {:>6}  {:<48}  {}",
+                        l.id, l.deliveries, l.subject, l.error
+                    );
+                }
+                count += page.len();
+                match page.last() {
+                    Some(last) if page.len() == PAGE => after = last.id,
+                    _ => break,
+                }
             }
-            println!("{} dead letter(s)", letters.len());
+            println!("{count} dead letter(s)");
         }
         DlqAction::Show { id } => match dlq::get(&ctx, id).await? {
             Some(l) => println!("{}", serde_json::to_string_pretty(&l)?),
@@ -56,14 +67,22 @@ async fn dlq(config: projector::Config, action: DlqAction) -> anyhow::Result<()>
             id: None,
             all: true,
         } => {
-            let (mut ok, mut failed) = (0, 0);
-            for l in dlq::list(&ctx, 0, usize::MAX).await? {
-                match dlq::replay(&ctx, l.id).await {
-                    Ok(_) => ok += 1,
-                    Err(e) => {
-                        failed += 1;
-                        eprintln!("{e}");
+            let (mut ok, mut failed, mut after) = (0, 0, 0);
+            // A page at a time: the stream may hold up to 1 GiB of letters.
+            loop {
+                let page = dlq::list(&ctx, after, PAGE).await?;
+                for l in &page {
+                    match dlq::replay(&ctx, l.id).await {
+                        Ok(_) => ok += 1,
+                        Err(e) => {
+                            failed += 1;
+                            eprintln!("{e}");
+                        }
                     }
+                }
+                match page.last() {
+                    Some(last) if page.len() == PAGE => after = last.id,
+                    _ => break,
                 }
             }
             println!("replayed {ok}, failed {failed}");
