@@ -120,6 +120,29 @@ impl RelayArgs {
     }
 }
 
+/// The HTTP server's limits, the same for every service.
+#[derive(Debug, Clone, Args)]
+pub struct HttpArgs {
+    /// Longest an HTTP request may take before it is answered 503.
+    #[arg(long, env = "HTTP_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
+    pub http_request_timeout_ms: u64,
+    /// Pause between readiness turning 503 and the listener closing, on SIGTERM.
+    #[arg(long, env = "SHUTDOWN_DRAIN_DELAY_MS", default_value_t = 0)]
+    pub shutdown_drain_delay_ms: u64,
+}
+
+impl HttpArgs {
+    /// The request timeout.
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.http_request_timeout_ms)
+    }
+
+    /// The drain delay on SIGTERM.
+    pub fn drain_delay(&self) -> Duration {
+        Duration::from_millis(self.shutdown_drain_delay_ms)
+    }
+}
+
 /// PostgreSQL connection pool limits.
 #[derive(Debug, Clone, Args)]
 pub struct PoolArgs {

@@ -214,15 +214,8 @@ impl App {
                     .map(|t| Arc::from(t.expose())),
             },
         });
-        let router = http::router(
-            state,
-            readiness.clone(),
-            Duration::from_millis(self.config.http_request_timeout_ms),
-        );
-        let stop_http = readiness.drain_on(
-            shutdown,
-            Duration::from_millis(self.config.shutdown_drain_delay_ms),
-        );
+        let router = http::router(state, readiness.clone(), self.config.http.request_timeout());
+        let stop_http = readiness.drain_on(shutdown, self.config.http.drain_delay());
         tracing::info!(addr = %self.listener.local_addr()?, "core-bank serving");
         common::http::serve(self.listener, router, stop_http).await?;
 

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use common::config::{NatsArgs, PoolArgs, RelayArgs, TelemetryArgs};
+use common::config::{HttpArgs, NatsArgs, PoolArgs, RelayArgs, TelemetryArgs};
 
 /// The core bank: ledger of record.
 #[derive(Debug, Clone, Parser)]
@@ -99,12 +99,9 @@ pub struct Config {
     /// Commands waiting for a ledger worker before new ones are refused (503).
     #[arg(long, env = "LEDGER_QUEUE_MAX", default_value_t = 10_000)]
     pub ledger_queue_max: usize,
-    /// Longest an HTTP request may take before it is answered 503.
-    #[arg(long, env = "HTTP_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
-    pub http_request_timeout_ms: u64,
-    /// Pause between readiness turning 503 and the listener closing, on SIGTERM.
-    #[arg(long, env = "SHUTDOWN_DRAIN_DELAY_MS", default_value_t = 0)]
-    pub shutdown_drain_delay_ms: u64,
+    /// HTTP server limits.
+    #[command(flatten)]
+    pub http: HttpArgs,
     /// Interest product settings.
     #[command(flatten)]
     pub interest: InterestArgs,

@@ -152,12 +152,9 @@ impl App {
                 .api_token
                 .as_ref()
                 .map(|t| t.expose().to_owned()),
-            Duration::from_millis(self.ctx.config.http_request_timeout_ms),
+            self.ctx.config.http.request_timeout(),
         );
-        let stop_http = readiness.drain_on(
-            shutdown.clone(),
-            Duration::from_millis(self.ctx.config.shutdown_drain_delay_ms),
-        );
+        let stop_http = readiness.drain_on(shutdown.clone(), self.ctx.config.http.drain_delay());
         // Fetching stops at once; unacknowledged messages are redelivered.
         let stop_consumers = consumers.clone();
         tokio::spawn(async move {

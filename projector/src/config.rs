@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use common::config::{NatsArgs, PoolArgs, TelemetryArgs};
+use common::config::{HttpArgs, NatsArgs, PoolArgs, TelemetryArgs};
 use transfer::core_client::CoreLinkArgs;
 
 /// The projector: ledger events into the channel history, interest events
@@ -131,13 +131,9 @@ pub struct Config {
     /// from the core.
     #[arg(long, env = "PROJECTOR_TAX_SWEEP_SECS", default_value_t = 60)]
     pub tax_sweep_secs: u64,
-    /// Longest an HTTP request (a replay with its gap fill, a page of dead
-    /// letters) may take before it is answered 503.
-    #[arg(long, env = "HTTP_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
-    pub http_request_timeout_ms: u64,
-    /// Pause between readiness turning 503 and the listener closing, on SIGTERM.
-    #[arg(long, env = "SHUTDOWN_DRAIN_DELAY_MS", default_value_t = 0)]
-    pub shutdown_drain_delay_ms: u64,
+    /// HTTP server limits.
+    #[command(flatten)]
+    pub http: HttpArgs,
     /// NATS.
     #[command(flatten)]
     pub nats: NatsArgs,

@@ -146,15 +146,8 @@ impl App {
                 .time_to_live(Duration::from_secs(self.config.ownership_cache_secs))
                 .build(),
         });
-        let router = http::router(
-            state,
-            readiness.clone(),
-            Duration::from_millis(self.config.http_request_timeout_ms),
-        );
-        let stop_http = readiness.drain_on(
-            shutdown,
-            Duration::from_millis(self.config.shutdown_drain_delay_ms),
-        );
+        let router = http::router(state, readiness.clone(), self.config.http.request_timeout());
+        let stop_http = readiness.drain_on(shutdown, self.config.http.drain_delay());
         tracing::info!(addr = %self.listener.local_addr()?, "transfer serving");
         common::http::serve(self.listener, router, stop_http).await?;
         background.cancel();

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::{Args, Parser};
-use common::config::{NatsArgs, PoolArgs, RelayArgs, TelemetryArgs};
+use common::config::{HttpArgs, NatsArgs, PoolArgs, RelayArgs, TelemetryArgs};
 
 use crate::core_client::CoreLinkArgs;
 
@@ -95,12 +95,9 @@ pub struct Config {
     /// How long account ownership read from the core is cached.
     #[arg(long, env = "OWNERSHIP_CACHE_SECS", default_value_t = 30)]
     pub ownership_cache_secs: u64,
-    /// Longest an HTTP request may take before it is answered 503.
-    #[arg(long, env = "HTTP_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
-    pub http_request_timeout_ms: u64,
-    /// Pause between readiness turning 503 and the listener closing, on SIGTERM.
-    #[arg(long, env = "SHUTDOWN_DRAIN_DELAY_MS", default_value_t = 0)]
-    pub shutdown_drain_delay_ms: u64,
+    /// HTTP server limits.
+    #[command(flatten)]
+    pub http: HttpArgs,
     /// NATS.
     #[command(flatten)]
     pub nats: NatsArgs,
