@@ -101,24 +101,20 @@ async fn list_dead_letters(
             "limit must be between 1 and 1000",
         ));
     }
-    let letters = dlq::list(&ctx, q.after.unwrap_or(0), limit)
+    let page = dlq::list(&ctx, q.after.unwrap_or(0), limit)
         .await
-        .map_err(|e| dead_letter_stream_unavailable(&e))?;
-    let next_after = match letters.last() {
-        Some(last) if letters.len() == limit => Some(last.id),
-        _ => None,
-    };
+        .map_err(dead_letter_stream_unavailable)?;
     Ok(axum::Json(DeadLetters {
-        dead_letters: letters,
-        next_after,
+        dead_letters: page.letters,
+        next_after: page.next_after,
     }))
 }
 
 /// 503 for a failure to read the dead-letter stream; the detail is logged.
-fn dead_letter_stream_unavailable(e: &anyhow::Error) -> ApiError {
+fn dead_letter_stream_unavailable(detail: impl std::fmt::Display) -> ApiError {
     tracing::warn!(
-        error = format!("{e:#}"),
-        "reading the dead-letter stream failed"
+        error = format!("{detail:#}"),
+        "the dead-letter stream failed"
     );
     ApiError::unavailable("the dead-letter stream cannot be read; retry later")
 }
@@ -142,7 +138,7 @@ async fn show_dead_letter(
             "dead_letter_not_found",
             format!("no dead letter {id}"),
         )),
-        Err(e) => Err(dead_letter_stream_unavailable(&e)),
+        Err(e) => Err(dead_letter_stream_unavailable(e)),
     }
 }
 
@@ -151,10 +147,7 @@ impl From<ReplayError> for ApiError {
         match e {
             ReplayError::NotFound(_) => ApiError::not_found("dead_letter_not_found", e.to_string()),
             ReplayError::Failed { .. } => ApiError::unprocessable("replay_failed", e.to_string()),
-            ReplayError::Stream(detail) => {
-                tracing::warn!(error = %detail, "replaying a dead letter: the stream failed");
-                ApiError::unavailable("the dead-letter stream cannot be read; retry later")
-            }
+            ReplayError::Stream(detail) => dead_letter_stream_unavailable(detail),
         }
     }
 }

@@ -38,20 +38,17 @@ async fn dlq(config: projector::Config, action: DlqAction) -> anyhow::Result<()>
     match action {
         DlqAction::List => {
             println!("{:>8}  {:>6}  {:<48}  error", "id", "tries", "subject");
-            let (mut after, mut count) = (0, 0);
-            loop {
-                let page = dlq::list(&ctx, after, PAGE).await?;
-                for l in &page {
+            let (mut after, mut count) = (Some(0), 0);
+            while let Some(from) = after {
+                let page = dlq::list(&ctx, from, PAGE).await?;
+                for l in &page.letters {
                     println!(
                         "{:>8}  {:>6}  {:<48}  {}",
                         l.id, l.deliveries, l.subject, l.error
                     );
                 }
-                count += page.len();
-                match page.last() {
-                    Some(last) if page.len() == PAGE => after = last.id,
-                    _ => break,
-                }
+                count += page.letters.len();
+                after = page.next_after;
             }
             println!("{count} dead letter(s)");
         }
@@ -67,11 +64,11 @@ async fn dlq(config: projector::Config, action: DlqAction) -> anyhow::Result<()>
             id: None,
             all: true,
         } => {
-            let (mut ok, mut failed, mut after) = (0, 0, 0);
+            let (mut ok, mut failed, mut after) = (0, 0, Some(0));
             // A page at a time: the stream may hold up to 1 GiB of letters.
-            loop {
-                let page = dlq::list(&ctx, after, PAGE).await?;
-                for l in &page {
+            while let Some(from) = after {
+                let page = dlq::list(&ctx, from, PAGE).await?;
+                for l in &page.letters {
                     match dlq::replay(&ctx, l.id).await {
                         Ok(_) => ok += 1,
                         Err(e) => {
@@ -80,10 +77,7 @@ async fn dlq(config: projector::Config, action: DlqAction) -> anyhow::Result<()>
                         }
                     }
                 }
-                match page.last() {
-                    Some(last) if page.len() == PAGE => after = last.id,
-                    _ => break,
-                }
+                after = page.next_after;
             }
             println!("replayed {ok}, failed {failed}");
             if failed > 0 {

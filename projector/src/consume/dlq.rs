@@ -212,8 +212,17 @@ fn to_letter(m: &async_nats::jetstream::message::StreamMessage) -> DeadLetter {
     }
 }
 
+/// A page of dead letters.
+#[derive(Debug)]
+pub struct Page {
+    /// The letters, oldest first.
+    pub letters: Vec<DeadLetter>,
+    /// `after` for the next page; `None` on the last page.
+    pub next_after: Option<u64>,
+}
+
 /// Dead letters with ids after `after`, at most `limit`.
-pub async fn list(ctx: &Context, after: u64, limit: usize) -> anyhow::Result<Vec<DeadLetter>> {
+pub async fn list(ctx: &Context, after: u64, limit: usize) -> anyhow::Result<Page> {
     let mut stream = ctx
         .js
         .get_stream(DLQ_STREAM)
@@ -226,7 +235,10 @@ pub async fn list(ctx: &Context, after: u64, limit: usize) -> anyhow::Result<Vec
         .clone();
     let mut out = Vec::new();
     if info.state.messages == 0 {
-        return Ok(out);
+        return Ok(Page {
+            letters: out,
+            next_after: None,
+        });
     }
     // Each request returns the next letter at or after `seq` (the server
     // skips replayed, deleted ones), so a page costs one request per letter
@@ -251,7 +263,14 @@ pub async fn list(ctx: &Context, after: u64, limit: usize) -> anyhow::Result<Vec
             Err(e) => return Err(anyhow::anyhow!("reading dead letter after {seq}: {e}")),
         }
     }
-    Ok(out)
+    let next_after = match out.last() {
+        Some(last) if out.len() == limit => Some(last.id),
+        _ => None,
+    };
+    Ok(Page {
+        letters: out,
+        next_after,
+    })
 }
 
 /// One dead letter.
