@@ -52,6 +52,18 @@ pub enum LogOutput {
     Stderr,
 }
 
+impl LogOutput {
+    /// Standard error when the process runs a command (its standard output
+    /// is the command's result), standard output when it runs the service.
+    pub fn for_process(runs_a_command: bool) -> Self {
+        if runs_a_command {
+            Self::Stderr
+        } else {
+            Self::Stdout
+        }
+    }
+}
+
 /// Installs the global subscriber: env filter, text or JSON logs to
 /// `output`, and the OpenTelemetry layer. Must run inside a tokio runtime
 /// (the OTLP exporter needs one). Calling it twice in one process keeps the

@@ -8,11 +8,7 @@ use core_bank::{App, Cli, Command};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    // A command's standard output is its result; its logs go to stderr.
-    let output = match cli.command {
-        None => common::telemetry::LogOutput::Stdout,
-        Some(_) => common::telemetry::LogOutput::Stderr,
-    };
+    let output = common::telemetry::LogOutput::for_process(cli.command.is_some());
     let telemetry = common::telemetry::init("core-bank", &cli.config.telemetry, output)?;
     let result = match cli.command {
         None => match App::build(cli.config).await {
