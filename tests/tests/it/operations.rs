@@ -9,6 +9,7 @@ use bank_tests::apps::customer_token;
 use bank_tests::client::transfer_body;
 use bank_tests::db::AccountLock;
 use bank_tests::otlp::OtlpReceiver;
+use bank_tests::process::ServiceProcess;
 use bank_tests::procs::{ProcStack, wait_ready};
 use bank_tests::proxy::{Action, FaultProxy};
 use bank_tests::verify::history_mismatches;
@@ -530,9 +531,17 @@ async fn f7_nats_restarted_mid_load_loses_no_event_and_no_history_entry() {
     transfers_under_load_survive(Fault::NatsRestart).await;
 }
 
-/// Whether something accepts connections on `addr`.
-fn listening(addr: &str) -> bool {
-    std::net::TcpStream::connect(addr).is_ok()
+/// Sends SIGTERM to `process` and waits until nothing accepts connections
+/// on `addr` any more (the listener closes at once; requests in flight go on).
+async fn sigterm_until_the_listener_closes(process: &ServiceProcess, addr: &str) {
+    bank_tests::process::signal(process.pid().unwrap(), "TERM").unwrap();
+    eventually("the listener closed", Duration::from_secs(2), || async {
+        match std::net::TcpStream::connect(addr) {
+            Ok(_) => Err("open".to_owned()),
+            Err(_) => Ok(()),
+        }
+    })
+    .await;
 }
 
 /// B29: a request in flight when SIGTERM arrives is finished and answered;
@@ -583,17 +592,7 @@ async fn b29_a_request_in_flight_at_sigterm_is_answered_before_the_service_exits
         },
     )
     .await;
-    let transfer_addr = stack.cfg.transfer_url.clone();
-    let pid = stack.transfer.pid().unwrap();
-    bank_tests::process::signal(pid, "TERM").unwrap();
-    eventually("the listener closed", Duration::from_secs(2), || async {
-        if listening(&transfer_addr) {
-            Err("open".to_owned())
-        } else {
-            Ok(())
-        }
-    })
-    .await;
+    sigterm_until_the_listener_closes(&stack.transfer, &stack.cfg.transfer_url).await;
     assert!(!request.is_finished(), "the request was still in flight");
     let answer = request.await.unwrap().unwrap();
     assert_eq!(answer.status, 200, "{}", answer.body);
@@ -626,16 +625,7 @@ async fn b29_a_request_in_flight_at_sigterm_is_answered_before_the_service_exits
         },
     )
     .await;
-    let pid = stack.core.pid().unwrap();
-    bank_tests::process::signal(pid, "TERM").unwrap();
-    eventually("the listener closed", Duration::from_secs(2), || async {
-        if listening(&core_addr) {
-            Err("open".to_owned())
-        } else {
-            Ok(())
-        }
-    })
-    .await;
+    sigterm_until_the_listener_closes(&stack.core, &core_addr).await;
     assert!(!request.is_finished(), "the request was still in flight");
     lock.release().await.unwrap();
     let answer = request.await.unwrap().unwrap();
