@@ -49,6 +49,26 @@ pub fn dies_with_parent(program: impl AsRef<std::ffi::OsStr>) -> Command {
     }
 }
 
+/// Runs service binary `name` with `args` and `env` to its exit (a command,
+/// `--help`, a start that must fail); an error if it still runs after
+/// `within` (it is killed then).
+pub async fn run_to_exit(
+    name: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+    within: Duration,
+) -> anyhow::Result<std::process::Output> {
+    let mut command = Command::new(binary(name));
+    command
+        .args(args)
+        .envs(env.iter().copied())
+        .kill_on_drop(true);
+    match tokio::time::timeout(within, command.output()).await {
+        Ok(out) => Ok(out?),
+        Err(_) => anyhow::bail!("{name} {args:?} still ran after {within:?}"),
+    }
+}
+
 /// Sends signal `name` (`TERM`, `STOP`, `CONT`, ...) to process `pid`.
 pub fn signal(pid: u32, name: &str) -> anyhow::Result<()> {
     let status = std::process::Command::new("kill")

@@ -923,17 +923,16 @@ async fn b27_the_batch_verifier_command_reports_mismatches_over_all_or_a_sample(
     let verify = |args: &'static [&'static str]| {
         let db_url = core.db_url.clone();
         async move {
-            let out = tokio::process::Command::new(bank_tests::process::binary("core-bank"))
-                .arg("verify-interest")
-                .args(args)
-                .env("CORE_DATABASE_URL", db_url)
-                .env("REDIS_URL", bank_tests::redis_url())
-                .kill_on_drop(true)
-                .output();
-            let out = tokio::time::timeout(Duration::from_secs(60), out)
-                .await
-                .unwrap()
-                .unwrap();
+            let args = [&["verify-interest"], args].concat();
+            let redis = bank_tests::redis_url();
+            let env = [
+                ("CORE_DATABASE_URL", db_url.as_str()),
+                ("REDIS_URL", redis.as_str()),
+            ];
+            let out =
+                bank_tests::process::run_to_exit("core-bank", &args, &env, Duration::from_secs(60))
+                    .await
+                    .unwrap();
             let report: Value = serde_json::from_slice(&out.stdout)
                 .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
             (out.status.code(), report)

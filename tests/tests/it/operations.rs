@@ -9,7 +9,7 @@ use bank_tests::apps::customer_token;
 use bank_tests::client::transfer_body;
 use bank_tests::db::AccountLock;
 use bank_tests::otlp::OtlpReceiver;
-use bank_tests::process::ServiceProcess;
+use bank_tests::process::{ServiceProcess, run_to_exit};
 use bank_tests::procs::{ProcStack, wait_ready};
 use bank_tests::proxy::{Action, FaultProxy};
 use bank_tests::verify::history_mismatches;
@@ -651,18 +651,16 @@ async fn b30_a_service_given_an_empty_credential_refuses_to_start() {
     ];
     for (service, setting) in cases {
         for value in ["", "  "] {
-            let run = tokio::process::Command::new(bank_tests::process::binary(service))
-                .env(setting, value)
+            let env = [
+                (setting, value),
                 // Were it to start, it would listen on a free port only.
-                .env("CORE_HTTP_ADDR", "127.0.0.1:0")
-                .env("TRANSFER_HTTP_ADDR", "127.0.0.1:0")
-                .env("PROJECTOR_HTTP_ADDR", "127.0.0.1:0")
-                .kill_on_drop(true)
-                .output();
-            let out = tokio::time::timeout(Duration::from_secs(20), run)
+                ("CORE_HTTP_ADDR", "127.0.0.1:0"),
+                ("TRANSFER_HTTP_ADDR", "127.0.0.1:0"),
+                ("PROJECTOR_HTTP_ADDR", "127.0.0.1:0"),
+            ];
+            let out = run_to_exit(service, &[], &env, Duration::from_secs(20))
                 .await
-                .unwrap_or_else(|_| panic!("{service} with {setting}={value:?} started"))
-                .unwrap();
+                .unwrap_or_else(|e| panic!("{service} with {setting}={value:?} started: {e}"));
             let stderr = String::from_utf8_lossy(&out.stderr);
             assert!(
                 !out.status.success(),
@@ -707,16 +705,12 @@ async fn b30_help_never_shows_a_credential_or_a_connection_urls_password() {
         ("projector", "PROJECTOR_API_TOKEN", "pw-projector-token"),
     ];
     for service in ["core-bank", "transfer", "projector"] {
-        let mut help = tokio::process::Command::new(bank_tests::process::binary(service));
-        help.arg("--help")
-            .env("LEDGER_WORKERS", "3")
-            .kill_on_drop(true);
+        let mut env = vec![("LEDGER_WORKERS", "3")];
         for (_, setting, value) in settings.iter().filter(|(s, _, _)| *s == service) {
-            help.env(setting, value);
+            env.push((*setting, *value));
         }
-        let out = tokio::time::timeout(Duration::from_secs(20), help.output())
+        let out = run_to_exit(service, &["--help"], &env, Duration::from_secs(20))
             .await
-            .unwrap()
             .unwrap();
         assert!(out.status.success(), "{service} --help failed");
         let text = String::from_utf8_lossy(&out.stdout);

@@ -427,18 +427,21 @@ async fn b16_f5_poison_is_dead_lettered_at_once_and_others_keep_flowing() {
     assert_eq!(page(ids[2], 2).await, vec![ids[3]]);
     assert_eq!(page(ids[3], 2).await, Vec::<u64>::new());
     // The operator's command lists the same letters, on standard output.
-    let out = tokio::process::Command::new(bank_tests::process::binary("projector"))
-        .args(["dlq", "list"])
-        .env("NATS_URL", rig.nats.url())
-        .env("CHANNEL_DATABASE_URL", &rig.channel_db)
-        .env("CORE_URL", rig.proxy.url())
-        .env("CORE_API_TOKEN", CORE_READ_TOKEN)
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(30), out)
-        .await
-        .unwrap()
-        .unwrap();
+    let (nats_url, core_url) = (rig.nats.url(), rig.proxy.url());
+    let env = [
+        ("NATS_URL", nats_url.as_str()),
+        ("CHANNEL_DATABASE_URL", rig.channel_db.as_str()),
+        ("CORE_URL", core_url.as_str()),
+        ("CORE_API_TOKEN", CORE_READ_TOKEN),
+    ];
+    let out = bank_tests::process::run_to_exit(
+        "projector",
+        &["dlq", "list"],
+        &env,
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("3 dead letter(s)"), "{text}");
