@@ -21,11 +21,23 @@ pub async fn fresh_database(hint: &str) -> anyhow::Result<String> {
         ))
         .await?;
     admin.close().await?;
-    let base = admin_url
-        .rsplit_once('/')
-        .map(|(b, _)| b.to_owned())
-        .unwrap_or(admin_url);
-    Ok(format!("{base}/{name}"))
+    Ok(with_database(&admin_url, &name))
+}
+
+/// `url` naming database `name` instead, its parameters (`?sslmode=...`)
+/// kept: without them the services would connect with the driver's default
+/// (`prefer`, TLS where the server offers it) instead of what the admin URL
+/// asks for.
+pub fn with_database(url: &str, name: &str) -> String {
+    let (address, params) = match url.split_once('?') {
+        Some((a, p)) => (a, Some(p)),
+        None => (url, None),
+    };
+    let base = address.rsplit_once('/').map_or(address, |(b, _)| b);
+    match params {
+        Some(p) => format!("{base}/{name}?{p}"),
+        None => format!("{base}/{name}"),
+    }
 }
 
 /// Runs one SQL statement on `url` and returns the first column of each row as text.
@@ -105,5 +117,25 @@ impl AccountLock {
         self.txn.commit().await?;
         self.db.close().await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_database;
+
+    #[test]
+    fn a_fresh_database_url_keeps_the_admin_urls_parameters() {
+        assert_eq!(
+            with_database(
+                "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable",
+                "t1"
+            ),
+            "postgres://postgres@127.0.0.1:5432/t1?sslmode=disable"
+        );
+        assert_eq!(
+            with_database("postgres://u:p@db:5432/postgres", "t2"),
+            "postgres://u:p@db:5432/t2"
+        );
     }
 }

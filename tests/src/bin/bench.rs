@@ -1084,12 +1084,7 @@ END;
             accounts - 2
         ),
     )?;
-    let host_db = url
-        .split('?')
-        .next()
-        .and_then(|u| u.rsplit_once('/'))
-        .map(|(_, db)| db.to_owned())
-        .unwrap_or_default();
+    // The same connection URL as the services' (TLS or not alike).
     let out = tokio::process::Command::new("pgbench")
         .args([
             "-n",
@@ -1102,7 +1097,7 @@ END;
             "-f",
         ])
         .arg(&script)
-        .args(["-h", "127.0.0.1", "-p", "5432", "-U", "postgres", &host_db])
+        .arg(&url)
         .output()
         .await
         .map_err(|e| anyhow::anyhow!("pgbench could not run (install postgresql-client): {e}"))?;
