@@ -215,6 +215,107 @@ async fn b10_second_transfer_while_pending_is_refused_by_the_database() {
     assert_eq!(stack.core.api.balance(&to).await, 1500);
 }
 
+/// The one-pending index refuses the insert, but the pending transfer it
+/// collided with has resolved by the time it is looked up: the request is
+/// tried again (a few times, with a pause) so that a `transfer_in_progress`
+/// answer can name the transfer, and answers 503 if it never can. A trigger
+/// raises exactly that conflict with no pending row behind it, `budget`
+/// times (a sequence counts the attempts: it does not roll back).
+async fn phantom_pending_conflicts(db: &sea_orm::DatabaseConnection, from: &str, budget: i64) {
+    db.execute_unprepared(&format!(
+        "DROP TRIGGER IF EXISTS phantom_pending ON transfer_requests;
+         DROP SEQUENCE IF EXISTS phantom_attempts;
+         CREATE SEQUENCE phantom_attempts;
+         CREATE OR REPLACE FUNCTION phantom_pending() RETURNS trigger AS $$
+         BEGIN
+           IF NEW.from_account = '{from}' AND nextval('phantom_attempts') <= {budget} THEN
+             RAISE EXCEPTION 'duplicate key value violates unique constraint'
+               USING ERRCODE = 'unique_violation',
+                     CONSTRAINT = 'transfer_requests_one_pending_per_account';
+           END IF;
+           RETURN NEW;
+         END $$ LANGUAGE plpgsql;
+         CREATE TRIGGER phantom_pending BEFORE INSERT ON transfer_requests
+           FOR EACH ROW EXECUTE FUNCTION phantom_pending();"
+    ))
+    .await
+    .unwrap();
+}
+
+async fn attempts_seen(db: &sea_orm::DatabaseConnection) -> i64 {
+    let row = db
+        .query_one_raw(sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            "SELECT last_value FROM phantom_attempts",
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    row.try_get("", "last_value").unwrap()
+}
+
+#[tokio::test]
+async fn b10_a_conflict_with_a_transfer_already_resolved_is_retried_then_refused_with_503() {
+    let stack = Stack::start(fast(60, 5000)).await.unwrap();
+    let (_, from, api) = stack.customer_with_account(10_000).await;
+    let to = stack.core.api.funded_account(0).await;
+    let db = Database::connect(stack.transfer.db_url.as_str())
+        .await
+        .unwrap();
+
+    // Two phantom conflicts: the third attempt goes through.
+    phantom_pending_conflicts(&db, &from, 2).await;
+    let id = send(&api, &from, &to, 1000)
+        .await
+        .expect(200)
+        .str("transfer_id");
+    assert_eq!(attempts_seen(&db).await, 3, "two retries, then the insert");
+    assert_eq!(status(&api, &id).await["status"], "succeeded");
+
+    // Conflicts that never name a pending transfer: 503 after five attempts,
+    // nothing stored, no money moved.
+    phantom_pending_conflicts(&db, &from, i64::MAX).await;
+    let refused = send(&api, &from, &to, 1000).await.expect(503);
+    assert_eq!(refused.code(), Some("unavailable"));
+    assert!(
+        refused.body["error"].get("transfer_id").is_none(),
+        "{}",
+        refused.body
+    );
+    assert_eq!(attempts_seen(&db).await, 5);
+    let stored = db
+        .query_one_raw(sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            format!("SELECT count(*) AS n FROM transfer_requests WHERE from_account = '{from}'"),
+        ))
+        .await
+        .unwrap()
+        .unwrap()
+        .try_get::<i64>("", "n")
+        .unwrap();
+    assert_eq!(stored, 1, "only the first transfer");
+    assert_eq!(stack.core.api.balance(&from).await, 9_000);
+    let metrics = reqwest::get(format!("{}/metrics", stack.transfer.base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.lines().any(
+            |l| l.starts_with("transfer_requests_total{") && l.contains("result=\"contended\"")
+        ),
+        "{metrics}"
+    );
+
+    // The index answers truthfully again: transfers go through.
+    db.execute_unprepared("DROP TRIGGER phantom_pending ON transfer_requests")
+        .await
+        .unwrap();
+    send(&api, &from, &to, 500).await.expect(200);
+    assert_eq!(stack.core.api.balance(&to).await, 1500);
+}
+
 /// A client that double-submits (the same `Idempotency-Key`, sent twice at
 /// once) gets the one transfer twice. Both requests can miss the key look-up;
 /// the second insert then collides on the one-pending index as well as on the
