@@ -129,16 +129,30 @@ pub fn stream_config(spec: &StreamSpec, replicas: usize) -> stream::Config {
     }
 }
 
+/// A stream could not be created or brought to its configuration.
+#[derive(Debug, thiserror::Error)]
+#[error("ensuring stream {stream}: {source}")]
+pub struct EnsureStreamError {
+    /// The stream.
+    pub stream: &'static str,
+    /// What the server answered.
+    #[source]
+    pub source: jetstream::context::CreateStreamError,
+}
+
 /// Creates each stream, or updates it to this configuration if it exists.
 pub async fn ensure_streams(
     js: &jetstream::Context,
     specs: &[StreamSpec],
     replicas: usize,
-) -> anyhow::Result<()> {
+) -> Result<(), EnsureStreamError> {
     for spec in specs {
         js.create_or_update_stream(stream_config(spec, replicas))
             .await
-            .map_err(|e| anyhow::anyhow!("ensuring stream {}: {e}", spec.name))?;
+            .map_err(|source| EnsureStreamError {
+                stream: spec.name,
+                source,
+            })?;
     }
     Ok(())
 }

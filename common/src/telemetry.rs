@@ -72,7 +72,7 @@ pub fn init(
     service_name: &'static str,
     args: &TelemetryArgs,
     output: LogOutput,
-) -> anyhow::Result<TelemetryGuard> {
+) -> Result<TelemetryGuard, opentelemetry_otlp::ExporterBuildError> {
     let mut builder = SdkTracerProvider::builder()
         .with_resource(Resource::builder().with_service_name(service_name).build());
     if let Some(endpoint) = &args.otlp_endpoint {

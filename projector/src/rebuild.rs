@@ -2,8 +2,8 @@
 
 use common::AccountId;
 use indicatif::{ProgressBar, ProgressStyle};
-use sea_orm::DatabaseConnection;
-use transfer::core_client::CoreClient;
+use sea_orm::{DatabaseConnection, DbErr};
+use transfer::core_client::{CoreClient, CoreError};
 use transfer::history::{sync::sync_account, writer};
 
 /// What a rebuild did.
@@ -17,6 +17,18 @@ pub struct RebuildReport {
     pub failed: Vec<(String, String)>,
 }
 
+/// Why a rebuild stopped before its accounts were done (an account whose
+/// own sync fails is listed in the report instead).
+#[derive(Debug, thiserror::Error)]
+pub enum RebuildError {
+    /// The core's account list could not be read.
+    #[error("listing accounts at the core: {0}")]
+    Core(#[from] CoreError),
+    /// An account's history could not be deleted.
+    #[error("resetting an account's history: {0}")]
+    Db(#[from] DbErr),
+}
+
 /// Rebuilds one account, or every account of the core, with a progress bar.
 /// With `reset`, each account's history is deleted first and rebuilt from seq 1.
 pub async fn rebuild(
@@ -24,17 +36,14 @@ pub async fn rebuild(
     core: &CoreClient,
     only: Option<AccountId>,
     reset: bool,
-) -> anyhow::Result<RebuildReport> {
+) -> Result<RebuildReport, RebuildError> {
     let accounts = match only {
         Some(a) => vec![a],
         None => {
             let mut all = Vec::new();
             let mut after: Option<String> = None;
             loop {
-                let (page, next) = core
-                    .account_ids(after.as_deref(), 1000)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("listing accounts at the core: {e}"))?;
+                let (page, next) = core.account_ids(after.as_deref(), 1000).await?;
                 all.extend(page);
                 match next {
                     Some(n) => after = Some(n),
@@ -58,7 +67,9 @@ pub async fn rebuild(
         }
         match sync_account(db, core, &account).await {
             Ok(r) => report.applied += r.applied,
-            Err(e) => report.failed.push((account.to_string(), format!("{e:#}"))),
+            Err(e) => report
+                .failed
+                .push((account.to_string(), common::error_chain(&e))),
         }
         report.accounts += 1;
         bar.set_message(format!("{} entries", report.applied));

@@ -221,18 +221,37 @@ pub struct Page {
     pub next_after: Option<u64>,
 }
 
+/// The dead-letter stream could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// The stream could not be looked up.
+    #[error("dead-letter stream: {0}")]
+    Lookup(#[from] async_nats::jetstream::context::GetStreamError),
+    /// Its state could not be read.
+    #[error("dead-letter stream state: {0}")]
+    Info(#[from] async_nats::jetstream::stream::InfoError),
+    /// A replayed letter could not be removed.
+    #[error("removing dead letter {id}: {source}")]
+    Delete {
+        /// The letter.
+        id: u64,
+        /// What the server answered.
+        source: async_nats::jetstream::stream::DeleteMessageError,
+    },
+    /// A letter could not be read.
+    #[error("reading dead letter {seq}: {source}")]
+    Read {
+        /// The first sequence asked for.
+        seq: u64,
+        /// What the server answered.
+        source: async_nats::jetstream::stream::RawMessageError,
+    },
+}
+
 /// Dead letters with ids after `after`, at most `limit`.
-pub async fn list(ctx: &Context, after: u64, limit: usize) -> anyhow::Result<Page> {
-    let mut stream = ctx
-        .js
-        .get_stream(DLQ_STREAM)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let info = stream
-        .info()
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?
-        .clone();
+pub async fn list(ctx: &Context, after: u64, limit: usize) -> Result<Page, StreamError> {
+    let mut stream = ctx.js.get_stream(DLQ_STREAM).await?;
+    let info = stream.info().await?.clone();
     let mut out = Vec::new();
     if info.state.messages == 0 {
         return Ok(Page {
@@ -260,7 +279,7 @@ pub async fn list(ctx: &Context, after: u64, limit: usize) -> anyhow::Result<Pag
             {
                 break;
             }
-            Err(e) => return Err(anyhow::anyhow!("reading dead letter after {seq}: {e}")),
+            Err(source) => return Err(StreamError::Read { seq, source }),
         }
     }
     let next_after = match out.last() {
@@ -274,12 +293,8 @@ pub async fn list(ctx: &Context, after: u64, limit: usize) -> anyhow::Result<Pag
 }
 
 /// One dead letter.
-pub async fn get(ctx: &Context, id: u64) -> anyhow::Result<Option<DeadLetter>> {
-    let stream = ctx
-        .js
-        .get_stream(DLQ_STREAM)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+pub async fn get(ctx: &Context, id: u64) -> Result<Option<DeadLetter>, StreamError> {
+    let stream = ctx.js.get_stream(DLQ_STREAM).await?;
     match stream.get_raw_message(id).await {
         Ok(m) => Ok(Some(to_letter(&m))),
         Err(e)
@@ -288,7 +303,7 @@ pub async fn get(ctx: &Context, id: u64) -> anyhow::Result<Option<DeadLetter>> {
         {
             Ok(None)
         }
-        Err(e) => Err(anyhow::anyhow!("{e}")),
+        Err(source) => Err(StreamError::Read { seq: id, source }),
     }
 }
 
@@ -307,8 +322,8 @@ pub enum ReplayError {
         reason: String,
     },
     /// JetStream failed.
-    #[error("dead-letter stream: {0}")]
-    Stream(String),
+    #[error(transparent)]
+    Stream(#[from] StreamError),
 }
 
 /// The reason a replay gives when the channel database failed: the driver's
@@ -320,10 +335,7 @@ fn channel_database_failed(id: u64, e: &DbErr) -> String {
 
 /// Applies a dead letter through the normal path and removes it.
 pub async fn replay(ctx: &Context, id: u64) -> Result<DeadLetter, ReplayError> {
-    let letter = get(ctx, id)
-        .await
-        .map_err(|e| ReplayError::Stream(e.to_string()))?
-        .ok_or(ReplayError::NotFound(id))?;
+    let letter = get(ctx, id).await?.ok_or(ReplayError::NotFound(id))?;
     let failed = |reason: String| ReplayError::Failed { id, reason };
     match letter.stream.as_str() {
         LEDGER_STREAM => {
@@ -368,11 +380,11 @@ pub async fn replay(ctx: &Context, id: u64) -> Result<DeadLetter, ReplayError> {
         .js
         .get_stream(DLQ_STREAM)
         .await
-        .map_err(|e| ReplayError::Stream(e.to_string()))?;
+        .map_err(StreamError::from)?;
     stream
         .delete_message(id)
         .await
-        .map_err(|e| ReplayError::Stream(e.to_string()))?;
+        .map_err(|source| StreamError::Delete { id, source })?;
     metrics::counter!("projector_dead_letters_replayed_total").increment(1);
     tracing::info!(id, subject = %letter.subject, "dead letter replayed and removed");
     Ok(letter)

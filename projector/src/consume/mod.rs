@@ -114,13 +114,39 @@ impl Feed {
     }
 }
 
+/// A feed's consumer could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumerSetupError {
+    /// The feed's stream could not be looked up.
+    #[error("stream {stream}: {source}")]
+    Stream {
+        /// The stream.
+        stream: &'static str,
+        /// What the server answered.
+        source: async_nats::jetstream::context::GetStreamError,
+    },
+    /// The durable consumer could not be created or updated.
+    #[error("consumer {name} on {stream}: {source}")]
+    Consumer {
+        /// The consumer.
+        name: String,
+        /// The stream.
+        stream: &'static str,
+        /// What the server answered.
+        source: async_nats::jetstream::stream::ConsumerError,
+    },
+}
+
 /// Creates (or updates) the durable consumer of a feed.
-pub async fn consumer(ctx: &Context, feed: Feed) -> anyhow::Result<PullConsumer> {
-    let stream = ctx
-        .js
-        .get_stream(feed.stream())
-        .await
-        .map_err(|e| anyhow::anyhow!("stream {}: {e}", feed.stream()))?;
+pub async fn consumer(ctx: &Context, feed: Feed) -> Result<PullConsumer, ConsumerSetupError> {
+    let stream =
+        ctx.js
+            .get_stream(feed.stream())
+            .await
+            .map_err(|source| ConsumerSetupError::Stream {
+                stream: feed.stream(),
+                source,
+            })?;
     let name = feed.durable(&ctx.config);
     stream
         .create_consumer(pull::Config {
@@ -136,7 +162,11 @@ pub async fn consumer(ctx: &Context, feed: Feed) -> anyhow::Result<PullConsumer>
             ..Default::default()
         })
         .await
-        .map_err(|e| anyhow::anyhow!("consumer {name} on {}: {e}", feed.stream()))
+        .map_err(|source| ConsumerSetupError::Consumer {
+            name,
+            stream: feed.stream(),
+            source,
+        })
 }
 
 /// Consumes a feed until `shutdown`. On shutdown it stops fetching, finishes
