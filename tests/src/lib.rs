@@ -13,6 +13,7 @@ pub mod apps;
 pub mod client;
 pub mod cpu;
 pub mod db;
+pub mod metrics;
 pub mod nats;
 pub mod otlp;
 pub mod process;

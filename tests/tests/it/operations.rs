@@ -8,6 +8,7 @@ use std::time::Duration;
 use bank_tests::apps::customer_token;
 use bank_tests::client::transfer_body;
 use bank_tests::db::AccountLock;
+use bank_tests::metrics::{metric, scrape};
 use bank_tests::otlp::OtlpReceiver;
 use bank_tests::process::{ServiceProcess, run_to_exit};
 use bank_tests::procs::{ProcStack, wait_ready};
@@ -16,22 +17,6 @@ use bank_tests::verify::history_mismatches;
 use bank_tests::{Api, NatsServer, eventually, unique};
 use sea_orm::{ConnectionTrait, Database};
 use serde_json::json;
-
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-async fn scrape(base: &str) -> String {
-    reqwest::get(format!("{base}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
 
 #[tokio::test]
 async fn b28_one_transfer_is_one_trace_across_three_services_and_metrics_move() {

@@ -1155,16 +1155,9 @@ async fn f5_poison_redelivered_after_the_broker_forgot_its_termination_is_not_le
     }
     assert_eq!(seen, 1, "the redelivered poison was published to DLQ again");
     assert_eq!(dead_letters(&p).await.len(), 1);
-    let metrics = reqwest::get(format!("{}/metrics", p.api.base))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = bank_tests::metrics::scrape(&p.api.base).await;
     assert!(
-        metrics
-            .lines()
-            .any(|l| l.starts_with("projector_dead_letters_repeated_total") && !l.ends_with(" 0")),
+        bank_tests::metrics::metric(&metrics, "projector_dead_letters_repeated_total") > 0.0,
         "the repeat is counted"
     );
     // The victim's history is intact and still moves.

@@ -295,16 +295,10 @@ async fn b10_a_conflict_with_a_transfer_already_resolved_is_retried_then_refused
         .unwrap();
     assert_eq!(stored, 1, "only the first transfer");
     assert_eq!(stack.core.api.balance(&from).await, 9_000);
-    let metrics = reqwest::get(format!("{}/metrics", stack.transfer.base))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = bank_tests::metrics::scrape(&stack.transfer.base).await;
     assert!(
-        metrics.lines().any(
-            |l| l.starts_with("transfer_requests_total{") && l.contains("result=\"contended\"")
-        ),
+        bank_tests::metrics::metric(&metrics, "transfer_requests_total{result=\"contended\"")
+            >= 1.0,
         "{metrics}"
     );
 
