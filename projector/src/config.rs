@@ -49,7 +49,11 @@ pub enum Command {
 #[derive(Debug, Clone, Subcommand)]
 pub enum DlqAction {
     /// List dead letters.
-    List,
+    List {
+        /// Letters read from the stream per request.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u16).range(1..=1000))]
+        page: u16,
+    },
     /// Show one dead letter with its body.
     Show {
         /// Dead letter id (its sequence in the DLQ stream).
@@ -62,6 +66,9 @@ pub enum DlqAction {
         /// Replay every dead letter.
         #[arg(long, conflicts_with = "id")]
         all: bool,
+        /// With `--all`: letters read from the stream per request.
+        #[arg(long, requires = "all", default_value_t = 1000, value_parser = clap::value_parser!(u16).range(1..=1000))]
+        page: u16,
     },
 }
 

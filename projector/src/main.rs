@@ -5,9 +5,6 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::Parser;
 use projector::{App, Cli, Command, DlqAction};
 
-/// Dead letters read per request by the `dlq` commands.
-const PAGE: usize = 1000;
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -32,11 +29,11 @@ async fn dlq(config: projector::Config, action: DlqAction) -> anyhow::Result<()>
     use projector::consume::dlq;
     let (ctx, _nats) = projector::app::context(&config).await?;
     match action {
-        DlqAction::List => {
+        DlqAction::List { page: size } => {
             println!("{:>8}  {:>6}  {:<48}  error", "id", "tries", "subject");
             let (mut after, mut count) = (Some(0), 0);
             while let Some(from) = after {
-                let page = dlq::list(&ctx, from, PAGE).await?;
+                let page = dlq::list(&ctx, from, usize::from(size)).await?;
                 for l in &page.letters {
                     println!(
                         "{:>8}  {:>6}  {:<48}  {}",
@@ -59,11 +56,12 @@ async fn dlq(config: projector::Config, action: DlqAction) -> anyhow::Result<()>
         DlqAction::Replay {
             id: None,
             all: true,
+            page: size,
         } => {
             let (mut ok, mut failed, mut after) = (0, 0, Some(0));
             // A page at a time: the stream may hold up to 1 GiB of letters.
             while let Some(from) = after {
-                let page = dlq::list(&ctx, from, PAGE).await?;
+                let page = dlq::list(&ctx, from, usize::from(size)).await?;
                 for l in &page.letters {
                     match dlq::replay(&ctx, l.id).await {
                         Ok(_) => ok += 1,
@@ -83,6 +81,7 @@ async fn dlq(config: projector::Config, action: DlqAction) -> anyhow::Result<()>
         DlqAction::Replay {
             id: None,
             all: false,
+            ..
         } => anyhow::bail!("give a dead letter id or --all"),
     }
     Ok(())

@@ -434,23 +434,45 @@ async fn b16_f5_poison_is_dead_lettered_at_once_and_others_keep_flowing() {
         ("CORE_URL", core_url.as_str()),
         ("CORE_API_TOKEN", CORE_READ_TOKEN),
     ];
+    // One page, and pages of two letters (the removed one skipped).
+    for args in [&["dlq", "list"][..], &["dlq", "list", "--page", "2"]] {
+        let out =
+            bank_tests::process::run_to_exit("projector", args, &env, Duration::from_secs(30))
+                .await
+                .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{args:?}: {text}");
+        assert!(text.contains("3 dead letter(s)"), "{args:?}: {text}");
+        let listed: Vec<u64> = text
+            .lines()
+            .filter(|l| l.contains("bank.ledger."))
+            .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+            .collect();
+        assert_eq!(listed, vec![ids[0], ids[2], ids[3]], "{args:?}: {text}");
+    }
+    // Replaying all of them a page at a time reaches every letter; poison
+    // fails again, so each stays and the command says so.
     let out = bank_tests::process::run_to_exit(
         "projector",
-        &["dlq", "list"],
+        &["dlq", "replay", "--all", "--page", "2"],
         &env,
         Duration::from_secs(30),
     )
     .await
     .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}");
-    assert!(text.contains("3 dead letter(s)"), "{text}");
-    let listed: Vec<u64> = text
-        .lines()
-        .filter(|l| l.contains("bank.ledger."))
-        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
-        .collect();
-    assert_eq!(listed, vec![ids[0], ids[2], ids[3]], "{text}");
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("replayed 0, failed 3"), "{text}");
+    assert_eq!(dead_letters(&p).await.len(), 3);
+    let out = bank_tests::process::run_to_exit(
+        "projector",
+        &["dlq", "list", "--page", "0"],
+        &env,
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
+    assert!(!out.status.success(), "a page of no letters is refused");
 }
 
 /// A DLQ that refuses new letters (full at its size bound) must not cost a
