@@ -131,7 +131,7 @@ pub fn stream_config(spec: &StreamSpec, replicas: usize) -> stream::Config {
 
 /// A stream could not be created or brought to its configuration.
 #[derive(Debug, thiserror::Error)]
-#[error("ensuring stream {stream}: {source}")]
+#[error("ensuring stream {stream}")]
 pub struct EnsureStreamError {
     /// The stream.
     pub stream: &'static str,

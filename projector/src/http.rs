@@ -111,9 +111,9 @@ async fn list_dead_letters(
 }
 
 /// 503 for a failure to read the dead-letter stream; the detail is logged.
-fn dead_letter_stream_unavailable(detail: impl std::fmt::Display) -> ApiError {
+fn dead_letter_stream_unavailable(e: dlq::StreamError) -> ApiError {
     tracing::warn!(
-        error = format!("{detail:#}"),
+        error = common::error_chain(&e),
         "the dead-letter stream failed"
     );
     ApiError::unavailable("the dead-letter stream cannot be read; retry later")

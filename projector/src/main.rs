@@ -67,7 +67,7 @@ async fn dlq(config: projector::Config, action: DlqAction) -> anyhow::Result<()>
                         Ok(_) => ok += 1,
                         Err(e) => {
                             failed += 1;
-                            eprintln!("{e}");
+                            eprintln!("{}", common::error_chain(&e));
                         }
                     }
                 }

@@ -22,10 +22,10 @@ pub struct RebuildReport {
 #[derive(Debug, thiserror::Error)]
 pub enum RebuildError {
     /// The core's account list could not be read.
-    #[error("listing accounts at the core: {0}")]
+    #[error("listing accounts at the core")]
     Core(#[from] CoreError),
     /// An account's history could not be deleted.
-    #[error("resetting an account's history: {0}")]
+    #[error("resetting an account's history")]
     Db(#[from] DbErr),
 }
 

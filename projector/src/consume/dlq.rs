@@ -225,13 +225,13 @@ pub struct Page {
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
     /// The stream could not be looked up.
-    #[error("dead-letter stream: {0}")]
+    #[error("looking up the dead-letter stream")]
     Lookup(#[from] async_nats::jetstream::context::GetStreamError),
     /// Its state could not be read.
-    #[error("dead-letter stream state: {0}")]
+    #[error("reading the dead-letter stream's state")]
     Info(#[from] async_nats::jetstream::stream::InfoError),
     /// A replayed letter could not be removed.
-    #[error("removing dead letter {id}: {source}")]
+    #[error("removing dead letter {id}")]
     Delete {
         /// The letter.
         id: u64,
@@ -239,7 +239,7 @@ pub enum StreamError {
         source: async_nats::jetstream::stream::DeleteMessageError,
     },
     /// A letter could not be read.
-    #[error("reading dead letter {seq}: {source}")]
+    #[error("reading dead letter {seq}")]
     Read {
         /// The first sequence asked for.
         seq: u64,

@@ -118,7 +118,7 @@ impl Feed {
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumerSetupError {
     /// The feed's stream could not be looked up.
-    #[error("stream {stream}: {source}")]
+    #[error("stream {stream}")]
     Stream {
         /// The stream.
         stream: &'static str,
@@ -126,7 +126,7 @@ pub enum ConsumerSetupError {
         source: async_nats::jetstream::context::GetStreamError,
     },
     /// The durable consumer could not be created or updated.
-    #[error("consumer {name} on {stream}: {source}")]
+    #[error("consumer {name} on {stream}")]
     Consumer {
         /// The consumer.
         name: String,
