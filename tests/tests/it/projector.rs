@@ -394,15 +394,11 @@ async fn b16_f5_poison_is_dead_lettered_at_once_and_others_keep_flowing() {
         let body = format!(r#"{{"poison": {i}}}"#).into_bytes();
         publish_raw(&rig.nats, &format!("bank.ledger.{victim}"), body).await;
     }
-    let ids: Vec<u64> = eventually("four letters", Duration::from_secs(10), || async {
-        let l = dead_letters(&p).await;
-        if l.len() == 4 {
-            Ok(l.iter().filter_map(|l| l["id"].as_u64()).collect())
-        } else {
-            Err(format!("{} letters", l.len()))
-        }
-    })
-    .await;
+    let ids: Vec<u64> = wait_letters(&p, 4)
+        .await
+        .iter()
+        .filter_map(|l| l["id"].as_u64())
+        .collect();
     let dlq = js.get_stream("DLQ").await.unwrap();
     assert!(dlq.delete_message(ids[1]).await.unwrap());
     let page = |after: u64, limit: u64| {
@@ -535,15 +531,7 @@ async fn f5_a_full_dead_letter_stream_keeps_the_poison_until_there_is_room() {
     rig.wait_synced(&victim, 2, Duration::from_secs(10)).await;
     // Room again: the kept message is lettered, once.
     full(common::jetstream::DLQ_MAX_BYTES).await;
-    let letters = eventually("the poison lettered", Duration::from_secs(20), || async {
-        let l = dead_letters(&p).await;
-        if l.is_empty() {
-            Err("no letter yet".to_owned())
-        } else {
-            Ok(l)
-        }
-    })
-    .await;
+    let letters = wait_letters(&p, 1).await;
     assert_eq!(letters.len(), 1, "{letters:?}");
     assert!(
         letters[0]["deliveries"].as_u64().unwrap() >= 2,
