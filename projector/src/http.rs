@@ -78,7 +78,7 @@ struct ListQuery {
     /// Letters with ids after this one.
     after: Option<u64>,
     /// 1..=1000, default 100.
-    limit: Option<usize>,
+    limit: Option<u64>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -94,14 +94,8 @@ async fn list_dead_letters(
     State(ctx): State<Context>,
     Query(q): Query<ListQuery>,
 ) -> Result<axum::Json<DeadLetters>, ApiError> {
-    let limit = q.limit.unwrap_or(100);
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError::bad_request(
-            "invalid_query",
-            "limit must be between 1 and 1000",
-        ));
-    }
-    let page = dlq::list(&ctx, q.after.unwrap_or(0), limit)
+    let limit = common::http::page_limit(q.limit, 100, 1000)?;
+    let page = dlq::list(&ctx, q.after.unwrap_or(0), limit as usize)
         .await
         .map_err(dead_letter_stream_unavailable)?;
     Ok(axum::Json(DeadLetters {
@@ -229,13 +223,7 @@ async fn tax_records(
 ) -> Result<axum::Json<TaxRecords>, ApiError> {
     let account = AccountId::parse(q.account_id)
         .map_err(|e| ApiError::bad_request("invalid_query", e.to_string()))?;
-    let limit = q.limit.unwrap_or(1000);
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError::bad_request(
-            "invalid_query",
-            "limit must be between 1 and 1000",
-        ));
-    }
+    let limit = common::http::page_limit(q.limit, 1000, 1000)?;
     let (before_at, before_id) = match q.cursor.as_deref().map(parse_tax_cursor).transpose()? {
         Some((at, id)) => (Some(at), Some(id)),
         None => (None, None),

@@ -15,6 +15,20 @@ pub use ops::{Readiness, ReadinessCheck, serve, with_edge};
 /// larger one is refused with 413 before it is parsed.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
+/// The page size a query asks for with `limit`: `default` when absent, 400
+/// `invalid_query` outside `1..=max`.
+pub fn page_limit(limit: Option<u64>, default: u64, max: u64) -> Result<u64, ApiError> {
+    let limit = limit.unwrap_or(default);
+    if (1..=max).contains(&limit) {
+        Ok(limit)
+    } else {
+        Err(ApiError::bad_request(
+            "invalid_query",
+            format!("limit must be between 1 and {max}"),
+        ))
+    }
+}
+
 /// The credential of an `Authorization: Bearer <credential>` header. The
 /// scheme is matched without regard to case (RFC 7235: `bearer` and `BEARER`
 /// are the same scheme); the credential is returned as sent.

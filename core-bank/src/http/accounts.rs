@@ -181,13 +181,7 @@ pub(super) async fn list_accounts(
     State(s): State<AppState>,
     Query(q): Query<ListQuery>,
 ) -> Result<axum::Json<AccountList>, ApiError> {
-    let limit = q.limit.unwrap_or(100);
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError::bad_request(
-            "invalid_query",
-            "limit must be between 1 and 1000",
-        ));
-    }
+    let limit = common::http::page_limit(q.limit, 100, 1000)?;
     let customer: Option<CustomerId> = q.customer_id.as_deref().map(parse_id).transpose()?;
     let after: Option<AccountId> = q.after.as_deref().map(parse_id).transpose()?;
     let rows = accounts::list_accounts(&s.db, customer.as_ref(), after.as_ref(), limit).await?;

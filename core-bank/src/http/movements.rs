@@ -341,19 +341,13 @@ pub(super) async fn entries(
 ) -> Result<axum::Json<EntriesPage>, ApiError> {
     let id: AccountId = parse_id(&id)?;
     let after = q.after_seq.unwrap_or(0);
-    let limit = q.limit.unwrap_or(100);
     if after < 0 {
         return Err(ApiError::bad_request(
             "invalid_query",
             "after_seq must be 0 or more",
         ));
     }
-    if !(1..=MAX_ENTRIES_PAGE).contains(&limit) {
-        return Err(ApiError::bad_request(
-            "invalid_query",
-            "limit must be between 1 and 1000",
-        ));
-    }
+    let limit = common::http::page_limit(q.limit, 100, MAX_ENTRIES_PAGE)?;
     // Entries first, then the account: `last_seq` is then at least the
     // greatest seq returned.
     let entries = queries::entries_after(&s.db, &id, after, limit)

@@ -115,13 +115,7 @@ pub(super) async fn history(
     // Whose account it is comes before anything about the request: another
     // customer learns nothing from how a bad cursor or limit is answered.
     s.check_owner(&customer, &account).await?;
-    let limit = q.limit.unwrap_or(DEFAULT_PAGE);
-    if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(ApiError::bad_request(
-            "invalid_query",
-            "limit must be between 1 and 100",
-        ));
-    }
+    let limit = common::http::page_limit(q.limit, DEFAULT_PAGE, MAX_PAGE)?;
     let before = q
         .cursor
         .as_deref()
