@@ -90,8 +90,8 @@ impl CoreApp {
         config.database_url = Secret::new(db_url.clone());
         config.nats.nats_url = Secret::new(nats.url());
         config.redis_url = Secret::new(opts.redis_url);
-        config.api_token = common::config::Secret::new(CORE_TOKEN);
-        config.read_api_token = Some(common::config::Secret::new(CORE_READ_TOKEN));
+        config.api_token = Secret::new(CORE_TOKEN);
+        config.read_api_token = Some(Secret::new(CORE_READ_TOKEN));
         config.request_ttl_secs = opts.request_ttl_secs;
         config.test_clock = opts.test_clock;
         config.pool.db_max_connections = opts.db_max_connections;
@@ -179,8 +179,8 @@ impl TransferApp {
         config.http_addr = "127.0.0.1:0".parse()?;
         config.database_url = Secret::new(db_url.clone());
         config.core.core_url = core_url.to_owned();
-        config.core.core_api_token = common::config::Secret::new(CORE_TOKEN);
-        config.jwt_secret = common::config::Secret::new(JWT_SECRET);
+        config.core.core_api_token = Secret::new(CORE_TOKEN);
+        config.jwt_secret = Secret::new(JWT_SECRET);
         config.nats.nats_url = Secret::new(nats.url());
         config.request_ttl_secs = opts.request_ttl_secs;
         config.core_timeout_ms = opts.core_timeout_ms;
@@ -259,7 +259,7 @@ impl ProjectorApp {
         config.http_addr = "127.0.0.1:0".parse()?;
         config.database_url = Secret::new(db_url);
         config.core.core_url = core_url.to_owned();
-        config.core.core_api_token = common::config::Secret::new(CORE_READ_TOKEN);
+        config.core.core_api_token = Secret::new(CORE_READ_TOKEN);
         config.nats.nats_url = Secret::new(nats.url());
         config.max_deliveries = opts.max_deliveries;
         config.retry_base_ms = opts.retry_base_ms;

@@ -80,17 +80,20 @@ impl AccountLock {
     }
 
     /// How many sessions of this database wait for a lock now.
-    pub async fn waiters(&self) -> anyhow::Result<i64> {
-        let row = self
-            .db
-            .query_one_raw(Statement::from_string(
-                self.db.get_database_backend(),
-                "SELECT count(*) AS n FROM pg_stat_activity \
-                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
-            ))
-            .await?
-            .ok_or_else(|| anyhow::anyhow!("count returned no row"))?;
-        Ok(row.try_get("", "n")?)
+    pub async fn waiters(&self) -> anyhow::Result<usize> {
+        Ok(self.waiting_transactions().await?.len())
+    }
+
+    /// Returns once a session of this database waits for a lock (`what`
+    /// names the waiter in the failure message).
+    pub async fn until_waited_on(&self, what: &str) {
+        crate::eventually(what, std::time::Duration::from_secs(10), || async {
+            match self.waiters().await {
+                Ok(n) if n > 0 => Ok(()),
+                other => Err(format!("not waiting yet: {other:?}")),
+            }
+        })
+        .await
     }
 
     /// When the transactions now waiting for a lock in this database began

@@ -219,17 +219,8 @@ async fn b22_a_payout_waiting_for_its_lock_across_a_date_change_pays_under_the_n
             .await
         }
     });
-    eventually(
-        "the payout waits for the account's lock",
-        Duration::from_secs(10),
-        || async {
-            match lock.waiters().await {
-                Ok(n) if n > 0 => Ok(()),
-                other => Err(format!("not waiting yet: {other:?}")),
-            }
-        },
-    )
-    .await;
+    lock.until_waited_on("the payout waits for the account's lock")
+        .await;
     let next = api.advance_business_date(1).await;
     lock.release().await.unwrap();
     let db = sea_orm::Database::connect(core.db_url.as_str())

@@ -599,17 +599,7 @@ async fn b29_a_request_in_flight_at_sigterm_is_answered_before_the_service_exits
                 .await
         }
     });
-    eventually(
-        "the transfer waits on the lock",
-        Duration::from_secs(10),
-        || async {
-            match lock.waiters().await {
-                Ok(n) if n > 0 => Ok(()),
-                other => Err(format!("{other:?}")),
-            }
-        },
-    )
-    .await;
+    lock.until_waited_on("the transfer waits on the lock").await;
     sigterm_until_the_listener_closes(&stack.core, &core_addr).await;
     assert!(!request.is_finished(), "the request was still in flight");
     lock.release().await.unwrap();
