@@ -119,12 +119,26 @@ impl Api {
         content_type: &str,
         body: Vec<u8>,
     ) -> Reply {
+        self.send_bytes(method, path, &[("content-type", content_type)], body)
+            .await
+    }
+
+    /// Sends raw bytes with exactly these headers (none: no `Content-Type`).
+    pub async fn send_bytes(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> Reply {
         let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
         let mut req = self
             .http
             .request(method, format!("{}{path}", self.base))
-            .header("content-type", content_type)
             .body(body);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
         if let Some(t) = &self.token {
             req = req.bearer_auth(t);
         }

@@ -1,7 +1,8 @@
-use axum::extract::FromRequest;
-use axum::extract::FromRequestParts;
+use axum::body::Bytes;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
-use axum::http::StatusCode;
+use axum::extract::{FromRequest, FromRequestParts, OptionalFromRequest, Request};
+use axum::http::{StatusCode, header};
+use serde::de::DeserializeOwned;
 
 use super::ApiError;
 
@@ -12,6 +13,43 @@ use super::ApiError;
 #[derive(Debug, FromRequest)]
 #[from_request(via(axum::Json), rejection(ApiError))]
 pub struct Json<T>(pub T);
+
+/// An optional JSON body (`Option<Json<T>>`): `None` only when the request
+/// has no body at all (no `Content-Type` and no bytes); a body is read as
+/// [`Json`] reads it. Unlike `axum::Json`'s own optional form, a body sent
+/// without a `Content-Type` is refused with 415 rather than ignored, so a
+/// client that forgot the header does not get the defaults it did not ask for.
+impl<T, S> OptionalFromRequest<S> for Json<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Option<Self>, ApiError> {
+        if req.headers().contains_key(header::CONTENT_TYPE) {
+            return <Self as FromRequest<S>>::from_request(req, state)
+                .await
+                .map(Some);
+        }
+        let body = Bytes::from_request(req, state)
+            .await
+            .map_err(|e| ApiError::from(JsonRejection::from(e)))?;
+        if body.is_empty() {
+            Ok(None)
+        } else {
+            Err(unsupported_media_type())
+        }
+    }
+}
+
+fn unsupported_media_type() -> ApiError {
+    ApiError::new(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+        "expected a body with Content-Type: application/json",
+    )
+}
 
 /// `axum::extract::Path` answering 400 `invalid_path` when it does not parse.
 #[derive(Debug, FromRequestParts)]
@@ -29,11 +67,7 @@ impl From<JsonRejection> for ApiError {
         match rejection {
             JsonRejection::JsonSyntaxError(_) => ApiError::bad_request("malformed_json", text),
             JsonRejection::JsonDataError(_) => ApiError::bad_request("invalid_request", text),
-            JsonRejection::MissingJsonContentType(_) => ApiError::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_media_type",
-                "expected a body with Content-Type: application/json",
-            ),
+            JsonRejection::MissingJsonContentType(_) => unsupported_media_type(),
             other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "payload_too_large",

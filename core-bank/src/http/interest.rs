@@ -146,20 +146,23 @@ pub(super) struct VerifyBody {
     sample: Option<u64>,
 }
 
-/// Compares the legacy and new paths over accounts and lists mismatches.
-#[utoipa::path(post, path = "/v1/admin/interest/verify", request_body = VerifyBody,
+/// Compares the legacy and new paths over accounts and lists mismatches. The
+/// body is optional: none (or `{}`, or `null`) compares all accounts, up to
+/// 10,000.
+#[utoipa::path(post, path = "/v1/admin/interest/verify", request_body = Option<VerifyBody>,
     responses((status = 200, body = VerifyReport), (status = 400, body = ErrorBody)))]
 pub(super) async fn verify(
     State(s): State<AppState>,
-    Json(body): Json<VerifyBody>,
+    body: Option<Json<Option<VerifyBody>>>,
 ) -> Result<axum::Json<VerifyReport>, ApiError> {
-    if body.sample.is_some_and(|n| n == 0 || n > MAX_HTTP_VERIFY) {
+    let requested = body.and_then(|Json(b)| b).and_then(|b| b.sample);
+    if requested.is_some_and(|n| n == 0 || n > MAX_HTTP_VERIFY) {
         return Err(ApiError::bad_request(
             "invalid_request",
             "sample must be between 1 and 10000",
         ));
     }
-    let sample = Some(body.sample.unwrap_or(MAX_HTTP_VERIFY));
+    let sample = Some(requested.unwrap_or(MAX_HTTP_VERIFY));
     let report = s
         .interest
         .verify(sample, |_, _| {})

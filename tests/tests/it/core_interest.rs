@@ -896,6 +896,17 @@ async fn b26_b27_drifted_daily_balances_change_only_the_new_path_and_the_mismatc
     let mismatches = report.body["mismatches"].as_array().unwrap();
     assert_eq!(mismatches.len(), 1);
     assert_eq!(mismatches[0]["account_id"], json!(account));
+    // The body is optional: a request without one compares every account too.
+    let bare = api
+        .send("POST", "/v1/admin/interest/verify", None, &[])
+        .await
+        .expect(200);
+    assert_eq!(bare.body, report.body);
+    let null = api
+        .post("/v1/admin/interest/verify", Value::Null)
+        .await
+        .expect(200);
+    assert_eq!(null.body, report.body);
 }
 
 /// The batch verifier as operators run it (`core-bank verify-interest`):

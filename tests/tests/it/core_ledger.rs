@@ -1004,6 +1004,38 @@ async fn b31_core_admin_and_interest_routes_refuse_bad_input() {
             "{body}"
         );
     }
+    // An optional body still has to say what it is: bytes without a
+    // Content-Type are refused, not ignored in favour of the defaults.
+    for headers in [&[][..], &[("content-type", "text/plain")][..]] {
+        let r = api
+            .send_bytes(
+                "POST",
+                "/v1/admin/interest/verify",
+                headers,
+                br#"{"sample":1}"#.to_vec(),
+            )
+            .await;
+        assert_eq!(
+            (r.status, r.code()),
+            (415, Some("unsupported_media_type")),
+            "{headers:?}"
+        );
+    }
+    let r = api
+        .send_raw(
+            "POST",
+            "/v1/admin/interest/verify",
+            "application/json",
+            b"{not json".to_vec(),
+        )
+        .await;
+    assert_eq!((r.status, r.code()), (400, Some("malformed_json")));
+    let doc = api.get("/openapi.json").await.expect(200);
+    let verify_body = &doc.body["paths"]["/v1/admin/interest/verify"]["post"]["requestBody"];
+    assert!(
+        verify_body.get("required").is_none_or(|r| r == false),
+        "the published contract says the body is optional: {verify_body}"
+    );
 
     let account = api.funded_account(1_000_000).await;
     for body in [
