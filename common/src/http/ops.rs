@@ -27,10 +27,15 @@ pub type ReadinessCheck = (
 /// What `/readyz` reports: every dependency check passes and the service is
 /// not draining. Draining starts on SIGTERM, before the listener closes, so a
 /// load balancer stops sending new work first.
+///
+/// A check that starts failing is logged once at warn, with the driver's
+/// error; while it keeps failing, each probe logs at debug only (probes come
+/// every few seconds from every load balancer), and when it passes again
+/// that is logged at info.
 #[derive(Clone, Default)]
 pub struct Readiness {
     draining: Arc<AtomicBool>,
-    checks: Arc<Vec<ReadinessCheck>>,
+    checks: Arc<Vec<(ReadinessCheck, AtomicBool)>>,
 }
 
 impl std::fmt::Debug for Readiness {
@@ -39,7 +44,11 @@ impl std::fmt::Debug for Readiness {
             .field("draining", &self.draining.load(Ordering::Relaxed))
             .field(
                 "checks",
-                &self.checks.iter().map(|c| c.0).collect::<Vec<_>>(),
+                &self
+                    .checks
+                    .iter()
+                    .map(|((name, _), _)| *name)
+                    .collect::<Vec<_>>(),
             )
             .finish()
     }
@@ -50,7 +59,12 @@ impl Readiness {
     pub fn new(checks: Vec<ReadinessCheck>) -> Self {
         Self {
             draining: Arc::new(AtomicBool::new(false)),
-            checks: Arc::new(checks),
+            checks: Arc::new(
+                checks
+                    .into_iter()
+                    .map(|c| (c, AtomicBool::new(false)))
+                    .collect(),
+            ),
         }
     }
 
@@ -112,22 +126,29 @@ impl Readiness {
     async fn report(&self) -> (bool, serde_json::Value) {
         let mut ok = !self.is_draining();
         let mut checks = serde_json::Map::new();
-        for (name, check) in self.checks.iter() {
-            let result = tokio::time::timeout(Duration::from_secs(2), check()).await;
-            let status = match result {
-                Ok(Ok(())) => "ok".to_owned(),
-                Ok(Err(e)) => {
-                    // The detail (a driver's error text) goes to the log,
-                    // not to whoever can reach the probe.
-                    tracing::warn!(check = %name, error = %e, "readiness check failed");
-                    ok = false;
-                    "failed".to_owned()
+        for ((name, check), failing) in self.checks.iter() {
+            // The detail (a driver's error text) goes to the log, not to
+            // whoever can reach the probe.
+            let (status, failure) =
+                match tokio::time::timeout(READINESS_CHECK_TIMEOUT, check()).await {
+                    Ok(Ok(())) => ("ok", None),
+                    Ok(Err(e)) => ("failed", Some(e)),
+                    Err(_) => ("timed out after 2 s", Some("no answer in 2 s".to_owned())),
+                };
+            let was_failing = failing.swap(failure.is_some(), Ordering::Relaxed);
+            match (failure, was_failing) {
+                (Some(error), false) => tracing::warn!(
+                    check = %name,
+                    %error,
+                    "readiness check failed (logged at debug until it passes again)"
+                ),
+                (Some(error), true) => {
+                    tracing::debug!(check = %name, %error, "readiness check still failing")
                 }
-                Err(_) => {
-                    ok = false;
-                    "timed out after 2 s".to_owned()
-                }
-            };
+                (None, true) => tracing::info!(check = %name, "readiness check passes again"),
+                (None, false) => {}
+            }
+            ok &= status == "ok";
             checks.insert((*name).to_owned(), json!(status));
         }
         let body = json!({
@@ -138,6 +159,9 @@ impl Readiness {
         (ok, body)
     }
 }
+
+/// How long one readiness check may take before it counts as failed.
+const READINESS_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
 async fn healthz() -> impl IntoResponse {
     axum::Json(json!({"status": "alive"}))
@@ -296,7 +320,99 @@ pub async fn serve(
 mod tests {
     use super::*;
     use axum::body::Body;
+    use std::sync::Mutex;
     use tower::ServiceExt;
+
+    /// What a log subscriber writes, kept for the test to read.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            if let Ok(mut log) = self.0.lock() {
+                log.extend_from_slice(bytes);
+            }
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl tracing_subscriber::fmt::MakeWriter<'_> for Captured {
+        type Writer = Captured;
+
+        fn make_writer(&self) -> Captured {
+            self.clone()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failing_readiness_check_warns_once_then_logs_at_debug_until_it_passes_again() {
+        let up = Arc::new(AtomicBool::new(false));
+        let probe = up.clone();
+        let check: ReadinessCheck = (
+            "broker",
+            Arc::new(move || {
+                let up = probe.load(Ordering::SeqCst);
+                Box::pin(async move {
+                    if up {
+                        Ok(())
+                    } else {
+                        Err("connection refused".to_owned())
+                    }
+                })
+            }),
+        );
+        let readiness = Readiness::new(vec![check]);
+        let logs = Captured::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(logs.clone())
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .without_time()
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+
+        let mut answers = Vec::new();
+        for up_now in [false, false, false, true, true, false] {
+            up.store(up_now, Ordering::SeqCst);
+            let (ok, body) = readiness.report().await;
+            answers.push((ok, body["checks"]["broker"].clone()));
+        }
+
+        let failed = (false, json!("failed"));
+        let passed = (true, json!("ok"));
+        assert_eq!(
+            answers,
+            [
+                failed.clone(),
+                failed.clone(),
+                failed.clone(),
+                passed.clone(),
+                passed,
+                failed
+            ]
+        );
+        let text = logs
+            .0
+            .lock()
+            .map(|log| String::from_utf8_lossy(&log).into_owned())
+            .unwrap_or_default();
+        let levels: Vec<&str> = text
+            .lines()
+            .filter(|line| line.contains("check=broker"))
+            .filter_map(|line| line.split_whitespace().next())
+            .collect();
+        assert_eq!(levels, ["WARN", "DEBUG", "DEBUG", "INFO", "WARN"], "{text}");
+        assert!(
+            text.lines()
+                .next()
+                .is_some_and(|first| first.contains("connection refused")),
+            "the first warning carries the error: {text}"
+        );
+    }
 
     #[tokio::test]
     async fn a_request_without_an_answer_in_time_gets_503_timeout_in_the_error_format() {
