@@ -147,6 +147,13 @@ impl FaultProxy {
         }
     }
 
+    /// Removes the rules added for `path_contains`; the others stay.
+    pub fn remove(&self, path_contains: &str) {
+        if let Ok(mut r) = self.shared.rules.lock() {
+            r.retain(|rule| rule.path_contains != path_contains);
+        }
+    }
+
     /// Forwards every held request now, and those of the current hold
     /// rules that have not reached the proxy yet as soon as they do.
     pub fn release_held(&self) {

@@ -72,6 +72,12 @@ impl CoreError {
     pub fn is_refusal(&self) -> bool {
         matches!(self, CoreError::Refused { status: 422, .. })
     }
+
+    /// True when the core answered that it has no such account (404
+    /// `account_not_found`).
+    pub fn is_unknown_account(&self) -> bool {
+        matches!(self, CoreError::Refused { status: 404, code, .. } if code == "account_not_found")
+    }
 }
 
 /// An account as the core reports it.

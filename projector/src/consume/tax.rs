@@ -226,7 +226,7 @@ async fn record_settling(ctx: &Context, valid: Vec<(Message, InterestPaidEvent)>
     Vec::new()
 }
 
-/// Why a sweep pass stopped.
+/// Why a sweep pass, or one entry of it, failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SweepError {
     /// The channel database failed.
@@ -240,11 +240,28 @@ pub enum SweepError {
     Repair(#[from] SyncError),
 }
 
+impl SweepError {
+    /// True when the rest of the pass could not succeed either: the channel
+    /// database failed, or the core did not answer. Otherwise only this
+    /// entry is left for the next pass, and the others are still settled.
+    fn stops_the_pass(&self) -> bool {
+        let unreachable =
+            |e: &CoreError| matches!(e, CoreError::Timeout(_) | CoreError::Unavailable(_));
+        match self {
+            SweepError::Db(_) | SweepError::Repair(SyncError::Db(_)) => true,
+            SweepError::Core(e) | SweepError::Repair(SyncError::Core(e)) => unreachable(e),
+        }
+    }
+}
+
 /// One sweep pass: the history's interest entries written between
 /// [`SWEEP_WINDOW_DAYS`] ago and `min_age` ago that have no tax record get
 /// the core's figures of their payout recorded. Returns how many were
 /// recovered. An entry whose payout the core does not know is not the
-/// core's: the history is repaired from the core's entries (B15).
+/// core's: the history is repaired from the core's entries (B15). An entry
+/// that cannot be settled (the core refuses or answers something
+/// unexpected) is logged and counted, and the pass goes on with the next
+/// one, so one such entry does not hold up the others for the whole window.
 pub async fn sweep_once(ctx: &Context, min_age: Duration) -> Result<u64, SweepError> {
     let rows = ctx
         .db
@@ -271,26 +288,45 @@ pub async fn sweep_once(ctx: &Context, min_age: Duration) -> Result<u64, SweepEr
         let (Ok(account), Ok(payout)) = (AccountId::parse(account), PayoutId::parse(payout)) else {
             continue;
         };
-        match ctx.core.payout_of(&account, &payout).await? {
-            Some(p) => {
-                let new = record(&ctx.db, &[p.into_event()]).await?;
-                if new > 0 {
-                    metrics::counter!("projector_tax_records_total").increment(new);
-                    metrics::counter!("projector_tax_records_recovered_total").increment(new);
-                    tracing::warn!(payout_id = %payout, account = %account, "a payout's interest event never arrived; its tax record was recorded from the core");
-                }
-                recovered += new;
-            }
-            None => {
-                // Not the core's entry: checked against the core's entry at
-                // that seq and cut back if so (B15).
-                let check =
-                    sync::repair_unless_the_cores(&ctx.db, &ctx.core, &account, seq).await?;
-                tracing::warn!(payout_id = %payout, account = %account, seq, cut = check.cut, "the history held an interest entry for a payout the core does not know");
+        match sweep_entry(ctx, &account, &payout, seq).await {
+            Ok(new) => recovered += new,
+            Err(e) if e.stops_the_pass() => return Err(e),
+            Err(e) => {
+                metrics::counter!("projector_tax_sweep_errors_total").increment(1);
+                tracing::warn!(payout_id = %payout, account = %account, seq, error = %common::error_chain(&e), "the tax sweep could not settle this interest entry; it is tried again at the next pass");
             }
         }
     }
     Ok(recovered)
+}
+
+/// Settles one interest entry without a tax record: records the core's
+/// figures of its payout, or cuts the entry if it is not the core's.
+/// Returns how many tax records it wrote.
+async fn sweep_entry(
+    ctx: &Context,
+    account: &AccountId,
+    payout: &PayoutId,
+    seq: i64,
+) -> Result<u64, SweepError> {
+    match ctx.core.payout_of(account, payout).await? {
+        Some(p) => {
+            let new = record(&ctx.db, &[p.into_event()]).await?;
+            if new > 0 {
+                metrics::counter!("projector_tax_records_total").increment(new);
+                metrics::counter!("projector_tax_records_recovered_total").increment(new);
+                tracing::warn!(payout_id = %payout, account = %account, "a payout's interest event never arrived; its tax record was recorded from the core");
+            }
+            Ok(new)
+        }
+        None => {
+            // Not the core's entry: checked against the core's entry at
+            // that seq and cut back if so (B15).
+            let check = sync::repair_unless_the_cores(&ctx.db, &ctx.core, account, seq).await?;
+            tracing::warn!(payout_id = %payout, account = %account, seq, cut = check.cut, "the history held an interest entry for a payout the core does not know");
+            Ok(0)
+        }
+    }
 }
 
 /// Runs [`sweep_once`] every `every` until `shutdown`, looking at entries

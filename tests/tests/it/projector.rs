@@ -983,40 +983,100 @@ async fn f5_a_tax_event_the_core_cannot_confirm_is_retried_dead_lettered_and_sti
 }
 
 #[tokio::test]
-async fn b15_an_interest_entry_for_a_payout_the_core_never_made_is_cut_by_the_tax_sweep() {
+async fn b15_an_interest_entry_for_a_payout_the_core_never_made_is_cut_by_the_tax_sweep_also_on_an_account_the_core_does_not_have()
+ {
     let rig = Rig::new().await;
     let mut p = rig.projector(ProjectorOptions::default()).await;
     let account = rig.core.api.funded_account(100).await;
     rig.wait_synced(&account, 1, Duration::from_secs(10)).await;
     p.stop().await.unwrap();
-    // Something wrote an interest entry the core never made, continuing the
-    // balances, as the last entry (no later entry of the core contradicts it).
     let db = sea_orm::Database::connect(rig.channel_db.as_str())
         .await
         .unwrap();
+    // First, so that the sweep meets it first: an interest entry of an
+    // account the core does not have at all (its entries API answers 404
+    // `account_not_found`, so none of it is the core's).
+    let ghost = common::AccountId::generate();
+    let mut haunting = entry(&ghost, 1, 7, 7);
+    haunting.kind = EntryKind::Interest;
+    haunting.payout_id = Some(common::PayoutId::parse(unique("pay_")).unwrap());
+    assert_eq!(writer::apply(&db, &[haunting]).await.unwrap().applied, 1);
+    // Then an interest entry the core never made on a real account,
+    // continuing the balances, as the last entry (no later entry of the
+    // core contradicts it).
     let id = common::AccountId::parse(account.clone()).unwrap();
     let mut forged = entry(&id, 2, 7, 107);
     forged.kind = EntryKind::Interest;
     forged.payout_id = Some(common::PayoutId::parse(unique("pay_")).unwrap());
     assert_eq!(writer::apply(&db, &[forged]).await.unwrap().applied, 1);
     assert_eq!(rig.synced(&account).await, 2);
-    // The sweep looks for its tax record, asks the core for the payout, and
-    // cuts the entry.
+    // The sweep looks for their tax records, asks the core for the payouts,
+    // and cuts both entries.
     let p = rig
         .projector(ProjectorOptions {
             tax_sweep_secs: 1,
             ..ProjectorOptions::default()
         })
         .await;
-    eventually("the entry cut", Duration::from_secs(30), || async {
-        match rig.synced(&account).await {
-            1 => Ok(()),
-            n => Err(format!("{n} entries")),
+    eventually("both entries cut", Duration::from_secs(30), || async {
+        match (rig.synced(ghost.as_str()).await, rig.synced(&account).await) {
+            (0, 1) => Ok(()),
+            (g, n) => Err(format!(
+                "{g} entries of the unknown account, {n} of the real one"
+            )),
         }
     })
     .await;
     history_equals_ledger(&rig, std::slice::from_ref(&account)).await;
     assert!(tax_records(&p, &account).await.is_empty());
+    assert!(tax_records(&p, ghost.as_str()).await.is_empty());
+}
+
+/// B23's sweep settles each interest entry on its own: one the core refuses
+/// to explain (here a 403 from a gateway on its payout) is logged, counted
+/// and left for the next pass, and the entries after it still get their
+/// tax records.
+#[tokio::test]
+async fn b23_an_interest_entry_the_core_refuses_to_explain_does_not_hold_up_the_tax_sweep() {
+    let rig = Rig::new().await;
+    let p = rig
+        .projector(ProjectorOptions {
+            max_deliveries: 2,
+            retry_base_ms: 50,
+            retry_max_ms: 200,
+            tax_sweep_secs: 1,
+            ..ProjectorOptions::default()
+        })
+        .await;
+    let (stuck, lost) = (
+        rig.core.api.funded_account(10_000_000).await,
+        rig.core.api.funded_account(10_000_000).await,
+    );
+    let (stuck_payout, lost_payout) = (unique("pay_"), unique("pay_"));
+    // A gateway refuses the projector's look-ups of both payouts, so both
+    // events are dead-lettered unrecorded, `stuck`'s first.
+    rig.proxy.add(None, &stuck_payout, Action::Fail(403), None);
+    rig.proxy.add(None, &lost_payout, Action::Fail(403), None);
+    rig.core.api.advance_business_date(3).await;
+    pay_out(&rig, &stuck, &stuck_payout).await;
+    rig.wait_synced(&stuck, 2, Duration::from_secs(10)).await;
+    pay_out(&rig, &lost, &lost_payout).await;
+    wait_letters(&p, 2).await;
+    // Then only `stuck`'s stays refused: the sweep meets it first on every
+    // pass, and still records `lost`'s.
+    rig.proxy.remove(&lost_payout);
+    let records = wait_tax_records(&p, &lost, 1).await;
+    assert_eq!(records[0]["payout_id"], json!(lost_payout));
+    let errors = bank_tests::metrics::metric(
+        &bank_tests::metrics::scrape(&p.api.base).await,
+        "projector_tax_sweep_errors_total",
+    );
+    assert!(errors >= 1.0, "the refused entry is counted: {errors}");
+    assert!(tax_records(&p, &stuck).await.is_empty());
+    // Once the core explains it, it is recorded too.
+    rig.proxy.remove(&stuck_payout);
+    let records = wait_tax_records(&p, &stuck, 1).await;
+    assert_eq!(records[0]["payout_id"], json!(stuck_payout));
 }
 
 async fn history_equals_ledger(rig: &Rig, accounts: &[String]) {

@@ -90,18 +90,23 @@ pub struct HeldCheck {
 }
 
 /// Checks the history's entry at `seq` against the core's. If the core has
-/// another entry at that seq, or none, the history held an entry that is not
-/// the core's (a forged or damaged event that continued the balances): the
-/// history is cut back to before `seq`, and the caller fetches the core's
-/// entries again.
+/// another entry at that seq, or none (also when it has no such account at
+/// all), the history held an entry that is not the core's (a forged or
+/// damaged event that continued the balances): the history is cut back to
+/// before `seq`, and the caller fetches the core's entries again.
 pub async fn repair_unless_the_cores(
     db: &DatabaseConnection,
     core: &CoreClient,
     account: &AccountId,
     seq: i64,
 ) -> Result<HeldCheck, SyncError> {
-    let page = core.entries(account, seq - 1, 1).await?;
-    let cores = page.entries.into_iter().find(|e| e.seq == seq);
+    let cores = match core.entries(account, seq - 1, 1).await {
+        Ok(page) => page.entries.into_iter().find(|e| e.seq == seq),
+        // The core keeps an account's entries with the account, so an
+        // account it does not have has no entry of the core's.
+        Err(e) if e.is_unknown_account() => None,
+        Err(e) => return Err(e.into()),
+    };
     if let Some(entry) = &cores {
         // Given again, the core's entry is a duplicate checked against the
         // one held (or applied, if the history no longer holds that seq).
