@@ -40,6 +40,12 @@ pub fn decode(subject: &str, payload: &[u8]) -> Result<LedgerEntry, String> {
             ev.entry.kind.as_str()
         ));
     }
+    if ev.entry.balance_after.value().is_sign_negative() {
+        return Err(format!(
+            "balance_after {} is negative; the core never holds a negative balance",
+            ev.entry.balance_after
+        ));
+    }
     if ev.entry.seq == 1 && ev.entry.balance_after != ev.entry.amount {
         return Err(format!(
             "seq 1 with amount {} leaves balance {}, not {}",
@@ -503,5 +509,17 @@ mod tests {
         assert_eq!(check(1, "deposit", "100", "100"), Ok(()));
         let r = check(1, "deposit", "100", "1000");
         assert!(r.as_ref().is_err_and(|e| e.contains("seq 1")), "{r:?}");
+    }
+
+    #[test]
+    fn b15_an_entry_leaving_a_negative_balance_is_refused() {
+        assert_eq!(check(2, "transfer_out", "-100", "0"), Ok(()));
+        for (seq, amount, balance_after) in [(1, "-100", "-100"), (2, "-100", "-1")] {
+            let r = check(seq, "transfer_out", amount, balance_after);
+            assert!(
+                r.as_ref().is_err_and(|e| e.contains("negative")),
+                "seq {seq} {amount} -> {balance_after}: {r:?}"
+            );
+        }
     }
 }
