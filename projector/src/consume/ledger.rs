@@ -4,14 +4,14 @@ use std::collections::{BTreeMap, HashMap};
 
 use std::time::Instant;
 
-use async_nats::jetstream::{AckKind, Message};
+use async_nats::jetstream::Message;
 use common::AccountId;
 use common::events::{EntryKind, LEDGER_SUBJECT_PREFIX, LedgerEntry, LedgerEvent};
 use sea_orm::DbErr;
 use transfer::history::sync::{self, SyncError};
 use transfer::history::writer;
 
-use super::{Context, Failure, ack, fail, traceparent};
+use super::{Context, Failure, ack, fail, holding_progress, traceparent};
 
 /// Pages of 1,000 entries fetched from the core per account and batch; a
 /// larger gap continues with the next delivery.
@@ -397,21 +397,8 @@ async fn apply_holding_progress(
     valid: &[(Message, LedgerEntry)],
     entries: &[LedgerEntry],
 ) -> Result<Outcome, DbErr> {
-    // Well within the ack wait (at most every 10 s).
-    let every = std::time::Duration::from_secs(ctx.config.ack_wait_secs.max(1)).div_f64(3.0);
-    let every = every.min(std::time::Duration::from_secs(10));
-    let progress = async {
-        loop {
-            tokio::time::sleep(every).await;
-            for (m, _) in valid {
-                let _ = m.ack_with(AckKind::Progress).await;
-            }
-        }
-    };
-    tokio::select! {
-        r = apply_with_gap_fill(ctx, entries) => r,
-        never = progress => never,
-    }
+    let messages: Vec<&Message> = valid.iter().map(|(m, _)| m).collect();
+    holding_progress(ctx, &messages, apply_with_gap_fill(ctx, entries)).await
 }
 
 /// Acks what the history now holds; naks the rest with the reason.

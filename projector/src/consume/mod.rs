@@ -357,6 +357,33 @@ pub async fn fail(ctx: &Context, m: &Message, failure: Failure) {
     }
 }
 
+/// Runs `work` while telling the server every so often (a third of the ack
+/// wait, at most every 10 s) that `messages` are still being worked on, so
+/// long work (a gap fill, checks against a slow core) does not let them time
+/// out: a redelivery would repeat the work and count as a delivery towards
+/// `PROJECTOR_MAX_DELIVERIES`.
+pub async fn holding_progress<T>(
+    ctx: &Context,
+    messages: &[&Message],
+    work: impl Future<Output = T>,
+) -> T {
+    let every = Duration::from_secs(ctx.config.ack_wait_secs.max(1))
+        .div_f64(3.0)
+        .min(Duration::from_secs(10));
+    let progress = async {
+        loop {
+            tokio::time::sleep(every).await;
+            for m in messages {
+                let _ = m.ack_with(AckKind::Progress).await;
+            }
+        }
+    };
+    tokio::select! {
+        r = work => r,
+        never = progress => never,
+    }
+}
+
 /// Acknowledges a handled message.
 pub async fn ack(m: &Message) {
     if let Err(e) = m.ack().await {

@@ -26,7 +26,7 @@ use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, Statement};
 use transfer::core_client::CoreError;
 use transfer::history::sync::{self, SyncError};
 
-use super::{Context, Failure, ack, fail};
+use super::{Context, Failure, ack, fail, holding_progress};
 
 /// Events checked against the core at once.
 const CHECKS_IN_FLIGHT: usize = 8;
@@ -153,16 +153,21 @@ pub async fn handle(ctx: &Context, batch: Vec<Message>) -> Vec<Message> {
             Err(reason) => fail(ctx, &m, Failure::Permanent(reason)).await,
         }
     }
-    let checked: Vec<_> = futures::stream::iter(valid)
-        .map(|(m, ev)| async move {
-            let outcome = check(ctx, &ev).await;
-            (m, ev, outcome)
-        })
-        .buffer_unordered(CHECKS_IN_FLIGHT)
-        .collect()
-        .await;
-    let mut confirmed = Vec::with_capacity(checked.len());
-    for (m, ev, outcome) in checked {
+    // Checked against the core while the server is told the messages are
+    // still being worked on: a slow core must not make them time out.
+    let messages: Vec<&Message> = valid.iter().map(|(m, _)| m).collect();
+    let checks: Vec<_> = valid.iter().map(|(_, ev)| check(ctx, ev)).collect();
+    let outcomes: Vec<_> = holding_progress(
+        ctx,
+        &messages,
+        futures::stream::iter(checks)
+            .buffered(CHECKS_IN_FLIGHT)
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    drop(messages);
+    let mut confirmed = Vec::with_capacity(valid.len());
+    for ((m, ev), outcome) in valid.into_iter().zip(outcomes) {
         match outcome {
             Ok(Check::Confirmed) => confirmed.push((m, ev)),
             Ok(Check::NotTheCores(reason)) => {

@@ -1036,6 +1036,51 @@ async fn b15_an_interest_entry_for_a_payout_the_core_never_made_is_cut_by_the_ta
 /// to explain (here a 403 from a gateway on its payout) is logged, counted
 /// and left for the next pass, and the entries after it still get their
 /// tax records.
+/// B23 against a slow core: the interest consumer keeps telling the server
+/// it is still checking the payout, so a check that takes longer than the
+/// ack wait neither gets the event redelivered (and checked again) nor
+/// spends its deliveries.
+#[tokio::test]
+async fn b23_a_payout_check_slower_than_the_ack_wait_does_not_get_the_event_redelivered() {
+    let rig = Rig::new().await;
+    rig.proxy.add(
+        None,
+        "/interest/payouts/",
+        Action::DelayResponse(Duration::from_secs(5)),
+        None,
+    );
+    let p = rig
+        .projector(ProjectorOptions {
+            ack_wait_secs: 2,
+            max_deliveries: 2,
+            ..ProjectorOptions::default()
+        })
+        .await;
+    let account = rig.core.api.funded_account(60_000_000).await;
+    let pid = pay_interest(&rig, &account, 3).await;
+    let records = wait_tax_records(&p, &account, 1).await;
+    assert_eq!(records[0]["payout_id"], json!(pid));
+    let js = rig.nats.jetstream().await.unwrap();
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer = js
+        .get_consumer_from_stream("projector-interest", "INTEREST")
+        .await
+        .unwrap();
+    let info = consumer.info().await.unwrap();
+    assert_eq!(
+        info.delivered.consumer_sequence, 1,
+        "the one event was delivered once: {:?}",
+        info.delivered
+    );
+    let looked_up = rig
+        .proxy
+        .seen()
+        .iter()
+        .filter(|(_, path, _)| path.contains(&pid))
+        .count();
+    assert_eq!(looked_up, 1, "the payout was checked once");
+    assert!(dead_letters(&p).await.is_empty());
+}
+
 #[tokio::test]
 async fn b23_an_interest_entry_the_core_refuses_to_explain_does_not_hold_up_the_tax_sweep() {
     let rig = Rig::new().await;
