@@ -148,6 +148,14 @@ pub(super) async fn transfer(
             "requested_at is further in the future than the request TTL",
         ));
     }
+    if body.requested_at < DateTime::UNIX_EPOCH {
+        // Not a request of this system's time; refused before anything is
+        // recorded (such instants are outside what the stores keep exactly).
+        return Err(ApiError::bad_request(
+            "invalid_request",
+            "requested_at is before 1970-01-01T00:00:00Z",
+        ));
+    }
     let rec = s
         .ledger
         .transfer(TransferCmd {

@@ -841,6 +841,14 @@ async fn b31_core_bad_input_gets_a_documented_4xx_and_writes_nothing() {
         (with("from_account", json!(5)), "invalid_request"),
         (with("from_account", json!("bad.id")), "invalid_request"),
         (with("requested_at", json!("yesterday")), "invalid_request"),
+        (
+            with("requested_at", json!("1969-12-31T23:59:59.999999Z")),
+            "invalid_request",
+        ),
+        (
+            with("requested_at", json!("1600-01-01T00:00:00.123456789Z")),
+            "invalid_request",
+        ),
         (with("memo", json!("x".repeat(141))), "invalid_request"),
         (with("extra", json!(1)), "invalid_request"),
         (json!({"transfer_id": "t"}), "invalid_request"),
