@@ -53,7 +53,34 @@ pub async fn connect(
                 ("bank.outbox_notify", "off"),
             ])
         });
-    Database::connect(opts).await
+    Database::connect(opts)
+        .await
+        .map_err(|e| without_credentials(e, url))
+}
+
+/// The driver's connection errors can quote the whole URL (one that does not
+/// parse, or has the wrong scheme), password included; the credentials are
+/// taken out of the message before it can reach a log.
+fn without_credentials(err: DbErr, url: &str) -> DbErr {
+    let Some(userinfo) = url
+        .split_once("://")
+        .and_then(|(_, rest)| rest.rfind('@').map(|at| &rest[..at]))
+        .filter(|u| !u.is_empty())
+    else {
+        return err;
+    };
+    let text = err.to_string();
+    let mut hidden = text.replace(userinfo, "<credentials hidden>");
+    if let Some((_, password)) = userinfo.split_once(':')
+        && password.len() >= 3
+    {
+        hidden = hidden.replace(password, "<hidden>");
+    }
+    if hidden == text {
+        err
+    } else {
+        DbErr::Conn(RuntimeErr::Internal(hidden))
+    }
 }
 
 fn database_error(err: &DbErr) -> Option<&(dyn sqlx::error::DatabaseError + 'static)> {

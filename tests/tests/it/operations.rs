@@ -649,6 +649,84 @@ async fn b30_a_service_given_an_empty_credential_refuses_to_start() {
     }
 }
 
+/// A database URL the driver cannot use (one that does not parse, as a
+/// password with an unescaped `#` makes it, or a mistyped scheme) stops the
+/// service at start, naming the setting, without the password in anything
+/// it prints: the driver's own message quotes the whole URL.
+#[tokio::test]
+async fn b30_a_database_url_the_driver_cannot_use_is_refused_without_showing_its_password() {
+    let cases = [
+        ("core-bank", "CORE_DATABASE_URL"),
+        ("transfer", "CHANNEL_DATABASE_URL"),
+        ("projector", "CHANNEL_DATABASE_URL"),
+    ];
+    for (service, setting) in cases {
+        for url in [
+            "postgres://bank:pw-db#secret@127.0.0.1:5432/x",
+            "postgress://bank:pw-db-secret@127.0.0.1:5432/x",
+        ] {
+            let env = [
+                (setting, url),
+                ("CORE_HTTP_ADDR", "127.0.0.1:0"),
+                ("TRANSFER_HTTP_ADDR", "127.0.0.1:0"),
+                ("PROJECTOR_HTTP_ADDR", "127.0.0.1:0"),
+            ];
+            let out = run_to_exit(service, &[], &env, Duration::from_secs(20))
+                .await
+                .unwrap_or_else(|e| panic!("{service} with {url}: {e}"));
+            let printed = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(!out.status.success(), "{service} with {url} exited 0");
+            assert!(
+                printed.contains(setting),
+                "{service} names {setting}: {printed}"
+            );
+            assert!(
+                !printed.contains("pw-db"),
+                "{service} printed the password of {url}:\n{printed}"
+            );
+        }
+    }
+}
+
+/// Credentials in `NATS_URL` are what the service authenticates with, and
+/// they never reach its output, not even at debug level, where the NATS
+/// client logs the server URL of every connection attempt.
+#[tokio::test]
+async fn b30_nats_credentials_in_the_url_authenticate_and_are_never_logged() {
+    let nats = NatsServer::start_with_credentials("bank", "pw-nats-secret")
+        .await
+        .unwrap();
+    let channel_db = bank_tests::db::fresh_database("nats_auth").await.unwrap();
+    let with_credentials = nats.url().replace("nats://", "nats://bank:pw-nats-secret@");
+    let env = [
+        ("NATS_URL", with_credentials.as_str()),
+        ("CHANNEL_DATABASE_URL", channel_db.as_str()),
+        ("RUST_LOG", "debug"),
+    ];
+    let out = run_to_exit("projector", &["dlq", "list"], &env, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{printed}");
+    assert!(printed.contains("0 dead letter(s)"), "{printed}");
+    assert!(
+        printed.contains("127.0.0.1"),
+        "the debug output shows the server it connects to: {printed}"
+    );
+    assert!(
+        !printed.contains("pw-nats-secret"),
+        "the NATS password was printed:\n{printed}"
+    );
+}
+
 /// `--help` shows each setting with the value the environment gives it,
 /// except credentials and connection URLs (which may carry passwords).
 #[tokio::test]
