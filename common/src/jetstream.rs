@@ -89,13 +89,79 @@ pub const DLQ: StreamSpec = StreamSpec {
 /// Size bound of the `DLQ` stream: 1 GiB.
 pub const DLQ_MAX_BYTES: i64 = 1 << 30;
 
+/// Credentials written into a NATS URL (`nats://user:password@host` or
+/// `nats://token@host`), percent-decoded.
+#[derive(PartialEq, Eq)]
+enum UrlCredentials {
+    UserAndPassword(String, String),
+    Token(String),
+}
+
+impl std::fmt::Debug for UrlCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UrlCredentials::UserAndPassword(user, _) => {
+                write!(f, "UserAndPassword({user:?}, <hidden>)")
+            }
+            UrlCredentials::Token(_) => f.write_str("Token(<hidden>)"),
+        }
+    }
+}
+
+/// Splits the credentials out of a (comma-separated) NATS server list: the
+/// client is given them as options and the servers without them, because
+/// the client does not read credentials from its server URLs and logs those
+/// URLs, password included, at debug level on every connection attempt.
+fn split_credentials(servers: &str) -> (String, Option<UrlCredentials>) {
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let mut credentials = None;
+    let plain: Vec<String> = servers
+        .split(',')
+        .map(str::trim)
+        .map(|server| {
+            let Ok(mut url) = url::Url::parse(server) else {
+                return server.to_owned();
+            };
+            if url.username().is_empty() {
+                return server.to_owned();
+            }
+            let found = match url.password() {
+                Some(password) => {
+                    UrlCredentials::UserAndPassword(decode(url.username()), decode(password))
+                }
+                None => UrlCredentials::Token(decode(url.username())),
+            };
+            credentials.get_or_insert(found);
+            // Cannot fail: the URL has a host, since it had credentials.
+            let _ = url.set_username("");
+            let _ = url.set_password(None);
+            url.to_string()
+        })
+        .collect();
+    (plain.join(","), credentials)
+}
+
 /// Connects to NATS. The client reconnects by itself forever; publishes made
 /// while disconnected fail with a timeout and are retried by the caller.
+/// Credentials in `url` are passed to the client as options (see
+/// [`split_credentials`]).
 pub async fn connect(
     url: &str,
     name: &str,
 ) -> Result<async_nats::Client, async_nats::ConnectError> {
-    async_nats::ConnectOptions::new()
+    let (servers, credentials) = split_credentials(url);
+    let options = match credentials {
+        Some(UrlCredentials::UserAndPassword(user, password)) => {
+            async_nats::ConnectOptions::with_user_and_password(user, password)
+        }
+        Some(UrlCredentials::Token(token)) => async_nats::ConnectOptions::with_token(token),
+        None => async_nats::ConnectOptions::new(),
+    };
+    options
         .name(name)
         .retry_on_initial_connect()
         .max_reconnects(None)
@@ -104,7 +170,7 @@ pub async fn connect(
         .event_callback(|event| async move {
             tracing::info!(%event, "nats connection event");
         })
-        .connect(url)
+        .connect(servers.as_str())
         .await
 }
 
@@ -155,4 +221,36 @@ pub async fn ensure_streams(
             })?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod credential_tests {
+    use super::{UrlCredentials, split_credentials};
+
+    #[test]
+    fn credentials_are_taken_out_of_every_server_url() {
+        assert_eq!(
+            split_credentials("nats://127.0.0.1:4222"),
+            ("nats://127.0.0.1:4222".to_owned(), None)
+        );
+        let (servers, credentials) =
+            split_credentials("nats://bank:p%40ss@nats-a:4222, nats://bank:p%40ss@nats-b:4222");
+        assert_eq!(servers, "nats://nats-a:4222,nats://nats-b:4222");
+        assert_eq!(
+            credentials,
+            Some(UrlCredentials::UserAndPassword(
+                "bank".into(),
+                "p@ss".into()
+            ))
+        );
+        let (servers, credentials) = split_credentials("tls://s3cr3t-token@nats:4222");
+        assert_eq!(servers, "tls://nats:4222");
+        assert_eq!(
+            credentials,
+            Some(UrlCredentials::Token("s3cr3t-token".into()))
+        );
+        assert!(!format!("{credentials:?}").contains("s3cr3t"));
+        // Not a URL (the client's own host:port form): passed on as it is.
+        assert_eq!(split_credentials("127.0.0.1:4222").0, "127.0.0.1:4222");
+    }
 }

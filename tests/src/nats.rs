@@ -13,6 +13,8 @@ pub struct NatsServer {
     dir: PathBuf,
     child: Option<Child>,
     fsync_every_write: bool,
+    /// User and password the server requires, if any.
+    credentials: Option<(String, String)>,
 }
 
 /// The nats-server binary: `NATS_SERVER_BIN` (when set and not empty), else
@@ -69,7 +71,18 @@ impl NatsServer {
             dir,
             child: None,
             fsync_every_write,
+            credentials: None,
         };
+        s.resume().await?;
+        Ok(s)
+    }
+
+    /// Starts a server (as [`Self::start`]) that lets in only clients
+    /// presenting `user` and `password`.
+    pub async fn start_with_credentials(user: &str, password: &str) -> anyhow::Result<Self> {
+        let mut s = Self::start().await?;
+        s.stop().await;
+        s.credentials = Some((user.to_owned(), password.to_owned()));
         s.resume().await?;
         Ok(s)
     }
@@ -92,10 +105,16 @@ impl NatsServer {
         } else {
             ""
         };
+        let authorization = match &self.credentials {
+            Some((user, password)) => {
+                format!("authorization {{\n  user: {user:?}\n  password: {password:?}\n}}\n")
+            }
+            None => String::new(),
+        };
         std::fs::write(
             &conf,
             format!(
-                "listen: 127.0.0.1:{}\njetstream {{\n  store_dir: \"{}\"\n{sync}}}\n",
+                "listen: 127.0.0.1:{}\njetstream {{\n  store_dir: \"{}\"\n{sync}}}\n{authorization}",
                 self.port,
                 self.dir.join("js").display()
             ),
@@ -129,7 +148,13 @@ impl NatsServer {
 
     /// A JetStream context on a fresh connection.
     pub async fn jetstream(&self) -> anyhow::Result<jetstream::Context> {
-        let client = async_nats::connect(self.url()).await?;
+        let options = match &self.credentials {
+            Some((user, password)) => {
+                async_nats::ConnectOptions::with_user_and_password(user.clone(), password.clone())
+            }
+            None => async_nats::ConnectOptions::new(),
+        };
+        let client = options.connect(self.url()).await?;
         Ok(jetstream::new(client))
     }
 }
