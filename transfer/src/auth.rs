@@ -37,6 +37,8 @@ impl TokenVerifier {
     pub fn new(secret: &str) -> Self {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_required_spec_claims(&["exp", "sub"]);
+        // A token is refused before its `nbf` as after its `exp` (RFC 7519).
+        validation.validate_nbf = true;
         validation.leeway = 5;
         Self {
             key: Arc::new(DecodingKey::from_secret(secret.as_bytes())),

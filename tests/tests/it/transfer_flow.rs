@@ -706,7 +706,7 @@ async fn b20_status_changes_are_published_as_transfer_events() {
 #[tokio::test]
 async fn b30_customers_need_a_valid_token_and_act_only_on_their_own_accounts() {
     let stack = Stack::start(fast(60, 3000)).await.unwrap();
-    let (_, mine, me) = stack.customer_with_account(10_000).await;
+    let (my_id, mine, me) = stack.customer_with_account(10_000).await;
     let (_, theirs, them) = stack.customer_with_account(10_000).await;
     let their_transfer = send(&them, &theirs, &mine, 10)
         .await
@@ -742,6 +742,27 @@ async fn b30_customers_need_a_valid_token_and_act_only_on_their_own_accounts() {
         .unwrap();
         me.with_token(Some(t))
     };
+    let signed = |header: jsonwebtoken::Header, claims: Value| {
+        let t = jsonwebtoken::encode(
+            &header,
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(bank_tests::apps::JWT_SECRET.as_bytes()),
+        )
+        .unwrap();
+        me.with_token(Some(t))
+    };
+    let now = chrono::Utc::now().timestamp();
+    // My own customer id, the right key, not expired: refused only because
+    // it is not valid yet.
+    let not_yet_valid = signed(
+        jsonwebtoken::Header::default(),
+        json!({"sub": my_id, "nbf": now + 3600, "exp": now + 7200}),
+    );
+    // The right key and claims, but another HMAC algorithm than the pinned one.
+    let other_algorithm = signed(
+        jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS512),
+        json!({"sub": my_id, "exp": now + 3600}),
+    );
     let garbage = me.with_token(Some("not-a-jwt".into()));
     let routes = [
         ("POST", "/v1/transfers".to_owned()),
@@ -751,7 +772,15 @@ async fn b30_customers_need_a_valid_token_and_act_only_on_their_own_accounts() {
         ("GET", format!("/v1/accounts/{mine}/interest")),
         ("POST", format!("/v1/accounts/{mine}/interest/receive")),
     ];
-    for client in [&anonymous, &expired_long_ago, &wrong_key, &no_exp, &garbage] {
+    for client in [
+        &anonymous,
+        &expired_long_ago,
+        &wrong_key,
+        &no_exp,
+        &not_yet_valid,
+        &other_algorithm,
+        &garbage,
+    ] {
         for (m, p) in &routes {
             let r = client
                 .send(
