@@ -239,13 +239,24 @@ async fn refresh_settings(
     shutdown: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut refusing_test_date = false;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        if let Err(e) = clock.refresh(&db).await {
-            tracing::warn!(error = %e, "refreshing the business clock");
+        match clock.refresh(&db).await {
+            Ok(()) => refusing_test_date = false,
+            Err(e @ crate::clock::RefreshError::MovedByATestClock { .. }) => {
+                // Logged once: it stays so until someone repairs the database.
+                if !refusing_test_date {
+                    tracing::error!(error = %e, "not following the stored business date");
+                }
+                refusing_test_date = true;
+            }
+            Err(e) => {
+                tracing::warn!(error = %common::error_chain(&e), "refreshing the business clock")
+            }
         }
         if let Err(e) = rollout.refresh(&db).await {
             tracing::warn!(error = %e, "refreshing the interest rollout");

@@ -27,9 +27,41 @@ pub enum ClockError {
         /// The business date in force.
         today: NaiveDate,
     },
+    /// The requested date is further ahead of the real date than a test
+    /// needs ([`MAX_DAYS_AHEAD`]).
+    #[error(
+        "the business date can be moved at most {MAX_DAYS_AHEAD} days past the real date ({real})"
+    )]
+    TooFar {
+        /// The real date.
+        real: NaiveDate,
+    },
     /// The database failed.
     #[error("business clock storage")]
     Db(#[from] DbErr),
+}
+
+/// How far past the real date a test may move the business date (ten years).
+pub const MAX_DAYS_AHEAD: i64 = 3_660;
+
+/// Why the stored business date could not be followed.
+#[derive(Debug, thiserror::Error)]
+pub enum RefreshError {
+    /// The database failed.
+    #[error("reading the business clock")]
+    Db(#[from] DbErr),
+    /// The database holds a date moved ahead with `BANK_TEST_CLOCK=1`, and
+    /// this process runs without it: it does not follow that date, and
+    /// refuses to start on it.
+    #[error(
+        "the business date stored in this database ({stored}) is ahead of the real date ({real}): it was moved with BANK_TEST_CLOCK=1, so this is a test database; without BANK_TEST_CLOCK=1 the core does not run on it"
+    )]
+    MovedByATestClock {
+        /// The stored date.
+        stored: NaiveDate,
+        /// The real date.
+        real: NaiveDate,
+    },
 }
 
 /// The business clock of one process.
@@ -61,9 +93,14 @@ impl Clock {
         common::time::now_micros()
     }
 
+    /// The calendar date in the bank's time zone.
+    fn real_today(&self) -> NaiveDate {
+        Utc::now().with_timezone(&self.tz).date_naive()
+    }
+
     /// The business date in force.
     pub fn today(&self) -> NaiveDate {
-        let real = Utc::now().with_timezone(&self.tz).date_naive();
+        let real = self.real_today();
         let set = self.set_date.read().map(|g| *g).unwrap_or(None);
         match set {
             Some(d) if d > real => d,
@@ -86,8 +123,10 @@ impl Clock {
         secs.max(1) as u64
     }
 
-    /// Reads the date set in the database (all replicas call this every second).
-    pub async fn refresh(&self, db: &DatabaseConnection) -> Result<(), DbErr> {
+    /// Reads the date set in the database (all replicas call this every
+    /// second). Without `BANK_TEST_CLOCK=1` a stored date ahead of the real
+    /// one is not followed (see [`RefreshError::MovedByATestClock`]).
+    pub async fn refresh(&self, db: &DatabaseConnection) -> Result<(), RefreshError> {
         let row = db
             .query_one_raw(Statement::from_string(
                 db.get_database_backend(),
@@ -98,6 +137,10 @@ impl Clock {
             Some(r) => r.try_get("", "today")?,
             None => None,
         };
+        let real = self.real_today();
+        if let Some(stored) = date.filter(|d| !self.settable && *d > real) {
+            return Err(RefreshError::MovedByATestClock { stored, real });
+        }
         // A refresh that read the row just before a local `set` committed
         // must not undo it when it lands just after.
         self.raise(date);
@@ -124,6 +167,10 @@ impl Clock {
         let today = self.today();
         if date < today {
             return Err(ClockError::Backwards { today });
+        }
+        let real = self.real_today();
+        if (date - real).num_days() > MAX_DAYS_AHEAD {
+            return Err(ClockError::TooFar { real });
         }
         db.execute_raw(Statement::from_sql_and_values(
             db.get_database_backend(),

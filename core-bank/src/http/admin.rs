@@ -26,7 +26,7 @@ pub(super) async fn get_clock(State(s): State<AppState>) -> axum::Json<ClockView
 
 /// Moves the business date forward (only with `BANK_TEST_CLOCK=1`; 404 otherwise).
 #[utoipa::path(post, path = "/v1/admin/clock", request_body = ClockView,
-    responses((status = 200, body = ClockView), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
+    responses((status = 200, body = ClockView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub(super) async fn set_clock(
     State(s): State<AppState>,
     body: Result<Json<ClockView>, ApiError>,
@@ -40,6 +40,9 @@ pub(super) async fn set_clock(
         Ok(today) => Ok(axum::Json(ClockView { today })),
         Err(e @ ClockError::Backwards { .. }) => {
             Err(ApiError::unprocessable("clock_backwards", e.to_string()))
+        }
+        Err(e @ ClockError::TooFar { .. }) => {
+            Err(ApiError::bad_request("invalid_request", e.to_string()))
         }
         Err(ClockError::Disabled) => Err(ApiError::not_found("not_found", "no such route")),
         Err(ClockError::Db(db)) => Err(ApiError::database(&db)),

@@ -952,6 +952,45 @@ async fn b31_core_bad_input_gets_a_documented_4xx_and_writes_nothing() {
 /// The operator and interest routes refuse bad input with the documented
 /// 4xx and change nothing; without `BANK_TEST_CLOCK` the clock cannot be set,
 /// and the route answers 404 whatever body it is sent.
+/// The test clock stays a test's: a test may move the business date at most
+/// ten years past the real one, and a core running without
+/// `BANK_TEST_CLOCK=1` refuses to start on a database whose date a test
+/// clock moved ahead (it would otherwise date entries and accrue interest
+/// on it), naming the stored date.
+#[tokio::test]
+async fn b31_a_date_moved_by_the_test_clock_is_not_run_on_without_it() {
+    let nats = NatsServer::start().await.unwrap();
+    let core = CoreApp::spawn(&nats).await.unwrap();
+    let api = &core.api;
+    let real = api.business_date().await;
+    let far = (real + chrono::Days::new(3_700)).to_string();
+    let r = api.post("/v1/admin/clock", json!({"today": far})).await;
+    assert_eq!(
+        (r.status, r.code()),
+        (400, Some("invalid_request")),
+        "{}",
+        r.body
+    );
+    assert_eq!(api.business_date().await, real, "the clock did not move");
+    let moved = api.advance_business_date(3).await;
+    let nats_url = nats.url();
+    let env = [
+        ("CORE_DATABASE_URL", core.db_url.as_str()),
+        ("NATS_URL", nats_url.as_str()),
+        ("BANK_TEST_CLOCK", "0"),
+        ("CORE_HTTP_ADDR", "127.0.0.1:0"),
+    ];
+    let out = bank_tests::process::run_to_exit("core-bank", &[], &env, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "it started: {stderr}");
+    assert!(
+        stderr.contains(&moved.to_string()) && stderr.contains("BANK_TEST_CLOCK=1"),
+        "{stderr}"
+    );
+}
+
 #[tokio::test]
 async fn b31_core_admin_and_interest_routes_refuse_bad_input() {
     let nats = NatsServer::start().await.unwrap();
