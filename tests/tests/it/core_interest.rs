@@ -927,9 +927,13 @@ async fn b27_the_batch_verifier_command_reports_mismatches_over_all_or_a_sample(
         async move {
             let args = [&["verify-interest"], args].concat();
             let redis = bank_tests::redis_url();
+            // The business date was moved with the test clock, so the
+            // command runs with it too (without it the core refuses a
+            // database whose date a test moved ahead).
             let env = [
                 ("CORE_DATABASE_URL", db_url.as_str()),
                 ("REDIS_URL", redis.as_str()),
+                ("BANK_TEST_CLOCK", "1"),
             ];
             let out =
                 bank_tests::process::run_to_exit("core-bank", &args, &env, Duration::from_secs(60))

@@ -649,6 +649,15 @@ async fn b30_a_service_given_an_empty_credential_refuses_to_start() {
     }
 }
 
+/// Everything a finished command wrote, standard output then standard error.
+fn output_text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 /// A database URL the driver cannot use (one that does not parse, as a
 /// password with an unescaped `#` makes it, or a mistyped scheme) stops the
 /// service at start, naming the setting, without the password in anything
@@ -674,11 +683,7 @@ async fn b30_a_database_url_the_driver_cannot_use_is_refused_without_showing_its
             let out = run_to_exit(service, &[], &env, Duration::from_secs(20))
                 .await
                 .unwrap_or_else(|e| panic!("{service} with {url}: {e}"));
-            let printed = format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
+            let printed = output_text(&out);
             assert!(!out.status.success(), "{service} with {url} exited 0");
             assert!(
                 printed.contains(setting),
@@ -710,11 +715,7 @@ async fn b30_nats_credentials_in_the_url_authenticate_and_are_never_logged() {
     let out = run_to_exit("projector", &["dlq", "list"], &env, Duration::from_secs(60))
         .await
         .unwrap();
-    let printed = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let printed = output_text(&out);
     assert!(out.status.success(), "{printed}");
     assert!(printed.contains("0 dead letter(s)"), "{printed}");
     assert!(
