@@ -232,6 +232,9 @@ pub struct ProjectorOptions {
     pub ack_wait_secs: u64,
     /// `PROJECTOR_TAX_SWEEP_SECS`.
     pub tax_sweep_secs: u64,
+    /// `PROJECTOR_API_TOKEN` (unset: `/v1` is open); the app's client
+    /// presents it.
+    pub api_token: Option<&'static str>,
 }
 
 impl Default for ProjectorOptions {
@@ -242,6 +245,7 @@ impl Default for ProjectorOptions {
             retry_max_ms: 2_000,
             ack_wait_secs: 60,
             tax_sweep_secs: 60,
+            api_token: None,
         }
     }
 }
@@ -266,12 +270,13 @@ impl ProjectorApp {
         config.retry_max_ms = opts.retry_max_ms;
         config.ack_wait_secs = opts.ack_wait_secs;
         config.tax_sweep_secs = opts.tax_sweep_secs;
+        config.api_token = opts.api_token.map(Secret::new);
         config.pool.db_max_connections = 6;
         let app = projector::App::build(config.clone()).await?;
         let addr = app.local_addr()?;
         let task = Running::spawn(|shutdown| app.run(shutdown));
         Ok(Self {
-            api: Api::new(format!("http://{addr}"), None),
+            api: Api::new(format!("http://{addr}"), opts.api_token.map(str::to_owned)),
             config,
             task,
         })

@@ -982,6 +982,53 @@ async fn f5_a_tax_event_the_core_cannot_confirm_is_retried_dead_lettered_and_sti
     assert_eq!(tax_records(&p, &account).await.len(), 1);
 }
 
+/// B16's operator routes, with `PROJECTOR_API_TOKEN` set, answer only to
+/// that token: none, a wrong one or another scheme gets 401 on every `/v1`
+/// route; the probes, metrics and OpenAPI stay open.
+#[tokio::test]
+async fn b16_with_an_operator_token_set_every_dead_letter_and_tax_route_needs_it() {
+    let rig = Rig::new().await;
+    let p = rig
+        .projector(ProjectorOptions {
+            api_token: Some("operator-token"),
+            ..ProjectorOptions::default()
+        })
+        .await;
+    let account = rig.core.api.funded_account(100).await;
+    assert!(dead_letters(&p).await.is_empty(), "the token is accepted");
+    assert!(tax_records(&p, &account).await.is_empty());
+    let routes = [
+        ("GET", "/v1/dead-letters".to_owned()),
+        ("GET", "/v1/dead-letters/1".to_owned()),
+        ("POST", "/v1/dead-letters/1/replay".to_owned()),
+        ("GET", format!("/v1/tax-records?account_id={account}")),
+    ];
+    let anonymous = p.api.with_token(None);
+    let wrong = p.api.with_token(Some("operator-token-2".to_owned()));
+    for (method, path) in &routes {
+        for client in [&anonymous, &wrong] {
+            let r = client.send(method, path, Some(json!({})), &[]).await;
+            assert_eq!(
+                (r.status, r.code()),
+                (401, Some("unauthorized")),
+                "{method} {path}"
+            );
+        }
+        let basic = anonymous
+            .send(
+                method,
+                path,
+                Some(json!({})),
+                &[("authorization", "Basic operator-token")],
+            )
+            .await;
+        assert_eq!(basic.status, 401, "{method} {path} with another scheme");
+    }
+    for open in ["/healthz", "/readyz", "/metrics", "/openapi.json"] {
+        assert_eq!(anonymous.get(open).await.status, 200, "{open}");
+    }
+}
+
 #[tokio::test]
 async fn b15_an_interest_entry_for_a_payout_the_core_never_made_is_cut_by_the_tax_sweep_also_on_an_account_the_core_does_not_have()
  {
