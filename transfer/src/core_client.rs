@@ -73,6 +73,12 @@ impl CoreError {
         matches!(self, CoreError::Refused { status: 422, .. })
     }
 
+    /// True when no answer came from the core (it timed out, could not be
+    /// reached, or failed with a 5xx): a later request may succeed.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, CoreError::Timeout(_) | CoreError::Unavailable(_))
+    }
+
     /// True when the core answered that it has no such account (404
     /// `account_not_found`).
     pub fn is_unknown_account(&self) -> bool {

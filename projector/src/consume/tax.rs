@@ -165,7 +165,6 @@ pub async fn handle(ctx: &Context, batch: Vec<Message>) -> Vec<Message> {
             .collect::<Vec<_>>(),
     )
     .await;
-    drop(messages);
     let mut confirmed = Vec::with_capacity(valid.len());
     for ((m, ev), outcome) in valid.into_iter().zip(outcomes) {
         match outcome {
@@ -250,11 +249,9 @@ impl SweepError {
     /// database failed, or the core did not answer. Otherwise only this
     /// entry is left for the next pass, and the others are still settled.
     fn stops_the_pass(&self) -> bool {
-        let unreachable =
-            |e: &CoreError| matches!(e, CoreError::Timeout(_) | CoreError::Unavailable(_));
         match self {
             SweepError::Db(_) | SweepError::Repair(SyncError::Db(_)) => true,
-            SweepError::Core(e) | SweepError::Repair(SyncError::Core(e)) => unreachable(e),
+            SweepError::Core(e) | SweepError::Repair(SyncError::Core(e)) => e.is_unreachable(),
         }
     }
 }
