@@ -135,6 +135,7 @@ impl Readiness {
                     Ok(Err(e)) => ("failed", Some(e)),
                     Err(_) => ("timed out after 2 s", Some("no answer in 2 s".to_owned())),
                 };
+            ok &= failure.is_none();
             let was_failing = failing.swap(failure.is_some(), Ordering::Relaxed);
             match (failure, was_failing) {
                 (Some(error), false) => tracing::warn!(
@@ -148,7 +149,6 @@ impl Readiness {
                 (None, true) => tracing::info!(check = %name, "readiness check passes again"),
                 (None, false) => {}
             }
-            ok &= status == "ok";
             checks.insert((*name).to_owned(), json!(status));
         }
         let body = json!({
