@@ -54,6 +54,19 @@ impl NatsServer {
     /// power loss). Only the benchmark's `--nats-sync default` uses the
     /// latter, to measure what the fsyncs cost.
     pub async fn start_with_fsync(fsync_every_write: bool) -> anyhow::Result<Self> {
+        Self::launch(fsync_every_write, None).await
+    }
+
+    /// Starts a server (as [`Self::start`]) that lets in only clients
+    /// presenting `user` and `password`.
+    pub async fn start_with_credentials(user: &str, password: &str) -> anyhow::Result<Self> {
+        Self::launch(true, Some((user.to_owned(), password.to_owned()))).await
+    }
+
+    async fn launch(
+        fsync_every_write: bool,
+        credentials: Option<(String, String)>,
+    ) -> anyhow::Result<Self> {
         if fsync_every_write {
             let version = version()?;
             anyhow::ensure!(
@@ -71,18 +84,8 @@ impl NatsServer {
             dir,
             child: None,
             fsync_every_write,
-            credentials: None,
+            credentials,
         };
-        s.resume().await?;
-        Ok(s)
-    }
-
-    /// Starts a server (as [`Self::start`]) that lets in only clients
-    /// presenting `user` and `password`.
-    pub async fn start_with_credentials(user: &str, password: &str) -> anyhow::Result<Self> {
-        let mut s = Self::start().await?;
-        s.stop().await;
-        s.credentials = Some((user.to_owned(), password.to_owned()));
         s.resume().await?;
         Ok(s)
     }

@@ -879,14 +879,10 @@ async fn b26_b27_drifted_daily_balances_change_only_the_new_path_and_the_mismatc
         ),
         (Some(account.as_str()), Some("8301"), Some("8383"))
     );
-    let metrics = api.get("/metrics").await;
-    let text = metrics.body.as_str().unwrap().to_owned();
-    let count: f64 = text
-        .lines()
-        .find(|l| l.starts_with("interest_shadow_mismatches_total"))
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0);
+    let count = bank_tests::metrics::metric(
+        &bank_tests::metrics::scrape(&api.base).await,
+        "interest_shadow_mismatches_total",
+    );
     assert!(count >= 1.0, "mismatch counted: {count}");
     let report = api
         .post("/v1/admin/interest/verify", json!({}))
