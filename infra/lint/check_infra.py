@@ -48,6 +48,7 @@ METRICS: dict[str, tuple[str, set[str]]] = {
     "ledger_batch_size": ("histogram", set()),
     "ledger_batch_duration_seconds": ("histogram", set()),
     "ledger_batch_failures_total": ("counter", set()),
+    "ledger_lock_isolations_total": ("counter", set()),
     "db_transaction_retries_total": ("counter", set()),
     "core_fences_total": ("counter", set()),
     "outbox_backlog": ("gauge", {"service"}),

@@ -33,6 +33,17 @@ pub(crate) enum Command {
     Deposit(DepositCmd),
 }
 
+impl Command {
+    /// The accounts the command changes.
+    pub(crate) fn accounts(&self) -> impl Iterator<Item = &AccountId> {
+        let (first, second) = match self {
+            Command::Transfer(c) => (&c.from_account, Some(&c.to_account)),
+            Command::Deposit(c) => (&c.to_account, None),
+        };
+        std::iter::once(first).chain(second)
+    }
+}
+
 /// The result of one command.
 #[derive(Debug, Clone)]
 pub(crate) enum Outcome {
@@ -56,6 +67,17 @@ impl BatchError {
         match self {
             BatchError::Race => true,
             BatchError::Db(e) => common::db::is_transient(e),
+        }
+    }
+
+    /// True when an account lock was not granted within `lock_timeout`:
+    /// another transaction holds a row the batch needs.
+    pub(crate) fn is_lock_timeout(&self) -> bool {
+        match self {
+            BatchError::Db(e) => {
+                common::db::pg_code(e).as_deref() == Some(common::db::LOCK_NOT_AVAILABLE)
+            }
+            BatchError::Race => false,
         }
     }
 }

@@ -13,16 +13,29 @@
 //! backoff; if it still fails, every command of the batch gets the error. A
 //! non-transient failure of a batch of several commands re-runs each command
 //! alone, so one bad command cannot fail its neighbours.
+//!
+//! A lock held for long by another transaction (an interest payout reading a
+//! busy account's whole period, an operator's session) must not hold up the
+//! batch's other commands either: when a batch of several commands waits past
+//! `lock_timeout`, the executor asks which of its accounts are held right now
+//! ([`queries::held_accounts`], which never waits), runs the commands that do
+//! not touch them at once, and then the others as a batch of their own, which
+//! waits and retries as above. Commands of one batch were concurrent
+//! requests, so running some before others changes no promise.
 
+use std::collections::{BTreeSet, HashSet};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable};
 use sea_orm::DatabaseConnection;
-use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::sync::{Mutex, Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
 
 use super::batch::{BatchError, Command, Outcome, run_batch};
+use super::queries;
 use super::{DepositCmd, DepositRecord, LedgerError, TransferCmd, TransferRecord};
 use crate::clock::Clock;
 
@@ -63,6 +76,9 @@ impl std::fmt::Debug for Ledger {
 
 struct Shared {
     db: DatabaseConnection,
+    /// Places for batches waiting on an account another transaction holds
+    /// (see [`isolate_held_accounts`]); as many as there are workers.
+    parked: Arc<Semaphore>,
     clock: Clock,
     cfg: LedgerConfig,
     after_commit: AfterCommit,
@@ -80,6 +96,7 @@ impl Ledger {
         let rx = Arc::new(Mutex::new(rx));
         let shared = Arc::new(Shared {
             db,
+            parked: Arc::new(Semaphore::new(cfg.workers.max(1))),
             clock,
             cfg,
             after_commit,
@@ -89,6 +106,11 @@ impl Ledger {
             workers.spawn(worker(shared.clone(), rx.clone()));
         }
         (Self { tx }, workers)
+    }
+
+    /// How many commands wait in the queue now (not those being executed).
+    pub fn queued(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
     }
 
     async fn submit(&self, cmd: Command) -> Result<Outcome, LedgerError> {
@@ -126,7 +148,13 @@ async fn worker(shared: Arc<Shared>, rx: Arc<Mutex<mpsc::Receiver<Job>>>) {
     loop {
         let jobs = {
             let mut rx = rx.lock().await;
-            let Some(first) = rx.recv().await else { return };
+            let Some(first) = rx.recv().await else {
+                drop(rx);
+                // Stop once no parked batch is left either.
+                let places = shared.cfg.workers.max(1) as u32;
+                let _all = shared.parked.acquire_many(places).await;
+                return;
+            };
             let mut jobs = vec![first];
             while jobs.len() < shared.cfg.batch_max {
                 match rx.try_recv() {
@@ -136,20 +164,41 @@ async fn worker(shared: Arc<Shared>, rx: Arc<Mutex<mpsc::Receiver<Job>>>) {
             }
             jobs
         };
-        execute(&shared, jobs).await;
+        execute(&shared, jobs, Isolate::Allowed).await;
     }
 }
 
-async fn execute(shared: &Shared, jobs: Vec<Job>) {
+/// Whether a lock timeout of a batch may split it by held accounts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Isolate {
+    Allowed,
+    /// The batch is what an isolation could not split further: it waits and
+    /// retries as a whole.
+    Done,
+}
+
+/// A batch's future, boxed: executing a batch may execute parts of it
+/// again (one by one, or split by held accounts), and a part may run on a
+/// task of its own.
+type Executing<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
+fn execute(shared: &Arc<Shared>, jobs: Vec<Job>, isolate: Isolate) -> Executing<'_> {
+    Box::pin(execute_batch(shared, jobs, isolate))
+}
+
+async fn execute_batch(shared: &Arc<Shared>, jobs: Vec<Job>, isolate: Isolate) {
     let started = Instant::now();
     let size = jobs.len();
+    let may_isolate = isolate == Isolate::Allowed && size > 1;
     metrics::histogram!("ledger_batch_size").record(size as f64);
     let span = tracing::info_span!(
         "ledger.batch",
         otel.name = "ledger batch",
         batch.size = size
     );
-    let result = tracing::Instrument::instrument(attempt_with_retries(shared, &jobs), span).await;
+    let result =
+        tracing::Instrument::instrument(attempt_with_retries(shared, &jobs, may_isolate), span)
+            .await;
     match result {
         Ok((outcomes, touched)) => {
             metrics::histogram!("ledger_batch_duration_seconds")
@@ -159,13 +208,16 @@ async fn execute(shared: &Shared, jobs: Vec<Job>) {
                 let _ = job.reply.send(outcome);
             }
         }
+        Err(e) if may_isolate && e.is_lock_timeout() => {
+            isolate_held_accounts(shared, jobs).await;
+        }
         // Retries are spent on a transient failure (the database is down,
         // say): running each command alone would only repeat them. Any other
         // failure may be one command's, so each runs alone.
         Err(e) if size > 1 && !e.is_retryable() => {
             tracing::warn!(error = %e, size, "ledger batch failed; executing its commands one by one");
             for job in jobs {
-                Box::pin(execute(shared, vec![job])).await;
+                execute(shared, vec![job], Isolate::Done).await;
             }
         }
         Err(e) => {
@@ -186,7 +238,60 @@ async fn execute(shared: &Shared, jobs: Vec<Job>) {
 
 type BatchResult = (Vec<Result<Outcome, LedgerError>>, Vec<common::AccountId>);
 
-async fn attempt_with_retries(shared: &Shared, jobs: &[Job]) -> Result<BatchResult, BatchError> {
+/// Runs the batch after a lock timeout: the commands on accounts another
+/// transaction holds now apart from the rest (see the module's docs).
+async fn isolate_held_accounts(shared: &Arc<Shared>, jobs: Vec<Job>) {
+    let ids: BTreeSet<String> = jobs
+        .iter()
+        .flat_map(|j| j.cmd.accounts())
+        .map(ToString::to_string)
+        .collect();
+    let held = match queries::held_accounts(&shared.db, ids.into_iter().collect()).await {
+        Ok(held) => held,
+        Err(e) => {
+            tracing::warn!(error = %e, "looking up held accounts; retrying the batch as a whole");
+            HashSet::new()
+        }
+    };
+    let (blocked, free): (Vec<Job>, Vec<Job>) = jobs
+        .into_iter()
+        .partition(|j| j.cmd.accounts().any(|a| held.contains(a.as_str())));
+    if blocked.is_empty() || free.is_empty() {
+        // Nothing to separate: the lock went away meanwhile, or every
+        // command waits for it.
+        let mut all = blocked;
+        all.extend(free);
+        execute(shared, all, Isolate::Done).await;
+        return;
+    }
+    metrics::counter!("ledger_lock_isolations_total").increment(1);
+    tracing::warn!(
+        held = ?held,
+        waiting = blocked.len(),
+        running = free.len(),
+        "ledger batch waited past the lock timeout; running the commands on held accounts apart"
+    );
+    execute(shared, free, Isolate::Allowed).await;
+    // The rest may wait for long. It waits on a task of its own while one
+    // of the few places for that is free, and this worker goes on with the
+    // queue; otherwise it waits here.
+    match shared.parked.clone().try_acquire_owned() {
+        Ok(place) => {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                execute(&shared, blocked, Isolate::Allowed).await;
+                drop(place);
+            });
+        }
+        Err(_) => execute(shared, blocked, Isolate::Allowed).await,
+    }
+}
+
+async fn attempt_with_retries(
+    shared: &Shared,
+    jobs: &[Job],
+    may_isolate: bool,
+) -> Result<BatchResult, BatchError> {
     (|| run_batch(&shared.db, &shared.clock, &shared.cfg, jobs))
         .retry(
             ExponentialBuilder::default()
@@ -195,7 +300,9 @@ async fn attempt_with_retries(shared: &Shared, jobs: &[Job]) -> Result<BatchResu
                 .with_max_times(10)
                 .with_jitter(),
         )
-        .when(BatchError::is_retryable)
+        // A lock timeout of a batch that may be split is not retried here:
+        // the caller splits it by held accounts.
+        .when(|e| e.is_retryable() && !(may_isolate && e.is_lock_timeout()))
         .notify(|e, wait| {
             metrics::counter!("db_transaction_retries_total").increment(1);
             tracing::debug!(error = %e, wait_ms = wait.as_millis() as u64, "retrying ledger batch");

@@ -1,12 +1,14 @@
 //! Reads of the ledger, and the fence.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, NaiveDate, Utc};
 use common::events::{EntryKind, LedgerEntry};
 use common::{AccountId, Amount, DepositId, PayoutId, TransferId, Won};
 use rust_decimal::Decimal;
-use sea_orm::{ConnectionTrait, DbErr, QueryResult, Statement};
+use sea_orm::{
+    ConnectionTrait, DatabaseConnection, DbErr, QueryResult, Statement, TransactionTrait,
+};
 
 use super::{DepositCmd, DepositRecord, Status, TransferCmd, TransferRecord};
 
@@ -55,6 +57,28 @@ fn transfer_from_row(r: &QueryResult) -> Result<TransferRecord, DbErr> {
         fenced,
         completed_at: r.try_get("", "completed_at")?,
     })
+}
+
+/// Which of the accounts `ids` another transaction holds locked right now
+/// (a lock the ledger's `SELECT ... FOR UPDATE` would wait for). Takes no
+/// lock of its own beyond the moment of the look-up, and never waits.
+pub async fn held_accounts(
+    db: &DatabaseConnection,
+    ids: Vec<String>,
+) -> Result<HashSet<String>, DbErr> {
+    let txn = db.begin().await?;
+    let rows = txn
+        .query_all_raw(Statement::from_sql_and_values(
+            txn.get_database_backend(),
+            "WITH free AS (SELECT account_id FROM accounts WHERE account_id = ANY($1) \
+                           FOR UPDATE SKIP LOCKED) \
+             SELECT account_id FROM accounts \
+             WHERE account_id = ANY($1) AND account_id NOT IN (SELECT account_id FROM free)",
+            [ids.into()],
+        ))
+        .await?;
+    txn.rollback().await?;
+    rows.iter().map(|r| r.try_get("", "account_id")).collect()
 }
 
 /// The recorded transfers among `ids`, by id.

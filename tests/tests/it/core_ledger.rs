@@ -336,6 +336,111 @@ async fn b03_lock_held_past_lock_timeout_is_retried_transparently() {
     assert_eq!(core.api.balance(&to).await, 300);
 }
 
+/// B3: a lock another transaction holds for long (an interest payout over a
+/// busy account, an operator's session) holds up the commands that need that
+/// account, and none of the commands batched with them.
+#[tokio::test]
+async fn b03_an_account_held_past_the_lock_timeout_holds_up_only_the_commands_that_need_it() {
+    use core_bank::ledger::{Ledger, LedgerConfig, Status, TransferCmd};
+
+    let (_nats, core) = core().await;
+    let gate = core.api.funded_account(1_000).await;
+    let held = core.api.funded_account(1_000).await;
+    let mut pairs = Vec::new();
+    for _ in 0..4 {
+        pairs.push((
+            core.api.funded_account(1_000).await,
+            core.api.funded_account(0).await,
+        ));
+    }
+    // A ledger of one worker over the core's database, so the test decides
+    // what one batch holds: whatever queued while the worker was busy.
+    let pool = common::config::PoolArgs {
+        db_max_connections: 4,
+        db_lock_timeout_ms: 1_000,
+        db_statement_timeout_ms: 30_000,
+    };
+    let db = common::db::connect(&core.db_url, &pool, "b03-test")
+        .await
+        .unwrap();
+    let clock = core_bank::app::clock(&core.config, &db).await.unwrap();
+    let (ledger, _workers) = Ledger::start(
+        db,
+        clock,
+        LedgerConfig {
+            batch_max: 128,
+            workers: 1,
+            queue_max: 64,
+            request_ttl: Duration::from_secs(600),
+        },
+        std::sync::Arc::new(|_: &[common::AccountId]| {}),
+    );
+    let transfer = |from: &str, to: &str| {
+        let ledger = ledger.clone();
+        let cmd = TransferCmd {
+            transfer_id: common::TransferId::generate(),
+            from_account: common::AccountId::parse(from).unwrap(),
+            to_account: common::AccountId::parse(to).unwrap(),
+            amount: common::Amount::from_won(100).unwrap(),
+            memo: None,
+            requested_at: chrono::Utc::now(),
+        };
+        tokio::spawn(async move { ledger.transfer(cmd).await })
+    };
+
+    // The worker waits on the gate account while the next batch queues: a
+    // transfer from the held account and four that need neither.
+    let gate_lock = AccountLock::hold(&core.db_url, &gate).await.unwrap();
+    let first = transfer(&gate, &pairs[0].1);
+    gate_lock.until_waited_on("the first batch").await;
+    let held_lock = AccountLock::hold(&core.db_url, &held).await.unwrap();
+    let blocked = transfer(&held, &pairs[0].1);
+    let unrelated: Vec<_> = pairs.iter().map(|(f, t)| transfer(f, t)).collect();
+    eventually(
+        "the second batch queued",
+        Duration::from_secs(10),
+        || async {
+            match ledger.queued() {
+                5 => Ok(()),
+                n => Err(format!("{n} queued")),
+            }
+        },
+    )
+    .await;
+    gate_lock.release().await.unwrap();
+    assert_eq!(first.await.unwrap().unwrap().status, Status::Succeeded);
+
+    // The four run once the batch's first lock wait ends; the held
+    // account's transfer keeps waiting.
+    for t in unrelated {
+        let rec = t.await.unwrap().unwrap();
+        assert_eq!(rec.status, Status::Succeeded, "{rec:?}");
+    }
+    assert!(
+        !blocked.is_finished(),
+        "the held account's transfer still waits for its lock"
+    );
+    // It waits apart: the one worker goes on with the queue.
+    let later = transfer(&pairs[1].0, &pairs[1].1).await.unwrap().unwrap();
+    assert_eq!(later.status, Status::Succeeded);
+    assert!(!blocked.is_finished(), "still waiting after the later one");
+    held_lock.release().await.unwrap();
+    assert_eq!(blocked.await.unwrap().unwrap().status, Status::Succeeded);
+    for (i, (from, to)) in pairs.iter().enumerate() {
+        // The first target also got the gate's and the held account's 100;
+        // the second pair moved twice.
+        let (sent, received) = match i {
+            0 => (100, 300),
+            1 => (200, 200),
+            _ => (100, 100),
+        };
+        assert_eq!(core.api.balance(from).await, 1_000 - sent);
+        assert_eq!(core.api.balance(to).await, received);
+    }
+    assert_eq!(core.api.balance(&gate).await, 900);
+    assert_eq!(core.api.balance(&held).await, 900);
+}
+
 #[tokio::test]
 async fn b04_replay_returns_first_answer_conflict_is_rejected_and_concurrent_same_id_executes_once()
 {
