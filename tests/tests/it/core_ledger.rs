@@ -1077,7 +1077,24 @@ async fn b31_a_date_moved_by_the_test_clock_is_not_run_on_without_it() {
         r.body
     );
     assert_eq!(api.business_date().await, real, "the clock did not move");
+    // A replica without BANK_TEST_CLOCK=1 that is already running when the
+    // date moves (its clock is the one its settings loop refreshes every
+    // second) refuses the stored date and keeps the real one.
+    let db = sea_orm::Database::connect(&core.db_url).await.unwrap();
+    let mut plain = core.config.clone();
+    plain.test_clock = false;
+    let running = core_bank::app::clock(&plain, &db).await.unwrap();
     let moved = api.advance_business_date(3).await;
+    let refused = running.refresh(&db).await;
+    assert!(
+        matches!(
+            refused,
+            Err(core_bank::clock::RefreshError::MovedByATestClock { stored, real: r })
+                if stored == moved && r == real
+        ),
+        "{refused:?}"
+    );
+    assert_eq!(running.today(), real);
     let nats_url = nats.url();
     let env = [
         ("CORE_DATABASE_URL", core.db_url.as_str()),
