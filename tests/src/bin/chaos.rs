@@ -5,9 +5,9 @@
 //! deposits and interest payouts, and meanwhile, on a schedule drawn from the
 //! seed: SIGKILLs and restarts each service, restarts nats-server, SIGTERMs
 //! services, delays and drops requests between the transfer service and the
-//! core (through a fault proxy), publishes poison messages and forged
-//! interest events, and loses interest events (deleted from the stream while
-//! the projector is down). Then it stops
+//! core (through a fault proxy), holds an account's row lock past the lock
+//! timeout, publishes poison messages and forged interest events, and loses
+//! interest events (deleted from the stream while the projector is down). Then it stops
 //! the faults, waits for convergence, and checks the invariants, printing each
 //! with its figure. Exits 1 if any check fails. Replay a run with `--seed`.
 
@@ -217,7 +217,7 @@ async fn run(args: &Args, seed: u64) -> anyhow::Result<bool> {
     while started.elapsed() < Duration::from_secs(args.secs) {
         let pause = Duration::from_millis(rng.random_range(1_000..4_000));
         tokio::time::sleep(pause).await;
-        let fault = rng.random_range(0..11);
+        let fault = rng.random_range(0..12);
         let name = match fault {
             0 => {
                 svc.core.kill().await;
@@ -354,6 +354,17 @@ async fn run(args: &Args, seed: u64) -> anyhow::Result<bool> {
                     forged_sent += 1;
                 }
                 "publish a forged interest event"
+            }
+            10 => {
+                // Another transaction (a payout on the legacy calculation
+                // over a busy account, an operator's session) holds an
+                // account's row past DATABASE_LOCK_TIMEOUT_MS: commands on
+                // it wait; the ones batched with them must not fail.
+                let victim = &accounts[rng.random_range(0..accounts.len())];
+                let lock = bank_tests::db::AccountLock::hold(&core_db, victim).await?;
+                tokio::time::sleep(Duration::from_millis(rng.random_range(2_500..6_000))).await;
+                lock.release().await?;
+                "hold an account's row lock past the lock timeout"
             }
             _ => {
                 if day_shifts < 5 {
