@@ -38,6 +38,21 @@ pub enum Action {
     FailAndHold(u16),
 }
 
+impl Action {
+    /// The action's name, as [`FaultProxy::applied`] lists it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Action::Pass => "pass",
+            Action::DelayRequest(_) => "delay request",
+            Action::DelayResponse(_) => "delay response",
+            Action::Drop => "drop",
+            Action::Hold => "hold",
+            Action::Fail(_) => "fail",
+            Action::FailAndHold(_) => "fail and hold",
+        }
+    }
+}
+
 /// A rule: requests whose method and path match get the action, for the next
 /// `times` matches (`None`: forever).
 #[derive(Debug, Clone)]
@@ -59,6 +74,7 @@ struct Shared {
     seen: Mutex<Vec<(Method, String, std::time::Instant)>>,
     forwarded: Mutex<Vec<(Method, String)>>,
     answered: Mutex<Vec<(Method, String, u16)>>,
+    applied: Mutex<Vec<(Method, String, &'static str)>>,
     /// How many times [`FaultProxy::release_held`] was called.
     releases: watch::Sender<u64>,
 }
@@ -70,6 +86,7 @@ impl Default for Shared {
             seen: Mutex::default(),
             forwarded: Mutex::default(),
             answered: Mutex::default(),
+            applied: Mutex::default(),
             releases: watch::Sender::new(0),
         }
     }
@@ -171,6 +188,12 @@ impl FaultProxy {
         snapshot(&self.shared.answered)
     }
 
+    /// Requests a rule other than [`Action::Pass`] applied to, as (method,
+    /// path, [`Action::name`]): the faults that took effect.
+    pub fn applied(&self) -> Vec<(Method, String, &'static str)> {
+        snapshot(&self.shared.applied)
+    }
+
     /// Requests forwarded to the upstream, as (method, path).
     pub fn forwarded(&self) -> Vec<(Method, String)> {
         snapshot(&self.shared.forwarded)
@@ -239,6 +262,11 @@ async fn forward_detached(
         seen.push((method.clone(), path.clone(), std::time::Instant::now()));
     }
     let (action, released_by) = action_for(&s.shared, &method, &path);
+    if !matches!(action, Action::Pass)
+        && let Ok(mut applied) = s.shared.applied.lock()
+    {
+        applied.push((method.clone(), path.clone(), action.name()));
+    }
     let mut answer_delay = None;
     match action {
         Action::Pass => {}

@@ -213,6 +213,8 @@ async fn run(args: &Args, seed: u64) -> anyhow::Result<bool> {
     let mut forged_sent = 0u64;
     let mut interest_events_deleted = 0u64;
     let mut day_shifts = 0;
+    let mut unclean_exits = 0u64;
+    let mut batch_failures = 0u64;
     let mut faults: BTreeMap<&'static str, u64> = BTreeMap::new();
     while started.elapsed() < Duration::from_secs(args.secs) {
         let pause = Duration::from_millis(rng.random_range(1_000..4_000));
@@ -220,6 +222,7 @@ async fn run(args: &Args, seed: u64) -> anyhow::Result<bool> {
         let fault = rng.random_range(0..12);
         let name = match fault {
             0 => {
+                batch_failures += core_counter(&svc.core_url, LEDGER_BATCH_FAILURES).await;
                 svc.core.kill().await;
                 tokio::time::sleep(Duration::from_millis(rng.random_range(200..2_000))).await;
                 svc.core.restart()?;
@@ -253,10 +256,13 @@ async fn run(args: &Args, seed: u64) -> anyhow::Result<bool> {
                     1 => (&mut svc.transfer, svc.transfer_url.clone()),
                     _ => (&mut svc.projector, svc.projector_url.clone()),
                 };
+                if which == 0 {
+                    batch_failures += core_counter(&svc.core_url, LEDGER_BATCH_FAILURES).await;
+                }
                 let code = p.terminate(Duration::from_secs(60)).await?;
                 if code != Some(0) {
-                    println!("chaos: WARNING a service exited {code:?} after SIGTERM");
-                    *faults.entry("non-zero exit after SIGTERM").or_default() += 1;
+                    println!("chaos: a service exited {code:?} after SIGTERM");
+                    unclean_exits += 1;
                 }
                 p.restart()?;
                 wait_ready(&url).await?;
@@ -315,7 +321,19 @@ async fn run(args: &Args, seed: u64) -> anyhow::Result<bool> {
                         break;
                     }
                 }
-                tokio::time::sleep(Duration::from_millis(rng.random_range(300..1_500))).await;
+                // Once the relay has published them (it keeps going while
+                // the projector is down).
+                let relayed = Instant::now() + Duration::from_secs(60);
+                while bank_tests::db::query_strings(
+                    &core_db,
+                    "SELECT count(*)::text FROM outbox WHERE published_at IS NULL AND subject LIKE 'bank.interest.%'",
+                )
+                .await?
+                    != ["0"]
+                {
+                    anyhow::ensure!(Instant::now() < relayed, "the core's relay did not publish the payout's event within 60 s");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
                 let after = stream.info().await?.state.last_sequence;
                 for seq in before + 1..=after {
                     if stream.delete_message(seq).await.unwrap_or(false) {
@@ -381,8 +399,11 @@ async fn run(args: &Args, seed: u64) -> anyhow::Result<bool> {
     proxy.clear();
     proxy.release_held();
     stop_load.cancel();
+    let mut load_failures = Vec::new();
     for l in load {
-        let _ = l.await;
+        if let Err(e) = l.await {
+            load_failures.push(e.to_string());
+        }
     }
     println!("chaos: faults injected: {faults:?}");
     println!("chaos: transfer answers: {}", counters.summary());
@@ -427,6 +448,39 @@ async fn run(args: &Args, seed: u64) -> anyhow::Result<bool> {
         format!(
             "{:.1} s after the faults stopped",
             converge_time.as_secs_f64()
+        ),
+    );
+    check(
+        "every service exited 0 after SIGTERM",
+        unclean_exits == 0,
+        format!("{unclean_exits} did not"),
+    );
+    check(
+        "every load client ran to the end (a definitive answer to each request)",
+        load_failures.is_empty(),
+        format!("{} failed: {load_failures:?}", load_failures.len()),
+    );
+    batch_failures += core_counter(&svc.core_url, LEDGER_BATCH_FAILURES).await;
+    check(
+        "no ledger batch failed (held locks and restarts included)",
+        batch_failures == 0,
+        format!("{batch_failures} failed batches"),
+    );
+    let applied = proxy.applied();
+    let took = |name: &str| applied.iter().filter(|(_, _, a)| *a == name).count();
+    let (delays, drops) = (took("delay response"), took("drop"));
+    let drawn = |name: &str| faults.get(name).copied().unwrap_or(0);
+    let (delay_rules, drop_rules) = (
+        drawn("delay core answers"),
+        drawn("drop requests to the core"),
+    );
+    // A rule added just before the faults stop may be cleared before a
+    // request meets it; two or more drawn must have taken effect.
+    check(
+        "the proxy's faults took effect",
+        (delay_rules < 2 || delays > 0) && (drop_rules < 2 || drops > 0),
+        format!(
+            "{delays} answers delayed ({delay_rules} rules), {drops} requests dropped ({drop_rules} rules)"
         ),
     );
     let book = book.lock().await;
@@ -568,6 +622,14 @@ async fn run(args: &Args, seed: u64) -> anyhow::Result<bool> {
         let _ = p.terminate(Duration::from_secs(30)).await;
     }
     Ok(all_ok)
+}
+
+const LEDGER_BATCH_FAILURES: &str = "ledger_batch_failures_total";
+
+/// A counter of the running core (counters start again at 0 when it does:
+/// read it before each restart and add up).
+async fn core_counter(core_url: &str, name: &str) -> u64 {
+    bank_tests::metrics::metric(&bank_tests::metrics::scrape(core_url).await, name) as u64
 }
 
 #[derive(Default)]
