@@ -222,6 +222,10 @@ impl App {
         // No request is in flight any more, so no ledger handle is left: the
         // workers finish what is queued and stop.
         workers.join_all().await;
+        // Shadow comparisons of payouts already answered still report.
+        let shadow = self.interest.shadow_tasks();
+        shadow.close();
+        shadow.wait().await;
         background.cancel();
         while tasks.join_next().await.is_some() {}
         let _ = self.nats.flush().await;

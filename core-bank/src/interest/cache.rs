@@ -48,9 +48,25 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Accrual, Path};
 
-/// Most invalidations waiting for Redis; beyond it new ones are dropped with
-/// a warning (their keys still expire at midnight).
+/// Most balance-change invalidations waiting for Redis; beyond it new ones
+/// are dropped with a warning. A balance change does not change the figure
+/// of completed days, so a dropped one costs nothing but freshness.
 const MAX_PENDING_INVALIDATIONS: usize = 100_000;
+
+/// Most invalidations of any kind waiting for Redis. Those of payouts and
+/// account changes (which do change what a query must answer) are kept up to
+/// this bound, past the one above: a Redis outage long enough to reach it
+/// would have to see 100,000 of them.
+const MAX_PENDING_KEPT_INVALIDATIONS: usize = 2 * MAX_PENDING_INVALIDATIONS;
+
+/// How much an invalidation matters when the pending set is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Urgency {
+    /// A balance change: completed days' figures are unchanged.
+    Droppable,
+    /// A payout or an account change: the cached figure is wrong now.
+    Kept,
+}
 
 /// How long a generation lives after it was set; cached values live until
 /// the next local midnight, so at most about a day.
@@ -107,15 +123,25 @@ struct Pending {
 
 impl Pending {
     /// Marks `accounts` as invalidated (again) and returns them with their
-    /// new versions, to increment. When the set is full, new accounts are
-    /// dropped with a warning (their keys still expire at midnight).
-    fn add(&mut self, accounts: &[AccountId]) -> Vec<(String, u64)> {
+    /// new versions, to increment. When the set is full for `urgency`, new
+    /// accounts are dropped with a warning (their keys still expire at
+    /// midnight).
+    fn add(&mut self, accounts: &[AccountId], urgency: Urgency) -> Vec<(String, u64)> {
+        let limit = match urgency {
+            Urgency::Droppable => MAX_PENDING_INVALIDATIONS,
+            Urgency::Kept => MAX_PENDING_KEPT_INVALIDATIONS,
+        };
         let mut added = Vec::with_capacity(accounts.len());
         for id in accounts {
-            if self.accounts.len() >= MAX_PENDING_INVALIDATIONS
-                && !self.accounts.contains_key(id.as_str())
-            {
-                tracing::warn!(account = %id, "too many queued interest cache invalidations; dropping one");
+            if self.accounts.len() >= limit && !self.accounts.contains_key(id.as_str()) {
+                match urgency {
+                    Urgency::Droppable => {
+                        tracing::warn!(account = %id, "too many queued interest cache invalidations; dropping a balance change's")
+                    }
+                    Urgency::Kept => {
+                        tracing::error!(account = %id, "too many queued interest cache invalidations; dropping a payout's or an account change's: other replicas may serve the older figure until midnight")
+                    }
+                }
                 continue;
             }
             self.next_version += 1;
@@ -309,16 +335,18 @@ impl InterestCache {
     /// [`InterestCache::run_invalidations`] (coalesced, retried until Redis
     /// answers).
     pub fn invalidate(&self, accounts: &[AccountId]) {
-        self.queue(accounts);
+        self.queue(accounts, Urgency::Droppable);
         self.wake.notify_one();
     }
 
-    /// Invalidates the cached figures of `accounts` and returns once the
+    /// Invalidates the cached figures of `accounts` after a change of what
+    /// they must answer (a payout, an account's state), and returns once the
     /// generations are bumped in Redis, or once that failed (bounded by the
     /// connection's 500 ms response timeout); what failed is left to
-    /// [`InterestCache::run_invalidations`], as with [`Self::invalidate`].
+    /// [`InterestCache::run_invalidations`], as with [`Self::invalidate`],
+    /// and is not dropped when balance changes fill the queue.
     pub async fn invalidate_now(&self, accounts: &[AccountId]) {
-        let queued = self.queue(accounts);
+        let queued = self.queue(accounts, Urgency::Kept);
         if !queued.is_empty() && !self.bump_generations(&queued).await {
             self.wake.notify_one();
         }
@@ -326,9 +354,9 @@ impl InterestCache {
 
     /// Adds `accounts` to the pending set (they bypass the cache in this
     /// process from now on); returns them with their versions.
-    fn queue(&self, accounts: &[AccountId]) -> Vec<(String, u64)> {
+    fn queue(&self, accounts: &[AccountId], urgency: Urgency) -> Vec<(String, u64)> {
         match self.pending.lock() {
-            Ok(mut p) => p.add(accounts),
+            Ok(mut p) => p.add(accounts, urgency),
             Err(_) => Vec::new(),
         }
     }
@@ -425,9 +453,9 @@ mod tests {
     #[test]
     fn b25_an_invalidation_during_an_increment_is_not_lost() {
         let mut p = Pending::default();
-        p.add(&ids(&["acc_a", "acc_b"]));
+        p.add(&ids(&["acc_a", "acc_b"]), Urgency::Droppable);
         let in_flight = p.take(1000);
-        p.add(&ids(&["acc_a"]));
+        p.add(&ids(&["acc_a"]), Urgency::Droppable);
         p.done(&in_flight);
         assert!(
             p.accounts.contains_key("acc_a"),
@@ -438,5 +466,25 @@ mod tests {
         assert_eq!(again.len(), 1);
         p.done(&again);
         assert!(p.accounts.is_empty());
+    }
+
+    /// Balance changes filling the queue (Redis down for long) never crowd
+    /// out a payout's invalidation.
+    #[test]
+    fn b25_a_full_queue_of_balance_changes_still_takes_a_payouts_invalidation() {
+        let mut p = Pending::default();
+        let many: Vec<AccountId> = (0..MAX_PENDING_INVALIDATIONS)
+            .map(|i| AccountId::parse(format!("acc_{i:06}")).unwrap())
+            .collect();
+        assert_eq!(p.add(&many, Urgency::Droppable).len(), many.len());
+        assert!(
+            p.add(&ids(&["acc_moved"]), Urgency::Droppable).is_empty(),
+            "a balance change is dropped"
+        );
+        assert_eq!(p.add(&ids(&["acc_paid"]), Urgency::Kept).len(), 1);
+        assert!(p.accounts.contains_key("acc_paid"));
+        assert!(!p.accounts.contains_key("acc_moved"));
+        // Already pending: invalidated again whatever the size.
+        assert_eq!(p.add(&many[..1], Urgency::Droppable).len(), 1);
     }
 }

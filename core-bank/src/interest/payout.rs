@@ -303,7 +303,8 @@ async fn try_pay(
         opened_on: row.try_get("", "opened_on")?,
         paid_through: row.try_get("", "interest_paid_through")?,
     };
-    let (accrual, mismatch) = interest.compute_for_bucket(&txn, &terms, today).await?;
+    let accrual = interest.compute_for_bucket(&txn, &terms, today).await?;
+    let shadow = interest.shadow_mode().then(|| (terms, accrual.clone()));
     let locked = Locked {
         account,
         payout_id,
@@ -313,12 +314,11 @@ async fn try_pay(
         now,
     };
     let outcome = write(txn, locked, accrual).await;
-    // Reported once the transaction has ended (committed or rolled back), on
-    // a connection of its own: holding this one while waiting for another
-    // could exhaust the pool under concurrent payouts, and a refused payout
-    // must still publish its mismatch.
-    if let Some(m) = mismatch {
-        interest.report_mismatch(&m).await;
+    // Once the transaction has ended (committed or rolled back), on a task
+    // and a connection of its own: the answer neither waits for it nor
+    // depends on it, and a refused payout still gets compared.
+    if let Some((terms, accrual)) = shadow {
+        interest.spawn_shadow_check(terms, today, accrual);
     }
     outcome
 }

@@ -6,6 +6,7 @@ use common::events::InterestMismatchEvent;
 use common::outbox::{self, OutboxMessage, RelayWaker};
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, Statement};
 use serde::Serialize;
+use tokio_util::task::TaskTracker;
 
 use super::cache::{InterestCache, Lookup};
 use super::rollout::Rollout;
@@ -53,6 +54,7 @@ pub struct InterestService {
     rollout: Rollout,
     cache: InterestCache,
     outbox: RelayWaker,
+    shadow_tasks: TaskTracker,
 }
 
 /// The two paths' figures for one account, when they disagree in shadow mode.
@@ -83,6 +85,7 @@ impl InterestService {
             rollout,
             cache,
             outbox,
+            shadow_tasks: TaskTracker::new(),
         }
     }
 
@@ -142,38 +145,85 @@ impl InterestService {
         }
     }
 
-    /// The figure of the account's rollout bucket. In shadow mode both paths
-    /// run, and a disagreement is returned with it, for the caller to
-    /// [`report_mismatch`](Self::report_mismatch) once it no longer holds
-    /// `conn` (a transaction's connection).
+    /// The figure of the account's rollout bucket: the one the caller gets
+    /// and a payout pays. The other path, in shadow mode, is
+    /// [`shadow_check`](Self::shadow_check)'s.
     pub async fn compute_for_bucket<C: ConnectionTrait>(
         &self,
         conn: &C,
         terms: &AccountTerms,
         today: NaiveDate,
-    ) -> Result<(Accrual, Option<ShadowMismatch>), DbErr> {
+    ) -> Result<Accrual, DbErr> {
         let path = self.rollout.path_for(&terms.account_id);
-        let chosen = self.compute(conn, terms, today, path).await?;
-        let mut mismatch = None;
-        if self.rollout.get().shadow {
-            let other_path = match path {
-                Path::Legacy => Path::New,
-                Path::New => Path::Legacy,
-            };
-            let other = self.compute(conn, terms, today, other_path).await?;
-            if !chosen.same_figures(&other) {
-                let (legacy, new) = match path {
-                    Path::Legacy => (chosen.clone(), other),
-                    Path::New => (other, chosen.clone()),
-                };
-                mismatch = Some(ShadowMismatch {
-                    legacy,
-                    new,
-                    as_of: today,
-                });
-            }
+        self.compute(conn, terms, today, path).await
+    }
+
+    /// Whether both paths run (B27).
+    pub fn shadow_mode(&self) -> bool {
+        self.rollout.get().shadow
+    }
+
+    /// In shadow mode (B27), computes the path `chosen` did not take and
+    /// reports a disagreement. It reads on a connection of the pool, never
+    /// in the caller's transaction: the legacy path replays the period's
+    /// history, which must neither hold the account's lock while it runs nor
+    /// fail the payout or query whose figure is already decided. Its own
+    /// failure is logged and counted (`interest_shadow_errors_total`), never
+    /// returned.
+    ///
+    /// After a payout's transaction the figures of the completed days it
+    /// paid do not change (the payout's entry, and every later one, is dated
+    /// `today` or after), so the comparison reads what the payout read.
+    pub async fn shadow_check(&self, terms: &AccountTerms, today: NaiveDate, chosen: &Accrual) {
+        if !self.shadow_mode() {
+            return;
         }
-        Ok((chosen, mismatch))
+        let other_path = match chosen.path {
+            Path::Legacy => Path::New,
+            Path::New => Path::Legacy,
+        };
+        let other = match self.compute(&self.db, terms, today, other_path).await {
+            Ok(other) => other,
+            Err(e) => {
+                metrics::counter!("interest_shadow_errors_total").increment(1);
+                tracing::warn!(
+                    error = %common::error_chain(&e),
+                    account = %terms.account_id,
+                    path = other_path.as_str(),
+                    "interest shadow calculation failed; the figure of the account's path stands"
+                );
+                return;
+            }
+        };
+        if !chosen.same_figures(&other) {
+            let (legacy, new) = match chosen.path {
+                Path::Legacy => (chosen.clone(), other),
+                Path::New => (other, chosen.clone()),
+            };
+            self.report_mismatch(&ShadowMismatch {
+                legacy,
+                new,
+                as_of: today,
+            })
+            .await;
+        }
+    }
+
+    /// [`shadow_check`](Self::shadow_check) on a task of its own, tracked so
+    /// that a clean shutdown waits for it ([`Self::shadow_tasks`]).
+    pub fn spawn_shadow_check(&self, terms: AccountTerms, today: NaiveDate, chosen: Accrual) {
+        if !self.shadow_mode() {
+            return;
+        }
+        let this = self.clone();
+        self.shadow_tasks.spawn(async move {
+            this.shadow_check(&terms, today, &chosen).await;
+        });
+    }
+
+    /// The shadow checks running on tasks of their own.
+    pub fn shadow_tasks(&self) -> &TaskTracker {
+        &self.shadow_tasks
     }
 
     /// Reports a shadow disagreement: logged, counted, and published on
@@ -236,10 +286,7 @@ impl InterestService {
         let terms = Self::terms(&self.db, account)
             .await?
             .ok_or(InterestError::AccountNotFound)?;
-        let (accrual, mismatch) = self.compute_for_bucket(&self.db, &terms, today).await?;
-        if let Some(m) = mismatch {
-            self.report_mismatch(&m).await;
-        }
+        let accrual = self.compute_for_bucket(&self.db, &terms, today).await?;
         if let Some(generation) = generation {
             self.cache
                 .put(
@@ -250,6 +297,7 @@ impl InterestService {
                 )
                 .await;
         }
+        self.shadow_check(&terms, today, &accrual).await;
         Ok(accrual)
     }
 

@@ -839,6 +839,61 @@ async fn b27_concurrent_payouts_in_shadow_mode_publish_every_mismatch_without_st
     .await;
 }
 
+/// B27: the shadow path's failure fails neither the query nor the payout:
+/// the caller gets its bucket's figure, and the failure is logged and counted.
+#[tokio::test]
+async fn b27_a_failing_shadow_calculation_fails_neither_the_query_nor_the_payout() {
+    use sea_orm::ConnectionTrait;
+    let (_nats, core) = core().await;
+    let api = &core.api;
+    let account = api.funded_account(60_000_000).await;
+    api.advance_business_date(3).await;
+    // The fault: a daily balance the new path cannot read (it fits the
+    // column, not the decimal type). With every account on the legacy path,
+    // only the shadow reads daily balances.
+    let db = sea_orm::Database::connect(core.db_url.as_str())
+        .await
+        .unwrap();
+    let broken = db
+        .execute_unprepared(&format!(
+            "UPDATE daily_balances SET closing_balance = 10::numeric ^ 29 \
+             WHERE account_id = '{account}'"
+        ))
+        .await
+        .unwrap()
+        .rows_affected();
+    assert!(broken > 0);
+    set_rollout(api, 0, true).await;
+    let errors = || async {
+        bank_tests::metrics::metric(
+            &bank_tests::metrics::scrape(&api.base).await,
+            "interest_shadow_errors_total",
+        )
+    };
+    let before = errors().await;
+
+    let i = interest(api, &account).await;
+    assert_eq!(
+        (i["path"].as_str(), i["gross"].as_str()),
+        (Some("legacy"), Some("8301"))
+    );
+    assert!(errors().await > before, "the query's shadow failed");
+    let after_query = errors().await;
+    let r = payout(api, &account, &unique("pay_")).await.expect(200);
+    assert_eq!(r.str("gross"), "8301");
+    eventually(
+        "the payout's shadow failure counted",
+        Duration::from_secs(10),
+        || async {
+            match errors().await {
+                n if n > after_query => Ok(()),
+                n => Err(format!("{n} shadow errors")),
+            }
+        },
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn b26_b27_drifted_daily_balances_change_only_the_new_path_and_the_mismatch_is_logged_counted_and_published()
  {
