@@ -204,8 +204,16 @@ pub async fn stream_messages(
         return Ok(out);
     }
     for seq in info.state.first_sequence..=info.state.last_sequence {
-        if let Ok(m) = s.get_raw_message(seq).await {
-            out.push(m);
+        match s.get_raw_message(seq).await {
+            Ok(m) => out.push(m),
+            // Deleted (or purged meanwhile): not a message any more.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    async_nats::jetstream::stream::RawMessageErrorKind::NoMessageFound
+                ) => {}
+            // Anything else would make a message look absent.
+            Err(e) => anyhow::bail!("reading {stream} message {seq}: {e}"),
         }
     }
     Ok(out)

@@ -196,15 +196,30 @@ async fn b18_a_confirmed_transfer_is_listed_while_the_history_cannot_be_synced()
         .get(&format!("/v1/accounts/{account}/history"))
         .await
         .expect(200);
+    // The sync was tried and refused (the fault took effect), so the
+    // transfer cannot be an entry: it is listed, with the core's outcome.
+    assert!(
+        stack
+            .proxy
+            .applied()
+            .iter()
+            .any(|(m, path, action)| *m == Method::GET
+                && path.contains("/entries")
+                && *action == "fail"),
+        "the history did not try to read the core's entries"
+    );
     let entries = history.body["entries"].as_array().unwrap();
     let pending = history.body["pending"].as_array().unwrap();
-    let shown = entries.iter().any(|e| e["transfer_id"] == json!(id))
-        || pending
-            .iter()
-            .any(|p| p["transfer_id"] == json!(id) && p["status"] == "succeeded");
     assert!(
-        shown,
-        "the sent transfer is not in the history: {}",
+        !entries.iter().any(|e| e["transfer_id"] == json!(id)),
+        "{}",
+        history.body
+    );
+    assert!(
+        pending
+            .iter()
+            .any(|p| p["transfer_id"] == json!(id) && p["status"] == "succeeded"),
+        "the sent transfer is not listed: {}",
         history.body
     );
 
@@ -263,6 +278,7 @@ async fn b18_history_answers_with_pending_transfers_listed_while_the_core_is_slo
         Action::DelayResponse(Duration::from_secs(6)),
         None,
     );
+    let asked_from = std::time::Instant::now();
     let history = api
         .get(&format!("/v1/accounts/{account}/history"))
         .await
@@ -272,6 +288,26 @@ async fn b18_history_answers_with_pending_transfers_listed_while_the_core_is_slo
         Some(8),
         "{}",
         history.body
+    );
+    // It did ask the core (and the core was slow), not skip the question.
+    let asked = stack
+        .proxy
+        .applied()
+        .iter()
+        .filter(|(m, path, action)| {
+            *m == Method::GET && path.starts_with("/v1/transfers/") && *action == "delay response"
+        })
+        .count();
+    assert!(asked > 0, "no status question reached the core");
+    assert!(
+        stack
+            .proxy
+            .seen()
+            .iter()
+            .any(|(m, path, at)| *m == Method::GET
+                && path.starts_with("/v1/transfers/")
+                && *at >= asked_from),
+        "no status question during the history request"
     );
 }
 

@@ -48,7 +48,10 @@ async fn b28_one_transfer_is_one_trace_across_three_services_and_metrics_move() 
         Duration::from_secs(20),
         || async {
             let h = api.get(&format!("/v1/accounts/{from}/history")).await.body;
-            if h["synced_through_seq"] == 2 {
+            let projected = h["entries"]
+                .as_array()
+                .is_some_and(|e| e.iter().any(|e| e["transfer_id"] == json!(transfer_id)));
+            if h["synced_through_seq"] == 2 && projected {
                 Ok(())
             } else {
                 Err(h.to_string())
@@ -235,7 +238,6 @@ async fn b28_one_transfer_is_one_trace_across_three_services_and_metrics_move() 
             );
         }
     }
-    let _ = transfer_id;
 }
 
 /// Readiness follows the dependencies: every service answers `/readyz` 503
@@ -418,8 +420,25 @@ async fn transfers_under_load_survive(fault: Fault) {
             ),
             _ => {
                 nats.stop().await;
-                nats.resume().await.unwrap();
+                // The outage is felt (the core reports NATS unready) and
+                // money still moves: its events wait in the outboxes.
+                let ready = format!("http://{}/readyz", stack.cfg.core_url);
+                eventually(
+                    "the core sees NATS down",
+                    Duration::from_secs(30),
+                    || async {
+                        match reqwest::get(&ready).await.map(|r| r.status().as_u16()) {
+                            Ok(200) => Err("still ready".to_owned()),
+                            Ok(_) => Ok(()),
+                            Err(e) => Err(e.to_string()),
+                        }
+                    },
+                )
+                .await;
                 progress_past(before).await;
+                nats.resume().await.unwrap();
+                let during = progress().await;
+                progress_past(during).await;
                 continue;
             }
         };

@@ -1197,6 +1197,9 @@ fn projector_env(rig: &Rig) -> HashMap<String, String> {
         ("NATS_URL".to_owned(), rig.nats.url()),
         ("PROJECTOR_HTTP_ADDR".to_owned(), "127.0.0.1:0".to_owned()),
         ("DATABASE_MAX_CONNECTIONS".to_owned(), "4".to_owned()),
+        // A killed instance's unacknowledged messages go to the next one
+        // after the ack wait (60 s by default).
+        ("PROJECTOR_ACK_WAIT_SECS".to_owned(), "5".to_owned()),
     ])
 }
 
@@ -1208,11 +1211,14 @@ async fn f7_projector_killed_repeatedly_and_two_instances_keep_history_equal_to_
         accounts.push(rig.core.api.funded_account(1_000_000).await);
     }
     let mut projector = ServiceProcess::start("projector", projector_env(&rig)).unwrap();
+    let stop = common::shutdown::CancellationToken::new();
     let load = {
         let api = rig.core.api.clone();
         let accounts = accounts.clone();
+        let stop = stop.clone();
         tokio::spawn(async move {
-            for i in 0..400usize {
+            let mut i = 0usize;
+            while !stop.is_cancelled() {
                 let r = api
                     .core_transfer(&accounts[i % 8], &accounts[(i * 5 + 3) % 8], 1 + i as u64)
                     .await;
@@ -1221,16 +1227,43 @@ async fn f7_projector_killed_repeatedly_and_two_instances_keep_history_equal_to_
                     "{}",
                     r.body
                 );
+                i += 1;
             }
+            i
         })
     };
-    // Kill it (SIGKILL) five times while the transfers flow.
-    for _ in 0..5 {
-        tokio::time::sleep(Duration::from_millis(400)).await; // the fault's timing, not a wait for state
+    // Kill it (SIGKILL) five times while the transfers flow, each time once
+    // the instance (the first, or the one restarted after the last kill)
+    // has applied entries of its own.
+    let projected = || async {
+        bank_tests::db::query_strings(
+            &rig.channel_db,
+            "SELECT count(*)::text FROM history_entries",
+        )
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|v| v[0].parse::<u64>().map_err(|e| e.to_string()))
+    };
+    let mut before = projected().await.unwrap_or(0);
+    for kill in 0..5 {
+        before = eventually(
+            &format!("the instance before kill {kill} applies entries"),
+            Duration::from_secs(30),
+            || async {
+                match projected().await? {
+                    n if n > before => Ok(n),
+                    n => Err(format!("{n} entries projected")),
+                }
+            },
+        )
+        .await;
+        assert!(!load.is_finished(), "the load is still running");
         projector.kill().await;
         projector.restart().unwrap();
     }
-    load.await.unwrap();
+    stop.cancel();
+    let sent = load.await.unwrap();
+    assert!(sent > 0);
     history_equals_ledger(&rig, &accounts).await;
 
     // Two instances on the same durable consumer.
