@@ -357,10 +357,6 @@ async fn b10_concurrent_submits_with_one_idempotency_key_get_one_transfer() {
     assert_eq!(stack.core.api.balance(&to).await, 1_200);
 }
 
-/// A status that something between channel and core may send after passing
-/// the request on (429 from a gateway, 408) is not the core's refusal: the
-/// transfer stays pending until the core's own answer (here: it never saw
-/// the request, so it ends through the fence after the TTL, as F3).
 /// The interest routes pass the core's answers about the customer's request
 /// through; a status from something between channel and core (a gateway's
 /// 429 without a body) or the core refusing the channel's own credentials is
@@ -392,6 +388,10 @@ async fn b31_a_gateway_status_on_the_interest_routes_is_answered_503_in_the_erro
     assert_eq!(r.code(), Some("nothing_to_pay"), "{:?}", r.body);
 }
 
+/// A status that something between channel and core may send after passing
+/// the request on (429 from a gateway, 408) is not the core's refusal: the
+/// transfer stays pending until the core's own answer (here: it never saw
+/// the request, so it ends through the fence after the TTL, as F3).
 #[tokio::test]
 async fn f3_a_gateway_status_between_channel_and_core_is_not_taken_as_a_refusal() {
     let stack = Stack::start(fast(2, 5000)).await.unwrap();
