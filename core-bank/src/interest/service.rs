@@ -251,10 +251,15 @@ impl InterestService {
             new: new.gross,
             as_of: *today,
         };
+        // A transient database failure (a lock timeout, a lost connection)
+        // is retried: the alert is the only trace of the mismatch outside
+        // this process's log and metrics.
         let result = match OutboxMessage::from_event(&event) {
-            Ok(msg) => outbox::enqueue(&self.db, &[msg])
-                .await
-                .map_err(|e| e.to_string()),
+            Ok(msg) => common::db::retry_transient(9, || {
+                outbox::enqueue(&self.db, std::slice::from_ref(&msg))
+            })
+            .await
+            .map_err(|e| common::error_chain(&e)),
             Err(e) => Err(e.to_string()),
         };
         match result {
