@@ -16,7 +16,7 @@ use rust_decimal::Decimal;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, Statement, TransactionTrait};
 use serde::Serialize;
 
-use super::{AccountTerms, InterestService};
+use super::{AccountTerms, Accrual, InterestService};
 use crate::accounts::CustomerStatus;
 use crate::clock::Clock;
 
@@ -124,8 +124,17 @@ pub async fn pay(
     account: &AccountId,
     payout_id: &PayoutId,
 ) -> Result<Payout, PayoutError> {
-    let payout =
-        common::db::retry_transient(9, || try_pay(db, clock, interest, account, payout_id)).await?;
+    // The figure each attempt computed; the last one is compared with the
+    // other path once, whatever the outcome (a refused payout too).
+    let shadow = std::sync::Mutex::new(None);
+    let payout = common::db::retry_transient(9, || {
+        try_pay(db, clock, interest, account, payout_id, &shadow)
+    })
+    .await;
+    if let Some((terms, today, accrual)) = shadow.lock().ok().and_then(|mut s| s.take()) {
+        interest.spawn_shadow_check(terms, today, accrual);
+    }
+    let payout = payout?;
     interest.wake_relay();
     interest
         .cache()
@@ -214,6 +223,7 @@ async fn try_pay(
     interest: &InterestService,
     account: &AccountId,
     payout_id: &PayoutId,
+    shadow: &std::sync::Mutex<Option<(AccountTerms, NaiveDate, Accrual)>>,
 ) -> Result<Payout, PayoutError> {
     let backend = db.get_database_backend();
     let today = clock.today();
@@ -304,7 +314,11 @@ async fn try_pay(
         paid_through: row.try_get("", "interest_paid_through")?,
     };
     let accrual = interest.compute_for_bucket(&txn, &terms, today).await?;
-    let shadow = interest.shadow_mode().then(|| (terms, accrual.clone()));
+    if interest.shadow_mode()
+        && let Ok(mut s) = shadow.lock()
+    {
+        *s = Some((terms, today, accrual.clone()));
+    }
     let locked = Locked {
         account,
         payout_id,
@@ -313,14 +327,10 @@ async fn try_pay(
         today,
         now,
     };
-    let outcome = write(txn, locked, accrual).await;
-    // Once the transaction has ended (committed or rolled back), on a task
-    // and a connection of its own: the answer neither waits for it nor
-    // depends on it, and a refused payout still gets compared.
-    if let Some((terms, accrual)) = shadow {
-        interest.spawn_shadow_check(terms, today, accrual);
-    }
-    outcome
+    // The shadow comparison runs once the transaction has ended (in `pay`),
+    // on a task and a connection of its own: the answer neither waits for it
+    // nor depends on it.
+    write(txn, locked, accrual).await
 }
 
 /// A payout's account as read under its lock, and the moment it pays.

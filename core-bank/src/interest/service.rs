@@ -1,11 +1,14 @@
 //! The expected-interest query, shadow verification and the batch verifier.
 
+use std::sync::Arc;
+
 use chrono::NaiveDate;
 use common::AccountId;
 use common::events::InterestMismatchEvent;
 use common::outbox::{self, OutboxMessage, RelayWaker};
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, Statement};
 use serde::Serialize;
+use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 
 use super::cache::{InterestCache, Lookup};
@@ -55,7 +58,11 @@ pub struct InterestService {
     cache: InterestCache,
     outbox: RelayWaker,
     shadow_tasks: TaskTracker,
+    shadow_turns: Arc<Semaphore>,
 }
+
+/// Shadow comparisons running at once in one process.
+pub const SHADOW_CONCURRENCY: usize = 4;
 
 /// The two paths' figures for one account, when they disagree in shadow mode.
 #[derive(Debug, Clone)]
@@ -86,6 +93,7 @@ impl InterestService {
             cache,
             outbox,
             shadow_tasks: TaskTracker::new(),
+            shadow_turns: Arc::new(Semaphore::new(SHADOW_CONCURRENCY)),
         }
     }
 
@@ -210,13 +218,18 @@ impl InterestService {
     }
 
     /// [`shadow_check`](Self::shadow_check) on a task of its own, tracked so
-    /// that a clean shutdown waits for it ([`Self::shadow_tasks`]).
+    /// that a clean shutdown waits for it ([`Self::shadow_tasks`]). At most
+    /// [`SHADOW_CONCURRENCY`] run at once (each holds a pooled connection for
+    /// a replay that may be long); the others wait for their turn.
     pub fn spawn_shadow_check(&self, terms: AccountTerms, today: NaiveDate, chosen: Accrual) {
         if !self.shadow_mode() {
             return;
         }
         let this = self.clone();
         self.shadow_tasks.spawn(async move {
+            let Ok(_turn) = this.shadow_turns.acquire().await else {
+                return;
+            };
             this.shadow_check(&terms, today, &chosen).await;
         });
     }
@@ -302,7 +315,7 @@ impl InterestService {
                 )
                 .await;
         }
-        self.shadow_check(&terms, today, &accrual).await;
+        self.spawn_shadow_check(terms, today, accrual.clone());
         Ok(accrual)
     }
 

@@ -290,7 +290,19 @@ pub(crate) async fn run_batch(
     let mut accounts = if needed.is_empty() {
         Vec::new()
     } else {
-        lock_accounts(&txn, needed.into_iter().collect()).await?
+        match lock_accounts(&txn, needed.into_iter().collect()).await {
+            Ok(accounts) => accounts,
+            Err(e) => {
+                // Rolled back now, not when the dropped transaction's
+                // connection goes back to the pool: after a lock timeout the
+                // executor asks which accounts are held, and the rows this
+                // transaction had locked must not look held.
+                if let Err(rollback) = txn.rollback().await {
+                    tracing::debug!(error = %rollback, "rolling back a ledger batch");
+                }
+                return Err(e.into());
+            }
+        }
     };
     phases.mark("lock_accounts");
     // The time and business date are read once the rows are locked, not

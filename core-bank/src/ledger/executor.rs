@@ -10,7 +10,8 @@
 //! Failure handling: a transaction that fails for a transient reason (lock
 //! timeout, deadlock, serialization failure, a concurrent insert of the same
 //! id, a lost connection) is retried as a whole, up to 10 times with jittered
-//! backoff; if it still fails, every command of the batch gets the error. A
+//! backoff; if it still fails, every command of the batch gets the error (a
+//! lock timeout of a batch of several commands is first split, below). A
 //! non-transient failure of a batch of several commands re-runs each command
 //! alone, so one bad command cannot fail its neighbours.
 //!
@@ -19,9 +20,15 @@
 //! batch's other commands either: when a batch of several commands waits past
 //! `lock_timeout`, the executor asks which of its accounts are held right now
 //! ([`queries::held_accounts`], which never waits), runs the commands that do
-//! not touch them at once, and then the others as a batch of their own, which
+//! not touch them at once, and then the others as a batch of their own (on a
+//! task of its own while one of `workers` places is free, so the worker goes
+//! on with the queue), which may be split again the same way and otherwise
 //! waits and retries as above. Commands of one batch were concurrent
 //! requests, so running some before others changes no promise.
+//!
+//! The limit: nothing remembers that an account is held, so each later batch
+//! with a command on it waits one `lock_timeout` before it is split, and once
+//! every place is taken a worker waits with the held account's commands.
 
 use std::collections::{BTreeSet, HashSet};
 use std::future::Future;
@@ -249,7 +256,7 @@ async fn isolate_held_accounts(shared: &Arc<Shared>, jobs: Vec<Job>) {
     let held = match queries::held_accounts(&shared.db, ids.into_iter().collect()).await {
         Ok(held) => held,
         Err(e) => {
-            tracing::warn!(error = %e, "looking up held accounts; retrying the batch as a whole");
+            tracing::warn!(error = %common::error_chain(&e), "looking up held accounts; retrying the batch as a whole");
             HashSet::new()
         }
     };
@@ -278,10 +285,13 @@ async fn isolate_held_accounts(shared: &Arc<Shared>, jobs: Vec<Job>) {
     match shared.parked.clone().try_acquire_owned() {
         Ok(place) => {
             let shared = shared.clone();
-            tokio::spawn(async move {
-                execute(&shared, blocked, Isolate::Allowed).await;
-                drop(place);
-            });
+            tokio::spawn(tracing::Instrument::instrument(
+                async move {
+                    execute(&shared, blocked, Isolate::Allowed).await;
+                    drop(place);
+                },
+                tracing::Span::current(),
+            ));
         }
         Err(_) => execute(shared, blocked, Isolate::Allowed).await,
     }
