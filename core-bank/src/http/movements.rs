@@ -33,6 +33,11 @@ impl From<LedgerError> for ApiError {
                 "overloaded",
                 "the ledger queue is full; retry later",
             ),
+            LedgerError::AccountBusy => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "account_busy",
+                "an account of the request is held by another operation; retry later",
+            ),
             LedgerError::ShuttingDown => {
                 ApiError::unavailable("the core is shutting down; retry later")
             }

@@ -26,9 +26,12 @@
 //! waits and retries as above. Commands of one batch were concurrent
 //! requests, so running some before others changes no promise.
 //!
-//! The limit: nothing remembers that an account is held, so each later batch
-//! with a command on it waits one `lock_timeout` before it is split, and once
-//! every place is taken a worker waits with the held account's commands.
+//! Once every place is taken, a worker's commands on held accounts are
+//! answered [`LedgerError::AccountBusy`] at once (nothing executed; 503, retry
+//! later) rather than stopping the worker, and so every account's commands,
+//! for as long as the lock is held. The limit: nothing remembers that an
+//! account is held, so each later batch with a command on it waits one
+//! `lock_timeout` before it is split.
 
 use std::collections::{BTreeSet, HashSet};
 use std::future::Future;
@@ -171,7 +174,7 @@ async fn worker(shared: Arc<Shared>, rx: Arc<Mutex<mpsc::Receiver<Job>>>) {
             }
             jobs
         };
-        execute(&shared, jobs, Isolate::Allowed).await;
+        execute(&shared, jobs, Isolate::Allowed, Runs::OnWorker).await;
     }
 }
 
@@ -189,11 +192,19 @@ enum Isolate {
 /// task of its own.
 type Executing<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 
-fn execute(shared: &Arc<Shared>, jobs: Vec<Job>, isolate: Isolate) -> Executing<'_> {
-    Box::pin(execute_batch(shared, jobs, isolate))
+/// Where a batch runs: on a worker, which others wait for, or parked on a
+/// task of its own (see [`isolate_held_accounts`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Runs {
+    OnWorker,
+    Parked,
 }
 
-async fn execute_batch(shared: &Arc<Shared>, jobs: Vec<Job>, isolate: Isolate) {
+fn execute(shared: &Arc<Shared>, jobs: Vec<Job>, isolate: Isolate, runs: Runs) -> Executing<'_> {
+    Box::pin(execute_batch(shared, jobs, isolate, runs))
+}
+
+async fn execute_batch(shared: &Arc<Shared>, jobs: Vec<Job>, isolate: Isolate, runs: Runs) {
     let started = Instant::now();
     let size = jobs.len();
     let may_isolate = isolate == Isolate::Allowed && size > 1;
@@ -216,7 +227,7 @@ async fn execute_batch(shared: &Arc<Shared>, jobs: Vec<Job>, isolate: Isolate) {
             }
         }
         Err(e) if may_isolate && e.is_lock_timeout() => {
-            isolate_held_accounts(shared, jobs).await;
+            isolate_held_accounts(shared, jobs, runs).await;
         }
         // Retries are spent on a transient failure (the database is down,
         // say): running each command alone would only repeat them. Any other
@@ -224,7 +235,7 @@ async fn execute_batch(shared: &Arc<Shared>, jobs: Vec<Job>, isolate: Isolate) {
         Err(e) if size > 1 && !e.is_retryable() => {
             tracing::warn!(error = %e, size, "ledger batch failed; executing its commands one by one");
             for job in jobs {
-                execute(shared, vec![job], Isolate::Done).await;
+                execute(shared, vec![job], Isolate::Done, runs).await;
             }
         }
         Err(e) => {
@@ -247,7 +258,7 @@ type BatchResult = (Vec<Result<Outcome, LedgerError>>, Vec<common::AccountId>);
 
 /// Runs the batch after a lock timeout: the commands on accounts another
 /// transaction holds now apart from the rest (see the module's docs).
-async fn isolate_held_accounts(shared: &Arc<Shared>, jobs: Vec<Job>) {
+async fn isolate_held_accounts(shared: &Arc<Shared>, jobs: Vec<Job>, runs: Runs) {
     let ids: BTreeSet<String> = jobs
         .iter()
         .flat_map(|j| j.cmd.accounts())
@@ -268,7 +279,7 @@ async fn isolate_held_accounts(shared: &Arc<Shared>, jobs: Vec<Job>) {
         // command waits for it.
         let mut all = blocked;
         all.extend(free);
-        execute(shared, all, Isolate::Done).await;
+        execute(shared, all, Isolate::Done, runs).await;
         return;
     }
     metrics::counter!("ledger_lock_isolations_total").increment(1);
@@ -278,22 +289,40 @@ async fn isolate_held_accounts(shared: &Arc<Shared>, jobs: Vec<Job>) {
         running = free.len(),
         "ledger batch waited past the lock timeout; running the commands on held accounts apart"
     );
-    execute(shared, free, Isolate::Allowed).await;
-    // The rest may wait for long. It waits on a task of its own while one
-    // of the few places for that is free, and this worker goes on with the
-    // queue; otherwise it waits here.
+    execute(shared, free, Isolate::Allowed, runs).await;
+    // The rest may wait for long. A parked batch waits where it is; on a
+    // worker it waits on a task of its own while one of the few places for
+    // that is free, and the worker goes on with the queue. With every place
+    // taken its commands are answered "account busy" at once (503, retry
+    // later; nothing was executed): waiting here would stop this worker,
+    // and with it every account's commands, for as long as the lock is held.
+    if runs == Runs::Parked {
+        execute(shared, blocked, Isolate::Allowed, Runs::Parked).await;
+        return;
+    }
     match shared.parked.clone().try_acquire_owned() {
         Ok(place) => {
             let shared = shared.clone();
             tokio::spawn(tracing::Instrument::instrument(
                 async move {
-                    execute(&shared, blocked, Isolate::Allowed).await;
+                    execute(&shared, blocked, Isolate::Allowed, Runs::Parked).await;
                     drop(place);
                 },
                 tracing::Span::current(),
             ));
         }
-        Err(_) => execute(shared, blocked, Isolate::Allowed).await,
+        Err(_) => {
+            tracing::warn!(
+                held = ?held,
+                refused = blocked.len(),
+                "every place for commands waiting on held accounts is taken; answering them account busy"
+            );
+            for job in blocked {
+                metrics::counter!("core_ledger_commands_total", "result" => "account_busy")
+                    .increment(1);
+                let _ = job.reply.send(Err(LedgerError::AccountBusy));
+            }
+        }
     }
 }
 

@@ -198,6 +198,11 @@ pub enum LedgerError {
     /// The ledger queue is full; the caller should retry later.
     #[error("the ledger is overloaded; retry later")]
     Overloaded,
+    /// An account of the command is held by another transaction past the
+    /// lock timeout and the ledger is already waiting on held accounts as
+    /// much as it may; nothing was executed, the caller should retry later.
+    #[error("an account of the request is held by another operation; retry later")]
+    AccountBusy,
     /// The ledger is shutting down.
     #[error("the ledger is shutting down")]
     ShuttingDown,

@@ -338,7 +338,9 @@ async fn b03_lock_held_past_lock_timeout_is_retried_transparently() {
 
 /// B3: a lock another transaction holds for long (an interest payout over a
 /// busy account, an operator's session) holds up the commands that need that
-/// account, and none of the commands batched with them.
+/// account, and none of the commands batched with them; once the ledger waits
+/// on held accounts as much as it may, a further command on one is answered
+/// "account busy" at once rather than stopping a worker.
 #[tokio::test]
 async fn b03_an_account_held_past_the_lock_timeout_holds_up_only_the_commands_that_need_it() {
     use core_bank::ledger::{Ledger, LedgerConfig, Status, TransferCmd};
@@ -424,20 +426,54 @@ async fn b03_an_account_held_past_the_lock_timeout_holds_up_only_the_commands_th
     let later = transfer(&pairs[1].0, &pairs[1].1).await.unwrap().unwrap();
     assert_eq!(later.status, Status::Succeeded);
     assert!(!blocked.is_finished(), "still waiting after the later one");
+
+    // The one place for waiting batches is taken: another command on the
+    // held account, batched with one that needs neither, is answered
+    // "account busy" at once instead of stopping the worker.
+    let gate_lock = AccountLock::hold(&core.db_url, &gate).await.unwrap();
+    let second_gate = transfer(&gate, &pairs[0].1);
+    gate_lock.until_waited_on("the gate's second batch").await;
+    let busy = transfer(&held, &pairs[3].1);
+    let beside = transfer(&pairs[2].0, &pairs[2].1);
+    eventually(
+        "the third batch queued",
+        Duration::from_secs(10),
+        || async {
+            match ledger.queued() {
+                2 => Ok(()),
+                n => Err(format!("{n} queued")),
+            }
+        },
+    )
+    .await;
+    gate_lock.release().await.unwrap();
+    assert_eq!(
+        second_gate.await.unwrap().unwrap().status,
+        Status::Succeeded
+    );
+    assert_eq!(beside.await.unwrap().unwrap().status, Status::Succeeded);
+    let refused = busy.await.unwrap();
+    assert!(
+        matches!(refused, Err(core_bank::ledger::LedgerError::AccountBusy)),
+        "{refused:?}"
+    );
+    assert!(!blocked.is_finished(), "the parked one still waits");
+
     held_lock.release().await.unwrap();
     assert_eq!(blocked.await.unwrap().unwrap().status, Status::Succeeded);
     for (i, (from, to)) in pairs.iter().enumerate() {
-        // The first target also got the gate's and the held account's 100;
-        // the second pair moved twice.
+        // The first target also got the gate's two and the held account's
+        // 100; the second and third pairs moved twice; the fourth target got
+        // nothing from the refused transfer.
         let (sent, received) = match i {
-            0 => (100, 300),
-            1 => (200, 200),
+            0 => (100, 400),
+            1 | 2 => (200, 200),
             _ => (100, 100),
         };
         assert_eq!(core.api.balance(from).await, 1_000 - sent);
         assert_eq!(core.api.balance(to).await, received);
     }
-    assert_eq!(core.api.balance(&gate).await, 900);
+    assert_eq!(core.api.balance(&gate).await, 800);
     assert_eq!(core.api.balance(&held).await, 900);
 }
 
