@@ -137,7 +137,7 @@ fn check_text(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 409, description = "idempotency_conflict", body = ErrorBody),
         (status = 422, description = "refused: insufficient_funds, account_not_found, account_not_active, withdrawal_stopped, deposit_stopped, same_account, request_expired, transfer_fenced, balance_limit_exceeded", body = ErrorBody),
-        (status = 503, body = ErrorBody)))]
+        (status = 503, description = "overloaded, account_busy (nothing executed; retry later), or the database failed", body = ErrorBody)))]
 pub(super) async fn transfer(
     State(s): State<AppState>,
     Json(body): Json<TransferBody>,
@@ -277,7 +277,8 @@ pub(super) struct DepositView {
 /// Credits a deposit arriving from another bank, idempotently by `deposit_id`.
 #[utoipa::path(post, path = "/v1/deposits", request_body = DepositBody,
     responses((status = 200, body = DepositView), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody),
-        (status = 422, description = "account_not_found, account_not_active, deposit_stopped, balance_limit_exceeded", body = ErrorBody)))]
+        (status = 422, description = "account_not_found, account_not_active, deposit_stopped, balance_limit_exceeded", body = ErrorBody),
+        (status = 503, description = "overloaded, account_busy (nothing executed; retry later), or the database failed", body = ErrorBody)))]
 pub(super) async fn deposit(
     State(s): State<AppState>,
     Json(body): Json<DepositBody>,
