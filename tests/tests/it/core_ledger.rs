@@ -390,6 +390,24 @@ async fn b03_an_account_held_past_the_lock_timeout_holds_up_only_the_commands_th
         tokio::spawn(async move { ledger.transfer(cmd).await })
     };
 
+    // Until `n` commands wait in the queue: the batch the worker takes next.
+    let until_queued = |n: usize| {
+        let ledger = ledger.clone();
+        async move {
+            eventually(
+                &format!("{n} commands queued"),
+                Duration::from_secs(10),
+                || async {
+                    match ledger.queued() {
+                        q if q == n => Ok(()),
+                        q => Err(format!("{q} queued")),
+                    }
+                },
+            )
+            .await;
+        }
+    };
+
     // The worker waits on the gate account while the next batch queues: a
     // transfer from the held account and four that need neither.
     let gate_lock = AccountLock::hold(&core.db_url, &gate).await.unwrap();
@@ -398,17 +416,7 @@ async fn b03_an_account_held_past_the_lock_timeout_holds_up_only_the_commands_th
     let held_lock = AccountLock::hold(&core.db_url, &held).await.unwrap();
     let blocked = transfer(&held, &pairs[0].1);
     let unrelated: Vec<_> = pairs.iter().map(|(f, t)| transfer(f, t)).collect();
-    eventually(
-        "the second batch queued",
-        Duration::from_secs(10),
-        || async {
-            match ledger.queued() {
-                5 => Ok(()),
-                n => Err(format!("{n} queued")),
-            }
-        },
-    )
-    .await;
+    until_queued(5).await;
     gate_lock.release().await.unwrap();
     assert_eq!(first.await.unwrap().unwrap().status, Status::Succeeded);
 
@@ -435,17 +443,7 @@ async fn b03_an_account_held_past_the_lock_timeout_holds_up_only_the_commands_th
     gate_lock.until_waited_on("the gate's second batch").await;
     let busy = transfer(&held, &pairs[3].1);
     let beside = transfer(&pairs[2].0, &pairs[2].1);
-    eventually(
-        "the third batch queued",
-        Duration::from_secs(10),
-        || async {
-            match ledger.queued() {
-                2 => Ok(()),
-                n => Err(format!("{n} queued")),
-            }
-        },
-    )
-    .await;
+    until_queued(2).await;
     gate_lock.release().await.unwrap();
     assert_eq!(
         second_gate.await.unwrap().unwrap().status,
