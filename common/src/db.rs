@@ -113,6 +113,11 @@ pub fn is_unique_violation_of(err: &DbErr, constraint: &str) -> bool {
         && violated_constraint(err).as_deref() == Some(constraint)
 }
 
+/// True when a row or table lock was not granted within `lock_timeout`.
+pub fn is_lock_timeout(err: &DbErr) -> bool {
+    pg_code(err).as_deref() == Some(LOCK_NOT_AVAILABLE)
+}
+
 /// True when retrying the whole transaction may succeed: lock timeouts,
 /// deadlocks, serialization failures, and lost or unavailable connections.
 pub fn is_transient(err: &DbErr) -> bool {

@@ -42,6 +42,14 @@ impl Path {
             Path::New => "new",
         }
     }
+
+    /// The other path (the one shadow mode compares with).
+    pub fn other(self) -> Self {
+        match self {
+            Path::Legacy => Path::New,
+            Path::New => Path::Legacy,
+        }
+    }
 }
 
 /// Interest accrued over the completed, unpaid business days of an account:

@@ -171,8 +171,8 @@ impl InterestService {
         self.rollout.get().shadow
     }
 
-    /// In shadow mode (B27), computes the path `chosen` did not take and
-    /// reports a disagreement. It reads on a connection of the pool, never
+    /// Computes the path `chosen` did not take and reports a disagreement
+    /// (B27; run by [`spawn_shadow_check`](Self::spawn_shadow_check)). It reads on a connection of the pool, never
     /// in the caller's transaction: the legacy path replays the period's
     /// history, which must neither hold the account's lock while it runs nor
     /// fail the payout or query whose figure is already decided. Its own
@@ -182,14 +182,8 @@ impl InterestService {
     /// After a payout's transaction the figures of the completed days it
     /// paid do not change (the payout's entry, and every later one, is dated
     /// `today` or after), so the comparison reads what the payout read.
-    pub async fn shadow_check(&self, terms: &AccountTerms, today: NaiveDate, chosen: &Accrual) {
-        if !self.shadow_mode() {
-            return;
-        }
-        let other_path = match chosen.path {
-            Path::Legacy => Path::New,
-            Path::New => Path::Legacy,
-        };
+    async fn shadow_check(&self, terms: &AccountTerms, today: NaiveDate, chosen: &Accrual) {
+        let other_path = chosen.path.other();
         let other = match self.compute(&self.db, terms, today, other_path).await {
             Ok(other) => other,
             Err(e) => {
@@ -217,7 +211,7 @@ impl InterestService {
         }
     }
 
-    /// [`shadow_check`](Self::shadow_check) on a task of its own, tracked so
+    /// In shadow mode, [`shadow_check`](Self::shadow_check) on a task of its own, tracked so
     /// that a clean shutdown waits for it ([`Self::shadow_tasks`]). At most
     /// [`SHADOW_CONCURRENCY`] run at once (each holds a pooled connection for
     /// a replay that may be long); the others wait for their turn.

@@ -74,9 +74,7 @@ impl BatchError {
     /// another transaction holds a row the batch needs.
     pub(crate) fn is_lock_timeout(&self) -> bool {
         match self {
-            BatchError::Db(e) => {
-                common::db::pg_code(e).as_deref() == Some(common::db::LOCK_NOT_AVAILABLE)
-            }
+            BatchError::Db(e) => common::db::is_lock_timeout(e),
             BatchError::Race => false,
         }
     }
