@@ -57,26 +57,77 @@ pub async fn query_strings(url: &str, sql: &str) -> anyhow::Result<Vec<String>> 
     Ok(out)
 }
 
-/// An account's row lock held from outside the services (as a long
-/// transaction of another replica would), to make a service wait for it.
-pub struct AccountLock {
+/// A row lock held from outside the services (as a long transaction of
+/// another replica would), to make a service wait for it.
+pub struct RowLock {
     db: sea_orm::DatabaseConnection,
     txn: sea_orm::DatabaseTransaction,
+    /// The holding session's backend.
+    pid: i32,
 }
 
-impl AccountLock {
-    /// Locks `account` in the core database at `db_url`.
-    pub async fn hold(db_url: &str, account: &str) -> anyhow::Result<Self> {
+impl RowLock {
+    /// Locks `account`'s row in the core database at `db_url`.
+    pub async fn account(db_url: &str, account: &str) -> anyhow::Result<Self> {
+        Self::hold(
+            db_url,
+            "SELECT 1 FROM accounts WHERE account_id = $1 FOR UPDATE",
+            account,
+        )
+        .await
+    }
+
+    /// Holds transfer id `id` in the core database at `db_url`, as a
+    /// transaction inserting it that has not committed yet would: a ledger
+    /// batch executing a transfer of that id waits on it, and asking which of
+    /// its accounts are held finds none.
+    pub async fn transfer_id(db_url: &str, id: &str) -> anyhow::Result<Self> {
+        Self::hold(
+            db_url,
+            "INSERT INTO transfers (transfer_id, status, fenced, completed_at) \
+             VALUES ($1, 'failed', true, now())",
+            id,
+        )
+        .await
+    }
+
+    async fn hold(db_url: &str, sql: &str, value: &str) -> anyhow::Result<Self> {
         use sea_orm::TransactionTrait;
         let db = Database::connect(db_url).await?;
         let txn = db.begin().await?;
-        txn.execute_raw(Statement::from_sql_and_values(
-            txn.get_database_backend(),
-            "SELECT 1 FROM accounts WHERE account_id = $1 FOR UPDATE",
-            [account.into()],
-        ))
-        .await?;
-        Ok(Self { db, txn })
+        let backend = txn.get_database_backend();
+        txn.execute_raw(Statement::from_sql_and_values(backend, sql, [value.into()]))
+            .await?;
+        let pid = txn
+            .query_one_raw(Statement::from_string(
+                backend,
+                "SELECT pg_backend_pid() AS pid",
+            ))
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("no backend pid"))?
+            .try_get::<i32>("", "pid")?;
+        Ok(Self { db, txn, pid })
+    }
+
+    /// How many sessions wait for this lock now, directly or queued behind
+    /// another waiter (a row's second waiter waits for the first), and not
+    /// for another lock.
+    pub async fn blocked(&self) -> anyhow::Result<usize> {
+        let row = self
+            .db
+            .query_one_raw(Statement::from_sql_and_values(
+                self.db.get_database_backend(),
+                "WITH RECURSIVE blocked(pid) AS ( \
+                   SELECT pid FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid)) \
+                   UNION \
+                   SELECT a.pid FROM pg_stat_activity a JOIN blocked b \
+                     ON b.pid = ANY(pg_blocking_pids(a.pid))) \
+                 SELECT count(*) AS n FROM blocked",
+                [self.pid.into()],
+            ))
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("no count"))?;
+        Ok(usize::try_from(row.try_get::<i64>("", "n")?)?)
     }
 
     /// How many sessions of this database wait for a lock now.
@@ -115,9 +166,9 @@ impl AccountLock {
             .collect()
     }
 
-    /// Releases the lock.
+    /// Releases the lock, undoing what holding it wrote.
     pub async fn release(self) -> anyhow::Result<()> {
-        self.txn.commit().await?;
+        self.txn.rollback().await?;
         self.db.close().await?;
         Ok(())
     }

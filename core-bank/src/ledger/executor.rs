@@ -16,22 +16,27 @@
 //! alone, so one bad command cannot fail its neighbours.
 //!
 //! A lock held for long by another transaction (an interest payout reading a
-//! busy account's whole period, an operator's session) must not hold up the
-//! batch's other commands either: when a batch of several commands waits past
+//! busy account's whole period, an operator's session) must hold up only the
+//! commands that need that account. When a batch on a worker waits past
 //! `lock_timeout`, the executor asks which of its accounts are held right now
 //! ([`queries::held_accounts`], which never waits), runs the commands that do
-//! not touch them at once, and then the others as a batch of their own (on a
-//! task of its own while one of `workers` places is free, so the worker goes
-//! on with the queue), which may be split again the same way and otherwise
-//! waits and retries as above. Commands of one batch were concurrent
-//! requests, so running some before others changes no promise.
+//! not touch them at once, and sets the others aside: they run as a batch of
+//! their own on a task of their own while one of `workers` places is free,
+//! so the worker goes on with the queue, and that batch may be split again
+//! the same way and otherwise waits and retries as above. This holds for a
+//! batch of one command too: a lone command on a held account does not stop
+//! its worker. Commands of one batch were concurrent requests, so running
+//! some before others changes no promise.
+//!
+//! Accounts found held are remembered ([`super::held`]): a later batch with a
+//! command on one asks the database whether it is still held before it
+//! starts, and sets those commands aside without waiting a `lock_timeout`
+//! first; an account the database says is free is forgotten.
 //!
 //! Once every place is taken, a worker's commands on held accounts are
 //! answered [`LedgerError::AccountBusy`] at once (nothing executed; 503, retry
 //! later) rather than stopping the worker, and so every account's commands,
-//! for as long as the lock is held. The limit: nothing remembers that an
-//! account is held, so each later batch with a command on it waits one
-//! `lock_timeout` before it is split.
+//! for as long as the lock is held.
 
 use std::collections::{BTreeSet, HashSet};
 use std::future::Future;
@@ -45,6 +50,7 @@ use tokio::sync::{Mutex, Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
 
 use super::batch::{BatchError, Command, Outcome, run_batch};
+use super::held::HeldAccounts;
 use super::queries;
 use super::{DepositCmd, DepositRecord, LedgerError, TransferCmd, TransferRecord};
 use crate::clock::Clock;
@@ -89,6 +95,8 @@ struct Shared {
     /// Places for batches waiting on an account another transaction holds
     /// (see [`isolate_held_accounts`]); as many as there are workers.
     parked: Arc<Semaphore>,
+    /// Accounts found held lately.
+    held: HeldAccounts,
     clock: Clock,
     cfg: LedgerConfig,
     after_commit: AfterCommit,
@@ -107,6 +115,7 @@ impl Ledger {
         let shared = Arc::new(Shared {
             db,
             parked: Arc::new(Semaphore::new(cfg.workers.max(1))),
+            held: HeldAccounts::default(),
             clock,
             cfg,
             after_commit,
@@ -174,8 +183,56 @@ async fn worker(shared: Arc<Shared>, rx: Arc<Mutex<mpsc::Receiver<Job>>>) {
             }
             jobs
         };
-        execute(&shared, jobs, Isolate::Allowed, Runs::OnWorker).await;
+        let jobs = set_aside_known_held(&shared, jobs).await;
+        if !jobs.is_empty() {
+            execute(&shared, jobs, Isolate::Allowed, Runs::OnWorker).await;
+        }
     }
+}
+
+/// Sets aside the commands on accounts found held lately that the database
+/// says are still held ([`park`]), and returns the others. Without such
+/// accounts among the batch's, this costs nothing.
+async fn set_aside_known_held(shared: &Arc<Shared>, jobs: Vec<Job>) -> Vec<Job> {
+    let recalled = shared.held.recalled(
+        jobs.iter()
+            .flat_map(|j| j.cmd.accounts())
+            .map(|a| a.as_str()),
+    );
+    if recalled.is_empty() {
+        return jobs;
+    }
+    let held = match queries::held_accounts(&shared.db, recalled.clone()).await {
+        Ok(held) => held,
+        Err(e) => {
+            // The batch then waits on them as if they were not remembered.
+            tracing::warn!(error = %common::error_chain(&e), "looking up held accounts before a batch");
+            return jobs;
+        }
+    };
+    shared
+        .held
+        .forget(recalled.iter().filter(|id| !held.contains(*id)));
+    if held.is_empty() {
+        return jobs;
+    }
+    shared.held.remember(&held);
+    let (blocked, free) = split_by_held(jobs, &held);
+    metrics::counter!("ledger_lock_isolations_total").increment(1);
+    tracing::info!(
+        held = ?held,
+        waiting = blocked.len(),
+        running = free.len(),
+        "commands on accounts still held set aside without waiting"
+    );
+    park(shared, blocked, &held);
+    free
+}
+
+/// The commands that touch any of `held`, and the others.
+fn split_by_held(jobs: Vec<Job>, held: &HashSet<String>) -> (Vec<Job>, Vec<Job>) {
+    jobs.into_iter()
+        .partition(|j| j.cmd.accounts().any(|a| held.contains(a.as_str())))
 }
 
 /// Whether a lock timeout of a batch may split it by held accounts.
@@ -207,7 +264,8 @@ fn execute(shared: &Arc<Shared>, jobs: Vec<Job>, isolate: Isolate, runs: Runs) -
 async fn execute_batch(shared: &Arc<Shared>, jobs: Vec<Job>, isolate: Isolate, runs: Runs) {
     let started = Instant::now();
     let size = jobs.len();
-    let may_isolate = isolate == Isolate::Allowed && size > 1;
+    // A lone parked command has nothing to be separated from: it waits.
+    let may_isolate = isolate == Isolate::Allowed && (size > 1 || runs == Runs::OnWorker);
     metrics::histogram!("ledger_batch_size").record(size as f64);
     let span = tracing::info_span!(
         "ledger.batch",
@@ -271,12 +329,12 @@ async fn isolate_held_accounts(shared: &Arc<Shared>, jobs: Vec<Job>, runs: Runs)
             HashSet::new()
         }
     };
-    let (blocked, free): (Vec<Job>, Vec<Job>) = jobs
-        .into_iter()
-        .partition(|j| j.cmd.accounts().any(|a| held.contains(a.as_str())));
-    if blocked.is_empty() || free.is_empty() {
-        // Nothing to separate: the lock went away meanwhile, or every
-        // command waits for it.
+    shared.held.remember(&held);
+    let (blocked, free) = split_by_held(jobs, &held);
+    // Nothing to separate: the lock went away meanwhile, or it is not an
+    // account's (the batch then waits and retries as a whole), or, on a
+    // parked batch, every command waits for it.
+    if blocked.is_empty() || (free.is_empty() && runs == Runs::Parked) {
         let mut all = blocked;
         all.extend(free);
         execute(shared, all, Isolate::Done, runs).await;
@@ -289,17 +347,25 @@ async fn isolate_held_accounts(shared: &Arc<Shared>, jobs: Vec<Job>, runs: Runs)
         running = free.len(),
         "ledger batch waited past the lock timeout; running the commands on held accounts apart"
     );
-    execute(shared, free, Isolate::Allowed, runs).await;
-    // The rest may wait for long. A parked batch waits where it is; on a
-    // worker it waits on a task of its own while one of the few places for
-    // that is free, and the worker goes on with the queue. With every place
-    // taken its commands are answered "account busy" at once (503, retry
-    // later; nothing was executed): waiting here would stop this worker,
-    // and with it every account's commands, for as long as the lock is held.
-    if runs == Runs::Parked {
-        execute(shared, blocked, Isolate::Allowed, Runs::Parked).await;
+    if runs == Runs::OnWorker {
+        park(shared, blocked, &held);
+        if !free.is_empty() {
+            execute(shared, free, Isolate::Allowed, runs).await;
+        }
         return;
     }
+    // A parked batch waits where it is.
+    execute(shared, free, Isolate::Allowed, runs).await;
+    execute(shared, blocked, Isolate::Allowed, runs).await;
+}
+
+/// Runs a worker's commands on held accounts apart, as they may wait for
+/// long: on a task of their own while one of the few places for that is
+/// free, and the worker goes on with the queue. With every place taken they
+/// are answered "account busy" at once (503, retry later; nothing was
+/// executed): waiting here would stop the worker, and with it every
+/// account's commands, for as long as the lock is held.
+fn park(shared: &Arc<Shared>, blocked: Vec<Job>, held: &HashSet<String>) {
     match shared.parked.clone().try_acquire_owned() {
         Ok(place) => {
             let shared = shared.clone();

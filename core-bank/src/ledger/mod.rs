@@ -17,6 +17,7 @@
 
 mod batch;
 pub mod executor;
+mod held;
 pub mod queries;
 
 use chrono::{DateTime, NaiveDate, Utc};

@@ -379,7 +379,7 @@ async fn run(args: &Args, seed: u64) -> anyhow::Result<bool> {
                 // account's row past DATABASE_LOCK_TIMEOUT_MS: commands on
                 // it wait; the ones batched with them must not fail.
                 let victim = &accounts[rng.random_range(0..accounts.len())];
-                let lock = bank_tests::db::AccountLock::hold(&core_db, victim).await?;
+                let lock = bank_tests::db::RowLock::account(&core_db, victim).await?;
                 tokio::time::sleep(Duration::from_millis(rng.random_range(2_500..6_000))).await;
                 lock.release().await?;
                 "hold an account's row lock past the lock timeout"

@@ -4,7 +4,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use bank_tests::apps::CoreOptions;
-use bank_tests::db::AccountLock;
+use bank_tests::db::RowLock;
 use bank_tests::nats::{free_port, stream_messages};
 use bank_tests::{Api, CoreApp, NatsServer, eventually, unique};
 use chrono::NaiveDate;
@@ -207,7 +207,7 @@ async fn b22_a_payout_waiting_for_its_lock_across_a_date_change_pays_under_the_n
     let api = &core.api;
     let account = api.funded_account(60_000_000).await;
     let day = api.advance_business_date(3).await;
-    let lock = AccountLock::hold(&core.db_url, &account).await.unwrap();
+    let lock = RowLock::account(&core.db_url, &account).await.unwrap();
     let payout = tokio::spawn({
         let api = api.clone();
         let account = account.clone();

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use bank_tests::apps::{CORE_READ_TOKEN, CORE_TOKEN, CoreOptions};
 use bank_tests::client::transfer_body;
-use bank_tests::db::AccountLock;
+use bank_tests::db::RowLock;
 use bank_tests::nats::stream_messages;
 use bank_tests::{Api, CoreApp, NatsServer, eventually, unique};
 use futures::future::join_all;
@@ -305,7 +305,7 @@ async fn b03_lock_held_past_lock_timeout_is_retried_transparently() {
     let to = core.api.funded_account(0).await;
     // Another session holds the source row lock (the fault) until the
     // transfer has waited, timed out and tried again in a new transaction.
-    let lock = AccountLock::hold(&core.db_url, &from).await.unwrap();
+    let lock = RowLock::account(&core.db_url, &from).await.unwrap();
     let api = core.api.clone();
     let (f, t) = (from.clone(), to.clone());
     let transfer = tokio::spawn(async move { api.core_transfer(&f, &t, 300).await });
@@ -336,6 +336,87 @@ async fn b03_lock_held_past_lock_timeout_is_retried_transparently() {
     assert_eq!(core.api.balance(&to).await, 300);
 }
 
+/// A ledger of one worker over a core's database, so a test decides what one
+/// batch holds: whatever queued while the worker was busy.
+struct OneWorker {
+    ledger: core_bank::ledger::Ledger,
+    _workers: tokio::task::JoinSet<()>,
+}
+
+type LedgerAnswer = Result<core_bank::ledger::TransferRecord, core_bank::ledger::LedgerError>;
+
+impl OneWorker {
+    /// Its lock timeout is 1 s.
+    async fn start(core: &CoreApp) -> Self {
+        let pool = common::config::PoolArgs {
+            db_max_connections: 4,
+            db_lock_timeout_ms: 1_000,
+            db_statement_timeout_ms: 30_000,
+        };
+        let db = common::db::connect(&core.db_url, &pool, "b03-test")
+            .await
+            .unwrap();
+        let clock = core_bank::app::clock(&core.config, &db).await.unwrap();
+        let (ledger, workers) = core_bank::ledger::Ledger::start(
+            db,
+            clock,
+            core_bank::ledger::LedgerConfig {
+                batch_max: 128,
+                workers: 1,
+                queue_max: 64,
+                request_ttl: Duration::from_secs(600),
+            },
+            std::sync::Arc::new(|_: &[common::AccountId]| {}),
+        );
+        Self {
+            ledger,
+            _workers: workers,
+        }
+    }
+
+    /// Transfers 100 from `from` to `to`, as transfer `id`.
+    fn transfer_as(&self, id: &str, from: &str, to: &str) -> tokio::task::JoinHandle<LedgerAnswer> {
+        let ledger = self.ledger.clone();
+        let cmd = core_bank::ledger::TransferCmd {
+            transfer_id: common::TransferId::parse(id).unwrap(),
+            from_account: common::AccountId::parse(from).unwrap(),
+            to_account: common::AccountId::parse(to).unwrap(),
+            amount: common::Amount::from_won(100).unwrap(),
+            memo: None,
+            requested_at: chrono::Utc::now(),
+        };
+        tokio::spawn(async move { ledger.transfer(cmd).await })
+    }
+
+    /// Transfers 100 from `from` to `to`.
+    fn transfer(&self, from: &str, to: &str) -> tokio::task::JoinHandle<LedgerAnswer> {
+        self.transfer_as(common::TransferId::generate().as_str(), from, to)
+    }
+
+    /// Until `n` commands wait in the queue: the batch the worker takes next.
+    async fn until_queued(&self, n: usize) {
+        eventually(
+            &format!("{n} commands queued"),
+            Duration::from_secs(10),
+            || async {
+                match self.ledger.queued() {
+                    q if q == n => Ok(()),
+                    q => Err(format!("{q} queued")),
+                }
+            },
+        )
+        .await;
+    }
+}
+
+fn succeeded(answer: Result<LedgerAnswer, tokio::task::JoinError>) {
+    let answer = answer.unwrap();
+    assert!(
+        matches!(&answer, Ok(r) if r.status == core_bank::ledger::Status::Succeeded),
+        "{answer:?}"
+    );
+}
+
 /// B3: a lock another transaction holds for long (an interest payout over a
 /// busy account, an operator's session) holds up the commands that need that
 /// account, and none of the commands batched with them; once the ledger waits
@@ -343,8 +424,6 @@ async fn b03_lock_held_past_lock_timeout_is_retried_transparently() {
 /// "account busy" at once rather than stopping a worker.
 #[tokio::test]
 async fn b03_an_account_held_past_the_lock_timeout_holds_up_only_the_commands_that_need_it() {
-    use core_bank::ledger::{Ledger, LedgerConfig, Status, TransferCmd};
-
     let (_nats, core) = core().await;
     let gate = core.api.funded_account(1_000).await;
     let held = core.api.funded_account(1_000).await;
@@ -355,101 +434,48 @@ async fn b03_an_account_held_past_the_lock_timeout_holds_up_only_the_commands_th
             core.api.funded_account(0).await,
         ));
     }
-    // A ledger of one worker over the core's database, so the test decides
-    // what one batch holds: whatever queued while the worker was busy.
-    let pool = common::config::PoolArgs {
-        db_max_connections: 4,
-        db_lock_timeout_ms: 1_000,
-        db_statement_timeout_ms: 30_000,
-    };
-    let db = common::db::connect(&core.db_url, &pool, "b03-test")
-        .await
-        .unwrap();
-    let clock = core_bank::app::clock(&core.config, &db).await.unwrap();
-    let (ledger, _workers) = Ledger::start(
-        db,
-        clock,
-        LedgerConfig {
-            batch_max: 128,
-            workers: 1,
-            queue_max: 64,
-            request_ttl: Duration::from_secs(600),
-        },
-        std::sync::Arc::new(|_: &[common::AccountId]| {}),
-    );
-    let transfer = |from: &str, to: &str| {
-        let ledger = ledger.clone();
-        let cmd = TransferCmd {
-            transfer_id: common::TransferId::generate(),
-            from_account: common::AccountId::parse(from).unwrap(),
-            to_account: common::AccountId::parse(to).unwrap(),
-            amount: common::Amount::from_won(100).unwrap(),
-            memo: None,
-            requested_at: chrono::Utc::now(),
-        };
-        tokio::spawn(async move { ledger.transfer(cmd).await })
-    };
+    let one = OneWorker::start(&core).await;
 
-    // Until `n` commands wait in the queue: the batch the worker takes next.
-    let until_queued = |n: usize| {
-        let ledger = ledger.clone();
-        async move {
-            eventually(
-                &format!("{n} commands queued"),
-                Duration::from_secs(10),
-                || async {
-                    match ledger.queued() {
-                        q if q == n => Ok(()),
-                        q => Err(format!("{q} queued")),
-                    }
-                },
-            )
-            .await;
-        }
-    };
-
-    // The worker waits on the gate account while the next batch queues: a
+    // The worker waits on the gate (a transfer id another transaction is
+    // inserting, which holds up no account) while the next batch queues: a
     // transfer from the held account and four that need neither.
-    let gate_lock = AccountLock::hold(&core.db_url, &gate).await.unwrap();
-    let first = transfer(&gate, &pairs[0].1);
+    let gate_id = unique("trf_");
+    let gate_lock = RowLock::transfer_id(&core.db_url, &gate_id).await.unwrap();
+    let first = one.transfer_as(&gate_id, &gate, &pairs[0].1);
     gate_lock.until_waited_on("the first batch").await;
-    let held_lock = AccountLock::hold(&core.db_url, &held).await.unwrap();
-    let blocked = transfer(&held, &pairs[0].1);
-    let unrelated: Vec<_> = pairs.iter().map(|(f, t)| transfer(f, t)).collect();
-    until_queued(5).await;
+    let held_lock = RowLock::account(&core.db_url, &held).await.unwrap();
+    let blocked = one.transfer(&held, &pairs[0].1);
+    let unrelated: Vec<_> = pairs.iter().map(|(f, t)| one.transfer(f, t)).collect();
+    one.until_queued(5).await;
     gate_lock.release().await.unwrap();
-    assert_eq!(first.await.unwrap().unwrap().status, Status::Succeeded);
+    succeeded(first.await);
 
     // The four run once the batch's first lock wait ends; the held
     // account's transfer keeps waiting.
     for t in unrelated {
-        let rec = t.await.unwrap().unwrap();
-        assert_eq!(rec.status, Status::Succeeded, "{rec:?}");
+        succeeded(t.await);
     }
     assert!(
         !blocked.is_finished(),
         "the held account's transfer still waits for its lock"
     );
     // It waits apart: the one worker goes on with the queue.
-    let later = transfer(&pairs[1].0, &pairs[1].1).await.unwrap().unwrap();
-    assert_eq!(later.status, Status::Succeeded);
+    succeeded(one.transfer(&pairs[1].0, &pairs[1].1).await);
     assert!(!blocked.is_finished(), "still waiting after the later one");
 
     // The one place for waiting batches is taken: another command on the
     // held account, batched with one that needs neither, is answered
     // "account busy" at once instead of stopping the worker.
-    let gate_lock = AccountLock::hold(&core.db_url, &gate).await.unwrap();
-    let second_gate = transfer(&gate, &pairs[0].1);
+    let gate_id = unique("trf_");
+    let gate_lock = RowLock::transfer_id(&core.db_url, &gate_id).await.unwrap();
+    let second_gate = one.transfer_as(&gate_id, &gate, &pairs[0].1);
     gate_lock.until_waited_on("the gate's second batch").await;
-    let busy = transfer(&held, &pairs[3].1);
-    let beside = transfer(&pairs[2].0, &pairs[2].1);
-    until_queued(2).await;
+    let busy = one.transfer(&held, &pairs[3].1);
+    let beside = one.transfer(&pairs[2].0, &pairs[2].1);
+    one.until_queued(2).await;
     gate_lock.release().await.unwrap();
-    assert_eq!(
-        second_gate.await.unwrap().unwrap().status,
-        Status::Succeeded
-    );
-    assert_eq!(beside.await.unwrap().unwrap().status, Status::Succeeded);
+    succeeded(second_gate.await);
+    succeeded(beside.await);
     let refused = busy.await.unwrap();
     assert!(
         matches!(refused, Err(core_bank::ledger::LedgerError::AccountBusy)),
@@ -458,7 +484,7 @@ async fn b03_an_account_held_past_the_lock_timeout_holds_up_only_the_commands_th
     assert!(!blocked.is_finished(), "the parked one still waits");
 
     held_lock.release().await.unwrap();
-    assert_eq!(blocked.await.unwrap().unwrap().status, Status::Succeeded);
+    succeeded(blocked.await);
     for (i, (from, to)) in pairs.iter().enumerate() {
         // The first target also got the gate's two and the held account's
         // 100; the second and third pairs moved twice; the fourth target got
@@ -473,6 +499,65 @@ async fn b03_an_account_held_past_the_lock_timeout_holds_up_only_the_commands_th
     }
     assert_eq!(core.api.balance(&gate).await, 800);
     assert_eq!(core.api.balance(&held).await, 900);
+}
+
+/// B3: a lone command on a held account does not stop its worker either, and
+/// once an account was found held, a later command on it does not wait for
+/// the lock again: the ledger asks whether it is still held (a query that
+/// never waits) and sets the command aside, here answering "account busy"
+/// as the one place for waiting is taken. Once free, it is used as before.
+#[tokio::test]
+async fn b03_a_held_account_stops_no_worker_and_is_not_waited_on_twice() {
+    let (_nats, core) = core().await;
+    let held = core.api.funded_account(1_000).await;
+    let from = core.api.funded_account(1_000).await;
+    let mut to = Vec::new();
+    for _ in 0..4 {
+        to.push(core.api.funded_account(0).await);
+    }
+    let one = OneWorker::start(&core).await;
+
+    let lock = RowLock::account(&core.db_url, &held).await.unwrap();
+    let waiting = one.transfer(&held, &to[0]);
+    lock.until_waited_on("the lone transfer").await;
+    succeeded(one.transfer(&from, &to[1]).await);
+    assert!(
+        !waiting.is_finished(),
+        "the held account's transfer waits apart while the worker goes on"
+    );
+
+    // Without the memory, this transfer's transaction would wait a lock
+    // timeout beside the first one's before being set aside.
+    let busy = one.transfer(&held, &to[2]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut most_waiting = 0;
+    while !busy.is_finished() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no answer to the second transfer"
+        );
+        most_waiting = most_waiting.max(lock.blocked().await.unwrap());
+    }
+    assert!(
+        most_waiting <= 1,
+        "{most_waiting} sessions waited for the held account at once"
+    );
+    let refused = busy.await.unwrap();
+    assert!(
+        matches!(refused, Err(core_bank::ledger::LedgerError::AccountBusy)),
+        "{refused:?}"
+    );
+    assert!(!waiting.is_finished(), "the first one still waits");
+
+    lock.release().await.unwrap();
+    succeeded(waiting.await);
+    succeeded(one.transfer(&held, &to[3]).await);
+    assert_eq!(core.api.balance(&held).await, 800);
+    assert_eq!(core.api.balance(&from).await, 900);
+    let received = [100, 100, 0, 100];
+    for (account, want) in to.iter().zip(received) {
+        assert_eq!(core.api.balance(account).await, want);
+    }
 }
 
 #[tokio::test]
@@ -597,7 +682,7 @@ async fn b05_a_request_that_expires_while_waiting_for_a_lock_is_refused() {
     let from = core.api.funded_account(1000).await;
     let to = core.api.funded_account(0).await;
     // Another transaction holds the source account's row lock.
-    let lock = AccountLock::hold(&core.db_url, &from).await.unwrap();
+    let lock = RowLock::account(&core.db_url, &from).await.unwrap();
     let id = unique("trf_");
     let requested_at = chrono::Utc::now() - chrono::Duration::milliseconds(1500);
     let mut body = transfer_body(&id, &from, &to, 100);

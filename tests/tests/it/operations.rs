@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bank_tests::apps::customer_token;
 use bank_tests::client::transfer_body;
-use bank_tests::db::AccountLock;
+use bank_tests::db::RowLock;
 use bank_tests::metrics::{metric, scrape};
 use bank_tests::otlp::OtlpReceiver;
 use bank_tests::process::{ServiceProcess, run_to_exit};
@@ -609,7 +609,7 @@ async fn b29_a_request_in_flight_at_sigterm_is_answered_before_the_service_exits
     assert_eq!(core.balance(&from).await, 990, "moved once");
 
     // The core, waiting on a row lock.
-    let lock = AccountLock::hold(&stack.cfg.core_db, &from).await.unwrap();
+    let lock = RowLock::account(&stack.cfg.core_db, &from).await.unwrap();
     let request = tokio::spawn({
         let core = core.clone();
         let body = transfer_body(&unique("trf_"), &from, &to, 7);
