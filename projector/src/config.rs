@@ -130,8 +130,10 @@ pub struct Config {
     /// Unacknowledged messages the server lets this consumer hold.
     #[arg(long, env = "PROJECTOR_MAX_ACK_PENDING", default_value_t = 10_000)]
     pub max_ack_pending: i64,
-    /// How long a delivered message may go unacknowledged before redelivery.
-    #[arg(long, env = "PROJECTOR_ACK_WAIT_SECS", default_value_t = 60)]
+    /// How long a delivered message may go unacknowledged before redelivery:
+    /// how long the history of a killed projector's batch may lag. Work in
+    /// progress tells the server so every third of it (at most every 10 s).
+    #[arg(long, env = "PROJECTOR_ACK_WAIT_SECS", default_value_t = 30)]
     pub ack_wait_secs: u64,
     /// How often unrecorded payouts are looked for (history interest entries
     /// without a tax record, written at least this long ago), and recorded

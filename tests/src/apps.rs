@@ -243,7 +243,7 @@ impl Default for ProjectorOptions {
             max_deliveries: 5,
             retry_base_ms: 100,
             retry_max_ms: 2_000,
-            ack_wait_secs: 60,
+            ack_wait_secs: 30,
             tax_sweep_secs: 60,
             api_token: None,
         }
