@@ -177,6 +177,7 @@ impl App {
             LedgerConfig {
                 batch_max: self.config.ledger_batch_max.max(1),
                 workers: self.config.ledger_workers.max(1),
+                parked_max: self.config.ledger_workers.max(1),
                 queue_max: self.config.ledger_queue_max.max(1),
                 request_ttl: self.config.request_ttl(),
             },

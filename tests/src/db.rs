@@ -147,6 +147,18 @@ impl RowLock {
         .await
     }
 
+    /// Returns once `n` sessions wait for this lock (see [`Self::blocked`];
+    /// `what` names the waiters in the failure message).
+    pub async fn until_blocked(&self, n: usize, what: &str) {
+        crate::eventually(what, std::time::Duration::from_secs(10), || async {
+            match self.blocked().await {
+                Ok(b) if b == n => Ok(()),
+                other => Err(format!("sessions waiting: {other:?}")),
+            }
+        })
+        .await
+    }
+
     /// When the transactions now waiting for a lock in this database began
     /// (microseconds since the epoch, oldest first). A waiter that gave up
     /// (lock timeout) and tried again shows up with a later start.

@@ -11,7 +11,7 @@
 //! timeout, deadlock, serialization failure, a concurrent insert of the same
 //! id, a lost connection) is retried as a whole, up to 10 times with jittered
 //! backoff; if it still fails, every command of the batch gets the error (a
-//! lock timeout of a batch of several commands is first split, below). A
+//! lock timeout on a worker is first split, below). A
 //! non-transient failure of a batch of several commands re-runs each command
 //! alone, so one bad command cannot fail its neighbours.
 //!
@@ -21,22 +21,26 @@
 //! `lock_timeout`, the executor asks which of its accounts are held right now
 //! ([`queries::held_accounts`], which never waits), runs the commands that do
 //! not touch them at once, and sets the others aside: they run as a batch of
-//! their own on a task of their own while one of `workers` places is free,
+//! their own on a task of their own while one of `parked_max` places (the
+//! core gives as many as `workers`) is free,
 //! so the worker goes on with the queue, and that batch may be split again
 //! the same way and otherwise waits and retries as above. This holds for a
 //! batch of one command too: a lone command on a held account does not stop
 //! its worker. Commands of one batch were concurrent requests, so running
 //! some before others changes no promise.
 //!
-//! Accounts found held are remembered ([`super::held`]): a later batch with a
-//! command on one asks the database whether it is still held before it
-//! starts, and sets those commands aside without waiting a `lock_timeout`
-//! first; an account the database says is free is forgotten.
+//! Accounts found held are remembered ([`super::held`]): while a place is
+//! free, a later batch's commands on one run apart at once, so the worker
+//! does not wait a `lock_timeout` on it again. The memory refuses nothing:
+//! with every place taken such commands stay in the worker's batch, as
+//! without it, and an account whose commands commit is forgotten.
 //!
-//! Once every place is taken, a worker's commands on held accounts are
+//! Once every place is taken, a worker's commands found on held accounts are
 //! answered [`LedgerError::AccountBusy`] at once (nothing executed; 503, retry
 //! later) rather than stopping the worker, and so every account's commands,
-//! for as long as the lock is held.
+//! for as long as the lock is held. A lock that is not an account's (an
+//! uncommitted insert of the same transfer id by another replica, which
+//! commits in milliseconds) is waited for on the worker, with retries.
 
 use std::collections::{BTreeSet, HashSet};
 use std::future::Future;
@@ -46,7 +50,7 @@ use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable};
 use sea_orm::DatabaseConnection;
-use tokio::sync::{Mutex, Semaphore, mpsc, oneshot};
+use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
 
 use super::batch::{BatchError, Command, Outcome, run_batch};
@@ -62,6 +66,9 @@ pub struct LedgerConfig {
     pub batch_max: usize,
     /// Concurrent transactions.
     pub workers: usize,
+    /// Batches that may wait on held accounts apart from the workers (see
+    /// the module's docs); the core gives as many as there are workers.
+    pub parked_max: usize,
     /// Queue capacity; beyond it requests are refused as overloaded.
     pub queue_max: usize,
     /// Request TTL (B5).
@@ -93,7 +100,7 @@ impl std::fmt::Debug for Ledger {
 struct Shared {
     db: DatabaseConnection,
     /// Places for batches waiting on an account another transaction holds
-    /// (see [`isolate_held_accounts`]); as many as there are workers.
+    /// (see [`park`]); `LedgerConfig::parked_max` of them.
     parked: Arc<Semaphore>,
     /// Accounts found held lately.
     held: HeldAccounts,
@@ -114,7 +121,7 @@ impl Ledger {
         let rx = Arc::new(Mutex::new(rx));
         let shared = Arc::new(Shared {
             db,
-            parked: Arc::new(Semaphore::new(cfg.workers.max(1))),
+            parked: Arc::new(Semaphore::new(cfg.parked_max.max(1))),
             held: HeldAccounts::default(),
             clock,
             cfg,
@@ -170,7 +177,7 @@ async fn worker(shared: Arc<Shared>, rx: Arc<Mutex<mpsc::Receiver<Job>>>) {
             let Some(first) = rx.recv().await else {
                 drop(rx);
                 // Stop once no parked batch is left either.
-                let places = shared.cfg.workers.max(1) as u32;
+                let places = shared.cfg.parked_max.max(1) as u32;
                 let _all = shared.parked.acquire_many(places).await;
                 return;
             };
@@ -183,17 +190,22 @@ async fn worker(shared: Arc<Shared>, rx: Arc<Mutex<mpsc::Receiver<Job>>>) {
             }
             jobs
         };
-        let jobs = set_aside_known_held(&shared, jobs).await;
+        let jobs = set_aside_known_held(&shared, jobs);
         if !jobs.is_empty() {
             execute(&shared, jobs, Isolate::Allowed, Runs::OnWorker).await;
         }
     }
 }
 
-/// Sets aside the commands on accounts found held lately that the database
-/// says are still held ([`park`]), and returns the others. Without such
-/// accounts among the batch's, this costs nothing.
-async fn set_aside_known_held(shared: &Arc<Shared>, jobs: Vec<Job>) -> Vec<Job> {
+/// Sets aside the commands on accounts found held lately, while one of the
+/// places for waiting batches is free: they run as a parked batch of their
+/// own ([`spawn_parked`]) and the rest returns to the worker, which so never
+/// waits on such an account. Nothing is asked of the database and nothing is
+/// refused here: an account no longer held just costs its commands a
+/// transaction of their own (and is forgotten once it commits), and with
+/// every place taken the batch runs whole, as without the memory. Without
+/// remembered accounts among the batch's, this costs nothing.
+fn set_aside_known_held(shared: &Arc<Shared>, jobs: Vec<Job>) -> Vec<Job> {
     let recalled = shared.held.recalled(
         jobs.iter()
             .flat_map(|j| j.cmd.accounts())
@@ -202,31 +214,19 @@ async fn set_aside_known_held(shared: &Arc<Shared>, jobs: Vec<Job>) -> Vec<Job> 
     if recalled.is_empty() {
         return jobs;
     }
-    let held = match queries::held_accounts(&shared.db, recalled.clone()).await {
-        Ok(held) => held,
-        Err(e) => {
-            // The batch then waits on them as if they were not remembered.
-            tracing::warn!(error = %common::error_chain(&e), "looking up held accounts before a batch");
-            return jobs;
-        }
-    };
-    shared
-        .held
-        .forget(recalled.iter().filter(|id| !held.contains(*id)));
-    if held.is_empty() {
+    let Ok(place) = shared.parked.clone().try_acquire_owned() else {
         return jobs;
-    }
-    shared.held.remember(&held);
-    let (blocked, free) = split_by_held(jobs, &held);
-    metrics::counter!("ledger_lock_isolations_total").increment(1);
+    };
+    let recalled: HashSet<String> = recalled.into_iter().collect();
+    let (remembered, others) = split_by_held(jobs, &recalled);
     tracing::info!(
-        held = ?held,
-        waiting = blocked.len(),
-        running = free.len(),
-        "commands on accounts still held set aside without waiting"
+        held = ?recalled,
+        waiting = remembered.len(),
+        running = others.len(),
+        "commands on accounts found held lately run apart"
     );
-    park(shared, blocked, &held);
-    free
+    spawn_parked(shared, remembered, place);
+    others
 }
 
 /// The commands that touch any of `held`, and the others.
@@ -279,6 +279,10 @@ async fn execute_batch(shared: &Arc<Shared>, jobs: Vec<Job>, isolate: Isolate, r
         Ok((outcomes, touched)) => {
             metrics::histogram!("ledger_batch_duration_seconds")
                 .record(started.elapsed().as_secs_f64());
+            if runs == Runs::Parked {
+                // Its accounts could be locked: none of them is held now.
+                shared.held.forget(touched.iter().map(|a| a.as_str()));
+            }
             (shared.after_commit)(&touched);
             for (job, outcome) in jobs.into_iter().zip(outcomes) {
                 let _ = job.reply.send(outcome);
@@ -293,7 +297,7 @@ async fn execute_batch(shared: &Arc<Shared>, jobs: Vec<Job>, isolate: Isolate, r
         Err(e) if size > 1 && !e.is_retryable() => {
             tracing::warn!(error = %e, size, "ledger batch failed; executing its commands one by one");
             for job in jobs {
-                execute(shared, vec![job], Isolate::Done, runs).await;
+                execute(shared, vec![job], Isolate::Allowed, runs).await;
             }
         }
         Err(e) => {
@@ -367,16 +371,7 @@ async fn isolate_held_accounts(shared: &Arc<Shared>, jobs: Vec<Job>, runs: Runs)
 /// account's commands, for as long as the lock is held.
 fn park(shared: &Arc<Shared>, blocked: Vec<Job>, held: &HashSet<String>) {
     match shared.parked.clone().try_acquire_owned() {
-        Ok(place) => {
-            let shared = shared.clone();
-            tokio::spawn(tracing::Instrument::instrument(
-                async move {
-                    execute(&shared, blocked, Isolate::Allowed, Runs::Parked).await;
-                    drop(place);
-                },
-                tracing::Span::current(),
-            ));
-        }
+        Ok(place) => spawn_parked(shared, blocked, place),
         Err(_) => {
             tracing::warn!(
                 held = ?held,
@@ -390,6 +385,19 @@ fn park(shared: &Arc<Shared>, blocked: Vec<Job>, held: &HashSet<String>) {
             }
         }
     }
+}
+
+/// Runs `jobs` as a parked batch on a task of its own, holding `place`
+/// until it is done. Never called with no jobs.
+fn spawn_parked(shared: &Arc<Shared>, jobs: Vec<Job>, place: OwnedSemaphorePermit) {
+    let shared = shared.clone();
+    tokio::spawn(tracing::Instrument::instrument(
+        async move {
+            execute(&shared, jobs, Isolate::Allowed, Runs::Parked).await;
+            drop(place);
+        },
+        tracing::Span::current(),
+    ));
 }
 
 async fn attempt_with_retries(

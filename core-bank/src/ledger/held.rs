@@ -2,18 +2,18 @@
 //! lock timeout.
 //!
 //! Once a batch has waited a lock timeout on an account, the next batches
-//! with a command on it ask the database whether it is still held (a query
-//! that never waits) instead of waiting the lock timeout again; see
-//! [`super::executor`]. The memory is only a hint of which accounts to ask
-//! about: an account is set aside only when the database says it is held
-//! now, and forgotten when it says it is not.
+//! run their commands on it apart, while there is a place for that (see
+//! [`super::executor`]), instead of waiting the lock timeout on a worker
+//! again. The memory is only a hint of where a wait is likely: it refuses
+//! nothing, and an account is forgotten once a transaction locked it, or a
+//! while after it was last found held.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// How long an account is remembered after the database last said it was
-/// held. Past it, a batch waits one lock timeout on the account again.
+/// How long an account is remembered after it was last found held. Past it,
+/// a batch on a worker waits one lock timeout on the account again.
 const REMEMBER_FOR: Duration = Duration::from_secs(60);
 
 /// Most accounts remembered at once; beyond it, new ones are not (the
@@ -35,7 +35,7 @@ impl HeldAccounts {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Notes that the database says `held` are held now.
+    /// Notes that `held` were found held past a lock timeout just now.
     pub(super) fn remember<'a>(&self, held: impl IntoIterator<Item = &'a String>) {
         self.remember_at(held, Instant::now());
     }
@@ -50,8 +50,8 @@ impl HeldAccounts {
         }
     }
 
-    /// Notes that the database says `free` are not held.
-    pub(super) fn forget<'a>(&self, free: impl IntoIterator<Item = &'a String>) {
+    /// Notes that `free` are not held (a transaction could lock them).
+    pub(super) fn forget<'a>(&self, free: impl IntoIterator<Item = &'a str>) {
         let mut seen = self.seen();
         for id in free {
             seen.remove(id);
@@ -105,7 +105,7 @@ mod tests {
             held.recalled_at(asked, start),
             vec!["acc_0".to_owned(), "acc_1".to_owned()]
         );
-        held.forget([&accounts[0]]);
+        held.forget(["acc_0"]);
         assert_eq!(held.recalled_at(asked, start), vec!["acc_1".to_owned()]);
         // Said held again later: remembered from then.
         held.remember_at([&accounts[1]], start + REMEMBER_FOR / 2);

@@ -346,11 +346,11 @@ struct OneWorker {
 type LedgerAnswer = Result<core_bank::ledger::TransferRecord, core_bank::ledger::LedgerError>;
 
 impl OneWorker {
-    /// Its lock timeout is 1 s.
-    async fn start(core: &CoreApp) -> Self {
+    /// With `parked_max` places for batches waiting on held accounts.
+    async fn start(core: &CoreApp, lock_timeout: Duration, parked_max: usize) -> Self {
         let pool = common::config::PoolArgs {
             db_max_connections: 4,
-            db_lock_timeout_ms: 1_000,
+            db_lock_timeout_ms: lock_timeout.as_millis() as u64,
             db_statement_timeout_ms: 30_000,
         };
         let db = common::db::connect(&core.db_url, &pool, "b03-test")
@@ -363,6 +363,7 @@ impl OneWorker {
             core_bank::ledger::LedgerConfig {
                 batch_max: 128,
                 workers: 1,
+                parked_max,
                 queue_max: 64,
                 request_ttl: Duration::from_secs(600),
             },
@@ -434,7 +435,7 @@ async fn b03_an_account_held_past_the_lock_timeout_holds_up_only_the_commands_th
             core.api.funded_account(0).await,
         ));
     }
-    let one = OneWorker::start(&core).await;
+    let one = OneWorker::start(&core, Duration::from_secs(1), 1).await;
 
     // The worker waits on the gate (a transfer id another transaction is
     // inserting, which holds up no account) while the next batch queues: a
@@ -442,7 +443,7 @@ async fn b03_an_account_held_past_the_lock_timeout_holds_up_only_the_commands_th
     let gate_id = unique("trf_");
     let gate_lock = RowLock::transfer_id(&core.db_url, &gate_id).await.unwrap();
     let first = one.transfer_as(&gate_id, &gate, &pairs[0].1);
-    gate_lock.until_waited_on("the first batch").await;
+    gate_lock.until_blocked(1, "the first batch").await;
     let held_lock = RowLock::account(&core.db_url, &held).await.unwrap();
     let blocked = one.transfer(&held, &pairs[0].1);
     let unrelated: Vec<_> = pairs.iter().map(|(f, t)| one.transfer(f, t)).collect();
@@ -469,7 +470,7 @@ async fn b03_an_account_held_past_the_lock_timeout_holds_up_only_the_commands_th
     let gate_id = unique("trf_");
     let gate_lock = RowLock::transfer_id(&core.db_url, &gate_id).await.unwrap();
     let second_gate = one.transfer_as(&gate_id, &gate, &pairs[0].1);
-    gate_lock.until_waited_on("the gate's second batch").await;
+    gate_lock.until_blocked(1, "the gate's second batch").await;
     let busy = one.transfer(&held, &pairs[3].1);
     let beside = one.transfer(&pairs[2].0, &pairs[2].1);
     one.until_queued(2).await;
@@ -502,61 +503,50 @@ async fn b03_an_account_held_past_the_lock_timeout_holds_up_only_the_commands_th
 }
 
 /// B3: a lone command on a held account does not stop its worker either, and
-/// once an account was found held, a later command on it does not wait for
-/// the lock again: the ledger asks whether it is still held (a query that
-/// never waits) and sets the command aside, here answering "account busy"
-/// as the one place for waiting is taken. Once free, it is used as before.
+/// once an account was found held, a later command on it runs apart at once
+/// (while there is a place for that) instead of making the worker wait a lock
+/// timeout on it again. Once the account is free, all of them complete.
 #[tokio::test]
 async fn b03_a_held_account_stops_no_worker_and_is_not_waited_on_twice() {
     let (_nats, core) = core().await;
     let held = core.api.funded_account(1_000).await;
     let from = core.api.funded_account(1_000).await;
     let mut to = Vec::new();
-    for _ in 0..4 {
+    for _ in 0..5 {
         to.push(core.api.funded_account(0).await);
     }
-    let one = OneWorker::start(&core).await;
+    // A long lock timeout, so that a worker waiting one shows.
+    let lock_timeout = Duration::from_secs(5);
+    let one = OneWorker::start(&core, lock_timeout, 2).await;
 
     let lock = RowLock::account(&core.db_url, &held).await.unwrap();
     let waiting = one.transfer(&held, &to[0]);
-    lock.until_waited_on("the lone transfer").await;
+    lock.until_blocked(1, "the lone transfer").await;
     succeeded(one.transfer(&from, &to[1]).await);
     assert!(
         !waiting.is_finished(),
         "the held account's transfer waits apart while the worker goes on"
     );
 
-    // Without the memory, this transfer's transaction would wait a lock
-    // timeout beside the first one's before being set aside.
-    let busy = one.transfer(&held, &to[2]);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let mut most_waiting = 0;
-    while !busy.is_finished() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no answer to the second transfer"
-        );
-        most_waiting = most_waiting.max(lock.blocked().await.unwrap());
-    }
-    assert!(
-        most_waiting <= 1,
-        "{most_waiting} sessions waited for the held account at once"
-    );
-    let refused = busy.await.unwrap();
-    assert!(
-        matches!(refused, Err(core_bank::ledger::LedgerError::AccountBusy)),
-        "{refused:?}"
-    );
-    assert!(!waiting.is_finished(), "the first one still waits");
+    // The account is remembered: the next transfer from it waits apart at
+    // once, and the worker answers the one after it well before a lock
+    // timeout could have passed.
+    let second = one.transfer(&held, &to[2]);
+    lock.until_blocked(2, "both transfers from the held account")
+        .await;
+    let after = tokio::time::timeout(lock_timeout / 2, one.transfer(&from, &to[3])).await;
+    succeeded(after.expect("the worker waited on the held account"));
+    assert!(!waiting.is_finished() && !second.is_finished());
 
     lock.release().await.unwrap();
     succeeded(waiting.await);
-    succeeded(one.transfer(&held, &to[3]).await);
-    assert_eq!(core.api.balance(&held).await, 800);
-    assert_eq!(core.api.balance(&from).await, 900);
-    let received = [100, 100, 0, 100];
-    for (account, want) in to.iter().zip(received) {
-        assert_eq!(core.api.balance(account).await, want);
+    succeeded(second.await);
+    // Forgotten once its transfers committed: used as any other.
+    succeeded(one.transfer(&held, &to[4]).await);
+    assert_eq!(core.api.balance(&held).await, 700);
+    assert_eq!(core.api.balance(&from).await, 800);
+    for account in &to {
+        assert_eq!(core.api.balance(account).await, 100);
     }
 }
 
