@@ -291,13 +291,7 @@ pub(crate) async fn run_batch(
         match lock_accounts(&txn, needed.into_iter().collect()).await {
             Ok(accounts) => accounts,
             Err(e) => {
-                // Rolled back now, not when the dropped transaction's
-                // connection goes back to the pool: after a lock timeout the
-                // executor asks which accounts are held, and the rows this
-                // transaction had locked must not look held.
-                if let Err(rollback) = txn.rollback().await {
-                    tracing::debug!(error = %rollback, "rolling back a ledger batch");
-                }
+                roll_back_now(txn).await;
                 return Err(e.into());
             }
         }
@@ -322,79 +316,91 @@ pub(crate) async fn run_batch(
         .map(|(i, a)| (a.id.to_string(), i))
         .collect();
 
-    let mut writes = Writes::default();
-    let mut results: Vec<Option<Result<Outcome, LedgerError>>> = Vec::with_capacity(jobs.len());
-    let mut copies: Vec<(usize, usize)> = Vec::new();
-    for (i, (job, plan)) in jobs.iter().zip(plans).enumerate() {
-        let result = match plan {
-            Plan::Done(r) => Some(*r),
-            Plan::SameAsEarlier(j) => {
-                copies.push((i, j));
-                None
-            }
-            Plan::Execute => Some(match &job.cmd {
-                Command::Transfer(c) => {
-                    let rec = execute_transfer(
-                        c,
-                        &mut accounts,
-                        &index,
-                        cfg,
-                        now,
-                        today,
-                        &job.traceparent,
-                        &mut writes,
-                    )?;
-                    writes.transfer(&rec);
-                    Ok(Outcome::Transfer(rec))
+    // Any failure from here on rolls back at once (see `roll_back_now`).
+    let decided = async {
+        let mut writes = Writes::default();
+        let mut results: Vec<Option<Result<Outcome, LedgerError>>> = Vec::with_capacity(jobs.len());
+        let mut copies: Vec<(usize, usize)> = Vec::new();
+        for (i, (job, plan)) in jobs.iter().zip(plans).enumerate() {
+            let result = match plan {
+                Plan::Done(r) => Some(*r),
+                Plan::SameAsEarlier(j) => {
+                    copies.push((i, j));
+                    None
                 }
-                Command::Deposit(c) => {
-                    let rec = execute_deposit(
-                        c,
-                        &mut accounts,
-                        &index,
-                        now,
-                        today,
-                        &job.traceparent,
-                        &mut writes,
-                    )?;
-                    writes.deposit(&rec);
-                    Ok(Outcome::Deposit(rec))
+                Plan::Execute => Some(match &job.cmd {
+                    Command::Transfer(c) => {
+                        let rec = execute_transfer(
+                            c,
+                            &mut accounts,
+                            &index,
+                            cfg,
+                            now,
+                            today,
+                            &job.traceparent,
+                            &mut writes,
+                        )?;
+                        writes.transfer(&rec);
+                        Ok(Outcome::Transfer(rec))
+                    }
+                    Command::Deposit(c) => {
+                        let rec = execute_deposit(
+                            c,
+                            &mut accounts,
+                            &index,
+                            now,
+                            today,
+                            &job.traceparent,
+                            &mut writes,
+                        )?;
+                        writes.deposit(&rec);
+                        Ok(Outcome::Deposit(rec))
+                    }
+                }),
+            };
+            results.push(result);
+        }
+        // A later copy of an id inside the batch is answered like a replay of the
+        // first copy (same answer, or a conflict if the bodies differ).
+        for (i, j) in copies {
+            let answer = match (&results[j], &jobs[i].cmd) {
+                (Some(Ok(Outcome::Transfer(first))), Command::Transfer(c)) => {
+                    replay_transfer(first, c).map(Outcome::Transfer)
                 }
-            }),
-        };
-        results.push(result);
-    }
-    // A later copy of an id inside the batch is answered like a replay of the
-    // first copy (same answer, or a conflict if the bodies differ).
-    for (i, j) in copies {
-        let answer = match (&results[j], &jobs[i].cmd) {
-            (Some(Ok(Outcome::Transfer(first))), Command::Transfer(c)) => {
-                replay_transfer(first, c).map(Outcome::Transfer)
-            }
-            (Some(Ok(Outcome::Deposit(first))), Command::Deposit(c)) => {
-                replay_deposit(first, c).map(Outcome::Deposit)
-            }
-            _ => Err(LedgerError::Db(DbErr::Custom(
-                "batch copy without a first result".to_owned(),
-            ))),
-        };
-        results[i] = Some(answer);
-    }
-    let outputs: Vec<Result<Outcome, LedgerError>> = results
-        .into_iter()
-        .map(|r| {
-            r.unwrap_or_else(|| {
-                Err(LedgerError::Db(DbErr::Custom(
-                    "unanswered command".to_owned(),
-                )))
+                (Some(Ok(Outcome::Deposit(first))), Command::Deposit(c)) => {
+                    replay_deposit(first, c).map(Outcome::Deposit)
+                }
+                _ => Err(LedgerError::Db(DbErr::Custom(
+                    "batch copy without a first result".to_owned(),
+                ))),
+            };
+            results[i] = Some(answer);
+        }
+        let outputs: Vec<Result<Outcome, LedgerError>> = results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| {
+                    Err(LedgerError::Db(DbErr::Custom(
+                        "unanswered command".to_owned(),
+                    )))
+                })
             })
-        })
-        .collect();
+            .collect();
 
-    phases.mark("decide");
-    if !writes.is_empty() {
-        write_all(&txn, &writes, &accounts, now, today).await?;
+        phases.mark("decide");
+        if !writes.is_empty() {
+            write_all(&txn, &writes, &accounts, now, today).await?;
+        }
+        Ok::<_, BatchError>(outputs)
     }
+    .await;
+    let outputs = match decided {
+        Ok(outputs) => outputs,
+        Err(e) => {
+            roll_back_now(txn).await;
+            return Err(e);
+        }
+    };
     phases.mark("write");
     txn.commit().await?;
     phases.mark("commit");
@@ -414,6 +420,16 @@ pub(crate) async fn run_batch(
         .map(|a| a.id)
         .collect();
     Ok((outputs, touched))
+}
+
+/// Ends a failed batch's transaction now, not when the dropped transaction's
+/// connection goes back to the pool: after a lock timeout the executor asks
+/// which accounts are held, and the rows this transaction locked must not
+/// look held.
+async fn roll_back_now(txn: DatabaseTransaction) {
+    if let Err(e) = txn.rollback().await {
+        tracing::debug!(error = %e, "rolling back a ledger batch");
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
