@@ -20,14 +20,18 @@
 //! commands that need that account. When a batch on a worker waits past
 //! `lock_timeout`, the executor asks which of its accounts are held right now
 //! ([`queries::held_accounts`], which never waits), runs the commands that do
-//! not touch them at once, and sets the others aside: they run as a batch of
-//! their own on a task of their own while one of `parked_max` places (the
-//! core gives as many as `workers`) is free,
-//! so the worker goes on with the queue, and that batch may be split again
-//! the same way and otherwise waits and retries as above. This holds for a
-//! batch of one command too: a lone command on a held account does not stop
-//! its worker. Commands of one batch were concurrent requests, so running
-//! some before others changes no promise.
+//! not touch them at once, and sets the others aside: each held account's
+//! commands (grouped by the first held account they touch) run as a batch of
+//! their own, on a task of their own while one of `parked_max` places (the
+//! core gives as many as `workers`) is free, so the worker goes on with the
+//! queue. Such a batch may be split again the same way (its held accounts'
+//! commands then wait side by side) and otherwise waits and retries as
+//! above. One group per account keeps an account that only looked held
+//! (locked for a moment by a concurrent batch when asked) from waiting with
+//! a really held one. This holds for a batch of one command too: a lone
+//! command on a held account does not stop its worker. Commands of one batch
+//! were concurrent requests, so running some before others changes no
+//! promise.
 //!
 //! Accounts found held are remembered ([`super::held`]): while a place is
 //! free, a later batch's commands on one run apart at once, so the worker
@@ -42,7 +46,7 @@
 //! uncommitted insert of the same transfer id by another replica, which
 //! commits in milliseconds) is waited for on the worker, with retries.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -214,25 +218,45 @@ fn set_aside_known_held(shared: &Arc<Shared>, jobs: Vec<Job>) -> Vec<Job> {
     if recalled.is_empty() {
         return jobs;
     }
-    let Ok(place) = shared.parked.clone().try_acquire_owned() else {
-        return jobs;
-    };
     let recalled: HashSet<String> = recalled.into_iter().collect();
-    let (remembered, others) = split_by_held(jobs, &recalled);
-    tracing::info!(
-        held = ?recalled,
-        waiting = remembered.len(),
-        running = others.len(),
-        "commands on accounts found held lately run apart"
-    );
-    spawn_parked(shared, remembered, place);
+    let (groups, mut others) = group_by_held(jobs, &recalled);
+    for (account, group) in groups {
+        match shared.parked.clone().try_acquire_owned() {
+            Ok(place) => {
+                tracing::info!(
+                    held = %account,
+                    waiting = group.len(),
+                    "commands on an account found held lately run apart"
+                );
+                spawn_parked(shared, group, place);
+            }
+            Err(_) => others.extend(group),
+        }
+    }
     others
 }
 
-/// The commands that touch any of `held`, and the others.
-fn split_by_held(jobs: Vec<Job>, held: &HashSet<String>) -> (Vec<Job>, Vec<Job>) {
-    jobs.into_iter()
-        .partition(|j| j.cmd.accounts().any(|a| held.contains(a.as_str())))
+/// The commands that touch any of `held`, grouped by the first of those
+/// accounts (in id order) each touches, and the commands that touch none.
+/// A group per account: an account that only looked held (locked for a
+/// moment by a concurrent batch) then waits with no other's commands.
+fn group_by_held(jobs: Vec<Job>, held: &HashSet<String>) -> (BTreeMap<String, Vec<Job>>, Vec<Job>) {
+    let mut groups: BTreeMap<String, Vec<Job>> = BTreeMap::new();
+    let mut free = Vec::new();
+    for job in jobs {
+        let first_held = job
+            .cmd
+            .accounts()
+            .map(|a| a.as_str())
+            .filter(|a| held.contains(*a))
+            .min()
+            .map(str::to_owned);
+        match first_held {
+            Some(account) => groups.entry(account).or_default().push(job),
+            None => free.push(job),
+        }
+    }
+    (groups, free)
 }
 
 /// Whether a lock timeout of a batch may split it by held accounts.
@@ -281,7 +305,11 @@ async fn execute_batch(shared: &Arc<Shared>, jobs: Vec<Job>, isolate: Isolate, r
                 .record(started.elapsed().as_secs_f64());
             if runs == Runs::Parked {
                 // Its accounts could be locked: none of them is held now.
-                shared.held.forget(touched.iter().map(|a| a.as_str()));
+                shared.held.forget(
+                    jobs.iter()
+                        .flat_map(|j| j.cmd.accounts())
+                        .map(|a| a.as_str()),
+                );
             }
             (shared.after_commit)(&touched);
             for (job, outcome) in jobs.into_iter().zip(outcomes) {
@@ -334,33 +362,44 @@ async fn isolate_held_accounts(shared: &Arc<Shared>, jobs: Vec<Job>, runs: Runs)
         }
     };
     shared.held.remember(&held);
-    let (blocked, free) = split_by_held(jobs, &held);
+    let (groups, free) = group_by_held(jobs, &held);
     // Nothing to separate: the lock went away meanwhile, or it is not an
     // account's (the batch then waits and retries as a whole), or, on a
-    // parked batch, every command waits for it.
-    if blocked.is_empty() || (free.is_empty() && runs == Runs::Parked) {
-        let mut all = blocked;
-        all.extend(free);
+    // parked batch, every command waits for the same account.
+    if groups.is_empty() || (free.is_empty() && groups.len() == 1 && runs == Runs::Parked) {
+        let all = groups.into_values().flatten().chain(free).collect();
         execute(shared, all, Isolate::Done, runs).await;
         return;
     }
     metrics::counter!("ledger_lock_isolations_total").increment(1);
     tracing::warn!(
         held = ?held,
-        waiting = blocked.len(),
+        waiting = groups.values().map(Vec::len).sum::<usize>(),
         running = free.len(),
         "ledger batch waited past the lock timeout; running the commands on held accounts apart"
     );
-    if runs == Runs::OnWorker {
-        park(shared, blocked, &held);
-        if !free.is_empty() {
-            execute(shared, free, Isolate::Allowed, runs).await;
+    match runs {
+        Runs::OnWorker => {
+            park(shared, groups, &held);
+            if !free.is_empty() {
+                execute(shared, free, Isolate::Allowed, runs).await;
+            }
         }
-        return;
+        // A parked batch waits where it is: the free commands first, then
+        // each held account's side by side, so that one account's wait (and
+        // its retries) does not hold up another's.
+        Runs::Parked => {
+            if !free.is_empty() {
+                execute(shared, free, Isolate::Allowed, runs).await;
+            }
+            futures::future::join_all(
+                groups
+                    .into_values()
+                    .map(|group| execute(shared, group, Isolate::Allowed, runs)),
+            )
+            .await;
+        }
     }
-    // A parked batch waits where it is.
-    execute(shared, free, Isolate::Allowed, runs).await;
-    execute(shared, blocked, Isolate::Allowed, runs).await;
 }
 
 /// Runs a worker's commands on held accounts apart, as they may wait for
@@ -369,19 +408,22 @@ async fn isolate_held_accounts(shared: &Arc<Shared>, jobs: Vec<Job>, runs: Runs)
 /// are answered "account busy" at once (503, retry later; nothing was
 /// executed): waiting here would stop the worker, and with it every
 /// account's commands, for as long as the lock is held.
-fn park(shared: &Arc<Shared>, blocked: Vec<Job>, held: &HashSet<String>) {
-    match shared.parked.clone().try_acquire_owned() {
-        Ok(place) => spawn_parked(shared, blocked, place),
-        Err(_) => {
-            tracing::warn!(
-                held = ?held,
-                refused = blocked.len(),
-                "every place for commands waiting on held accounts is taken; answering them account busy"
-            );
-            for job in blocked {
-                metrics::counter!("core_ledger_commands_total", "result" => "account_busy")
-                    .increment(1);
-                let _ = job.reply.send(Err(LedgerError::AccountBusy));
+fn park(shared: &Arc<Shared>, groups: BTreeMap<String, Vec<Job>>, held: &HashSet<String>) {
+    for (account, group) in groups {
+        match shared.parked.clone().try_acquire_owned() {
+            Ok(place) => spawn_parked(shared, group, place),
+            Err(_) => {
+                tracing::warn!(
+                    held = ?held,
+                    account = %account,
+                    refused = group.len(),
+                    "every place for commands waiting on held accounts is taken; answering them account busy"
+                );
+                for job in group {
+                    metrics::counter!("core_ledger_commands_total", "result" => "account_busy")
+                        .increment(1);
+                    let _ = job.reply.send(Err(LedgerError::AccountBusy));
+                }
             }
         }
     }

@@ -428,6 +428,7 @@ async fn b03_an_account_held_past_the_lock_timeout_holds_up_only_the_commands_th
     let (_nats, core) = core().await;
     let gate = core.api.funded_account(1_000).await;
     let held = core.api.funded_account(1_000).await;
+    let held_to = core.api.funded_account(0).await;
     let mut pairs = Vec::new();
     for _ in 0..4 {
         pairs.push((
@@ -445,7 +446,7 @@ async fn b03_an_account_held_past_the_lock_timeout_holds_up_only_the_commands_th
     let first = one.transfer_as(&gate_id, &gate, &pairs[0].1);
     gate_lock.until_blocked(1, "the first batch").await;
     let held_lock = RowLock::account(&core.db_url, &held).await.unwrap();
-    let blocked = one.transfer(&held, &pairs[0].1);
+    let blocked = one.transfer(&held, &held_to);
     let unrelated: Vec<_> = pairs.iter().map(|(f, t)| one.transfer(f, t)).collect();
     one.until_queued(5).await;
     gate_lock.release().await.unwrap();
@@ -487,11 +488,11 @@ async fn b03_an_account_held_past_the_lock_timeout_holds_up_only_the_commands_th
     held_lock.release().await.unwrap();
     succeeded(blocked.await);
     for (i, (from, to)) in pairs.iter().enumerate() {
-        // The first target also got the gate's two and the held account's
-        // 100; the second and third pairs moved twice; the fourth target got
-        // nothing from the refused transfer.
+        // The first target also got the gate's two; the second and third
+        // pairs moved twice; the fourth target got nothing from the refused
+        // transfer.
         let (sent, received) = match i {
-            0 => (100, 400),
+            0 => (100, 300),
             1 | 2 => (200, 200),
             _ => (100, 100),
         };
@@ -500,6 +501,56 @@ async fn b03_an_account_held_past_the_lock_timeout_holds_up_only_the_commands_th
     }
     assert_eq!(core.api.balance(&gate).await, 800);
     assert_eq!(core.api.balance(&held).await, 900);
+    assert_eq!(core.api.balance(&held_to).await, 100);
+}
+
+/// B3: the commands on two held accounts wait apart, each account's on its
+/// own: the one whose lock goes first completes while the other still waits
+/// (an account that only looked held, locked for a moment by a concurrent
+/// batch when the ledger asked, so never waits with a really held one).
+#[tokio::test]
+async fn b03_commands_on_two_held_accounts_wait_apart() {
+    let (_nats, core) = core().await;
+    let gate = core.api.funded_account(1_000).await;
+    let long = core.api.funded_account(1_000).await;
+    let short = core.api.funded_account(1_000).await;
+    let (from, to) = (
+        core.api.funded_account(1_000).await,
+        core.api.funded_account(0).await,
+    );
+    let one = OneWorker::start(&core, Duration::from_secs(1), 2).await;
+
+    // One batch: a transfer from each held account and one that needs
+    // neither, queued while the worker waits on the gate.
+    let gate_id = unique("trf_");
+    let gate_lock = RowLock::transfer_id(&core.db_url, &gate_id).await.unwrap();
+    let first = one.transfer_as(&gate_id, &gate, &to);
+    gate_lock.until_blocked(1, "the gate's batch").await;
+    let long_lock = RowLock::account(&core.db_url, &long).await.unwrap();
+    let short_lock = RowLock::account(&core.db_url, &short).await.unwrap();
+    let from_long = one.transfer(&long, &to);
+    let from_short = one.transfer(&short, &to);
+    let free = one.transfer(&from, &to);
+    one.until_queued(3).await;
+    gate_lock.release().await.unwrap();
+    succeeded(first.await);
+    succeeded(free.await);
+    long_lock
+        .until_blocked(1, "the long-held account's transfer")
+        .await;
+    short_lock
+        .until_blocked(1, "the short-held account's transfer")
+        .await;
+
+    short_lock.release().await.unwrap();
+    succeeded(from_short.await);
+    assert!(
+        !from_long.is_finished(),
+        "the long-held account's transfer still waits"
+    );
+    long_lock.release().await.unwrap();
+    succeeded(from_long.await);
+    assert_eq!(core.api.balance(&to).await, 400);
 }
 
 /// B3: a lone command on a held account does not stop its worker either, and
