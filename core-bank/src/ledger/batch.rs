@@ -96,7 +96,15 @@ impl Phases {
     }
 }
 
-type BatchOutput = (Vec<Result<Outcome, LedgerError>>, Vec<AccountId>);
+/// What a committed batch did.
+pub(crate) struct BatchOutput {
+    /// Each command's answer, in the batch's order.
+    pub outcomes: Vec<Result<Outcome, LedgerError>>,
+    /// The accounts whose balance changed.
+    pub touched: Vec<AccountId>,
+    /// The accounts the transaction locked.
+    pub locked: Vec<AccountId>,
+}
 
 struct AccountState {
     id: AccountId,
@@ -415,11 +423,15 @@ pub(crate) async fn run_batch(
         metrics::counter!("core_ledger_commands_total", "result" => label).increment(1);
     }
     let touched = accounts
-        .into_iter()
+        .iter()
         .filter(|a| a.changed)
-        .map(|a| a.id)
+        .map(|a| a.id.clone())
         .collect();
-    Ok((outputs, touched))
+    Ok(BatchOutput {
+        outcomes: outputs,
+        touched,
+        locked: accounts.into_iter().map(|a| a.id).collect(),
+    })
 }
 
 /// Ends a failed batch's transaction now, not when the dropped transaction's

@@ -25,10 +25,13 @@
 //! their own, on a task of their own while one of `parked_max` places (the
 //! core gives as many as `workers`) is free, so the worker goes on with the
 //! queue. Such a batch may be split again the same way (its held accounts'
-//! commands then wait side by side) and otherwise waits and retries as
+//! commands then wait two at a time) and otherwise waits and retries as
 //! above. One group per account keeps an account that only looked held
-//! (locked for a moment by a concurrent batch when asked) from waiting with
-//! a really held one. This holds for a batch of one command too: a lone
+//! (locked for a moment by a concurrent batch when asked) from waiting in
+//! the same transaction as a really held one; it can still wait behind it
+//! when its commands also need an account of lower id than the held one
+//! (rows are locked in id order, and a waiting transaction keeps the locks
+//! it has). This holds for a batch of one command too: a lone
 //! command on a held account does not stop its worker. Commands of one batch
 //! were concurrent requests, so running some before others changes no
 //! promise.
@@ -53,11 +56,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable};
+use futures::StreamExt;
 use sea_orm::DatabaseConnection;
 use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
 
-use super::batch::{BatchError, Command, Outcome, run_batch};
+use super::batch::{BatchError, BatchOutput, Command, Outcome, run_batch};
 use super::held::HeldAccounts;
 use super::queries;
 use super::{DepositCmd, DepositRecord, LedgerError, TransferCmd, TransferRecord};
@@ -259,6 +263,9 @@ fn group_by_held(jobs: Vec<Job>, held: &HashSet<String>) -> (BTreeMap<String, Ve
     (groups, free)
 }
 
+/// Held accounts' batches a parked batch that split again runs at once.
+const PARKED_SIDE_BY_SIDE: usize = 2;
+
 /// Whether a lock timeout of a batch may split it by held accounts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Isolate {
@@ -300,16 +307,16 @@ async fn execute_batch(shared: &Arc<Shared>, jobs: Vec<Job>, isolate: Isolate, r
         tracing::Instrument::instrument(attempt_with_retries(shared, &jobs, may_isolate), span)
             .await;
     match result {
-        Ok((outcomes, touched)) => {
+        Ok(BatchOutput {
+            outcomes,
+            touched,
+            locked,
+        }) => {
             metrics::histogram!("ledger_batch_duration_seconds")
                 .record(started.elapsed().as_secs_f64());
             if runs == Runs::Parked {
-                // Its accounts could be locked: none of them is held now.
-                shared.held.forget(
-                    jobs.iter()
-                        .flat_map(|j| j.cmd.accounts())
-                        .map(|a| a.as_str()),
-                );
+                // These could be locked: none of them is held now.
+                shared.held.forget(locked.iter().map(|a| a.as_str()));
             }
             (shared.after_commit)(&touched);
             for (job, outcome) in jobs.into_iter().zip(outcomes) {
@@ -343,8 +350,6 @@ async fn execute_batch(shared: &Arc<Shared>, jobs: Vec<Job>, isolate: Isolate, r
         }
     }
 }
-
-type BatchResult = (Vec<Result<Outcome, LedgerError>>, Vec<common::AccountId>);
 
 /// Runs the batch after a lock timeout: the commands on accounts another
 /// transaction holds now apart from the rest (see the module's docs).
@@ -386,17 +391,20 @@ async fn isolate_held_accounts(shared: &Arc<Shared>, jobs: Vec<Job>, runs: Runs)
             }
         }
         // A parked batch waits where it is: the free commands first, then
-        // each held account's side by side, so that one account's wait (and
-        // its retries) does not hold up another's.
+        // each held account's, [`PARKED_SIDE_BY_SIDE`] at a time (each holds
+        // a pooled connection while it waits), so that one account's wait
+        // (and its retries) holds up few others.
         Runs::Parked => {
             if !free.is_empty() {
                 execute(shared, free, Isolate::Allowed, runs).await;
             }
-            futures::future::join_all(
+            futures::stream::iter(
                 groups
                     .into_values()
                     .map(|group| execute(shared, group, Isolate::Allowed, runs)),
             )
+            .buffer_unordered(PARKED_SIDE_BY_SIDE)
+            .collect::<()>()
             .await;
         }
     }
@@ -446,7 +454,7 @@ async fn attempt_with_retries(
     shared: &Shared,
     jobs: &[Job],
     may_isolate: bool,
-) -> Result<BatchResult, BatchError> {
+) -> Result<BatchOutput, BatchError> {
     (|| run_batch(&shared.db, &shared.clock, &shared.cfg, jobs))
         .retry(
             ExponentialBuilder::default()

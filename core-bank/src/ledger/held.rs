@@ -5,8 +5,8 @@
 //! run their commands on it apart, while there is a place for that (see
 //! [`super::executor`]), instead of waiting the lock timeout on a worker
 //! again. The memory is only a hint of where a wait is likely: it refuses
-//! nothing, and an account is forgotten once a transaction locked it, or a
-//! while after it was last found held.
+//! nothing, and an account is forgotten once a parked batch that locked it
+//! commits, or a while after it was last found held.
 
 use std::collections::HashMap;
 use std::sync::Mutex;

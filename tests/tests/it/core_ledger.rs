@@ -519,6 +519,10 @@ async fn b03_commands_on_two_held_accounts_wait_apart() {
         core.api.funded_account(0).await,
     );
     let one = OneWorker::start(&core, Duration::from_secs(1), 2).await;
+    // Ids are time-ordered: `to` sorts after both held accounts, so neither
+    // transfer holds it while waiting for its held account (rows are locked
+    // in id order; a target of lower id would make the short-held account's
+    // transfer wait behind the long-held one's).
 
     // One batch: a transfer from each held account and one that needs
     // neither, queued while the worker waits on the gate.
