@@ -394,6 +394,22 @@ impl OneWorker {
         self.transfer_as(common::TransferId::generate().as_str(), from, to)
     }
 
+    /// Makes the worker wait on a gate until it is released: a transfer of
+    /// 100 from `from` to `to` whose id another transaction is inserting (a
+    /// lock that is no account's, so the worker waits and retries it).
+    async fn gate(
+        &self,
+        core: &CoreApp,
+        from: &str,
+        to: &str,
+    ) -> (RowLock, tokio::task::JoinHandle<LedgerAnswer>) {
+        let id = unique("trf_");
+        let lock = RowLock::transfer_id(&core.db_url, &id).await.unwrap();
+        let transfer = self.transfer_as(&id, from, to);
+        lock.until_blocked(1, "the worker waits on the gate").await;
+        (lock, transfer)
+    }
+
     /// Until `n` commands wait in the queue: the batch the worker takes next.
     async fn until_queued(&self, n: usize) {
         eventually(
@@ -441,10 +457,7 @@ async fn b03_an_account_held_past_the_lock_timeout_holds_up_only_the_commands_th
     // The worker waits on the gate (a transfer id another transaction is
     // inserting, which holds up no account) while the next batch queues: a
     // transfer from the held account and four that need neither.
-    let gate_id = unique("trf_");
-    let gate_lock = RowLock::transfer_id(&core.db_url, &gate_id).await.unwrap();
-    let first = one.transfer_as(&gate_id, &gate, &pairs[0].1);
-    gate_lock.until_blocked(1, "the first batch").await;
+    let (gate_lock, first) = one.gate(&core, &gate, &pairs[0].1).await;
     let held_lock = RowLock::account(&core.db_url, &held).await.unwrap();
     let blocked = one.transfer(&held, &held_to);
     let unrelated: Vec<_> = pairs.iter().map(|(f, t)| one.transfer(f, t)).collect();
@@ -468,10 +481,7 @@ async fn b03_an_account_held_past_the_lock_timeout_holds_up_only_the_commands_th
     // The one place for waiting batches is taken: another command on the
     // held account, batched with one that needs neither, is answered
     // "account busy" at once instead of stopping the worker.
-    let gate_id = unique("trf_");
-    let gate_lock = RowLock::transfer_id(&core.db_url, &gate_id).await.unwrap();
-    let second_gate = one.transfer_as(&gate_id, &gate, &pairs[0].1);
-    gate_lock.until_blocked(1, "the gate's second batch").await;
+    let (gate_lock, second_gate) = one.gate(&core, &gate, &pairs[0].1).await;
     let busy = one.transfer(&held, &pairs[3].1);
     let beside = one.transfer(&pairs[2].0, &pairs[2].1);
     one.until_queued(2).await;
@@ -526,10 +536,7 @@ async fn b03_commands_on_two_held_accounts_wait_apart() {
 
     // One batch: a transfer from each held account and one that needs
     // neither, queued while the worker waits on the gate.
-    let gate_id = unique("trf_");
-    let gate_lock = RowLock::transfer_id(&core.db_url, &gate_id).await.unwrap();
-    let first = one.transfer_as(&gate_id, &gate, &to);
-    gate_lock.until_blocked(1, "the gate's batch").await;
+    let (gate_lock, first) = one.gate(&core, &gate, &to).await;
     let long_lock = RowLock::account(&core.db_url, &long).await.unwrap();
     let short_lock = RowLock::account(&core.db_url, &short).await.unwrap();
     let from_long = one.transfer(&long, &to);
