@@ -237,7 +237,48 @@ pub(crate) async fn run_batch(
     let mut phases = Phases::start();
     let txn = db.begin().await?;
     phases.mark("begin");
+    // Any failure after `BEGIN` rolls back at once (see `roll_back_now`).
+    let (outputs, accounts) = match decide_and_write(&txn, clock, cfg, jobs, &mut phases).await {
+        Ok(decided) => decided,
+        Err(e) => {
+            roll_back_now(txn).await;
+            return Err(e);
+        }
+    };
+    txn.commit().await?;
+    phases.mark("commit");
 
+    for out in &outputs {
+        let label = match out {
+            Ok(Outcome::Transfer(r)) => r.reason.clone().unwrap_or_else(|| "succeeded".to_owned()),
+            Ok(Outcome::Deposit(r)) => r.reason.clone().unwrap_or_else(|| "succeeded".to_owned()),
+            Err(LedgerError::IdempotencyConflict { .. }) => "idempotency_conflict".to_owned(),
+            Err(_) => "error".to_owned(),
+        };
+        metrics::counter!("core_ledger_commands_total", "result" => label).increment(1);
+    }
+    let touched = accounts
+        .iter()
+        .filter(|a| a.changed)
+        .map(|a| a.id.clone())
+        .collect();
+    Ok(BatchOutput {
+        outcomes: outputs,
+        touched,
+        locked: accounts.into_iter().map(|a| a.id).collect(),
+    })
+}
+
+/// The batch's work inside its transaction: reads the known ids, locks the
+/// accounts, decides each command and writes the results; each command's
+/// answer and the locked accounts as they end up.
+async fn decide_and_write(
+    txn: &DatabaseTransaction,
+    clock: &Clock,
+    cfg: &LedgerConfig,
+    jobs: &[Job],
+    phases: &mut Phases,
+) -> Result<(Vec<Result<Outcome, LedgerError>>, Vec<AccountState>), BatchError> {
     let mut transfer_ids = Vec::new();
     let mut deposit_ids = Vec::new();
     for job in jobs {
@@ -249,12 +290,12 @@ pub(crate) async fn run_batch(
     let known_transfers = if transfer_ids.is_empty() {
         HashMap::new()
     } else {
-        queries::load_transfers(&txn, transfer_ids).await?
+        queries::load_transfers(txn, transfer_ids).await?
     };
     let known_deposits = if deposit_ids.is_empty() {
         HashMap::new()
     } else {
-        queries::load_deposits(&txn, deposit_ids).await?
+        queries::load_deposits(txn, deposit_ids).await?
     };
 
     phases.mark("read_known_ids");
@@ -296,13 +337,7 @@ pub(crate) async fn run_batch(
     let mut accounts = if needed.is_empty() {
         Vec::new()
     } else {
-        match lock_accounts(&txn, needed.into_iter().collect()).await {
-            Ok(accounts) => accounts,
-            Err(e) => {
-                roll_back_now(txn).await;
-                return Err(e.into());
-            }
-        }
+        lock_accounts(txn, needed.into_iter().collect()).await?
     };
     phases.mark("lock_accounts");
     // The time and business date are read once the rows are locked, not
@@ -324,114 +359,81 @@ pub(crate) async fn run_batch(
         .map(|(i, a)| (a.id.to_string(), i))
         .collect();
 
-    // Any failure from here on rolls back at once (see `roll_back_now`).
-    let decided = async {
-        let mut writes = Writes::default();
-        let mut results: Vec<Option<Result<Outcome, LedgerError>>> = Vec::with_capacity(jobs.len());
-        let mut copies: Vec<(usize, usize)> = Vec::new();
-        for (i, (job, plan)) in jobs.iter().zip(plans).enumerate() {
-            let result = match plan {
-                Plan::Done(r) => Some(*r),
-                Plan::SameAsEarlier(j) => {
-                    copies.push((i, j));
-                    None
+    let mut writes = Writes::default();
+    let mut results: Vec<Option<Result<Outcome, LedgerError>>> = Vec::with_capacity(jobs.len());
+    let mut copies: Vec<(usize, usize)> = Vec::new();
+    for (i, (job, plan)) in jobs.iter().zip(plans).enumerate() {
+        let result = match plan {
+            Plan::Done(r) => Some(*r),
+            Plan::SameAsEarlier(j) => {
+                copies.push((i, j));
+                None
+            }
+            Plan::Execute => Some(match &job.cmd {
+                Command::Transfer(c) => {
+                    let rec = execute_transfer(
+                        c,
+                        &mut accounts,
+                        &index,
+                        cfg,
+                        now,
+                        today,
+                        &job.traceparent,
+                        &mut writes,
+                    )?;
+                    writes.transfer(&rec);
+                    Ok(Outcome::Transfer(rec))
                 }
-                Plan::Execute => Some(match &job.cmd {
-                    Command::Transfer(c) => {
-                        let rec = execute_transfer(
-                            c,
-                            &mut accounts,
-                            &index,
-                            cfg,
-                            now,
-                            today,
-                            &job.traceparent,
-                            &mut writes,
-                        )?;
-                        writes.transfer(&rec);
-                        Ok(Outcome::Transfer(rec))
-                    }
-                    Command::Deposit(c) => {
-                        let rec = execute_deposit(
-                            c,
-                            &mut accounts,
-                            &index,
-                            now,
-                            today,
-                            &job.traceparent,
-                            &mut writes,
-                        )?;
-                        writes.deposit(&rec);
-                        Ok(Outcome::Deposit(rec))
-                    }
-                }),
-            };
-            results.push(result);
-        }
-        // A later copy of an id inside the batch is answered like a replay of the
-        // first copy (same answer, or a conflict if the bodies differ).
-        for (i, j) in copies {
-            let answer = match (&results[j], &jobs[i].cmd) {
-                (Some(Ok(Outcome::Transfer(first))), Command::Transfer(c)) => {
-                    replay_transfer(first, c).map(Outcome::Transfer)
+                Command::Deposit(c) => {
+                    let rec = execute_deposit(
+                        c,
+                        &mut accounts,
+                        &index,
+                        now,
+                        today,
+                        &job.traceparent,
+                        &mut writes,
+                    )?;
+                    writes.deposit(&rec);
+                    Ok(Outcome::Deposit(rec))
                 }
-                (Some(Ok(Outcome::Deposit(first))), Command::Deposit(c)) => {
-                    replay_deposit(first, c).map(Outcome::Deposit)
-                }
-                _ => Err(LedgerError::Db(DbErr::Custom(
-                    "batch copy without a first result".to_owned(),
-                ))),
-            };
-            results[i] = Some(answer);
-        }
-        let outputs: Vec<Result<Outcome, LedgerError>> = results
-            .into_iter()
-            .map(|r| {
-                r.unwrap_or_else(|| {
-                    Err(LedgerError::Db(DbErr::Custom(
-                        "unanswered command".to_owned(),
-                    )))
-                })
-            })
-            .collect();
-
-        phases.mark("decide");
-        if !writes.is_empty() {
-            write_all(&txn, &writes, &accounts, now, today).await?;
-        }
-        Ok::<_, BatchError>(outputs)
-    }
-    .await;
-    let outputs = match decided {
-        Ok(outputs) => outputs,
-        Err(e) => {
-            roll_back_now(txn).await;
-            return Err(e);
-        }
-    };
-    phases.mark("write");
-    txn.commit().await?;
-    phases.mark("commit");
-
-    for out in &outputs {
-        let label = match out {
-            Ok(Outcome::Transfer(r)) => r.reason.clone().unwrap_or_else(|| "succeeded".to_owned()),
-            Ok(Outcome::Deposit(r)) => r.reason.clone().unwrap_or_else(|| "succeeded".to_owned()),
-            Err(LedgerError::IdempotencyConflict { .. }) => "idempotency_conflict".to_owned(),
-            Err(_) => "error".to_owned(),
+            }),
         };
-        metrics::counter!("core_ledger_commands_total", "result" => label).increment(1);
+        results.push(result);
     }
-    let touched = accounts
-        .iter()
-        .filter(|a| a.changed)
-        .map(|a| a.id.clone())
+    // A later copy of an id inside the batch is answered like a replay of the
+    // first copy (same answer, or a conflict if the bodies differ).
+    for (i, j) in copies {
+        let answer = match (&results[j], &jobs[i].cmd) {
+            (Some(Ok(Outcome::Transfer(first))), Command::Transfer(c)) => {
+                replay_transfer(first, c).map(Outcome::Transfer)
+            }
+            (Some(Ok(Outcome::Deposit(first))), Command::Deposit(c)) => {
+                replay_deposit(first, c).map(Outcome::Deposit)
+            }
+            _ => Err(LedgerError::Db(DbErr::Custom(
+                "batch copy without a first result".to_owned(),
+            ))),
+        };
+        results[i] = Some(answer);
+    }
+    let outputs: Vec<Result<Outcome, LedgerError>> = results
+        .into_iter()
+        .map(|r| {
+            r.unwrap_or_else(|| {
+                Err(LedgerError::Db(DbErr::Custom(
+                    "unanswered command".to_owned(),
+                )))
+            })
+        })
         .collect();
-    Ok(BatchOutput {
-        outcomes: outputs,
-        touched,
-        locked: accounts.into_iter().map(|a| a.id).collect(),
-    })
+
+    phases.mark("decide");
+    if !writes.is_empty() {
+        write_all(txn, &writes, &accounts, now, today).await?;
+    }
+    phases.mark("write");
+    Ok((outputs, accounts))
 }
 
 /// Ends a failed batch's transaction now, not when the dropped transaction's
