@@ -112,7 +112,7 @@ impl RowLock {
     /// How many sessions wait for this lock now, directly or queued behind
     /// another waiter (a row's second waiter waits for the first), and not
     /// for another lock.
-    pub async fn blocked(&self) -> anyhow::Result<usize> {
+    async fn blocked(&self) -> anyhow::Result<usize> {
         let row = self
             .db
             .query_one_raw(Statement::from_sql_and_values(

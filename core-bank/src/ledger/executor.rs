@@ -40,7 +40,8 @@
 //! free, a later batch's commands on one run apart at once, so the worker
 //! does not wait a `lock_timeout` on it again. The memory refuses nothing:
 //! with every place taken such commands stay in the worker's batch, as
-//! without it, and an account whose commands commit is forgotten.
+//! without it, and an account is forgotten once a parked batch that locked
+//! it commits.
 //!
 //! Once every place is taken, a worker's commands found on held accounts are
 //! answered [`LedgerError::AccountBusy`] at once (nothing executed; 503, retry

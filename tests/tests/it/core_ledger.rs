@@ -517,7 +517,8 @@ async fn b03_an_account_held_past_the_lock_timeout_holds_up_only_the_commands_th
 /// B3: the commands on two held accounts wait apart, each account's on its
 /// own: the one whose lock goes first completes while the other still waits
 /// (an account that only looked held, locked for a moment by a concurrent
-/// batch when the ledger asked, so never waits with a really held one).
+/// batch when the ledger asked, so does not wait in one transaction with a
+/// really held one).
 #[tokio::test]
 async fn b03_commands_on_two_held_accounts_wait_apart() {
     let (_nats, core) = core().await;
