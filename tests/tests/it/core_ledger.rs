@@ -613,6 +613,64 @@ async fn b03_a_held_account_stops_no_worker_and_is_not_waited_on_twice() {
     }
 }
 
+/// B3: a parked batch (commands set aside on an account found held) that
+/// meets another held account splits again: the commands that need neither
+/// held account complete, and those on the newly held one wait apart, instead
+/// of the whole parked batch waiting for it.
+#[tokio::test]
+async fn b03_a_parked_batch_that_meets_another_held_account_splits_again() {
+    let (_nats, core) = core().await;
+    // Ids are time-ordered: `later` sorts before `held`, so the parked batch
+    // locks it first; `to` sorts after both.
+    let later = core.api.funded_account(1_000).await;
+    let held = core.api.funded_account(1_000).await;
+    let to = core.api.funded_account(0).await;
+    let (gate, gate_to) = (
+        core.api.funded_account(1_000).await,
+        core.api.funded_account(0).await,
+    );
+    assert!(later < held && held < to, "ids sort in creation order");
+    let one = OneWorker::start(&core, Duration::from_secs(1), 2).await;
+
+    // `held` is found held (a lone transfer from it waits apart) and so
+    // remembered; the worker answering the next command shows it went on.
+    let held_lock = RowLock::account(&core.db_url, &held).await.unwrap();
+    let first = one.transfer(&held, &to);
+    held_lock.until_blocked(1, "the lone transfer").await;
+    succeeded(one.transfer(&gate, &gate_to).await);
+
+    // One batch of two transfers from the remembered account, one of them
+    // to `later`, which is held now too: set aside at once, as one parked
+    // batch, which waits for `later` first.
+    let later_lock = RowLock::account(&core.db_url, &later).await.unwrap();
+    let (gate_lock, gated) = one.gate(&core, &gate, &gate_to).await;
+    let to_free = one.transfer(&held, &to);
+    let to_later = one.transfer(&held, &later);
+    one.until_queued(2).await;
+    gate_lock.release().await.unwrap();
+    succeeded(gated.await);
+    later_lock
+        .until_blocked(1, "the parked batch, on the later-held account")
+        .await;
+
+    // `held` is free again: once the parked batch's lock wait ends, the
+    // transfer that needs only `held` and `to` completes while `later` is
+    // still held.
+    held_lock.release().await.unwrap();
+    succeeded(first.await);
+    let done = tokio::time::timeout(Duration::from_secs(30), to_free).await;
+    succeeded(done.expect("the parked batch waited whole for the later-held account"));
+    assert!(
+        !to_later.is_finished(),
+        "the transfer to the later-held account waits for it"
+    );
+    later_lock.release().await.unwrap();
+    succeeded(to_later.await);
+    assert_eq!(core.api.balance(&held).await, 700);
+    assert_eq!(core.api.balance(&to).await, 200);
+    assert_eq!(core.api.balance(&later).await, 1_100);
+}
+
 #[tokio::test]
 async fn b04_replay_returns_first_answer_conflict_is_rejected_and_concurrent_same_id_executes_once()
 {
