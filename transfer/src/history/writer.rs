@@ -87,11 +87,14 @@ pub async fn apply(db: &DatabaseConnection, entries: &[LedgerEntry]) -> Result<A
     let txn = db.begin().await?;
     // One statement creates missing sync rows and locks every row (in account
     // order, like the ledger): `DO UPDATE` takes the row lock, as
-    // `SELECT ... FOR UPDATE` would.
+    // `SELECT ... FOR UPDATE` would, and `WHERE false` keeps it from writing
+    // a new version of the row (PostgreSQL locks every conflicting row the
+    // action is taken for, updated or not). The row is written once, at the
+    // end, with where the history then stands.
     txn.execute_raw(Statement::from_sql_and_values(
         backend,
         "INSERT INTO history_sync (account_id) SELECT unnest($1::text[]) ORDER BY 1 \
-         ON CONFLICT (account_id) DO UPDATE SET account_id = EXCLUDED.account_id",
+         ON CONFLICT (account_id) DO UPDATE SET account_id = EXCLUDED.account_id WHERE false",
         [accounts.clone().into()],
     ))
     .await?;
