@@ -671,6 +671,50 @@ async fn b03_a_parked_batch_that_meets_another_held_account_splits_again() {
     assert_eq!(core.api.balance(&later).await, 1_100);
 }
 
+/// B3: remembering held accounts never refuses a command: with every place
+/// for waiting batches taken, a command on an account found held before, and
+/// free again, runs on the worker like any other.
+#[tokio::test]
+async fn b03_a_remembered_account_free_again_is_served_while_every_place_is_taken() {
+    let (_nats, core) = core().await;
+    let long = core.api.funded_account(1_000).await;
+    let brief = core.api.funded_account(1_000).await;
+    let (from, to) = (
+        core.api.funded_account(1_000).await,
+        core.api.funded_account(0).await,
+    );
+    let one = OneWorker::start(&core, Duration::from_secs(1), 1).await;
+
+    // The one place is taken by a transfer waiting on `long`.
+    let long_lock = RowLock::account(&core.db_url, &long).await.unwrap();
+    let parked = one.transfer(&long, &to);
+    long_lock.until_blocked(1, "the parked transfer").await;
+    succeeded(one.transfer(&from, &to).await);
+
+    // `brief` is found held with no place left: its transfer is answered
+    // "account busy", and the account is remembered.
+    let brief_lock = RowLock::account(&core.db_url, &brief).await.unwrap();
+    let refused = one.transfer(&brief, &to).await.unwrap();
+    assert!(
+        matches!(refused, Err(core_bank::ledger::LedgerError::AccountBusy)),
+        "{refused:?}"
+    );
+    brief_lock.release().await.unwrap();
+
+    // Free again, with every place still taken: served, not refused and not
+    // kept waiting for a place.
+    let served = tokio::time::timeout(Duration::from_secs(10), one.transfer(&brief, &to)).await;
+    succeeded(served.expect("the transfer waited for a place"));
+    assert!(!parked.is_finished(), "the parked transfer still waits");
+
+    long_lock.release().await.unwrap();
+    succeeded(parked.await);
+    assert_eq!(core.api.balance(&long).await, 900);
+    assert_eq!(core.api.balance(&brief).await, 900);
+    assert_eq!(core.api.balance(&from).await, 900);
+    assert_eq!(core.api.balance(&to).await, 300);
+}
+
 #[tokio::test]
 async fn b04_replay_returns_first_answer_conflict_is_rejected_and_concurrent_same_id_executes_once()
 {
