@@ -8,6 +8,7 @@ use async_nats::jetstream::Message;
 use common::AccountId;
 use common::events::{EntryKind, LEDGER_SUBJECT_PREFIX, LedgerEntry, LedgerEvent};
 use sea_orm::DbErr;
+use tokio::sync::oneshot;
 use transfer::history::sync::{self, SyncError};
 use transfer::history::writer;
 
@@ -309,8 +310,9 @@ async fn apply_again(
 /// Handles a batch from the `LEDGER` consumer. Returns the messages left
 /// unsettled because the channel database is unavailable (see
 /// [`super::run`], which holds them); every other message is acked, naked or
-/// dead-lettered.
-pub async fn handle(ctx: &Context, batch: Vec<Message>) -> Vec<Message> {
+/// dead-lettered. Each lane applies after the previous batch's same lane
+/// has (`turns`).
+pub async fn handle(ctx: &Context, batch: Vec<Message>, turns: Turns) -> Vec<Message> {
     let mut valid: Vec<(Message, LedgerEntry)> = Vec::with_capacity(batch.len());
     for m in batch {
         match decode(m.subject.as_str(), &m.payload) {
@@ -318,13 +320,11 @@ pub async fn handle(ctx: &Context, batch: Vec<Message>) -> Vec<Message> {
             Err(reason) => fail(ctx, &m, Failure::Permanent(reason)).await,
         }
     }
-    if valid.is_empty() {
-        return Vec::new();
-    }
     // Lanes: the batch is split by account into disjoint groups applied
     // concurrently, each in its own transaction. An account is always in the
-    // same lane, so its entries keep their order within this instance, and
-    // the lanes never wait on each other's row locks.
+    // same lane, and a lane applies only after the batch before took its
+    // turn there, so an account's entries keep their order within this
+    // instance; the lanes never wait on each other's row locks.
     let mut lanes: Vec<Vec<(Message, LedgerEntry)>> = (0..LANES).map(|_| Vec::new()).collect();
     for (m, e) in valid {
         lanes[lane_of(e.account_id.as_str())].push((m, e));
@@ -332,8 +332,8 @@ pub async fn handle(ctx: &Context, batch: Vec<Message>) -> Vec<Message> {
     futures::future::join_all(
         lanes
             .into_iter()
-            .filter(|l| !l.is_empty())
-            .map(|l| handle_lane(ctx, l)),
+            .zip(turns.lanes)
+            .map(|(l, turn)| handle_lane(ctx, l, turn)),
     )
     .await
     .into_iter()
@@ -348,18 +348,153 @@ fn lane_of(account: &str) -> usize {
     (common::ids::stable_hash(account) % LANES as u64) as usize
 }
 
-/// Applies one lane in one transaction. If PostgreSQL refuses the data of
-/// some entry, the lane is applied again one entry at a time, so only that
-/// entry is dead-lettered and the rest of the lane goes on.
-async fn handle_lane(ctx: &Context, valid: Vec<(Message, LedgerEntry)>) -> Vec<Message> {
+/// The order in which consecutive batches take their turns in the lanes.
+///
+/// The consumer keeps two ledger batches in hand, so the next one is
+/// decoded while this one is applied; a batch's lane waits until the batch
+/// handed out before it is done with that lane. An account always falls
+/// into the same lane, so its entries are applied in the order they were
+/// delivered, as with one batch at a time. A lane the channel database could
+/// not take is handed back whole (its messages held, [`super::run`]), and so
+/// is the same lane of every batch after it that is in hand, so held earlier
+/// entries are not overtaken by later ones.
+#[derive(Debug)]
+pub struct LaneOrder {
+    /// Per lane: resolves once the last batch handed a turn is done with it.
+    last: Vec<Option<oneshot::Receiver<Passed>>>,
+}
+
+impl Default for LaneOrder {
+    fn default() -> Self {
+        Self {
+            last: (0..LANES).map(|_| None).collect(),
+        }
+    }
+}
+
+impl LaneOrder {
+    /// The turns of the next batch, after every batch handed out before.
+    pub fn take_turns(&mut self) -> Turns {
+        let lanes = self
+            .last
+            .iter_mut()
+            .map(|last| {
+                let (next, after_this) = oneshot::channel();
+                Turn {
+                    after: last.replace(after_this),
+                    next: Some(next),
+                }
+            })
+            .collect();
+        Turns { lanes }
+    }
+}
+
+/// A batch's turn in every lane (see [`LaneOrder`]).
+#[derive(Debug)]
+pub struct Turns {
+    lanes: Vec<Turn>,
+}
+
+impl Turns {
+    /// Turns that wait for nothing: for a batch with no other in hand.
+    pub fn free() -> Self {
+        LaneOrder::default().take_turns()
+    }
+}
+
+/// How a batch left a lane to the next one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Passed {
+    /// Applied or settled: the next batch applies the lane.
+    Settled,
+    /// Handed back unsettled (the database is away): the next batch hands
+    /// the lane back too.
+    Held,
+}
+
+/// A batch's turn in one lane: it may apply once the batch before is done
+/// with the lane ([`Turn::wait`]), and passes the lane on when done
+/// ([`Turn::pass`]; dropped, as settled).
+#[derive(Debug)]
+struct Turn {
+    after: Option<oneshot::Receiver<Passed>>,
+    next: Option<oneshot::Sender<Passed>>,
+}
+
+impl Turn {
+    /// Waits for the batch before to be done with this lane; how it left
+    /// it (a batch that ended without saying, its task failed, as settled).
+    /// Cancel-safe: dropped before then, the turn still waits.
+    async fn wait(&mut self) -> Passed {
+        let Some(after) = self.after.as_mut() else {
+            return Passed::Settled;
+        };
+        let passed = after.await.unwrap_or(Passed::Settled);
+        self.after = None;
+        passed
+    }
+
+    /// Passes the lane to the next batch.
+    fn pass(mut self, how: Passed) {
+        if let Some(next) = self.next.take() {
+            let _ = next.send(how);
+        }
+    }
+}
+
+impl Drop for Turn {
+    /// A turn dropped before the batch before it was done (its batch's task
+    /// ended early) passes the lane on only once that batch is done, so the
+    /// next batch never applies beside it.
+    fn drop(&mut self) {
+        let (Some(after), Some(next)) = (self.after.take(), self.next.take()) else {
+            return;
+        };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let passed = after.await.unwrap_or(Passed::Settled);
+                let _ = next.send(passed);
+            });
+        }
+    }
+}
+
+/// Applies one lane in one transaction, in its turn. If PostgreSQL refuses
+/// the data of some entry, the lane is applied again one entry at a time, so
+/// only that entry is dead-lettered and the rest of the lane goes on.
+async fn handle_lane(
+    ctx: &Context,
+    valid: Vec<(Message, LedgerEntry)>,
+    mut turn: Turn,
+) -> Vec<Message> {
+    // The server is told the messages are in progress while the batch
+    // before is still applying this lane (a long gap fill, for example).
+    let before = {
+        let messages: Vec<&Message> = valid.iter().map(|(m, _)| m).collect();
+        holding_progress(ctx, &messages, turn.wait()).await
+    };
+    if before == Passed::Held {
+        // The batch before handed this lane back: these entries are held
+        // with its, and applied after them once the database answers.
+        turn.pass(Passed::Held);
+        return valid.into_iter().map(|(m, _)| m).collect();
+    }
+    if valid.is_empty() {
+        return Vec::new();
+    }
     let entries: Vec<LedgerEntry> = valid.iter().map(|(_, e)| e.clone()).collect();
     match apply_holding_progress(ctx, &valid, &entries).await {
         Ok(outcome) => {
+            // Applied: the next batch may apply this lane while the
+            // messages are acknowledged.
+            turn.pass(Passed::Settled);
             settle(ctx, &valid, &outcome).await;
             Vec::new()
         }
         Err(e) if common::db::is_unavailable(&e) => {
             tracing::warn!(error = %e, held = valid.len(), "the channel database is unavailable; holding the lane");
+            turn.pass(Passed::Held);
             valid.into_iter().map(|(m, _)| m).collect()
         }
         Err(e) if common::db::is_rejected_data(&e) && valid.len() > 1 => {
@@ -371,6 +506,7 @@ async fn handle_lane(ctx: &Context, valid: Vec<(Message, LedgerEntry)>) -> Vec<M
                 match apply_holding_progress(ctx, &one, &entries).await {
                     Ok(outcome) => settle(ctx, &one, &outcome).await,
                     Err(e) if common::db::is_unavailable(&e) => {
+                        turn.pass(Passed::Held);
                         let [(m, _)] = one;
                         return std::iter::once(m).chain(rest.map(|(m, _)| m)).collect();
                     }
@@ -445,8 +581,71 @@ async fn settle(ctx: &Context, valid: &[(Message, LedgerEntry)], outcome: &Outco
 
 #[cfg(test)]
 mod tests {
-    use super::decode;
+    use super::{LANES, LaneOrder, Passed, Turn, Turns, decode};
+    use futures::FutureExt;
     use serde_json::{Value, json};
+
+    fn turns(order: &mut LaneOrder) -> Vec<Option<Turn>> {
+        order.take_turns().lanes.into_iter().map(Some).collect()
+    }
+
+    fn pass(turn: &mut Option<Turn>, how: Passed) {
+        if let Some(t) = turn.take() {
+            t.pass(how);
+        }
+    }
+
+    /// How the batch before left the lane, if it is done with it.
+    fn passed(turn: &mut Option<Turn>) -> Option<Passed> {
+        turn.as_mut().and_then(|t| t.wait().now_or_never())
+    }
+
+    #[tokio::test]
+    async fn b14_a_batch_applies_a_lane_only_after_the_batch_before_is_done_with_it() {
+        let mut order = LaneOrder::default();
+        let mut first = turns(&mut order);
+        let mut second = turns(&mut order);
+        let mut third = turns(&mut order);
+        // The first batch waits for nothing; the second waits in every lane.
+        for lane in 0..LANES {
+            assert_eq!(passed(&mut first[lane]), Some(Passed::Settled));
+            assert_eq!(passed(&mut second[lane]), None);
+        }
+        // The first batch is done with lane 0: the second may apply it, the
+        // third waits for the second.
+        pass(&mut first[0], Passed::Settled);
+        assert_eq!(passed(&mut second[0]), Some(Passed::Settled));
+        assert_eq!(passed(&mut third[0]), None);
+        // A lane handed back is handed back by the batches after it too.
+        pass(&mut first[1], Passed::Held);
+        assert_eq!(passed(&mut second[1]), Some(Passed::Held));
+        pass(&mut second[1], Passed::Held);
+        assert_eq!(passed(&mut third[1]), Some(Passed::Held));
+        // The second batch ends early (its task failed) while the first still
+        // applies lanes 2 and 3: the third may apply lane 0, which the second
+        // was done with, and still waits for the first in lanes 2 and 3.
+        drop(second);
+        assert_eq!(passed(&mut third[0]), Some(Passed::Settled));
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(passed(&mut third[2]), None);
+        assert_eq!(passed(&mut third[3]), None);
+        pass(&mut first[2], Passed::Settled);
+        drop(first);
+        for lane in [2, 3] {
+            let turn = third[lane].as_mut();
+            assert!(turn.is_some(), "lane {lane} has a turn");
+            if let Some(turn) = turn {
+                let passed =
+                    tokio::time::timeout(std::time::Duration::from_secs(10), turn.wait()).await;
+                assert_eq!(passed, Ok(Passed::Settled), "lane {lane}");
+            }
+        }
+        // A batch handled alone waits for nothing.
+        let mut free: Vec<Option<Turn>> = Turns::free().lanes.into_iter().map(Some).collect();
+        assert_eq!(passed(&mut free[0]), Some(Passed::Settled));
+    }
 
     const ACCOUNT: &str = "acc_01a23a50080676da9ced6504fc06d3cc";
 

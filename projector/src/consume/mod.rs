@@ -2,12 +2,15 @@
 //!
 //! One durable pull consumer per stream (`LEDGER` into the history,
 //! `INTEREST` into tax records), explicit acks, bounded ack-pending on the
-//! server and bounded batches here. A batch is whatever is delivered while the
-//! previous one was handled (up to `PROJECTOR_BATCH`). Ledger batches are
+//! server and bounded batches here. A batch is what waits in the
+//! subscription when there is room for one, or else the first message and
+//! what arrives within 5 ms of it (up to `PROJECTOR_BATCH`). Ledger batches are
 //! split by account into lanes applied concurrently, one database
-//! transaction each; per-account order within an instance follows from
-//! handling batches one at a time, from an account always falling into the
-//! same lane, and from the writer's sequence rule.
+//! transaction each, and two batches are in hand at once (the next is decoded
+//! while this one is applied); per-account order within an instance follows
+//! from an account always falling into the same lane, from a batch applying a
+//! lane only after the batch before it is done with it
+//! ([`ledger::LaneOrder`]), and from the writer's sequence rule. Interest batches are handled one at a time.
 //!
 //! Every message ends in exactly one of: **ack** (applied or a duplicate),
 //! **nak with a delay** (a transient failure: exponential backoff with jitter
@@ -19,8 +22,10 @@
 //!
 //! An unavailable channel database (no connection, a server shutting down,
 //! read-only: `common::db::is_unavailable`) is not a failure of the
-//! message: the handlers return such messages unsettled, and the consumer
-//! stops pulling, keeps them (telling the server they are in progress),
+//! message: the handlers return such messages unsettled (a ledger lane also
+//! hands back the same lane of the next batch in hand), and the consumer,
+//! once the batches in hand have ended, stops pulling, keeps them (telling
+//! the server they are in progress),
 //! probes the database with backoff and handles them again once it answers.
 //! An outage therefore spends none of the held messages' delivery budget and
 //! dead-letters nothing. Messages the server had already sent to the dropped
@@ -170,10 +175,11 @@ pub async fn consumer(ctx: &Context, feed: Feed) -> Result<PullConsumer, Consume
 }
 
 /// Consumes a feed until `shutdown`. On shutdown it stops fetching, finishes
-/// the batch in hand (acking or nacking every message), and returns.
+/// the batches in hand (acking or nacking every message), and returns.
 pub async fn run(ctx: Context, feed: Feed, consumer: PullConsumer, shutdown: CancellationToken) {
     let batch_max = ctx.config.batch.max(1);
     let mut backoff = Duration::from_millis(100);
+    let mut batches = InHand::new(&ctx, feed);
     while !shutdown.is_cancelled() {
         let stream = consumer
             .stream()
@@ -197,21 +203,45 @@ pub async fn run(ctx: Context, feed: Feed, consumer: PullConsumer, shutdown: Can
                 continue;
             }
         };
-        loop {
+        let held = loop {
+            if batches.full() {
+                let held = batches.next_done().await;
+                if !held.is_empty() {
+                    break held;
+                }
+            }
+            // The next message, unless a batch in hand ends first (and left
+            // messages unsettled: the database is away).
             let first = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                m = messages.next() => m,
+                // Shutdown first: with a backlog a message is always ready.
+                biased;
+                _ = shutdown.cancelled() => Next::Shutdown,
+                held = batches.next_done() => Next::Done(held),
+                m = messages.next() => Next::Message(Box::new(m)),
             };
-            let Some(first) = first else { break };
+            let first = match first {
+                Next::Shutdown => {
+                    let held = batches.drain().await;
+                    if !held.is_empty() {
+                        // Naks them at once: shutdown is under way.
+                        hold_until_handled(&ctx, feed, held, &shutdown).await;
+                    }
+                    return;
+                }
+                Next::Done(held) if held.is_empty() => continue,
+                Next::Done(held) => break held,
+                Next::Message(m) => match *m {
+                    None => break Vec::new(),
+                    Some(m) => m,
+                },
+            };
             let mut batch = Vec::with_capacity(batch_max);
             let mut broken = false;
-            for m in std::iter::once(first) {
-                match m {
-                    Ok(m) => batch.push(m),
-                    Err(e) => {
-                        tracing::warn!(error = %e, ?feed, "message stream error; re-subscribing");
-                        broken = true;
-                    }
+            match first {
+                Ok(m) => batch.push(m),
+                Err(e) => {
+                    tracing::warn!(error = %e, ?feed, "message stream error; re-subscribing");
+                    broken = true;
                 }
             }
             // Fill the batch with what arrives within BATCH_LINGER: under a
@@ -236,35 +266,133 @@ pub async fn run(ctx: Context, feed: Feed, consumer: PullConsumer, shutdown: Can
                 }
             }
             if !batch.is_empty() {
-                metrics::histogram!("projector_batch_size", "feed" => feed_label(feed))
-                    .record(batch.len() as f64);
-                let span = tracing::info_span!(
-                    "projector.batch",
-                    feed = feed_label(feed),
-                    size = batch.len()
-                );
-                let held = handle(&ctx, feed, batch).instrument(span).await;
-                if !held.is_empty() {
-                    // Stop pulling while the database is away: what this
-                    // instance has not taken yet stays with the server for
-                    // other instances (or for this one, later).
-                    drop(messages);
-                    if hold_until_handled(&ctx, feed, held, &shutdown).await {
-                        break;
-                    }
-                    return;
-                }
+                batches.start(batch);
             }
             if broken {
-                break;
+                break Vec::new();
+            }
+        };
+        // Leaving this subscription: the batches in hand end first, while
+        // the server is told that what is held already is in progress.
+        let mut held = held;
+        let more = {
+            let waiting: Vec<&Message> = held.iter().collect();
+            holding_progress(&ctx, &waiting, batches.drain()).await
+        };
+        held.extend(more);
+        if !held.is_empty() {
+            // Stop pulling while the database is away: what this instance
+            // has not taken yet stays with the server for other instances
+            // (or for this one, later).
+            drop(messages);
+            if !hold_until_handled(&ctx, feed, held, &shutdown).await {
+                return;
             }
         }
     }
 }
 
-async fn handle(ctx: &Context, feed: Feed, batch: Vec<Message>) -> Vec<Message> {
+/// What the consumer waited for.
+enum Next {
+    Shutdown,
+    Done(Vec<Message>),
+    Message(Box<Option<Result<Message, async_nats::jetstream::consumer::pull::MessagesError>>>),
+}
+
+/// The batches a consumer has in hand, each handled on a task of its own,
+/// oldest first. The ledger feed keeps two (the next is decoded while this
+/// one is applied; [`ledger::LaneOrder`] keeps each account's entries in
+/// order), the interest feed one (its checks against the core are bounded
+/// per batch).
+struct InHand {
+    ctx: Context,
+    feed: Feed,
+    most: usize,
+    lanes: ledger::LaneOrder,
+    tasks: std::collections::VecDeque<tokio::task::JoinHandle<Vec<Message>>>,
+}
+
+impl Drop for InHand {
+    /// The consumer was stopped from outside: its batches stop with it (a
+    /// batch's transaction is rolled back, and the server delivers its
+    /// unsettled messages again after the ack wait), as when it handled
+    /// them itself.
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl InHand {
+    fn new(ctx: &Context, feed: Feed) -> Self {
+        Self {
+            ctx: ctx.clone(),
+            feed,
+            most: match feed {
+                Feed::Ledger => 2,
+                Feed::Interest => 1,
+            },
+            lanes: ledger::LaneOrder::default(),
+            tasks: std::collections::VecDeque::new(),
+        }
+    }
+
+    fn full(&self) -> bool {
+        self.tasks.len() >= self.most
+    }
+
+    /// Starts handling a batch.
+    fn start(&mut self, batch: Vec<Message>) {
+        metrics::histogram!("projector_batch_size", "feed" => feed_label(self.feed))
+            .record(batch.len() as f64);
+        let span = tracing::info_span!(
+            "projector.batch",
+            feed = feed_label(self.feed),
+            size = batch.len()
+        );
+        let (ctx, feed) = (self.ctx.clone(), self.feed);
+        let turns = self.lanes.take_turns();
+        self.tasks.push_back(tokio::spawn(
+            async move { handle(&ctx, feed, batch, turns).await }.instrument(span),
+        ));
+    }
+
+    /// The messages the oldest batch left unsettled, once it has ended
+    /// (never, while no batch is in hand). Cancel-safe: dropped before the
+    /// batch ends, the batch stays in hand.
+    async fn next_done(&mut self) -> Vec<Message> {
+        let Some(oldest) = self.tasks.front_mut() else {
+            return std::future::pending().await;
+        };
+        let ended = oldest.await;
+        self.tasks.pop_front();
+        ended.unwrap_or_else(|e| {
+            // Those of its messages it had not settled were not handed back:
+            // the server delivers them again after the ack wait.
+            tracing::error!(error = %e, feed = ?self.feed, "a batch's task failed");
+            Vec::new()
+        })
+    }
+
+    /// Waits for every batch in hand to end; returns what they left unsettled.
+    async fn drain(&mut self) -> Vec<Message> {
+        let mut held = Vec::new();
+        while !self.tasks.is_empty() {
+            held.extend(self.next_done().await);
+        }
+        held
+    }
+}
+
+async fn handle(
+    ctx: &Context,
+    feed: Feed,
+    batch: Vec<Message>,
+    turns: ledger::Turns,
+) -> Vec<Message> {
     match feed {
-        Feed::Ledger => ledger::handle(ctx, batch).await,
+        Feed::Ledger => ledger::handle(ctx, batch, turns).await,
         Feed::Interest => tax::handle(ctx, batch).await,
     }
 }
@@ -312,7 +440,7 @@ async fn hold_until_handled(
             tracing::debug!(error = %e, "channel database still unavailable");
             continue;
         }
-        held = handle(ctx, feed, held).await;
+        held = handle(ctx, feed, held, ledger::Turns::free()).await;
         if held.is_empty() {
             metrics::gauge!("projector_database_unavailable", "feed" => feed_label(feed)).set(0.0);
             tracing::info!(

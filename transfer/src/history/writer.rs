@@ -89,8 +89,8 @@ pub async fn apply(db: &DatabaseConnection, entries: &[LedgerEntry]) -> Result<A
     // order, like the ledger): `DO UPDATE` takes the row lock, as
     // `SELECT ... FOR UPDATE` would, and `WHERE false` keeps it from writing
     // a new version of the row (PostgreSQL locks every conflicting row the
-    // action is taken for, updated or not). The row is written once, at the
-    // end, with where the history then stands.
+    // action is taken for, updated or not). An existing row is written at
+    // most once, at the end, if its history advanced.
     txn.execute_raw(Statement::from_sql_and_values(
         backend,
         "INSERT INTO history_sync (account_id) SELECT unnest($1::text[]) ORDER BY 1 \
