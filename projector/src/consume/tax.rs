@@ -282,15 +282,26 @@ pub async fn sweep_once(ctx: &Context, min_age: Duration) -> Result<u64, SweepEr
             ],
         ))
         .await?;
-    let mut recovered = 0;
+    let mut entries = Vec::with_capacity(rows.len());
     for r in rows {
         let account: String = r.try_get("", "account_id")?;
         let payout: String = r.try_get("", "payout_id")?;
         let seq: i64 = r.try_get("", "seq")?;
-        let (Ok(account), Ok(payout)) = (AccountId::parse(account), PayoutId::parse(payout)) else {
-            continue;
-        };
-        match sweep_entry(ctx, &account, &payout, seq).await {
+        if let (Ok(account), Ok(payout)) = (AccountId::parse(account), PayoutId::parse(payout)) {
+            entries.push((account, payout, seq));
+        }
+    }
+    // Asked of the core a few at a time, as the consumer's checks are.
+    let mut settled = futures::stream::iter(entries.into_iter().map(
+        |(account, payout, seq)| async move {
+            let result = sweep_entry(ctx, &account, &payout, seq).await;
+            (account, payout, seq, result)
+        },
+    ))
+    .buffered(CHECKS_IN_FLIGHT);
+    let mut recovered = 0;
+    while let Some((account, payout, seq, result)) = settled.next().await {
+        match result {
             Ok(new) => recovered += new,
             Err(e) if e.stops_the_pass() => return Err(e),
             Err(e) => {
