@@ -76,6 +76,7 @@ METRICS: dict[str, tuple[str, set[str]]] = {
     "projector_consumer_pending": ("gauge", {"feed"}),
     "projector_consumer_ack_pending": ("gauge", {"feed"}),
     "projector_database_unavailable": ("gauge", {"feed"}),
+    "projector_database_pauses_total": ("counter", {"feed"}),
     "projector_conflicting_events_total": ("counter", set()),
     "projector_interest_events_not_the_cores_total": ("counter", set()),
     "projector_tax_records_recovered_total": ("counter", set()),

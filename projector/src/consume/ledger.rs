@@ -4,9 +4,11 @@ use std::collections::{BTreeMap, HashMap};
 
 use std::time::Instant;
 
-use async_nats::jetstream::Message;
+use async_nats::jetstream::{AckKind, Message};
 use common::AccountId;
 use common::events::{EntryKind, LEDGER_SUBJECT_PREFIX, LedgerEntry, LedgerEvent};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use sea_orm::DbErr;
 use tokio::sync::oneshot;
 use transfer::history::sync::{self, SyncError};
@@ -322,23 +324,36 @@ pub async fn handle(ctx: &Context, batch: Vec<Message>, turns: Turns) -> Vec<Mes
     }
     // Lanes: the batch is split by account into disjoint groups applied
     // concurrently, each in its own transaction. An account is always in the
-    // same lane, and a lane applies only after the batch before took its
-    // turn there, so an account's entries keep their order within this
-    // instance; the lanes never wait on each other's row locks.
+    // same lane, and a lane applies only after the batch before is done with
+    // it, so an account's entries keep their order within this instance;
+    // the lanes never wait on each other's row locks.
     let mut lanes: Vec<Vec<(Message, LedgerEntry)>> = (0..LANES).map(|_| Vec::new()).collect();
     for (m, e) in valid {
         lanes[lane_of(e.account_id.as_str())].push((m, e));
     }
-    futures::future::join_all(
-        lanes
-            .into_iter()
-            .zip(turns.lanes)
-            .map(|(l, turn)| handle_lane(ctx, l, turn)),
-    )
-    .await
-    .into_iter()
-    .flatten()
-    .collect()
+    let mut running: FuturesUnordered<_> = lanes
+        .into_iter()
+        .zip(turns.lanes)
+        .map(|(l, turn)| handle_lane(ctx, l, turn))
+        .collect();
+    // What lanes hand back is held: the server is told it is in progress
+    // while the other lanes finish.
+    let mut held: Vec<Message> = Vec::new();
+    let every = super::progress_every(ctx);
+    let mut progress = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    loop {
+        tokio::select! {
+            lane = running.next() => match lane {
+                Some(back) => held.extend(back),
+                None => return held,
+            },
+            _ = progress.tick() => {
+                for m in &held {
+                    let _ = m.ack_with(AckKind::Progress).await;
+                }
+            }
+        }
+    }
 }
 
 /// Concurrent transactions per batch.
@@ -357,7 +372,8 @@ fn lane_of(account: &str) -> usize {
 /// delivered, as with one batch at a time. A lane the channel database could
 /// not take is handed back whole (its messages held, [`super::run`]), and so
 /// is the same lane of every batch after it that is in hand, so held earlier
-/// entries are not overtaken by later ones.
+/// entries are not overtaken by later ones. Once no batch is in hand (and
+/// what was held has been handled), the consumer starts a new order.
 #[derive(Debug)]
 pub struct LaneOrder {
     /// Per lane: resolves once the last batch handed a turn is done with it.
@@ -415,7 +431,8 @@ enum Passed {
 
 /// A batch's turn in one lane: it may apply once the batch before is done
 /// with the lane ([`Turn::wait`]), and passes the lane on when done
-/// ([`Turn::pass`]; dropped, as settled).
+/// ([`Turn::pass`]; dropped after its wait, as settled; dropped before, as
+/// the batch before passes it).
 #[derive(Debug)]
 struct Turn {
     after: Option<oneshot::Receiver<Passed>>,

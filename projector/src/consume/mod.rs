@@ -2,9 +2,9 @@
 //!
 //! One durable pull consumer per stream (`LEDGER` into the history,
 //! `INTEREST` into tax records), explicit acks, bounded ack-pending on the
-//! server and bounded batches here. A batch is what waits in the
-//! subscription when there is room for one, or else the first message and
-//! what arrives within 5 ms of it (up to `PROJECTOR_BATCH`). Ledger batches are
+//! server and bounded batches here. A batch is the first message and
+//! whatever is waiting or arrives within 5 ms of it (up to
+//! `PROJECTOR_BATCH`). Ledger batches are
 //! split by account into lanes applied concurrently, one database
 //! transaction each, and two batches are in hand at once (the next is decoded
 //! while this one is applied); per-account order within an instance follows
@@ -352,7 +352,18 @@ impl InHand {
             size = batch.len()
         );
         let (ctx, feed) = (self.ctx.clone(), self.feed);
-        let turns = self.lanes.take_turns();
+        let turns = match feed {
+            Feed::Ledger => {
+                if self.tasks.is_empty() {
+                    // Every batch before has ended, and what any of them
+                    // handed back was handled since: how they left the
+                    // lanes no longer concerns this one.
+                    self.lanes = ledger::LaneOrder::default();
+                }
+                self.lanes.take_turns()
+            }
+            Feed::Interest => ledger::Turns::free(),
+        };
         self.tasks.push_back(tokio::spawn(
             async move { handle(&ctx, feed, batch, turns).await }.instrument(span),
         ));
@@ -413,6 +424,7 @@ async fn hold_until_handled(
         Duration::from_secs(5).min(Duration::from_secs(ctx.config.ack_wait_secs.max(1)) / 3);
     let mut delay = Duration::from_millis(100).min(ceiling);
     metrics::gauge!("projector_database_unavailable", "feed" => feed_label(feed)).set(1.0);
+    metrics::counter!("projector_database_pauses_total", "feed" => feed_label(feed)).increment(1);
     tracing::warn!(
         ?feed,
         held = held.len(),
@@ -495,9 +507,7 @@ pub async fn holding_progress<T>(
     messages: &[&Message],
     work: impl Future<Output = T>,
 ) -> T {
-    let every = Duration::from_secs(ctx.config.ack_wait_secs.max(1))
-        .div_f64(3.0)
-        .min(Duration::from_secs(10));
+    let every = progress_every(ctx);
     let progress = async {
         loop {
             tokio::time::sleep(every).await;
@@ -510,6 +520,14 @@ pub async fn holding_progress<T>(
         r = work => r,
         never = progress => never,
     }
+}
+
+/// How often work in progress is told to the server: a third of the ack
+/// wait, at most every 10 s.
+pub fn progress_every(ctx: &Context) -> Duration {
+    Duration::from_secs(ctx.config.ack_wait_secs.max(1))
+        .div_f64(3.0)
+        .min(Duration::from_secs(10))
 }
 
 /// Acknowledges a handled message.

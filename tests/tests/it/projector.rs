@@ -1604,6 +1604,24 @@ async fn f7_a_channel_database_outage_pauses_the_projector_and_dead_letters_noth
         dead_letters(&p).await.is_empty(),
         "nothing dead-lettered after it"
     );
+
+    // Once it answers again, consuming goes on as before: later events, in
+    // every lane, are applied without another pause.
+    let pauses = || async {
+        bank_tests::metrics::metric(
+            &bank_tests::metrics::scrape(&p.api.base).await,
+            "projector_database_pauses_total{feed=\"ledger\"",
+        )
+    };
+    let paused = pauses().await;
+    assert!(paused >= 1.0, "the outage paused the ledger consumer");
+    for round in 0..3 {
+        for a in &accounts {
+            rig.core.api.deposit(a, 100 + round).await.expect(200);
+        }
+    }
+    history_equals_ledger(&rig, &accounts).await;
+    assert_eq!(pauses().await, paused, "paused again after the outage");
     let raw = stream_messages(&js, "DLQ").await.unwrap();
     assert!(raw.is_empty(), "{} messages in DLQ", raw.len());
 }
