@@ -1,6 +1,7 @@
 //! Ledger events into the channel history (B14, B15).
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::{Mutex, PoisonError};
 
 use std::time::Instant;
 
@@ -337,23 +338,33 @@ pub async fn handle(ctx: &Context, batch: Vec<Message>, turns: Turns) -> Vec<Mes
         .map(|(l, turn)| handle_lane(ctx, l, turn))
         .collect();
     // What lanes hand back is held: the server is told it is in progress
-    // while the other lanes finish.
-    let mut held: Vec<Message> = Vec::new();
-    let every = super::progress_every(ctx);
-    let mut progress = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-    loop {
-        tokio::select! {
-            lane = running.next() => match lane {
-                Some(back) => held.extend(back),
-                None => return held,
-            },
-            _ = progress.tick() => {
-                for m in &held {
-                    let _ = m.ack_with(AckKind::Progress).await;
-                }
+    // while the other lanes finish (beside them, so a slow acknowledgement
+    // never stops a lane).
+    let held: Mutex<Vec<Message>> = Mutex::new(Vec::new());
+    let lanes = async {
+        while let Some(back) = running.next().await {
+            held.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .extend(back);
+        }
+    };
+    let progress = async {
+        let every = super::progress_every(ctx);
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let waiting: Vec<Message> = held.lock().unwrap_or_else(PoisonError::into_inner).clone();
+            for m in &waiting {
+                let _ = m.ack_with(AckKind::Progress).await;
             }
         }
+    };
+    tokio::select! {
+        () = lanes => {}
+        never = progress => never,
     }
+    held.into_inner().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Concurrent transactions per batch.

@@ -356,8 +356,9 @@ impl InHand {
             Feed::Ledger => {
                 if self.tasks.is_empty() {
                     // Every batch before has ended, and what any of them
-                    // handed back was handled since: how they left the
-                    // lanes no longer concerns this one.
+                    // handed back was handled since (or, lost with a failed
+                    // task, comes back after the ack wait): how they left
+                    // the lanes no longer concerns this one.
                     self.lanes = ledger::LaneOrder::default();
                 }
                 self.lanes.take_turns()

@@ -1606,7 +1606,7 @@ async fn f7_a_channel_database_outage_pauses_the_projector_and_dead_letters_noth
     );
 
     // Once it answers again, consuming goes on as before: later events, in
-    // every lane, are applied without another pause.
+    // the lanes that were handed back, are applied without another pause.
     let pauses = || async {
         bank_tests::metrics::metric(
             &bank_tests::metrics::scrape(&p.api.base).await,
