@@ -1,11 +1,10 @@
 //! Ledger events into the channel history (B14, B15).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Mutex, PoisonError};
 
 use std::time::Instant;
 
-use async_nats::jetstream::{AckKind, Message};
+use async_nats::jetstream::Message;
 use common::AccountId;
 use common::events::{EntryKind, LEDGER_SUBJECT_PREFIX, LedgerEntry, LedgerEvent};
 use futures::StreamExt;
@@ -15,7 +14,7 @@ use tokio::sync::oneshot;
 use transfer::history::sync::{self, SyncError};
 use transfer::history::writer;
 
-use super::{Context, Failure, ack, fail, holding_progress, traceparent};
+use super::{Context, Failure, HandedBack, ack, fail, holding_progress, traceparent};
 
 /// Pages of 1,000 entries fetched from the core per account and batch; a
 /// larger gap continues with the next delivery.
@@ -337,34 +336,15 @@ pub async fn handle(ctx: &Context, batch: Vec<Message>, turns: Turns) -> Vec<Mes
         .zip(turns.lanes)
         .map(|(l, turn)| handle_lane(ctx, l, turn))
         .collect();
-    // What lanes hand back is held: the server is told it is in progress
-    // while the other lanes finish (beside them, so a slow acknowledgement
-    // never stops a lane).
-    let held: Mutex<Vec<Message>> = Mutex::new(Vec::new());
-    let lanes = async {
+    // What lanes hand back is held, in progress while the other lanes finish.
+    let held = HandedBack::default();
+    held.holding(ctx, async {
         while let Some(back) = running.next().await {
-            held.lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .extend(back);
+            held.extend(back);
         }
-    };
-    let progress = async {
-        let every = super::progress_every(ctx);
-        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            let waiting: Vec<Message> = held.lock().unwrap_or_else(PoisonError::into_inner).clone();
-            for m in &waiting {
-                let _ = m.ack_with(AckKind::Progress).await;
-            }
-        }
-    };
-    tokio::select! {
-        () = lanes => {}
-        never = progress => never,
-    }
-    held.into_inner().unwrap_or_else(PoisonError::into_inner)
+    })
+    .await;
+    held.into_inner()
 }
 
 /// Concurrent transactions per batch.
@@ -385,18 +365,10 @@ fn lane_of(account: &str) -> usize {
 /// is the same lane of every batch after it that is in hand, so held earlier
 /// entries are not overtaken by later ones. Once no batch is in hand (and
 /// what was held has been handled), the consumer starts a new order.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct LaneOrder {
     /// Per lane: resolves once the last batch handed a turn is done with it.
-    last: Vec<Option<oneshot::Receiver<Passed>>>,
-}
-
-impl Default for LaneOrder {
-    fn default() -> Self {
-        Self {
-            last: (0..LANES).map(|_| None).collect(),
-        }
-    }
+    last: [Option<oneshot::Receiver<Passed>>; LANES],
 }
 
 impl LaneOrder {

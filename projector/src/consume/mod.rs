@@ -221,7 +221,9 @@ pub async fn run(ctx: Context, feed: Feed, consumer: PullConsumer, shutdown: Can
             };
             let first = match first {
                 Next::Shutdown => {
-                    let held = batches.drain().await;
+                    let held = HandedBack::default();
+                    batches.drain_into(&held).await;
+                    let held = held.into_inner();
                     if !held.is_empty() {
                         // Naks them at once: shutdown is under way.
                         hold_until_handled(&ctx, feed, held, &shutdown).await;
@@ -273,13 +275,13 @@ pub async fn run(ctx: Context, feed: Feed, consumer: PullConsumer, shutdown: Can
             }
         };
         // Leaving this subscription: the batches in hand end first, while
-        // the server is told that what is held already is in progress.
-        let mut held = held;
-        let more = {
-            let waiting: Vec<&Message> = held.iter().collect();
-            holding_progress(&ctx, &waiting, batches.drain()).await
-        };
-        held.extend(more);
+        // what they hand back is kept in progress.
+        let handed_back = HandedBack::default();
+        handed_back.extend(held);
+        handed_back
+            .holding(&ctx, batches.drain_into(&handed_back))
+            .await;
+        let held = handed_back.into_inner();
         if !held.is_empty() {
             // Stop pulling while the database is away: what this instance
             // has not taken yet stays with the server for other instances
@@ -387,13 +389,12 @@ impl InHand {
         })
     }
 
-    /// Waits for every batch in hand to end; returns what they left unsettled.
-    async fn drain(&mut self) -> Vec<Message> {
-        let mut held = Vec::new();
+    /// Waits for every batch in hand to end, adding what they left
+    /// unsettled to `held` as each ends.
+    async fn drain_into(&mut self, held: &HandedBack) {
         while !self.tasks.is_empty() {
             held.extend(self.next_done().await);
         }
-        held
     }
 }
 
@@ -444,11 +445,7 @@ async fn hold_until_handled(
             _ = tokio::time::sleep(delay) => {}
         }
         delay = (delay * 2).min(ceiling);
-        for m in &held {
-            if let Err(e) = m.ack_with(AckKind::Progress).await {
-                tracing::debug!(error = %e, "progress ack failed; the message may be redelivered");
-            }
-        }
+        in_progress(held.iter()).await;
         if let Err(e) = ctx.db.ping().await {
             tracing::debug!(error = %e, "channel database still unavailable");
             continue;
@@ -512,9 +509,7 @@ pub async fn holding_progress<T>(
     let progress = async {
         loop {
             tokio::time::sleep(every).await;
-            for m in messages {
-                let _ = m.ack_with(AckKind::Progress).await;
-            }
+            in_progress(messages.iter().copied()).await;
         }
     };
     tokio::select! {
@@ -523,12 +518,65 @@ pub async fn holding_progress<T>(
     }
 }
 
+/// Messages handed back unsettled, a set that grows while work goes on
+/// (lanes of a batch, batches in hand, ending one by one); what
+/// [`holding_progress`] is for a set known up front.
+#[derive(Debug, Default)]
+pub struct HandedBack(std::sync::Mutex<Vec<Message>>);
+
+impl HandedBack {
+    fn messages(&self) -> std::sync::MutexGuard<'_, Vec<Message>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Adds messages handed back.
+    pub fn extend(&self, more: Vec<Message>) {
+        self.messages().extend(more);
+    }
+
+    /// Everything handed back, oldest first.
+    pub fn into_inner(self) -> Vec<Message> {
+        self.0
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Runs `work` (which adds to this set) while telling the server every
+    /// so often that what has been handed back so far is in progress. The
+    /// acknowledgements run beside `work`, so a slow one never stops it.
+    pub async fn holding<T>(&self, ctx: &Context, work: impl Future<Output = T>) -> T {
+        let every = progress_every(ctx);
+        let progress = async {
+            loop {
+                tokio::time::sleep(every).await;
+                let waiting = self.messages().clone();
+                in_progress(waiting.iter()).await;
+            }
+        };
+        tokio::select! {
+            r = work => r,
+            never = progress => never,
+        }
+    }
+}
+
 /// How often work in progress is told to the server: a third of the ack
 /// wait, at most every 10 s.
-pub fn progress_every(ctx: &Context) -> Duration {
+fn progress_every(ctx: &Context) -> Duration {
     Duration::from_secs(ctx.config.ack_wait_secs.max(1))
         .div_f64(3.0)
         .min(Duration::from_secs(10))
+}
+
+/// Tells the server the messages are still being worked on.
+async fn in_progress(messages: impl Iterator<Item = &Message>) {
+    for m in messages {
+        if let Err(e) = m.ack_with(AckKind::Progress).await {
+            tracing::debug!(error = %e, "progress ack failed; the message may be redelivered");
+        }
+    }
 }
 
 /// Acknowledges a handled message.
