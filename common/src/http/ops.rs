@@ -267,25 +267,32 @@ fn traceparent(headers: &HeaderMap) -> Option<&str> {
 /// `/readyz`, `/metrics`, JSON 404/405 answers, a body limit, a request
 /// timeout, a trace span per request (continuing the caller's `traceparent`)
 /// and request metrics.
+///
+/// The limit on requests in flight and the request timeout guard the API
+/// only: an overloaded service still answers its probes and its scrape (a
+/// liveness probe that failed under load would restart a replica that is
+/// only busy, and make the overload worse), and a request it sheds is
+/// counted in `http_requests_total` like any other 503.
 pub fn with_edge(api: Router, readiness: Readiness, request_timeout: Duration) -> Router {
     let ops = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
         .with_state(readiness);
-    api.merge(ops)
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
+    let api = api
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn_with_state(
             request_timeout,
             answer_within,
         ))
-        .layer(axum::middleware::from_fn(record_http_metrics))
         .layer(axum::middleware::from_fn_with_state(
             Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
             limit_in_flight,
-        ))
+        ));
+    api.merge(ops)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn(record_http_metrics))
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
             let route = req
                 .extensions()
@@ -440,5 +447,64 @@ mod tests {
                 .is_some_and(|m| m.contains("50 ms")),
             "{v}"
         );
+    }
+
+    async fn get_status(app: &Router, uri: &str) -> (StatusCode, serde_json::Value) {
+        let response = app
+            .clone()
+            .oneshot(
+                Request::builder()
+                    .uri(uri)
+                    .body(Body::empty())
+                    .unwrap_or_default(),
+            )
+            .await
+            .unwrap_or_else(|e| match e {});
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), 1024 * 1024)
+            .await
+            .unwrap_or_default();
+        (status, serde_json::from_slice(&body).unwrap_or_default())
+    }
+
+    #[tokio::test]
+    async fn a_service_with_every_place_in_flight_taken_sheds_api_requests_but_answers_its_probes()
+    {
+        // Handlers that never answer (until the test ends) fill every place.
+        let entered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = entered.clone();
+        let api = Router::new().route(
+            "/stuck",
+            get(move || {
+                counter.fetch_add(1, Ordering::SeqCst);
+                std::future::pending::<&'static str>()
+            }),
+        );
+        let app = with_edge(api, Readiness::new(Vec::new()), Duration::from_secs(600));
+        let mut stuck = tokio::task::JoinSet::new();
+        for _ in 0..MAX_IN_FLIGHT {
+            let app = app.clone();
+            stuck.spawn(async move { get_status(&app, "/stuck").await });
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while entered.load(Ordering::SeqCst) < MAX_IN_FLIGHT {
+            assert!(
+                Instant::now() < deadline,
+                "the stuck requests never all started"
+            );
+            tokio::task::yield_now().await;
+        }
+
+        let (status, body) = get_status(&app, "/stuck").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert_eq!(body["error"]["code"], "overloaded", "{body}");
+        for probe in ["/healthz", "/readyz", "/metrics"] {
+            let (status, _) = get_status(&app, probe).await;
+            assert_eq!(status, StatusCode::OK, "{probe} while the API is full");
+        }
+        let (status, body) = get_status(&app, "/no-such-route").await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+        assert_eq!(body["error"]["code"], "not_found", "{body}");
+        stuck.abort_all();
     }
 }
