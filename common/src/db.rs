@@ -27,11 +27,30 @@ pub async fn connect(
     pool: &PoolArgs,
     application_name: &str,
 ) -> Result<DatabaseConnection, DbErr> {
+    let timeouts = Timeouts {
+        lock_ms: pool.db_lock_timeout_ms,
+        statement_ms: pool.db_statement_timeout_ms,
+    };
+    open(url, pool.db_max_connections, timeouts, application_name).await
+}
+
+/// Every session's `lock_timeout` and `statement_timeout` (0: none).
+struct Timeouts {
+    lock_ms: u64,
+    statement_ms: u64,
+}
+
+async fn open(
+    url: &str,
+    max_connections: u32,
+    timeouts: Timeouts,
+    application_name: &str,
+) -> Result<DatabaseConnection, DbErr> {
     let mut opts = ConnectOptions::new(url.to_owned());
-    let lock_timeout = pool.db_lock_timeout_ms.to_string();
-    let statement_timeout = pool.db_statement_timeout_ms.to_string();
+    let lock_timeout = timeouts.lock_ms.to_string();
+    let statement_timeout = timeouts.statement_ms.to_string();
     let app = application_name.to_owned();
-    opts.max_connections(pool.db_max_connections)
+    opts.max_connections(max_connections)
         .min_connections(1)
         .connect_timeout(Duration::from_secs(5))
         .acquire_timeout(Duration::from_secs(5))
@@ -216,28 +235,61 @@ impl AsDbErr for DbErr {
     }
 }
 
-/// Runs `migrate` while holding a database-wide advisory lock, so replicas
-/// (or services sharing a database) that start together apply migrations one
-/// at a time instead of racing on the same DDL. The lock is held by an open
-/// transaction on one pooled connection; `migrate` uses others.
-pub async fn with_migration_lock<T, E, F, Fut>(db: &DatabaseConnection, migrate: F) -> Result<T, E>
-where
-    F: FnOnce() -> Fut,
-    Fut: Future<Output = Result<T, E>>,
-    E: From<DbErr>,
-{
-    use sea_orm::{ConnectionTrait, Statement, TransactionTrait};
-    // "migrate" in ASCII.
-    const MIGRATION_LOCK_KEY: i64 = 0x006d_6967_7261_7465;
-    let txn = db.begin().await?;
-    txn.execute_raw(Statement::from_sql_and_values(
-        txn.get_database_backend(),
-        "SELECT pg_advisory_xact_lock($1)",
-        [MIGRATION_LOCK_KEY.into()],
-    ))
-    .await?;
-    let result = migrate().await;
-    txn.commit().await?;
+/// The advisory lock [`migrate`] holds while it applies migrations
+/// ("migrate" in ASCII).
+pub const MIGRATION_LOCK_KEY: i64 = 0x006d_6967_7261_7465;
+
+/// Longest a starting process waits for another one's migrations (replicas,
+/// or services sharing a database, that start together).
+pub const MIGRATION_LOCK_WAIT: Duration = Duration::from_secs(600);
+
+/// Applies `M`'s pending migrations, one process at a time across every
+/// process sharing the database, on connections of their own rather than the
+/// service's pool, whose timeouts are for requests:
+///
+/// - the wait for another process's migrations (a database-wide advisory
+///   lock, held by an open transaction) is bounded by [`MIGRATION_LOCK_WAIT`],
+///   not by `DATABASE_LOCK_TIMEOUT_MS`, so a replica starting beside one that
+///   builds an index waits for it instead of failing;
+/// - a statement is not bounded by `DATABASE_STATEMENT_TIMEOUT_MS` (an index
+///   built over a large table may take longer than any request should);
+/// - a statement waiting for a table's lock still gives up after
+///   `DATABASE_LOCK_TIMEOUT_MS` (DDL queued behind a long transaction would
+///   hold up every query behind it), and the migrations are tried again
+///   ([`retry_transient`]; PostgreSQL runs them in one transaction, so a
+///   failed try leaves nothing half done).
+pub async fn migrate<M: sea_orm_migration::MigratorTrait>(
+    url: &str,
+    pool: &PoolArgs,
+    application_name: &str,
+) -> Result<(), DbErr> {
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+    let timeouts = Timeouts {
+        lock_ms: pool.db_lock_timeout_ms,
+        statement_ms: 0,
+    };
+    // One connection holds the lock, one runs the migrations.
+    let db = open(url, 2, timeouts, &format!("{application_name} migrations")).await?;
+    let result = async {
+        let lock = db.begin().await?;
+        lock.execute_unprepared(&format!(
+            "SET LOCAL lock_timeout = {}",
+            MIGRATION_LOCK_WAIT.as_millis()
+        ))
+        .await?;
+        lock.execute_raw(sea_orm::Statement::from_sql_and_values(
+            lock.get_database_backend(),
+            "SELECT pg_advisory_xact_lock($1)",
+            [MIGRATION_LOCK_KEY.into()],
+        ))
+        .await?;
+        retry_transient(9, || M::up(&db, None)).await?;
+        lock.commit().await
+    }
+    .await;
+    // The connections are the migrations' only; a failure to close them
+    // changes nothing the caller could act on.
+    let _ = db.close().await;
     result
 }
 

@@ -11,7 +11,6 @@ use common::http::Readiness;
 use common::outbox::{Relay, RelayConfig, RelayWaker};
 use common::shutdown::CancellationToken;
 use sea_orm::DatabaseConnection;
-use sea_orm_migration::MigratorTrait;
 use tokio::net::TcpListener;
 
 use crate::clock::Clock;
@@ -48,7 +47,7 @@ pub async fn connect_db(config: &Config) -> anyhow::Result<DatabaseConnection> {
     let db = common::db::connect(config.database_url.expose(), &config.pool, "core-bank")
         .await
         .context("connecting to the core database (CORE_DATABASE_URL)")?;
-    common::db::with_migration_lock(&db, || Migrator::up(&db, None))
+    common::db::migrate::<Migrator>(config.database_url.expose(), &config.pool, "core-bank")
         .await
         .context("migrating the core database")?;
     Ok(db)

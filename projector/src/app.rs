@@ -8,7 +8,6 @@ use async_nats::jetstream;
 use common::http::Readiness;
 use common::shutdown::CancellationToken;
 use sea_orm::DatabaseConnection;
-use sea_orm_migration::MigratorTrait;
 use tokio::net::TcpListener;
 
 use crate::config::Config;
@@ -20,7 +19,7 @@ use crate::migration::Migrator;
 pub async fn context(config: &Config) -> anyhow::Result<(Context, async_nats::Client)> {
     let db: DatabaseConnection =
         transfer::app::connect_db(config.database_url.expose(), &config.pool, "projector").await?;
-    common::db::with_migration_lock(&db, || Migrator::up(&db, None))
+    common::db::migrate::<Migrator>(config.database_url.expose(), &config.pool, "projector")
         .await
         .context("migrating the projector tables")?;
     let nats = common::jetstream::connect(config.nats.nats_url.expose(), "projector")

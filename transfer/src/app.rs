@@ -9,7 +9,6 @@ use common::http::Readiness;
 use common::outbox::{Relay, RelayConfig, RelayWaker};
 use common::shutdown::CancellationToken;
 use sea_orm::DatabaseConnection;
-use sea_orm_migration::MigratorTrait;
 use tokio::net::TcpListener;
 
 use crate::auth::TokenVerifier;
@@ -47,7 +46,7 @@ pub async fn connect_db(
     let db = common::db::connect(url, pool, name)
         .await
         .context("connecting to the channel database (CHANNEL_DATABASE_URL)")?;
-    common::db::with_migration_lock(&db, || Migrator::up(&db, None))
+    common::db::migrate::<Migrator>(url, pool, name)
         .await
         .context("migrating the channel database")?;
     Ok(db)

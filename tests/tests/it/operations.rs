@@ -892,3 +892,66 @@ async fn b13_the_reconcilers_actions_failures_and_pending_transfers_are_in_its_m
     )
     .await;
 }
+
+/// A process that starts while another applies migrations (replicas, or the
+/// transfer service and the projector sharing the channel database) waits for
+/// them however long they take, not just `DATABASE_LOCK_TIMEOUT_MS`, and its
+/// own migrations are not cut short by `DATABASE_STATEMENT_TIMEOUT_MS`, which
+/// are the limits of requests.
+#[tokio::test]
+async fn a_service_starting_while_another_migrates_waits_past_its_lock_timeout_then_migrates() {
+    use sea_orm::{Statement, TransactionTrait};
+    let url = bank_tests::db::fresh_database("migrate").await.unwrap();
+    // The other process, in the middle of its migrations.
+    let holder = Database::connect(url.as_str()).await.unwrap();
+    let other = holder.begin().await.unwrap();
+    other
+        .execute_raw(Statement::from_sql_and_values(
+            other.get_database_backend(),
+            "SELECT pg_advisory_xact_lock($1)",
+            [common::db::MIGRATION_LOCK_KEY.into()],
+        ))
+        .await
+        .unwrap();
+
+    // Limits far below what the wait and the migrations take.
+    let pool = common::config::PoolArgs {
+        db_max_connections: 1,
+        db_lock_timeout_ms: 50,
+        db_statement_timeout_ms: 1,
+    };
+    let starting_url = url.clone();
+    let starting = tokio::spawn(async move {
+        common::db::migrate::<core_bank::migration::Migrator>(&starting_url, &pool, "starting")
+            .await
+    });
+    let waited = "SELECT (extract(epoch FROM now() - query_start) * 1000)::int8::text \
+                  FROM pg_stat_activity \
+                  WHERE datname = current_database() AND wait_event = 'advisory'";
+    eventually(
+        "the starting process still waits for the lock 20 lock timeouts later",
+        Duration::from_secs(20),
+        || async {
+            let ms = bank_tests::db::query_strings(&url, waited)
+                .await
+                .map_err(|e| e.to_string())?;
+            match ms.first().and_then(|m| m.parse::<u64>().ok()) {
+                Some(ms) if ms >= 20 * 50 => Ok(()),
+                other => Err(format!("waited so far (ms): {other:?}")),
+            }
+        },
+    )
+    .await;
+    assert!(!starting.is_finished(), "it gave up waiting");
+
+    other.commit().await.unwrap();
+    let migrated = tokio::time::timeout(Duration::from_secs(60), starting)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(migrated.is_ok(), "{migrated:?}");
+    let accounts = bank_tests::db::query_strings(&url, "SELECT count(*)::text FROM accounts")
+        .await
+        .unwrap();
+    assert_eq!(accounts, ["0"]);
+}
