@@ -256,8 +256,8 @@ pub const MIGRATION_LOCK_WAIT: Duration = Duration::from_secs(600);
 /// - a statement waiting for a table's lock still gives up after
 ///   `DATABASE_LOCK_TIMEOUT_MS` (DDL queued behind a long transaction would
 ///   hold up every query behind it), and the migrations are tried again
-///   ([`retry_transient`]; PostgreSQL runs them in one transaction, so a
-///   failed try leaves nothing half done).
+///   ([`retry_transient`]; each migration runs in a transaction with its
+///   record, so a failed try leaves nothing half done).
 pub async fn migrate<M: sea_orm_migration::MigratorTrait>(
     url: &str,
     pool: &PoolArgs,
