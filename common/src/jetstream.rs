@@ -195,7 +195,7 @@ pub fn stream_config(spec: &StreamSpec, replicas: usize) -> stream::Config {
     }
 }
 
-/// A stream could not be created or brought to its configuration.
+/// A stream could not be read, created or brought to its configuration.
 #[derive(Debug, thiserror::Error)]
 #[error("ensuring stream {stream}")]
 pub struct EnsureStreamError {
@@ -203,17 +203,24 @@ pub struct EnsureStreamError {
     pub stream: &'static str,
     /// What the server answered.
     #[source]
-    pub source: jetstream::context::CreateStreamError,
+    pub source: Box<dyn std::error::Error + Send + Sync>,
 }
 
-/// Creates each stream, or updates it to this configuration if it exists.
+/// Creates each stream that is missing, and brings each existing one to the
+/// settings this code relies on, without ever lowering what protects the
+/// messages: replicas, retention (`max_age`, `max_bytes`) and the duplicate
+/// window keep an existing stream's value where it is higher (zero or -1:
+/// unlimited), so a process started with a smaller `NATS_STREAM_REPLICAS`
+/// (an operator's command run without the production settings, an older
+/// replica) or an operator's longer retention is not undone. Lowering them
+/// is for an operator, by hand (`nats stream edit`).
 pub async fn ensure_streams(
     js: &jetstream::Context,
     specs: &[StreamSpec],
     replicas: usize,
 ) -> Result<(), EnsureStreamError> {
     for spec in specs {
-        js.create_or_update_stream(stream_config(spec, replicas))
+        ensure_stream(js, spec, replicas)
             .await
             .map_err(|source| EnsureStreamError {
                 stream: spec.name,
@@ -221,6 +228,67 @@ pub async fn ensure_streams(
             })?;
     }
     Ok(())
+}
+
+async fn ensure_stream(
+    js: &jetstream::Context,
+    spec: &StreamSpec,
+    replicas: usize,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    use jetstream::context::GetStreamErrorKind;
+    let wanted = stream_config(spec, replicas);
+    let current = match js.get_stream(spec.name).await {
+        Ok(stream) => stream.cached_info().config.clone(),
+        Err(e) => match e.kind() {
+            GetStreamErrorKind::JetStream(err)
+                if err.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
+            {
+                js.create_stream(wanted).await?;
+                tracing::info!(stream = spec.name, "stream created");
+                return Ok(());
+            }
+            _ => return Err(e.into()),
+        },
+    };
+    let merged = merged_config(&current, &wanted);
+    if merged != current {
+        js.update_stream(&merged).await?;
+        tracing::info!(stream = spec.name, "stream settings updated");
+    }
+    Ok(())
+}
+
+/// An existing stream's configuration with this code's settings applied
+/// (see [`ensure_streams`]): what only the server keeps (its defaults, the
+/// storage type and retention policy, which cannot change) is left as it is.
+fn merged_config(current: &stream::Config, wanted: &stream::Config) -> stream::Config {
+    // Zero (or less) is unlimited, above any limit.
+    let longer = |a: Duration, b: Duration| {
+        if a.is_zero() || b.is_zero() {
+            Duration::ZERO
+        } else {
+            a.max(b)
+        }
+    };
+    let larger = |a: i64, b: i64| if a <= 0 || b <= 0 { -1 } else { a.max(b) };
+    if current.num_replicas > wanted.num_replicas {
+        tracing::warn!(
+            stream = %wanted.name,
+            current = current.num_replicas,
+            configured = wanted.num_replicas,
+            "the stream has more replicas than NATS_STREAM_REPLICAS; they are kept (lower them by hand if that is meant)"
+        );
+    }
+    let mut merged = current.clone();
+    merged.description = wanted.description.clone();
+    merged.subjects = wanted.subjects.clone();
+    merged.discard = wanted.discard;
+    merged.allow_direct = wanted.allow_direct;
+    merged.num_replicas = current.num_replicas.max(wanted.num_replicas);
+    merged.max_age = longer(current.max_age, wanted.max_age);
+    merged.max_bytes = larger(current.max_bytes, wanted.max_bytes);
+    merged.duplicate_window = current.duplicate_window.max(wanted.duplicate_window);
+    merged
 }
 
 #[cfg(test)]
@@ -252,5 +320,30 @@ mod credential_tests {
         assert!(!format!("{credentials:?}").contains("s3cr3t"));
         // Not a URL (the client's own host:port form): passed on as it is.
         assert_eq!(split_credentials("127.0.0.1:4222").0, "127.0.0.1:4222");
+    }
+}
+
+#[cfg(test)]
+mod merge_tests {
+    use super::{DLQ, LEDGER, merged_config, stream_config};
+    use std::time::Duration;
+
+    #[test]
+    fn an_existing_streams_replicas_and_unlimited_retention_are_never_lowered() {
+        let mut production = stream_config(&LEDGER, 3);
+        production.max_age = Duration::ZERO;
+        let merged = merged_config(&production, &stream_config(&LEDGER, 1));
+        assert_eq!(merged.num_replicas, 3);
+        assert_eq!(merged.max_age, Duration::ZERO, "unlimited stays unlimited");
+
+        let merged = merged_config(&stream_config(&LEDGER, 1), &stream_config(&LEDGER, 3));
+        assert_eq!(merged.num_replicas, 3, "raised to the configured replicas");
+
+        let mut unbounded = stream_config(&DLQ, 1);
+        unbounded.max_bytes = -1;
+        assert_eq!(
+            merged_config(&unbounded, &stream_config(&DLQ, 1)).max_bytes,
+            -1
+        );
     }
 }

@@ -558,3 +558,83 @@ async fn b08_pruning_removes_every_expired_row_in_one_run() {
         .collect();
     assert_eq!(left, ["recent", "waiting"]);
 }
+
+/// A process that ensures the streams brings an existing stream's subjects
+/// back to the contract but never lowers what an operator raised (retention,
+/// the duplicate window; replicas alike, which one server cannot show): an
+/// operator's command run without the production settings changes nothing
+/// that protects the messages. A stream's own lower settings are raised.
+#[tokio::test]
+async fn b08_ensuring_the_streams_keeps_an_operators_longer_retention_and_restores_subjects() {
+    let nats = NatsServer::start().await.unwrap();
+    let js = nats.jetstream().await.unwrap();
+    let day = Duration::from_secs(86_400);
+    let mut ledger = common::jetstream::stream_config(&common::jetstream::LEDGER, 1);
+    ledger.max_age = 400 * day;
+    ledger.duplicate_window = Duration::from_secs(600);
+    ledger.subjects = vec!["bank.ledger.operator-only".to_owned()];
+    js.create_stream(ledger).await.unwrap();
+    let mut dlq = common::jetstream::stream_config(&common::jetstream::DLQ, 1);
+    dlq.max_bytes = 1 << 20;
+    dlq.duplicate_window = Duration::from_secs(30);
+    js.create_stream(dlq).await.unwrap();
+
+    let specs = [common::jetstream::LEDGER, common::jetstream::DLQ];
+    common::jetstream::ensure_streams(&js, &specs, 1)
+        .await
+        .unwrap();
+
+    let spec_ledger = common::jetstream::stream_config(&common::jetstream::LEDGER, 1);
+    let ledger = js
+        .get_stream("LEDGER")
+        .await
+        .unwrap()
+        .cached_info()
+        .config
+        .clone();
+    assert_eq!(
+        ledger.max_age,
+        400 * day,
+        "the operator's retention is kept"
+    );
+    assert_eq!(ledger.duplicate_window, Duration::from_secs(600));
+    assert_eq!(
+        ledger.subjects, spec_ledger.subjects,
+        "the contract's subjects"
+    );
+    let dlq = js
+        .get_stream("DLQ")
+        .await
+        .unwrap()
+        .cached_info()
+        .config
+        .clone();
+    assert_eq!(
+        dlq.max_bytes,
+        common::jetstream::DLQ_MAX_BYTES,
+        "raised to the code's bound"
+    );
+    assert_eq!(dlq.duplicate_window, common::jetstream::DUPLICATE_WINDOW);
+
+    // Ensuring again changes nothing, and a missing stream is created.
+    let interest = [common::jetstream::LEDGER, common::jetstream::INTEREST];
+    common::jetstream::ensure_streams(&js, &interest, 1)
+        .await
+        .unwrap();
+    let again = js
+        .get_stream("LEDGER")
+        .await
+        .unwrap()
+        .cached_info()
+        .config
+        .clone();
+    assert_eq!(again, ledger);
+    let interest = js
+        .get_stream("INTEREST")
+        .await
+        .unwrap()
+        .cached_info()
+        .config
+        .clone();
+    assert_eq!(interest.subjects, ["bank.interest.*"]);
+}
