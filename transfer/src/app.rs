@@ -55,6 +55,7 @@ pub async fn connect_db(
 impl App {
     /// Connects, migrates, ensures the `TRANSFERS` stream and binds the listener.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
+        config.check().map_err(anyhow::Error::msg)?;
         let _ = common::metrics::handle();
         // Watched with increase() by LedgerEventsNotTheCores: present from
         // the start, so the first repair counts.
@@ -72,7 +73,7 @@ impl App {
         .await?;
         let core = config
             .core
-            .client(Duration::from_secs(5))
+            .client(crate::config::CORE_CALL_TIMEOUT)
             .context("building the core client")?;
         let listener = TcpListener::bind(config.http_addr)
             .await

@@ -127,4 +127,57 @@ impl Config {
     pub fn fence_after(&self) -> Duration {
         self.request_ttl() + Duration::from_millis(self.fence_margin_ms)
     }
+
+    /// Refuses settings under which a transfer request could be cut off by
+    /// the HTTP request timeout after its pending row was written: the
+    /// customer would get 503 `timeout` instead of the 202 API.md promises,
+    /// and no resolver would follow the transfer up at once. A request waits
+    /// at most `CORE_TIMEOUT_MS` for the core, then (when the core rejected
+    /// it on the way) [`CORE_CALL_TIMEOUT`] for the fence.
+    pub fn check(&self) -> Result<(), String> {
+        let worst = Duration::from_millis(self.core_timeout_ms) + CORE_CALL_TIMEOUT;
+        let least = worst + REQUEST_TIMEOUT_MARGIN;
+        if self.http.request_timeout() < least {
+            return Err(format!(
+                "HTTP_REQUEST_TIMEOUT_MS ({}) must be at least CORE_TIMEOUT_MS ({}) + {} ms \
+                 (a fence call) + {} ms: {} ms",
+                self.http.http_request_timeout_ms,
+                self.core_timeout_ms,
+                CORE_CALL_TIMEOUT.as_millis(),
+                REQUEST_TIMEOUT_MARGIN.as_millis(),
+                least.as_millis()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// How long a call to the core other than the transfer itself (a fence, a
+/// status question, a sync) may take.
+pub const CORE_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Room a transfer request keeps beyond its calls to the core, for its
+/// database statements.
+const REQUEST_TIMEOUT_MARGIN: Duration = Duration::from_secs(2);
+
+#[cfg(test)]
+mod tests {
+    use super::Config;
+
+    #[test]
+    fn a_request_timeout_shorter_than_a_transfers_calls_to_the_core_is_refused() {
+        let mut config = Config::defaults();
+        assert_eq!(config.check(), Ok(()), "the defaults");
+        config.http.http_request_timeout_ms = 9_999;
+        assert!(config.check().is_err(), "3000 + 5000 + 2000 ms is 10000");
+        config.http.http_request_timeout_ms = 10_000;
+        assert_eq!(config.check(), Ok(()));
+        config.core_timeout_ms = 3_001;
+        let refused = config.check().unwrap_err();
+        assert!(
+            refused.contains("HTTP_REQUEST_TIMEOUT_MS (10000)"),
+            "{refused}"
+        );
+        assert!(refused.contains("10001 ms"), "{refused}");
+    }
 }
