@@ -114,8 +114,9 @@ fn dead_letter_stream_unavailable(e: dlq::StreamError) -> ApiError {
 }
 
 fn parse_letter_id(id: &str) -> Result<u64, ApiError> {
-    id.parse()
-        .map_err(|_| ApiError::bad_request("invalid_id", "a dead letter id is a positive integer"))
+    id.parse().ok().filter(|&id: &u64| id > 0).ok_or_else(|| {
+        ApiError::bad_request("invalid_id", "a dead letter id is a positive integer")
+    })
 }
 
 /// One dead letter.
@@ -282,4 +283,18 @@ async fn tax_records(
         tax_records: records,
         next_cursor,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_letter_id;
+
+    #[test]
+    fn a_dead_letter_id_is_a_positive_integer() {
+        assert_eq!(parse_letter_id("1").ok(), Some(1));
+        assert_eq!(parse_letter_id("18446744073709551615").ok(), Some(u64::MAX));
+        for bad in ["0", "-1", "", "1.5", "abc", "18446744073709551616", " 1"] {
+            assert!(parse_letter_id(bad).is_err(), "{bad:?} accepted");
+        }
+    }
 }

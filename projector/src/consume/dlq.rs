@@ -381,10 +381,18 @@ pub async fn replay(ctx: &Context, id: u64) -> Result<DeadLetter, ReplayError> {
         .get_stream(DLQ_STREAM)
         .await
         .map_err(StreamError::from)?;
-    stream
-        .delete_message(id)
-        .await
-        .map_err(|source| StreamError::Delete { id, source })?;
+    if let Err(source) = stream.delete_message(id).await {
+        // Another replay of the same letter (the HTTP API and the command at
+        // once) may have removed it first; both applied it, which the
+        // history and the tax records take once.
+        return match get(ctx, id).await {
+            Ok(None) => {
+                tracing::info!(id, "dead letter replayed; another replay removed it first");
+                Ok(letter)
+            }
+            _ => Err(StreamError::Delete { id, source }.into()),
+        };
+    }
     metrics::counter!("projector_dead_letters_replayed_total").increment(1);
     tracing::info!(id, subject = %letter.subject, "dead letter replayed and removed");
     Ok(letter)
