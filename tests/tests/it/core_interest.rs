@@ -1094,33 +1094,16 @@ async fn f8_redis_down_interest_queries_still_answer_correctly() {
     let today = api.advance_business_date(3).await;
     let first = interest(api, &account).await;
     assert_eq!(first["gross"], "8301");
-    let key = format!(
-        "bank:interest:{account}:{today}:{}",
-        first["path"].as_str().unwrap()
-    );
     let url = format!("redis://127.0.0.1:{port}");
-    eventually(
-        "cached while Redis is up",
-        Duration::from_secs(10),
-        || async {
-            let mut c = redis::Client::open(url.as_str())
-                .map_err(|e| e.to_string())?
-                .get_multiplexed_async_connection()
-                .await
-                .map_err(|e| e.to_string())?;
-            let cached: bool = redis::cmd("EXISTS")
-                .arg(&key)
-                .query_async(&mut c)
-                .await
-                .map_err(|e| e.to_string())?;
-            if cached {
-                Ok(())
-            } else {
-                Err(format!("{key} not cached"))
-            }
-        },
-    )
-    .await;
+    let conn = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let path = first["path"].as_str().unwrap();
+    let cached = query_until_cached(api, &conn, &account, today, path).await;
+    assert_eq!(cached["gross"], "8301");
+    drop(conn);
     redis.stop().await;
     for _ in 0..3 {
         assert_eq!(
