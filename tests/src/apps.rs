@@ -44,6 +44,8 @@ pub struct CoreOptions {
     pub database_url: Option<String>,
     /// `DATABASE_MAX_CONNECTIONS`.
     pub db_max_connections: u32,
+    /// `HTTP_REQUEST_TIMEOUT_MS`.
+    pub request_timeout_ms: u64,
 }
 
 impl Default for CoreOptions {
@@ -55,6 +57,7 @@ impl Default for CoreOptions {
             lock_timeout_ms: 2_000,
             database_url: None,
             db_max_connections: 6,
+            request_timeout_ms: 30_000,
         }
     }
 }
@@ -96,6 +99,7 @@ impl CoreApp {
         config.test_clock = opts.test_clock;
         config.pool.db_max_connections = opts.db_max_connections;
         config.pool.db_lock_timeout_ms = opts.lock_timeout_ms;
+        config.http.http_request_timeout_ms = opts.request_timeout_ms;
         config.relay.outbox_poll_interval_ms = 100;
         Self::start(config).await
     }

@@ -21,6 +21,8 @@
 //! than any value lives (values expire at the next midnight). A payout answers only
 //! after its increment reached Redis ([`InterestCache::invalidate_now`]), so
 //! no replica serves the pre-payout figure once the customer has the answer;
+//! a payout cut off before its outcome is known (a lost COMMIT answer, the
+//! request dropped) queues the increment anyway, as it may have committed;
 //! balance changes (which do not change the figure for completed days) are
 //! applied in the background.
 //!
@@ -336,6 +338,15 @@ impl InterestCache {
     /// answers).
     pub fn invalidate(&self, accounts: &[AccountId]) {
         self.queue(accounts, Urgency::Droppable);
+        self.wake.notify_one();
+    }
+
+    /// Like [`Self::invalidate_now`], without waiting for Redis: for a
+    /// change whose outcome is not known (a payout abandoned or failed after
+    /// it may have committed). An invalidation that was not needed costs one
+    /// cache miss.
+    pub fn invalidate_kept(&self, accounts: &[AccountId]) {
+        self.queue(accounts, Urgency::Kept);
         self.wake.notify_one();
     }
 

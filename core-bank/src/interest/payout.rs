@@ -93,6 +93,15 @@ pub enum PayoutError {
     Db(#[from] DbErr),
 }
 
+impl PayoutError {
+    /// Whether the payout is known to have written nothing: every refusal is
+    /// decided before the commit; a database error may be the commit's own,
+    /// whose answer was lost after the server committed.
+    fn wrote_nothing(&self) -> bool {
+        !matches!(self, PayoutError::Db(_))
+    }
+}
+
 impl common::db::AsDbErr for PayoutError {
     fn as_db_err(&self) -> Option<&DbErr> {
         match self {
@@ -127,6 +136,15 @@ pub async fn pay(
     // The figure each attempt computed; the last one is compared with the
     // other path once, whatever the outcome (a refused payout too).
     let shadow = std::sync::Mutex::new(None);
+    // Until the payout's outcome is known, it may have committed: a COMMIT
+    // whose answer was lost, or this future dropped while it waited for it
+    // (the request timeout, a caller gone). Then the cached figure from
+    // before it must not be served either.
+    let mut unsettled = Unsettled {
+        cache: interest.cache(),
+        account,
+        armed: true,
+    };
     let payout = common::db::retry_transient(9, || {
         try_pay(db, clock, interest, account, payout_id, &shadow)
     })
@@ -134,13 +152,39 @@ pub async fn pay(
     if let Some((terms, today, accrual)) = shadow.lock().ok().and_then(|mut s| s.take()) {
         interest.spawn_shadow_check(terms, today, accrual);
     }
-    let payout = payout?;
+    let payout = match payout {
+        Ok(payout) => payout,
+        Err(e) if e.wrote_nothing() => {
+            unsettled.armed = false;
+            return Err(e);
+        }
+        Err(e) => return Err(e),
+    };
     interest.wake_relay();
     interest
         .cache()
         .invalidate_now(std::slice::from_ref(account))
         .await;
+    unsettled.armed = false;
     Ok(payout)
+}
+
+/// Invalidates an account's cached figure in the background when dropped:
+/// armed while a payout's outcome is unknown (see [`pay`]), forgotten once
+/// it is.
+struct Unsettled<'a> {
+    cache: &'a super::cache::InterestCache,
+    account: &'a AccountId,
+    armed: bool,
+}
+
+impl Drop for Unsettled<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.cache
+                .invalidate_kept(std::slice::from_ref(self.account));
+        }
+    }
 }
 
 /// The payout `payout_id` of `account`, if the core made it (a payout of

@@ -582,6 +582,62 @@ fn secs_until_next_seoul_midnight() -> i64 {
     (midnight.with_timezone(&chrono::Utc) - now).num_seconds()
 }
 
+/// A payout cut off before its outcome is known (here the request timeout
+/// drops it while it waits for the account's lock; a COMMIT whose answer was
+/// lost takes the same path) still moves the account's cache generation: it
+/// may have committed, and the figure from before it must not be served.
+#[tokio::test]
+async fn b25_a_payout_cut_off_before_its_outcome_is_known_still_invalidates_the_cached_figure() {
+    let nats = NatsServer::start().await.unwrap();
+    let core = CoreApp::spawn_with(
+        &nats,
+        CoreOptions {
+            request_timeout_ms: 300,
+            lock_timeout_ms: 10_000,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let api = &core.api;
+    let account = api.funded_account(60_000_000).await;
+    let day = api.advance_business_date(3).await;
+    let redis = redis::Client::open(bank_tests::redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let path = interest(api, &account).await["path"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    query_until_cached(api, &redis, &account, day, &path).await;
+    let before = interest_generation(&redis, &account).await;
+    assert!(before.is_some(), "a cached figure has a generation");
+
+    let lock = RowLock::account(&core.db_url, &account).await.unwrap();
+    let cut = api
+        .post(
+            &format!("/v1/accounts/{account}/interest/payouts"),
+            json!({"payout_id": unique("pay_")}),
+        )
+        .await;
+    assert_eq!((cut.status, cut.code()), (503, Some("timeout")));
+    lock.release().await.unwrap();
+
+    eventually(
+        "the account's generation moves",
+        Duration::from_secs(10),
+        || async {
+            match interest_generation(&redis, &account).await {
+                now if now != before => Ok(()),
+                now => Err(format!("still {now:?}")),
+            }
+        },
+    )
+    .await;
+}
+
 /// Any balance change (a deposit, a transfer) invalidates the account's
 /// cached figure, not only a payout: the account's generation moves, so the
 /// figure stored under the old one is never served again.
