@@ -90,6 +90,7 @@ METRICS: dict[str, tuple[str, set[str]]] = {
     "interest_payouts_total": ("counter", set()),
     "interest_shadow_mismatches_total": ("counter", set()),
     "interest_shadow_errors_total": ("counter", set()),
+    "interest_shadow_skipped_total": ("counter", set()),
 }
 SCRAPE_LABELS = {"job", "instance"}
 # Series Prometheus makes itself.

@@ -59,10 +59,18 @@ pub struct InterestService {
     outbox: RelayWaker,
     shadow_tasks: TaskTracker,
     shadow_turns: Arc<Semaphore>,
+    shadow_places: Arc<Semaphore>,
 }
 
 /// Shadow comparisons running at once in one process.
 pub const SHADOW_CONCURRENCY: usize = 4;
+
+/// Shadow comparisons waiting for a turn in one process; beyond them new
+/// ones are skipped (`interest_shadow_skipped_total`) rather than queued
+/// without bound in memory: comparisons come from queries and payouts, and
+/// with the cache unavailable every query is one. What shadow mode skips,
+/// `core-bank verify-interest` covers.
+pub const SHADOW_QUEUE_MAX: usize = 64;
 
 /// The two paths' figures for one account, when they disagree in shadow mode.
 #[derive(Debug, Clone)]
@@ -94,6 +102,7 @@ impl InterestService {
             outbox,
             shadow_tasks: TaskTracker::new(),
             shadow_turns: Arc::new(Semaphore::new(SHADOW_CONCURRENCY)),
+            shadow_places: Arc::new(Semaphore::new(SHADOW_CONCURRENCY + SHADOW_QUEUE_MAX)),
         }
     }
 
@@ -214,13 +223,20 @@ impl InterestService {
     /// In shadow mode, [`shadow_check`](Self::shadow_check) on a task of its own, tracked so
     /// that a clean shutdown waits for it ([`Self::shadow_tasks`]). At most
     /// [`SHADOW_CONCURRENCY`] run at once (each holds a pooled connection for
-    /// a replay that may be long); the others wait for their turn.
+    /// a replay that may be long); at most [`SHADOW_QUEUE_MAX`] others wait
+    /// for their turn, and the rest are skipped.
     pub fn spawn_shadow_check(&self, terms: AccountTerms, today: NaiveDate, chosen: Accrual) {
         if !self.shadow_mode() {
             return;
         }
+        let Ok(place) = self.shadow_places.clone().try_acquire_owned() else {
+            metrics::counter!("interest_shadow_skipped_total").increment(1);
+            tracing::debug!(account = %terms.account_id, "shadow comparison skipped: too many waiting");
+            return;
+        };
         let this = self.clone();
         self.shadow_tasks.spawn(async move {
+            let _place = place;
             let Ok(_turn) = this.shadow_turns.acquire().await else {
                 return;
             };

@@ -582,6 +582,64 @@ fn secs_until_next_seoul_midnight() -> i64 {
     (midnight.with_timezone(&chrono::Utc) - now).num_seconds()
 }
 
+/// B27: shadow comparisons wait for a turn in a bounded room. With the
+/// shadow path held up (its table locked) and every place taken, a query
+/// still answers from its own path, and the comparisons beyond the room are
+/// skipped and counted instead of piling up in memory.
+#[tokio::test]
+async fn b27_shadow_comparisons_beyond_the_waiting_room_are_skipped_and_counted() {
+    use core_bank::interest::service::{SHADOW_CONCURRENCY, SHADOW_QUEUE_MAX};
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+    let nats = NatsServer::start().await.unwrap();
+    let core = CoreApp::spawn_with(
+        &nats,
+        CoreOptions {
+            lock_timeout_ms: 60_000,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let api = &core.api;
+    let over = 8;
+    let mut accounts = Vec::new();
+    for _ in 0..SHADOW_CONCURRENCY + SHADOW_QUEUE_MAX + over {
+        accounts.push(api.funded_account(60_000_000).await);
+    }
+    api.advance_business_date(3).await;
+    // Every account on the legacy path: only the shadow reads daily balances.
+    set_rollout(api, 0, true).await;
+    let db = sea_orm::Database::connect(core.db_url.as_str())
+        .await
+        .unwrap();
+    let held = db.begin().await.unwrap();
+    held.execute_unprepared("LOCK TABLE daily_balances IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let skipped = || async {
+        bank_tests::metrics::metric(
+            &bank_tests::metrics::scrape(&api.base).await,
+            "interest_shadow_skipped_total",
+        )
+    };
+    let before = skipped().await;
+
+    for account in &accounts {
+        let i = interest(api, account).await;
+        assert_eq!(
+            (i["path"].as_str(), i["gross"].as_str()),
+            (Some("legacy"), Some("8301"))
+        );
+    }
+    let after = skipped().await;
+    held.rollback().await.unwrap();
+    assert!(
+        after - before >= over as f64,
+        "{} comparisons skipped, {over} expected",
+        after - before
+    );
+}
+
 /// A payout cut off before its outcome is known (here the request timeout
 /// drops it while it waits for the account's lock; a COMMIT whose answer was
 /// lost takes the same path) still moves the account's cache generation: it
