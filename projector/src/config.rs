@@ -140,6 +140,12 @@ pub struct Config {
     /// from the core.
     #[arg(long, env = "PROJECTOR_TAX_SWEEP_SECS", default_value_t = 60)]
     pub tax_sweep_secs: u64,
+    /// Interest entries one sweep pass settles at most; the next pass goes on
+    /// after the last one, so entries that keep failing cannot hold up the
+    /// ones after them.
+    #[arg(long, env = "PROJECTOR_TAX_SWEEP_PAGE", default_value_t = 500,
+          value_parser = clap::value_parser!(i64).range(1..=10_000))]
+    pub tax_sweep_page: i64,
     /// HTTP server limits.
     #[command(flatten)]
     pub http: HttpArgs,

@@ -236,6 +236,8 @@ pub struct ProjectorOptions {
     pub ack_wait_secs: u64,
     /// `PROJECTOR_TAX_SWEEP_SECS`.
     pub tax_sweep_secs: u64,
+    /// `PROJECTOR_TAX_SWEEP_PAGE`.
+    pub tax_sweep_page: i64,
     /// `PROJECTOR_API_TOKEN` (unset: `/v1` is open); the app's client
     /// presents it.
     pub api_token: Option<&'static str>,
@@ -249,6 +251,7 @@ impl Default for ProjectorOptions {
             retry_max_ms: 2_000,
             ack_wait_secs: 30,
             tax_sweep_secs: 60,
+            tax_sweep_page: 500,
             api_token: None,
         }
     }
@@ -274,6 +277,7 @@ impl ProjectorApp {
         config.retry_max_ms = opts.retry_max_ms;
         config.ack_wait_secs = opts.ack_wait_secs;
         config.tax_sweep_secs = opts.tax_sweep_secs;
+        config.tax_sweep_page = opts.tax_sweep_page;
         config.api_token = opts.api_token.map(Secret::new);
         config.pool.db_max_connections = 6;
         let app = projector::App::build(config.clone()).await?;

@@ -18,6 +18,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream::Message;
+use chrono::{DateTime, Utc};
 use common::events::{INTEREST_PAID_SUBJECT, InterestPaidEvent};
 use common::shutdown::CancellationToken;
 use common::{AccountId, PayoutId};
@@ -32,8 +33,6 @@ use super::{Context, Failure, ack, fail, holding_progress};
 const CHECKS_IN_FLIGHT: usize = 8;
 /// History entries the sweep looks back over, by when they were written.
 const SWEEP_WINDOW_DAYS: i64 = 30;
-/// Payouts one sweep pass recovers at most.
-const SWEEP_LIMIT: i64 = 500;
 
 /// Decodes and validates an interest event.
 pub fn decode(subject: &str, payload: &[u8]) -> Result<InterestPaidEvent, String> {
@@ -256,41 +255,64 @@ impl SweepError {
     }
 }
 
-/// One sweep pass: the history's interest entries written between
-/// [`SWEEP_WINDOW_DAYS`] ago and `min_age` ago that have no tax record get
-/// the core's figures of their payout recorded. Returns how many were
-/// recovered. An entry whose payout the core does not know is not the
+/// Where a sweep pass starts: after this entry (`applied_at`, payout id) of
+/// the history, or at the oldest when none.
+pub type SweepCursor = Option<(DateTime<Utc>, String)>;
+
+/// One sweep pass: up to `page` of the history's interest entries written
+/// between [`SWEEP_WINDOW_DAYS`] ago and `min_age` ago that have no tax
+/// record, oldest first after `after`, get the core's figures of their
+/// payout recorded. An entry whose payout the core does not know is not the
 /// core's: the history is repaired from the core's entries (B15). An entry
 /// that cannot be settled (the core refuses or answers something
 /// unexpected) is logged and counted, and the pass goes on with the next
-/// one, so one such entry does not hold up the others for the whole window.
-pub async fn sweep_once(ctx: &Context, min_age: Duration) -> Result<u64, SweepError> {
+/// one. Returns how many were recovered and where the next pass starts:
+/// after this page when it was full, so that entries that keep failing do
+/// not hold up the ones after them; at the oldest again otherwise.
+pub async fn sweep_once(
+    ctx: &Context,
+    min_age: Duration,
+    page: i64,
+    after: &SweepCursor,
+) -> Result<(u64, SweepCursor), SweepError> {
+    let (after_time, after_payout) = match after {
+        Some((time, payout)) => (Some(*time), payout.clone()),
+        None => (None, String::new()),
+    };
     let rows = ctx
         .db
         .query_all_raw(Statement::from_sql_and_values(
             ctx.db.get_database_backend(),
-            "SELECT h.account_id, h.payout_id, h.seq FROM history_entries h \
+            "SELECT h.account_id, h.payout_id, h.seq, h.applied_at FROM history_entries h \
              WHERE h.payout_id IS NOT NULL AND h.kind = 'interest' \
                AND h.applied_at >= now() - make_interval(days => $1) \
                AND h.applied_at < now() - make_interval(secs => $2) \
+               AND ($4::timestamptz IS NULL OR (h.applied_at, h.payout_id) > ($4, $5)) \
                AND NOT EXISTS (SELECT 1 FROM tax_records t WHERE t.payout_id = h.payout_id) \
-             ORDER BY h.applied_at LIMIT $3",
+             ORDER BY h.applied_at, h.payout_id LIMIT $3",
             [
                 (SWEEP_WINDOW_DAYS as i32).into(),
                 min_age.as_secs_f64().into(),
-                SWEEP_LIMIT.into(),
+                page.into(),
+                after_time.into(),
+                after_payout.into(),
             ],
         ))
         .await?;
+    let full = i64::try_from(rows.len()).is_ok_and(|n| n >= page);
+    let mut next = None;
     let mut entries = Vec::with_capacity(rows.len());
     for r in rows {
         let account: String = r.try_get("", "account_id")?;
         let payout: String = r.try_get("", "payout_id")?;
         let seq: i64 = r.try_get("", "seq")?;
+        let applied_at: DateTime<Utc> = r.try_get("", "applied_at")?;
+        next = Some((applied_at, payout.clone()));
         if let (Ok(account), Ok(payout)) = (AccountId::parse(account), PayoutId::parse(payout)) {
             entries.push((account, payout, seq));
         }
     }
+    let next = if full { next } else { None };
     // Asked of the core a few at a time, as the consumer's checks are.
     let mut settled = futures::stream::iter(entries.into_iter().map(
         |(account, payout, seq)| async move {
@@ -306,11 +328,11 @@ pub async fn sweep_once(ctx: &Context, min_age: Duration) -> Result<u64, SweepEr
             Err(e) if e.stops_the_pass() => return Err(e),
             Err(e) => {
                 metrics::counter!("projector_tax_sweep_errors_total").increment(1);
-                tracing::warn!(payout_id = %payout, account = %account, seq, error = %common::error_chain(&e), "the tax sweep could not settle this interest entry; it is tried again at the next pass");
+                tracing::warn!(payout_id = %payout, account = %account, seq, error = %common::error_chain(&e), "the tax sweep could not settle this interest entry; it is tried again at a later pass");
             }
         }
     }
-    Ok(recovered)
+    Ok((recovered, next))
 }
 
 /// Settles one interest entry without a tax record: records the core's
@@ -342,20 +364,25 @@ async fn sweep_entry(
     }
 }
 
-/// Runs [`sweep_once`] every `every` until `shutdown`, looking at entries
+/// Runs [`sweep_once`] every `every` until `shutdown`, a page of `page`
+/// entries a pass, each pass after the last full page, looking at entries
 /// written at least `every` ago (by then their event has normally been
 /// recorded).
-pub async fn sweep(ctx: Context, every: Duration, shutdown: CancellationToken) {
+pub async fn sweep(ctx: Context, every: Duration, page: i64, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut after: SweepCursor = None;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        if let Err(e) = sweep_once(&ctx, every).await {
-            metrics::counter!("projector_tax_sweep_errors_total").increment(1);
-            tracing::warn!(error = %common::error_chain(&e), "tax record sweep failed; retried at the next pass");
+        match sweep_once(&ctx, every, page, &after).await {
+            Ok((_, next)) => after = next,
+            Err(e) => {
+                metrics::counter!("projector_tax_sweep_errors_total").increment(1);
+                tracing::warn!(error = %common::error_chain(&e), "tax record sweep failed; retried at the next pass");
+            }
         }
     }
 }

@@ -1171,6 +1171,17 @@ async fn b23_a_payout_check_slower_than_the_ack_wait_does_not_get_the_event_rede
 
 #[tokio::test]
 async fn b23_an_interest_entry_the_core_refuses_to_explain_does_not_hold_up_the_tax_sweep() {
+    refused_entry_does_not_hold_up_the_sweep(500).await;
+}
+
+/// The same across pages: with a page of one entry, the refused entry fills
+/// every page that starts at the oldest; the next pass goes on after it.
+#[tokio::test]
+async fn b23_an_entry_the_core_keeps_refusing_does_not_hold_up_the_next_sweep_pages() {
+    refused_entry_does_not_hold_up_the_sweep(1).await;
+}
+
+async fn refused_entry_does_not_hold_up_the_sweep(tax_sweep_page: i64) {
     let rig = Rig::new().await;
     let p = rig
         .projector(ProjectorOptions {
@@ -1178,6 +1189,7 @@ async fn b23_an_interest_entry_the_core_refuses_to_explain_does_not_hold_up_the_
             retry_base_ms: 50,
             retry_max_ms: 200,
             tax_sweep_secs: 1,
+            tax_sweep_page,
             ..ProjectorOptions::default()
         })
         .await;
