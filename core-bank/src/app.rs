@@ -42,6 +42,13 @@ impl std::fmt::Debug for App {
     }
 }
 
+/// The streams the core publishes to (through its outbox).
+const STREAMS: &[common::jetstream::StreamSpec] = &[
+    common::jetstream::LEDGER,
+    common::jetstream::INTEREST,
+    common::jetstream::ALERTS,
+];
+
 /// Connects to the core database and applies migrations.
 pub async fn connect_db(config: &Config) -> anyhow::Result<DatabaseConnection> {
     let db = common::db::connect(config.database_url.expose(), &config.pool, "core-bank")
@@ -113,16 +120,7 @@ impl App {
             .await
             .context("connecting to NATS (NATS_URL)")?;
         let js = jetstream::new(nats.clone());
-        common::jetstream::ensure_streams(
-            &js,
-            &[
-                common::jetstream::LEDGER,
-                common::jetstream::INTEREST,
-                common::jetstream::ALERTS,
-            ],
-            config.nats.stream_replicas,
-        )
-        .await?;
+        common::jetstream::ensure_streams(&js, STREAMS, config.nats.stream_replicas).await?;
         let clock = clock(&config, &db).await?;
         let outbox = RelayWaker::default();
         let interest = interest_service(&config, &db, &clock, outbox.clone()).await?;
@@ -160,6 +158,8 @@ impl App {
                 batch_size: self.config.relay.outbox_batch_size,
                 poll_interval: self.config.relay.poll_interval(),
                 retention: Duration::from_secs(self.config.relay.outbox_retention_secs),
+                streams: STREAMS,
+                stream_replicas: self.config.nats.stream_replicas,
                 abort_before_mark: false,
             },
             self.outbox.clone(),

@@ -37,6 +37,9 @@ impl std::fmt::Debug for App {
     }
 }
 
+/// The streams the transfer service publishes to (through its outbox).
+const STREAMS: &[common::jetstream::StreamSpec] = &[common::jetstream::TRANSFERS];
+
 /// Connects to the channel database and applies the channel migrations.
 pub async fn connect_db(
     url: &str,
@@ -65,12 +68,7 @@ impl App {
             .await
             .context("connecting to NATS (NATS_URL)")?;
         let js = jetstream::new(nats.clone());
-        common::jetstream::ensure_streams(
-            &js,
-            &[common::jetstream::TRANSFERS],
-            config.nats.stream_replicas,
-        )
-        .await?;
+        common::jetstream::ensure_streams(&js, STREAMS, config.nats.stream_replicas).await?;
         let core = config
             .core
             .client(crate::config::CORE_CALL_TIMEOUT)
@@ -120,6 +118,8 @@ impl App {
                 batch_size: self.config.relay.outbox_batch_size,
                 poll_interval: self.config.relay.poll_interval(),
                 retention: Duration::from_secs(self.config.relay.outbox_retention_secs),
+                streams: STREAMS,
+                stream_replicas: self.config.nats.stream_replicas,
                 abort_before_mark: false,
             },
             outbox.clone(),

@@ -90,6 +90,12 @@ pub struct RelayConfig {
     pub poll_interval: Duration,
     /// How long published rows are kept.
     pub retention: Duration,
+    /// The streams the rows' subjects go to, created again (as at start-up,
+    /// see [`crate::jetstream::ensure_streams`]) when a publish finds none:
+    /// without it the relay would retry until the process restarted.
+    pub streams: &'static [crate::jetstream::StreamSpec],
+    /// Replicas of a stream created again.
+    pub stream_replicas: usize,
     /// Fault injection for tests: publish a pass, then fail before marking
     /// its rows, exactly as a crash at that point would. Never set in service
     /// configuration.
@@ -112,10 +118,24 @@ pub enum RelayError {
         subject: String,
         /// What went wrong.
         reason: String,
+        /// No stream takes the subject (it was deleted, or the server lost
+        /// its JetStream storage).
+        stream_missing: bool,
     },
     /// Injected by [`RelayConfig::abort_before_mark`].
     #[error("aborted before marking (fault injection)")]
     Aborted,
+}
+
+impl RelayError {
+    fn publish(row: &Row, e: &jetstream::context::PublishError) -> Self {
+        RelayError::Publish {
+            event_id: row.event_id.clone(),
+            subject: row.subject.clone(),
+            reason: e.to_string(),
+            stream_missing: e.kind() == jetstream::context::PublishErrorKind::StreamNotFound,
+        }
+    }
 }
 
 /// Wakes a relay after a commit that wrote outbox rows.
@@ -217,6 +237,15 @@ impl Relay {
                     metrics::counter!("outbox_relay_errors_total", "service" => self.cfg.service)
                         .increment(1);
                     tracing::warn!(service = self.cfg.service, error = %e, wait_ms = wait.as_millis() as u64, "outbox relay pass failed; backing off");
+                    if matches!(
+                        e,
+                        RelayError::Publish {
+                            stream_missing: true,
+                            ..
+                        }
+                    ) {
+                        self.recreate_streams().await;
+                    }
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
                         _ = tokio::time::sleep(wait) => {}
@@ -227,6 +256,25 @@ impl Relay {
         let _ = listener.await;
         let _ = housekeeping.await;
         tracing::info!(service = self.cfg.service, "outbox relay stopped");
+    }
+
+    /// Creates the relay's streams again after a publish found none; the
+    /// rows stay unpublished until then, and a failure here is retried
+    /// after the next failed pass.
+    async fn recreate_streams(&self) {
+        if self.cfg.streams.is_empty() {
+            return;
+        }
+        tracing::warn!(
+            service = self.cfg.service,
+            "a stream the relay publishes to is missing; creating it again"
+        );
+        if let Err(e) =
+            crate::jetstream::ensure_streams(&self.js, self.cfg.streams, self.cfg.stream_replicas)
+                .await
+        {
+            tracing::warn!(service = self.cfg.service, error = %crate::error_chain(&e), "creating the relay's streams failed");
+        }
     }
 
     /// One pass: under the relay lock, publish up to `batch_size` unpublished
@@ -335,11 +383,7 @@ impl Relay {
             match sent {
                 Ok(ack) => pending.push(ack),
                 Err(e) => {
-                    failure = Some(RelayError::Publish {
-                        event_id: row.event_id.clone(),
-                        subject: row.subject.clone(),
-                        reason: e.to_string(),
-                    });
+                    failure = Some(RelayError::publish(row, &e));
                     break;
                 }
             }
@@ -349,11 +393,7 @@ impl Relay {
             match ack.await {
                 Ok(_) => acked += 1,
                 Err(e) => {
-                    failure = Some(RelayError::Publish {
-                        event_id: row.event_id.clone(),
-                        subject: row.subject.clone(),
-                        reason: e.to_string(),
-                    });
+                    failure = Some(RelayError::publish(row, &e));
                     break;
                 }
             }

@@ -105,9 +105,13 @@ pub enum Feed {
 
 impl Feed {
     fn stream(self) -> &'static str {
+        self.spec().name
+    }
+
+    fn spec(self) -> common::jetstream::StreamSpec {
         match self {
-            Feed::Ledger => common::jetstream::LEDGER_STREAM,
-            Feed::Interest => common::jetstream::INTEREST_STREAM,
+            Feed::Ledger => common::jetstream::LEDGER,
+            Feed::Interest => common::jetstream::INTEREST,
         }
     }
 
@@ -174,9 +178,37 @@ pub async fn consumer(ctx: &Context, feed: Feed) -> Result<PullConsumer, Consume
         })
 }
 
+/// The feed's durable consumer again, as at start-up, with its stream if the
+/// server no longer has it: after pulling failed, the consumer may be gone
+/// (deleted with its stream, or lost with the server's JetStream storage),
+/// and pulling from it would fail until the process restarted. `None` when
+/// the server cannot do it now; the caller tries again after its backoff.
+async fn consumer_again(ctx: &Context, feed: Feed) -> Option<PullConsumer> {
+    let specs = [feed.spec()];
+    let replicas = ctx.config.nats.stream_replicas;
+    if let Err(e) = common::jetstream::ensure_streams(&ctx.js, &specs, replicas).await {
+        tracing::debug!(error = %common::error_chain(&e), ?feed, "cannot ensure the feed's stream yet");
+        return None;
+    }
+    match consumer(ctx, feed).await {
+        Ok(consumer) => Some(consumer),
+        Err(e) => {
+            tracing::debug!(error = %common::error_chain(&e), ?feed, "cannot create the feed's consumer yet");
+            None
+        }
+    }
+}
+
 /// Consumes a feed until `shutdown`. On shutdown it stops fetching, finishes
-/// the batches in hand (acking or nacking every message), and returns.
-pub async fn run(ctx: Context, feed: Feed, consumer: PullConsumer, shutdown: CancellationToken) {
+/// the batches in hand (acking or nacking every message), and returns. When
+/// pulling fails it backs off and takes the consumer again
+/// ([`consumer_again`]).
+pub async fn run(
+    ctx: Context,
+    feed: Feed,
+    mut consumer: PullConsumer,
+    shutdown: CancellationToken,
+) {
     let batch_max = ctx.config.batch.max(1);
     let mut backoff = Duration::from_millis(100);
     let mut batches = InHand::new(&ctx, feed);
@@ -189,10 +221,7 @@ pub async fn run(ctx: Context, feed: Feed, consumer: PullConsumer, shutdown: Can
             .messages()
             .await;
         let mut messages = match stream {
-            Ok(s) => {
-                backoff = Duration::from_millis(100);
-                s
-            }
+            Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, ?feed, "cannot pull messages; retrying");
                 tokio::select! {
@@ -200,9 +229,13 @@ pub async fn run(ctx: Context, feed: Feed, consumer: PullConsumer, shutdown: Can
                     _ = tokio::time::sleep(backoff) => {}
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
+                if let Some(again) = consumer_again(&ctx, feed).await {
+                    consumer = again;
+                }
                 continue;
             }
         };
+        let mut broken = false;
         let held = loop {
             if batches.full() {
                 let held = batches.next_done().await;
@@ -238,7 +271,6 @@ pub async fn run(ctx: Context, feed: Feed, consumer: PullConsumer, shutdown: Can
                 },
             };
             let mut batch = Vec::with_capacity(batch_max);
-            let mut broken = false;
             match first {
                 Ok(m) => batch.push(m),
                 Err(e) => {
@@ -268,6 +300,7 @@ pub async fn run(ctx: Context, feed: Feed, consumer: PullConsumer, shutdown: Can
                 }
             }
             if !batch.is_empty() {
+                backoff = Duration::from_millis(100);
                 batches.start(batch);
             }
             if broken {
@@ -289,6 +322,18 @@ pub async fn run(ctx: Context, feed: Feed, consumer: PullConsumer, shutdown: Can
             drop(messages);
             if !hold_until_handled(&ctx, feed, held, &shutdown).await {
                 return;
+            }
+        }
+        if broken {
+            // The subscription failed (the server restarted, or the
+            // consumer is gone): after a pause, the consumer again.
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+            if let Some(again) = consumer_again(&ctx, feed).await {
+                consumer = again;
             }
         }
     }

@@ -30,6 +30,15 @@ async fn outbox_db_and_url() -> (DatabaseConnection, String) {
     (db, url)
 }
 
+/// The stream of the test subjects, as a relay creates it again.
+const TEST_STREAM: common::jetstream::StreamSpec = common::jetstream::StreamSpec {
+    name: "TEST",
+    subjects: &["test.>"],
+    description: "test subjects",
+    max_age: Duration::ZERO,
+    max_bytes: None,
+};
+
 async fn test_stream(nats: &NatsServer) -> async_nats::jetstream::Context {
     let js = nats.jetstream().await.unwrap();
     js.create_stream(stream::Config {
@@ -56,6 +65,8 @@ fn relay(
             batch_size: 50,
             poll_interval: Duration::from_millis(100),
             retention: Duration::from_secs(3600),
+            streams: &[TEST_STREAM],
+            stream_replicas: 1,
             abort_before_mark,
         },
         RelayWaker::default(),
@@ -147,6 +158,51 @@ async fn b08_committed_rows_are_published_once_with_their_event_id() {
             "Nats-Msg-Id is the event id"
         );
     }
+}
+
+/// A stream the relay publishes to that disappears (deleted, or the server
+/// lost its JetStream storage) is created again by the relay, and the rows
+/// waiting for it are published: nothing waits for a restart.
+#[tokio::test]
+async fn b08_a_deleted_stream_is_created_again_by_the_relay_and_the_waiting_rows_published() {
+    let nats = NatsServer::start().await.unwrap();
+    let js = test_stream(&nats).await;
+    let db = outbox_db().await;
+    let enqueue = |from: usize| {
+        let db = db.clone();
+        async move {
+            for n in from..from + 5 {
+                outbox::enqueue(&db, &[message(&format!("test.s{}", n % 2), n)])
+                    .await
+                    .unwrap();
+            }
+        }
+    };
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(relay(&db, &js, false).run(stop.clone()));
+    enqueue(0).await;
+    wait_until_all_published_within(&db, "the first rows published", Duration::from_secs(20)).await;
+    js.delete_stream("TEST").await.unwrap();
+    enqueue(5).await;
+    wait_until_all_published_within(
+        &db,
+        "the rows published once the stream is back",
+        Duration::from_secs(20),
+    )
+    .await;
+    stop.cancel();
+    task.await.unwrap();
+    let ids: Vec<String> = published_ids(&js)
+        .await
+        .into_iter()
+        .map(|(id, _, _)| id)
+        .collect();
+    assert_eq!(
+        ids,
+        (5..10)
+            .map(|n| format!("test.s{}:{n}", n % 2))
+            .collect::<Vec<_>>()
+    );
 }
 
 #[tokio::test]
@@ -285,6 +341,8 @@ fn slow_polling_relay(
             batch_size: 50,
             poll_interval: Duration::from_secs(3600),
             retention: Duration::from_secs(3600),
+            streams: &[],
+            stream_replicas: 1,
             abort_before_mark: false,
         },
         waker,

@@ -371,6 +371,26 @@ async fn f6_seq_7_before_seq_6_waits_for_6_and_applies_both_in_order_when_it_arr
     assert!(dead_letters(&p).await.is_empty());
 }
 
+/// The `LEDGER` stream deleted under running services (an operator's
+/// mistake, or a server that lost its JetStream storage): the core's relay
+/// creates it again for its next events, the projector takes its consumer
+/// again, and the history goes on without a restart.
+#[tokio::test]
+async fn f6_a_deleted_ledger_stream_is_created_again_and_the_history_goes_on() {
+    let rig = Rig::new().await;
+    let _p = rig.projector(ProjectorOptions::default()).await;
+    let account = rig.core.api.funded_account(100).await;
+    rig.wait_synced(&account, 1, Duration::from_secs(10)).await;
+    let js = rig.nats.jetstream().await.unwrap();
+    js.delete_stream("LEDGER").await.unwrap();
+
+    rig.core.api.deposit(&account, 5).await.expect(200);
+    rig.wait_synced(&account, 2, Duration::from_secs(30)).await;
+    rig.core.api.deposit(&account, 7).await.expect(200);
+    rig.wait_synced(&account, 3, Duration::from_secs(10)).await;
+    history_equals_ledger(&rig, std::slice::from_ref(&account)).await;
+}
+
 #[tokio::test]
 async fn b16_f5_poison_is_dead_lettered_at_once_and_others_keep_flowing() {
     let rig = Rig::new().await;
