@@ -21,7 +21,9 @@ mod tests {
     use chrono::{DateTime, Utc};
 
     fn at(text: &str) -> DateTime<Utc> {
-        text.parse().unwrap_or_default()
+        let parsed = text.parse();
+        assert!(parsed.is_ok(), "{text} does not parse");
+        parsed.unwrap_or_default()
     }
 
     #[test]

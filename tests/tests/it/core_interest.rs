@@ -526,12 +526,18 @@ fn b26_legacy_and_new_paths_agree_over_random_histories() {
                 }
                 for s in steps {
                     match s {
-                        Step::Deposit(a, n) => drop(api.deposit(&accounts[a], n).await),
+                        Step::Deposit(a, n) => drop(api.deposit(&accounts[a], n).await.expect(200)),
                         Step::Transfer(a, b, n) => {
-                            drop(api.core_transfer(&accounts[a], &accounts[b], n).await)
+                            // Refused when the funds or the accounts do not allow it.
+                            let r = api.core_transfer(&accounts[a], &accounts[b], n).await;
+                            assert!([200, 422].contains(&r.status), "{r:?}");
                         }
                         Step::Advance(d) => drop(api.advance_business_date(d).await),
-                        Step::Payout(a) => drop(payout(api, &accounts[a], &unique("pay_")).await),
+                        Step::Payout(a) => {
+                            // Refused when paid today or nothing accrued.
+                            let r = payout(api, &accounts[a], &unique("pay_")).await;
+                            assert!([200, 409, 422].contains(&r.status), "{r:?}");
+                        }
                     }
                 }
                 // The verifier computes both paths for every account, uncached.
@@ -882,22 +888,30 @@ async fn b26_rollout_buckets_are_stable_and_change_at_run_time_on_every_replica(
             );
         }
     }
+    assert!(
+        accounts.iter().any(|acct| {
+            common::AccountId::parse(acct.as_str())
+                .is_ok_and(|id| core_bank::interest::rollout::bucket(&id) >= 50)
+        }),
+        "some account is on the legacy path before the change"
+    );
     set_rollout(&a.api, 100, false).await;
     a.api.advance_business_date(1).await;
     eventually(
         "replica b switches every account to the new path within a second",
         Duration::from_secs(3),
         || async {
-            let i = b
-                .api
-                .get(&format!("/v1/accounts/{}/interest", accounts[0]))
-                .await
-                .body;
-            if i["path"] == "new" {
-                Ok(())
-            } else {
-                Err(i.to_string())
+            for account in &accounts {
+                let i = b
+                    .api
+                    .get(&format!("/v1/accounts/{account}/interest"))
+                    .await
+                    .body;
+                if i["path"] != "new" {
+                    return Err(i.to_string());
+                }
             }
+            Ok(())
         },
     )
     .await;

@@ -435,8 +435,16 @@ async fn b16_f5_poison_is_dead_lettered_at_once_and_others_keep_flowing() {
     ] {
         assert!(raw[0].headers.get(h).is_some(), "missing header {h}");
     }
-    // Replaying it still fails, and it stays.
+    // One letter, inspected on its own, is the listed one.
     let id = l["id"].as_u64().unwrap();
+    let shown = p
+        .api
+        .get(&format!("/v1/dead-letters/{id}"))
+        .await
+        .expect(200)
+        .body;
+    assert_eq!(&shown, l);
+    // Replaying it still fails, and it stays.
     let r = p
         .api
         .post(&format!("/v1/dead-letters/{id}/replay"), json!({}))
@@ -817,7 +825,7 @@ async fn tax_records(p: &ProjectorApp, account: &str) -> Vec<Value> {
         .body["tax_records"]
         .as_array()
         .cloned()
-        .unwrap_or_default()
+        .expect("a tax_records array")
 }
 
 /// Waits until `account` has `n` tax records; returns them.

@@ -1037,6 +1037,12 @@ async fn f3_lost_request_fails_after_the_ttl_and_the_account_is_usable_again() {
         started.elapsed() >= Duration::from_secs(2),
         "failed before the 2 s TTL ran out"
     );
+    // B11: and no later than the TTL + 5 s.
+    assert!(
+        started.elapsed() <= Duration::from_secs(2 + 5),
+        "failed only after {:?}, past the TTL + 5 s",
+        started.elapsed()
+    );
     assert_eq!(failed["reason"], "never_received");
     // The core recorded the fence.
     let core_view = stack
