@@ -336,6 +336,21 @@ async fn execute_batch(shared: &Arc<Shared>, jobs: Vec<Job>, isolate: Isolate, r
                 execute(shared, vec![job], Isolate::Allowed, runs).await;
             }
         }
+        // A parked batch runs apart because its account is held; its
+        // retries spent waiting for that lock, nothing was executed, and
+        // the database is well: the account is busy.
+        Err(e) if runs == Runs::Parked && e.is_lock_timeout() => {
+            metrics::counter!("ledger_batch_failures_total").increment(1);
+            tracing::warn!(
+                size,
+                "a held account stayed held through every retry; its commands are answered account_busy"
+            );
+            for job in jobs {
+                metrics::counter!("core_ledger_commands_total", "result" => "account_busy")
+                    .increment(1);
+                let _ = job.reply.send(Err(LedgerError::AccountBusy));
+            }
+        }
         Err(e) => {
             metrics::counter!("ledger_batch_failures_total").increment(1);
             let err = match e {

@@ -514,6 +514,25 @@ async fn b03_an_account_held_past_the_lock_timeout_holds_up_only_the_commands_th
     assert_eq!(core.api.balance(&held_to).await, 100);
 }
 
+/// B3: a parked batch whose account stays held through all its retries
+/// answers "account busy" (nothing executed, the database is well), not
+/// "the database is unavailable".
+#[tokio::test]
+async fn b03_a_parked_batch_whose_account_stays_held_answers_account_busy() {
+    let (_nats, core) = core().await;
+    let held = core.api.funded_account(1_000).await;
+    let to = core.api.funded_account(0).await;
+    let one = OneWorker::start(&core, Duration::from_millis(50), 1).await;
+    let held_lock = RowLock::account(&core.db_url, &held).await.unwrap();
+    let answer = one.transfer(&held, &to).await.unwrap();
+    held_lock.release().await.unwrap();
+    assert!(
+        matches!(answer, Err(core_bank::ledger::LedgerError::AccountBusy)),
+        "{answer:?}"
+    );
+    assert_eq!(core.api.balance(&held).await, 1_000, "nothing executed");
+}
+
 /// B3: the commands on two held accounts wait apart, each account's on its
 /// own: the one whose lock goes first completes while the other still waits
 /// (an account that only looked held, locked for a moment by a concurrent
