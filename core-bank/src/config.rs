@@ -77,11 +77,12 @@ pub struct Config {
         hide_env_values = true
     )]
     pub read_api_token: Option<common::config::Secret>,
-    /// Requests older than this (by `requested_at`, on the core's clock) are refused.
+    /// Requests older than this (by `requested_at`, on the core's clock) are refused. (1 s to 1 day)
     #[arg(
         long = "request-ttl-secs",
         env = "REQUEST_TTL_SECS",
-        default_value_t = 60
+        default_value_t = 60,
+        value_parser = clap::value_parser!(u64).range(1..=86_400)
     )]
     pub request_ttl_secs: u64,
     /// When true, `POST /v1/admin/clock` may move the business date (tests and demos).

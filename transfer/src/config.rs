@@ -68,11 +68,12 @@ pub struct Config {
         hide_env_values = true
     )]
     pub jwt_secret: common::config::Secret,
-    /// Request TTL; must equal the core's.
+    /// Request TTL; must equal the core's. (1 s to 1 day)
     #[arg(
         long = "request-ttl-secs",
         env = "REQUEST_TTL_SECS",
-        default_value_t = 60
+        default_value_t = 60,
+        value_parser = clap::value_parser!(u64).range(1..=86_400)
     )]
     pub request_ttl_secs: u64,
     /// How long a transfer request waits for the core before answering 202.
@@ -163,6 +164,20 @@ const REQUEST_TIMEOUT_MARGIN: Duration = Duration::from_secs(2);
 #[cfg(test)]
 mod tests {
     use super::Config;
+
+    #[test]
+    fn a_request_ttl_outside_one_second_to_one_day_is_refused() {
+        use clap::Parser;
+        let ttl = |v: &str| super::Cli::try_parse_from(["transfer", "--request-ttl-secs", v]);
+        assert!(ttl("0").is_err());
+        assert!(ttl("86401").is_err());
+        assert!(ttl("18446744073709551615").is_err());
+        assert_eq!(
+            ttl("86400").ok().map(|c| c.config.request_ttl_secs),
+            Some(86_400)
+        );
+        assert_eq!(ttl("1").ok().map(|c| c.config.request_ttl_secs), Some(1));
+    }
 
     #[test]
     fn a_request_timeout_shorter_than_a_transfers_calls_to_the_core_is_refused() {
