@@ -153,6 +153,14 @@ pub(super) async fn transfer(
             "requested_at is further in the future than the request TTL",
         ));
     }
+    if chrono::Timelike::nanosecond(&body.requested_at) >= 1_000_000_000 {
+        // A leap second (`23:59:60`): stored as the next second, so a retry
+        // of the same request would no longer match its record.
+        return Err(ApiError::bad_request(
+            "invalid_request",
+            "requested_at is a leap second; send 23:59:59.999999",
+        ));
+    }
     if body.requested_at < DateTime::UNIX_EPOCH {
         // Not a request of this system's time; refused before anything is
         // recorded (such instants are outside what the stores keep exactly).

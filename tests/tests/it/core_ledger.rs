@@ -1247,6 +1247,11 @@ async fn b31_core_bad_input_gets_a_documented_4xx_and_writes_nothing() {
             with("requested_at", json!("1600-01-01T00:00:00.123456789Z")),
             "invalid_request",
         ),
+        // A leap second: stored as the next second, a retry would not match.
+        (
+            with("requested_at", json!("2026-06-30T23:59:60Z")),
+            "invalid_request",
+        ),
         (with("memo", json!("x".repeat(141))), "invalid_request"),
         (with("extra", json!(1)), "invalid_request"),
         (json!({"transfer_id": "t"}), "invalid_request"),
