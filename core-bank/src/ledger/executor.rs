@@ -224,7 +224,10 @@ fn set_aside_known_held(shared: &Arc<Shared>, jobs: Vec<Job>) -> Vec<Job> {
         return jobs;
     }
     let recalled: HashSet<String> = recalled.into_iter().collect();
-    let (groups, mut others) = group_by_held(jobs, &recalled);
+    // Not asked of the database here: a recorded command set aside with a
+    // held account's is answered by its parked batch after that batch's
+    // first lock wait, when isolating frees it.
+    let (groups, mut others) = group_by_held(jobs, &recalled, &HashSet::new());
     for (account, group) in groups {
         match shared.parked.clone().try_acquire_owned() {
             Ok(place) => {
@@ -242,13 +245,23 @@ fn set_aside_known_held(shared: &Arc<Shared>, jobs: Vec<Job>) -> Vec<Job> {
 }
 
 /// The commands that touch any of `held`, grouped by the first of those
-/// accounts (in id order) each touches, and the commands that touch none.
-/// A group per account: an account that only looked held (locked for a
-/// moment by a concurrent batch) then waits with no other's commands.
-fn group_by_held(jobs: Vec<Job>, held: &HashSet<String>) -> (BTreeMap<String, Vec<Job>>, Vec<Job>) {
+/// accounts (in id order) each touches, and the commands that touch none or
+/// are `recorded` already (a retry of an answered command, answered again
+/// without any lock). A group per account: an account that only looked held
+/// (locked for a moment by a concurrent batch) then waits with no other's
+/// commands.
+fn group_by_held(
+    jobs: Vec<Job>,
+    held: &HashSet<String>,
+    recorded: &HashSet<String>,
+) -> (BTreeMap<String, Vec<Job>>, Vec<Job>) {
     let mut groups: BTreeMap<String, Vec<Job>> = BTreeMap::new();
     let mut free = Vec::new();
     for job in jobs {
+        if recorded.contains(&job_key(&job)) {
+            free.push(job);
+            continue;
+        }
         let first_held = job
             .cmd
             .accounts()
@@ -262,6 +275,46 @@ fn group_by_held(jobs: Vec<Job>, held: &HashSet<String>) -> (BTreeMap<String, Ve
         }
     }
     (groups, free)
+}
+
+/// A command's id, by kind.
+fn job_key(job: &Job) -> String {
+    match &job.cmd {
+        Command::Transfer(c) => format!("t:{}", c.transfer_id),
+        Command::Deposit(c) => format!("d:{}", c.deposit_id),
+    }
+}
+
+/// The commands among `jobs` the ledger has recorded already (see
+/// [`job_key`]): retries of answered commands, whose answer needs no
+/// account's lock. None when the lookup fails: they then wait with the
+/// others and are answered once the lock is free.
+async fn recorded(db: &DatabaseConnection, jobs: &[Job]) -> HashSet<String> {
+    let (mut transfers, mut deposits) = (Vec::new(), Vec::new());
+    for job in jobs {
+        match &job.cmd {
+            Command::Transfer(c) => transfers.push(c.transfer_id.to_string()),
+            Command::Deposit(c) => deposits.push(c.deposit_id.to_string()),
+        }
+    }
+    let mut known = HashSet::new();
+    if !transfers.is_empty() {
+        match queries::load_transfers(db, transfers).await {
+            Ok(found) => known.extend(found.into_keys().map(|id| format!("t:{id}"))),
+            Err(e) => {
+                tracing::debug!(error = %common::error_chain(&e), "looking up recorded transfers")
+            }
+        }
+    }
+    if !deposits.is_empty() {
+        match queries::load_deposits(db, deposits).await {
+            Ok(found) => known.extend(found.into_keys().map(|id| format!("d:{id}"))),
+            Err(e) => {
+                tracing::debug!(error = %common::error_chain(&e), "looking up recorded deposits")
+            }
+        }
+    }
+    known
 }
 
 /// Held accounts' batches a parked batch that split again runs at once.
@@ -383,7 +436,12 @@ async fn isolate_held_accounts(shared: &Arc<Shared>, jobs: Vec<Job>, runs: Runs)
         }
     };
     shared.held.remember(&held);
-    let (groups, free) = group_by_held(jobs, &held);
+    let recorded = if held.is_empty() {
+        HashSet::new()
+    } else {
+        recorded(&shared.db, &jobs).await
+    };
+    let (groups, free) = group_by_held(jobs, &held, &recorded);
     // Nothing to separate: the lock went away meanwhile, or it is not an
     // account's (the batch then waits and retries as a whole), or, on a
     // parked batch, every command waits for the same account.

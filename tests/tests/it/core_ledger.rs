@@ -377,6 +377,22 @@ impl OneWorker {
 
     /// Transfers 100 from `from` to `to`, as transfer `id`.
     fn transfer_as(&self, id: &str, from: &str, to: &str) -> tokio::task::JoinHandle<LedgerAnswer> {
+        self.transfer_at(
+            id,
+            from,
+            to,
+            core_bank::clock::truncate_micros(chrono::Utc::now()),
+        )
+    }
+
+    /// Transfers 100 from `from` to `to`, as transfer `id` requested at `at`.
+    fn transfer_at(
+        &self,
+        id: &str,
+        from: &str,
+        to: &str,
+        at: chrono::DateTime<chrono::Utc>,
+    ) -> tokio::task::JoinHandle<LedgerAnswer> {
         let ledger = self.ledger.clone();
         let cmd = core_bank::ledger::TransferCmd {
             transfer_id: common::TransferId::parse(id).unwrap(),
@@ -384,7 +400,7 @@ impl OneWorker {
             to_account: common::AccountId::parse(to).unwrap(),
             amount: common::Amount::from_won(100).unwrap(),
             memo: None,
-            requested_at: chrono::Utc::now(),
+            requested_at: at,
         };
         tokio::spawn(async move { ledger.transfer(cmd).await })
     }
@@ -512,6 +528,39 @@ async fn b03_an_account_held_past_the_lock_timeout_holds_up_only_the_commands_th
     assert_eq!(core.api.balance(&gate).await, 800);
     assert_eq!(core.api.balance(&held).await, 900);
     assert_eq!(core.api.balance(&held_to).await, 100);
+}
+
+/// B3/B4: a retry of a transfer already answered, batched with a new
+/// command on an account that is now held, gets its recorded answer at once
+/// (it needs no lock), not after the held account's wait or "account busy".
+#[tokio::test]
+async fn b03_b04_a_retry_of_an_answered_transfer_is_not_held_up_by_a_held_account() {
+    let (_nats, core) = core().await;
+    let gate = core.api.funded_account(1_000).await;
+    let gate_to = core.api.funded_account(0).await;
+    let held = core.api.funded_account(1_000).await;
+    let to = core.api.funded_account(0).await;
+    let one = OneWorker::start(&core, Duration::from_millis(200), 1).await;
+    let id = unique("trf_");
+    let at = core_bank::clock::truncate_micros(chrono::Utc::now());
+    succeeded(one.transfer_at(&id, &held, &to, at).await);
+
+    let (gate_lock, first) = one.gate(&core, &gate, &gate_to).await;
+    let held_lock = RowLock::account(&core.db_url, &held).await.unwrap();
+    let retry = one.transfer_at(&id, &held, &to, at);
+    let new = one.transfer(&held, &to);
+    one.until_queued(2).await;
+    gate_lock.release().await.unwrap();
+    succeeded(first.await);
+    // Still held: the retry has its recorded answer, the new one waits.
+    succeeded(retry.await);
+    assert!(
+        !new.is_finished(),
+        "the new transfer waits for the held account"
+    );
+    held_lock.release().await.unwrap();
+    succeeded(new.await);
+    assert_eq!(core.api.balance(&to).await, 200);
 }
 
 /// B3: a parked batch whose account stays held through all its retries
