@@ -113,6 +113,10 @@ struct Shared {
     parked: Arc<Semaphore>,
     /// Accounts found held lately.
     held: HeldAccounts,
+    /// Workers not stopped yet: the last one waits for the parked batches
+    /// (one that stopped earlier would take the places the others' last
+    /// batches still need).
+    workers_running: std::sync::atomic::AtomicUsize,
     clock: Clock,
     cfg: LedgerConfig,
     after_commit: AfterCommit,
@@ -132,6 +136,7 @@ impl Ledger {
             db,
             parked: Arc::new(Semaphore::new(cfg.parked_max.max(1))),
             held: HeldAccounts::default(),
+            workers_running: std::sync::atomic::AtomicUsize::new(cfg.workers.max(1)),
             clock,
             cfg,
             after_commit,
@@ -185,9 +190,14 @@ async fn worker(shared: Arc<Shared>, rx: Arc<Mutex<mpsc::Receiver<Job>>>) {
             let mut rx = rx.lock().await;
             let Some(first) = rx.recv().await else {
                 drop(rx);
-                // Stop once no parked batch is left either.
-                let places = shared.cfg.parked_max.max(1) as u32;
-                let _all = shared.parked.acquire_many(places).await;
+                // The last worker stops once no parked batch is left either.
+                let running = shared
+                    .workers_running
+                    .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+                if running == 1 {
+                    let places = shared.cfg.parked_max.max(1) as u32;
+                    let _all = shared.parked.acquire_many(places).await;
+                }
                 return;
             };
             let mut jobs = vec![first];
