@@ -289,7 +289,15 @@ async fn b18_history_answers_with_pending_transfers_listed_while_the_core_is_slo
         "{}",
         history.body
     );
-    // It did ask the core (and the core was slow), not skip the question.
+    // It did ask the core (and the core was slow), not skip the question:
+    // the page waited the 2 s budget for the answers. (The proxy's count
+    // below alone cannot show it: the resolvers ask about the same
+    // transfers meanwhile.)
+    let took = asked_from.elapsed();
+    assert!(
+        took >= Duration::from_secs(2),
+        "the history did not wait for the core's answers: {took:?}"
+    );
     let asked = stack
         .proxy
         .applied()
