@@ -54,6 +54,10 @@ struct Ledgerbook {
     deposited: i128,
     interest_net: i128,
     transfer_ids: Vec<String>,
+    /// Transfers a customer was told succeeded (200).
+    told_succeeded: Vec<String>,
+    /// Transfers a customer was told failed (422 naming the transfer).
+    told_failed: Vec<String>,
 }
 
 struct Services {
@@ -179,7 +183,13 @@ async fn run(args: &Args, seed: u64) -> anyhow::Result<bool> {
                     && let Some(id) = reply.body["transfer_id"].as_str().or(reply.body["error"]["transfer_id"].as_str())
                     && reply.status != 409
                 {
-                    book.lock().await.transfer_ids.push(id.to_owned());
+                    let mut book = book.lock().await;
+                    book.transfer_ids.push(id.to_owned());
+                    match reply.status {
+                        200 => book.told_succeeded.push(id.to_owned()),
+                        422 => book.told_failed.push(id.to_owned()),
+                        _ => {}
+                    }
                 }
                 if r.random_ratio(1, 20) {
                     let key = unique("chaos-interest-");
@@ -536,6 +546,26 @@ async fn run(args: &Args, seed: u64) -> anyhow::Result<bool> {
             channel_ok.len(),
             core_ok.len(),
             book.transfer_ids.len()
+        ),
+    );
+    let succeeded_at_core: std::collections::HashSet<&String> = core_ok.iter().collect();
+    let contradicted: Vec<&String> = book
+        .told_succeeded
+        .iter()
+        .filter(|id| !succeeded_at_core.contains(id))
+        .chain(
+            book.told_failed
+                .iter()
+                .filter(|id| succeeded_at_core.contains(id)),
+        )
+        .collect();
+    check(
+        "every definitive answer a customer got is the core's outcome",
+        contradicted.is_empty(),
+        format!(
+            "{} told succeeded, {} told failed; contradicted: {contradicted:?}",
+            book.told_succeeded.len(),
+            book.told_failed.len()
         ),
     );
     let diff = bank_tests::verify::history_mismatches(&core, &channel_db, &accounts).await?;
