@@ -504,7 +504,14 @@ async fn housekeeping(relay: Relay, shutdown: CancellationToken) {
         }
         n += 1;
         if n.is_multiple_of(12) {
-            match relay.prune().await {
+            // A long prune (a large backlog of published rows) does not hold
+            // up shutdown: each batch is its own statement, so one cut short
+            // deletes nothing.
+            let pruned = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                pruned = relay.prune() => pruned,
+            };
+            match pruned {
                 Ok(0) => {}
                 Ok(pruned) => tracing::debug!(service, pruned, "pruned published outbox rows"),
                 Err(e) => tracing::warn!(service, error = %e, "pruning outbox"),
