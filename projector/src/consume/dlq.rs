@@ -65,11 +65,16 @@ pub async fn dead_letter(ctx: &Context, m: &Message, reason: &str, kind: &'stati
     error.truncate(MAX_ERROR_LEN);
     let mut headers = HeaderMap::new();
     // The message is its stream, its sequence and when the stream stored it:
-    // a stream created again reuses sequence numbers.
-    headers.insert(
-        "Nats-Msg-Id",
-        format!("dlq:{stream}:{stream_seq}:{stored_at_ns}").as_str(),
-    );
+    // a stream created again reuses sequence numbers. Without its metadata
+    // (never the case for a consumer's message) there is no id to share:
+    // such a letter is not deduplicated rather than taken for another's.
+    let known = stream_seq > 0;
+    if known {
+        headers.insert(
+            "Nats-Msg-Id",
+            format!("dlq:{stream}:{stream_seq}:{stored_at_ns}").as_str(),
+        );
+    }
     headers.insert(H_STREAM, stream.as_str());
     headers.insert(H_STREAM_SEQ, stream_seq.to_string().as_str());
     headers.insert(H_CONSUMER, consumer.as_str());
@@ -82,7 +87,6 @@ pub async fn dead_letter(ctx: &Context, m: &Message, reason: &str, kind: &'stati
     // Lettered before (and the termination was lost)? Then only terminate.
     // Within the duplicate window `Nats-Msg-Id` would drop a second letter
     // anyway; this record also covers redeliveries after it.
-    let known = stream_seq > 0; // the message's metadata was readable
     let before = if known {
         lettered_before(ctx, &stream, stream_seq, stored_at_ns).await
     } else {
