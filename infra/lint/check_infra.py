@@ -811,6 +811,12 @@ def policy(objs: list[dict], exp: dict, errors: list[str]) -> None:
                 errors.append(f"{w}: {probe} missing")
             elif path and (get.get("path") != path or get.get("port") not in ("http", spec["port"])):
                 errors.append(f"{w}: {probe} must GET {path} on the http port")
+            if probe == "startupProbe" and pr:
+                # Migrations run before the listener; a replica waits up to
+                # 600 s for another's (common::db::MIGRATION_LOCK_WAIT).
+                allowed = int(pr.get("periodSeconds", 10)) * int(pr.get("failureThreshold", 3))
+                if allowed < 600:
+                    errors.append(f"{w}: startupProbe allows {allowed} s; migrations may wait 600 s")
         res = c.get("resources") or {}
         for part in ("requests", "limits"):
             for r in ("cpu", "memory"):
