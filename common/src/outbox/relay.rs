@@ -244,7 +244,10 @@ impl Relay {
                             ..
                         }
                     ) {
-                        self.recreate_streams().await;
+                        tokio::select! {
+                            _ = shutdown.cancelled() => break,
+                            _ = self.recreate_streams() => {}
+                        }
                     }
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
@@ -505,8 +508,8 @@ async fn housekeeping(relay: Relay, shutdown: CancellationToken) {
         n += 1;
         if n.is_multiple_of(12) {
             // A long prune (a large backlog of published rows) does not hold
-            // up shutdown: each batch is its own statement, so one cut short
-            // deletes nothing.
+            // up shutdown: each batch is its own statement, and one already
+            // sent when it is cut short deletes only expired rows anyway.
             let pruned = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 pruned = relay.prune() => pruned,

@@ -178,6 +178,11 @@ pub async fn consumer(ctx: &Context, feed: Feed) -> Result<PullConsumer, Consume
         })
 }
 
+/// How long a subscription must have lived for its failure to start the
+/// pauses before the next one over (a quiet feed receives no batch that
+/// would).
+const SUBSCRIPTION_SETTLED: Duration = Duration::from_secs(30);
+
 /// The feed's durable consumer again, as at start-up, with its stream if the
 /// server no longer has it: after pulling failed, the consumer may be gone
 /// (deleted with its stream, or lost with the server's JetStream storage),
@@ -220,6 +225,7 @@ pub async fn run(
             .expires(Duration::from_secs(30))
             .messages()
             .await;
+        let subscribed = tokio::time::Instant::now();
         let mut messages = match stream {
             Ok(s) => s,
             Err(e) => {
@@ -229,8 +235,13 @@ pub async fn run(
                     _ = tokio::time::sleep(backoff) => {}
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
-                if let Some(again) = consumer_again(&ctx, feed).await {
-                    consumer = again;
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    again = consumer_again(&ctx, feed) => {
+                        if let Some(again) = again {
+                            consumer = again;
+                        }
+                    }
                 }
                 continue;
             }
@@ -326,14 +337,23 @@ pub async fn run(
         }
         if broken {
             // The subscription failed (the server restarted, or the
-            // consumer is gone): after a pause, the consumer again.
+            // consumer is gone): after a pause, the consumer again. A
+            // subscription that had lived a while starts the pauses over.
+            if subscribed.elapsed() >= SUBSCRIPTION_SETTLED {
+                backoff = Duration::from_millis(100);
+            }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(backoff) => {}
             }
             backoff = (backoff * 2).min(Duration::from_secs(5));
-            if let Some(again) = consumer_again(&ctx, feed).await {
-                consumer = again;
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                again = consumer_again(&ctx, feed) => {
+                    if let Some(again) = again {
+                        consumer = again;
+                    }
+                }
             }
         }
     }
