@@ -235,6 +235,7 @@ async fn ensure_stream(
     spec: &StreamSpec,
     replicas: usize,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    use jetstream::context::CreateStreamErrorKind;
     use jetstream::context::GetStreamErrorKind;
     let wanted = stream_config(spec, replicas);
     let current = match js.get_stream(spec.name).await {
@@ -243,9 +244,21 @@ async fn ensure_stream(
             GetStreamErrorKind::JetStream(err)
                 if err.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
             {
-                js.create_stream(wanted).await?;
-                tracing::info!(stream = spec.name, "stream created");
-                return Ok(());
+                match js.create_stream(wanted.clone()).await {
+                    Ok(_) => {
+                        tracing::info!(stream = spec.name, "stream created");
+                        return Ok(());
+                    }
+                    // Another process created it meanwhile: brought to
+                    // these settings like any existing one.
+                    Err(e)
+                        if matches!(e.kind(), CreateStreamErrorKind::JetStream(err)
+                            if err.error_code() == jetstream::ErrorCode::STREAM_NAME_EXIST) =>
+                    {
+                        js.get_stream(spec.name).await?.cached_info().config.clone()
+                    }
+                    Err(e) => return Err(e.into()),
+                }
             }
             _ => return Err(e.into()),
         },

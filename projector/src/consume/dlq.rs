@@ -9,7 +9,7 @@
 use async_nats::HeaderMap;
 use async_nats::jetstream::{AckKind, Message};
 use common::events::DLQ_SUBJECT_PREFIX;
-use common::jetstream::{DLQ_STREAM, INTEREST_STREAM, LEDGER_STREAM};
+use common::jetstream::{DLQ, DLQ_STREAM, INTEREST_STREAM, LEDGER_STREAM};
 use sea_orm::{ConnectionTrait, DbBackend, DbErr, Statement};
 use serde::Serialize;
 
@@ -107,14 +107,26 @@ pub async fn dead_letter(ctx: &Context, m: &Message, reason: &str, kind: &'stati
             tracing::warn!(error = %e, %stream, stream_seq, "could not check earlier dead letters; lettering (deduplicated within the window)");
         }
     }
+    use async_nats::jetstream::context::PublishErrorKind;
     let published = match ctx
         .js
         .publish_with_headers(subject.clone(), headers, m.payload.clone())
         .await
     {
-        Ok(ack) => ack.await.map(|a| a.sequence).map_err(|e| e.to_string()),
-        Err(e) => Err(e.to_string()),
+        Ok(ack) => ack.await.map(|a| a.sequence),
+        Err(e) => Err(e),
     };
+    if let Err(e) = &published
+        && e.kind() == PublishErrorKind::StreamNotFound
+    {
+        // The DLQ stream is gone (deleted, or lost with the server's
+        // storage): created again, and the message, naked below, is
+        // lettered when it comes back.
+        let replicas = ctx.config.nats.stream_replicas;
+        if let Err(e) = common::jetstream::ensure_streams(&ctx.js, &[DLQ], replicas).await {
+            tracing::warn!(error = %common::error_chain(&e), "creating the dead-letter stream again failed");
+        }
+    }
     match published {
         Ok(dlq_seq) => {
             let recorded = if known {

@@ -391,6 +391,49 @@ async fn f6_a_deleted_ledger_stream_is_created_again_and_the_history_goes_on() {
     history_equals_ledger(&rig, std::slice::from_ref(&account)).await;
 }
 
+/// F5 with the `DLQ` stream deleted under the running projector: the first
+/// attempt to letter a poison finds no stream, creates it again and retries
+/// the message; the poison is lettered, nothing is lost.
+#[tokio::test]
+async fn f5_a_deleted_dead_letter_stream_is_created_again_and_the_poison_lettered() {
+    let rig = Rig::new().await;
+    let p = rig
+        .projector(ProjectorOptions {
+            retry_base_ms: 50,
+            retry_max_ms: 200,
+            ..ProjectorOptions::default()
+        })
+        .await;
+    let victim = rig.core.api.funded_account(100).await;
+    rig.wait_synced(&victim, 1, Duration::from_secs(10)).await;
+    let js = rig.nats.jetstream().await.unwrap();
+    js.delete_stream("DLQ").await.unwrap();
+    let poison = br#"{"not": "a ledger entry"}"#.to_vec();
+    publish_raw(&rig.nats, &format!("bank.ledger.{victim}"), poison.clone()).await;
+    eventually(
+        "the dead-letter stream is back",
+        Duration::from_secs(10),
+        || async {
+            js.get_stream("DLQ")
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        },
+    )
+    .await;
+    let letters = wait_letters(&p, 1).await;
+    assert_eq!(
+        letters[0]["body"],
+        json!(String::from_utf8(poison).unwrap())
+    );
+    assert!(
+        letters[0]["deliveries"].as_i64().unwrap() >= 2,
+        "{letters:?}"
+    );
+    rig.core.api.deposit(&victim, 5).await.expect(200);
+    rig.wait_synced(&victim, 2, Duration::from_secs(10)).await;
+}
+
 #[tokio::test]
 async fn b16_f5_poison_is_dead_lettered_at_once_and_others_keep_flowing() {
     let rig = Rig::new().await;
