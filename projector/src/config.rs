@@ -57,11 +57,13 @@ pub enum DlqAction {
     /// Show one dead letter with its body.
     Show {
         /// Dead letter id (its sequence in the DLQ stream).
+        #[arg(value_parser = clap::value_parser!(u64).range(1..))]
         id: u64,
     },
     /// Apply dead letters again through the normal path; applied ones leave the list.
     Replay {
         /// Dead letter id.
+        #[arg(value_parser = clap::value_parser!(u64).range(1..))]
         id: Option<u64>,
         /// Replay every dead letter.
         #[arg(long, conflicts_with = "id")]
@@ -196,5 +198,16 @@ mod tests {
         let delays: std::collections::HashSet<Duration> =
             (0..50).map(|_| c.retry_delay(10)).collect();
         assert!(delays.len() > 1, "no jitter: {delays:?}");
+    }
+
+    #[test]
+    fn b16_the_dlq_commands_refuse_letter_id_0() {
+        use clap::Parser;
+        let parse = |args: &[&str]| Cli::try_parse_from([&["projector", "dlq"], args].concat());
+        assert!(parse(&["show", "0"]).is_err());
+        assert!(parse(&["replay", "0"]).is_err());
+        assert!(parse(&["show", "1"]).is_ok());
+        assert!(parse(&["replay", "7"]).is_ok());
+        assert!(parse(&["replay", "--all"]).is_ok());
     }
 }

@@ -255,9 +255,9 @@ impl SweepError {
     }
 }
 
-/// Where a sweep pass starts: after this entry (`applied_at`, payout id) of
-/// the history, or at the oldest when none.
-pub type SweepCursor = Option<(DateTime<Utc>, String)>;
+/// Where a sweep pass starts: after this entry (`applied_at`, account,
+/// seq) of the history, or at the oldest when none.
+pub type SweepCursor = Option<(DateTime<Utc>, String, i64)>;
 
 /// One sweep pass: up to `page` of the history's interest entries written
 /// between [`SWEEP_WINDOW_DAYS`] ago and `min_age` ago that have no tax
@@ -275,9 +275,9 @@ pub async fn sweep_once(
     page: i64,
     after: &SweepCursor,
 ) -> Result<(u64, SweepCursor), SweepError> {
-    let (after_time, after_payout) = match after {
-        Some((time, payout)) => (Some(*time), payout.clone()),
-        None => (None, String::new()),
+    let (after_time, after_account, after_seq) = match after {
+        Some((time, account, seq)) => (Some(*time), account.clone(), *seq),
+        None => (None, String::new(), 0),
     };
     let rows = ctx
         .db
@@ -287,15 +287,16 @@ pub async fn sweep_once(
              WHERE h.payout_id IS NOT NULL AND h.kind = 'interest' \
                AND h.applied_at >= now() - make_interval(days => $1) \
                AND h.applied_at < now() - make_interval(secs => $2) \
-               AND ($4::timestamptz IS NULL OR (h.applied_at, h.payout_id) > ($4, $5)) \
+               AND ($4::timestamptz IS NULL OR (h.applied_at, h.account_id, h.seq) > ($4, $5, $6)) \
                AND NOT EXISTS (SELECT 1 FROM tax_records t WHERE t.payout_id = h.payout_id) \
-             ORDER BY h.applied_at, h.payout_id LIMIT $3",
+             ORDER BY h.applied_at, h.account_id, h.seq LIMIT $3",
             [
                 (SWEEP_WINDOW_DAYS as i32).into(),
                 min_age.as_secs_f64().into(),
                 page.into(),
                 after_time.into(),
-                after_payout.into(),
+                after_account.into(),
+                after_seq.into(),
             ],
         ))
         .await?;
@@ -307,7 +308,7 @@ pub async fn sweep_once(
         let payout: String = r.try_get("", "payout_id")?;
         let seq: i64 = r.try_get("", "seq")?;
         let applied_at: DateTime<Utc> = r.try_get("", "applied_at")?;
-        next = Some((applied_at, payout.clone()));
+        next = Some((applied_at, account.clone(), seq));
         if let (Ok(account), Ok(payout)) = (AccountId::parse(account), PayoutId::parse(payout)) {
             entries.push((account, payout, seq));
         }
