@@ -601,6 +601,8 @@ async fn b27_shadow_comparisons_beyond_the_waiting_room_are_skipped_and_counted(
         &nats,
         CoreOptions {
             lock_timeout_ms: 60_000,
+            // The four held-up comparisons each keep a connection.
+            db_max_connections: 12,
             ..Default::default()
         },
     )
@@ -653,9 +655,13 @@ async fn b27_shadow_comparisons_beyond_the_waiting_room_are_skipped_and_counted(
 #[tokio::test]
 async fn b25_a_payout_cut_off_before_its_outcome_is_known_still_invalidates_the_cached_figure() {
     let nats = NatsServer::start().await.unwrap();
-    let core = CoreApp::spawn_with(
+    let core = CoreApp::spawn(&nats).await.unwrap();
+    // The payout goes to a replica whose requests are cut off after 300 ms;
+    // everything else to one with the usual timeout.
+    let cutting = CoreApp::spawn_with(
         &nats,
         CoreOptions {
+            database_url: Some(core.db_url.clone()),
             request_timeout_ms: 300,
             lock_timeout_ms: 10_000,
             ..Default::default()
@@ -680,7 +686,8 @@ async fn b25_a_payout_cut_off_before_its_outcome_is_known_still_invalidates_the_
     assert!(before.is_some(), "a cached figure has a generation");
 
     let lock = RowLock::account(&core.db_url, &account).await.unwrap();
-    let cut = api
+    let cut = cutting
+        .api
         .post(
             &format!("/v1/accounts/{account}/interest/payouts"),
             json!({"payout_id": unique("pay_")}),
