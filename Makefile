@@ -58,11 +58,11 @@ lint-infra:
 	@infra/lint/lint.sh
 
 chaos: services clean-test-dbs
-	cargo build --release --bins --package bank-tests
+	cargo build --release --bins --package bank-tests --package core-bank --package transfer --package projector
 	target/release/chaos --secs $${CHAOS_SECS:-300} $${CHAOS_SEED:+--seed $$CHAOS_SEED}
 
 chaos-short:
-	cargo build --bins --package bank-tests
+	cargo build --bins --package bank-tests --package core-bank --package transfer --package projector
 	target/debug/chaos --secs $${CHAOS_SECS:-60} $${CHAOS_SEED:+--seed $$CHAOS_SEED}
 
 bench: services clean-test-dbs

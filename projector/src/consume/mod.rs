@@ -37,6 +37,7 @@ pub mod dlq;
 pub mod ledger;
 pub mod tax;
 
+use std::ops::ControlFlow;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
@@ -204,6 +205,26 @@ async fn consumer_again(ctx: &Context, feed: Feed) -> Option<PullConsumer> {
     }
 }
 
+/// After a failed pull or subscription: waits `backoff` (doubling it, up to
+/// 5 s), then takes the consumer again ([`consumer_again`]; `None` when the
+/// server cannot do it yet). Breaks on shutdown.
+async fn pause_then_retake(
+    ctx: &Context,
+    feed: Feed,
+    backoff: &mut Duration,
+    shutdown: &CancellationToken,
+) -> ControlFlow<(), Option<PullConsumer>> {
+    tokio::select! {
+        _ = shutdown.cancelled() => return ControlFlow::Break(()),
+        _ = tokio::time::sleep(*backoff) => {}
+    }
+    *backoff = (*backoff * 2).min(Duration::from_secs(5));
+    tokio::select! {
+        _ = shutdown.cancelled() => ControlFlow::Break(()),
+        again = consumer_again(ctx, feed) => ControlFlow::Continue(again),
+    }
+}
+
 /// Consumes a feed until `shutdown`. On shutdown it stops fetching, finishes
 /// the batches in hand (acking or nacking every message), and returns. When
 /// pulling fails it backs off and takes the consumer again
@@ -230,18 +251,9 @@ pub async fn run(
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, ?feed, "cannot pull messages; retrying");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    again = consumer_again(&ctx, feed) => {
-                        if let Some(again) = again {
-                            consumer = again;
-                        }
-                    }
+                match pause_then_retake(&ctx, feed, &mut backoff, &shutdown).await {
+                    ControlFlow::Break(()) => return,
+                    ControlFlow::Continue(again) => consumer = again.unwrap_or(consumer),
                 }
                 continue;
             }
@@ -342,18 +354,9 @@ pub async fn run(
             if subscribed.elapsed() >= SUBSCRIPTION_SETTLED {
                 backoff = Duration::from_millis(100);
             }
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(backoff) => {}
-            }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                again = consumer_again(&ctx, feed) => {
-                    if let Some(again) = again {
-                        consumer = again;
-                    }
-                }
+            match pause_then_retake(&ctx, feed, &mut backoff, &shutdown).await {
+                ControlFlow::Break(()) => return,
+                ControlFlow::Continue(again) => consumer = again.unwrap_or(consumer),
             }
         }
     }
