@@ -44,6 +44,52 @@ impl Command {
     }
 }
 
+/// The commands of a batch the ledger has recorded already (retries of
+/// answered commands), by id: their answer is the record, and needs no
+/// account's lock.
+#[derive(Debug, Default)]
+pub(crate) struct Known {
+    transfers: HashMap<String, TransferRecord>,
+    deposits: HashMap<String, DepositRecord>,
+}
+
+impl Known {
+    /// Reads the records of `jobs`' ids (committed ones, or this
+    /// transaction's when `conn` is one).
+    pub(crate) async fn load<C: ConnectionTrait>(conn: &C, jobs: &[Job]) -> Result<Self, DbErr> {
+        let mut transfer_ids = Vec::new();
+        let mut deposit_ids = Vec::new();
+        for job in jobs {
+            match &job.cmd {
+                Command::Transfer(c) => transfer_ids.push(c.transfer_id.to_string()),
+                Command::Deposit(c) => deposit_ids.push(c.deposit_id.to_string()),
+            }
+        }
+        let transfers = if transfer_ids.is_empty() {
+            HashMap::new()
+        } else {
+            queries::load_transfers(conn, transfer_ids).await?
+        };
+        let deposits = if deposit_ids.is_empty() {
+            HashMap::new()
+        } else {
+            queries::load_deposits(conn, deposit_ids).await?
+        };
+        Ok(Self {
+            transfers,
+            deposits,
+        })
+    }
+
+    /// Whether `cmd`'s id is recorded.
+    pub(crate) fn has(&self, cmd: &Command) -> bool {
+        match cmd {
+            Command::Transfer(c) => self.transfers.contains_key(c.transfer_id.as_str()),
+            Command::Deposit(c) => self.deposits.contains_key(c.deposit_id.as_str()),
+        }
+    }
+}
+
 /// The result of one command.
 #[derive(Debug, Clone)]
 pub(crate) enum Outcome {
@@ -279,24 +325,7 @@ async fn decide_and_write(
     jobs: &[Job],
     phases: &mut Phases,
 ) -> Result<(Vec<Result<Outcome, LedgerError>>, Vec<AccountState>), BatchError> {
-    let mut transfer_ids = Vec::new();
-    let mut deposit_ids = Vec::new();
-    for job in jobs {
-        match &job.cmd {
-            Command::Transfer(c) => transfer_ids.push(c.transfer_id.to_string()),
-            Command::Deposit(c) => deposit_ids.push(c.deposit_id.to_string()),
-        }
-    }
-    let known_transfers = if transfer_ids.is_empty() {
-        HashMap::new()
-    } else {
-        queries::load_transfers(txn, transfer_ids).await?
-    };
-    let known_deposits = if deposit_ids.is_empty() {
-        HashMap::new()
-    } else {
-        queries::load_deposits(txn, deposit_ids).await?
-    };
+    let known = Known::load(txn, jobs).await?;
 
     phases.mark("read_known_ids");
     // Decide what needs the accounts, and which accounts.
@@ -307,7 +336,7 @@ async fn decide_and_write(
         let plan = match &job.cmd {
             Command::Transfer(c) => {
                 let key = format!("t:{}", c.transfer_id);
-                if let Some(known) = known_transfers.get(c.transfer_id.as_str()) {
+                if let Some(known) = known.transfers.get(c.transfer_id.as_str()) {
                     Plan::Done(Box::new(replay_transfer(known, c).map(Outcome::Transfer)))
                 } else if let Some(&j) = first_seen.get(&key) {
                     Plan::SameAsEarlier(j)
@@ -320,7 +349,7 @@ async fn decide_and_write(
             }
             Command::Deposit(c) => {
                 let key = format!("d:{}", c.deposit_id);
-                if let Some(known) = known_deposits.get(c.deposit_id.as_str()) {
+                if let Some(known) = known.deposits.get(c.deposit_id.as_str()) {
                     Plan::Done(Box::new(replay_deposit(known, c).map(Outcome::Deposit)))
                 } else if let Some(&j) = first_seen.get(&key) {
                     Plan::SameAsEarlier(j)

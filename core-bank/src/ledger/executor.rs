@@ -62,7 +62,7 @@ use sea_orm::DatabaseConnection;
 use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
 
-use super::batch::{BatchError, BatchOutput, Command, Outcome, run_batch};
+use super::batch::{BatchError, BatchOutput, Command, Known, Outcome, run_batch};
 use super::held::HeldAccounts;
 use super::queries;
 use super::{DepositCmd, DepositRecord, LedgerError, TransferCmd, TransferRecord};
@@ -237,7 +237,7 @@ fn set_aside_known_held(shared: &Arc<Shared>, jobs: Vec<Job>) -> Vec<Job> {
     // Not asked of the database here: a recorded command set aside with a
     // held account's is answered by its parked batch after that batch's
     // first lock wait, when isolating frees it.
-    let (groups, mut others) = group_by_held(jobs, &recalled, &HashSet::new());
+    let (groups, mut others) = group_by_held(jobs, &recalled, &Known::default());
     for (account, group) in groups {
         match shared.parked.clone().try_acquire_owned() {
             Ok(place) => {
@@ -263,12 +263,12 @@ fn set_aside_known_held(shared: &Arc<Shared>, jobs: Vec<Job>) -> Vec<Job> {
 fn group_by_held(
     jobs: Vec<Job>,
     held: &HashSet<String>,
-    recorded: &HashSet<String>,
+    recorded: &Known,
 ) -> (BTreeMap<String, Vec<Job>>, Vec<Job>) {
     let mut groups: BTreeMap<String, Vec<Job>> = BTreeMap::new();
     let mut free = Vec::new();
     for job in jobs {
-        if recorded.contains(&job_key(&job)) {
+        if recorded.has(&job.cmd) {
             free.push(job);
             continue;
         }
@@ -285,46 +285,6 @@ fn group_by_held(
         }
     }
     (groups, free)
-}
-
-/// A command's id, by kind.
-fn job_key(job: &Job) -> String {
-    match &job.cmd {
-        Command::Transfer(c) => format!("t:{}", c.transfer_id),
-        Command::Deposit(c) => format!("d:{}", c.deposit_id),
-    }
-}
-
-/// The commands among `jobs` the ledger has recorded already (see
-/// [`job_key`]): retries of answered commands, whose answer needs no
-/// account's lock. None when the lookup fails: they then wait with the
-/// others and are answered once the lock is free.
-async fn recorded(db: &DatabaseConnection, jobs: &[Job]) -> HashSet<String> {
-    let (mut transfers, mut deposits) = (Vec::new(), Vec::new());
-    for job in jobs {
-        match &job.cmd {
-            Command::Transfer(c) => transfers.push(c.transfer_id.to_string()),
-            Command::Deposit(c) => deposits.push(c.deposit_id.to_string()),
-        }
-    }
-    let mut known = HashSet::new();
-    if !transfers.is_empty() {
-        match queries::load_transfers(db, transfers).await {
-            Ok(found) => known.extend(found.into_keys().map(|id| format!("t:{id}"))),
-            Err(e) => {
-                tracing::debug!(error = %common::error_chain(&e), "looking up recorded transfers")
-            }
-        }
-    }
-    if !deposits.is_empty() {
-        match queries::load_deposits(db, deposits).await {
-            Ok(found) => known.extend(found.into_keys().map(|id| format!("d:{id}"))),
-            Err(e) => {
-                tracing::debug!(error = %common::error_chain(&e), "looking up recorded deposits")
-            }
-        }
-    }
-    known
 }
 
 /// Held accounts' batches a parked batch that split again runs at once.
@@ -447,10 +407,16 @@ async fn isolate_held_accounts(shared: &Arc<Shared>, jobs: Vec<Job>, runs: Runs)
         }
     };
     shared.held.remember(&held);
+    // Read again: the batch's own read was in its transaction, rolled back.
+    // If this read fails, they wait with the others and are answered once
+    // the lock is free.
     let recorded = if held.is_empty() {
-        HashSet::new()
+        Known::default()
     } else {
-        recorded(&shared.db, &jobs).await
+        Known::load(&shared.db, &jobs).await.unwrap_or_else(|e| {
+            tracing::debug!(error = %common::error_chain(&e), "looking up recorded commands");
+            Known::default()
+        })
     };
     let (groups, free) = group_by_held(jobs, &held, &recorded);
     // Nothing to separate: the lock went away meanwhile, or it is not an
