@@ -573,11 +573,21 @@ pub async fn holding_progress<T>(
     messages: &[&Message],
     work: impl Future<Output = T>,
 ) -> T {
+    beside_progress(ctx, work, || in_progress(messages.iter().copied())).await
+}
+
+/// Runs `work` while `tell` runs every so often ([`progress_every`]), beside
+/// it: a slow acknowledgement never stops the work.
+async fn beside_progress<T, P: Future<Output = ()>>(
+    ctx: &Context,
+    work: impl Future<Output = T>,
+    tell: impl Fn() -> P,
+) -> T {
     let every = progress_every(ctx);
     let progress = async {
         loop {
             tokio::time::sleep(every).await;
-            in_progress(messages.iter().copied()).await;
+            tell().await;
         }
     };
     tokio::select! {
@@ -615,18 +625,11 @@ impl HandedBack {
     /// so often that what has been handed back so far is in progress. The
     /// acknowledgements run beside `work`, so a slow one never stops it.
     pub async fn holding<T>(&self, ctx: &Context, work: impl Future<Output = T>) -> T {
-        let every = progress_every(ctx);
-        let progress = async {
-            loop {
-                tokio::time::sleep(every).await;
-                let waiting = self.messages().clone();
-                in_progress(waiting.iter()).await;
-            }
-        };
-        tokio::select! {
-            r = work => r,
-            never = progress => never,
-        }
+        beside_progress(ctx, work, || async {
+            let waiting = self.messages().clone();
+            in_progress(waiting.iter()).await;
+        })
+        .await
     }
 }
 
