@@ -264,11 +264,40 @@ pub enum StreamError {
     },
 }
 
+/// The `DLQ` stream, or `None` when it does not exist: deleted, or lost
+/// with a server's storage. It holds no letters then; the next dead letter
+/// creates it again, so reading it answers "none" rather than failing.
+async fn dlq_stream(
+    ctx: &Context,
+) -> Result<Option<async_nats::jetstream::stream::Stream>, StreamError> {
+    use async_nats::jetstream::context::GetStreamErrorKind;
+    match ctx.js.get_stream(DLQ_STREAM).await {
+        Ok(stream) => Ok(Some(stream)),
+        Err(e) => match e.kind() {
+            GetStreamErrorKind::JetStream(err)
+                if err.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND =>
+            {
+                tracing::warn!(
+                    stream = DLQ_STREAM,
+                    "the dead-letter stream does not exist; no letters to show (the next dead letter creates it)"
+                );
+                Ok(None)
+            }
+            _ => Err(e.into()),
+        },
+    }
+}
+
 /// Dead letters with ids after `after`, at most `limit`.
 pub async fn list(ctx: &Context, after: u64, limit: usize) -> Result<Page, StreamError> {
-    let mut stream = ctx.js.get_stream(DLQ_STREAM).await?;
-    let info = stream.info().await?.clone();
     let mut out = Vec::new();
+    let Some(mut stream) = dlq_stream(ctx).await? else {
+        return Ok(Page {
+            letters: out,
+            next_after: None,
+        });
+    };
+    let info = stream.info().await?.clone();
     if info.state.messages == 0 {
         return Ok(Page {
             letters: out,
@@ -310,7 +339,9 @@ pub async fn list(ctx: &Context, after: u64, limit: usize) -> Result<Page, Strea
 
 /// One dead letter.
 pub async fn get(ctx: &Context, id: u64) -> Result<Option<DeadLetter>, StreamError> {
-    let stream = ctx.js.get_stream(DLQ_STREAM).await?;
+    let Some(stream) = dlq_stream(ctx).await? else {
+        return Ok(None);
+    };
     match stream.get_raw_message(id).await {
         Ok(m) => Ok(Some(to_letter(&m))),
         Err(e)
