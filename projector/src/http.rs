@@ -186,7 +186,7 @@ fn tax_cursor(paid_at: chrono::DateTime<chrono::Utc>, payout_id: &str) -> String
 }
 
 fn parse_tax_cursor(cursor: &str) -> Result<(chrono::DateTime<chrono::Utc>, String), ApiError> {
-    let invalid = || ApiError::bad_request("invalid_query", "cursor is not one this API returned");
+    let invalid = || ApiError::bad_request("invalid_cursor", "cursor is not one this API returned");
     let (at, payout_id) = cursor.split_once('~').ok_or_else(invalid)?;
     let at = chrono::DateTime::parse_from_rfc3339(at).map_err(|_| invalid())?;
     if payout_id.is_empty() || payout_id.len() > 200 {

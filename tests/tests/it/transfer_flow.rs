@@ -806,10 +806,23 @@ async fn b30_customers_need_a_valid_token_and_act_only_on_their_own_accounts() {
             format!("/v1/accounts/{theirs}/history?cursor=garbage"),
         ),
         ("GET", format!("/v1/accounts/{theirs}/history?limit=0")),
+        // ... nor from a query that does not parse at all.
+        ("GET", format!("/v1/accounts/{theirs}/history?limit=abc")),
+        ("GET", format!("/v1/accounts/{theirs}/history?colour=red")),
     ] {
         let r = me.send(m, &p, None, &[]).await;
         assert_eq!((r.status, r.code()), (403, Some("forbidden")), "{m} {p}");
     }
+    // ... nor from a bad Idempotency-Key.
+    let r = me
+        .send(
+            "POST",
+            &format!("/v1/accounts/{theirs}/interest/receive"),
+            None,
+            &[("Idempotency-Key", "not a key")],
+        )
+        .await;
+    assert_eq!((r.status, r.code()), (403, Some("forbidden")));
     assert_eq!(
         me.get(&format!("/v1/transfers/{their_transfer}"))
             .await

@@ -109,12 +109,14 @@ pub(super) async fn history(
     State(s): State<AppState>,
     Customer(customer): Customer,
     Path(id): Path<String>,
-    Query(q): Query<HistoryQuery>,
+    query: Result<Query<HistoryQuery>, ApiError>,
 ) -> Result<axum::Json<HistoryPage>, ApiError> {
     let account: AccountId = parse_id(&id)?;
     // Whose account it is comes before anything about the request: another
-    // customer learns nothing from how a bad cursor or limit is answered.
+    // customer learns nothing from how a bad query, cursor or limit is
+    // answered.
     s.check_owner(&customer, &account).await?;
+    let Query(q) = query?;
     let limit = common::http::page_limit(q.limit, DEFAULT_PAGE, MAX_PAGE)?;
     let before = q
         .cursor
@@ -235,8 +237,8 @@ pub(super) async fn receive_interest(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let account: AccountId = parse_id(&id)?;
-    let key = super::transfers::idempotency_key(&headers)?;
     s.check_owner(&customer, &account).await?;
+    let key = super::transfers::idempotency_key(&headers)?;
     let payout_id = match key {
         Some(k) => {
             let name = format!("{customer}:{account}:{k}");
