@@ -1083,6 +1083,33 @@ async fn b26_b27_drifted_daily_balances_change_only_the_new_path_and_the_mismatc
         "interest_shadow_mismatches_total",
     );
     assert!(count >= 1.0, "mismatch counted: {count}");
+    // Every account on the new path, still in shadow: the caller now gets
+    // the new path's figure, and the comparison is made (and reported) again.
+    set_rollout(api, 100, true).await;
+    let i = interest(api, &account).await;
+    assert_eq!(
+        (i["path"].as_str(), i["gross"].as_str()),
+        (Some("new"), Some("8383")),
+        "the caller gets its bucket's result"
+    );
+    // The comparison runs on a task of its own; the alert for the same
+    // figures on the same day is the same event (one alert per mismatch).
+    eventually(
+        "the mismatch counted again",
+        Duration::from_secs(10),
+        || async {
+            let again = bank_tests::metrics::metric(
+                &bank_tests::metrics::scrape(&api.base).await,
+                "interest_shadow_mismatches_total",
+            );
+            if again > count {
+                Ok(())
+            } else {
+                Err(format!("{again}"))
+            }
+        },
+    )
+    .await;
     let report = api
         .post("/v1/admin/interest/verify", json!({}))
         .await

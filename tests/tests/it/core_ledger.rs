@@ -994,7 +994,7 @@ async fn b06_every_refusal_is_final_recorded_and_reported() {
         ),
         ("transfer_fenced", transfer_body(&fenced, &rich, &poor, 1)),
     ];
-    for (code, body) in cases {
+    for (code, body) in cases.clone() {
         let id = body["transfer_id"].as_str().unwrap().to_owned();
         let r = api.post("/v1/transfers", body.clone()).await;
         assert_eq!((r.status, r.code()), (422, Some(code)), "{}", r.body);
@@ -1036,6 +1036,43 @@ async fn b06_every_refusal_is_final_recorded_and_reported() {
             .code(),
         Some("transfer_not_found")
     );
+    // Final even once the cause is gone: the poor account funded, the
+    // suspended one active again, the stops lifted. A retry of a refused
+    // transfer id still gets its refusal and moves nothing (the channel
+    // tells the customer "failed" on the strength of it, B11).
+    api.deposit(&poor, 1_000).await.expect(200);
+    api.patch(
+        &format!("/v1/accounts/{suspended}"),
+        json!({"status": "active"}),
+    )
+    .await
+    .expect(200);
+    api.patch(
+        &format!("/v1/accounts/{no_withdrawal}"),
+        json!({"withdrawal_stopped": false}),
+    )
+    .await
+    .expect(200);
+    api.patch(
+        &format!("/v1/accounts/{no_deposit}"),
+        json!({"deposit_stopped": false}),
+    )
+    .await
+    .expect(200);
+    let balances = [&rich, &poor, &suspended, &no_withdrawal, &no_deposit];
+    let mut before = Vec::new();
+    for a in balances {
+        before.push(api.balance(a).await);
+    }
+    for (code, body) in cases {
+        let again = api.post("/v1/transfers", body.clone()).await;
+        assert_eq!((again.status, again.code()), (422, Some(code)), "{body}");
+    }
+    let mut after = Vec::new();
+    for a in balances {
+        after.push(api.balance(a).await);
+    }
+    assert_eq!(after, before, "a refused transfer never executes later");
 }
 
 #[tokio::test]

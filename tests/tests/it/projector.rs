@@ -728,6 +728,14 @@ async fn b16_f5_transient_failures_back_off_then_apply_or_dead_letter_and_replay
         span >= Duration::from_millis(700),
         "retries did not back off: {span:?}"
     );
+    // And it grows: the third delay (400-800 ms) is longer than the first
+    // (100-200 ms) by at least 200 ms, which a delay that does not grow
+    // with the delivery count would not be.
+    let (first, third) = (attempts[1] - attempts[0], attempts[3] - attempts[2]);
+    assert!(
+        third > first,
+        "the delay did not grow: first {first:?}, third {third:?}"
+    );
     assert_eq!(
         rig.synced(&account).await,
         0,

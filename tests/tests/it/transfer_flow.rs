@@ -408,7 +408,8 @@ async fn f3_a_gateway_status_between_channel_and_core_is_not_taken_as_a_refusal(
         assert_eq!(r.str("status"), "pending", "{gateway_status}: {}", r.body);
         let id = r.str("transfer_id");
         let done = wait_status(&api, &id, "failed", Duration::from_secs(15)).await;
-        assert_ne!(done["reason"], "core_rejected", "{gateway_status}: {done}");
+        // The fence's record: the core never received it.
+        assert_eq!(done["reason"], "never_received", "{gateway_status}: {done}");
     }
     assert_eq!(stack.core.api.balance(&from).await, 10_000);
     // A status the core also gives (400 for a malformed request), or a 422
@@ -973,7 +974,25 @@ async fn f1_core_answers_after_the_timeout_pending_then_succeeded_no_second_tran
     );
     stack.proxy.clear();
     wait_status(&api, &id, "succeeded", Duration::from_secs(5)).await;
-    // The projector brings the entry; the history shows the transfer once.
+    // The event brings the entry: the projector writes it into the channel
+    // database before anyone asks for the history (which could sync it from
+    // the core itself, B18).
+    eventually(
+        "the projector wrote the entry",
+        Duration::from_secs(10),
+        || async {
+            let h = bank_tests::verify::channel_history(&stack.transfer.db_url, &from)
+                .await
+                .map_err(|e| e.to_string())?;
+            if h.iter().any(|e| e.4.as_deref() == Some(id.as_str())) {
+                Ok(())
+            } else {
+                Err(format!("{h:?}"))
+            }
+        },
+    )
+    .await;
+    // The history shows the transfer once.
     let hist = eventually(
         "the transfer in the history",
         Duration::from_secs(10),
@@ -1031,6 +1050,64 @@ async fn f2_customer_retry_after_timeout_is_refused_and_money_moves_once() {
     wait_status(&api, &id, "succeeded", Duration::from_secs(5)).await;
     assert_eq!(stack.core.api.balance(&to).await, 4000);
     assert_eq!(stack.core.api.balance(&from).await, 6000);
+}
+
+/// B11's bound with the reconciler as shipped (its default period and
+/// fence margin; only the TTL shortened): a lost request is failed by the
+/// reconciler alone, nobody asking, within the TTL + 5 s.
+#[tokio::test]
+async fn b11_f3_with_the_default_reconciler_a_lost_request_fails_within_the_ttl_plus_5_s() {
+    let shipped = transfer::Config::defaults();
+    let ttl = 2;
+    let stack = Stack::start(StackOptions {
+        transfer: TransferOptions {
+            request_ttl_secs: ttl,
+            core_timeout_ms: 300,
+            reconcile_interval_ms: shipped.reconcile_interval_ms,
+            fence_margin_ms: shipped.fence_margin_ms,
+            database_url: None,
+        },
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let (_, from, api) = stack.customer_with_account(10_000).await;
+    let to = stack.core.api.funded_account(0).await;
+    stack
+        .proxy
+        .add(Some(Method::POST), "/v1/transfers", Action::Drop, Some(1));
+    let started = Instant::now();
+    let id = send(&api, &from, &to, 1000)
+        .await
+        .expect(202)
+        .str("transfer_id");
+    // Read from the channel database, not through the API (a status
+    // question settles a pending transfer itself).
+    let sql = format!(
+        "SELECT status || ' ' || coalesce(reason, '') FROM transfer_requests WHERE transfer_id = '{id}'"
+    );
+    let db_url = stack.transfer.db_url.clone();
+    eventually(
+        "the reconciler failed it",
+        Duration::from_secs(30),
+        || async {
+            let row = bank_tests::db::query_strings(&db_url, &sql)
+                .await
+                .map_err(|e| e.to_string())?;
+            if row == ["failed never_received"] {
+                Ok(())
+            } else {
+                Err(format!("{row:?}"))
+            }
+        },
+    )
+    .await;
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(ttl) && took <= Duration::from_secs(ttl + 5),
+        "failed after {took:?}: the bound is the TTL ({ttl} s) + 5 s"
+    );
+    assert_eq!(stack.core.api.balance(&from).await, 10_000);
 }
 
 #[tokio::test]
