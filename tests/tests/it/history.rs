@@ -98,6 +98,57 @@ async fn b17_keyset_pages_cover_every_seq_once_newest_first_with_an_index_scan()
 /// must still show the transfer: as pending, or as an entry, never as
 /// neither (settling after the sync used to mark it succeeded and then serve
 /// a page without it).
+/// Infinite scroll appends pages: the transfers in flight are listed on the
+/// first page, not again on every later one.
+#[tokio::test]
+async fn b17_b18_pending_transfers_are_listed_on_the_first_page_only() {
+    let stack = Stack::start(StackOptions {
+        transfer: bank_tests::apps::TransferOptions {
+            core_timeout_ms: 300,
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let (_, account, api) = stack.customer_with_account(10_000).await;
+    deposits(&stack, &account, 4).await;
+    let to = stack.core.api.funded_account(0).await;
+    // Lost on its way to the core: pending until the TTL (60 s here).
+    stack
+        .proxy
+        .add(Some(Method::POST), "/v1/transfers", Action::Drop, Some(1));
+    let id = api
+        .post(
+            "/v1/transfers",
+            json!({"from_account": account, "to_account": to, "amount": "500"}),
+        )
+        .await
+        .expect(202)
+        .str("transfer_id");
+    let first = api
+        .get(&format!("/v1/accounts/{account}/history?limit=2"))
+        .await
+        .expect(200)
+        .body;
+    assert_eq!(first["pending"][0]["transfer_id"], json!(id), "{first}");
+    assert_eq!(first["pending"][0]["status"], "pending", "{first}");
+    let cursor = first["next_cursor"].as_str().expect("a second page");
+    let second = api
+        .get(&format!(
+            "/v1/accounts/{account}/history?limit=2&cursor={cursor}"
+        ))
+        .await
+        .expect(200)
+        .body;
+    assert_eq!(
+        second["entries"].as_array().map(Vec::len),
+        Some(2),
+        "{second}"
+    );
+    assert_eq!(second["pending"], json!([]), "{second}");
+}
+
 #[tokio::test]
 async fn b18_a_transfer_executed_during_the_sync_is_shown_pending_or_as_an_entry() {
     // No projector: whatever the history shows comes from the on-demand sync.

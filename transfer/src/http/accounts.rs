@@ -38,7 +38,7 @@ pub(super) struct HistoryPage {
     /// Transfers from or to the account that the entries do not show yet:
     /// those whose result is not known, and, while the history cannot be
     /// synced from the core, those the core confirmed whose entry has not
-    /// arrived (with their status).
+    /// arrived (with their status). On the first page only (no cursor).
     pending: Vec<TransferRequest>,
     /// Cursor of the next (older) page; null on the last page.
     next_cursor: Option<String>,
@@ -162,6 +162,19 @@ pub(super) async fn history(
     let (entries, next_cursor) = page(&s.db, &account, before, limit)
         .await
         .map_err(|e| ApiError::database(&e))?;
+    if before.is_some() {
+        // What is in flight belongs at the top of the history: a page
+        // further down (infinite scroll appends it) would list it again.
+        pending.clear();
+    } else {
+        // A transfer resolved and projected between the two reads is shown
+        // once, as its entry.
+        pending.retain(|p| {
+            !entries
+                .iter()
+                .any(|e| e.transfer_id.as_ref() == Some(&p.transfer_id))
+        });
+    }
     Ok(axum::Json(HistoryPage {
         account_id: account.to_string(),
         entries,
