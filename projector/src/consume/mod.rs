@@ -116,6 +116,21 @@ impl Feed {
         }
     }
 
+    /// Messages per batch (and per pull request). An interest event costs
+    /// a call to the core ([`tax::check`], [`tax::CHECKS_IN_FLIGHT`] at a
+    /// time), and only the batches in hand send progress acks: what waits in
+    /// the client's buffer behind them (up to one and a half pulls) must be
+    /// reached within the ack wait. At [`INTEREST_BATCH_MAX`] that is about
+    /// 900 checks, 113 rounds: a core answering within about 250 ms per
+    /// check keeps it under the default 30 s.
+    fn batch_max(self, config: &Config) -> usize {
+        let configured = config.batch.max(1);
+        match self {
+            Feed::Ledger => configured,
+            Feed::Interest => configured.min(INTEREST_BATCH_MAX),
+        }
+    }
+
     fn durable(self, config: &Config) -> String {
         match self {
             Feed::Ledger => config.ledger_consumer.clone(),
@@ -123,6 +138,9 @@ impl Feed {
         }
     }
 }
+
+/// Largest batch of the interest feed ([`Feed::batch_max`]).
+const INTEREST_BATCH_MAX: usize = 256;
 
 /// A feed's consumer could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -235,7 +253,7 @@ pub async fn run(
     mut consumer: PullConsumer,
     shutdown: CancellationToken,
 ) {
-    let batch_max = ctx.config.batch.max(1);
+    let batch_max = feed.batch_max(&ctx.config);
     let mut backoff = Duration::from_millis(100);
     let mut batches = InHand::new(&ctx, feed);
     while !shutdown.is_cancelled() {
@@ -685,5 +703,25 @@ pub async fn report_pending(consumers: Vec<(Feed, PullConsumer)>, shutdown: Canc
                 Err(e) => tracing::debug!(error = %e, "consumer info"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Feed, INTEREST_BATCH_MAX};
+    use crate::Config;
+
+    /// Interest batches stay small whatever `PROJECTOR_BATCH` says: each of
+    /// their events costs a call to the core within the ack wait.
+    #[test]
+    fn b23_interest_batches_are_capped_ledger_batches_follow_the_setting() {
+        let mut config = Config::defaults();
+        config.batch = 2000;
+        assert_eq!(Feed::Ledger.batch_max(&config), 2000);
+        assert_eq!(Feed::Interest.batch_max(&config), INTEREST_BATCH_MAX);
+        config.batch = 100;
+        assert_eq!(Feed::Interest.batch_max(&config), 100);
+        config.batch = 0;
+        assert_eq!(Feed::Ledger.batch_max(&config), 1);
     }
 }

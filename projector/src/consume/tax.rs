@@ -30,7 +30,7 @@ use transfer::history::sync::{self, SyncError};
 use super::{Context, Failure, ack, fail, holding_progress};
 
 /// Events checked against the core at once.
-const CHECKS_IN_FLIGHT: usize = 8;
+pub(crate) const CHECKS_IN_FLIGHT: usize = 8;
 /// History entries the sweep looks back over, by when they were written.
 const SWEEP_WINDOW_DAYS: i64 = 30;
 
