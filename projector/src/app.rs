@@ -133,6 +133,7 @@ impl App {
         tasks.spawn(consume::tax::sweep(
             self.ctx.clone(),
             Duration::from_secs(self.ctx.config.tax_sweep_secs.max(1)),
+            Duration::from_secs(self.ctx.config.tax_sweep_overlap_secs),
             self.ctx.config.tax_sweep_page,
             consumers.clone(),
         ));

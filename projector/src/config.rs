@@ -142,12 +142,18 @@ pub struct Config {
     /// from the core.
     #[arg(long, env = "PROJECTOR_TAX_SWEEP_SECS", default_value_t = 60)]
     pub tax_sweep_secs: u64,
-    /// Interest entries one sweep pass settles at most; the next pass goes on
-    /// after the last one, so entries that keep failing cannot hold up the
-    /// ones after them.
+    /// Interest entries the sweep reads per query (and entries kept from
+    /// earlier passes it tries again per pass).
     #[arg(long, env = "PROJECTOR_TAX_SWEEP_PAGE", default_value_t = 500,
           value_parser = clap::value_parser!(i64).range(1..=10_000))]
     pub tax_sweep_page: i64,
+    /// How far before the last entry it looked at each sweep pass starts
+    /// reading again: an entry is stamped with the start of the transaction
+    /// that wrote it, so one committed after a pass may be older than what
+    /// that pass read. Longer than any transaction of the history writer.
+    #[arg(long, env = "PROJECTOR_TAX_SWEEP_OVERLAP_SECS", default_value_t = 600,
+          value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    pub tax_sweep_overlap_secs: u64,
     /// HTTP server limits.
     #[command(flatten)]
     pub http: HttpArgs,

@@ -238,6 +238,8 @@ pub struct ProjectorOptions {
     pub tax_sweep_secs: u64,
     /// `PROJECTOR_TAX_SWEEP_PAGE`.
     pub tax_sweep_page: i64,
+    /// `PROJECTOR_TAX_SWEEP_OVERLAP_SECS`.
+    pub tax_sweep_overlap_secs: u64,
     /// `PROJECTOR_API_TOKEN` (unset: `/v1` is open); the app's client
     /// presents it.
     pub api_token: Option<&'static str>,
@@ -252,6 +254,7 @@ impl Default for ProjectorOptions {
             ack_wait_secs: 30,
             tax_sweep_secs: 60,
             tax_sweep_page: 500,
+            tax_sweep_overlap_secs: 600,
             api_token: None,
         }
     }
@@ -278,6 +281,7 @@ impl ProjectorApp {
         config.ack_wait_secs = opts.ack_wait_secs;
         config.tax_sweep_secs = opts.tax_sweep_secs;
         config.tax_sweep_page = opts.tax_sweep_page;
+        config.tax_sweep_overlap_secs = opts.tax_sweep_overlap_secs;
         config.api_token = opts.api_token.map(Secret::new);
         config.pool.db_max_connections = 6;
         let app = projector::App::build(config.clone()).await?;

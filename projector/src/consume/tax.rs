@@ -255,85 +255,229 @@ impl SweepError {
     }
 }
 
-/// Where a sweep pass starts: after this entry (`applied_at`, account,
-/// seq) of the history, or at the oldest when none.
-pub type SweepCursor = Option<(DateTime<Utc>, String, i64)>;
+/// A history entry as the sweep orders them: when it was written, its
+/// account, its seq.
+type EntryKey = (DateTime<Utc>, String, i64);
 
-/// One sweep pass: up to `page` of the history's interest entries written
-/// between [`SWEEP_WINDOW_DAYS`] ago and `min_age` ago that have no tax
-/// record, oldest first after `after`, get the core's figures of their
-/// payout recorded. An entry whose payout the core does not know is not the
-/// core's: the history is repaired from the core's entries (B15). An entry
-/// that cannot be settled (the core refuses or answers something
-/// unexpected) is logged and counted, and the pass goes on with the next
-/// one. Returns how many were recovered and where the next pass starts:
-/// after this page when it was full, so that entries that keep failing do
-/// not hold up the ones after them; at the oldest again otherwise.
+/// Most pages one pass reads: a pass that starts far behind (a new process
+/// reads the whole window) goes on at the next one.
+const SWEEP_PAGES_PER_PASS: usize = 100;
+
+/// Most entries kept for another try ([`SweepState`]).
+const SWEEP_RETRY_MAX: usize = 10_000;
+
+/// What the sweep knows between passes, so that a pass reads only the
+/// entries written since the last one (and a margin), not the whole window:
+/// at a bank's volume the window holds millions of interest entries, nearly
+/// all recorded.
+#[derive(Debug, Default)]
+pub struct SweepState {
+    /// Every entry up to this one has been looked at: it has its record or
+    /// it is in `retry`. `None`: nothing yet, start at the window's start.
+    scanned_through: Option<EntryKey>,
+    /// Where a scan cut short (pages per pass, or a failure) goes on.
+    resume: Option<EntryKey>,
+    /// Entries that could not be settled yet, tried again at each pass in
+    /// turn (oldest first, a failed one to the back).
+    retry: std::collections::VecDeque<(EntryKey, String)>,
+    /// More failing entries than `retry` keeps: the next scan starts at the
+    /// window's start again.
+    lost_track: bool,
+}
+
+impl SweepState {
+    fn keep_for_retry(&mut self, key: EntryKey, payout: String) {
+        if self.retry.iter().any(|(k, _)| *k == key) {
+            return;
+        }
+        if self.retry.len() >= SWEEP_RETRY_MAX {
+            self.lost_track = true;
+            return;
+        }
+        self.retry.push_back((key, payout));
+        metrics::gauge!("projector_tax_sweep_retrying").set(self.retry.len() as f64);
+    }
+}
+
+/// One sweep pass. First the entries kept from earlier passes (up to
+/// `page`) are tried again. Then the history's interest entries written
+/// since the last pass (from `overlap` before the last one looked at: a
+/// transaction that was open meanwhile commits entries stamped with its
+/// start), up to `min_age` ago and within [`SWEEP_WINDOW_DAYS`], are read in
+/// pages of `page`; those without a tax record get the core's figures of
+/// their payout recorded. An entry whose payout the core does not know is
+/// not the core's: the history is repaired from the core's entries (B15).
+/// An entry that cannot be settled (the core refuses or answers something
+/// unexpected) is logged, counted and kept for the next pass, and the pass
+/// goes on with the next one, so it cannot hold up the entries after it.
+/// Returns how many records were written.
 pub async fn sweep_once(
     ctx: &Context,
     min_age: Duration,
+    overlap: Duration,
     page: i64,
-    after: &SweepCursor,
-) -> Result<(u64, SweepCursor), SweepError> {
-    let (after_time, after_account, after_seq) = match after {
-        Some((time, account, seq)) => (Some(*time), account.clone(), *seq),
-        None => (None, String::new(), 0),
+    state: &mut SweepState,
+) -> Result<u64, SweepError> {
+    metrics::counter!("projector_tax_sweep_passes_total").increment(1);
+    let mut recovered = retry_kept(ctx, page, state).await?;
+    let overlap = chrono::Duration::from_std(overlap).unwrap_or(chrono::Duration::MAX);
+    let mut cursor: Option<EntryKey> = match (state.resume.take(), &state.scanned_through) {
+        (Some(resume), _) => Some(resume),
+        (None, Some(through)) if overlap.is_zero() => Some(through.clone()),
+        (None, Some((at, _, _))) => at
+            .checked_sub_signed(overlap)
+            .map(|from| (from, String::new(), 0)),
+        (None, None) => None,
     };
-    let rows = ctx
-        .db
-        .query_all_raw(Statement::from_sql_and_values(
-            ctx.db.get_database_backend(),
-            "SELECT h.account_id, h.payout_id, h.seq, h.applied_at FROM history_entries h \
-             WHERE h.payout_id IS NOT NULL AND h.kind = 'interest' \
-               AND h.applied_at >= now() - make_interval(days => $1) \
-               AND h.applied_at < now() - make_interval(secs => $2) \
-               AND ($4::timestamptz IS NULL OR (h.applied_at, h.account_id, h.seq) > ($4, $5, $6)) \
-               AND NOT EXISTS (SELECT 1 FROM tax_records t WHERE t.payout_id = h.payout_id) \
-             ORDER BY h.applied_at, h.account_id, h.seq LIMIT $3",
-            [
-                (SWEEP_WINDOW_DAYS as i32).into(),
-                min_age.as_secs_f64().into(),
-                page.into(),
-                after_time.into(),
-                after_account.into(),
-                after_seq.into(),
-            ],
-        ))
-        .await?;
-    let full = i64::try_from(rows.len()).is_ok_and(|n| n >= page);
-    let mut next = None;
-    let mut entries = Vec::with_capacity(rows.len());
-    for r in rows {
-        let account: String = r.try_get("", "account_id")?;
-        let payout: String = r.try_get("", "payout_id")?;
-        let seq: i64 = r.try_get("", "seq")?;
-        let applied_at: DateTime<Utc> = r.try_get("", "applied_at")?;
-        next = Some((applied_at, account.clone(), seq));
-        if let (Ok(account), Ok(payout)) = (AccountId::parse(account), PayoutId::parse(payout)) {
-            entries.push((account, payout, seq));
+    for _ in 0..SWEEP_PAGES_PER_PASS {
+        let (after_time, after_account, after_seq) = match &cursor {
+            Some((time, account, seq)) => (Some(*time), account.clone(), *seq),
+            None => (None, String::new(), 0),
+        };
+        let rows = ctx
+            .db
+            .query_all_raw(Statement::from_sql_and_values(
+                ctx.db.get_database_backend(),
+                "SELECT h.account_id, h.payout_id, h.seq, h.applied_at, \
+                        (t.payout_id IS NULL) AS unrecorded \
+                 FROM history_entries h LEFT JOIN tax_records t ON t.payout_id = h.payout_id \
+                 WHERE h.payout_id IS NOT NULL AND h.kind = 'interest' \
+                   AND h.applied_at >= now() - make_interval(days => $1) \
+                   AND h.applied_at < now() - make_interval(secs => $2) \
+                   AND ($4::timestamptz IS NULL OR (h.applied_at, h.account_id, h.seq) > ($4, $5, $6)) \
+                 ORDER BY h.applied_at, h.account_id, h.seq LIMIT $3",
+                [
+                    (SWEEP_WINDOW_DAYS as i32).into(),
+                    min_age.as_secs_f64().into(),
+                    page.into(),
+                    after_time.into(),
+                    after_account.into(),
+                    after_seq.into(),
+                ],
+            ))
+            .await
+            .inspect_err(|_| state.resume = cursor.clone())?;
+        let full = i64::try_from(rows.len()).is_ok_and(|n| n >= page);
+        metrics::counter!("projector_tax_sweep_scanned_total").increment(rows.len() as u64);
+        let mut unrecorded = Vec::new();
+        let mut last = None;
+        for r in rows {
+            let key: EntryKey = (
+                r.try_get("", "applied_at")?,
+                r.try_get("", "account_id")?,
+                r.try_get("", "seq")?,
+            );
+            if r.try_get::<bool>("", "unrecorded")? {
+                unrecorded.push((key.clone(), r.try_get::<String>("", "payout_id")?));
+            }
+            last = Some(key);
+        }
+        if let Err(e) = settle_all(ctx, unrecorded, state, &mut recovered).await {
+            state.resume = cursor;
+            return Err(e);
+        }
+        if let Some(last) = last {
+            cursor = Some(last.clone());
+            // Never back: a pass through the overlap only may end before it.
+            if state.scanned_through.as_ref().is_none_or(|t| last > *t) {
+                state.scanned_through = Some(last);
+            }
+        }
+        if !full {
+            // Caught up with the young edge.
+            if std::mem::take(&mut state.lost_track) {
+                state.scanned_through = None;
+            }
+            return Ok(recovered);
         }
     }
-    let next = if full { next } else { None };
-    // Asked of the core a few at a time, as the consumer's checks are.
-    let mut settled = futures::stream::iter(entries.into_iter().map(
-        |(account, payout, seq)| async move {
-            let result = sweep_entry(ctx, &account, &payout, seq).await;
-            (account, payout, seq, result)
-        },
-    ))
+    state.resume = cursor;
+    Ok(recovered)
+}
+
+/// Settles entries without a tax record a few at a time (as the consumer's
+/// checks are); one that cannot be settled is kept in `state` for the next
+/// pass. Fails only when the rest could not succeed either.
+async fn settle_all(
+    ctx: &Context,
+    entries: Vec<(EntryKey, String)>,
+    state: &mut SweepState,
+    recovered: &mut u64,
+) -> Result<(), SweepError> {
+    let mut settled = futures::stream::iter(entries.into_iter().map(|(key, payout)| async move {
+        let result = match (
+            AccountId::parse(key.1.clone()),
+            PayoutId::parse(payout.clone()),
+        ) {
+            (Ok(account), Ok(payout)) => Some(sweep_entry(ctx, &account, &payout, key.2).await),
+            // Not ids this bank makes: nothing the core could explain.
+            _ => None,
+        };
+        (key, payout, result)
+    }))
     .buffered(CHECKS_IN_FLIGHT);
-    let mut recovered = 0;
-    while let Some((account, payout, seq, result)) = settled.next().await {
+    let mut stopped = None;
+    while let Some((key, payout, result)) = settled.next().await {
         match result {
-            Ok(new) => recovered += new,
-            Err(e) if e.stops_the_pass() => return Err(e),
-            Err(e) => {
-                metrics::counter!("projector_tax_sweep_errors_total").increment(1);
-                tracing::warn!(payout_id = %payout, account = %account, seq, error = %common::error_chain(&e), "the tax sweep could not settle this interest entry; it is tried again at a later pass");
+            None => {
+                tracing::warn!(payout_id = %payout, account = %key.1, seq = key.2, "the tax sweep skips an interest entry whose ids are malformed");
+            }
+            Some(Ok(new)) => *recovered += new,
+            Some(Err(e)) => {
+                if e.stops_the_pass() {
+                    stopped.get_or_insert(e);
+                } else {
+                    metrics::counter!("projector_tax_sweep_errors_total").increment(1);
+                    tracing::warn!(payout_id = %payout, account = %key.1, seq = key.2, error = %common::error_chain(&e), "the tax sweep could not settle this interest entry; it is tried again at the next pass");
+                }
+                state.keep_for_retry(key, payout);
             }
         }
     }
-    Ok((recovered, next))
+    stopped.map_or(Ok(()), Err)
+}
+
+/// Tries again up to `page` of the entries kept by earlier passes, oldest
+/// first; drops those recorded meanwhile or past the window.
+async fn retry_kept(ctx: &Context, page: i64, state: &mut SweepState) -> Result<u64, SweepError> {
+    let oldest = Utc::now() - chrono::Duration::days(SWEEP_WINDOW_DAYS);
+    let take = usize::try_from(page)
+        .unwrap_or(usize::MAX)
+        .min(state.retry.len());
+    let batch: Vec<(EntryKey, String)> = state
+        .retry
+        .drain(..take)
+        .filter(|(key, _)| key.0 >= oldest)
+        .collect();
+    let mut recovered = 0;
+    if !batch.is_empty() {
+        let payouts: Vec<String> = batch.iter().map(|(_, p)| p.clone()).collect();
+        let recorded = match ctx
+            .db
+            .query_all_raw(Statement::from_sql_and_values(
+                ctx.db.get_database_backend(),
+                "SELECT payout_id FROM tax_records WHERE payout_id = ANY($1)",
+                [payouts.into()],
+            ))
+            .await
+        {
+            Ok(rows) => rows
+                .iter()
+                .filter_map(|r| r.try_get::<String>("", "payout_id").ok())
+                .collect::<std::collections::HashSet<_>>(),
+            Err(e) => {
+                state.retry.extend(batch);
+                return Err(e.into());
+            }
+        };
+        let open: Vec<_> = batch
+            .into_iter()
+            .filter(|(_, p)| !recorded.contains(p))
+            .collect();
+        settle_all(ctx, open, state, &mut recovered).await?;
+    }
+    metrics::gauge!("projector_tax_sweep_retrying").set(state.retry.len() as f64);
+    Ok(recovered)
 }
 
 /// Settles one interest entry without a tax record: records the core's
@@ -365,25 +509,28 @@ async fn sweep_entry(
     }
 }
 
-/// Runs [`sweep_once`] every `every` until `shutdown`, a page of `page`
-/// entries a pass, each pass after the last full page, looking at entries
-/// written at least `every` ago (by then their event has normally been
-/// recorded).
-pub async fn sweep(ctx: Context, every: Duration, page: i64, shutdown: CancellationToken) {
+/// Runs [`sweep_once`] every `every` until `shutdown`, reading pages of
+/// `page` entries, each pass from `overlap` before where the last one ended,
+/// looking at entries written at least `every` ago (by then their event has
+/// normally been recorded).
+pub async fn sweep(
+    ctx: Context,
+    every: Duration,
+    overlap: Duration,
+    page: i64,
+    shutdown: CancellationToken,
+) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut after: SweepCursor = None;
+    let mut state = SweepState::default();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        match sweep_once(&ctx, every, page, &after).await {
-            Ok((_, next)) => after = next,
-            Err(e) => {
-                metrics::counter!("projector_tax_sweep_errors_total").increment(1);
-                tracing::warn!(error = %common::error_chain(&e), "tax record sweep failed; retried at the next pass");
-            }
+        if let Err(e) = sweep_once(&ctx, every, overlap, page, &mut state).await {
+            metrics::counter!("projector_tax_sweep_errors_total").increment(1);
+            tracing::warn!(error = %common::error_chain(&e), "tax record sweep failed; retried at the next pass");
         }
     }
 }
