@@ -153,6 +153,10 @@ pub struct TransferOptions {
     pub fence_margin_ms: u64,
     /// Use this channel database instead of a fresh one.
     pub database_url: Option<String>,
+    /// `HTTP_REQUEST_TIMEOUT_MS`.
+    pub request_timeout_ms: u64,
+    /// `DATABASE_LOCK_TIMEOUT_MS`.
+    pub lock_timeout_ms: u64,
 }
 
 impl Default for TransferOptions {
@@ -163,6 +167,8 @@ impl Default for TransferOptions {
             reconcile_interval_ms: 200,
             fence_margin_ms: 1000,
             database_url: None,
+            request_timeout_ms: 30_000,
+            lock_timeout_ms: 2_000,
         }
     }
 }
@@ -191,6 +197,8 @@ impl TransferApp {
         config.reconcile_interval_ms = opts.reconcile_interval_ms;
         config.fence_margin_ms = opts.fence_margin_ms;
         config.pool.db_max_connections = 6;
+        config.pool.db_lock_timeout_ms = opts.lock_timeout_ms;
+        config.http.http_request_timeout_ms = opts.request_timeout_ms;
         config.relay.outbox_poll_interval_ms = 100;
         let app = transfer::App::build(config.clone()).await?;
         let addr = app.local_addr()?;

@@ -91,6 +91,17 @@ impl RowLock {
         .await
     }
 
+    /// Locks transfer request `id`'s row in the channel database at
+    /// `db_url`, as another replica's long transaction would.
+    pub async fn channel_transfer(db_url: &str, id: &str) -> anyhow::Result<Self> {
+        Self::hold(
+            db_url,
+            "SELECT 1 FROM transfer_requests WHERE transfer_id = $1 FOR UPDATE",
+            id,
+        )
+        .await
+    }
+
     async fn hold(db_url: &str, sql: &str, value: &str) -> anyhow::Result<Self> {
         use sea_orm::TransactionTrait;
         let db = Database::connect(db_url).await?;

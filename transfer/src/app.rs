@@ -108,6 +108,7 @@ impl App {
             self.db.clone(),
             self.core.clone(),
             Duration::from_millis(self.config.core_timeout_ms),
+            self.config.answer_within(),
             resolver,
         );
         let relay = Relay::new(

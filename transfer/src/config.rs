@@ -129,12 +129,14 @@ impl Config {
         self.request_ttl() + Duration::from_millis(self.fence_margin_ms)
     }
 
-    /// Refuses settings under which a transfer request could be cut off by
-    /// the HTTP request timeout after its pending row was written: the
-    /// customer would get 503 `timeout` instead of the 202 API.md promises,
-    /// and no resolver would follow the transfer up at once. A request waits
-    /// at most `CORE_TIMEOUT_MS` for the core, then (when the core rejected
-    /// it on the way) [`CORE_CALL_TIMEOUT`] for the fence.
+    /// Refuses settings under which a transfer request would not have time
+    /// for its calls to the core before its answer is due
+    /// ([`Config::answer_within`]): it waits at most `CORE_TIMEOUT_MS` for
+    /// the core, then (when the core rejected it on the way)
+    /// [`CORE_CALL_TIMEOUT`] for the fence. (The answer itself is due in
+    /// time whatever the calls and the database wait on: after its pending
+    /// row is written a request answers 202 at the deadline, never the 503
+    /// of the HTTP timeout.)
     pub fn check(&self) -> Result<(), String> {
         let worst = Duration::from_millis(self.core_timeout_ms) + CORE_CALL_TIMEOUT;
         let least = worst + REQUEST_TIMEOUT_MARGIN;
@@ -150,6 +152,17 @@ impl Config {
             ));
         }
         Ok(())
+    }
+}
+
+impl Config {
+    /// How long after its start a transfer request whose pending row was
+    /// written is answered at the latest (202 if the outcome is not known
+    /// by then): the HTTP request timeout less a margin for the answer.
+    pub fn answer_within(&self) -> Duration {
+        self.http
+            .request_timeout()
+            .saturating_sub(REQUEST_TIMEOUT_MARGIN)
     }
 }
 

@@ -55,7 +55,7 @@ fn fast(ttl: u64, core_timeout_ms: u64) -> StackOptions {
             core_timeout_ms,
             reconcile_interval_ms: 200,
             fence_margin_ms: 1000,
-            database_url: None,
+            ..Default::default()
         },
         ..Default::default()
     }
@@ -1052,6 +1052,76 @@ async fn f2_customer_retry_after_timeout_is_refused_and_money_moves_once() {
     assert_eq!(stack.core.api.balance(&from).await, 6000);
 }
 
+/// Once its pending row is written a transfer request is answered in time
+/// (202 at the latest), whatever recording the core's answer waits on (here
+/// a row lock another session holds): never the 503 of the HTTP request
+/// timeout, which would leave a customer who sent no `Idempotency-Key`
+/// unsure whether to send again. The execution goes on and records the
+/// outcome once the lock is gone.
+#[tokio::test]
+async fn b09_f1_a_request_whose_outcome_cannot_be_recorded_in_time_answers_pending_not_503() {
+    let core_timeout_ms = 3_000;
+    let http_timeout = Duration::from_millis(core_timeout_ms + 7_000);
+    let stack = Stack::start(StackOptions {
+        transfer: TransferOptions {
+            core_timeout_ms,
+            // The least the service accepts: the core's wait, a fence call
+            // and 2 s.
+            request_timeout_ms: core_timeout_ms + 7_000,
+            lock_timeout_ms: 30_000,
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let (_, from, api) = stack.customer_with_account(10_000).await;
+    let to = stack.core.api.funded_account(0).await;
+    // The core's answer comes 1.5 s late (within the core timeout): time to
+    // take the lock first.
+    stack.proxy.add(
+        Some(Method::POST),
+        "/v1/transfers",
+        Action::DelayResponse(Duration::from_millis(1_500)),
+        Some(1),
+    );
+    let started = Instant::now();
+    let request = {
+        let (api, from, to) = (api.clone(), from.clone(), to.clone());
+        tokio::spawn(async move { send(&api, &from, &to, 1000).await })
+    };
+    let db_url = stack.transfer.db_url.clone();
+    let id = eventually("the pending row", Duration::from_secs(10), || async {
+        bank_tests::db::query_strings(
+            &db_url,
+            "SELECT transfer_id FROM transfer_requests WHERE status = 'pending'",
+        )
+        .await
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .next()
+        .ok_or_else(|| "none yet".to_owned())
+    })
+    .await;
+    let lock = bank_tests::db::RowLock::channel_transfer(&db_url, &id)
+        .await
+        .unwrap();
+    lock.until_waited_on("recording the core's answer").await;
+    let r = request.await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert_eq!(r.str("status"), "pending");
+    assert_eq!(r.str("transfer_id"), id);
+    // Answered at the deadline, after the core's answer had come.
+    assert!(
+        took >= Duration::from_millis(1_500) && took < http_timeout,
+        "answered after {took:?}"
+    );
+    lock.release().await.unwrap();
+    wait_status(&api, &id, "succeeded", Duration::from_secs(10)).await;
+    assert_eq!(stack.core.api.balance(&to).await, 1000);
+}
+
 /// B11's bound with the reconciler as shipped (its default period and
 /// fence margin; only the TTL shortened): a lost request is failed by the
 /// reconciler alone, nobody asking, within the TTL + 5 s.
@@ -1065,7 +1135,7 @@ async fn b11_f3_with_the_default_reconciler_a_lost_request_fails_within_the_ttl_
             core_timeout_ms: 300,
             reconcile_interval_ms: shipped.reconcile_interval_ms,
             fence_margin_ms: shipped.fence_margin_ms,
-            database_url: None,
+            ..Default::default()
         },
         ..Default::default()
     })

@@ -65,21 +65,28 @@ pub struct TransferService {
     db: DatabaseConnection,
     core: CoreClient,
     core_timeout: Duration,
+    answer_within: Duration,
     resolver: Resolver,
 }
 
 impl TransferService {
-    /// A service over the channel database and the core.
+    /// A service over the channel database and the core. A request is
+    /// answered within `answer_within` of its start once its pending row is
+    /// written (less than the HTTP request timeout, which would answer 503
+    /// and leave a customer who sent no `Idempotency-Key` unsure whether to
+    /// send again).
     pub fn new(
         db: DatabaseConnection,
         core: CoreClient,
         core_timeout: Duration,
+        answer_within: Duration,
         resolver: Resolver,
     ) -> Self {
         Self {
             db,
             core,
             core_timeout,
+            answer_within,
             resolver,
         }
     }
@@ -92,6 +99,7 @@ impl TransferService {
         new: NewTransfer,
         idempotency_key: Option<String>,
     ) -> Result<TransferRequest, SubmitError> {
+        let answer_by = tokio::time::Instant::now() + self.answer_within;
         if let Some(key) = &idempotency_key
             && let Some(existing) = find_by_key(&self.db, customer, key).await?
         {
@@ -154,7 +162,35 @@ impl TransferService {
             }
         }
         tracing::info!(transfer_id = %req.transfer_id, from = %req.from_account, to = %req.to_account, "transfer pending; calling the core");
+        // From here the transfer exists: the rest runs on a task of its own,
+        // so that neither the answer's deadline nor a client that hangs up
+        // cuts it short, and the customer hears by `answer_by` at the latest.
+        let execution = {
+            let this = self.clone();
+            let req = req.clone();
+            tokio::spawn(async move { this.execute(req).await })
+        };
+        let result = match tokio::time::timeout_at(answer_by, execution).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(e)) => {
+                tracing::error!(transfer_id = %req.transfer_id, error = %e, "executing the transfer failed; it stays pending for the resolver");
+                self.resolver.spawn(req.clone());
+                req
+            }
+            Err(_) => {
+                tracing::warn!(transfer_id = %req.transfer_id, "no outcome before the answer was due; answering pending while the execution goes on");
+                req
+            }
+        };
+        metrics::counter!("transfer_requests_total", "result" => result.status.as_str())
+            .increment(1);
+        Ok(result)
+    }
 
+    /// Calls the core for a pending transfer and records its answer; the
+    /// transfer as it then stands (still pending, handed to a resolver,
+    /// when the outcome is not known).
+    async fn execute(&self, req: TransferRequest) -> TransferRequest {
         let answer = self
             .core
             .transfer(
@@ -202,7 +238,7 @@ impl TransferService {
                 None
             }
         };
-        let result = match resolution {
+        match resolution {
             Some(r) => match self.record(&req, &r).await {
                 Ok(recorded) => recorded,
                 Err(e) => {
@@ -219,10 +255,7 @@ impl TransferService {
                 self.resolver.spawn(req.clone());
                 req
             }
-        };
-        metrics::counter!("transfer_requests_total", "result" => result.status.as_str())
-            .increment(1);
-        Ok(result)
+        }
     }
 }
 
