@@ -82,6 +82,7 @@ METRICS: dict[str, tuple[str, set[str]]] = {
     "projector_tax_records_recovered_total": ("counter", set()),
     "projector_tax_sweep_errors_total": ("counter", set()),
     "projector_tax_sweep_passes_total": ("counter", set()),
+    "projector_tax_record_conflicts_total": ("counter", set()),
     "projector_tax_sweep_scanned_total": ("counter", set()),
     "projector_tax_sweep_retrying": ("gauge", set()),
     "history_repairs_total": ("counter", set()),

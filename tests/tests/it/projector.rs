@@ -1315,6 +1315,46 @@ async fn refused_entry_does_not_hold_up_the_sweep(tax_sweep_page: i64) {
     assert_eq!(records[0]["payout_id"], json!(stuck_payout));
 }
 
+/// B23: a tax record that already holds other figures for a payout (a
+/// manual insert, an older version without the core check) keeps its first
+/// record, but the core's figures arriving for it are not dropped in
+/// silence: counted, for the `TaxRecordConflicts` alert.
+#[tokio::test]
+async fn b23_a_tax_record_with_other_figures_than_the_cores_is_kept_and_reported() {
+    let rig = Rig::new().await;
+    let p = rig.projector(ProjectorOptions::default()).await;
+    let account = rig.core.api.funded_account(60_000_000).await;
+    rig.core.api.advance_business_date(3).await;
+    let pid = unique("pay_");
+    use sea_orm::{ConnectionTrait, Database, Statement};
+    let db = Database::connect(&rig.channel_db).await.unwrap();
+    db.execute_raw(Statement::from_sql_and_values(
+        db.get_database_backend(),
+        "INSERT INTO tax_records (payout_id, account_id, gross, tax, net, from_date, through_date, paid_at) \
+         VALUES ($1, $2, 100, 1, 99, current_date, current_date, now())",
+        [pid.clone().into(), account.clone().into()],
+    ))
+    .await
+    .unwrap();
+    pay_out(&rig, &account, &pid).await;
+    eventually("the conflict counted", Duration::from_secs(30), || async {
+        let n = bank_tests::metrics::metric(
+            &bank_tests::metrics::scrape(&p.api.base).await,
+            "projector_tax_record_conflicts_total",
+        );
+        if n == 1.0 { Ok(()) } else { Err(n.to_string()) }
+    })
+    .await;
+    let records = tax_records(&p, &account).await;
+    assert_eq!(records.len(), 1);
+    assert_eq!(
+        (records[0]["gross"].as_str(), records[0]["tax"].as_str()),
+        (Some("100"), Some("1")),
+        "the first record stands"
+    );
+    assert!(dead_letters(&p).await.is_empty());
+}
+
 /// B23's sweep reads what was written since its last pass, not its whole
 /// window again (at a bank's volume, millions of recorded entries a pass):
 /// each interest entry is read once, passes that find nothing new read
