@@ -21,7 +21,11 @@ PROJECTOR=http://${PROJECTOR_HTTP_ADDR:-127.0.0.1:8082}
 
 log() { printf '[run] %s\n' "$*" >&2; }
 
-running() { [ -f "$LOCAL/pids/$1.pid" ] && kill -0 "$(cat "$LOCAL/pids/$1.pid")" 2>/dev/null; }
+# True when the pid file of $1 names a live process of that program (a pid
+# file left by a crash or a reboot may name an unrelated process now).
+running() {
+  [ -f "$LOCAL/pids/$1.pid" ] && [ "$(cat "/proc/$(cat "$LOCAL/pids/$1.pid")/comm" 2>/dev/null)" = "$1" ]
+}
 
 start_one() {
   local name=$1 token=$CORE_API_TOKEN
@@ -63,7 +67,12 @@ demo_accounts() {
 }
 
 start() {
-  command -v curl >/dev/null || { log "installing curl"; if [ "$(id -u)" = 0 ]; then apt-get install -y -qq curl >/dev/null; else sudo apt-get install -y -qq curl >/dev/null; fi; }
+  if ! command -v curl >/dev/null; then
+    log "installing curl"
+    local sudo=; [ "$(id -u)" = 0 ] || sudo=sudo
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends curl ca-certificates >/dev/null
+  fi
   start_one core-bank; wait_ready core-bank "$CORE"
   start_one transfer; wait_ready transfer "$TRANSFER"
   start_one projector; wait_ready projector "$PROJECTOR"
@@ -102,7 +111,12 @@ stop() {
   for name in projector transfer core-bank; do
     if running "$name"; then
       pid=$(cat "$LOCAL/pids/$name.pid"); kill -TERM "$pid"
-      for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+      # A service drains for up to its shutdown budget (45 s in Kubernetes);
+      # here 30 s, then it is killed rather than left running unlisted.
+      for _ in $(seq 1 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+      if kill -0 "$pid" 2>/dev/null; then
+        log "$name did not stop within 30 s; killing it"; kill -KILL "$pid" 2>/dev/null || true
+      fi
       log "$name stopped"
     fi
     rm -f "$LOCAL/pids/$name.pid"

@@ -25,7 +25,7 @@ PG_PORT=${PG_PORT:-5432}
 NATS_PORT=${NATS_PORT:-4222}
 REDIS_PORT=${REDIS_PORT:-6379}
 DATABASES=${DATABASES:-"bank_core bank_channel"}
-NATS_DEB_URL=${NATS_DEB_URL:-http://deb.debian.org/debian/pool/main/n/nats-server/nats-server_2.10.27-1+b2_amd64.deb}
+NATS_DEB_VERSION=${NATS_DEB_VERSION:-2.10.27-1+b2}
 STARTED="$LOCAL_DIR/started"
 BIN_DIR=${BIN_DIR:-$ROOT/.local/bin}
 
@@ -52,9 +52,54 @@ apt_install() {
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 }
 
+# Installs a server package without letting Debian start it: the package's
+# own service would take the port this script is about to start on, with
+# Debian's settings (password auth on TCP, no JetStream). invoke-rc.d and
+# deb-systemd-invoke ask policy-rc.d before starting anything; the units are
+# disabled afterwards so that a reboot does not start them either.
+apt_install_server() {
+  local unit=$1 policy=/usr/sbin/policy-rc.d rc=0; shift
+  if [ -e "$policy" ]; then
+    apt_install "$@" || rc=$?
+  else
+    as_root sh -c "printf '#!/bin/sh\nexit 101\n' >$policy && chmod 755 $policy"
+    apt_install "$@" || rc=$?
+    as_root rm -f "$policy"
+  fi
+  [ "$rc" = 0 ] || die "installing $* failed"
+  if [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then
+    as_root systemctl disable --now "$unit" >/dev/null 2>&1 || true
+  elif command -v update-rc.d >/dev/null; then
+    as_root update-rc.d "$unit" disable >/dev/null 2>&1 || true
+  fi
+}
+
 mark_started() { mkdir -p "$LOCAL_DIR"; grep -qx "$1" "$STARTED" 2>/dev/null || echo "$1" >>"$STARTED"; }
 
-pg_bindir() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1; }
+# The server programs: those of the version that made the data directory
+# $1 when there is one (after an upgrade the newest cannot start it), else
+# the newest installed.
+pg_bindir() {
+  if [ -n "${1:-}" ] && [ -f "$1/PG_VERSION" ] && [ -d "/usr/lib/postgresql/$(cat "$1/PG_VERSION")/bin" ]; then
+    echo "/usr/lib/postgresql/$(cat "$1/PG_VERSION")/bin"; return
+  fi
+  ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1
+}
+
+# Where this script's PostgreSQL keeps its data, socket and log. As root the
+# server runs as `postgres`, which must be able to reach them: a checkout
+# under a 0700 home directory (root's, or a user's) is out of its reach, so
+# they go under /var/tmp then. Remembered, so that `down` finds them.
+pg_home() {
+  if [ -f "$LOCAL_DIR/postgres.home" ]; then cat "$LOCAL_DIR/postgres.home"; return; fi
+  local home="$LOCAL_DIR"
+  if [ "$(id -u)" = 0 ] && ! runuser -u postgres -- test -x "$LOCAL_DIR" 2>/dev/null; then
+    home="/var/tmp/bank-backbone-$(printf %s "$LOCAL_DIR" | md5sum | cut -c1-12)"
+    log "PostgreSQL: $LOCAL_DIR is out of the postgres user's reach; its data goes to $home"
+  fi
+  echo "$home" >"$LOCAL_DIR/postgres.home"
+  echo "$home"
+}
 
 # Runs a PostgreSQL server program as a non-root user (initdb refuses root).
 pg_run() {
@@ -69,19 +114,22 @@ up_postgres() {
   if port_open "$PG_PORT"; then
     log "PostgreSQL: using the server already listening on 127.0.0.1:$PG_PORT"
   else
-    [ -n "$(pg_bindir)" ] || apt_install postgresql
-    local bin data run
-    bin=$(pg_bindir); data="$LOCAL_DIR/postgres"; run="$LOCAL_DIR/postgres-run"
+    [ -n "$(pg_bindir)" ] || apt_install_server postgresql postgresql
+    local bin home data run
+    home=$(pg_home); data="$home/postgres"; run="$home/postgres-run"
+    bin=$(pg_bindir "$data")
     mkdir -p "$data" "$run"
     [ "$(id -u)" = 0 ] && chown postgres:postgres "$data" "$run" && chmod 700 "$data"
     if [ ! -f "$data/PG_VERSION" ]; then
       log "PostgreSQL: initialising $data"
-      pg_run "$bin/initdb" -D "$data" -U postgres --auth=trust -E UTF8 >"$LOCAL_DIR/postgres-initdb.log"
+      pg_run "$bin/initdb" -D "$data" -U postgres --auth=trust -E UTF8 >"$LOCAL_DIR/postgres-initdb.log" \
+        || die "initdb failed; see $LOCAL_DIR/postgres-initdb.log"
     fi
     log "PostgreSQL: starting on 127.0.0.1:$PG_PORT"
-    touch "$LOCAL_DIR/postgres.log"; [ "$(id -u)" = 0 ] && chown postgres "$LOCAL_DIR/postgres.log"
-    pg_run "$bin/pg_ctl" -D "$data" -l "$LOCAL_DIR/postgres.log" -w -t 60 start \
-      -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -c unix_socket_directories=$run -c max_connections=300 -c fsync=on" >/dev/null
+    touch "$home/postgres.log"; [ "$(id -u)" = 0 ] && chown postgres "$home/postgres.log"
+    pg_run "$bin/pg_ctl" -D "$data" -l "$home/postgres.log" -w -t 60 start \
+      -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -c unix_socket_directories=$run -c max_connections=300 -c fsync=on" >/dev/null \
+      || die "PostgreSQL did not start; see $home/postgres.log"
     mark_started postgres
     wait_port "$PG_PORT" PostgreSQL
   fi
@@ -105,13 +153,22 @@ nats_binary() {
     if [ "${1:-0}" -gt 2 ] || { [ "${1:-0}" -eq 2 ] && [ "${2:-0}" -ge 10 ]; }; then echo "$sys"; return; fi
   fi
   local own="$BIN_DIR/nats-server"
+  # A binary that does not run (another architecture's, a truncated copy)
+  # is fetched again rather than kept.
+  if [ -x "$own" ] && ! "$own" --version >/dev/null 2>&1; then rm -f "$own"; fi
   if [ ! -x "$own" ]; then
-    log "NATS: installed nats-server is older than 2.10 (no sync_interval); unpacking Debian's 2.10 package into $BIN_DIR"
+    local arch url
+    arch=$(dpkg --print-architecture)
+    url=${NATS_DEB_URL:-https://deb.debian.org/debian/pool/main/n/nats-server/nats-server_${NATS_DEB_VERSION}_${arch}.deb}
+    log "NATS: installed nats-server is older than 2.10 (no sync_interval); unpacking Debian's 2.10 package ($arch) into $BIN_DIR"
     command -v curl >/dev/null || apt_install curl ca-certificates
     local tmp; tmp=$(mktemp -d)
-    curl -fsSL -m 300 -o "$tmp/nats.deb" "$NATS_DEB_URL" || die "cannot download $NATS_DEB_URL"
+    curl -fsSL -m 300 -o "$tmp/nats.deb" "$url" \
+      || die "cannot download $url (set NATS_DEB_URL to a nats-server >= 2.10 .deb, or install one on PATH)"
     dpkg-deb -x "$tmp/nats.deb" "$tmp/x"
-    mkdir -p "$BIN_DIR"; cp "$tmp/x/usr/sbin/nats-server" "$own"; rm -rf "$tmp"
+    mkdir -p "$BIN_DIR"; cp "$tmp/x/usr/sbin/nats-server" "$own.new"; rm -rf "$tmp"
+    "$own.new" --version >/dev/null 2>&1 || { rm -f "$own.new"; die "the nats-server from $url does not run here"; }
+    mv "$own.new" "$own"
   fi
   echo "$own"
 }
@@ -121,7 +178,7 @@ up_nats() {
     log "NATS: using the server already listening on 127.0.0.1:$NATS_PORT (its JetStream settings are its own)"
     return
   fi
-  command -v nats-server >/dev/null || [ -x "$BIN_DIR/nats-server" ] || apt_install nats-server
+  command -v nats-server >/dev/null || [ -x "$BIN_DIR/nats-server" ] || apt_install_server nats-server nats-server
   local bin dir="$LOCAL_DIR/nats"
   bin=$(nats_binary)
   mkdir -p "$dir"
@@ -135,8 +192,13 @@ jetstream {
 CONF
   log "NATS: starting $("$bin" --version) with JetStream (sync_interval: always) on 127.0.0.1:$NATS_PORT"
   nohup "$bin" -c "$LOCAL_DIR/nats.conf" >"$LOCAL_DIR/nats.log" 2>&1 &
+  local pid=$!
   mark_started nats
   wait_port "$NATS_PORT" NATS
+  # The port answers; make sure it is this server and not another one that
+  # took the port meanwhile (ours would have exited).
+  sleep 0.5
+  kill -0 "$pid" 2>/dev/null || die "NATS exited at start; see $LOCAL_DIR/nats.log"
 }
 
 up_redis() {
@@ -144,20 +206,27 @@ up_redis() {
     log "Redis: using the server already listening on 127.0.0.1:$REDIS_PORT"
     return
   fi
-  command -v redis-server >/dev/null || apt_install redis-server
+  command -v redis-server >/dev/null || apt_install_server redis-server redis-server
   mkdir -p "$LOCAL_DIR/redis"
   log "Redis: starting on 127.0.0.1:$REDIS_PORT"
   redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --daemonize yes --dir "$LOCAL_DIR/redis" \
     --pidfile "$LOCAL_DIR/redis.pid" --logfile "$LOCAL_DIR/redis.log" --save "" --appendonly no
   mark_started redis
   wait_port "$REDIS_PORT" Redis
+  sleep 0.5
+  { [ -f "$LOCAL_DIR/redis.pid" ] && kill -0 "$(cat "$LOCAL_DIR/redis.pid")" 2>/dev/null; } \
+    || die "Redis exited at start; see $LOCAL_DIR/redis.log"
 }
 
-# Sends TERM to the process in pid file $1 and waits (10 s) for it to exit.
+# Sends TERM to the process in pid file $1, if it is still program $2 (a pid
+# file left by a crash or a reboot may name an unrelated process now), and
+# waits (10 s) for it to exit.
 stop_pidfile() {
   local pid i
   [ -f "$1" ] || return 0
-  pid=$(cat "$1"); kill "$pid" 2>/dev/null || return 0
+  pid=$(cat "$1")
+  [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$2" ] || { rm -f "$1"; return 0; }
+  kill "$pid" 2>/dev/null || return 0
   for i in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.2; done
   log "pid $pid did not exit after 10 s; killing it"; kill -9 "$pid" 2>/dev/null || true
 }
@@ -167,9 +236,12 @@ down() {
   local s
   while read -r s; do
     case $s in
-      postgres) log "stopping PostgreSQL"; pg_run "$(pg_bindir)/pg_ctl" -D "$LOCAL_DIR/postgres" -m fast -w stop >/dev/null || true ;;
-      nats) log "stopping NATS"; stop_pidfile "$LOCAL_DIR/nats.pid" ;;
-      redis) log "stopping Redis"; stop_pidfile "$LOCAL_DIR/redis.pid" ;;
+      postgres)
+        log "stopping PostgreSQL"
+        local data; data="$(pg_home)/postgres"
+        pg_run "$(pg_bindir "$data")/pg_ctl" -D "$data" -m fast -w stop >/dev/null || true ;;
+      nats) log "stopping NATS"; stop_pidfile "$LOCAL_DIR/nats.pid" nats-server ;;
+      redis) log "stopping Redis"; stop_pidfile "$LOCAL_DIR/redis.pid" redis-server ;;
     esac
   done <"$STARTED"
   rm -f "$STARTED"
