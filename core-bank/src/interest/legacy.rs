@@ -21,24 +21,35 @@ pub async fn accrue<C: ConnectionTrait>(
 ) -> Result<Accrual, DbErr> {
     let (from, through) = terms.period(today);
     let account = terms.account_id.to_string();
-    // Balance carried into `from`: the last entry before it.
-    let opening: Decimal = conn
+    // Balance carried into `from`: the last entry before it. Business dates
+    // never go backwards along an account's seqs, so this reads back from the
+    // newest entry only as far as the period goes.
+    let opening = conn
         .query_one_raw(Statement::from_sql_and_values(
             conn.get_database_backend(),
-            "SELECT balance_after FROM ledger_entries WHERE account_id = $1 AND business_date < $2 \
+            "SELECT seq, balance_after FROM ledger_entries WHERE account_id = $1 AND business_date < $2 \
              ORDER BY seq DESC LIMIT 1",
             [account.clone().into(), from.into()],
         ))
-        .await?
-        .map(|r| r.try_get::<Decimal>("", "balance_after"))
-        .transpose()?
-        .unwrap_or(Decimal::ZERO);
+        .await?;
+    let (opening_seq, opening): (i64, Decimal) = match opening {
+        Some(r) => (r.try_get("", "seq")?, r.try_get("", "balance_after")?),
+        None => (0, Decimal::ZERO),
+    };
+    // The period's entries, from after the opening one: the key's range, not
+    // every entry the account ever had (a busy account's history would be
+    // read whole at every payout, under its row lock).
     let rows = conn
         .query_all_raw(Statement::from_sql_and_values(
             conn.get_database_backend(),
             "SELECT business_date, balance_after FROM ledger_entries \
-             WHERE account_id = $1 AND business_date BETWEEN $2 AND $3 ORDER BY seq",
-            [account.into(), from.into(), through.into()],
+             WHERE account_id = $1 AND seq > $4 AND business_date BETWEEN $2 AND $3 ORDER BY seq",
+            [
+                account.into(),
+                from.into(),
+                through.into(),
+                opening_seq.into(),
+            ],
         ))
         .await?;
     let mut entries = Vec::with_capacity(rows.len());

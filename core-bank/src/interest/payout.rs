@@ -304,7 +304,7 @@ async fn try_pay(
                           EXISTS (SELECT 1 FROM interest_payouts p WHERE p.account_id = a.account_id \
                                   AND p.business_date = $2) AS paid_today \
                    FROM accounts a JOIN customers c ON c.customer_id = a.customer_id \
-                   WHERE a.account_id = $1 FOR UPDATE OF a) acc ON true"
+                   WHERE a.account_id = $1 FOR UPDATE OF a FOR SHARE OF c) acc ON true"
             ),
             [account.to_string().into(), today.into(), payout_id.to_string().into()],
         ))
