@@ -283,6 +283,10 @@ pub async fn verify_interest(config: Config, sample: Option<u64>) -> anyhow::Res
     let db = connect_db(&config).await?;
     let clock = clock(&config, &db).await?;
     let interest = interest_service(&config, &db, &clock, RelayWaker::default()).await?;
+    // A bar on a terminal; elsewhere (a Kubernetes Job's log, a pipe) the
+    // bar would not be drawn, so progress is a line at every tenth.
+    use std::io::IsTerminal;
+    let on_terminal = std::io::stderr().is_terminal();
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
@@ -290,10 +294,16 @@ pub async fn verify_interest(config: Config, sample: Option<u64>) -> anyhow::Res
         )
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
+    let mut shown = 0;
     let report = interest
         .verify(sample, |done, total| {
-            bar.set_length(total);
-            bar.set_position(done);
+            if on_terminal {
+                bar.set_length(total);
+                bar.set_position(done);
+            } else if done == total || done >= shown + total.div_ceil(10).max(1) {
+                shown = done;
+                eprintln!("verifying interest: {done}/{total} accounts");
+            }
         })
         .await?;
     bar.finish();

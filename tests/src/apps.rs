@@ -46,11 +46,17 @@ pub struct CoreOptions {
     pub db_max_connections: u32,
     /// `HTTP_REQUEST_TIMEOUT_MS`.
     pub request_timeout_ms: u64,
+    /// `INTEREST_TIERS` (`None`: the default).
+    pub interest_tiers: Option<String>,
+    /// `INTEREST_TAX_PERCENT` (`None`: the default).
+    pub interest_tax_percent: Option<String>,
 }
 
 impl Default for CoreOptions {
     fn default() -> Self {
         Self {
+            interest_tiers: None,
+            interest_tax_percent: None,
             request_ttl_secs: 60,
             test_clock: true,
             redis_url: crate::redis_url(),
@@ -100,6 +106,12 @@ impl CoreApp {
         config.pool.db_max_connections = opts.db_max_connections;
         config.pool.db_lock_timeout_ms = opts.lock_timeout_ms;
         config.http.http_request_timeout_ms = opts.request_timeout_ms;
+        if let Some(tiers) = opts.interest_tiers {
+            config.interest.interest_tiers = tiers;
+        }
+        if let Some(tax) = opts.interest_tax_percent {
+            config.interest.interest_tax_percent = tax;
+        }
         config.relay.outbox_poll_interval_ms = 100;
         Self::start(config).await
     }

@@ -334,7 +334,7 @@ impl InterestService {
     pub async fn verify(
         &self,
         sample: Option<u64>,
-        progress: impl Fn(u64, u64),
+        mut progress: impl FnMut(u64, u64),
     ) -> Result<VerifyReport, DbErr> {
         let today = self.clock.today();
         let ids = self.accounts_to_verify(sample).await?;

@@ -284,9 +284,12 @@ async fn settle_conflicts(
         for c in conflicts {
             outcome.conflict(c);
         }
+        // Where the history stands now, read under its lock by the apply:
+        // another instance's repair may have cut it back since the sync, and
+        // the sync's figure would then ack messages whose entries are gone.
         outcome
             .synced
-            .insert(account.to_string(), now.unwrap_or(synced).max(synced));
+            .insert(account.to_string(), now.unwrap_or(synced));
     }
     Ok(())
 }

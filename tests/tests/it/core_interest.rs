@@ -142,6 +142,67 @@ async fn b21_worked_example_on_both_paths() {
     }
 }
 
+/// B21/B23: the tiers and the tax rate are settings, not constants: with
+/// 3.65% up to 1,000,000 won and 0.365% above, and 10% tax, one day on
+/// 2,000,000 won earns 100 + 10 = 110 won gross, 11 tax, 99 net, on both
+/// paths, in the query, the payout and its event.
+#[tokio::test]
+async fn b21_b23_configured_tiers_and_tax_rate_are_the_ones_applied() {
+    let nats = NatsServer::start().await.unwrap();
+    let core = CoreApp::spawn_with(
+        &nats,
+        CoreOptions {
+            interest_tiers: Some("1000000:3.65,*:0.365".into()),
+            interest_tax_percent: Some("10".into()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let api = &core.api;
+    let on_legacy = api.funded_account(2_000_000).await;
+    let on_new = api.funded_account(2_000_000).await;
+    api.advance_business_date(1).await;
+    for (percent, account, path) in [(0, &on_legacy, "legacy"), (100, &on_new, "new")] {
+        set_rollout(api, percent, false).await;
+        let i = interest(api, account).await;
+        assert_eq!(i["path"], path);
+        assert_eq!(
+            (i["gross"].as_str(), i["tax"].as_str(), i["net"].as_str()),
+            (Some("110"), Some("11"), Some("99")),
+            "{path}: {i}"
+        );
+    }
+    let pid = unique("pay_");
+    let paid = payout(api, &on_new, &pid).await.expect(200).body;
+    assert_eq!(
+        (
+            paid["gross"].as_str(),
+            paid["tax"].as_str(),
+            paid["net"].as_str()
+        ),
+        (Some("110"), Some("11"), Some("99")),
+        "{paid}"
+    );
+    assert_eq!(api.balance(&on_new).await, 2_000_099);
+    let js = nats.jetstream().await.unwrap();
+    let event = eventually("the interest event", Duration::from_secs(10), || async {
+        stream_messages(&js, "INTEREST")
+            .await
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .find(|m| String::from_utf8_lossy(&m.payload).contains(&pid))
+            .ok_or_else(|| "not yet".to_owned())
+    })
+    .await;
+    let ev: Value = serde_json::from_slice(&event.payload).unwrap();
+    assert_eq!(
+        (ev["gross"].as_str(), ev["tax"].as_str(), ev["net"].as_str()),
+        (Some("110"), Some("11"), Some("99")),
+        "{ev}"
+    );
+}
+
 #[tokio::test]
 async fn b21_tier_boundaries_zero_and_intraday_changes() {
     let (_nats, core) = core().await;
@@ -334,6 +395,40 @@ async fn b23_payout_emits_one_interest_paid_event_with_the_figures() {
         (ev["gross"].as_str(), ev["tax"].as_str(), ev["net"].as_str()),
         (Some("8301"), Some("1278"), Some("7023"))
     );
+}
+
+/// B24 holds for a protection set while a payout waits for its account's
+/// lock: the payout reads the customer as of after the wait (its customer
+/// row locked with the account's), not as the statement first saw it.
+#[tokio::test]
+async fn b24_a_customer_protected_while_the_payout_waits_for_the_lock_is_not_paid() {
+    let (_nats, core) = core().await;
+    let api = &core.api;
+    let customer = api.new_customer("Protected Later").await;
+    let account = api.new_account(&customer).await;
+    api.deposit(&account, 60_000_000).await.expect(200);
+    api.advance_business_date(2).await;
+    let lock = RowLock::account(&core.db_url, &account).await.unwrap();
+    let waiting = {
+        let (api, account) = (api.clone(), account.clone());
+        tokio::spawn(async move { payout(&api, &account, &unique("pay_")).await })
+    };
+    lock.until_waited_on("the payout").await;
+    api.patch(
+        &format!("/v1/customers/{customer}"),
+        json!({"status": "hacked"}),
+    )
+    .await
+    .expect(200);
+    lock.release().await.unwrap();
+    let r = waiting.await.unwrap();
+    assert_eq!(
+        (r.status, r.code()),
+        (422, Some("customer_protected")),
+        "{}",
+        r.body
+    );
+    assert_eq!(api.balance(&account).await, 60_000_000, "nothing paid");
 }
 
 #[tokio::test]
@@ -1163,6 +1258,13 @@ async fn b27_the_batch_verifier_command_reports_mismatches_over_all_or_a_sample(
                     .unwrap();
             let report: Value = serde_json::from_slice(&out.stdout)
                 .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+            // Progress on stderr (lines, as stderr is not a terminal here).
+            let checked = report["checked"].as_u64().unwrap_or_default();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                stderr.contains(&format!("verifying interest: {checked}/{checked} accounts")),
+                "no progress on stderr: {stderr}"
+            );
             (out.status.code(), report)
         }
     };
