@@ -164,8 +164,25 @@ async fn consumed_all(rig: &Rig, stream: &str, consumer: &str) {
     .await;
 }
 
-async fn dead_letters(p: &ProjectorApp) -> Vec<Value> {
-    p.api.get("/v1/dead-letters").await.expect(200).body["dead_letters"]
+/// A projector's operations API: the in-process app's, or a process's.
+trait ProjectorApi {
+    fn ops(&self) -> &bank_tests::Api;
+}
+
+impl ProjectorApi for ProjectorApp {
+    fn ops(&self) -> &bank_tests::Api {
+        &self.api
+    }
+}
+
+impl ProjectorApi for bank_tests::Api {
+    fn ops(&self) -> &bank_tests::Api {
+        self
+    }
+}
+
+async fn dead_letters(p: &impl ProjectorApi) -> Vec<Value> {
+    p.ops().get("/v1/dead-letters").await.expect(200).body["dead_letters"]
         .as_array()
         .unwrap()
         .clone()
@@ -880,8 +897,8 @@ fn interest_event(payout_id: &str, account: &str, gross: i64, tax: i64, date: &s
     .unwrap()
 }
 
-async fn tax_records(p: &ProjectorApp, account: &str) -> Vec<Value> {
-    p.api
+async fn tax_records(p: &impl ProjectorApi, account: &str) -> Vec<Value> {
+    p.ops()
         .get(&format!("/v1/tax-records?account_id={account}"))
         .await
         .expect(200)
@@ -892,7 +909,7 @@ async fn tax_records(p: &ProjectorApp, account: &str) -> Vec<Value> {
 }
 
 /// Waits until `account` has `n` tax records; returns them.
-async fn wait_tax_records(p: &ProjectorApp, account: &str, n: usize) -> Vec<Value> {
+async fn wait_tax_records(p: &impl ProjectorApi, account: &str, n: usize) -> Vec<Value> {
     eventually(
         &format!("{n} tax records"),
         Duration::from_secs(30),
@@ -1336,13 +1353,22 @@ async fn b23_a_tax_record_with_other_figures_than_the_cores_is_kept_and_reported
     ))
     .await
     .unwrap();
-    pay_out(&rig, &account, &pid).await;
-    eventually("the conflict counted", Duration::from_secs(30), || async {
-        let n = bank_tests::metrics::metric(
+    // In-process apps share one metrics registry: counted from here on.
+    let conflicts = || async {
+        bank_tests::metrics::metric(
             &bank_tests::metrics::scrape(&p.api.base).await,
             "projector_tax_record_conflicts_total",
-        );
-        if n == 1.0 { Ok(()) } else { Err(n.to_string()) }
+        )
+    };
+    let before = conflicts().await;
+    pay_out(&rig, &account, &pid).await;
+    eventually("the conflict counted", Duration::from_secs(30), || async {
+        let n = conflicts().await;
+        if n > before {
+            Ok(())
+        } else {
+            Err(n.to_string())
+        }
     })
     .await;
     let records = tax_records(&p, &account).await;
@@ -1363,18 +1389,28 @@ async fn b23_a_tax_record_with_other_figures_than_the_cores_is_kept_and_reported
 #[tokio::test]
 async fn b23_the_tax_sweep_reads_each_entry_once_and_retries_only_what_failed() {
     let rig = Rig::new().await;
-    let p = rig
-        .projector(ProjectorOptions {
-            max_deliveries: 2,
-            retry_base_ms: 50,
-            retry_max_ms: 200,
-            tax_sweep_secs: 1,
-            tax_sweep_overlap_secs: 0,
-            ..ProjectorOptions::default()
-        })
-        .await;
+    // A process of its own: the counters read are this projector's alone
+    // (in-process apps of parallel tests share one metrics registry).
+    let port = bank_tests::nats::free_port();
+    let mut env = projector_env(&rig);
+    env.extend(
+        [
+            ("PROJECTOR_HTTP_ADDR", format!("127.0.0.1:{port}")),
+            ("CORE_URL", rig.proxy.url()),
+            ("PROJECTOR_MAX_DELIVERIES", "2".to_owned()),
+            ("PROJECTOR_RETRY_BASE_MS", "50".to_owned()),
+            ("PROJECTOR_RETRY_MAX_MS", "200".to_owned()),
+            ("PROJECTOR_TAX_SWEEP_SECS", "1".to_owned()),
+            ("PROJECTOR_TAX_SWEEP_OVERLAP_SECS", "0".to_owned()),
+        ]
+        .map(|(k, v)| (k.to_owned(), v)),
+    );
+    let mut process = ServiceProcess::start("projector", env).unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    bank_tests::procs::wait_ready(&base).await.unwrap();
+    let p = bank_tests::Api::new(base.clone(), None);
     let metric = |name: &'static str| {
-        let base = p.api.base.clone();
+        let base = base.clone();
         async move { bank_tests::metrics::metric(&bank_tests::metrics::scrape(&base).await, name) }
     };
     let mut accounts = Vec::new();
@@ -1437,6 +1473,10 @@ async fn b23_the_tax_sweep_reads_each_entry_once_and_retries_only_what_failed() 
         metric("projector_tax_sweep_scanned_total").await,
         4.0,
         "recorded from what the sweep kept, not by reading again"
+    );
+    assert_eq!(
+        process.terminate(Duration::from_secs(30)).await.unwrap(),
+        Some(0)
     );
 }
 
@@ -1938,7 +1978,7 @@ fn forged(entry: &Value, seq: i64, amount: i64, balance_after: i64) -> Vec<u8> {
     serde_json::to_vec(&f).unwrap()
 }
 
-async fn wait_letters(p: &ProjectorApp, n: usize) -> Vec<Value> {
+async fn wait_letters(p: &impl ProjectorApi, n: usize) -> Vec<Value> {
     eventually(
         &format!("{n} dead letters"),
         Duration::from_secs(30),

@@ -18,6 +18,7 @@ use common::events::TransferStatus;
 use common::time::now_micros;
 use common::{AccountId, Amount, CustomerId, TransferId};
 use sea_orm::{DatabaseConnection, DbErr};
+use tracing::Instrument;
 
 use super::reconciler::Resolver;
 use super::{InsertError, Resolution, TransferRequest, find, find_by_key, insert_pending, resolve};
@@ -168,7 +169,8 @@ impl TransferService {
         let execution = {
             let this = self.clone();
             let req = req.clone();
-            tokio::spawn(async move { this.execute(req).await })
+            // In this request's span: the core call carries its trace.
+            tokio::spawn(async move { this.execute(req).await }.in_current_span())
         };
         let result = match tokio::time::timeout_at(answer_by, execution).await {
             Ok(Ok(result)) => result,
