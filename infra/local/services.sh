@@ -25,6 +25,8 @@ PG_PORT=${PG_PORT:-5432}
 NATS_PORT=${NATS_PORT:-4222}
 REDIS_PORT=${REDIS_PORT:-6379}
 DATABASES=${DATABASES:-"bank_core bank_channel"}
+# The version of the amd64 build; a binNMU suffix (+b2) can differ on other
+# architectures: set NATS_DEB_VERSION (or NATS_DEB_URL) there if the download 404s.
 NATS_DEB_VERSION=${NATS_DEB_VERSION:-2.10.27-1+b2}
 STARTED="$LOCAL_DIR/started"
 BIN_DIR=${BIN_DIR:-$ROOT/.local/bin}
@@ -57,14 +59,23 @@ apt_install() {
 # Debian's settings (password auth on TCP, no JetStream). invoke-rc.d and
 # deb-systemd-invoke ask policy-rc.d before starting anything; the units are
 # disabled afterwards so that a reboot does not start them either.
+POLICY_RC=/usr/sbin/policy-rc.d
+POLICY_MARK="# bank-backbone services.sh: no service starts during its install"
+# Removes the policy-rc.d this script wrote, and only that one.
+drop_policy() { grep -qxF "$POLICY_MARK" "$POLICY_RC" 2>/dev/null && as_root rm -f "$POLICY_RC"; return 0; }
 apt_install_server() {
-  local unit=$1 policy=/usr/sbin/policy-rc.d rc=0; shift
-  if [ -e "$policy" ]; then
+  local unit=$1 rc=0; shift
+  if [ -e "$POLICY_RC" ]; then
     apt_install "$@" || rc=$?
   else
-    as_root sh -c "printf '#!/bin/sh\nexit 101\n' >$policy && chmod 755 $policy"
+    # Never left behind (it would keep every later install on this machine
+    # from restarting its services): removed on any exit.
+    trap drop_policy EXIT
+    trap 'drop_policy; exit 130' INT TERM
+    as_root sh -c "printf '#!/bin/sh\n%s\nexit 101\n' '$POLICY_MARK' >$POLICY_RC && chmod 755 $POLICY_RC"
     apt_install "$@" || rc=$?
-    as_root rm -f "$policy"
+    drop_policy
+    trap - EXIT INT TERM
   fi
   [ "$rc" = 0 ] || die "installing $* failed"
   if [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then
@@ -89,12 +100,15 @@ pg_bindir() {
 # Where this script's PostgreSQL keeps its data, socket and log. As root the
 # server runs as `postgres`, which must be able to reach them: a checkout
 # under a 0700 home directory (root's, or a user's) is out of its reach, so
-# they go under /var/tmp then. Remembered, so that `down` finds them.
+# they go under /var/lib/bank-backbone then (root's; not /var/tmp, where
+# another user could plant a link, and which is aged out). Remembered, so
+# that `down` finds them.
 pg_home() {
   if [ -f "$LOCAL_DIR/postgres.home" ]; then cat "$LOCAL_DIR/postgres.home"; return; fi
   local home="$LOCAL_DIR"
   if [ "$(id -u)" = 0 ] && ! runuser -u postgres -- test -x "$LOCAL_DIR" 2>/dev/null; then
-    home="/var/tmp/bank-backbone-$(printf %s "$LOCAL_DIR" | md5sum | cut -c1-12)"
+    home="/var/lib/bank-backbone/$(printf %s "$LOCAL_DIR" | md5sum | cut -c1-12)"
+    install -d -o root -g root -m 755 /var/lib/bank-backbone "$home"
     log "PostgreSQL: $LOCAL_DIR is out of the postgres user's reach; its data goes to $home"
   fi
   echo "$home" >"$LOCAL_DIR/postgres.home"
@@ -119,14 +133,14 @@ up_postgres() {
     home=$(pg_home); data="$home/postgres"; run="$home/postgres-run"
     bin=$(pg_bindir "$data")
     mkdir -p "$data" "$run"
-    [ "$(id -u)" = 0 ] && chown postgres:postgres "$data" "$run" && chmod 700 "$data"
+    [ "$(id -u)" = 0 ] && chown -h postgres:postgres "$data" "$run" && chmod 700 "$data"
     if [ ! -f "$data/PG_VERSION" ]; then
       log "PostgreSQL: initialising $data"
       pg_run "$bin/initdb" -D "$data" -U postgres --auth=trust -E UTF8 >"$LOCAL_DIR/postgres-initdb.log" \
         || die "initdb failed; see $LOCAL_DIR/postgres-initdb.log"
     fi
     log "PostgreSQL: starting on 127.0.0.1:$PG_PORT"
-    touch "$home/postgres.log"; [ "$(id -u)" = 0 ] && chown postgres "$home/postgres.log"
+    touch "$home/postgres.log"; [ "$(id -u)" = 0 ] && chown -h postgres "$home/postgres.log"
     pg_run "$bin/pg_ctl" -D "$data" -l "$home/postgres.log" -w -t 60 start \
       -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -c unix_socket_directories=$run -c max_connections=300 -c fsync=on" >/dev/null \
       || die "PostgreSQL did not start; see $home/postgres.log"

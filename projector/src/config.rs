@@ -147,8 +147,8 @@ pub struct Config {
     #[arg(long, env = "PROJECTOR_TAX_SWEEP_PAGE", default_value_t = 500,
           value_parser = clap::value_parser!(i64).range(1..=10_000))]
     pub tax_sweep_page: i64,
-    /// How far before the last entry it looked at each sweep pass starts
-    /// reading again: an entry is stamped with the start of the transaction
+    /// How far before the time the last pass read up to each sweep pass
+    /// starts reading again: an entry is stamped with the start of the transaction
     /// that wrote it, so one committed after a pass may be older than what
     /// that pass read. Longer than any transaction of the history writer.
     #[arg(long, env = "PROJECTOR_TAX_SWEEP_OVERLAP_SECS", default_value_t = 600,

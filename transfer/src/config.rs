@@ -172,7 +172,7 @@ pub const CORE_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Room a transfer request keeps beyond its calls to the core, for its
 /// database statements.
-const REQUEST_TIMEOUT_MARGIN: Duration = Duration::from_secs(2);
+pub const REQUEST_TIMEOUT_MARGIN: Duration = Duration::from_secs(2);
 
 #[cfg(test)]
 mod tests {

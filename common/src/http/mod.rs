@@ -9,7 +9,7 @@ mod ops;
 
 pub use error::{ApiError, ErrorBody, ErrorDetail};
 pub use extract::{Json, Path, Query};
-pub use ops::{Readiness, ReadinessCheck, serve, with_edge};
+pub use ops::{AnswerDeadline, Readiness, ReadinessCheck, serve, with_edge};
 
 /// Largest accepted request body, in bytes. Bodies of this API are small; a
 /// larger one is refused with 413 before it is parsed.

@@ -220,11 +220,19 @@ async fn limit_in_flight(
     }
 }
 
+/// When the request timeout answers 503 for this request, as a request
+/// extension of the API routes: a handler that must answer before it (a
+/// transfer whose pending row is written) reads it.
+#[derive(Debug, Clone, Copy)]
+pub struct AnswerDeadline(pub tokio::time::Instant);
+
 /// Answers 503 `timeout` in the error format when the handler has not
 /// answered within the request timeout (its work is dropped: handlers keep
 /// their writes in transactions, so nothing is left half done). Inside the
 /// metrics layer, so a timeout is counted like any other answer.
-async fn answer_within(State(limit): State<Duration>, req: Request, next: Next) -> Response {
+async fn answer_within(State(limit): State<Duration>, mut req: Request, next: Next) -> Response {
+    req.extensions_mut()
+        .insert(AnswerDeadline(tokio::time::Instant::now() + limit));
     match tokio::time::timeout(limit, next.run(req)).await {
         Ok(response) => response,
         Err(_) => {

@@ -294,11 +294,13 @@ const SWEEP_RETRY_MAX: usize = 10_000;
 /// all recorded.
 #[derive(Debug, Default)]
 pub struct SweepState {
-    /// Every entry up to this one has been looked at: it has its record or
-    /// it is in `retry`. `None`: nothing yet, start at the window's start.
-    scanned_through: Option<EntryKey>,
-    /// Where a scan cut short (pages per pass, or a failure) goes on.
-    resume: Option<EntryKey>,
+    /// Every entry written before this time (the young edge of the last
+    /// pass that caught up) has been looked at: it has its record or it is
+    /// in `retry`. `None`: nothing yet, start at the window's start.
+    read_until: Option<DateTime<Utc>>,
+    /// Where a scan cut short (pages per pass, or a failure) goes on, and
+    /// the young edge it reads up to.
+    resume: Option<(EntryKey, DateTime<Utc>)>,
     /// Entries that could not be settled yet, tried again at each pass in
     /// turn (oldest first, a failed one to the back).
     retry: std::collections::VecDeque<(EntryKey, String)>,
@@ -323,16 +325,18 @@ impl SweepState {
 
 /// One sweep pass. First the entries kept from earlier passes (up to
 /// `page`) are tried again. Then the history's interest entries written
-/// since the last pass (from `overlap` before the last one looked at: a
-/// transaction that was open meanwhile commits entries stamped with its
-/// start), up to `min_age` ago and within [`SWEEP_WINDOW_DAYS`], are read in
-/// pages of `page`; those without a tax record get the core's figures of
-/// their payout recorded. An entry whose payout the core does not know is
-/// not the core's: the history is repaired from the core's entries (B15).
-/// An entry that cannot be settled (the core refuses or answers something
+/// since the last pass, from `overlap` before the time it read up to (a
+/// transaction open then commits entries stamped with its start), up to
+/// `min_age` ago and within [`SWEEP_WINDOW_DAYS`], are read in pages of
+/// `page`; those without a tax record get the core's figures of their
+/// payout recorded. An entry whose payout the core does not know is not the
+/// core's: the history is repaired from the core's entries (B15). An entry
+/// that cannot be settled (the core refuses or answers something
 /// unexpected) is logged, counted and kept for the next pass, and the pass
 /// goes on with the next one, so it cannot hold up the entries after it.
-/// Returns how many records were written.
+/// The pass stops at once when the core does not answer or the channel
+/// database fails, and goes on from there at the next one. Returns how many
+/// records were written.
 pub async fn sweep_once(
     ctx: &Context,
     min_age: Duration,
@@ -343,13 +347,26 @@ pub async fn sweep_once(
     metrics::counter!("projector_tax_sweep_passes_total").increment(1);
     let mut recovered = retry_kept(ctx, page, state).await?;
     let overlap = chrono::Duration::from_std(overlap).unwrap_or(chrono::Duration::MAX);
-    let mut cursor: Option<EntryKey> = match (state.resume.take(), &state.scanned_through) {
-        (Some(resume), _) => Some(resume),
-        (None, Some(through)) if overlap.is_zero() => Some(through.clone()),
-        (None, Some((at, _, _))) => at
-            .checked_sub_signed(overlap)
-            .map(|from| (from, String::new(), 0)),
-        (None, None) => None,
+    let (mut cursor, edge): (Option<EntryKey>, DateTime<Utc>) = match state.resume.take() {
+        Some((cursor, edge)) => (Some(cursor), edge),
+        None => {
+            // The young edge, by the database's clock (it stamps the entries).
+            let edge: DateTime<Utc> = ctx
+                .db
+                .query_one_raw(Statement::from_sql_and_values(
+                    ctx.db.get_database_backend(),
+                    "SELECT now() - make_interval(secs => $1) AS edge",
+                    [min_age.as_secs_f64().into()],
+                ))
+                .await?
+                .ok_or_else(|| DbErr::RecordNotFound("no time from the database".into()))?
+                .try_get("", "edge")?;
+            let from = state
+                .read_until
+                .and_then(|t| t.checked_sub_signed(overlap))
+                .map(|from| (from, String::new(), 0));
+            (from, edge)
+        }
     };
     for _ in 0..SWEEP_PAGES_PER_PASS {
         let (after_time, after_account, after_seq) = match &cursor {
@@ -365,12 +382,12 @@ pub async fn sweep_once(
                  FROM history_entries h LEFT JOIN tax_records t ON t.payout_id = h.payout_id \
                  WHERE h.payout_id IS NOT NULL AND h.kind = 'interest' \
                    AND h.applied_at >= now() - make_interval(days => $1) \
-                   AND h.applied_at < now() - make_interval(secs => $2) \
+                   AND h.applied_at < $2 \
                    AND ($4::timestamptz IS NULL OR (h.applied_at, h.account_id, h.seq) > ($4, $5, $6)) \
                  ORDER BY h.applied_at, h.account_id, h.seq LIMIT $3",
                 [
                     (SWEEP_WINDOW_DAYS as i32).into(),
-                    min_age.as_secs_f64().into(),
+                    edge.into(),
                     page.into(),
                     after_time.into(),
                     after_account.into(),
@@ -378,7 +395,7 @@ pub async fn sweep_once(
                 ],
             ))
             .await
-            .inspect_err(|_| state.resume = cursor.clone())?;
+            .inspect_err(|_| state.resume = cursor.clone().map(|c| (c, edge)))?;
         let full = i64::try_from(rows.len()).is_ok_and(|n| n >= page);
         metrics::counter!("projector_tax_sweep_scanned_total").increment(rows.len() as u64);
         let mut unrecorded = Vec::new();
@@ -395,31 +412,32 @@ pub async fn sweep_once(
             last = Some(key);
         }
         if let Err(e) = settle_all(ctx, unrecorded, state, &mut recovered).await {
-            state.resume = cursor;
+            // This page is read again from its start next time.
+            state.resume = cursor.map(|c| (c, edge));
             return Err(e);
         }
         if let Some(last) = last {
-            cursor = Some(last.clone());
-            // Never back: a pass through the overlap only may end before it.
-            if state.scanned_through.as_ref().is_none_or(|t| last > *t) {
-                state.scanned_through = Some(last);
-            }
+            cursor = Some(last);
         }
         if !full {
             // Caught up with the young edge.
-            if std::mem::take(&mut state.lost_track) {
-                state.scanned_through = None;
-            }
+            state.read_until = if std::mem::take(&mut state.lost_track) {
+                None
+            } else {
+                Some(edge)
+            };
             return Ok(recovered);
         }
     }
-    state.resume = cursor;
+    state.resume = cursor.map(|c| (c, edge));
     Ok(recovered)
 }
 
 /// Settles entries without a tax record a few at a time (as the consumer's
 /// checks are); one that cannot be settled is kept in `state` for the next
-/// pass. Fails only when the rest could not succeed either.
+/// pass. Stops at the first failure the rest could not get past either
+/// (the core does not answer, the channel database failed) and returns it;
+/// the entries not settled then are read again (or were kept) by the caller.
 async fn settle_all(
     ctx: &Context,
     entries: Vec<(EntryKey, String)>,
@@ -438,29 +456,26 @@ async fn settle_all(
         (key, payout, result)
     }))
     .buffered(CHECKS_IN_FLIGHT);
-    let mut stopped = None;
     while let Some((key, payout, result)) = settled.next().await {
         match result {
             None => {
                 tracing::warn!(payout_id = %payout, account = %key.1, seq = key.2, "the tax sweep skips an interest entry whose ids are malformed");
             }
             Some(Ok(new)) => *recovered += new,
+            Some(Err(e)) if e.stops_the_pass() => return Err(e),
             Some(Err(e)) => {
-                if e.stops_the_pass() {
-                    stopped.get_or_insert(e);
-                } else {
-                    metrics::counter!("projector_tax_sweep_errors_total").increment(1);
-                    tracing::warn!(payout_id = %payout, account = %key.1, seq = key.2, error = %common::error_chain(&e), "the tax sweep could not settle this interest entry; it is tried again at the next pass");
-                }
+                metrics::counter!("projector_tax_sweep_errors_total").increment(1);
+                tracing::warn!(payout_id = %payout, account = %key.1, seq = key.2, error = %common::error_chain(&e), "the tax sweep could not settle this interest entry; it is tried again at the next pass");
                 state.keep_for_retry(key, payout);
             }
         }
     }
-    stopped.map_or(Ok(()), Err)
+    Ok(())
 }
 
 /// Tries again up to `page` of the entries kept by earlier passes, oldest
-/// first; drops those recorded meanwhile or past the window.
+/// first; drops those recorded meanwhile or past the window. When the pass
+/// must stop, the ones not settled stay kept.
 async fn retry_kept(ctx: &Context, page: i64, state: &mut SweepState) -> Result<u64, SweepError> {
     let oldest = Utc::now() - chrono::Duration::days(SWEEP_WINDOW_DAYS);
     let take = usize::try_from(page)
@@ -496,7 +511,13 @@ async fn retry_kept(ctx: &Context, page: i64, state: &mut SweepState) -> Result<
             .into_iter()
             .filter(|(_, p)| !recorded.contains(p))
             .collect();
-        settle_all(ctx, open, state, &mut recovered).await?;
+        if let Err(e) = settle_all(ctx, open.clone(), state, &mut recovered).await {
+            // Recorded ones are found recorded next time; none is lost.
+            for (key, payout) in open {
+                state.keep_for_retry(key, payout);
+            }
+            return Err(e);
+        }
     }
     metrics::gauge!("projector_tax_sweep_retrying").set(state.retry.len() as f64);
     Ok(recovered)
@@ -550,7 +571,14 @@ pub async fn sweep(
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        if let Err(e) = sweep_once(&ctx, every, overlap, page, &mut state).await {
+        // A pass can wait long on a core that does not answer: shutdown does
+        // not wait for it (what it wrote is committed; the rest is read
+        // again by the next process).
+        let pass = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            pass = sweep_once(&ctx, every, overlap, page, &mut state) => pass,
+        };
+        if let Err(e) = pass {
             metrics::counter!("projector_tax_sweep_errors_total").increment(1);
             tracing::warn!(error = %common::error_chain(&e), "tax record sweep failed; retried at the next pass");
         }

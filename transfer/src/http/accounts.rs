@@ -130,26 +130,36 @@ pub(super) async fn history(
     // transfer confirmed by another task while this one synced is caught by
     // looking again (bounded).
     let mut syncs = 0;
-    let (synced, mut pending, behind) = loop {
+    let (synced, mut pending, behind) = if before.is_some() {
+        // A page further down (infinite scroll appends it): what is in
+        // flight belongs at the top, on the first page, and is not listed
+        // (or synced for) again.
         let synced = synced_through(&s.db, &account)
             .await
             .map_err(|e| ApiError::database(&e))?;
-        let pending = pending_touching(&s.db, &account)
-            .await
-            .map_err(|e| ApiError::database(&e))?;
-        let behind = confirmed_beyond(&s.db, &account, synced)
-            .await
-            .map_err(|e| ApiError::database(&e))?;
-        let needs_sync = !behind.is_empty() || (syncs == 0 && !pending.is_empty());
-        if !needs_sync || syncs == MAX_SYNCS_PER_PAGE {
-            break (synced, pending, behind);
-        }
-        syncs += 1;
-        if let Err(e) = sync_and_settle(&s, &account).await {
-            // Serve what the channel has (read once more); the pending list
-            // still shows what is in flight.
-            tracing::warn!(account = %account, error = %e, "history sync before answering failed");
-            syncs = MAX_SYNCS_PER_PAGE;
+        (synced, Vec::new(), Vec::new())
+    } else {
+        loop {
+            let synced = synced_through(&s.db, &account)
+                .await
+                .map_err(|e| ApiError::database(&e))?;
+            let pending = pending_touching(&s.db, &account)
+                .await
+                .map_err(|e| ApiError::database(&e))?;
+            let behind = confirmed_beyond(&s.db, &account, synced)
+                .await
+                .map_err(|e| ApiError::database(&e))?;
+            let needs_sync = !behind.is_empty() || (syncs == 0 && !pending.is_empty());
+            if !needs_sync || syncs == MAX_SYNCS_PER_PAGE {
+                break (synced, pending, behind);
+            }
+            syncs += 1;
+            if let Err(e) = sync_and_settle(&s, &account).await {
+                // Serve what the channel has (read once more); the pending list
+                // still shows what is in flight.
+                tracing::warn!(account = %account, error = %e, "history sync before answering failed");
+                syncs = MAX_SYNCS_PER_PAGE;
+            }
         }
     };
     if !behind.is_empty() {
@@ -162,19 +172,13 @@ pub(super) async fn history(
     let (entries, next_cursor) = page(&s.db, &account, before, limit)
         .await
         .map_err(|e| ApiError::database(&e))?;
-    if before.is_some() {
-        // What is in flight belongs at the top of the history: a page
-        // further down (infinite scroll appends it) would list it again.
-        pending.clear();
-    } else {
-        // A transfer resolved and projected between the two reads is shown
-        // once, as its entry.
-        pending.retain(|p| {
-            !entries
-                .iter()
-                .any(|e| e.transfer_id.as_ref() == Some(&p.transfer_id))
-        });
-    }
+    // A transfer resolved and projected between the two reads is shown
+    // once, as its entry.
+    pending.retain(|p| {
+        !entries
+            .iter()
+            .any(|e| e.transfer_id.as_ref() == Some(&p.transfer_id))
+    });
     Ok(axum::Json(HistoryPage {
         account_id: account.to_string(),
         entries,

@@ -102,10 +102,14 @@ pub(super) fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Api
         (status = 503, body = ErrorBody)))]
 pub(super) async fn create(
     State(s): State<AppState>,
+    deadline: Option<axum::Extension<common::http::AnswerDeadline>>,
     Customer(customer): Customer,
     headers: HeaderMap,
     Json(body): Json<TransferBody>,
 ) -> Result<Response, ApiError> {
+    // Counted from the request's start, as the request timeout is: the
+    // owner check below may wait on the core too.
+    let answer_by = s.transfers.answer_by(deadline.map(|d| d.0.0));
     let key = idempotency_key(&headers)?;
     let memo = body.memo.filter(|m| !m.is_empty());
     if memo
@@ -129,6 +133,7 @@ pub(super) async fn create(
                 memo,
             },
             key,
+            answer_by,
         )
         .await?;
     Ok(answer(t))

@@ -67,20 +67,23 @@ pub struct TransferService {
     core: CoreClient,
     core_timeout: Duration,
     answer_within: Duration,
+    answer_margin: Duration,
     resolver: Resolver,
 }
 
 impl TransferService {
-    /// A service over the channel database and the core. A request is
-    /// answered within `answer_within` of its start once its pending row is
-    /// written (less than the HTTP request timeout, which would answer 503
-    /// and leave a customer who sent no `Idempotency-Key` unsure whether to
-    /// send again).
+    /// A service over the channel database and the core. Once its pending
+    /// row is written a request is answered `answer_margin` before the HTTP
+    /// request timeout would answer 503 for it (which would leave a
+    /// customer who sent no `Idempotency-Key` unsure whether to send
+    /// again), or within `answer_within` of [`Self::answer_by`]'s call when
+    /// that timeout is not known.
     pub fn new(
         db: DatabaseConnection,
         core: CoreClient,
         core_timeout: Duration,
         answer_within: Duration,
+        answer_margin: Duration,
         resolver: Resolver,
     ) -> Self {
         Self {
@@ -88,7 +91,17 @@ impl TransferService {
             core,
             core_timeout,
             answer_within,
+            answer_margin,
             resolver,
+        }
+    }
+
+    /// When a request whose 503 is due at `deadline` (the request timeout's,
+    /// counted from the request's start) must be answered.
+    pub fn answer_by(&self, deadline: Option<tokio::time::Instant>) -> tokio::time::Instant {
+        match deadline {
+            Some(d) => d.checked_sub(self.answer_margin).unwrap_or(d),
+            None => tokio::time::Instant::now() + self.answer_within,
         }
     }
 
@@ -99,8 +112,8 @@ impl TransferService {
         customer: &CustomerId,
         new: NewTransfer,
         idempotency_key: Option<String>,
+        answer_by: tokio::time::Instant,
     ) -> Result<TransferRequest, SubmitError> {
-        let answer_by = tokio::time::Instant::now() + self.answer_within;
         if let Some(key) = &idempotency_key
             && let Some(existing) = find_by_key(&self.db, customer, key).await?
         {
