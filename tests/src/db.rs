@@ -57,6 +57,26 @@ pub async fn query_strings(url: &str, sql: &str) -> anyhow::Result<Vec<String>> 
     Ok(out)
 }
 
+/// Waits (at most `within`) until `sql` (one text column) at `url` returns
+/// exactly `expected`; `what` names it in the failure message.
+pub async fn until_rows(
+    url: &str,
+    sql: &str,
+    expected: &[&str],
+    what: &str,
+    within: std::time::Duration,
+) {
+    crate::eventually(what, within, || async {
+        let rows = query_strings(url, sql).await.map_err(|e| e.to_string())?;
+        if rows == expected {
+            Ok(())
+        } else {
+            Err(format!("{rows:?}"))
+        }
+    })
+    .await;
+}
+
 /// A row lock held from outside the services (as a long transaction of
 /// another replica would), to make a service wait for it.
 pub struct RowLock {
@@ -98,6 +118,17 @@ impl RowLock {
             db_url,
             "SELECT 1 FROM transfer_requests WHERE transfer_id = $1 FOR UPDATE",
             id,
+        )
+        .await
+    }
+
+    /// Locks `account`'s `history_sync` row in the channel database at
+    /// `db_url`: a history writer applying entries of that account waits.
+    pub async fn history_sync(db_url: &str, account: &str) -> anyhow::Result<Self> {
+        Self::hold(
+            db_url,
+            "SELECT 1 FROM history_sync WHERE account_id = $1 FOR UPDATE",
+            account,
         )
         .await
     }

@@ -1195,19 +1195,12 @@ async fn b26_b27_drifted_daily_balances_change_only_the_new_path_and_the_mismatc
         "SELECT count(*)::text FROM outbox WHERE subject = 'bank.alert.interest_mismatch' \
          AND payload LIKE '%{account}%'"
     );
-    eventually(
+    bank_tests::db::until_rows(
+        &core.db_url,
+        &sql,
+        &["2"],
         "the mismatch reported again",
         Duration::from_secs(10),
-        || async {
-            let n = bank_tests::db::query_strings(&core.db_url, &sql)
-                .await
-                .map_err(|e| e.to_string())?;
-            if n == ["2"] {
-                Ok(())
-            } else {
-                Err(format!("{n:?}"))
-            }
-        },
     )
     .await;
     let report = api

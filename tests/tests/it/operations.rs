@@ -464,19 +464,13 @@ async fn transfers_under_load_survive(fault: Fault) {
     // Nothing lost: no transfer stays pending, money is conserved, the
     // history equals the ledger.
     let db_url = stack.cfg.channel_db.clone();
-    eventually("no pending transfers", Duration::from_secs(90), || async {
-        let n = bank_tests::db::query_strings(
-            &db_url,
-            "SELECT count(*)::text FROM transfer_requests WHERE status = 'pending'",
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-        if n == ["0"] {
-            Ok(())
-        } else {
-            Err(format!("{n:?} pending"))
-        }
-    })
+    bank_tests::db::until_rows(
+        &db_url,
+        "SELECT count(*)::text FROM transfer_requests WHERE status = 'pending'",
+        &["0"],
+        "no pending transfers",
+        Duration::from_secs(90),
+    )
     .await;
     let mut total = 0;
     for a in &accounts {

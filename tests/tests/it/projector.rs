@@ -1425,23 +1425,10 @@ async fn b23_the_tax_sweep_reads_each_entry_once_and_retries_only_what_failed() 
     for a in &accounts {
         wait_tax_records(&p, a, 1).await;
     }
-    eventually(
-        "the sweep read the 3 entries",
-        Duration::from_secs(30),
-        || async {
-            match metric("projector_tax_sweep_scanned_total").await {
-                3.0 => Ok(()),
-                n => Err(n.to_string()),
-            }
-        },
-    )
-    .await;
+    until_metric(&base, "projector_tax_sweep_scanned_total", |n| n == 3.0).await;
     let passes = metric("projector_tax_sweep_passes_total").await;
-    eventually("three more passes", Duration::from_secs(30), || async {
-        match metric("projector_tax_sweep_passes_total").await {
-            n if n >= passes + 3.0 => Ok(()),
-            n => Err(n.to_string()),
-        }
+    until_metric(&base, "projector_tax_sweep_passes_total", |n| {
+        n >= passes + 3.0
     })
     .await;
     assert_eq!(
@@ -1455,17 +1442,7 @@ async fn b23_the_tax_sweep_reads_each_entry_once_and_retries_only_what_failed() 
     rig.proxy.add(None, &pid, Action::Fail(403), None);
     pay_out(&rig, &refused, &pid).await;
     wait_letters(&p, 1).await;
-    eventually(
-        "the refused entry kept",
-        Duration::from_secs(30),
-        || async {
-            match metric("projector_tax_sweep_retrying").await {
-                1.0 => Ok(()),
-                n => Err(n.to_string()),
-            }
-        },
-    )
-    .await;
+    until_metric(&base, "projector_tax_sweep_retrying", |n| n == 1.0).await;
     rig.proxy.remove(&pid);
     let records = wait_tax_records(&p, &refused, 1).await;
     assert_eq!(records[0]["payout_id"], json!(pid));
@@ -1478,6 +1455,15 @@ async fn b23_the_tax_sweep_reads_each_entry_once_and_retries_only_what_failed() 
         process.terminate(Duration::from_secs(30)).await.unwrap(),
         Some(0)
     );
+}
+
+/// Waits until metric `name` of the service at `base` satisfies `ok`.
+async fn until_metric(base: &str, name: &str, ok: impl Fn(f64) -> bool) {
+    eventually(name, Duration::from_secs(30), || async {
+        let n = bank_tests::metrics::metric(&bank_tests::metrics::scrape(base).await, name);
+        if ok(n) { Ok(()) } else { Err(n.to_string()) }
+    })
+    .await;
 }
 
 async fn history_equals_ledger(rig: &Rig, accounts: &[String]) {
@@ -1510,6 +1496,45 @@ fn projector_env(rig: &Rig) -> HashMap<String, String> {
         // after the ack wait (60 s by default).
         ("PROJECTOR_ACK_WAIT_SECS".to_owned(), "5".to_owned()),
     ])
+}
+
+/// B29 for the projector: SIGTERM while a batch is in hand (its apply
+/// waiting on a row lock). The process exits 0 after handing the batch back
+/// (naked, not acked), and the next process applies it: nothing acked
+/// unapplied, nothing lost.
+#[tokio::test]
+async fn b29_the_projector_hands_back_its_batch_in_hand_at_sigterm_and_exits_zero() {
+    let rig = Rig::new().await;
+    let account = rig.core.api.funded_account(1_000).await;
+    let mut env = projector_env(&rig);
+    // The apply waits 3 s for the lock, then fails (transient: naked).
+    env.insert("DATABASE_LOCK_TIMEOUT_MS".to_owned(), "3000".to_owned());
+    let port = bank_tests::nats::free_port();
+    env.insert(
+        "PROJECTOR_HTTP_ADDR".to_owned(),
+        format!("127.0.0.1:{port}"),
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    let mut projector = ServiceProcess::start("projector", env.clone()).unwrap();
+    bank_tests::procs::wait_ready(&base).await.unwrap();
+    rig.wait_synced(&account, 1, Duration::from_secs(30)).await;
+    let lock = bank_tests::db::RowLock::history_sync(&rig.channel_db, &account)
+        .await
+        .unwrap();
+    rig.core.api.deposit(&account, 5).await.expect(200);
+    lock.until_waited_on("the projector's apply").await;
+    let code = projector.terminate(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(code, Some(0), "the projector exits 0 after SIGTERM");
+    lock.release().await.unwrap();
+    assert_eq!(rig.synced(&account).await, 1, "nothing applied meanwhile");
+    // Handed back, not acked: the next process gets it again and applies it.
+    let mut again = ServiceProcess::start("projector", env).unwrap();
+    rig.wait_synced(&account, 2, Duration::from_secs(30)).await;
+    history_equals_ledger(&rig, std::slice::from_ref(&account)).await;
+    assert_eq!(
+        again.terminate(Duration::from_secs(30)).await.unwrap(),
+        Some(0)
+    );
 }
 
 #[tokio::test]

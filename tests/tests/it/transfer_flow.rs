@@ -1169,20 +1169,12 @@ async fn b11_f3_with_the_default_reconciler_a_lost_request_fails_within_the_ttl_
     let sql = format!(
         "SELECT status || ' ' || coalesce(reason, '') FROM transfer_requests WHERE transfer_id = '{id}'"
     );
-    let db_url = stack.transfer.db_url.clone();
-    eventually(
+    bank_tests::db::until_rows(
+        &stack.transfer.db_url,
+        &sql,
+        &["failed never_received"],
         "the reconciler failed it",
         Duration::from_secs(30),
-        || async {
-            let row = bank_tests::db::query_strings(&db_url, &sql)
-                .await
-                .map_err(|e| e.to_string())?;
-            if row == ["failed never_received"] {
-                Ok(())
-            } else {
-                Err(format!("{row:?}"))
-            }
-        },
     )
     .await;
     let took = started.elapsed();
