@@ -108,8 +108,6 @@ impl App {
             self.db.clone(),
             self.core.clone(),
             Duration::from_millis(self.config.core_timeout_ms),
-            self.config.answer_within(),
-            crate::config::REQUEST_TIMEOUT_MARGIN,
             resolver,
         );
         let relay = Relay::new(

@@ -130,8 +130,8 @@ impl Config {
     }
 
     /// Refuses settings under which a transfer request would not have time
-    /// for its calls to the core before its answer is due
-    /// ([`Config::answer_within`]): it waits at most `CORE_TIMEOUT_MS` for
+    /// for its calls to the core before its answer is due (the HTTP request
+    /// timeout less [`REQUEST_TIMEOUT_MARGIN`]): it waits at most `CORE_TIMEOUT_MS` for
     /// the core, then (when the core rejected it on the way)
     /// [`CORE_CALL_TIMEOUT`] for the fence. (The answer itself is due in
     /// time whatever the calls and the database wait on: after its pending
@@ -155,23 +155,13 @@ impl Config {
     }
 }
 
-impl Config {
-    /// How long after its start a transfer request whose pending row was
-    /// written is answered at the latest (202 if the outcome is not known
-    /// by then): the HTTP request timeout less a margin for the answer.
-    pub fn answer_within(&self) -> Duration {
-        self.http
-            .request_timeout()
-            .saturating_sub(REQUEST_TIMEOUT_MARGIN)
-    }
-}
-
 /// How long a call to the core other than the transfer itself (a fence, a
 /// status question, a sync) may take.
 pub const CORE_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Room a transfer request keeps beyond its calls to the core, for its
-/// database statements.
+/// database statements: once its pending row is written it is answered
+/// this long before the HTTP request timeout at the latest.
 pub const REQUEST_TIMEOUT_MARGIN: Duration = Duration::from_secs(2);
 
 #[cfg(test)]

@@ -129,7 +129,6 @@ pub(super) async fn history(
     // history may not show everything the customer was told: sync first. A
     // transfer confirmed by another task while this one synced is caught by
     // looking again (bounded).
-    let mut syncs = 0;
     let (synced, mut pending, behind) = if before.is_some() {
         // A page further down (infinite scroll appends it): what is in
         // flight belongs at the top, on the first page, and is not listed
@@ -139,6 +138,7 @@ pub(super) async fn history(
             .map_err(|e| ApiError::database(&e))?;
         (synced, Vec::new(), Vec::new())
     } else {
+        let mut syncs = 0;
         loop {
             let synced = synced_through(&s.db, &account)
                 .await

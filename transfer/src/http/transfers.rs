@@ -102,14 +102,18 @@ pub(super) fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Api
         (status = 503, body = ErrorBody)))]
 pub(super) async fn create(
     State(s): State<AppState>,
-    deadline: Option<axum::Extension<common::http::AnswerDeadline>>,
+    axum::Extension(common::http::AnswerDeadline(deadline)): axum::Extension<
+        common::http::AnswerDeadline,
+    >,
     Customer(customer): Customer,
     headers: HeaderMap,
     Json(body): Json<TransferBody>,
 ) -> Result<Response, ApiError> {
     // Counted from the request's start, as the request timeout is: the
     // owner check below may wait on the core too.
-    let answer_by = s.transfers.answer_by(deadline.map(|d| d.0.0));
+    let answer_by = deadline
+        .checked_sub(crate::config::REQUEST_TIMEOUT_MARGIN)
+        .unwrap_or(deadline);
     let key = idempotency_key(&headers)?;
     let memo = body.memo.filter(|m| !m.is_empty());
     if memo

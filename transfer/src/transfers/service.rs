@@ -66,47 +66,30 @@ pub struct TransferService {
     db: DatabaseConnection,
     core: CoreClient,
     core_timeout: Duration,
-    answer_within: Duration,
-    answer_margin: Duration,
     resolver: Resolver,
 }
 
 impl TransferService {
-    /// A service over the channel database and the core. Once its pending
-    /// row is written a request is answered `answer_margin` before the HTTP
-    /// request timeout would answer 503 for it (which would leave a
-    /// customer who sent no `Idempotency-Key` unsure whether to send
-    /// again), or within `answer_within` of [`Self::answer_by`]'s call when
-    /// that timeout is not known.
+    /// A service over the channel database and the core.
     pub fn new(
         db: DatabaseConnection,
         core: CoreClient,
         core_timeout: Duration,
-        answer_within: Duration,
-        answer_margin: Duration,
         resolver: Resolver,
     ) -> Self {
         Self {
             db,
             core,
             core_timeout,
-            answer_within,
-            answer_margin,
             resolver,
         }
     }
 
-    /// When a request whose 503 is due at `deadline` (the request timeout's,
-    /// counted from the request's start) must be answered.
-    pub fn answer_by(&self, deadline: Option<tokio::time::Instant>) -> tokio::time::Instant {
-        match deadline {
-            Some(d) => d.checked_sub(self.answer_margin).unwrap_or(d),
-            None => tokio::time::Instant::now() + self.answer_within,
-        }
-    }
-
     /// Accepts, stores and executes a transfer; returns it in its current
-    /// status (`pending` when the core did not answer in time).
+    /// status (`pending` when the core did not answer in time). Once its
+    /// pending row is written the answer comes by `answer_by` at the latest
+    /// (before the HTTP request timeout would answer 503 and leave a
+    /// customer who sent no `Idempotency-Key` unsure whether to send again).
     pub async fn submit(
         &self,
         customer: &CustomerId,
