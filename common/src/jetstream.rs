@@ -230,37 +230,49 @@ pub async fn ensure_streams(
     Ok(())
 }
 
+/// The stream `name` (with its info as of this call), or `None` when the
+/// server has no such stream (deleted, or lost with its storage).
+pub async fn stream_if_exists(
+    js: &jetstream::Context,
+    name: &str,
+) -> Result<Option<stream::Stream>, jetstream::context::GetStreamError> {
+    use jetstream::context::GetStreamErrorKind;
+    match js.get_stream(name).await {
+        Ok(stream) => Ok(Some(stream)),
+        Err(e) => match e.kind() {
+            GetStreamErrorKind::JetStream(err)
+                if err.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
+            {
+                Ok(None)
+            }
+            _ => Err(e),
+        },
+    }
+}
+
 async fn ensure_stream(
     js: &jetstream::Context,
     spec: &StreamSpec,
     replicas: usize,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     use jetstream::context::CreateStreamErrorKind;
-    use jetstream::context::GetStreamErrorKind;
     let wanted = stream_config(spec, replicas);
-    let current = match js.get_stream(spec.name).await {
-        Ok(stream) => stream.cached_info().config.clone(),
-        Err(e) => match e.kind() {
-            GetStreamErrorKind::JetStream(err)
-                if err.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
-            {
-                match js.create_stream(wanted.clone()).await {
-                    Ok(_) => {
-                        tracing::info!(stream = spec.name, "stream created");
-                        return Ok(());
-                    }
-                    // Another process created it meanwhile: brought to
-                    // these settings like any existing one.
-                    Err(e)
-                        if matches!(e.kind(), CreateStreamErrorKind::JetStream(err)
-                            if err.error_code() == jetstream::ErrorCode::STREAM_NAME_EXIST) =>
-                    {
-                        js.get_stream(spec.name).await?.cached_info().config.clone()
-                    }
-                    Err(e) => return Err(e.into()),
-                }
+    let current = match stream_if_exists(js, spec.name).await? {
+        Some(stream) => stream.cached_info().config.clone(),
+        None => match js.create_stream(wanted.clone()).await {
+            Ok(_) => {
+                tracing::info!(stream = spec.name, "stream created");
+                return Ok(());
             }
-            _ => return Err(e.into()),
+            // Another process created it meanwhile: brought to these
+            // settings like any existing one.
+            Err(e)
+                if matches!(e.kind(), CreateStreamErrorKind::JetStream(err)
+                    if err.error_code() == jetstream::ErrorCode::STREAM_NAME_EXIST) =>
+            {
+                js.get_stream(spec.name).await?.cached_info().config.clone()
+            }
+            Err(e) => return Err(e.into()),
         },
     };
     let merged = merged_config(&current, &wanted);

@@ -243,9 +243,6 @@ pub enum StreamError {
     /// The stream could not be looked up.
     #[error("looking up the dead-letter stream")]
     Lookup(#[from] async_nats::jetstream::context::GetStreamError),
-    /// Its state could not be read.
-    #[error("reading the dead-letter stream's state")]
-    Info(#[from] async_nats::jetstream::stream::InfoError),
     /// A replayed letter could not be removed.
     #[error("removing dead letter {id}")]
     Delete {
@@ -270,35 +267,27 @@ pub enum StreamError {
 async fn dlq_stream(
     ctx: &Context,
 ) -> Result<Option<async_nats::jetstream::stream::Stream>, StreamError> {
-    use async_nats::jetstream::context::GetStreamErrorKind;
-    match ctx.js.get_stream(DLQ_STREAM).await {
-        Ok(stream) => Ok(Some(stream)),
-        Err(e) => match e.kind() {
-            GetStreamErrorKind::JetStream(err)
-                if err.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND =>
-            {
-                tracing::warn!(
-                    stream = DLQ_STREAM,
-                    "the dead-letter stream does not exist; no letters to show (the next dead letter creates it)"
-                );
-                Ok(None)
-            }
-            _ => Err(e.into()),
-        },
+    let stream = common::jetstream::stream_if_exists(&ctx.js, DLQ_STREAM).await?;
+    if stream.is_none() {
+        tracing::warn!(
+            stream = DLQ_STREAM,
+            "the dead-letter stream does not exist; no letters to show (the next dead letter creates it)"
+        );
     }
+    Ok(stream)
 }
 
 /// Dead letters with ids after `after`, at most `limit`.
 pub async fn list(ctx: &Context, after: u64, limit: usize) -> Result<Page, StreamError> {
     let mut out = Vec::new();
-    let Some(mut stream) = dlq_stream(ctx).await? else {
+    // Its state as the look-up just read it.
+    let Some(stream) = dlq_stream(ctx).await? else {
         return Ok(Page {
             letters: out,
             next_after: None,
         });
     };
-    let info = stream.info().await?.clone();
-    if info.state.messages == 0 {
+    if stream.cached_info().state.messages == 0 {
         return Ok(Page {
             letters: out,
             next_after: None,
