@@ -136,6 +136,18 @@ impl CoreApp {
     }
 }
 
+/// A NATS server of its own and a core bank on it with `opts`.
+pub async fn core_with(opts: CoreOptions) -> (NatsServer, CoreApp) {
+    let nats = NatsServer::start().await.expect("nats-server");
+    let core = CoreApp::spawn_with(&nats, opts).await.expect("core-bank");
+    (nats, core)
+}
+
+/// A NATS server of its own and a core bank on it with default options.
+pub async fn core() -> (NatsServer, CoreApp) {
+    core_with(CoreOptions::default()).await
+}
+
 /// A customer token signed with the tests' JWT secret, valid for an hour.
 pub fn customer_token(customer: &str) -> String {
     transfer::auth::issue_token(JWT_SECRET, customer, 3600).expect("token")

@@ -3,7 +3,7 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use bank_tests::apps::CoreOptions;
+use bank_tests::apps::{CoreOptions, core, core_with};
 use bank_tests::db::RowLock;
 use bank_tests::nats::{free_port, stream_messages};
 use bank_tests::{Api, CoreApp, NatsServer, eventually, unique};
@@ -11,12 +11,6 @@ use chrono::NaiveDate;
 use futures::future::join_all;
 use proptest::prelude::*;
 use serde_json::{Value, json};
-
-async fn core() -> (NatsServer, CoreApp) {
-    let nats = NatsServer::start().await.unwrap();
-    let core = CoreApp::spawn(&nats).await.unwrap();
-    (nats, core)
-}
 
 /// A core with an account of 60,000,000 won three days into accruing
 /// (gross 8,301), and a connection to the Redis of its cache.
@@ -148,17 +142,12 @@ async fn b21_worked_example_on_both_paths() {
 /// paths, in the query, the payout and its event.
 #[tokio::test]
 async fn b21_b23_configured_tiers_and_tax_rate_are_the_ones_applied() {
-    let nats = NatsServer::start().await.unwrap();
-    let core = CoreApp::spawn_with(
-        &nats,
-        CoreOptions {
-            interest_tiers: Some("1000000:3.65,*:0.365".into()),
-            interest_tax_percent: Some("10".into()),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let (nats, core) = core_with(CoreOptions {
+        interest_tiers: Some("1000000:3.65,*:0.365".into()),
+        interest_tax_percent: Some("10".into()),
+        ..Default::default()
+    })
+    .await;
     let api = &core.api;
     let on_legacy = api.funded_account(2_000_000).await;
     let on_new = api.funded_account(2_000_000).await;
@@ -255,16 +244,11 @@ async fn b21_tier_boundaries_zero_and_intraday_changes() {
 #[tokio::test]
 async fn b22_a_payout_waiting_for_its_lock_across_a_date_change_pays_under_the_new_date() {
     use sea_orm::{ConnectionTrait, Statement};
-    let nats = NatsServer::start().await.unwrap();
-    let core = CoreApp::spawn_with(
-        &nats,
-        CoreOptions {
-            lock_timeout_ms: 10_000,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let (_nats, core) = core_with(CoreOptions {
+        lock_timeout_ms: 10_000,
+        ..Default::default()
+    })
+    .await;
     let api = &core.api;
     let account = api.funded_account(60_000_000).await;
     let day = api.advance_business_date(3).await;
@@ -691,18 +675,13 @@ fn secs_until_next_seoul_midnight() -> i64 {
 async fn b27_shadow_comparisons_beyond_the_waiting_room_are_skipped_and_counted() {
     use core_bank::interest::service::{SHADOW_CONCURRENCY, SHADOW_QUEUE_MAX};
     use sea_orm::{ConnectionTrait, TransactionTrait};
-    let nats = NatsServer::start().await.unwrap();
-    let core = CoreApp::spawn_with(
-        &nats,
-        CoreOptions {
-            lock_timeout_ms: 60_000,
-            // The four held-up comparisons each keep a connection.
-            db_max_connections: 12,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let (_nats, core) = core_with(CoreOptions {
+        lock_timeout_ms: 60_000,
+        // The four held-up comparisons each keep a connection.
+        db_max_connections: 12,
+        ..Default::default()
+    })
+    .await;
     let api = &core.api;
     let over = 8;
     let mut accounts = Vec::new();
@@ -1021,17 +1000,12 @@ async fn b26_rollout_buckets_are_stable_and_change_at_run_time_on_every_replica(
 
 #[tokio::test]
 async fn b27_concurrent_payouts_in_shadow_mode_publish_every_mismatch_without_starving_the_pool() {
-    let nats = NatsServer::start().await.unwrap();
     // A small pool, fewer connections than concurrent payouts.
-    let core = CoreApp::spawn_with(
-        &nats,
-        CoreOptions {
-            db_max_connections: 3,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let (nats, core) = core_with(CoreOptions {
+        db_max_connections: 3,
+        ..Default::default()
+    })
+    .await;
     let api = &core.api;
     let mut accounts = Vec::new();
     for _ in 0..6 {
@@ -1341,16 +1315,11 @@ impl OwnRedis {
 async fn f8_redis_down_interest_queries_still_answer_correctly() {
     let port = free_port();
     let mut redis = OwnRedis::start(port).await;
-    let nats = NatsServer::start().await.unwrap();
-    let core = CoreApp::spawn_with(
-        &nats,
-        CoreOptions {
-            redis_url: format!("redis://127.0.0.1:{}", redis.port),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let (_nats, core) = core_with(CoreOptions {
+        redis_url: format!("redis://127.0.0.1:{}", redis.port),
+        ..Default::default()
+    })
+    .await;
     let api = &core.api;
     let account = api.funded_account(60_000_000).await;
     let today = api.advance_business_date(3).await;

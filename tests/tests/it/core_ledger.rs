@@ -3,7 +3,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use bank_tests::apps::{CORE_READ_TOKEN, CORE_TOKEN, CoreOptions};
+use bank_tests::apps::{CORE_READ_TOKEN, CORE_TOKEN, CoreOptions, core, core_with};
 use bank_tests::client::transfer_body;
 use bank_tests::db::RowLock;
 use bank_tests::nats::stream_messages;
@@ -11,12 +11,6 @@ use bank_tests::{Api, CoreApp, NatsServer, eventually, unique};
 use futures::future::join_all;
 use proptest::prelude::*;
 use serde_json::{Value, json};
-
-async fn core() -> (NatsServer, CoreApp) {
-    let nats = NatsServer::start().await.unwrap();
-    let core = CoreApp::spawn(&nats).await.unwrap();
-    (nats, core)
-}
 
 fn amount(v: &Value) -> i128 {
     v.as_str().unwrap().parse().unwrap()
@@ -291,16 +285,11 @@ async fn b03_concurrent_transfers_back_and_forth_never_surface_lock_errors() {
 
 #[tokio::test]
 async fn b03_lock_held_past_lock_timeout_is_retried_transparently() {
-    let nats = NatsServer::start().await.unwrap();
-    let core = CoreApp::spawn_with(
-        &nats,
-        CoreOptions {
-            lock_timeout_ms: 100,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let (_nats, core) = core_with(CoreOptions {
+        lock_timeout_ms: 100,
+        ..Default::default()
+    })
+    .await;
     let from = core.api.funded_account(1000).await;
     let to = core.api.funded_account(0).await;
     // Another session holds the source row lock (the fault) until the
@@ -851,16 +840,11 @@ async fn b04_replay_returns_first_answer_conflict_is_rejected_and_concurrent_sam
 
 #[tokio::test]
 async fn b05_request_older_than_ttl_is_refused_and_recorded() {
-    let nats = NatsServer::start().await.unwrap();
-    let core = CoreApp::spawn_with(
-        &nats,
-        CoreOptions {
-            request_ttl_secs: 5,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let (_nats, core) = core_with(CoreOptions {
+        request_ttl_secs: 5,
+        ..Default::default()
+    })
+    .await;
     let from = core.api.funded_account(1000).await;
     let to = core.api.funded_account(0).await;
     let id = unique("trf_");
@@ -891,17 +875,12 @@ async fn b05_request_older_than_ttl_is_refused_and_recorded() {
 /// rows are locked, not before the wait.
 #[tokio::test]
 async fn b05_a_request_that_expires_while_waiting_for_a_lock_is_refused() {
-    let nats = NatsServer::start().await.unwrap();
-    let core = CoreApp::spawn_with(
-        &nats,
-        CoreOptions {
-            request_ttl_secs: 2,
-            lock_timeout_ms: 10_000,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let (_nats, core) = core_with(CoreOptions {
+        request_ttl_secs: 2,
+        lock_timeout_ms: 10_000,
+        ..Default::default()
+    })
+    .await;
     let from = core.api.funded_account(1000).await;
     let to = core.api.funded_account(0).await;
     // Another transaction holds the source account's row lock.
@@ -1499,16 +1478,11 @@ async fn b31_a_date_moved_by_the_test_clock_is_not_run_on_without_it() {
 
 #[tokio::test]
 async fn b31_core_admin_and_interest_routes_refuse_bad_input() {
-    let nats = NatsServer::start().await.unwrap();
-    let core = CoreApp::spawn_with(
-        &nats,
-        CoreOptions {
-            test_clock: false,
-            ..CoreOptions::default()
-        },
-    )
-    .await
-    .unwrap();
+    let (_nats, core) = core_with(CoreOptions {
+        test_clock: false,
+        ..CoreOptions::default()
+    })
+    .await;
     let api = &core.api;
     let today = api.business_date().await;
     for body in [

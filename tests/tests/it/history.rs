@@ -9,6 +9,18 @@ use bank_tests::{Stack, StackOptions};
 use sea_orm::{ConnectionTrait, Database, Statement};
 use serde_json::{Value, json};
 
+/// A stack whose transfer service waits 300 ms for the core (transfers the
+/// core does not answer at once stay pending).
+fn core_timeout_300ms() -> StackOptions {
+    StackOptions {
+        transfer: bank_tests::apps::TransferOptions {
+            core_timeout_ms: 300,
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
 async fn deposits(stack: &Stack, account: &str, n: usize) {
     for i in 0..n {
         stack
@@ -93,24 +105,11 @@ async fn b17_keyset_pages_cover_every_seq_once_newest_first_with_an_index_scan()
     }
 }
 
-/// The core executes a pending transfer while a history request is syncing
-/// (its entries fetch already answered, without the transfer). The answer
-/// must still show the transfer: as pending, or as an entry, never as
-/// neither (settling after the sync used to mark it succeeded and then serve
-/// a page without it).
 /// Infinite scroll appends pages: the transfers in flight are listed on the
 /// first page, not again on every later one.
 #[tokio::test]
 async fn b17_b18_pending_transfers_are_listed_on_the_first_page_only() {
-    let stack = Stack::start(StackOptions {
-        transfer: bank_tests::apps::TransferOptions {
-            core_timeout_ms: 300,
-            ..Default::default()
-        },
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let stack = Stack::start(core_timeout_300ms()).await.unwrap();
     let (_, account, api) = stack.customer_with_account(10_000).await;
     deposits(&stack, &account, 4).await;
     let to = stack.core.api.funded_account(0).await;
@@ -149,6 +148,11 @@ async fn b17_b18_pending_transfers_are_listed_on_the_first_page_only() {
     assert_eq!(second["pending"], json!([]), "{second}");
 }
 
+/// The core executes a pending transfer while a history request is syncing
+/// (its entries fetch already answered, without the transfer). The answer
+/// must still show the transfer: as pending, or as an entry, never as
+/// neither (settling after the sync used to mark it succeeded and then serve
+/// a page without it).
 #[tokio::test]
 async fn b18_a_transfer_executed_during_the_sync_is_shown_pending_or_as_an_entry() {
     // No projector: whatever the history shows comes from the on-demand sync.
@@ -298,15 +302,7 @@ async fn b18_a_confirmed_transfer_is_listed_while_the_history_cannot_be_synced()
 /// 5 s timeout each held the page past the 30 s HTTP timeout: 503.)
 #[tokio::test]
 async fn b18_history_answers_with_pending_transfers_listed_while_the_core_is_slow() {
-    let stack = Stack::start(StackOptions {
-        transfer: bank_tests::apps::TransferOptions {
-            core_timeout_ms: 300,
-            ..Default::default()
-        },
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let stack = Stack::start(core_timeout_300ms()).await.unwrap();
     let (_, account, api) = stack.customer_with_account(0).await;
     // Eight incoming transfers the core never receives: pending.
     stack
