@@ -85,6 +85,8 @@ pub struct ServiceProcess {
     env: HashMap<String, String>,
     args: Vec<String>,
     child: Option<Child>,
+    /// Its log lines (stdout), when started by [`ServiceProcess::restart_logged`].
+    log: Option<std::sync::Arc<std::sync::Mutex<Vec<String>>>>,
 }
 
 impl ServiceProcess {
@@ -104,22 +106,68 @@ impl ServiceProcess {
             env,
             args: args.iter().map(|s| (*s).to_owned()).collect(),
             child: None,
+            log: None,
         };
         p.restart()?;
         Ok(p)
     }
 
+    /// Starts it again (after a kill), keeping its log lines from now on
+    /// (at `info` and above unless `TEST_LOG` says otherwise) for
+    /// [`ServiceProcess::until_logged`].
+    pub fn restart_logged(&mut self) -> anyhow::Result<()> {
+        self.log = Some(Default::default());
+        self.restart()
+    }
+
+    /// Waits (at most `within`, then fails the test) until a log line
+    /// containing `needle` was written; the line. Only for a process
+    /// started by [`ServiceProcess::restart_logged`].
+    pub async fn until_logged(&self, needle: &str, within: Duration) -> String {
+        let log = self.log.clone();
+        crate::wait::eventually(&format!("{} to log {needle:?}", self.name), within, || {
+            let log = log.clone();
+            async move {
+                let log = log.ok_or("not started by restart_logged")?;
+                let lines = log.lock().map_err(|e| e.to_string())?;
+                lines
+                    .iter()
+                    .find(|l| l.contains(needle))
+                    .cloned()
+                    .ok_or_else(|| format!("{} lines, none with it", lines.len()))
+            }
+        })
+        .await
+    }
+
     /// Starts it again with the same settings (after a kill).
     pub fn restart(&mut self) -> anyhow::Result<()> {
-        let log = std::env::var("TEST_LOG").unwrap_or_else(|_| "warn".to_owned());
-        let child = dies_with_parent(binary(&self.name))
+        let level = std::env::var("TEST_LOG")
+            .unwrap_or_else(|_| if self.log.is_some() { "info" } else { "warn" }.to_owned());
+        let mut child = dies_with_parent(binary(&self.name))
             .args(&self.args)
             .envs(&self.env)
-            .env("RUST_LOG", log)
-            .stdout(Stdio::null())
+            .env("RUST_LOG", level)
+            .stdout(if self.log.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
             .spawn()?;
+        if let (Some(log), Some(out)) = (&self.log, child.stdout.take()) {
+            let log = log.clone();
+            tokio::spawn(async move {
+                use tokio::io::AsyncBufReadExt;
+                let mut lines = tokio::io::BufReader::new(out).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if let Ok(mut kept) = log.lock() {
+                        kept.push(line);
+                    }
+                }
+            });
+        }
         self.child = Some(child);
         Ok(())
     }

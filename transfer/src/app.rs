@@ -110,6 +110,10 @@ impl App {
             Duration::from_millis(self.config.core_timeout_ms),
             resolver,
         );
+        // An execution's calls to the core and its recording, at most.
+        let executions_bound = Duration::from_millis(self.config.core_timeout_ms)
+            + crate::config::CORE_CALL_TIMEOUT
+            + crate::config::REQUEST_TIMEOUT_MARGIN;
         let relay = Relay::new(
             self.db.clone(),
             self.js.clone(),
@@ -139,7 +143,7 @@ impl App {
         let state = AppState::new(AppShared {
             db: self.db.clone(),
             core: self.core.clone(),
-            transfers,
+            transfers: transfers.clone(),
             verifier: TokenVerifier::new(self.config.jwt_secret.expose()),
             owners: moka::future::Cache::builder()
                 .max_capacity(100_000)
@@ -150,6 +154,9 @@ impl App {
         let stop_http = readiness.drain_on(shutdown, self.config.http.drain_delay());
         tracing::info!(addr = %self.listener.local_addr()?, "transfer serving");
         common::http::serve(self.listener, router, stop_http).await?;
+        // Requests are answered; transfers answered 202 at their deadline
+        // may still be executing: let them record their outcomes.
+        transfers.finish_executions(executions_bound).await;
         background.cancel();
         while tasks.join_next().await.is_some() {}
         let _ = self.nats.flush().await;

@@ -682,6 +682,101 @@ async fn b29_a_request_in_flight_at_sigterm_is_answered_before_the_service_exits
     assert_eq!(core.balance(&from).await, 983, "both moved once");
 }
 
+/// B29 for a transfer answered 202 at its deadline while its execution
+/// still waits (here on a row lock to record the core's answer): at
+/// SIGTERM the transfer service, with no request left in flight, waits for
+/// that execution to record the outcome before it exits 0, instead of
+/// leaving a transfer the core executed pending for the next process.
+#[tokio::test]
+async fn b29_the_transfer_service_finishes_executions_that_outlived_their_answers_before_exiting() {
+    let nats = NatsServer::start().await.unwrap();
+    let core_addr = format!("127.0.0.1:{}", bank_tests::nats::free_port());
+    let proxy = FaultProxy::start(&format!("http://{core_addr}"))
+        .await
+        .unwrap();
+    let core_timeout_ms = 2_000;
+    let env = HashMap::from([
+        ("CORE_HTTP_ADDR".to_owned(), core_addr.clone()),
+        ("CORE_URL".to_owned(), proxy.url()),
+        ("CORE_TIMEOUT_MS".to_owned(), core_timeout_ms.to_string()),
+        // The least the service accepts: the core's wait, a fence call and
+        // 2 s; the answer is due 2 s before it.
+        (
+            "HTTP_REQUEST_TIMEOUT_MS".to_owned(),
+            (core_timeout_ms + 7_000).to_string(),
+        ),
+        ("DATABASE_LOCK_TIMEOUT_MS".to_owned(), "30000".to_owned()),
+        // Only the execution records the outcome (the reconciler would
+        // settle it from the core's status otherwise).
+        ("RECONCILE_INTERVAL_MS".to_owned(), "3600000".to_owned()),
+    ]);
+    let mut stack = ProcStack::start(&nats, env).await.unwrap();
+    stack.transfer.kill().await;
+    stack.transfer.restart_logged().unwrap();
+    wait_ready(&stack.transfer_base()).await.unwrap();
+    let core = stack.core_api();
+    let customer = core.new_customer("Outlived").await;
+    let from = core.new_account(&customer).await;
+    let to = core.new_account(&customer).await;
+    core.deposit(&from, 1_000).await.expect(200);
+    // The core's answer comes 1 s late (within the core timeout): time to
+    // take the lock on the pending row before the answer is recorded.
+    proxy.add(
+        Some(reqwest::Method::POST),
+        "/v1/transfers",
+        Action::DelayResponse(Duration::from_secs(1)),
+        Some(1),
+    );
+    let api = Api::new(stack.transfer_base(), Some(customer_token(&customer)));
+    let request = tokio::spawn({
+        let api = api.clone();
+        let body = json!({"from_account": from, "to_account": to, "amount": "10"});
+        async move { api.try_send("POST", "/v1/transfers", Some(body), &[]).await }
+    });
+    let db = stack.cfg.channel_db.clone();
+    let id = eventually("the pending row", Duration::from_secs(10), || async {
+        bank_tests::db::query_strings(
+            &db,
+            "SELECT transfer_id FROM transfer_requests WHERE status = 'pending'",
+        )
+        .await
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .next()
+        .ok_or_else(|| "none yet".to_owned())
+    })
+    .await;
+    let lock = RowLock::channel_transfer(&db, &id).await.unwrap();
+    lock.until_waited_on("recording the core's answer").await;
+    let answer = request.await.unwrap().unwrap();
+    assert_eq!(answer.status, 202, "{}", answer.body);
+    assert_eq!(answer.str("status"), "pending");
+
+    sigterm_until_the_listener_closes(&stack.transfer, &stack.cfg.transfer_url).await;
+    stack
+        .transfer
+        .until_logged(
+            "waiting for transfer executions that outlived their answers",
+            Duration::from_secs(10),
+        )
+        .await;
+    lock.release().await.unwrap();
+    let code = stack
+        .transfer
+        .terminate(Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0), "transfer exits 0");
+    let status = bank_tests::db::query_strings(
+        &db,
+        &format!("SELECT status FROM transfer_requests WHERE transfer_id = '{id}'"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, ["succeeded"], "recorded before the process exited");
+    assert_eq!(core.balance(&from).await, 990, "moved once");
+}
+
 #[tokio::test]
 async fn b30_a_service_given_an_empty_credential_refuses_to_start() {
     // An empty service token would match a request presenting an empty one,

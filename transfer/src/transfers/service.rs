@@ -18,6 +18,7 @@ use common::events::TransferStatus;
 use common::time::now_micros;
 use common::{AccountId, Amount, CustomerId, TransferId};
 use sea_orm::{DatabaseConnection, DbErr};
+use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::reconciler::Resolver;
@@ -67,6 +68,9 @@ pub struct TransferService {
     core: CoreClient,
     core_timeout: Duration,
     resolver: Resolver,
+    /// Executions of stored transfers (each may outlive its request: the
+    /// customer was answered 202 at the deadline). Shutdown waits for them.
+    executions: TaskTracker,
 }
 
 impl TransferService {
@@ -82,7 +86,40 @@ impl TransferService {
             core,
             core_timeout,
             resolver,
+            executions: TaskTracker::new(),
         }
+    }
+
+    /// At shutdown, once no request is in flight: waits (at most `within`)
+    /// for the executions that outlived their answers to record their
+    /// outcomes, so that a transfer the core executed is not left pending
+    /// for the next process's reconciler. Returns how many were still
+    /// running at the bound (they stay pending; the reconciler of the next
+    /// process, or another replica's, settles them from the core's record).
+    pub async fn finish_executions(&self, within: Duration) -> usize {
+        self.executions.close();
+        let running = self.executions.len();
+        if running == 0 {
+            return 0;
+        }
+        tracing::warn!(
+            running,
+            within_ms = within.as_millis() as u64,
+            "waiting for transfer executions that outlived their answers"
+        );
+        if tokio::time::timeout(within, self.executions.wait())
+            .await
+            .is_ok()
+        {
+            tracing::info!("every transfer execution finished");
+            return 0;
+        }
+        let left = self.executions.len();
+        tracing::warn!(
+            left,
+            "transfer executions still running at the shutdown bound; their transfers stay pending for a reconciler"
+        );
+        left
     }
 
     /// Accepts, stores and executes a transfer; returns it in its current
@@ -166,7 +203,8 @@ impl TransferService {
             let this = self.clone();
             let req = req.clone();
             // In this request's span: the core call carries its trace.
-            tokio::spawn(async move { this.execute(req).await }.in_current_span())
+            self.executions
+                .spawn(async move { this.execute(req).await }.in_current_span())
         };
         let result = match tokio::time::timeout_at(answer_by, execution).await {
             Ok(Ok(result)) => result,
