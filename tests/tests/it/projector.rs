@@ -1457,6 +1457,71 @@ async fn b23_the_tax_sweep_reads_each_entry_once_and_retries_only_what_failed() 
     );
 }
 
+/// B23, the sweep's overlap: an interest entry is stamped with its
+/// transaction's start, so one whose apply waited (here on the account's
+/// `history_sync` lock) commits stamped before the time later passes have
+/// read up to. With its tax event dead-lettered unrecorded, only the sweep
+/// can record its tax, and it finds it because each pass reads from
+/// `PROJECTOR_TAX_SWEEP_OVERLAP_SECS` before where the last one ended.
+#[tokio::test]
+async fn b23_the_tax_sweep_finds_an_entry_committed_after_passes_read_past_its_stamp() {
+    let rig = Rig::new().await;
+    let account = rig.core.api.funded_account(10_000_000).await;
+    let port = bank_tests::nats::free_port();
+    let mut env = projector_env(&rig);
+    env.extend(
+        [
+            ("PROJECTOR_HTTP_ADDR", format!("127.0.0.1:{port}")),
+            ("CORE_URL", rig.proxy.url()),
+            ("PROJECTOR_MAX_DELIVERIES", "2".to_owned()),
+            ("PROJECTOR_RETRY_BASE_MS", "50".to_owned()),
+            ("PROJECTOR_RETRY_MAX_MS", "200".to_owned()),
+            ("PROJECTOR_TAX_SWEEP_SECS", "1".to_owned()),
+            ("PROJECTOR_TAX_SWEEP_OVERLAP_SECS", "60".to_owned()),
+            // The interest entry's apply waits for the lock as long as the
+            // test holds it, in one transaction (one stamp).
+            ("DATABASE_LOCK_TIMEOUT_MS", "30000".to_owned()),
+        ]
+        .map(|(k, v)| (k.to_owned(), v)),
+    );
+    let mut process = ServiceProcess::start("projector", env).unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    bank_tests::procs::wait_ready(&base).await.unwrap();
+    let p = bank_tests::Api::new(base.clone(), None);
+    rig.wait_synced(&account, 1, Duration::from_secs(30)).await;
+    rig.core.api.advance_business_date(3).await;
+
+    // The core refuses to explain the payout at first: its tax event is
+    // dead-lettered unrecorded.
+    let pid = unique("pay_");
+    rig.proxy.add(None, &pid, Action::Fail(403), None);
+    let lock = bank_tests::db::RowLock::history_sync(&rig.channel_db, &account)
+        .await
+        .unwrap();
+    pay_out(&rig, &account, &pid).await;
+    lock.until_waited_on("the interest entry's apply").await;
+    wait_letters(&p, 1).await;
+    rig.proxy.remove(&pid);
+    // Passes run while the entry is uncommitted, each reading up to a
+    // second ago: after three the sweep has read past the entry's stamp.
+    let passes = bank_tests::metrics::metric(
+        &bank_tests::metrics::scrape(&base).await,
+        "projector_tax_sweep_passes_total",
+    );
+    until_metric(&base, "projector_tax_sweep_passes_total", |n| {
+        n >= passes + 3.0
+    })
+    .await;
+    lock.release().await.unwrap();
+    rig.wait_synced(&account, 2, Duration::from_secs(30)).await;
+    let records = wait_tax_records(&p, &account, 1).await;
+    assert_eq!(records[0]["payout_id"], json!(pid));
+    assert_eq!(
+        process.terminate(Duration::from_secs(30)).await.unwrap(),
+        Some(0)
+    );
+}
+
 /// Waits until metric `name` of the service at `base` satisfies `ok`.
 async fn until_metric(base: &str, name: &str, ok: impl Fn(f64) -> bool) {
     eventually(name, Duration::from_secs(30), || async {
