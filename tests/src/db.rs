@@ -77,6 +77,28 @@ pub async fn until_rows(
     .await;
 }
 
+/// Waits (at most 10 s) until the channel database at `url` holds a
+/// pending transfer; its id (the first, when there are several).
+pub async fn until_pending_transfer(url: &str) -> String {
+    crate::eventually(
+        "a pending transfer",
+        std::time::Duration::from_secs(10),
+        || async {
+            query_strings(
+                url,
+                "SELECT transfer_id FROM transfer_requests WHERE status = 'pending' \
+                 ORDER BY requested_at LIMIT 1",
+            )
+            .await
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .next()
+            .ok_or_else(|| "none yet".to_owned())
+        },
+    )
+    .await
+}
+
 /// A row lock held from outside the services (as a long transaction of
 /// another replica would), to make a service wait for it.
 pub struct RowLock {

@@ -586,6 +586,59 @@ async fn f7_nats_restarted_mid_load_loses_no_event_and_no_history_entry() {
     transfers_under_load_survive(Fault::NatsRestart).await;
 }
 
+/// NATS and the three services as processes, the transfer service reaching
+/// the core through a fault proxy; `env` is added to every process's.
+async fn proc_stack_behind_a_proxy<const N: usize>(
+    env: [(&str, String); N],
+) -> (NatsServer, FaultProxy, ProcStack) {
+    let nats = NatsServer::start().await.unwrap();
+    let core_addr = format!("127.0.0.1:{}", bank_tests::nats::free_port());
+    let proxy = FaultProxy::start(&format!("http://{core_addr}"))
+        .await
+        .unwrap();
+    let mut all = HashMap::from([
+        ("CORE_HTTP_ADDR".to_owned(), core_addr),
+        ("CORE_URL".to_owned(), proxy.url()),
+    ]);
+    all.extend(env.map(|(k, v)| (k.to_owned(), v)));
+    let stack = ProcStack::start(&nats, all).await.unwrap();
+    (nats, proxy, stack)
+}
+
+/// Sends `customer`'s transfer of 10 won `from` -> `to` through the transfer
+/// service in the background, the core's answer to it held back `delay` by
+/// the proxy.
+fn transfer_with_the_answer_delayed(
+    proxy: &FaultProxy,
+    stack: &ProcStack,
+    customer: &str,
+    (from, to): (&str, &str),
+    delay: Duration,
+) -> tokio::task::JoinHandle<Result<bank_tests::Reply, reqwest::Error>> {
+    proxy.add(
+        Some(reqwest::Method::POST),
+        "/v1/transfers",
+        Action::DelayResponse(delay),
+        Some(1),
+    );
+    let api = Api::new(stack.transfer_base(), Some(customer_token(customer)));
+    let body = json!({"from_account": from, "to_account": to, "amount": "10"});
+    tokio::spawn(async move { api.try_send("POST", "/v1/transfers", Some(body), &[]).await })
+}
+
+/// A new customer `name` with two accounts, `deposit` won in the first.
+async fn customer_with_two_accounts(
+    core: &Api,
+    name: &str,
+    deposit: u64,
+) -> (String, String, String) {
+    let customer = core.new_customer(name).await;
+    let from = core.new_account(&customer).await;
+    let to = core.new_account(&customer).await;
+    core.deposit(&from, deposit).await.expect(200);
+    (customer, from, to)
+}
+
 /// Sends SIGTERM to `process` and waits until nothing accepts connections
 /// on `addr` any more (the listener closes at once; requests in flight go on).
 async fn sigterm_until_the_listener_closes(process: &ServiceProcess, addr: &str) {
@@ -605,36 +658,20 @@ async fn sigterm_until_the_listener_closes(process: &ServiceProcess, addr: &str)
 /// back by a proxy); for the core it waits on a row lock.
 #[tokio::test]
 async fn b29_a_request_in_flight_at_sigterm_is_answered_before_the_service_exits() {
-    let nats = NatsServer::start().await.unwrap();
-    let core_addr = format!("127.0.0.1:{}", bank_tests::nats::free_port());
-    let proxy = FaultProxy::start(&format!("http://{core_addr}"))
-        .await
-        .unwrap();
-    let env = HashMap::from([
-        ("CORE_HTTP_ADDR".to_owned(), core_addr.clone()),
-        ("CORE_URL".to_owned(), proxy.url()),
-        ("CORE_TIMEOUT_MS".to_owned(), "10000".to_owned()),
-    ]);
-    let mut stack = ProcStack::start(&nats, env).await.unwrap();
+    let (_nats, proxy, mut stack) =
+        proc_stack_behind_a_proxy([("CORE_TIMEOUT_MS", "10000".to_owned())]).await;
+    let core_addr = stack.cfg.core_url.clone();
     let core = stack.core_api();
-    let customer = core.new_customer("Inflight").await;
-    let from = core.new_account(&customer).await;
-    let to = core.new_account(&customer).await;
-    core.deposit(&from, 1_000).await.expect(200);
+    let (customer, from, to) = customer_with_two_accounts(&core, "Inflight", 1_000).await;
 
     // The transfer service, waiting on the core's answer.
-    proxy.add(
-        Some(reqwest::Method::POST),
-        "/v1/transfers",
-        Action::DelayResponse(Duration::from_secs(3)),
-        Some(1),
+    let request = transfer_with_the_answer_delayed(
+        &proxy,
+        &stack,
+        &customer,
+        (&from, &to),
+        Duration::from_secs(3),
     );
-    let api = Api::new(stack.transfer_base(), Some(customer_token(&customer)));
-    let body = json!({"from_account": from, "to_account": to, "amount": "10"});
-    let request = tokio::spawn({
-        let (api, body) = (api.clone(), body.clone());
-        async move { api.try_send("POST", "/v1/transfers", Some(body), &[]).await }
-    });
     eventually(
         "the request at the core",
         Duration::from_secs(10),
@@ -689,63 +726,37 @@ async fn b29_a_request_in_flight_at_sigterm_is_answered_before_the_service_exits
 /// leaving a transfer the core executed pending for the next process.
 #[tokio::test]
 async fn b29_the_transfer_service_finishes_executions_that_outlived_their_answers_before_exiting() {
-    let nats = NatsServer::start().await.unwrap();
-    let core_addr = format!("127.0.0.1:{}", bank_tests::nats::free_port());
-    let proxy = FaultProxy::start(&format!("http://{core_addr}"))
-        .await
-        .unwrap();
     let core_timeout_ms = 2_000;
-    let env = HashMap::from([
-        ("CORE_HTTP_ADDR".to_owned(), core_addr.clone()),
-        ("CORE_URL".to_owned(), proxy.url()),
-        ("CORE_TIMEOUT_MS".to_owned(), core_timeout_ms.to_string()),
+    let (_nats, proxy, mut stack) = proc_stack_behind_a_proxy([
+        ("CORE_TIMEOUT_MS", core_timeout_ms.to_string()),
         // The least the service accepts: the core's wait, a fence call and
         // 2 s; the answer is due 2 s before it.
         (
-            "HTTP_REQUEST_TIMEOUT_MS".to_owned(),
+            "HTTP_REQUEST_TIMEOUT_MS",
             (core_timeout_ms + 7_000).to_string(),
         ),
-        ("DATABASE_LOCK_TIMEOUT_MS".to_owned(), "30000".to_owned()),
+        ("DATABASE_LOCK_TIMEOUT_MS", "30000".to_owned()),
         // Only the execution records the outcome (the reconciler would
         // settle it from the core's status otherwise).
-        ("RECONCILE_INTERVAL_MS".to_owned(), "3600000".to_owned()),
-    ]);
-    let mut stack = ProcStack::start(&nats, env).await.unwrap();
+        ("RECONCILE_INTERVAL_MS", "3600000".to_owned()),
+    ])
+    .await;
     stack.transfer.kill().await;
     stack.transfer.restart_logged().unwrap();
     wait_ready(&stack.transfer_base()).await.unwrap();
     let core = stack.core_api();
-    let customer = core.new_customer("Outlived").await;
-    let from = core.new_account(&customer).await;
-    let to = core.new_account(&customer).await;
-    core.deposit(&from, 1_000).await.expect(200);
+    let (customer, from, to) = customer_with_two_accounts(&core, "Outlived", 1_000).await;
     // The core's answer comes 1 s late (within the core timeout): time to
     // take the lock on the pending row before the answer is recorded.
-    proxy.add(
-        Some(reqwest::Method::POST),
-        "/v1/transfers",
-        Action::DelayResponse(Duration::from_secs(1)),
-        Some(1),
+    let request = transfer_with_the_answer_delayed(
+        &proxy,
+        &stack,
+        &customer,
+        (&from, &to),
+        Duration::from_secs(1),
     );
-    let api = Api::new(stack.transfer_base(), Some(customer_token(&customer)));
-    let request = tokio::spawn({
-        let api = api.clone();
-        let body = json!({"from_account": from, "to_account": to, "amount": "10"});
-        async move { api.try_send("POST", "/v1/transfers", Some(body), &[]).await }
-    });
     let db = stack.cfg.channel_db.clone();
-    let id = eventually("the pending row", Duration::from_secs(10), || async {
-        bank_tests::db::query_strings(
-            &db,
-            "SELECT transfer_id FROM transfer_requests WHERE status = 'pending'",
-        )
-        .await
-        .map_err(|e| e.to_string())?
-        .into_iter()
-        .next()
-        .ok_or_else(|| "none yet".to_owned())
-    })
-    .await;
+    let id = bank_tests::db::until_pending_transfer(&db).await;
     let lock = RowLock::channel_transfer(&db, &id).await.unwrap();
     lock.until_waited_on("recording the core's answer").await;
     let answer = request.await.unwrap().unwrap();

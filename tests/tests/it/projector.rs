@@ -1391,23 +1391,7 @@ async fn b23_the_tax_sweep_reads_each_entry_once_and_retries_only_what_failed() 
     let rig = Rig::new().await;
     // A process of its own: the counters read are this projector's alone
     // (in-process apps of parallel tests share one metrics registry).
-    let port = bank_tests::nats::free_port();
-    let mut env = projector_env(&rig);
-    env.extend(
-        [
-            ("PROJECTOR_HTTP_ADDR", format!("127.0.0.1:{port}")),
-            ("CORE_URL", rig.proxy.url()),
-            ("PROJECTOR_MAX_DELIVERIES", "2".to_owned()),
-            ("PROJECTOR_RETRY_BASE_MS", "50".to_owned()),
-            ("PROJECTOR_RETRY_MAX_MS", "200".to_owned()),
-            ("PROJECTOR_TAX_SWEEP_SECS", "1".to_owned()),
-            ("PROJECTOR_TAX_SWEEP_OVERLAP_SECS", "0".to_owned()),
-        ]
-        .map(|(k, v)| (k.to_owned(), v)),
-    );
-    let mut process = ServiceProcess::start("projector", env).unwrap();
-    let base = format!("http://127.0.0.1:{port}");
-    bank_tests::procs::wait_ready(&base).await.unwrap();
+    let (mut process, base) = sweeping_projector(&rig, 0, []).await;
     let p = bank_tests::Api::new(base.clone(), None);
     let metric = |name: &'static str| {
         let base = base.clone();
@@ -1467,26 +1451,10 @@ async fn b23_the_tax_sweep_reads_each_entry_once_and_retries_only_what_failed() 
 async fn b23_the_tax_sweep_finds_an_entry_committed_after_passes_read_past_its_stamp() {
     let rig = Rig::new().await;
     let account = rig.core.api.funded_account(10_000_000).await;
-    let port = bank_tests::nats::free_port();
-    let mut env = projector_env(&rig);
-    env.extend(
-        [
-            ("PROJECTOR_HTTP_ADDR", format!("127.0.0.1:{port}")),
-            ("CORE_URL", rig.proxy.url()),
-            ("PROJECTOR_MAX_DELIVERIES", "2".to_owned()),
-            ("PROJECTOR_RETRY_BASE_MS", "50".to_owned()),
-            ("PROJECTOR_RETRY_MAX_MS", "200".to_owned()),
-            ("PROJECTOR_TAX_SWEEP_SECS", "1".to_owned()),
-            ("PROJECTOR_TAX_SWEEP_OVERLAP_SECS", "60".to_owned()),
-            // The interest entry's apply waits for the lock as long as the
-            // test holds it, in one transaction (one stamp).
-            ("DATABASE_LOCK_TIMEOUT_MS", "30000".to_owned()),
-        ]
-        .map(|(k, v)| (k.to_owned(), v)),
-    );
-    let mut process = ServiceProcess::start("projector", env).unwrap();
-    let base = format!("http://127.0.0.1:{port}");
-    bank_tests::procs::wait_ready(&base).await.unwrap();
+    // The interest entry's apply waits for the lock as long as the test
+    // holds it, in one transaction (one stamp).
+    let (mut process, base) =
+        sweeping_projector(&rig, 60, [("DATABASE_LOCK_TIMEOUT_MS", "30000")]).await;
     let p = bank_tests::Api::new(base.clone(), None);
     rig.wait_synced(&account, 1, Duration::from_secs(30)).await;
     rig.core.api.advance_business_date(3).await;
@@ -1520,6 +1488,35 @@ async fn b23_the_tax_sweep_finds_an_entry_committed_after_passes_read_past_its_s
         process.terminate(Duration::from_secs(30)).await.unwrap(),
         Some(0)
     );
+}
+
+/// A projector process reaching the core through the proxy, giving up on
+/// a message after two deliveries and sweeping every second with an overlap
+/// of `overlap_secs`; `extra` settings on top. The process and its base URL.
+async fn sweeping_projector<const N: usize>(
+    rig: &Rig,
+    overlap_secs: u64,
+    extra: [(&str, &str); N],
+) -> (ServiceProcess, String) {
+    let port = bank_tests::nats::free_port();
+    let mut env = projector_env(rig);
+    env.extend(
+        [
+            ("PROJECTOR_HTTP_ADDR", format!("127.0.0.1:{port}")),
+            ("CORE_URL", rig.proxy.url()),
+            ("PROJECTOR_MAX_DELIVERIES", "2".to_owned()),
+            ("PROJECTOR_RETRY_BASE_MS", "50".to_owned()),
+            ("PROJECTOR_RETRY_MAX_MS", "200".to_owned()),
+            ("PROJECTOR_TAX_SWEEP_SECS", "1".to_owned()),
+            ("PROJECTOR_TAX_SWEEP_OVERLAP_SECS", overlap_secs.to_string()),
+        ]
+        .map(|(k, v)| (k.to_owned(), v)),
+    );
+    env.extend(extra.map(|(k, v)| (k.to_owned(), v.to_owned())));
+    let process = ServiceProcess::start("projector", env).unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    bank_tests::procs::wait_ready(&base).await.unwrap();
+    (process, base)
 }
 
 /// Waits until metric `name` of the service at `base` satisfies `ok`.

@@ -1104,18 +1104,7 @@ async fn b09_f1_a_request_whose_outcome_cannot_be_recorded_in_time_answers_pendi
         tokio::spawn(async move { send(&api, &from, &to, 1000).await })
     };
     let db_url = stack.transfer.db_url.clone();
-    let id = eventually("the pending row", Duration::from_secs(10), || async {
-        bank_tests::db::query_strings(
-            &db_url,
-            "SELECT transfer_id FROM transfer_requests WHERE status = 'pending'",
-        )
-        .await
-        .map_err(|e| e.to_string())?
-        .into_iter()
-        .next()
-        .ok_or_else(|| "none yet".to_owned())
-    })
-    .await;
+    let id = bank_tests::db::until_pending_transfer(&db_url).await;
     let lock = bank_tests::db::RowLock::channel_transfer(&db_url, &id)
         .await
         .unwrap();
