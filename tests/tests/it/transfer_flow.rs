@@ -481,6 +481,103 @@ async fn f3_a_gateway_status_between_channel_and_core_is_not_taken_as_a_refusal(
     }
 }
 
+/// The core unavailable for a moment (a 5xx: restarting behind a gateway,
+/// overloaded, `account_busy`) is called again with backoff within the
+/// core timeout, with the same transfer id: the customer gets the outcome,
+/// not a pending transfer that would be fenced after the TTL. Here the
+/// first 503 comes from a gateway that passes the request on later anyway
+/// (nobody hears the core's answer): the same id executes once.
+#[tokio::test]
+async fn f3_f7_a_core_answering_503_is_called_again_and_the_money_moves_once() {
+    let stack = Stack::start(fast(60, 3000)).await.unwrap();
+    let (_, from, api) = stack.customer_with_account(10_000).await;
+    let to = stack.core.api.funded_account(0).await;
+    stack.proxy.add(
+        Some(Method::POST),
+        "/v1/transfers",
+        Action::FailAndHold(503),
+        Some(1),
+    );
+    stack.proxy.add(
+        Some(Method::POST),
+        "/v1/transfers",
+        Action::Fail(503),
+        Some(1),
+    );
+    let r = send(&api, &from, &to, 1000).await.expect(200);
+    assert_eq!(r.str("status"), "succeeded", "{}", r.body);
+    let posts = || {
+        stack
+            .proxy
+            .seen()
+            .into_iter()
+            .filter(|(m, p, _)| m == Method::POST && p == "/v1/transfers")
+            .count()
+    };
+    assert_eq!(posts(), 3, "two 503s, then the core's answer");
+    // The copy the gateway held reaches the core after the answer: the
+    // core answers it as the transfer it already executed.
+    let answered = |status: u16| {
+        stack
+            .proxy
+            .answered()
+            .into_iter()
+            .filter(|(m, p, s)| m == Method::POST && p == "/v1/transfers" && *s == status)
+            .count()
+    };
+    assert_eq!(answered(200), 1);
+    stack.proxy.release_held();
+    eventually(
+        "the held copy answered by the core",
+        Duration::from_secs(10),
+        || async {
+            match answered(200) {
+                2 => Ok(()),
+                n => Err(format!("{n} answered 200")),
+            }
+        },
+    )
+    .await;
+    assert_eq!(stack.core.api.balance(&from).await, 9_000, "moved once");
+    assert_eq!(stack.core.api.balance(&to).await, 1_000);
+}
+
+/// B11 with a core that keeps answering 503: the calls are repeated only
+/// while the core timeout leaves room, then the customer hears 202 pending
+/// (never an error for a transfer that may yet move money), and the
+/// transfer ends through the fence after the TTL, as a lost request (F3).
+#[tokio::test]
+async fn b11_f3_a_core_unavailable_for_the_whole_core_timeout_answers_pending_then_fails() {
+    let core_timeout = Duration::from_millis(3000);
+    let stack = Stack::start(fast(2, core_timeout.as_millis() as u64))
+        .await
+        .unwrap();
+    let (_, from, api) = stack.customer_with_account(10_000).await;
+    let to = stack.core.api.funded_account(0).await;
+    stack
+        .proxy
+        .add(Some(Method::POST), "/v1/transfers", Action::Fail(503), None);
+    let started = Instant::now();
+    let r = send(&api, &from, &to, 1000).await.expect(202);
+    let took = started.elapsed();
+    assert_eq!(r.str("status"), "pending", "{}", r.body);
+    assert!(took < core_timeout, "answered after {took:?}");
+    let posts = stack
+        .proxy
+        .seen()
+        .into_iter()
+        .filter(|(m, p, _)| m == Method::POST && p == "/v1/transfers")
+        .count();
+    assert!(posts >= 3, "called {posts} times");
+    // The core back (and its fence reachable): the transfer it never
+    // executed is failed by the fence after the TTL.
+    stack.proxy.clear();
+    let id = r.str("transfer_id");
+    let done = wait_status(&api, &id, "failed", Duration::from_secs(15)).await;
+    assert_eq!(done["reason"], "never_received", "{done}");
+    assert_eq!(stack.core.api.balance(&from).await, 10_000);
+}
+
 #[tokio::test]
 async fn b11_timeout_answers_pending_and_the_result_arrives_without_another_request() {
     let stack = Stack::start(fast(60, 300)).await.unwrap();

@@ -5,7 +5,8 @@
 //!    `requested_at`, and `bank.transfer.requested` is enqueued, in one
 //!    transaction. The partial unique index refuses a second pending
 //!    transfer from the same account (`transfer_in_progress`, B10).
-//! 3. The core is called with `CORE_TIMEOUT_MS`. Success or refusal resolves
+//! 3. The core is called within `CORE_TIMEOUT_MS` (again, with backoff,
+//!    while it is unavailable and the budget leaves room). Success or refusal resolves
 //!    the transfer at once; a timeout or an unreachable core leaves it
 //!    pending (the customer gets 202) and hands it to a resolver that polls
 //!    the core's status, and, after the TTL, fences it (B11, B12). So does
@@ -14,6 +15,7 @@
 
 use std::time::Duration;
 
+use backon::{ExponentialBuilder, Retryable};
 use common::events::TransferStatus;
 use common::time::now_micros;
 use common::{AccountId, Amount, CustomerId, TransferId};
@@ -28,6 +30,12 @@ use crate::core_client::{CoreClient, CoreError};
 /// Attempts at inserting a pending transfer while the account's previous one
 /// keeps resolving between the conflict and the look-up (2, 4, 8, 16 ms apart).
 const IN_PROGRESS_ATTEMPTS: u32 = 5;
+
+/// Pauses between calls to a core that is unavailable (jittered, doubling).
+const UNAVAILABLE_RETRY_MIN: Duration = Duration::from_millis(50);
+const UNAVAILABLE_RETRY_MAX: Duration = Duration::from_millis(400);
+/// The least time a repeated call to the core gets to answer.
+const UNAVAILABLE_RETRY_ROOM: Duration = Duration::from_millis(500);
 
 /// What the customer asked for.
 #[derive(Debug, Clone)]
@@ -227,18 +235,43 @@ impl TransferService {
     /// transfer as it then stands (still pending, handed to a resolver,
     /// when the outcome is not known).
     async fn execute(&self, req: TransferRequest) -> TransferRequest {
-        let answer = self
-            .core
-            .transfer(
-                &req.transfer_id,
-                &req.from_account,
-                &req.to_account,
-                req.amount,
-                req.requested_at,
-                req.memo.as_deref(),
-                self.core_timeout,
-            )
-            .await;
+        // The core may be briefly unreachable (restarting) or answer 503
+        // (overloaded, `account_busy`): nothing executed, or, if a gateway
+        // answered while the request went on, the same transfer id is
+        // executed at most once whatever the number of copies. So the call
+        // is repeated with backoff while the core timeout leaves room for
+        // an answer, instead of leaving the transfer to be fenced after the
+        // TTL. A timeout is not repeated: it has used up the budget.
+        let deadline = tokio::time::Instant::now() + self.core_timeout;
+        let answer = (|| async {
+            self.core
+                .transfer(
+                    &req.transfer_id,
+                    &req.from_account,
+                    &req.to_account,
+                    req.amount,
+                    req.requested_at,
+                    req.memo.as_deref(),
+                    deadline.saturating_duration_since(tokio::time::Instant::now()),
+                )
+                .await
+        })
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(UNAVAILABLE_RETRY_MIN)
+                .with_max_delay(UNAVAILABLE_RETRY_MAX)
+                .without_max_times()
+                .with_jitter(),
+        )
+        .when(|e: &CoreError| {
+            matches!(e, CoreError::Unavailable(_))
+                && deadline.saturating_duration_since(tokio::time::Instant::now())
+                    > UNAVAILABLE_RETRY_MAX + UNAVAILABLE_RETRY_ROOM
+        })
+        .notify(|e: &CoreError, wait: Duration| {
+            tracing::info!(transfer_id = %req.transfer_id, error = %e, wait_ms = wait.as_millis() as u64, "the core is unavailable; calling it again");
+        })
+        .await;
         let resolution = match answer {
             Ok(t) => Some(super::reconciler::resolution(&t)),
             Err(CoreError::Refused {
