@@ -59,7 +59,8 @@ impl Action {
 pub struct Rule {
     /// Method to match (`None`: any).
     pub method: Option<Method>,
-    /// Substring the path must contain.
+    /// Substring the path must contain; with a trailing `$`, the whole
+    /// path (`/v1/transfers$` matches that path, not `/v1/transfers/{id}`).
     pub path_contains: String,
     /// What to do.
     pub action: Action,
@@ -219,7 +220,11 @@ fn action_for(shared: &Shared, method: &Method, path: &str) -> (Action, u64) {
     };
     for rule in rules.iter_mut() {
         let method_ok = rule.method.as_ref().is_none_or(|m| m == method);
-        if method_ok && path.contains(&rule.path_contains) && rule.times != Some(0) {
+        let path_ok = match rule.path_contains.strip_suffix('$') {
+            Some(whole) => path == whole,
+            None => path.contains(&rule.path_contains),
+        };
+        if method_ok && path_ok && rule.times != Some(0) {
             if let Some(t) = rule.times.as_mut() {
                 *t -= 1;
             }

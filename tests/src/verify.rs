@@ -6,8 +6,11 @@ use sea_orm::{ConnectionTrait, Database, Statement};
 
 use crate::client::Api;
 
-/// One entry reduced to what must match between core and channel.
-pub type EntryKey = (i64, String, String, String, Option<String>);
+/// One entry as it must match between core and channel: seq, kind,
+/// amount, balance after, transfer id, and the rest (`occurred_at` in
+/// microseconds, business date, deposit id, payout id, counterparty, memo)
+/// joined by `|`.
+pub type EntryKey = (i64, String, String, String, Option<String>, String);
 
 /// An account's history in the channel database, ascending.
 pub async fn channel_history(channel_db_url: &str, account: &str) -> anyhow::Result<Vec<EntryKey>> {
@@ -15,7 +18,10 @@ pub async fn channel_history(channel_db_url: &str, account: &str) -> anyhow::Res
     let rows = db
         .query_all_raw(Statement::from_sql_and_values(
             db.get_database_backend(),
-            "SELECT seq, kind, amount::text AS amount, balance_after::text AS balance, transfer_id \
+            "SELECT seq, kind, amount::text AS amount, balance_after::text AS balance, transfer_id, \
+                    concat_ws('|', (extract(epoch FROM occurred_at) * 1000000)::bigint, business_date::text, \
+                      coalesce(deposit_id, ''), coalesce(payout_id, ''), coalesce(counterparty, ''), \
+                      coalesce(memo, '')) AS rest \
              FROM history_entries WHERE account_id = $1 ORDER BY seq",
             [account.into()],
         ))
@@ -28,6 +34,7 @@ pub async fn channel_history(channel_db_url: &str, account: &str) -> anyhow::Res
             r.try_get("", "amount")?,
             r.try_get("", "balance")?,
             r.try_get("", "transfer_id")?,
+            r.try_get("", "rest")?,
         ));
     }
     db.close().await?;
@@ -46,6 +53,7 @@ pub async fn core_ledger(core: &Api, account: &str) -> Vec<EntryKey> {
                 e["amount"].as_str().unwrap_or("").to_owned(),
                 e["balance_after"].as_str().unwrap_or("").to_owned(),
                 e["transfer_id"].as_str().map(str::to_owned),
+                rest(&e),
             )
         })
         .collect()
@@ -75,4 +83,21 @@ pub async fn history_mismatches(
         }
     }
     Ok(out)
+}
+
+/// The rest of a core entry, as [`channel_history`] joins it.
+fn rest(e: &serde_json::Value) -> String {
+    let text = |k: &str| e[k].as_str().unwrap_or("").to_owned();
+    let occurred = chrono::DateTime::parse_from_rfc3339(e["occurred_at"].as_str().unwrap_or(""))
+        .map(|t| t.timestamp_micros().to_string())
+        .unwrap_or_else(|_| format!("unparsed {}", e["occurred_at"]));
+    [
+        occurred,
+        text("business_date"),
+        text("deposit_id"),
+        text("payout_id"),
+        text("counterparty"),
+        text("memo"),
+    ]
+    .join("|")
 }

@@ -229,6 +229,8 @@ async fn run(args: &Args, seed: u64) -> anyhow::Result<bool> {
     while started.elapsed() < Duration::from_secs(args.secs) {
         let pause = Duration::from_millis(rng.random_range(1_000..4_000));
         tokio::time::sleep(pause).await;
+        // Copies a gateway kept after answering go on to the core now.
+        proxy.release_held();
         let fault = rng.random_range(0..12);
         let name = match fault {
             0 => {
@@ -283,22 +285,49 @@ async fn run(args: &Args, seed: u64) -> anyhow::Result<bool> {
                 let d = Duration::from_millis(rng.random_range(1_200..4_000));
                 proxy.add(
                     Some(axum::http::Method::POST),
-                    "/v1/transfers",
+                    TRANSFER_CALLS,
                     Action::DelayResponse(d),
                     Some(n),
                 );
-                "delay core answers"
+                DELAY_ANSWERS
             }
-            7 => {
-                let n = rng.random_range(1..4);
-                proxy.add(
-                    Some(axum::http::Method::POST),
-                    "/v1/transfers",
-                    Action::Drop,
-                    Some(n),
-                );
-                "drop requests to the core"
-            }
+            7 => match rng.random_range(0..3) {
+                0 => {
+                    let n = rng.random_range(1..4);
+                    proxy.add(
+                        Some(axum::http::Method::POST),
+                        TRANSFER_CALLS,
+                        Action::Drop,
+                        Some(n),
+                    );
+                    DROP_REQUESTS
+                }
+                1 => {
+                    // F4: the request reaches the core after the channel
+                    // fenced it (TTL 8 s + fence margin 2 s): refused.
+                    let d = Duration::from_millis(rng.random_range(11_000..14_000));
+                    proxy.add(
+                        Some(axum::http::Method::POST),
+                        TRANSFER_CALLS,
+                        Action::DelayRequest(d),
+                        Some(1),
+                    );
+                    LATE_REQUESTS
+                }
+                _ => {
+                    // A gateway answers 503 and passes the request on
+                    // later anyway (at the next fault's release): the
+                    // channel calls again with the same id.
+                    let n = rng.random_range(1..4);
+                    proxy.add(
+                        Some(axum::http::Method::POST),
+                        TRANSFER_CALLS,
+                        Action::FailAndHold(503),
+                        Some(n),
+                    );
+                    GATEWAY_503
+                }
+            },
             8 => {
                 let victim = &accounts[rng.random_range(0..accounts.len())];
                 let js = nats.jetstream().await?;
@@ -312,7 +341,8 @@ async fn run(args: &Args, seed: u64) -> anyhow::Result<bool> {
                 {
                     poison_sent += 1;
                 }
-                "publish a poison message"
+                // Counted as drawn either way; poison_sent counts what took effect.
+                POISON
             }
             9 if rng.random_bool(0.5) => {
                 // Payouts whose events never reach the projector: it is
@@ -345,14 +375,16 @@ async fn run(args: &Args, seed: u64) -> anyhow::Result<bool> {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 let after = stream.info().await?.state.last_sequence;
+                let mut deleted = 0;
                 for seq in before + 1..=after {
-                    if stream.delete_message(seq).await.unwrap_or(false) {
-                        interest_events_deleted += 1;
+                    if stream.delete_message(seq).await? {
+                        deleted += 1;
                     }
                 }
+                interest_events_deleted += deleted;
                 svc.projector.restart()?;
                 wait_ready(&svc.projector_url).await?;
-                "lose interest events (projector down, messages deleted)"
+                LOSE_INTEREST_EVENTS
             }
             9 => {
                 // An interest event the core never published, for a payout
@@ -381,7 +413,7 @@ async fn run(args: &Args, seed: u64) -> anyhow::Result<bool> {
                 {
                     forged_sent += 1;
                 }
-                "publish a forged interest event"
+                FORGED
             }
             10 => {
                 // Another transaction (a payout on the legacy calculation
@@ -435,7 +467,11 @@ async fn run(args: &Args, seed: u64) -> anyhow::Result<bool> {
         .await?;
         let diff = bank_tests::verify::history_mismatches(&core, &channel_db, &accounts).await?;
         let (paid, taxed) = payouts_and_tax_records(&core_db, &channel_db).await?;
-        if pending == ["0"] && backlog == ["0"] && diff.is_empty() && paid == taxed {
+        // Every letter in (a read that fails is "not yet").
+        let lettered = DeadLetters::read(&nats)
+            .await
+            .is_ok_and(|l| l.poisoned.len() as u64 == poison_sent && l.forged == forged_sent);
+        if pending == ["0"] && backlog == ["0"] && diff.is_empty() && paid == taxed && lettered {
             converged = true;
             break;
         }
@@ -466,7 +502,7 @@ async fn run(args: &Args, seed: u64) -> anyhow::Result<bool> {
         format!("{unclean_exits} did not"),
     );
     check(
-        "every load client ran to the end (a definitive answer to each request)",
+        "every load client ran to the end (no client task panicked)",
         load_failures.is_empty(),
         format!("{} failed: {load_failures:?}", load_failures.len()),
     );
@@ -477,21 +513,36 @@ async fn run(args: &Args, seed: u64) -> anyhow::Result<bool> {
         format!("{batch_failures} failed batches"),
     );
     let applied = proxy.applied();
-    let took = |name: &str| applied.iter().filter(|(_, _, a)| *a == name).count();
-    let (delays, drops) = (took("delay response"), took("drop"));
+    let took = |name: &str| applied.iter().filter(|(_, _, a)| *a == name).count() as u64;
     let drawn = |name: &str| faults.get(name).copied().unwrap_or(0);
-    let (delay_rules, drop_rules) = (
-        drawn("delay core answers"),
-        drawn("drop requests to the core"),
-    );
-    // A rule added just before the faults stop may be cleared before a
-    // request meets it; two or more drawn must have taken effect.
-    check(
-        "the proxy's faults took effect",
-        (delay_rules < 2 || delays > 0) && (drop_rules < 2 || drops > 0),
-        format!(
-            "{delays} answers delayed ({delay_rules} rules), {drops} requests dropped ({drop_rules} rules)"
+    // A fault drawn just before the faults stop may end before it takes
+    // effect (a proxy rule cleared before a request meets it); each kind
+    // drawn twice or more must have taken effect at least once.
+    let effects = [
+        (DELAY_ANSWERS, took("delay response"), "answers delayed"),
+        (DROP_REQUESTS, took("drop"), "requests dropped"),
+        (
+            LATE_REQUESTS,
+            took("delay request"),
+            "requests delivered late",
         ),
+        (GATEWAY_503, took("fail and hold"), "gateway 503s"),
+        (POISON, poison_sent, "poison messages published"),
+        (FORGED, forged_sent, "forged events published"),
+        (
+            LOSE_INTEREST_EVENTS,
+            interest_events_deleted,
+            "interest events deleted",
+        ),
+    ];
+    check(
+        "every kind of fault drawn twice or more took effect",
+        effects.iter().all(|(kind, n, _)| drawn(kind) < 2 || *n > 0),
+        effects
+            .iter()
+            .map(|(kind, n, what)| format!("{n} {what} ({} drawn)", drawn(kind)))
+            .collect::<Vec<_>>()
+            .join(", "),
     );
     let book = book.lock().await;
     let mut total = 0i128;
@@ -518,6 +569,10 @@ async fn run(args: &Args, seed: u64) -> anyhow::Result<bool> {
         dup == ["0"],
         format!("{} anomalies", dup[0]),
     );
+    for (name, sql) in LEDGER_CONSISTENCY {
+        let n = bank_tests::db::query_strings(&core_db, sql).await?;
+        check(name, n == ["0"], format!("{} violations", n[0]));
+    }
     let pending = bank_tests::db::query_strings(
         &channel_db,
         "SELECT count(*)::text FROM transfer_requests WHERE status = 'pending'",
@@ -546,6 +601,45 @@ async fn run(args: &Args, seed: u64) -> anyhow::Result<bool> {
             channel_ok.len(),
             core_ok.len(),
             book.transfer_ids.len()
+        ),
+    );
+    // Every transfer id a customer was given is the channel's, resolved as
+    // the customer was told.
+    let channel: HashMap<String, String> = bank_tests::db::query_strings(
+        &channel_db,
+        "SELECT transfer_id || ' ' || status FROM transfer_requests",
+    )
+    .await?
+    .into_iter()
+    .filter_map(|row| {
+        row.split_once(' ')
+            .map(|(id, status)| (id.to_owned(), status.to_owned()))
+    })
+    .collect();
+    let status_of = |id: &String| channel.get(id).map(String::as_str);
+    let unknown: Vec<&String> = book
+        .transfer_ids
+        .iter()
+        .filter(|id| !matches!(status_of(id), Some("succeeded" | "failed")))
+        .collect();
+    let misrecorded: Vec<&String> = book
+        .told_succeeded
+        .iter()
+        .filter(|id| status_of(id) != Some("succeeded"))
+        .chain(
+            book.told_failed
+                .iter()
+                .filter(|id| status_of(id) != Some("failed")),
+        )
+        .collect();
+    check(
+        "every transfer id a customer was given is resolved at the channel as the customer was told",
+        unknown.is_empty() && misrecorded.is_empty(),
+        format!(
+            "{} ids given; missing or unresolved (first 5): {:?}; recorded otherwise than told (first 5): {:?}",
+            book.transfer_ids.len(),
+            &unknown[..unknown.len().min(5)],
+            &misrecorded[..misrecorded.len().min(5)]
         ),
     );
     let succeeded_at_core: std::collections::HashSet<&String> = core_ok.iter().collect();
@@ -596,41 +690,13 @@ async fn run(args: &Args, seed: u64) -> anyhow::Result<bool> {
                 .collect::<Vec<_>>()
         ),
     );
-    let js = nats.jetstream().await?;
-    let dlq = stream_messages(&js, "DLQ").await.unwrap_or_default();
-    let forged_letters = dlq
-        .iter()
-        .filter(|m| {
-            m.subject.as_str() == "bank.dlq.bank.interest.paid"
-                && String::from_utf8_lossy(&m.payload).contains("\"forged\"")
-        })
-        .count() as u64;
+    let letters = DeadLetters::read(&nats).await?;
     check(
         "every forged interest event is dead-lettered (and none is a tax record)",
-        forged_letters == forged_sent,
-        format!("{forged_sent} published, {forged_letters} dead-lettered"),
+        letters.forged == forged_sent,
+        format!("{forged_sent} published, {} dead-lettered", letters.forged),
     );
-    // Letters of poison messages, grouped by the poison's sequence in LEDGER.
-    let mut poison: std::collections::BTreeMap<String, Vec<String>> = Default::default();
-    for m in &dlq {
-        if String::from_utf8_lossy(&m.payload).contains("\"poison\"") {
-            let h = |name: &str| {
-                m.headers
-                    .get(name)
-                    .map(|v| v.to_string())
-                    .unwrap_or_default()
-            };
-            poison
-                .entry(h("Bank-Dlq-Stream-Seq"))
-                .or_default()
-                .push(format!(
-                    "dlq seq {} at {} after {} deliveries",
-                    m.sequence,
-                    m.time,
-                    h("Bank-Dlq-Deliveries")
-                ));
-        }
-    }
+    let poison = &letters.poisoned;
     let copies: usize = poison.values().map(Vec::len).sum();
     for (seq, letters) in poison.iter().filter(|(_, l)| l.len() > 1) {
         println!(
@@ -644,7 +710,7 @@ async fn run(args: &Args, seed: u64) -> anyhow::Result<bool> {
         format!(
             "{poison_sent} sent, {} dead-lettered ({copies} letters), {} dead letters in all",
             poison.len(),
-            dlq.len()
+            letters.total
         ),
     );
     drop(book);
@@ -654,7 +720,102 @@ async fn run(args: &Args, seed: u64) -> anyhow::Result<bool> {
     Ok(all_ok)
 }
 
+/// The core's own records agree with each other; each query counts the
+/// violations of one rule.
+const LEDGER_CONSISTENCY: [(&str, &str); 4] = [
+    (
+        "every transfer the core records as succeeded has its two entries (amounts, accounts, seqs), every failed one none",
+        "SELECT count(*)::text FROM transfers t WHERE CASE t.status \
+           WHEN 'succeeded' THEN NOT ( \
+             EXISTS (SELECT 1 FROM ledger_entries e WHERE e.account_id = t.from_account AND e.seq = t.from_seq \
+                       AND e.transfer_id = t.transfer_id AND e.kind = 'transfer_out' AND e.amount = -t.amount) \
+             AND EXISTS (SELECT 1 FROM ledger_entries e WHERE e.account_id = t.to_account AND e.seq = t.to_seq \
+                       AND e.transfer_id = t.transfer_id AND e.kind = 'transfer_in' AND e.amount = t.amount)) \
+           ELSE EXISTS (SELECT 1 FROM ledger_entries e WHERE e.transfer_id = t.transfer_id) END",
+    ),
+    (
+        "no ledger entry names a transfer the core does not record as succeeded",
+        "SELECT count(*)::text FROM ledger_entries e WHERE e.transfer_id IS NOT NULL AND NOT EXISTS \
+           (SELECT 1 FROM transfers t WHERE t.transfer_id = e.transfer_id AND t.status = 'succeeded')",
+    ),
+    (
+        "every account's entries run 1, 2, 3... each balance the one before plus the amount",
+        "SELECT count(*)::text FROM (SELECT seq, amount, balance_after, \
+             row_number() OVER w AS n, lag(balance_after, 1, 0::numeric) OVER w AS before \
+           FROM ledger_entries WINDOW w AS (PARTITION BY account_id ORDER BY seq)) x \
+         WHERE seq <> n OR balance_after <> before + amount",
+    ),
+    (
+        "every account's balance and last seq are its last entry's",
+        "SELECT count(*)::text FROM accounts a LEFT JOIN LATERAL (SELECT seq, balance_after FROM ledger_entries e \
+           WHERE e.account_id = a.account_id ORDER BY seq DESC LIMIT 1) l ON true \
+         WHERE a.balance <> coalesce(l.balance_after, 0) OR a.last_seq <> coalesce(l.seq, 0)",
+    ),
+];
+
+/// What the dead-letter stream holds of the campaign's faults.
+struct DeadLetters {
+    /// Letters of poison messages, by the poison's sequence in `LEDGER`.
+    poisoned: BTreeMap<String, Vec<String>>,
+    /// Letters of forged interest events.
+    forged: u64,
+    /// Every letter.
+    total: usize,
+}
+
+impl DeadLetters {
+    async fn read(nats: &NatsServer) -> anyhow::Result<Self> {
+        let js = nats.jetstream().await?;
+        let dlq = stream_messages(&js, "DLQ").await?;
+        let forged = dlq
+            .iter()
+            .filter(|m| {
+                m.subject.as_str() == "bank.dlq.bank.interest.paid"
+                    && String::from_utf8_lossy(&m.payload).contains("\"forged\"")
+            })
+            .count() as u64;
+        let mut poisoned: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for m in &dlq {
+            if String::from_utf8_lossy(&m.payload).contains("\"poison\"") {
+                let h = |name: &str| {
+                    m.headers
+                        .get(name)
+                        .map(|v| v.to_string())
+                        .unwrap_or_default()
+                };
+                poisoned
+                    .entry(h("Bank-Dlq-Stream-Seq"))
+                    .or_default()
+                    .push(format!(
+                        "dlq seq {} at {} after {} deliveries",
+                        m.sequence,
+                        m.time,
+                        h("Bank-Dlq-Deliveries")
+                    ));
+            }
+        }
+        Ok(Self {
+            poisoned,
+            forged,
+            total: dlq.len(),
+        })
+    }
+}
+
 const LEDGER_BATCH_FAILURES: &str = "ledger_batch_failures_total";
+
+/// The transfer service's calls that execute a transfer (not the fence at
+/// `/v1/transfers/{id}/fence`).
+const TRANSFER_CALLS: &str = "/v1/transfers$";
+
+// Names of the faults whose effect is checked.
+const DELAY_ANSWERS: &str = "delay core answers";
+const DROP_REQUESTS: &str = "drop requests to the core";
+const LATE_REQUESTS: &str = "deliver a request to the core after the channel fenced it";
+const GATEWAY_503: &str = "a gateway answers 503 and passes the request on later";
+const POISON: &str = "publish a poison message";
+const FORGED: &str = "publish a forged interest event";
+const LOSE_INTEREST_EVENTS: &str = "lose interest events (projector down, messages deleted)";
 
 /// A counter of the running core (counters start again at 0 when it does:
 /// read it before each restart and add up).
