@@ -895,9 +895,13 @@ def policy(objs: list[dict], exp: dict, errors: list[str]) -> None:
             errors.append(f"{w}: SHUTDOWN_DRAIN_DELAY_MS=5000 expected, got {drain!r}")
         else:
             timeout_ms = int(env.get("HTTP_REQUEST_TIMEOUT_MS") or 30000)
+            # The transfer service then waits for executions that outlived
+            # their answers: at most CORE_TIMEOUT_MS (3000 in bank-config.env)
+            # + 7000 ms.
+            executions_ms = 3000 + 7000 if svc == "transfer" else 0
             grace = pod.get("terminationGracePeriodSeconds", 30)
-            if grace * 1000 <= int(drain) + timeout_ms:
-                errors.append(f"{w}: terminationGracePeriodSeconds {grace} does not cover drain {drain} ms + request timeout {timeout_ms} ms")
+            if grace * 1000 <= int(drain) + timeout_ms + executions_ms:
+                errors.append(f"{w}: terminationGracePeriodSeconds {grace} does not cover drain {drain} ms + request timeout {timeout_ms} ms + executions {executions_ms} ms")
         # Service, PodDisruptionBudget, autoscaler.
         s = by.get(("Service", svc))
         if not s:

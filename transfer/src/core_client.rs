@@ -49,6 +49,10 @@ pub enum CoreError {
     /// The core could not be reached or failed (connection refused, 5xx).
     #[error("the core is unavailable: {0}")]
     Unavailable(String),
+    /// The core is shedding load (503 `overloaded`: its queue is full);
+    /// nothing executed. Calling it again at once would add to the load.
+    #[error("the core is overloaded")]
+    Overloaded,
     /// The core answered with an error in the API.md shape.
     #[error("the core answered {status} {code}: {message}")]
     Refused {
@@ -76,7 +80,10 @@ impl CoreError {
     /// True when no answer came from the core (it timed out, could not be
     /// reached, or failed with a 5xx): a later request may succeed.
     pub fn is_unreachable(&self) -> bool {
-        matches!(self, CoreError::Timeout(_) | CoreError::Unavailable(_))
+        matches!(
+            self,
+            CoreError::Timeout(_) | CoreError::Unavailable(_) | CoreError::Overloaded
+        )
     }
 
     /// True when the core answered that it has no such account (404
@@ -252,10 +259,14 @@ impl CoreClient {
                 return serde_json::from_slice(&bytes)
                     .map_err(|e| CoreError::Unexpected(e.to_string()));
             }
-            if status >= 500 {
-                return Err(CoreError::Unavailable(format!("status {status}")));
-            }
             let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            if status >= 500 {
+                return Err(match body["error"]["code"].as_str() {
+                    Some("overloaded") if status == 503 => CoreError::Overloaded,
+                    Some(code) => CoreError::Unavailable(format!("status {status} {code}")),
+                    None => CoreError::Unavailable(format!("status {status}")),
+                });
+            }
             Err(CoreError::Refused {
                 status,
                 code: body["error"]["code"]
@@ -272,6 +283,7 @@ impl CoreClient {
             Ok(_) => "ok",
             Err(CoreError::Timeout(_)) => "timeout",
             Err(CoreError::Unavailable(_)) => "unavailable",
+            Err(CoreError::Overloaded) => "overloaded",
             Err(CoreError::Refused { .. }) => "refused",
             Err(CoreError::Unexpected(_)) => "unexpected",
         };

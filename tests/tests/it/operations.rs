@@ -726,7 +726,7 @@ async fn b29_a_request_in_flight_at_sigterm_is_answered_before_the_service_exits
 /// leaving a transfer the core executed pending for the next process.
 #[tokio::test]
 async fn b29_the_transfer_service_finishes_executions_that_outlived_their_answers_before_exiting() {
-    let core_timeout_ms = 2_000;
+    let core_timeout_ms = 5_000;
     let (_nats, proxy, mut stack) = proc_stack_behind_a_proxy([
         ("CORE_TIMEOUT_MS", core_timeout_ms.to_string()),
         // The least the service accepts: the core's wait, a fence call and
@@ -746,14 +746,14 @@ async fn b29_the_transfer_service_finishes_executions_that_outlived_their_answer
     wait_ready(&stack.transfer_base()).await.unwrap();
     let core = stack.core_api();
     let (customer, from, to) = customer_with_two_accounts(&core, "Outlived", 1_000).await;
-    // The core's answer comes 1 s late (within the core timeout): time to
+    // The core's answer comes 3 s late (within the core timeout): time to
     // take the lock on the pending row before the answer is recorded.
     let request = transfer_with_the_answer_delayed(
         &proxy,
         &stack,
         &customer,
         (&from, &to),
-        Duration::from_secs(1),
+        Duration::from_secs(3),
     );
     let db = stack.cfg.channel_db.clone();
     let id = bank_tests::db::until_pending_transfer(&db).await;

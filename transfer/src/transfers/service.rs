@@ -31,7 +31,8 @@ use crate::core_client::{CoreClient, CoreError};
 /// keeps resolving between the conflict and the look-up (2, 4, 8, 16 ms apart).
 const IN_PROGRESS_ATTEMPTS: u32 = 5;
 
-/// Pauses between calls to a core that is unavailable (jittered, doubling).
+/// Pauses between calls to a core that is unavailable (doubling, each
+/// with up to as much again of jitter).
 const UNAVAILABLE_RETRY_MIN: Duration = Duration::from_millis(50);
 const UNAVAILABLE_RETRY_MAX: Duration = Duration::from_millis(400);
 /// The least time a repeated call to the core gets to answer.
@@ -235,13 +236,15 @@ impl TransferService {
     /// transfer as it then stands (still pending, handed to a resolver,
     /// when the outcome is not known).
     async fn execute(&self, req: TransferRequest) -> TransferRequest {
-        // The core may be briefly unreachable (restarting) or answer 503
-        // (overloaded, `account_busy`): nothing executed, or, if a gateway
-        // answered while the request went on, the same transfer id is
-        // executed at most once whatever the number of copies. So the call
-        // is repeated with backoff while the core timeout leaves room for
-        // an answer, instead of leaving the transfer to be fenced after the
-        // TTL. A timeout is not repeated: it has used up the budget.
+        // The core may be briefly unreachable (restarting) or fail with a
+        // 5xx: nothing executed, or, if a gateway answered while the
+        // request went on, the same transfer id is executed at most once
+        // whatever the number of copies. So the call is repeated with
+        // backoff while the core timeout leaves room for an answer,
+        // instead of leaving the transfer to be fenced after the TTL. Not
+        // repeated: a timeout (it has used up the budget) and the core's
+        // own 503 `overloaded` (its queue is full: more calls would keep it
+        // full); those transfers stay pending for the resolver.
         let deadline = tokio::time::Instant::now() + self.core_timeout;
         let answer = (|| async {
             self.core
@@ -263,10 +266,12 @@ impl TransferService {
                 .without_max_times()
                 .with_jitter(),
         )
-        .when(|e: &CoreError| {
-            matches!(e, CoreError::Unavailable(_))
-                && deadline.saturating_duration_since(tokio::time::Instant::now())
-                    > UNAVAILABLE_RETRY_MAX + UNAVAILABLE_RETRY_ROOM
+        .when(|e: &CoreError| matches!(e, CoreError::Unavailable(_)))
+        // A pause never leaves the next call less than the room it needs:
+        // when it would, the last answer stands.
+        .adjust(|_, pause: Option<Duration>| {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            pause.filter(|p| left.saturating_sub(*p) >= UNAVAILABLE_RETRY_ROOM)
         })
         .notify(|e: &CoreError, wait: Duration| {
             tracing::info!(transfer_id = %req.transfer_id, error = %e, wait_ms = wait.as_millis() as u64, "the core is unavailable; calling it again");
