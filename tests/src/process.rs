@@ -85,7 +85,9 @@ pub struct ServiceProcess {
     env: HashMap<String, String>,
     args: Vec<String>,
     child: Option<Child>,
-    /// Its log lines (stdout), when started by [`ServiceProcess::restart_logged`].
+    /// Its log lines (stdout, over every start since the first logged one),
+    /// when started by [`ServiceProcess::start_logged`] or
+    /// [`ServiceProcess::restart_logged`].
     log: Option<std::sync::Arc<std::sync::Mutex<Vec<String>>>>,
 }
 
@@ -93,6 +95,21 @@ impl ServiceProcess {
     /// Starts `name` with `env` (added to the test's environment).
     pub fn start(name: &str, env: HashMap<String, String>) -> anyhow::Result<Self> {
         Self::start_with_args(name, &[], env)
+    }
+
+    /// Like [`ServiceProcess::start`], keeping its log lines (this start's
+    /// and every restart's) for [`ServiceProcess::until_logged`] and
+    /// [`ServiceProcess::logged`].
+    pub fn start_logged(name: &str, env: HashMap<String, String>) -> anyhow::Result<Self> {
+        let mut p = Self {
+            name: name.to_owned(),
+            env,
+            args: Vec::new(),
+            child: None,
+            log: Some(Default::default()),
+        };
+        p.restart()?;
+        Ok(p)
     }
 
     /// Starts `name args...` with `env`.
@@ -113,16 +130,28 @@ impl ServiceProcess {
     }
 
     /// Starts it again (after a kill), keeping its log lines from now on
-    /// (at `info` and above unless `TEST_LOG` says otherwise) for
-    /// [`ServiceProcess::until_logged`].
+    /// (at `warn` and above unless `TEST_LOG` says otherwise) for
+    /// [`ServiceProcess::until_logged`] and [`ServiceProcess::logged`].
     pub fn restart_logged(&mut self) -> anyhow::Result<()> {
-        self.log = Some(Default::default());
+        self.log.get_or_insert_with(Default::default);
         self.restart()
     }
 
+    /// How many of its kept log lines contain `needle` (0 when it keeps none).
+    pub fn logged(&self, needle: &str) -> usize {
+        self.log
+            .as_ref()
+            .and_then(|log| {
+                log.lock()
+                    .ok()
+                    .map(|lines| lines.iter().filter(|l| l.contains(needle)).count())
+            })
+            .unwrap_or(0)
+    }
+
     /// Waits (at most `within`, then fails the test) until a log line
-    /// containing `needle` was written; the line. Only for a process
-    /// started by [`ServiceProcess::restart_logged`].
+    /// containing `needle` was written; the line. Only for a process that
+    /// keeps its log lines.
     pub async fn until_logged(&self, needle: &str, within: Duration) -> String {
         let log = self.log.clone();
         crate::wait::eventually(&format!("{} to log {needle:?}", self.name), within, || {
@@ -142,8 +171,7 @@ impl ServiceProcess {
 
     /// Starts it again with the same settings (after a kill).
     pub fn restart(&mut self) -> anyhow::Result<()> {
-        let level = std::env::var("TEST_LOG")
-            .unwrap_or_else(|_| if self.log.is_some() { "info" } else { "warn" }.to_owned());
+        let level = std::env::var("TEST_LOG").unwrap_or_else(|_| "warn".to_owned());
         let mut child = dies_with_parent(binary(&self.name))
             .args(&self.args)
             .envs(&self.env)

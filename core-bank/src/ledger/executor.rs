@@ -377,6 +377,7 @@ async fn execute_batch(shared: &Arc<Shared>, jobs: Vec<Job>, isolate: Isolate, r
         }
         Err(e) => {
             metrics::counter!("ledger_batch_failures_total").increment(1);
+            tracing::error!(error = %e, size, "ledger batch failed; its commands are answered with the error");
             let err = match e {
                 BatchError::Db(db) => LedgerError::Db(db),
                 BatchError::Race => LedgerError::Overloaded,
