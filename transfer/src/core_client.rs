@@ -475,3 +475,61 @@ fn classify(e: reqwest::Error, timeout: Duration) -> CoreError {
         CoreError::Unavailable(e.to_string())
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::expect_used)]
+mod tests {
+    use std::time::Duration;
+
+    use axum::http::StatusCode;
+    use common::AccountId;
+    use serde_json::json;
+
+    use super::{CoreClient, CoreError};
+
+    /// A core answering every request with `status` and the error `code`.
+    async fn core_answering(status: StatusCode, code: &'static str) -> CoreClient {
+        let app = axum::Router::new().fallback(move || async move {
+            (
+                status,
+                axum::Json(json!({"error": {"code": code, "message": "test"}})),
+            )
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        CoreClient::new(
+            &format!("http://{addr}"),
+            &common::config::Secret::new("t"),
+            Duration::from_secs(2),
+        )
+        .expect("client")
+    }
+
+    /// The core's own 503 `overloaded` (its queue is full) is told apart
+    /// from other 5xx answers: the transfer service calls again after the
+    /// others, never after this one.
+    #[tokio::test]
+    async fn f3_the_cores_overloaded_answer_is_told_apart_from_other_5xx() {
+        let account = AccountId::generate();
+        let overloaded = core_answering(StatusCode::SERVICE_UNAVAILABLE, "overloaded").await;
+        assert!(matches!(
+            overloaded.account(&account).await,
+            Err(CoreError::Overloaded)
+        ));
+        for (status, code) in [
+            (StatusCode::SERVICE_UNAVAILABLE, "account_busy"),
+            (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            (StatusCode::BAD_GATEWAY, "overloaded"),
+        ] {
+            let core = core_answering(status, code).await;
+            let answer = core.account(&account).await;
+            assert!(
+                matches!(&answer, Err(CoreError::Unavailable(detail)) if detail.contains(code)),
+                "{status} {code}: {answer:?}"
+            );
+        }
+    }
+}

@@ -481,8 +481,27 @@ async fn f3_a_gateway_status_between_channel_and_core_is_not_taken_as_a_refusal(
     }
 }
 
+/// A customer's account with 10,000 won and another customer's empty
+/// account: (from, to, the customer's client).
+async fn sender_and_recipient(stack: &Stack) -> (String, String, Api) {
+    let (_, from, api) = stack.customer_with_account(10_000).await;
+    let to = stack.core.api.funded_account(0).await;
+    (from, to, api)
+}
+
+/// The calls to the core's `POST /v1/transfers` the proxy has seen.
+fn transfer_calls(stack: &Stack) -> usize {
+    stack
+        .proxy
+        .seen()
+        .into_iter()
+        .filter(|(m, p, _)| m == Method::POST && p == "/v1/transfers")
+        .count()
+}
+
 /// The core unavailable for a moment (a 5xx: restarting behind a gateway,
-/// overloaded, `account_busy`) is called again with backoff within the
+/// `account_busy`, a failed database; not its `overloaded`, see
+/// `core_client`'s tests) is called again with backoff within the
 /// core timeout, with the same transfer id: the customer gets the outcome,
 /// not a pending transfer that would be fenced after the TTL. Here the
 /// first 503 comes from a gateway that passes the request on later anyway
@@ -490,31 +509,19 @@ async fn f3_a_gateway_status_between_channel_and_core_is_not_taken_as_a_refusal(
 #[tokio::test]
 async fn f3_f7_a_core_answering_503_is_called_again_and_the_money_moves_once() {
     let stack = Stack::start(fast(60, 3000)).await.unwrap();
-    let (_, from, api) = stack.customer_with_account(10_000).await;
-    let to = stack.core.api.funded_account(0).await;
-    stack.proxy.add(
-        Some(Method::POST),
-        "/v1/transfers",
-        Action::FailAndHold(503),
-        Some(1),
-    );
-    stack.proxy.add(
-        Some(Method::POST),
-        "/v1/transfers",
-        Action::Fail(503),
-        Some(1),
-    );
-    let r = send(&api, &from, &to, 1000).await.expect(200);
-    assert_eq!(r.str("status"), "succeeded", "{}", r.body);
-    let posts = || {
+    let (from, to, api) = sender_and_recipient(&stack).await;
+    for gateway in [Action::FailAndHold(503), Action::Fail(503)] {
         stack
             .proxy
-            .seen()
-            .into_iter()
-            .filter(|(m, p, _)| m == Method::POST && p == "/v1/transfers")
-            .count()
-    };
-    assert_eq!(posts(), 3, "two 503s, then the core's answer");
+            .add(Some(Method::POST), "/v1/transfers$", gateway, Some(1));
+    }
+    let r = send(&api, &from, &to, 1000).await.expect(200);
+    assert_eq!(r.str("status"), "succeeded", "{}", r.body);
+    assert_eq!(
+        transfer_calls(&stack),
+        3,
+        "two 503s, then the core's answer"
+    );
     // The copy the gateway held reaches the core after the answer: the
     // core answers it as the transfer it already executed.
     let answered = |status: u16| {
@@ -552,11 +559,13 @@ async fn b11_f3_a_core_unavailable_for_the_whole_core_timeout_answers_pending_th
     let stack = Stack::start(fast(2, core_timeout.as_millis() as u64))
         .await
         .unwrap();
-    let (_, from, api) = stack.customer_with_account(10_000).await;
-    let to = stack.core.api.funded_account(0).await;
-    stack
-        .proxy
-        .add(Some(Method::POST), "/v1/transfers", Action::Fail(503), None);
+    let (from, to, api) = sender_and_recipient(&stack).await;
+    stack.proxy.add(
+        Some(Method::POST),
+        "/v1/transfers$",
+        Action::Fail(503),
+        None,
+    );
     let started = Instant::now();
     let r = send(&api, &from, &to, 1000).await.expect(202);
     let took = started.elapsed();
@@ -567,15 +576,10 @@ async fn b11_f3_a_core_unavailable_for_the_whole_core_timeout_answers_pending_th
         took < core_timeout + Duration::from_secs(1),
         "answered after {took:?}"
     );
-    let posts = stack
-        .proxy
-        .seen()
-        .into_iter()
-        .filter(|(m, p, _)| m == Method::POST && p == "/v1/transfers")
-        .count();
+    let posts = transfer_calls(&stack);
     assert!(posts >= 3, "called {posts} times");
-    // The core back (and its fence reachable): the transfer it never
-    // executed is failed by the fence after the TTL.
+    // The core back: the transfer it never executed is failed by the
+    // fence after the TTL.
     stack.proxy.clear();
     let id = r.str("transfer_id");
     let done = wait_status(&api, &id, "failed", Duration::from_secs(15)).await;
