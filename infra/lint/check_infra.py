@@ -896,9 +896,8 @@ def policy(objs: list[dict], exp: dict, errors: list[str]) -> None:
         else:
             timeout_ms = int(env.get("HTTP_REQUEST_TIMEOUT_MS") or 30000)
             # The transfer service then waits for executions that outlived
-            # their answers: at most CORE_TIMEOUT_MS (3000 in bank-config.env)
-            # + 7000 ms.
-            executions_ms = 3000 + 7000 if svc == "transfer" else 0
+            # their answers: at most CORE_TIMEOUT_MS + 7000 ms.
+            executions_ms = int(env.get("CORE_TIMEOUT_MS") or 3000) + 7000 if svc == "transfer" else 0
             grace = pod.get("terminationGracePeriodSeconds", 30)
             if grace * 1000 <= int(drain) + timeout_ms + executions_ms:
                 errors.append(f"{w}: terminationGracePeriodSeconds {grace} does not cover drain {drain} ms + request timeout {timeout_ms} ms + executions {executions_ms} ms")

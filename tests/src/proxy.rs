@@ -31,6 +31,10 @@ pub enum Action {
     Hold,
     /// Answer this status without forwarding.
     Fail(u16),
+    /// Answer this status with an error body in API.md's shape carrying
+    /// this code, without forwarding: what the core itself answers (a 503
+    /// `overloaded` when its queue is full).
+    FailAs(u16, &'static str),
     /// Answer this status at once, and forward the request anyway at the
     /// next [`FaultProxy::release_held`] (nobody hears the core's answer): a
     /// gateway that answered an error while a retried or mirrored copy of the
@@ -48,6 +52,7 @@ impl Action {
             Action::Drop => "drop",
             Action::Hold => "hold",
             Action::Fail(_) => "fail",
+            Action::FailAs(..) => "fail as the core",
             Action::FailAndHold(_) => "fail and hold",
         }
     }
@@ -286,6 +291,15 @@ async fn forward_detached(
         Action::Fail(code) => {
             return StatusCode::from_u16(code)
                 .unwrap_or(StatusCode::BAD_GATEWAY)
+                .into_response();
+        }
+        Action::FailAs(status, code) => {
+            return (
+                StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
+                axum::Json(
+                    serde_json::json!({"error": {"code": code, "message": "from the test proxy"}}),
+                ),
+            )
                 .into_response();
         }
         Action::FailAndHold(code) => {

@@ -50,7 +50,8 @@ pub enum CoreError {
     #[error("the core is unavailable: {0}")]
     Unavailable(String),
     /// The core is shedding load (503 `overloaded`: its queue is full);
-    /// nothing executed. Calling it again at once would add to the load.
+    /// nothing executed. Calling it again at once would add to the load:
+    /// callers pause longer first.
     #[error("the core is overloaded")]
     Overloaded,
     /// The core answered with an error in the API.md shape.
@@ -509,8 +510,8 @@ mod tests {
     }
 
     /// The core's own 503 `overloaded` (its queue is full) is told apart
-    /// from other 5xx answers: the transfer service calls again after the
-    /// others, never after this one.
+    /// from other 5xx answers: the transfer service pauses longer before
+    /// calling again after it.
     #[tokio::test]
     async fn f3_the_cores_overloaded_answer_is_told_apart_from_other_5xx() {
         let account = AccountId::generate();

@@ -510,7 +510,15 @@ async fn run(args: &Args, seed: u64) -> anyhow::Result<bool> {
         load_failures.is_empty(),
         format!("{} failed: {load_failures:?}", load_failures.len()),
     );
-    let batch_failures = svc.core.logged(LEDGER_BATCH_FAILED);
+    // The log over all its lives, and the running core's own counter (a
+    // log filtered by TEST_LOG must not make the check pass unseen).
+    let batch_failures = svc
+        .core
+        .logged(LEDGER_BATCH_FAILED)
+        .max(bank_tests::metrics::metric(
+            &bank_tests::metrics::scrape(&svc.core_url).await,
+            "ledger_batch_failures_total",
+        ) as usize);
     check(
         "no ledger batch failed (held locks and restarts included)",
         batch_failures == 0,

@@ -549,6 +549,37 @@ async fn f3_f7_a_core_answering_503_is_called_again_and_the_money_moves_once() {
     assert_eq!(stack.core.api.balance(&to).await, 1_000);
 }
 
+/// The core's own 503 `overloaded` (its ledger queue is full; nothing
+/// executed) is called again too, same transfer id, but only after a pause
+/// of at least 500 ms, so that the calls do not keep the queue full.
+#[tokio::test]
+async fn f3_f7_after_the_cores_overloaded_the_transfer_is_sent_again_after_a_longer_pause() {
+    let stack = Stack::start(fast(60, 3000)).await.unwrap();
+    let (from, to, api) = sender_and_recipient(&stack).await;
+    stack.proxy.add(
+        Some(Method::POST),
+        "/v1/transfers$",
+        Action::FailAs(503, "overloaded"),
+        Some(1),
+    );
+    let r = send(&api, &from, &to, 1000).await.expect(200);
+    assert_eq!(r.str("status"), "succeeded", "{}", r.body);
+    let calls: Vec<Instant> = stack
+        .proxy
+        .seen()
+        .into_iter()
+        .filter(|(m, p, _)| m == Method::POST && p == "/v1/transfers")
+        .map(|(_, _, at)| at)
+        .collect();
+    assert_eq!(calls.len(), 2, "overloaded, then the core's answer");
+    let pause = calls[1] - calls[0];
+    assert!(
+        pause >= Duration::from_millis(500),
+        "called again after {pause:?}"
+    );
+    assert_eq!(stack.core.api.balance(&from).await, 9_000, "moved once");
+}
+
 /// B11 with a core that keeps answering 503: the calls are repeated only
 /// while the core timeout leaves room, then the customer hears 202 pending
 /// (never an error for a transfer that may yet move money), and the

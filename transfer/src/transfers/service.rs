@@ -35,6 +35,8 @@ const IN_PROGRESS_ATTEMPTS: u32 = 5;
 /// with up to as much again of jitter).
 const UNAVAILABLE_RETRY_MIN: Duration = Duration::from_millis(50);
 const UNAVAILABLE_RETRY_MAX: Duration = Duration::from_millis(400);
+/// The least pause before calling a core that answered `overloaded` again.
+const OVERLOADED_PAUSE: Duration = Duration::from_millis(500);
 /// The least time a repeated call to the core gets to answer.
 const UNAVAILABLE_RETRY_ROOM: Duration = Duration::from_millis(500);
 
@@ -241,10 +243,11 @@ impl TransferService {
         // request went on, the same transfer id is executed at most once
         // whatever the number of copies. So the call is repeated with
         // backoff while the core timeout leaves room for an answer,
-        // instead of leaving the transfer to be fenced after the TTL. Not
-        // repeated: a timeout (it has used up the budget) and the core's
-        // own 503 `overloaded` (its queue is full: more calls would keep it
-        // full); those transfers stay pending for the resolver.
+        // instead of leaving the transfer to be fenced after the TTL. The
+        // core's own 503 `overloaded` (its queue is full) is called again
+        // too, but only after a longer pause, so that the calls do not keep
+        // the queue full. Not repeated: a timeout (it has used up the
+        // budget); such a transfer stays pending for the resolver.
         let deadline = tokio::time::Instant::now() + self.core_timeout;
         let answer = (|| async {
             self.core
@@ -266,10 +269,14 @@ impl TransferService {
                 .without_max_times()
                 .with_jitter(),
         )
-        .when(|e: &CoreError| matches!(e, CoreError::Unavailable(_)))
+        .when(|e: &CoreError| matches!(e, CoreError::Unavailable(_) | CoreError::Overloaded))
         // A pause never leaves the next call less than the room it needs:
         // when it would, the last answer stands.
-        .adjust(|_, pause: Option<Duration>| {
+        .adjust(|e: &CoreError, pause: Option<Duration>| {
+            let pause = match e {
+                CoreError::Overloaded => pause.map(|p| p.max(OVERLOADED_PAUSE)),
+                _ => pause,
+            };
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             pause.filter(|p| left.saturating_sub(*p) >= UNAVAILABLE_RETRY_ROOM)
         })
