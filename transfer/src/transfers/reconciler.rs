@@ -191,7 +191,16 @@ pub async fn run(
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        if let Err(e) = pass(&db, &outbox, &core, fence_after).await {
+        // A pass can take long (a slow core, many pending transfers): at
+        // shutdown it stops where it is. Each transfer is settled by
+        // idempotent steps (the core's status or fence, then one
+        // transaction), so one cut short stays pending for the next pass,
+        // here or in another process.
+        let result = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            result = pass(&db, &outbox, &core, fence_after) => result,
+        };
+        if let Err(e) = result {
             metrics::counter!("reconciler_errors_total").increment(1);
             tracing::warn!(error = %e, "reconciler pass failed");
         }
