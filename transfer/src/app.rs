@@ -110,10 +110,6 @@ impl App {
             Duration::from_millis(self.config.core_timeout_ms),
             resolver,
         );
-        // An execution's calls to the core and its recording, at most.
-        let executions_bound = Duration::from_millis(self.config.core_timeout_ms)
-            + crate::config::CORE_CALL_TIMEOUT
-            + crate::config::REQUEST_TIMEOUT_MARGIN;
         let relay = Relay::new(
             self.db.clone(),
             self.js.clone(),
@@ -156,7 +152,9 @@ impl App {
         common::http::serve(self.listener, router, stop_http).await?;
         // Requests are answered; transfers answered 202 at their deadline
         // may still be executing: let them record their outcomes.
-        transfers.finish_executions(executions_bound).await;
+        transfers
+            .finish_executions(self.config.execution_bound())
+            .await;
         background.cancel();
         while tasks.join_next().await.is_some() {}
         let _ = self.nats.flush().await;

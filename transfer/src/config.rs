@@ -129,6 +129,14 @@ impl Config {
         self.request_ttl() + Duration::from_millis(self.fence_margin_ms)
     }
 
+    /// The longest a transfer's execution takes once its pending row is
+    /// written: the core's wait, a fence call, then its database statements
+    /// (`CORE_TIMEOUT_MS` + 7 s). Shutdown waits this long at most for
+    /// executions that outlived their answers.
+    pub fn execution_bound(&self) -> Duration {
+        Duration::from_millis(self.core_timeout_ms) + CORE_CALL_TIMEOUT + REQUEST_TIMEOUT_MARGIN
+    }
+
     /// Refuses settings under which a transfer request would not have time
     /// for its calls to the core before its answer is due (the HTTP request
     /// timeout less [`REQUEST_TIMEOUT_MARGIN`]): it waits at most `CORE_TIMEOUT_MS` for
@@ -138,8 +146,7 @@ impl Config {
     /// row is written a request answers 202 at the deadline, never the 503
     /// of the HTTP timeout.)
     pub fn check(&self) -> Result<(), String> {
-        let worst = Duration::from_millis(self.core_timeout_ms) + CORE_CALL_TIMEOUT;
-        let least = worst + REQUEST_TIMEOUT_MARGIN;
+        let least = self.execution_bound();
         if self.http.request_timeout() < least {
             return Err(format!(
                 "HTTP_REQUEST_TIMEOUT_MS ({}) must be at least CORE_TIMEOUT_MS ({}) + {} ms \

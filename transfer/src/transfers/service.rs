@@ -104,14 +104,14 @@ impl TransferService {
     /// At shutdown, once no request is in flight: waits (at most `within`)
     /// for the executions that outlived their answers to record their
     /// outcomes, so that a transfer the core executed is not left pending
-    /// for the next process's reconciler. Returns how many were still
-    /// running at the bound (they stay pending; the reconciler of the next
-    /// process, or another replica's, settles them from the core's record).
-    pub async fn finish_executions(&self, within: Duration) -> usize {
+    /// for the next process's reconciler. Those still running at the bound
+    /// stay pending: the reconciler of the next process, or another
+    /// replica's, settles them from the core's record.
+    pub async fn finish_executions(&self, within: Duration) {
         self.executions.close();
         let running = self.executions.len();
         if running == 0 {
-            return 0;
+            return;
         }
         tracing::warn!(
             running,
@@ -123,14 +123,12 @@ impl TransferService {
             .is_ok()
         {
             tracing::info!("every transfer execution finished");
-            return 0;
+            return;
         }
-        let left = self.executions.len();
         tracing::warn!(
-            left,
+            left = self.executions.len(),
             "transfer executions still running at the shutdown bound; their transfers stay pending for a reconciler"
         );
-        left
     }
 
     /// Accepts, stores and executes a transfer; returns it in its current
