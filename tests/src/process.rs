@@ -101,12 +101,21 @@ impl ServiceProcess {
     /// and every restart's) for [`ServiceProcess::until_logged`] and
     /// [`ServiceProcess::logged`].
     pub fn start_logged(name: &str, env: HashMap<String, String>) -> anyhow::Result<Self> {
+        Self::launch(name, &[], env, Some(Default::default()))
+    }
+
+    fn launch(
+        name: &str,
+        args: &[&str],
+        env: HashMap<String, String>,
+        log: Option<std::sync::Arc<std::sync::Mutex<Vec<String>>>>,
+    ) -> anyhow::Result<Self> {
         let mut p = Self {
             name: name.to_owned(),
             env,
-            args: Vec::new(),
+            args: args.iter().map(|s| (*s).to_owned()).collect(),
             child: None,
-            log: Some(Default::default()),
+            log,
         };
         p.restart()?;
         Ok(p)
@@ -118,15 +127,7 @@ impl ServiceProcess {
         args: &[&str],
         env: HashMap<String, String>,
     ) -> anyhow::Result<Self> {
-        let mut p = Self {
-            name: name.to_owned(),
-            env,
-            args: args.iter().map(|s| (*s).to_owned()).collect(),
-            child: None,
-            log: None,
-        };
-        p.restart()?;
-        Ok(p)
+        Self::launch(name, args, env, None)
     }
 
     /// Starts it again (after a kill), keeping its log lines from now on

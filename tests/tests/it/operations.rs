@@ -605,38 +605,35 @@ async fn proc_stack_behind_a_proxy<const N: usize>(
     (nats, proxy, stack)
 }
 
-/// Sends `customer`'s transfer of 10 won `from` -> `to` through the transfer
-/// service in the background, the core's answer to it held back `delay` by
-/// the proxy.
-fn transfer_with_the_answer_delayed(
+/// A new customer with two accounts, 1,000 won in the first, sends 10 won
+/// from it to the other through the transfer service in the background,
+/// the core's answer to it held back `delay` by the proxy: (from, to, the
+/// request).
+async fn transfer_with_the_answer_delayed(
     proxy: &FaultProxy,
     stack: &ProcStack,
-    customer: &str,
-    (from, to): (&str, &str),
     delay: Duration,
-) -> tokio::task::JoinHandle<Result<bank_tests::Reply, reqwest::Error>> {
+) -> (
+    String,
+    String,
+    tokio::task::JoinHandle<Result<bank_tests::Reply, reqwest::Error>>,
+) {
+    let core = stack.core_api();
+    let customer = core.new_customer("Delayed").await;
+    let from = core.new_account(&customer).await;
+    let to = core.new_account(&customer).await;
+    core.deposit(&from, 1_000).await.expect(200);
     proxy.add(
         Some(reqwest::Method::POST),
         "/v1/transfers",
         Action::DelayResponse(delay),
         Some(1),
     );
-    let api = Api::new(stack.transfer_base(), Some(customer_token(customer)));
+    let api = Api::new(stack.transfer_base(), Some(customer_token(&customer)));
     let body = json!({"from_account": from, "to_account": to, "amount": "10"});
-    tokio::spawn(async move { api.try_send("POST", "/v1/transfers", Some(body), &[]).await })
-}
-
-/// A new customer `name` with two accounts, `deposit` won in the first.
-async fn customer_with_two_accounts(
-    core: &Api,
-    name: &str,
-    deposit: u64,
-) -> (String, String, String) {
-    let customer = core.new_customer(name).await;
-    let from = core.new_account(&customer).await;
-    let to = core.new_account(&customer).await;
-    core.deposit(&from, deposit).await.expect(200);
-    (customer, from, to)
+    let request =
+        tokio::spawn(async move { api.try_send("POST", "/v1/transfers", Some(body), &[]).await });
+    (from, to, request)
 }
 
 /// Sends SIGTERM to `process` and waits until nothing accepts connections
@@ -662,16 +659,9 @@ async fn b29_a_request_in_flight_at_sigterm_is_answered_before_the_service_exits
         proc_stack_behind_a_proxy([("CORE_TIMEOUT_MS", "10000".to_owned())]).await;
     let core_addr = stack.cfg.core_url.clone();
     let core = stack.core_api();
-    let (customer, from, to) = customer_with_two_accounts(&core, "Inflight", 1_000).await;
-
     // The transfer service, waiting on the core's answer.
-    let request = transfer_with_the_answer_delayed(
-        &proxy,
-        &stack,
-        &customer,
-        (&from, &to),
-        Duration::from_secs(3),
-    );
+    let (from, to, request) =
+        transfer_with_the_answer_delayed(&proxy, &stack, Duration::from_secs(3)).await;
     eventually(
         "the request at the core",
         Duration::from_secs(10),
@@ -745,16 +735,10 @@ async fn b29_the_transfer_service_finishes_executions_that_outlived_their_answer
     stack.transfer.restart_logged().unwrap();
     wait_ready(&stack.transfer_base()).await.unwrap();
     let core = stack.core_api();
-    let (customer, from, to) = customer_with_two_accounts(&core, "Outlived", 1_000).await;
     // The core's answer comes 3 s late (within the core timeout): time to
     // take the lock on the pending row before the answer is recorded.
-    let request = transfer_with_the_answer_delayed(
-        &proxy,
-        &stack,
-        &customer,
-        (&from, &to),
-        Duration::from_secs(3),
-    );
+    let (from, _, request) =
+        transfer_with_the_answer_delayed(&proxy, &stack, Duration::from_secs(3)).await;
     let db = stack.cfg.channel_db.clone();
     let id = bank_tests::db::until_pending_transfer(&db).await;
     let lock = RowLock::channel_transfer(&db, &id).await.unwrap();

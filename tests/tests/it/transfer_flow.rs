@@ -489,14 +489,15 @@ async fn sender_and_recipient(stack: &Stack) -> (String, String, Api) {
     (from, to, api)
 }
 
-/// The calls to the core's `POST /v1/transfers` the proxy has seen.
-fn transfer_calls(stack: &Stack) -> usize {
+/// When the proxy saw each call to the core's `POST /v1/transfers`.
+fn transfer_calls(stack: &Stack) -> Vec<Instant> {
     stack
         .proxy
         .seen()
         .into_iter()
         .filter(|(m, p, _)| m == Method::POST && p == "/v1/transfers")
-        .count()
+        .map(|(_, _, at)| at)
+        .collect()
 }
 
 /// The core unavailable for a moment (a 5xx: restarting behind a gateway,
@@ -518,7 +519,7 @@ async fn f3_f7_a_core_answering_503_is_called_again_and_the_money_moves_once() {
     let r = send(&api, &from, &to, 1000).await.expect(200);
     assert_eq!(r.str("status"), "succeeded", "{}", r.body);
     assert_eq!(
-        transfer_calls(&stack),
+        transfer_calls(&stack).len(),
         3,
         "two 503s, then the core's answer"
     );
@@ -564,13 +565,7 @@ async fn f3_f7_after_the_cores_overloaded_the_transfer_is_sent_again_after_a_lon
     );
     let r = send(&api, &from, &to, 1000).await.expect(200);
     assert_eq!(r.str("status"), "succeeded", "{}", r.body);
-    let calls: Vec<Instant> = stack
-        .proxy
-        .seen()
-        .into_iter()
-        .filter(|(m, p, _)| m == Method::POST && p == "/v1/transfers")
-        .map(|(_, _, at)| at)
-        .collect();
+    let calls = transfer_calls(&stack);
     assert_eq!(calls.len(), 2, "overloaded, then the core's answer");
     let pause = calls[1] - calls[0];
     assert!(
@@ -607,7 +602,7 @@ async fn b11_f3_a_core_unavailable_for_the_whole_core_timeout_answers_pending_th
         took < core_timeout + Duration::from_secs(1),
         "answered after {took:?}"
     );
-    let posts = transfer_calls(&stack);
+    let posts = transfer_calls(&stack).len();
     assert!(posts >= 3, "called {posts} times");
     // The core back: the transfer it never executed is failed by the
     // fence after the TTL.
