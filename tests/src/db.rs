@@ -155,12 +155,34 @@ impl RowLock {
         .await
     }
 
+    /// Inserts a tax record for `payout_id` to `account` in the channel
+    /// database at `db_url` (gross 100, tax 1, net 99) without committing
+    /// it, as a concurrent writer of the same payout would: a tax record
+    /// insert of that payout waits on it.
+    pub async fn tax_record(db_url: &str, payout_id: &str, account: &str) -> anyhow::Result<Self> {
+        Self::hold_values(
+            db_url,
+            "INSERT INTO tax_records (payout_id, account_id, gross, tax, net, from_date, through_date, paid_at) \
+             VALUES ($1, $2, 100, 1, 99, current_date, current_date, now())",
+            vec![payout_id.into(), account.into()],
+        )
+        .await
+    }
+
     async fn hold(db_url: &str, sql: &str, value: &str) -> anyhow::Result<Self> {
+        Self::hold_values(db_url, sql, vec![value.into()]).await
+    }
+
+    async fn hold_values(
+        db_url: &str,
+        sql: &str,
+        values: Vec<sea_orm::Value>,
+    ) -> anyhow::Result<Self> {
         use sea_orm::TransactionTrait;
         let db = Database::connect(db_url).await?;
         let txn = db.begin().await?;
         let backend = txn.get_database_backend();
-        txn.execute_raw(Statement::from_sql_and_values(backend, sql, [value.into()]))
+        txn.execute_raw(Statement::from_sql_and_values(backend, sql, values))
             .await?;
         let pid = txn
             .query_one_raw(Statement::from_string(
@@ -245,6 +267,13 @@ impl RowLock {
     /// Releases the lock, undoing what holding it wrote.
     pub async fn release(self) -> anyhow::Result<()> {
         self.txn.rollback().await?;
+        self.db.close().await?;
+        Ok(())
+    }
+
+    /// Releases the lock, committing what holding it wrote.
+    pub async fn commit(self) -> anyhow::Result<()> {
+        self.txn.commit().await?;
         self.db.close().await?;
         Ok(())
     }

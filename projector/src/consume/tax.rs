@@ -53,14 +53,33 @@ pub fn decode(subject: &str, payload: &[u8]) -> Result<InterestPaidEvent, String
     Ok(ev)
 }
 
-/// Records tax for the events (duplicates change nothing). Returns how many
-/// records were new. A payout already recorded with other figures keeps its
-/// first record (the record is not rewritten behind an auditor's back), but
-/// is not passed over in silence: it is logged and counted
-/// (`projector_tax_record_conflicts_total`, alert `TaxRecordConflicts`).
-pub async fn record(db: &DatabaseConnection, events: &[InterestPaidEvent]) -> Result<u64, DbErr> {
+/// What [`record`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recorded {
+    /// Records written by this call.
+    pub new: u64,
+    /// Payouts whose record holds other figures than the event's (the
+    /// first record stands).
+    pub differing: Vec<String>,
+}
+
+/// Records tax for the events (duplicates change nothing). A payout already
+/// recorded with other figures keeps its first record (the record is not
+/// rewritten behind an auditor's back), but is not passed over in silence:
+/// it is logged and counted (`projector_tax_record_conflicts_total`, alert
+/// `TaxRecordConflicts`).
+///
+/// Two statements, the second only when the first skipped an event: the
+/// insert's own snapshot predates a record inserted concurrently (the insert
+/// waits for that transaction and then skips the payout, but a comparison in
+/// the same statement would not see the record), so the comparison is a
+/// statement of its own, which sees every committed record.
+pub async fn record(
+    db: &DatabaseConnection,
+    events: &[InterestPaidEvent],
+) -> Result<Recorded, DbErr> {
     if events.is_empty() {
-        return Ok(0);
+        return Ok(Recorded::default());
     }
     let ids: Vec<String> = events.iter().map(|e| e.payout_id.to_string()).collect();
     let accounts: Vec<String> = events.iter().map(|e| e.account_id.to_string()).collect();
@@ -70,45 +89,62 @@ pub async fn record(db: &DatabaseConnection, events: &[InterestPaidEvent]) -> Re
     let from: Vec<chrono::NaiveDate> = events.iter().map(|e| e.from).collect();
     let through: Vec<chrono::NaiveDate> = events.iter().map(|e| e.through).collect();
     let paid: Vec<chrono::DateTime<chrono::Utc>> = events.iter().map(|e| e.paid_at).collect();
-    // The comparison reads the table as it was before this statement's
-    // insert: it sees only records that were there already.
+    let values: Vec<sea_orm::Value> = vec![
+        ids.into(),
+        accounts.into(),
+        gross.into(),
+        tax.into(),
+        net.into(),
+        from.into(),
+        through.into(),
+        paid.into(),
+    ];
+    const INCOMING: &str = "incoming AS ( \
+        SELECT * FROM unnest($1::text[], $2::text[], $3::numeric[], $4::numeric[], $5::numeric[], \
+                             $6::date[], $7::date[], $8::timestamptz[]) \
+          AS i(payout_id, account_id, gross, tax, net, from_date, through_date, paid_at))";
     let row = db
         .query_one_raw(Statement::from_sql_and_values(
             db.get_database_backend(),
-            "WITH incoming AS ( \
-               SELECT * FROM unnest($1::text[], $2::text[], $3::numeric[], $4::numeric[], $5::numeric[], \
-                                    $6::date[], $7::date[], $8::timestamptz[]) \
-                 AS i(payout_id, account_id, gross, tax, net, from_date, through_date, paid_at)), \
-             inserted AS ( \
-               INSERT INTO tax_records (payout_id, account_id, gross, tax, net, from_date, through_date, paid_at) \
-               SELECT * FROM incoming ON CONFLICT (payout_id) DO NOTHING RETURNING 1) \
-             SELECT (SELECT count(*) FROM inserted) AS new, \
-                    (SELECT coalesce(array_agg(i.payout_id), '{}') FROM incoming i \
-                       JOIN tax_records t ON t.payout_id = i.payout_id \
-                      WHERE (t.account_id, t.gross, t.tax, t.net, t.from_date, t.through_date, t.paid_at) \
-                            IS DISTINCT FROM \
-                            (i.account_id, i.gross, i.tax, i.net, i.from_date, i.through_date, i.paid_at)) \
-                    AS differing",
-            [
-                ids.into(),
-                accounts.into(),
-                gross.into(),
-                tax.into(),
-                net.into(),
-                from.into(),
-                through.into(),
-                paid.into(),
-            ],
+            format!(
+                "WITH {INCOMING}, \
+                 inserted AS ( \
+                   INSERT INTO tax_records (payout_id, account_id, gross, tax, net, from_date, through_date, paid_at) \
+                   SELECT * FROM incoming ON CONFLICT (payout_id) DO NOTHING RETURNING 1) \
+                 SELECT count(*) AS new FROM inserted"
+            ),
+            values.clone(),
         ))
         .await?
         .ok_or_else(|| DbErr::RecordNotFound("no answer from the tax record insert".into()))?;
-    let new: i64 = row.try_get("", "new")?;
+    let new = u64::try_from(row.try_get::<i64>("", "new")?).unwrap_or(0);
+    if new == events.len() as u64 {
+        return Ok(Recorded {
+            new,
+            differing: Vec::new(),
+        });
+    }
+    let row = db
+        .query_one_raw(Statement::from_sql_and_values(
+            db.get_database_backend(),
+            format!(
+                "WITH {INCOMING} \
+                 SELECT coalesce(array_agg(DISTINCT i.payout_id), '{{}}') AS differing FROM incoming i \
+                   JOIN tax_records t ON t.payout_id = i.payout_id \
+                  WHERE (t.account_id, t.gross, t.tax, t.net, t.from_date, t.through_date, t.paid_at) \
+                        IS DISTINCT FROM \
+                        (i.account_id, i.gross, i.tax, i.net, i.from_date, i.through_date, i.paid_at)"
+            ),
+            values,
+        ))
+        .await?
+        .ok_or_else(|| DbErr::RecordNotFound("no answer from the tax record comparison".into()))?;
     let differing: Vec<String> = row.try_get("", "differing")?;
     if !differing.is_empty() {
         metrics::counter!("projector_tax_record_conflicts_total").increment(differing.len() as u64);
         tracing::error!(payout_ids = ?differing, "tax records already held other figures for these payouts; the first records stand, the core's figures were not written");
     }
-    Ok(u64::try_from(new).unwrap_or(0))
+    Ok(Recorded { new, differing })
 }
 
 /// What the core says about an interest event.
@@ -215,7 +251,7 @@ async fn record_settling(ctx: &Context, valid: Vec<(Message, InterestPaidEvent)>
     }
     let events: Vec<InterestPaidEvent> = valid.iter().map(|(_, e)| e.clone()).collect();
     match record(&ctx.db, &events).await {
-        Ok(new) => {
+        Ok(Recorded { new, .. }) => {
             metrics::counter!("projector_tax_records_total").increment(new);
             for (m, _) in &valid {
                 ack(m).await;
@@ -230,7 +266,7 @@ async fn record_settling(ctx: &Context, valid: Vec<(Message, InterestPaidEvent)>
             let mut rest = valid.into_iter();
             while let Some((m, ev)) = rest.next() {
                 match record(&ctx.db, std::slice::from_ref(&ev)).await {
-                    Ok(new) => {
+                    Ok(Recorded { new, .. }) => {
                         metrics::counter!("projector_tax_records_total").increment(new);
                         ack(&m).await;
                     }
@@ -534,7 +570,7 @@ async fn sweep_entry(
 ) -> Result<u64, SweepError> {
     match ctx.core.payout_of(account, payout).await? {
         Some(p) => {
-            let new = record(&ctx.db, &[p.into_event()]).await?;
+            let new = record(&ctx.db, &[p.into_event()]).await?.new;
             if new > 0 {
                 metrics::counter!("projector_tax_records_total").increment(new);
                 metrics::counter!("projector_tax_records_recovered_total").increment(new);

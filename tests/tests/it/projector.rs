@@ -1381,6 +1381,53 @@ async fn b23_a_tax_record_with_other_figures_than_the_cores_is_kept_and_reported
     assert!(dead_letters(&p).await.is_empty());
 }
 
+/// B23: the conflict check also sees a record of the payout that another
+/// writer inserted while this one ran (the insert waits for that
+/// transaction, then skips the payout): the core's figures arriving for it
+/// are reported, not dropped in silence.
+#[tokio::test]
+async fn b23_a_tax_record_inserted_concurrently_with_other_figures_is_reported() {
+    use sea_orm::Database;
+    use sea_orm_migration::MigratorTrait;
+    let url = bank_tests::db::fresh_database("tax").await.unwrap();
+    let db = Database::connect(url.as_str()).await.unwrap();
+    projector::migration::Migrator::up(&db, None).await.unwrap();
+    let (payout, account) = (common::PayoutId::generate(), common::AccountId::generate());
+    let other = bank_tests::db::RowLock::tax_record(&url, payout.as_str(), account.as_str())
+        .await
+        .unwrap();
+    let today = chrono::Utc::now().date_naive();
+    let event = common::events::InterestPaidEvent {
+        event_id: common::events::InterestPaidEvent::id_for(&payout),
+        payout_id: payout.clone(),
+        account_id: account.clone(),
+        gross: Won::new(200.into()).unwrap(),
+        tax: Won::new(30.into()).unwrap(),
+        net: Won::new(170.into()).unwrap(),
+        from: today,
+        through: today,
+        paid_at: chrono::Utc::now(),
+    };
+    let recording = tokio::spawn({
+        let db = db.clone();
+        async move { projector::consume::tax::record(&db, &[event]).await }
+    });
+    other
+        .until_blocked(1, "the insert waiting for the other writer")
+        .await;
+    other.commit().await.unwrap();
+    let recorded = recording.await.unwrap().unwrap();
+    assert_eq!(recorded.new, 0, "the first record stands");
+    assert_eq!(recorded.differing, [payout.to_string()]);
+    let kept = bank_tests::db::query_strings(
+        &url,
+        &format!("SELECT gross::text FROM tax_records WHERE payout_id = '{payout}'"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(kept, ["100"]);
+}
+
 /// B23's sweep reads what was written since its last pass, not its whole
 /// window again (at a bank's volume, millions of recorded entries a pass):
 /// each interest entry is read once, passes that find nothing new read
