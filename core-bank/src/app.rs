@@ -205,6 +205,7 @@ impl App {
             ledger,
             interest: self.interest.clone(),
             request_ttl: self.config.request_ttl(),
+            verifying: tokio::sync::Semaphore::new(1),
             tokens: http::ServiceTokens {
                 full: Arc::from(self.config.api_token.expose()),
                 read_only: self

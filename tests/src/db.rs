@@ -169,6 +169,14 @@ impl RowLock {
         .await
     }
 
+    /// Locks table `table` of the database at `db_url` against every use,
+    /// reads included (`ACCESS EXCLUSIVE`), as a migration would: anything
+    /// reading it waits.
+    pub async fn table(db_url: &str, table: &'static str) -> anyhow::Result<Self> {
+        let sql = format!("LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE");
+        Self::hold_values(db_url, &sql, Vec::new()).await
+    }
+
     async fn hold(db_url: &str, sql: &str, value: &str) -> anyhow::Result<Self> {
         Self::hold_values(db_url, sql, vec![value.into()]).await
     }

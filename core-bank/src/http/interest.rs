@@ -148,9 +148,11 @@ pub(super) struct VerifyBody {
 
 /// Compares the legacy and new paths over accounts and lists mismatches. The
 /// body is optional: none (or `{}`, or `null`) compares all accounts, up to
-/// 10,000.
+/// 10,000. One verification runs at a time per process; another request
+/// meanwhile is answered 409 `verification_running`.
 #[utoipa::path(post, path = "/v1/admin/interest/verify", request_body = Option<VerifyBody>,
-    responses((status = 200, body = VerifyReport), (status = 400, body = ErrorBody)))]
+    responses((status = 200, body = VerifyReport), (status = 400, body = ErrorBody),
+        (status = 409, description = "`verification_running`: another verification runs in this process", body = ErrorBody)))]
 pub(super) async fn verify(
     State(s): State<AppState>,
     body: Option<Json<Option<VerifyBody>>>,
@@ -163,6 +165,12 @@ pub(super) async fn verify(
         ));
     }
     let sample = Some(requested.unwrap_or(MAX_HTTP_VERIFY));
+    let Ok(_running) = s.verifying.try_acquire() else {
+        return Err(ApiError::conflict(
+            "verification_running",
+            "a verification is running in this process; ask again when it has finished",
+        ));
+    };
     let report = s
         .interest
         .verify(sample, |_, _| {})

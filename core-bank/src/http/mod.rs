@@ -45,6 +45,10 @@ pub struct AppShared {
     pub request_ttl: Duration,
     /// The service credentials.
     pub tokens: ServiceTokens,
+    /// One `POST /v1/admin/interest/verify` at a time per process: each
+    /// reads up to 10,000 accounts' periods, and several at once would take
+    /// the pool from payouts and transfers.
+    pub verifying: tokio::sync::Semaphore,
 }
 
 /// The credentials `/v1` accepts.

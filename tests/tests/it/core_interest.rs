@@ -1107,6 +1107,35 @@ async fn b27_a_failing_shadow_calculation_fails_neither_the_query_nor_the_payout
     .await;
 }
 
+/// B27's batch verifier over HTTP reads up to 10,000 accounts' periods: one
+/// runs at a time per process, and another request meanwhile is refused at
+/// once rather than taking the pool from payouts and transfers.
+#[tokio::test]
+async fn b27_one_verification_runs_at_a_time_and_another_meanwhile_is_answered_409() {
+    let (_nats, core) = core().await;
+    let api = core.api.clone();
+    api.funded_account(60_000_000).await;
+    // The first verification waits on a lock of the accounts table.
+    let lock = RowLock::table(&core.db_url, "accounts").await.unwrap();
+    let first = tokio::spawn({
+        let api = api.clone();
+        async move { api.post("/v1/admin/interest/verify", json!({})).await }
+    });
+    lock.until_waited_on("the first verification").await;
+    let second = api
+        .post("/v1/admin/interest/verify", json!({"sample": 1}))
+        .await
+        .expect(409);
+    assert_eq!(second.body["error"]["code"], "verification_running");
+    lock.release().await.unwrap();
+    let first = first.await.unwrap().expect(200);
+    assert_eq!(first.body["checked"], 1);
+    // Once it has finished, the next one runs.
+    api.post("/v1/admin/interest/verify", json!({"sample": 1}))
+        .await
+        .expect(200);
+}
+
 #[tokio::test]
 async fn b26_b27_drifted_daily_balances_change_only_the_new_path_and_the_mismatch_is_logged_counted_and_published()
  {
