@@ -6,6 +6,15 @@ PROFILE ?= debug
 CARGO_PROFILE_FLAG := $(if $(filter release,$(PROFILE)),--release,)
 TEST_THREADS ?= 4
 
+# Ports of the local infrastructure (infra/local/services.sh). The services
+# `make run` starts, the tests, `make bench` and `make chaos` follow them.
+PG_PORT ?= 5432
+NATS_PORT ?= 4222
+REDIS_PORT ?= 6379
+export PG_PORT NATS_PORT REDIS_PORT
+export TEST_PG_ADMIN_URL ?= postgres://postgres@127.0.0.1:$(PG_PORT)/postgres?sslmode=disable
+export TEST_REDIS_URL ?= redis://127.0.0.1:$(REDIS_PORT)
+
 .PHONY: help services run stop down test lint fmt clippy build unit chaos chaos-short bench lint-infra clean-test-dbs logs
 
 help:

@@ -15,6 +15,11 @@ export CORE_API_TOKEN=${CORE_API_TOKEN:-dev-core-token}
 # The projector only reads from the core: it gets the read-only credential.
 export CORE_READ_API_TOKEN=${CORE_READ_API_TOKEN:-dev-core-read-token}
 export AUTH_JWT_SECRET=${AUTH_JWT_SECRET:-dev-jwt-secret}
+# The local infrastructure's ports (infra/local/services.sh).
+export CORE_DATABASE_URL=${CORE_DATABASE_URL:-postgres://postgres@127.0.0.1:${PG_PORT:-5432}/bank_core?sslmode=disable}
+export CHANNEL_DATABASE_URL=${CHANNEL_DATABASE_URL:-postgres://postgres@127.0.0.1:${PG_PORT:-5432}/bank_channel?sslmode=disable}
+export NATS_URL=${NATS_URL:-nats://127.0.0.1:${NATS_PORT:-4222}}
+export REDIS_URL=${REDIS_URL:-redis://127.0.0.1:${REDIS_PORT:-6379}}
 CORE=${CORE_URL:-http://127.0.0.1:8081}
 TRANSFER=http://${TRANSFER_HTTP_ADDR:-127.0.0.1:8080}
 PROJECTOR=http://${PROJECTOR_HTTP_ADDR:-127.0.0.1:8082}

@@ -107,9 +107,12 @@ impl ServiceProcess {
     fn launch(
         name: &str,
         args: &[&str],
-        env: HashMap<String, String>,
+        mut env: HashMap<String, String>,
         log: Option<std::sync::Arc<std::sync::Mutex<Vec<String>>>>,
     ) -> anyhow::Result<Self> {
+        // The Redis the tests use (`TEST_REDIS_URL`), unless told otherwise.
+        env.entry("REDIS_URL".to_owned())
+            .or_insert_with(crate::redis_url);
         let mut p = Self {
             name: name.to_owned(),
             env,
