@@ -10,6 +10,9 @@ ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 export LOCAL_DIR="$ROOT/.local/selftest" PG_PORT=${SELFTEST_PG_PORT:-15432} NATS_PORT=${SELFTEST_NATS_PORT:-14222} REDIS_PORT=${SELFTEST_REDIS_PORT:-16379}
 svc="$ROOT/infra/local/services.sh"
 
+# A selftest killed before its trap ran (SIGKILL, a CI timeout) left its
+# servers running: stop what it recorded as started before checking ports.
+"$svc" down >/dev/null 2>&1 || true
 for p in "$PG_PORT" "$NATS_PORT" "$REDIS_PORT"; do
   if timeout 1 bash -c "exec 3<>/dev/tcp/127.0.0.1/$p" 2>/dev/null; then
     echo "[selftest] port $p is in use; set SELFTEST_*_PORT to free ports" >&2; exit 1
