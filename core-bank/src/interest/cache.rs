@@ -22,7 +22,8 @@
 //! after its increment reached Redis ([`InterestCache::invalidate_now`]), so
 //! no replica serves the pre-payout figure once the customer has the answer;
 //! a payout cut off before its outcome is known (a lost COMMIT answer, the
-//! request dropped) queues the increment anyway, as it may have committed;
+//! request dropped) queues the increment anyway, as it may have committed,
+//! and makes it again a few seconds later, after a COMMIT in flight landed;
 //! balance changes (which do not change the figure for completed days) are
 //! applied in the background.
 //!
@@ -73,6 +74,12 @@ enum Urgency {
 /// How long a generation lives after it was set; cached values live until
 /// the next local midnight, so at most about a day.
 const GENERATION_TTL_SECS: u64 = 3 * 24 * 3600;
+
+/// When an account's generation is moved a second time after a change whose
+/// outcome was not known ([`InterestCache::invalidate_unsettled`]). A COMMIT
+/// the server received lands within a WAL flush, milliseconds; this covers a
+/// disk that stalls for seconds.
+pub const UNSETTLED_AGAIN_AFTER: Duration = Duration::from_secs(5);
 
 /// A fresh generation: random, so a generation that was lost (expired or
 /// evicted) is never issued again.
@@ -345,9 +352,28 @@ impl InterestCache {
     /// change whose outcome is not known (a payout abandoned or failed after
     /// it may have committed). An invalidation that was not needed costs one
     /// cache miss.
-    pub fn invalidate_kept(&self, accounts: &[AccountId]) {
+    fn invalidate_kept(&self, accounts: &[AccountId]) {
         self.queue(accounts, Urgency::Kept);
         self.wake.notify_one();
+    }
+
+    /// For a change whose outcome is not known (a payout cut off while its
+    /// COMMIT may be on its way): [`Self::invalidate_kept`] now, and again
+    /// after [`UNSETTLED_AGAIN_AFTER`]. A COMMIT the server received but had
+    /// not answered may land after the first increment; a query in between
+    /// computes the figure from before it and caches it under the new
+    /// generation, and the second increment ends that figure's life. (A
+    /// process that stops within those seconds does not make the second.)
+    pub fn invalidate_unsettled(&self, accounts: &[AccountId]) {
+        self.invalidate_kept(accounts);
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (cache, accounts) = (self.clone(), accounts.to_vec());
+        runtime.spawn(async move {
+            tokio::time::sleep(UNSETTLED_AGAIN_AFTER).await;
+            cache.invalidate_kept(&accounts);
+        });
     }
 
     /// Invalidates the cached figures of `accounts` after a change of what

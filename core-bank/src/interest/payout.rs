@@ -182,7 +182,7 @@ impl Drop for Unsettled<'_> {
     fn drop(&mut self) {
         if self.armed {
             self.cache
-                .invalidate_kept(std::slice::from_ref(self.account));
+                .invalidate_unsettled(std::slice::from_ref(self.account));
         }
     }
 }
