@@ -253,6 +253,27 @@ impl RowLock {
         .await
     }
 
+    /// Returns once a session waited for a lock in this database, gave up
+    /// (its lock timeout) and waits again in a later transaction (`what`
+    /// names the waiter in the failure message).
+    pub async fn until_retried(&self, what: &str) {
+        let timeout = std::time::Duration::from_secs(10);
+        let first = crate::eventually(what, timeout, || async {
+            match self.waiting_transactions().await {
+                Ok(w) if !w.is_empty() => Ok(w[0]),
+                other => Err(format!("not waiting yet: {other:?}")),
+            }
+        })
+        .await;
+        crate::eventually(what, timeout, || async {
+            match self.waiting_transactions().await {
+                Ok(w) if w.iter().any(|started| *started > first) => Ok(()),
+                other => Err(format!("not waiting again yet: {other:?}")),
+            }
+        })
+        .await
+    }
+
     /// When the transactions now waiting for a lock in this database began
     /// (microseconds since the epoch, oldest first). A waiter that gave up
     /// (lock timeout) and tried again shows up with a later start.

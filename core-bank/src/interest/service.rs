@@ -16,6 +16,10 @@ use super::rollout::Rollout;
 use super::{AccountTerms, Accrual, InterestSettings, Path, daily, legacy};
 use crate::clock::Clock;
 
+/// How many times the verifier tries an account again after a transient
+/// database error before the run fails.
+const VERIFY_RETRIES: usize = 5;
+
 /// Errors of interest queries.
 #[derive(Debug, thiserror::Error)]
 pub enum InterestError {
@@ -344,27 +348,41 @@ impl InterestService {
             mismatches: Vec::new(),
         };
         for id in ids {
-            if let Some(terms) = Self::terms(&self.db, &id).await? {
-                let legacy = self.compute(&self.db, &terms, today, Path::Legacy).await?;
-                let new = self.compute(&self.db, &terms, today, Path::New).await?;
-                if !legacy.same_figures(&new) {
-                    let m = ShadowMismatch {
-                        legacy,
-                        new,
-                        as_of: today,
-                    };
-                    self.report_mismatch(&m).await;
-                    report.mismatches.push(Mismatch {
-                        account_id: id,
-                        legacy: m.legacy,
-                        new: m.new,
-                    });
-                }
+            // A transient failure (a lock timeout behind a migration, a
+            // connection lost) is tried again for this account, so a long
+            // run over every account does not end at the first blip.
+            let compared =
+                common::db::retry_transient(VERIFY_RETRIES, || self.compare(&id, today)).await?;
+            if let Some(m) = compared {
+                self.report_mismatch(&m).await;
+                report.mismatches.push(Mismatch {
+                    account_id: id,
+                    legacy: m.legacy,
+                    new: m.new,
+                });
             }
             report.checked += 1;
             progress(report.checked, total);
         }
         Ok(report)
+    }
+
+    /// Both paths' figures for `id` as of `today`, when they differ.
+    async fn compare(
+        &self,
+        id: &AccountId,
+        today: NaiveDate,
+    ) -> Result<Option<ShadowMismatch>, DbErr> {
+        let Some(terms) = Self::terms(&self.db, id).await? else {
+            return Ok(None);
+        };
+        let legacy = self.compute(&self.db, &terms, today, Path::Legacy).await?;
+        let new = self.compute(&self.db, &terms, today, Path::New).await?;
+        Ok((!legacy.same_figures(&new)).then_some(ShadowMismatch {
+            legacy,
+            new,
+            as_of: today,
+        }))
     }
 
     async fn accounts_to_verify(&self, sample: Option<u64>) -> Result<Vec<AccountId>, DbErr> {

@@ -1142,6 +1142,35 @@ async fn b27_one_verification_runs_at_a_time_and_another_meanwhile_is_answered_4
         .expect(200);
 }
 
+/// B27's batch verifier runs over every account, for minutes on a large
+/// bank: a transient database failure on one account (here a lock timeout
+/// behind a table lock, as a migration would hold) is tried again, and the
+/// run goes on instead of failing at the first blip.
+#[tokio::test]
+async fn b27_the_verifier_tries_an_account_again_after_a_transient_database_error() {
+    let (_nats, core) = core().await;
+    let api = core.api.clone();
+    api.funded_account(60_000_000).await;
+    api.advance_business_date(3).await;
+    let lock = RowLock::table(&core.db_url, "daily_balances")
+        .await
+        .unwrap();
+    let verifying = tokio::spawn({
+        let api = api.clone();
+        async move { api.post("/v1/admin/interest/verify", json!({})).await }
+    });
+    lock.until_retried("the verification tried again after its lock timeout")
+        .await;
+    assert!(
+        !verifying.is_finished(),
+        "still waiting while the lock is held"
+    );
+    lock.release().await.unwrap();
+    let report = verifying.await.unwrap().expect(200);
+    assert_eq!(report.body["checked"], 1);
+    assert_eq!(report.body["mismatches"], json!([]));
+}
+
 #[tokio::test]
 async fn b26_b27_drifted_daily_balances_change_only_the_new_path_and_the_mismatch_is_logged_counted_and_published()
  {

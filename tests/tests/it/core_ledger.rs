@@ -298,24 +298,8 @@ async fn b03_lock_held_past_lock_timeout_is_retried_transparently() {
     let api = core.api.clone();
     let (f, t) = (from.clone(), to.clone());
     let transfer = tokio::spawn(async move { api.core_transfer(&f, &t, 300).await });
-    let first = eventually("the transfer waits", Duration::from_secs(10), || async {
-        match lock.waiting_transactions().await {
-            Ok(w) if !w.is_empty() => Ok(w[0]),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await;
-    eventually(
-        "the transfer retried after its lock timeout",
-        Duration::from_secs(10),
-        || async {
-            match lock.waiting_transactions().await {
-                Ok(w) if w.iter().any(|started| *started > first) => Ok(()),
-                other => Err(format!("{other:?}")),
-            }
-        },
-    )
-    .await;
+    lock.until_retried("the transfer retried after its lock timeout")
+        .await;
     assert!(
         !transfer.is_finished(),
         "still waiting while the lock is held"
