@@ -70,6 +70,11 @@ struct Args {
     /// loss; only for measuring what the fsyncs cost).
     #[arg(long, value_enum, default_value_t = NatsSync::Always)]
     nats_sync: NatsSync,
+    /// Exit with status 3 when a target is missed (after writing the table),
+    /// for a pipeline that gates on the figures. Without it a run that
+    /// measured everything exits 0 and marks misses in the table.
+    #[arg(long)]
+    fail_on_miss: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -155,7 +160,7 @@ struct Bench {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> anyhow::Result<std::process::ExitCode> {
     let args = Args::parse();
     let nats = NatsServer::start_with_fsync(args.nats_sync == NatsSync::Always).await?;
     let core_db_url = bank_tests::db::fresh_database("bench_core").await?;
@@ -263,7 +268,17 @@ async fn main() -> anyhow::Result<()> {
     b.report(&machine)?;
     drop(core_proc);
     drop(transfer_proc);
-    Ok(())
+    let missed: Vec<&str> = b
+        .rows
+        .iter()
+        .filter(|r| r.met == Some(false))
+        .map(|r| r.id.as_str())
+        .collect();
+    if b.args.fail_on_miss && !missed.is_empty() {
+        eprintln!("bench: targets missed: {}", missed.join(", "));
+        return Ok(std::process::ExitCode::from(3));
+    }
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 /// The cores this process may run on (1 if unknown).
