@@ -190,6 +190,14 @@ pub fn is_unavailable(err: &DbErr) -> bool {
     is_transient(err)
 }
 
+/// True when the failure is the database's as a whole, not one statement's
+/// data: it is unavailable ([`is_unavailable`]), or a statement ran out of
+/// time or was cancelled (`57014`: a stalled disk, a long lock wait). Work
+/// split into smaller parts would meet the same failure in each.
+pub fn is_systemic(err: &DbErr) -> bool {
+    is_unavailable(err) || pg_code(err).is_some_and(|c| c == "57014")
+}
+
 /// Runs `attempt` again while it fails with an error a retry may cure
 /// ([`AsDbErr::is_retryable`]: by default a transient database error), with
 /// jittered exponential backoff (5 ms doubling to 200 ms, at most `max_retries`

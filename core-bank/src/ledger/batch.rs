@@ -116,6 +116,18 @@ impl BatchError {
         }
     }
 
+    /// True when the failure may be one command's (its data refused, a
+    /// stored row that does not read back), so that running each command
+    /// alone isolates it; false when it is the database's as a whole
+    /// (unavailable, read-only, a statement timed out), which every command
+    /// run alone would meet again.
+    pub(crate) fn may_be_one_commands(&self) -> bool {
+        match self {
+            BatchError::Race => false,
+            BatchError::Db(e) => !common::db::is_systemic(e),
+        }
+    }
+
     /// True when an account lock was not granted within `lock_timeout`:
     /// another transaction holds a row the batch needs.
     pub(crate) fn is_lock_timeout(&self) -> bool {

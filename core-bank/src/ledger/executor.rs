@@ -11,9 +11,12 @@
 //! timeout, deadlock, serialization failure, a concurrent insert of the same
 //! id, a lost connection) is retried as a whole, up to 10 times with jittered
 //! backoff; if it still fails, every command of the batch gets the error (a
-//! lock timeout on a worker is first split, below). A
-//! non-transient failure of a batch of several commands re-runs each command
-//! alone, so one bad command cannot fail its neighbours.
+//! lock timeout on a worker is first split, below). Any other failure of a
+//! batch of several commands that may be one command's (its data refused, a
+//! stored row that does not read back) re-runs each command alone, so one bad
+//! command cannot fail its neighbours; one of the database as a whole
+//! (read-only after a failover, a statement timeout) is answered to every
+//! command at once.
 //!
 //! A lock held for long by another transaction (an interest payout reading a
 //! busy account's whole period, an operator's session) must hold up only the
@@ -351,9 +354,12 @@ async fn execute_batch(shared: &Arc<Shared>, jobs: Vec<Job>, isolate: Isolate, r
             isolate_held_accounts(shared, jobs, runs).await;
         }
         // Retries are spent on a transient failure (the database is down,
-        // say): running each command alone would only repeat them. Any other
-        // failure may be one command's, so each runs alone.
-        Err(e) if size > 1 && !e.is_retryable() => {
+        // say), and a failure of the database as a whole (read-only after a
+        // failover, a statement timeout) would meet each command again:
+        // running each alone would only repeat them, one after the other,
+        // while the callers wait. Any other failure may be one command's, so
+        // each runs alone.
+        Err(e) if size > 1 && !e.is_retryable() && e.may_be_one_commands() => {
             tracing::warn!(error = %e, size, "ledger batch failed; executing its commands one by one");
             for job in jobs {
                 execute(shared, vec![job], Isolate::Allowed, runs).await;

@@ -1607,3 +1607,60 @@ async fn b01_an_accounts_entry_dates_never_go_back_between_replicas_a_moment_apa
     let (d0, d1) = (today.to_string(), tomorrow.to_string());
     assert_eq!(dates, [d0.as_str(), d1.as_str(), d1.as_str()]);
 }
+
+/// A batch failing for a reason of the database as a whole (here a statement
+/// timeout behind a table lock, as a stalled disk would cause) is answered to
+/// all its commands at once: run one by one, each would meet the same failure
+/// again, one after another, while their callers wait. (A failure that may be
+/// one command's still splits the batch: one bad command cannot fail its
+/// neighbours.)
+#[tokio::test]
+async fn f7_a_batch_failing_for_the_whole_database_is_not_run_again_command_by_command() {
+    let nats = NatsServer::start().await.unwrap();
+    let stack = bank_tests::procs::ProcStack::start(
+        &nats,
+        HashMap::from([
+            ("LEDGER_WORKERS".to_owned(), "1".to_owned()),
+            (
+                "DATABASE_STATEMENT_TIMEOUT_MS".to_owned(),
+                "1000".to_owned(),
+            ),
+            ("DATABASE_LOCK_TIMEOUT_MS".to_owned(), "30000".to_owned()),
+        ]),
+    )
+    .await
+    .unwrap();
+    let core = stack.core_api();
+    let from = core.funded_account(1_000).await;
+    let to = core.funded_account(0).await;
+    let failures = || async {
+        bank_tests::metrics::metric(
+            &bank_tests::metrics::scrape(&core.base).await,
+            "ledger_batch_failures_total",
+        )
+    };
+    let before = failures().await;
+    // The one worker's first batch waits on the lock; the next commands
+    // queue behind it and become one batch of seven.
+    let lock = RowLock::table(&stack.cfg.core_db, "transfers")
+        .await
+        .unwrap();
+    let first = tokio::spawn({
+        let (core, from, to) = (core.clone(), from.clone(), to.clone());
+        async move { core.core_transfer(&from, &to, 1).await }
+    });
+    lock.until_waited_on("the first batch").await;
+    let rest = join_all((0..7).map(|_| core.core_transfer(&from, &to, 1))).await;
+    let first = first.await.unwrap();
+    lock.release().await.unwrap();
+    for answer in std::iter::once(&first).chain(&rest) {
+        assert!(answer.status >= 500, "{} {}", answer.status, answer.body);
+    }
+    assert_eq!(
+        failures().await - before,
+        2.0,
+        "two failed batches, not one per command"
+    );
+    assert_eq!(core.balance(&from).await, 1_000);
+    assert_eq!(core.balance(&to).await, 0);
+}
