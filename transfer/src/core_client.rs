@@ -72,12 +72,6 @@ pub enum CoreError {
 }
 
 impl CoreError {
-    /// True when the request certainly did not execute and never will under
-    /// this id: a refusal recorded by the core.
-    pub fn is_refusal(&self) -> bool {
-        matches!(self, CoreError::Refused { status: 422, .. })
-    }
-
     /// True when no answer came from the core (it timed out, could not be
     /// reached, or failed with a 5xx): a later request may succeed.
     pub fn is_unreachable(&self) -> bool {
@@ -103,13 +97,26 @@ pub struct CoreAccount {
     pub customer_id: CustomerId,
 }
 
+/// A transfer's outcome at the core. Any other status (a later core's, or a
+/// body that is not the core's) does not parse: the answer is
+/// [`CoreError::Unexpected`] and the transfer stays pending, rather than
+/// being taken for a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CoreTransferStatus {
+    /// Executed: the money moved.
+    Succeeded,
+    /// Refused or fenced: it did not execute and never will.
+    Failed,
+}
+
 /// A transfer decision as the core reports it.
 #[derive(Debug, Clone, Deserialize)]
 pub struct CoreTransfer {
     /// Id.
     pub transfer_id: TransferId,
-    /// `succeeded` or `failed`.
-    pub status: String,
+    /// The outcome.
+    pub status: CoreTransferStatus,
     /// Refusal code when failed.
     pub reason: Option<String>,
     /// Debit entry.
@@ -334,6 +341,7 @@ impl CoreClient {
             timeout,
         )
         .await
+        .and_then(|t| of_transfer(t, transfer_id))
     }
 
     /// `GET /v1/transfers/{id}`; `Ok(None)` when the core never received it.
@@ -346,10 +354,13 @@ impl CoreClient {
             &format!("/v1/transfers/{id}"),
             "transfer_not_found",
         )
-        .await
+        .await?
+        .map(|t| of_transfer(t, id))
+        .transpose()
     }
 
-    /// A `GET` whose 404 with the code `not_found` is an answer (`Ok(None)`).
+    /// A `GET` whose 404 with the code `not_found` (the resource's own code,
+    /// e.g. `transfer_not_found`) is an answer (`Ok(None)`).
     /// Any other 404 (a gateway's, a route missing behind a wrong `CORE_URL`)
     /// is an error, never taken for "the core has none".
     async fn get_unless_not_found<T: DeserializeOwned>(
@@ -380,6 +391,7 @@ impl CoreClient {
             self.default_timeout,
         )
         .await
+        .and_then(|t| of_transfer(t, id))
     }
 
     /// `GET /v1/accounts/{id}/entries?after_seq=&limit=`.
@@ -469,6 +481,19 @@ impl CoreClient {
     }
 }
 
+/// The core's answer about transfer `id`, or [`CoreError::Unexpected`] when
+/// it is about another transfer (an answer that is not the core's).
+fn of_transfer(t: CoreTransfer, id: &TransferId) -> Result<CoreTransfer, CoreError> {
+    if t.transfer_id == *id {
+        Ok(t)
+    } else {
+        Err(CoreError::Unexpected(format!(
+            "an answer about transfer {} to a call about {id}",
+            t.transfer_id
+        )))
+    }
+}
+
 fn classify(e: reqwest::Error, timeout: Duration) -> CoreError {
     if e.is_timeout() {
         CoreError::Timeout(timeout)
@@ -490,12 +515,13 @@ mod tests {
 
     /// A core answering every request with `status` and the error `code`.
     async fn core_answering(status: StatusCode, code: &'static str) -> CoreClient {
-        let app = axum::Router::new().fallback(move || async move {
-            (
-                status,
-                axum::Json(json!({"error": {"code": code, "message": "test"}})),
-            )
-        });
+        core_answering_body(status, json!({"error": {"code": code, "message": "test"}})).await
+    }
+
+    /// A server answering every request with `status` and `body`.
+    async fn core_answering_body(status: StatusCode, body: serde_json::Value) -> CoreClient {
+        let app =
+            axum::Router::new().fallback(move || async move { (status, axum::Json(body.clone())) });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -532,5 +558,39 @@ mod tests {
                 "{status} {code}: {answer:?}"
             );
         }
+    }
+
+    /// A 2xx answer about a transfer is taken as its outcome only when it is
+    /// the core's: a status the client does not know (a later core's
+    /// `processing`, say) or an answer about another transfer id leaves the
+    /// transfer pending (`Unexpected`), never taken for a failure.
+    #[tokio::test]
+    async fn b12_an_answer_that_is_not_a_known_outcome_of_this_transfer_is_unexpected() {
+        let id = common::TransferId::generate();
+        let other = common::TransferId::generate();
+        for body in [
+            json!({"transfer_id": id.as_str(), "status": "processing"}),
+            json!({"transfer_id": other.as_str(), "status": "failed", "reason": "insufficient_funds"}),
+        ] {
+            let core = core_answering_body(StatusCode::OK, body.clone()).await;
+            for answer in [
+                core.fence(&id).await,
+                core.transfer_status(&id)
+                    .await
+                    .and_then(|t| t.ok_or_else(|| CoreError::Unexpected("none".into()))),
+            ] {
+                assert!(
+                    matches!(&answer, Err(CoreError::Unexpected(_))),
+                    "{body}: {answer:?}"
+                );
+            }
+        }
+        let core = core_answering_body(
+            StatusCode::OK,
+            json!({"transfer_id": id.as_str(), "status": "failed", "reason": "never_received"}),
+        )
+        .await;
+        let fenced = core.fence(&id).await.expect("the core's answer");
+        assert_eq!(fenced.status, super::CoreTransferStatus::Failed);
     }
 }

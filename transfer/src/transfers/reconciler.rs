@@ -26,7 +26,7 @@ use sea_orm::{DatabaseConnection, DbErr};
 use tokio::sync::Semaphore;
 
 use super::{Resolution, TransferRequest, find, pending_before, pending_stats, resolve};
-use crate::core_client::{CoreClient, CoreError, CoreTransfer};
+use crate::core_client::{CoreClient, CoreError, CoreTransfer, CoreTransferStatus};
 
 /// Most resolver tasks at once; beyond it the reconciler takes over.
 const MAX_RESOLVERS: usize = 1024;
@@ -51,15 +51,14 @@ pub enum SettleError {
 
 /// The outcome the core's record of a transfer says.
 pub(super) fn resolution(t: &CoreTransfer) -> Resolution {
-    if t.status == "succeeded" {
-        Resolution::Succeeded {
+    match t.status {
+        CoreTransferStatus::Succeeded => Resolution::Succeeded {
             from_seq: t.from_seq,
             to_seq: t.to_seq,
-        }
-    } else {
-        Resolution::Failed {
+        },
+        CoreTransferStatus::Failed => Resolution::Failed {
             reason: t.reason.clone().unwrap_or_else(|| "refused".into()),
-        }
+        },
     }
 }
 
