@@ -86,6 +86,8 @@ METRICS: dict[str, tuple[str, set[str]]] = {
     "projector_tax_sweep_scanned_total": ("counter", set()),
     "projector_tax_sweep_retrying": ("gauge", set()),
     "history_repairs_total": ("counter", set()),
+    "projector_audit_repairs_total": ("counter", set()),
+    "projector_audit_errors_total": ("counter", set()),
     "projector_batch_size": ("histogram", {"feed"}),
     "projector_tax_records_total": ("counter", set()),
     "interest_cache_hits_total": ("counter", set()),

@@ -89,6 +89,8 @@ impl App {
         metrics::counter!("projector_tax_records_recovered_total").increment(0);
         metrics::counter!("projector_tax_sweep_errors_total").increment(0);
         metrics::counter!("history_repairs_total").increment(0);
+        metrics::counter!("projector_audit_repairs_total").increment(0);
+        metrics::counter!("projector_audit_errors_total").increment(0);
         let (ctx, nats) = context(&config).await?;
         let ledger = consume::consumer(&ctx, Feed::Ledger).await?;
         let interest = consume::consumer(&ctx, Feed::Interest).await?;
@@ -135,6 +137,12 @@ impl App {
             Duration::from_secs(self.ctx.config.tax_sweep_secs.max(1)),
             Duration::from_secs(self.ctx.config.tax_sweep_overlap_secs),
             self.ctx.config.tax_sweep_page,
+            consumers.clone(),
+        ));
+        tasks.spawn(consume::audit::audit(
+            self.ctx.clone(),
+            Duration::from_secs(self.ctx.config.audit_secs.max(1)),
+            self.ctx.config.audit_page,
             consumers.clone(),
         ));
         tasks.spawn(consume::report_pending(

@@ -154,6 +154,16 @@ pub struct Config {
     #[arg(long, env = "PROJECTOR_TAX_SWEEP_OVERLAP_SECS", default_value_t = 600,
           value_parser = clap::value_parser!(u64).range(0..=86_400))]
     pub tax_sweep_overlap_secs: u64,
+    /// How often the ledger audit compares every account's history with
+    /// the core's last seq, and syncs from the core the accounts that stayed
+    /// behind since the pass before (their last events lost).
+    #[arg(long, env = "PROJECTOR_AUDIT_SECS", default_value_t = 600,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub audit_secs: u64,
+    /// Accounts the ledger audit reads from the core per call.
+    #[arg(long, env = "PROJECTOR_AUDIT_PAGE", default_value_t = 1000,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub audit_page: u32,
     /// HTTP server limits.
     #[command(flatten)]
     pub http: HttpArgs,

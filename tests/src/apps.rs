@@ -275,6 +275,8 @@ pub struct ProjectorOptions {
     /// `PROJECTOR_API_TOKEN` (unset: `/v1` is open); the app's client
     /// presents it.
     pub api_token: Option<&'static str>,
+    /// `PROJECTOR_AUDIT_SECS`.
+    pub audit_secs: u64,
 }
 
 impl Default for ProjectorOptions {
@@ -288,6 +290,7 @@ impl Default for ProjectorOptions {
             tax_sweep_page: 500,
             tax_sweep_overlap_secs: 600,
             api_token: None,
+            audit_secs: 600,
         }
     }
 }
@@ -314,6 +317,7 @@ impl ProjectorApp {
         config.tax_sweep_secs = opts.tax_sweep_secs;
         config.tax_sweep_page = opts.tax_sweep_page;
         config.tax_sweep_overlap_secs = opts.tax_sweep_overlap_secs;
+        config.audit_secs = opts.audit_secs;
         config.api_token = opts.api_token.map(Secret::new);
         config.pool.db_max_connections = 6;
         let app = projector::App::build(config.clone()).await?;

@@ -95,6 +95,8 @@ pub struct CoreAccount {
     pub account_id: AccountId,
     /// Owner.
     pub customer_id: CustomerId,
+    /// Sequence number of the account's last ledger entry (0: none yet).
+    pub last_seq: i64,
 }
 
 /// A transfer's outcome at the core. Any other status (a later core's, or a
@@ -456,6 +458,17 @@ impl CoreClient {
         after: Option<&str>,
         limit: u32,
     ) -> Result<(Vec<AccountId>, Option<String>), CoreError> {
+        let (accounts, next) = self.accounts(after, limit).await?;
+        Ok((accounts.into_iter().map(|a| a.account_id).collect(), next))
+    }
+
+    /// `GET /v1/accounts?after=&limit=`: one page of accounts in id order,
+    /// and the id to continue after (none on the last page).
+    pub async fn accounts(
+        &self,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<(Vec<CoreAccount>, Option<String>), CoreError> {
         #[derive(Deserialize)]
         struct Page {
             accounts: Vec<CoreAccount>,
@@ -474,10 +487,7 @@ impl CoreClient {
                 self.default_timeout,
             )
             .await?;
-        Ok((
-            page.accounts.into_iter().map(|a| a.account_id).collect(),
-            page.next_after,
-        ))
+        Ok((page.accounts, page.next_after))
     }
 }
 

@@ -33,6 +33,7 @@
 //! timeouts, deadlocks and serialization failures stay ordinary transient
 //! failures, retried within the budget.
 
+pub mod audit;
 pub mod dlq;
 pub mod ledger;
 pub mod tax;

@@ -7,7 +7,8 @@
 //! services, delays and drops requests between the transfer service and the
 //! core (through a fault proxy), holds an account's row lock past the lock
 //! timeout, publishes poison messages and forged interest events, and loses
-//! interest events (deleted from the stream while the projector is down). Then it stops
+//! interest events and accounts' last ledger events (deleted from the stream
+//! while the projector is down). Then it stops
 //! the faults, waits for convergence, and checks the invariants, printing each
 //! with its figure. Exits 1 if any check fails. Replay a run with `--seed`.
 
@@ -116,6 +117,7 @@ async fn run(args: &Args, seed: u64) -> anyhow::Result<bool> {
             ("PROJECTOR_RETRY_BASE_MS".into(), "200".into()),
             ("PROJECTOR_RETRY_MAX_MS".into(), "3000".into()),
             ("PROJECTOR_TAX_SWEEP_SECS".into(), "2".into()),
+            ("PROJECTOR_AUDIT_SECS".into(), "3".into()),
             ("CORE_READ_API_TOKEN".into(), CORE_READ_TOKEN.into()),
         ]);
         for (k, v) in extra {
@@ -227,6 +229,10 @@ async fn run(args: &Args, seed: u64) -> anyhow::Result<bool> {
     let mut poison_sent = 0u64;
     let mut forged_sent = 0u64;
     let mut interest_events_deleted = 0u64;
+    let mut ledger_events_deleted = 0u64;
+    // Accounts the load never touches, each with one deposit whose event
+    // was deleted (see LOSE_LEDGER_EVENTS).
+    let mut quiet: Vec<String> = Vec::new();
     let mut day_shifts = 0;
     let mut unclean_exits = 0u64;
     let mut faults: BTreeMap<&'static str, u64> = BTreeMap::new();
@@ -430,6 +436,43 @@ async fn run(args: &Args, seed: u64) -> anyhow::Result<bool> {
                 lock.release().await?;
                 "hold an account's row lock past the lock timeout"
             }
+            11 if rng.random_bool(0.5) => {
+                // An account's last ledger event lost: the projector is down
+                // while a deposit is made to an account the load never
+                // touches, and its message is deleted from the stream
+                // before it is back. No later event of that account brings
+                // a gap fill: the ledger audit must sync it from the core.
+                svc.projector.kill().await;
+                let customer = core.new_customer("Chaos quiet").await;
+                let account = core.new_account(&customer).await;
+                deposit(&core, &account, rng.random_range(1..100_000), &book).await;
+                quiet.push(account.clone());
+                let subject = format!("bank.ledger.{account}");
+                let relayed = Instant::now() + Duration::from_secs(60);
+                while bank_tests::db::query_strings(
+                    &core_db,
+                    &format!("SELECT count(*)::text FROM outbox WHERE published_at IS NULL AND subject = '{subject}'"),
+                )
+                .await?
+                    != ["0"]
+                {
+                    anyhow::ensure!(Instant::now() < relayed, "the core's relay did not publish the deposit's event within 60 s");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                let stream = nats.jetstream().await?.get_stream("LEDGER").await?;
+                // One not deleted is not lost: it only exercises less.
+                match stream.get_last_raw_message_by_subject(&subject).await {
+                    Ok(m) => match stream.delete_message(m.sequence).await {
+                        Ok(true) => ledger_events_deleted += 1,
+                        Ok(false) => {}
+                        Err(e) => println!("chaos: deleting LEDGER message {}: {e}", m.sequence),
+                    },
+                    Err(e) => println!("chaos: reading the last message of {subject}: {e}"),
+                }
+                svc.projector.restart()?;
+                wait_ready(&svc.projector_url).await?;
+                LOSE_LEDGER_EVENTS
+            }
             _ => {
                 if day_shifts < 5 {
                     day_shifts += 1;
@@ -455,6 +498,7 @@ async fn run(args: &Args, seed: u64) -> anyhow::Result<bool> {
     println!("chaos: transfer answers: {}", counters.summary());
 
     // Convergence.
+    let every: Vec<String> = accounts.iter().chain(&quiet).cloned().collect();
     let converge_started = Instant::now();
     let deadline = converge_started + Duration::from_secs(args.converge_secs);
     let mut converged = false;
@@ -469,7 +513,7 @@ async fn run(args: &Args, seed: u64) -> anyhow::Result<bool> {
             "SELECT count(*)::text FROM outbox WHERE published_at IS NULL",
         )
         .await?;
-        let diff = bank_tests::verify::history_mismatches(&core, &channel_db, &accounts).await?;
+        let diff = bank_tests::verify::history_mismatches(&core, &channel_db, &every).await?;
         let (paid, taxed) = payouts_and_tax_records(&core_db, &channel_db).await?;
         // Every letter in (a read that fails is "not yet").
         let lettered = DeadLetters::read(&nats)
@@ -546,6 +590,11 @@ async fn run(args: &Args, seed: u64) -> anyhow::Result<bool> {
             interest_events_deleted,
             "interest events deleted",
         ),
+        (
+            LOSE_LEDGER_EVENTS,
+            ledger_events_deleted,
+            "accounts' last ledger events deleted",
+        ),
     ];
     check(
         "every kind of fault drawn twice or more took effect",
@@ -558,7 +607,7 @@ async fn run(args: &Args, seed: u64) -> anyhow::Result<bool> {
     );
     let book = book.lock().await;
     let mut total = 0i128;
-    for a in &accounts {
+    for a in &every {
         total += core.balance(a).await;
     }
     let expected = book.deposited + book.interest_net;
@@ -674,7 +723,7 @@ async fn run(args: &Args, seed: u64) -> anyhow::Result<bool> {
             book.told_failed.len()
         ),
     );
-    let diff = bank_tests::verify::history_mismatches(&core, &channel_db, &accounts).await?;
+    let diff = bank_tests::verify::history_mismatches(&core, &channel_db, &every).await?;
     let entries =
         bank_tests::db::query_strings(&channel_db, "SELECT count(*)::text FROM history_entries")
             .await?;
@@ -682,8 +731,9 @@ async fn run(args: &Args, seed: u64) -> anyhow::Result<bool> {
         "channel history equals the core ledger",
         diff.is_empty(),
         format!(
-            "{} accounts, {} entries, differences: {diff:?}",
-            accounts.len(),
+            "{} accounts ({} of them quiet, their last event deleted), {} entries, differences: {diff:?}",
+            every.len(),
+            quiet.len(),
             entries[0]
         ),
     );
@@ -830,6 +880,8 @@ const GATEWAY_503: &str = "a gateway answers 503 and passes the request on later
 const POISON: &str = "publish a poison message";
 const FORGED: &str = "publish a forged interest event";
 const LOSE_INTEREST_EVENTS: &str = "lose interest events (projector down, messages deleted)";
+const LOSE_LEDGER_EVENTS: &str =
+    "lose an account's last ledger event (projector down, message deleted)";
 
 #[derive(Default)]
 struct Counters {

@@ -1051,6 +1051,56 @@ async fn b23_a_forged_event_under_the_cores_event_id_only_delays_the_tax_record(
     assert_the_cores_figures(&records[0], &paid);
 }
 
+/// F7/B15: gap fill needs a later event of the account; an account's last
+/// event, lost from the stream, has none. The ledger audit finds the account
+/// still behind the core's last seq a pass later and syncs it from the core,
+/// so the history equals the ledger even for an account that stays quiet.
+#[tokio::test]
+async fn f7_b15_an_accounts_lost_last_event_is_repaired_by_the_ledger_audit() {
+    let rig = Rig::new().await;
+    // No projector yet: the account's only event is deleted from the stream
+    // before anything reads it; another account's arrives as usual.
+    let quiet = rig.core.api.funded_account(5_000).await;
+    let other = rig.core.api.funded_account(7_000).await;
+    let js = rig.nats.jetstream().await.unwrap();
+    let lost = eventually("the deposit's event", Duration::from_secs(10), || async {
+        let msgs = stream_messages(&js, "LEDGER")
+            .await
+            .map_err(|e| e.to_string())?;
+        msgs.into_iter()
+            .find(|m| m.subject.as_str() == format!("bank.ledger.{quiet}"))
+            .ok_or_else(|| "not published yet".to_owned())
+    })
+    .await;
+    let stream = js.get_stream("LEDGER").await.unwrap();
+    assert!(stream.delete_message(lost.sequence).await.unwrap());
+    // In-process apps share one metrics registry (the core's /metrics shows
+    // it before the projector starts): counted from here on.
+    let repairs = |base: String| async move {
+        bank_tests::metrics::metric(
+            &bank_tests::metrics::scrape(&base).await,
+            "projector_audit_repairs_total",
+        )
+    };
+    let before = repairs(rig.core.api.base.clone()).await;
+    let p = rig
+        .projector(ProjectorOptions {
+            audit_secs: 1,
+            ..ProjectorOptions::default()
+        })
+        .await;
+    rig.wait_synced(&other, 1, Duration::from_secs(10)).await;
+    rig.wait_synced(&quiet, 1, Duration::from_secs(20)).await;
+    assert!(
+        repairs(p.api.base.clone()).await > before,
+        "counted as a repair"
+    );
+    let mismatches = history_mismatches(&rig.core.api, &rig.channel_db, &[quiet, other])
+        .await
+        .unwrap();
+    assert!(mismatches.is_empty(), "{mismatches:?}");
+}
+
 #[tokio::test]
 async fn b23_a_payout_whose_event_was_lost_from_the_stream_still_gets_its_tax_record() {
     let rig = Rig::new().await;
