@@ -583,6 +583,11 @@ async fn sweep_entry(
             // that seq and cut back if so (B15).
             let check = sync::repair_unless_the_cores(&ctx.db, &ctx.core, account, seq).await?;
             tracing::warn!(payout_id = %payout, account = %account, seq, cut = check.cut, "the history held an interest entry for a payout the core does not know");
+            if check.cut {
+                // The core's entries from that seq on are fetched back now
+                // (if this fails, the ledger audit finds the account behind).
+                sync::sync_account(&ctx.db, &ctx.core, account).await?;
+            }
             Ok(0)
         }
     }

@@ -1278,6 +1278,67 @@ async fn b15_an_interest_entry_for_a_payout_the_core_never_made_is_cut_by_the_ta
     assert!(tax_records(&p, ghost.as_str()).await.is_empty());
 }
 
+/// B15: the tax sweep that cuts an interest entry the core never made
+/// fetches the core's entries from that seq back at once (here the core's
+/// own entry at that seq, whose event was lost), instead of leaving the
+/// history short until the next event or the ledger audit.
+#[tokio::test]
+async fn b15_the_tax_sweep_fetches_the_cores_entries_back_after_cutting_one_that_is_not_the_cores()
+{
+    let rig = Rig::new().await;
+    let mut p = rig.projector(ProjectorOptions::default()).await;
+    let account = rig.core.api.funded_account(100).await;
+    rig.wait_synced(&account, 1, Duration::from_secs(10)).await;
+    p.stop().await.unwrap();
+    // The core's seq 2 (a deposit), whose event is lost from the stream...
+    rig.core.api.deposit(&account, 5).await.expect(200);
+    let js = rig.nats.jetstream().await.unwrap();
+    let stream = js.get_stream("LEDGER").await.unwrap();
+    let subject = format!("bank.ledger.{account}");
+    let lost = eventually("the deposit's event", Duration::from_secs(10), || async {
+        match stream.get_last_raw_message_by_subject(&subject).await {
+            Ok(m) if String::from_utf8_lossy(&m.payload).contains("\"seq\":2") => Ok(m.sequence),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert!(stream.delete_message(lost).await.unwrap());
+    // ...and in the history an interest entry the core never made at seq 2.
+    let db = sea_orm::Database::connect(rig.channel_db.as_str())
+        .await
+        .unwrap();
+    let id = common::AccountId::parse(account.clone()).unwrap();
+    let mut forged = entry(&id, 2, 7, 107);
+    forged.kind = EntryKind::Interest;
+    forged.payout_id = Some(common::PayoutId::parse(unique("pay_")).unwrap());
+    assert_eq!(writer::apply(&db, &[forged]).await.unwrap().applied, 1);
+    let _p = rig
+        .projector(ProjectorOptions {
+            tax_sweep_secs: 1,
+            ..ProjectorOptions::default()
+        })
+        .await;
+    eventually(
+        "the core's seq 2 in the history",
+        Duration::from_secs(30),
+        || async {
+            let held = bank_tests::db::query_strings(
+                &rig.channel_db,
+                &format!("SELECT kind || ':' || amount::text FROM history_entries WHERE account_id = '{account}' AND seq = 2"),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            if held == ["deposit:5"] {
+                Ok(())
+            } else {
+                Err(format!("{held:?}"))
+            }
+        },
+    )
+    .await;
+    history_equals_ledger(&rig, std::slice::from_ref(&account)).await;
+}
+
 /// B23 against a slow core: the interest consumer keeps telling the server
 /// it is still checking the payout, so a check that takes longer than the
 /// ack wait neither gets the event redelivered (and checked again) nor
