@@ -18,7 +18,11 @@
 //! only to ack timeouts), or **dead letter** (a permanent failure, or a
 //! transient one at the maximum deliveries: published to `DLQ` with its body
 //! and the reason, then terminated on the source). Nothing is dropped
-//! silently: every dead letter is logged and counted.
+//! silently: every dead letter is logged and counted. A message whose
+//! handling never ends (the process crashes or a batch task fails on it,
+//! every time) ends in none of them; once delivered more than twice the
+//! limit, it is dead-lettered before it is handled again
+//! ([`letter_overdue`]).
 //!
 //! An unavailable channel database (no connection, a server shutting down,
 //! read-only: `common::db::is_unavailable`) is not a failure of the
@@ -491,10 +495,39 @@ async fn handle(
     batch: Vec<Message>,
     turns: ledger::Turns,
 ) -> Vec<Message> {
+    let batch = letter_overdue(ctx, batch).await;
     match feed {
         Feed::Ledger => ledger::handle(ctx, batch, turns).await,
         Feed::Interest => tax::handle(ctx, batch).await,
     }
+}
+
+/// Dead-letters the messages of `batch` delivered more than twice
+/// `PROJECTOR_MAX_DELIVERIES` times, and returns the others. The handlers
+/// settle every message they finish with, and dead-letter a failing one at
+/// the limit; a message past twice the limit was delivered again and again
+/// without ending in either: its handling never finished (the projector
+/// crashed or a batch task panicked on it, every time). The server's own
+/// `max_deliver` is unlimited, so without this it would come back forever.
+/// (A crash of the projector costs the messages in hand one delivery each;
+/// the margin keeps restarts from lettering a sound event, and a lettered
+/// one can be replayed: a ledger event's history is also brought by gap fill
+/// and the audit.)
+async fn letter_overdue(ctx: &Context, batch: Vec<Message>) -> Vec<Message> {
+    let limit = ctx.config.max_deliveries.max(1).saturating_mul(2);
+    let mut rest = Vec::with_capacity(batch.len());
+    for m in batch {
+        match m.info().map(|i| i.delivered) {
+            Ok(delivered) if delivered > limit => {
+                let reason = format!(
+                    "delivered {delivered} times without its handling ever ending (the projector crashed or failed on it each time)"
+                );
+                dlq::dead_letter(ctx, &m, &reason, "exhausted").await;
+            }
+            _ => rest.push(m),
+        }
+    }
+    rest
 }
 
 /// Keeps the messages the channel database could not take while it is

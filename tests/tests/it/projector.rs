@@ -188,6 +188,66 @@ async fn dead_letters(p: &impl ProjectorApi) -> Vec<Value> {
         .clone()
 }
 
+/// F5: a message whose handling never ends (the projector crashes or a
+/// batch task fails on it, every time) is never settled by the handlers,
+/// and the server's `max_deliver` is unlimited: delivered more than twice
+/// `PROJECTOR_MAX_DELIVERIES` times, it is dead-lettered before it is handled
+/// again, instead of coming back forever. (The deliveries that never ended
+/// are made here by a client of the durable consumer that refuses it.)
+#[tokio::test]
+async fn f5_a_message_delivered_again_and_again_without_ever_being_settled_is_dead_lettered() {
+    use async_nats::jetstream::AckKind;
+    use futures::StreamExt;
+    let rig = Rig::new().await;
+    let mut p = rig.projector(ProjectorOptions::default()).await;
+    p.stop().await.unwrap();
+    let account = rig.core.api.funded_account(5000).await;
+    let js = rig.nats.jetstream().await.unwrap();
+    let consumer: async_nats::jetstream::consumer::PullConsumer = js
+        .get_consumer_from_stream("projector-ledger", "LEDGER")
+        .await
+        .unwrap();
+    let limit = 2 * ProjectorOptions::default().max_deliveries;
+    let mut delivered = 0;
+    while delivered <= limit {
+        let mut batch = consumer
+            .fetch()
+            .max_messages(1)
+            .expires(Duration::from_secs(5))
+            .messages()
+            .await
+            .unwrap();
+        if let Some(m) = batch.next().await {
+            let m = m.unwrap();
+            delivered = m.info().unwrap().delivered;
+            m.ack_with(AckKind::Nak(None)).await.unwrap();
+        }
+    }
+    let p = rig.projector(ProjectorOptions::default()).await;
+    let letters = eventually("the letter", Duration::from_secs(20), || async {
+        let letters = dead_letters(&p).await;
+        if letters.is_empty() {
+            Err("none yet".to_owned())
+        } else {
+            Ok(letters)
+        }
+    })
+    .await;
+    assert_eq!(letters.len(), 1);
+    assert_eq!(
+        letters[0]["subject"],
+        json!(format!("bank.ledger.{account}"))
+    );
+    assert!(
+        letters[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("without its handling ever ending"),
+        "{}",
+        letters[0]
+    );
+}
+
 #[tokio::test]
 async fn b14_the_same_event_delivered_twice_changes_nothing() {
     let rig = Rig::new().await;
