@@ -81,6 +81,7 @@ METRICS: dict[str, tuple[str, set[str]]] = {
     "projector_interest_events_not_the_cores_total": ("counter", set()),
     "projector_tax_records_recovered_total": ("counter", set()),
     "projector_tax_sweep_errors_total": ("counter", set()),
+    "projector_tax_sweep_given_up_total": ("counter", set()),
     "projector_tax_sweep_passes_total": ("counter", set()),
     "projector_tax_record_conflicts_total": ("counter", set()),
     "projector_tax_sweep_scanned_total": ("counter", set()),

@@ -88,6 +88,7 @@ impl App {
         metrics::counter!("projector_interest_events_not_the_cores_total").increment(0);
         metrics::counter!("projector_tax_records_recovered_total").increment(0);
         metrics::counter!("projector_tax_sweep_errors_total").increment(0);
+        metrics::counter!("projector_tax_sweep_given_up_total").increment(0);
         metrics::counter!("history_repairs_total").increment(0);
         metrics::counter!("projector_audit_repairs_total").increment(0);
         metrics::counter!("projector_audit_errors_total").increment(0);

@@ -517,11 +517,14 @@ async fn retry_kept(ctx: &Context, page: i64, state: &mut SweepState) -> Result<
     let take = usize::try_from(page)
         .unwrap_or(usize::MAX)
         .min(state.retry.len());
-    let batch: Vec<(EntryKey, String)> = state
+    let (batch, expired): (Vec<(EntryKey, String)>, Vec<_>) = state
         .retry
         .drain(..take)
-        .filter(|(key, _)| key.0 >= oldest)
-        .collect();
+        .partition(|(key, _)| key.0 >= oldest);
+    for ((written, account, seq), payout) in expired {
+        metrics::counter!("projector_tax_sweep_given_up_total").increment(1);
+        tracing::error!(payout_id = %payout, account = %account, seq, written = %written, "the tax sweep could not settle this interest entry for 30 days and no longer tries: its payout has no tax record (record it from the core's payout by hand, or replay its letter)");
+    }
     let mut recovered = 0;
     if !batch.is_empty() {
         let payouts: Vec<String> = batch.iter().map(|(_, p)| p.clone()).collect();

@@ -1599,6 +1599,63 @@ async fn b23_a_tax_record_inserted_concurrently_with_other_figures_is_reported()
     assert_eq!(kept, ["100"]);
 }
 
+/// B23: an interest entry the sweep cannot settle (the core refuses its
+/// payout) is tried again at every pass until it is 30 days old; then it is
+/// given up, not dropped in silence: logged at error and counted, for the
+/// `TaxRecordsGivenUp` alert.
+#[tokio::test]
+async fn b23_an_interest_entry_the_sweep_never_settles_is_given_up_at_30_days_and_counted() {
+    use sea_orm::{ConnectionTrait, Statement};
+    let rig = Rig::new().await;
+    let account = rig.core.api.funded_account(100).await;
+    let mut p = rig.projector(ProjectorOptions::default()).await;
+    rig.wait_synced(&account, 1, Duration::from_secs(10)).await;
+    p.stop().await.unwrap();
+    // An interest entry whose payout the core refuses to explain (through
+    // the projector's path), written 10 s short of 30 days ago.
+    let payout = unique("pay_");
+    rig.proxy.add(None, &payout, Action::Fail(403), None);
+    let db = sea_orm::Database::connect(rig.channel_db.as_str())
+        .await
+        .unwrap();
+    let id = common::AccountId::parse(account.clone()).unwrap();
+    let mut interest = entry(&id, 2, 7, 107);
+    interest.kind = EntryKind::Interest;
+    interest.payout_id = Some(common::PayoutId::parse(payout.clone()).unwrap());
+    assert_eq!(writer::apply(&db, &[interest]).await.unwrap().applied, 1);
+    db.execute_raw(Statement::from_sql_and_values(
+        db.get_database_backend(),
+        "UPDATE history_entries SET applied_at = now() - interval '30 days' + interval '10 seconds' \
+         WHERE account_id = $1 AND seq = 2",
+        [account.clone().into()],
+    ))
+    .await
+    .unwrap();
+    // In-process apps share one metrics registry (the core's /metrics shows
+    // it while no projector runs): counted from here on.
+    let given_up = |base: String| async move {
+        bank_tests::metrics::metric(
+            &bank_tests::metrics::scrape(&base).await,
+            "projector_tax_sweep_given_up_total",
+        )
+    };
+    let before = given_up(rig.core.api.base.clone()).await;
+    let p = rig
+        .projector(ProjectorOptions {
+            tax_sweep_secs: 1,
+            ..ProjectorOptions::default()
+        })
+        .await;
+    eventually("the entry given up", Duration::from_secs(30), || async {
+        match given_up(p.api.base.clone()).await {
+            n if n > before => Ok(()),
+            n => Err(format!("{n} given up")),
+        }
+    })
+    .await;
+    assert!(tax_records(&p, &account).await.is_empty());
+}
+
 /// B23's sweep reads what was written since its last pass, not its whole
 /// window again (at a bank's volume, millions of recorded entries a pass):
 /// each interest entry is read once, passes that find nothing new read
