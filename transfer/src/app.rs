@@ -59,6 +59,9 @@ impl App {
     /// Connects, migrates, ensures the `TRANSFERS` stream and binds the listener.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         config.check().map_err(anyhow::Error::msg)?;
+        for warning in config.warnings() {
+            tracing::warn!("{warning}");
+        }
         let _ = common::metrics::handle();
         // Watched with increase() by LedgerEventsNotTheCores: present from
         // the start, so the first repair counts.

@@ -77,21 +77,26 @@ pub struct Config {
     )]
     pub request_ttl_secs: u64,
     /// How long a transfer request waits for the core before answering 202.
+    /// (100 ms to 10 minutes)
     #[arg(
         long = "core-timeout-ms",
         env = "CORE_TIMEOUT_MS",
-        default_value_t = 3_000
+        default_value_t = 3_000,
+        value_parser = clap::value_parser!(u64).range(100..=600_000)
     )]
     pub core_timeout_ms: u64,
-    /// How often stuck pending transfers are checked.
+    /// How often stuck pending transfers are checked. (10 ms to 1 day)
     #[arg(
         long = "reconcile-interval-ms",
         env = "RECONCILE_INTERVAL_MS",
-        default_value_t = 1_000
+        default_value_t = 1_000,
+        value_parser = clap::value_parser!(u64).range(10..=86_400_000)
     )]
     pub reconcile_interval_ms: u64,
     /// Safety margin after the TTL before a pending transfer is fenced.
-    #[arg(long, env = "RECONCILE_FENCE_MARGIN_MS", default_value_t = 2_000)]
+    /// (0 to 10 minutes)
+    #[arg(long, env = "RECONCILE_FENCE_MARGIN_MS", default_value_t = 2_000,
+          value_parser = clap::value_parser!(u64).range(0..=600_000))]
     pub fence_margin_ms: u64,
     /// How long account ownership read from the core is cached.
     #[arg(long, env = "OWNERSHIP_CACHE_SECS", default_value_t = 30)]
@@ -129,10 +134,13 @@ impl Config {
         self.request_ttl() + Duration::from_millis(self.fence_margin_ms)
     }
 
-    /// The longest a transfer's execution takes once its pending row is
-    /// written: the core's wait, a fence call, then its database statements
-    /// (`CORE_TIMEOUT_MS` + 7 s). Shutdown waits this long at most for
-    /// executions that outlived their answers.
+    /// What a transfer's execution is given once its pending row is
+    /// written: the core's wait, a fence call, and 2 s for its database
+    /// statements (`CORE_TIMEOUT_MS` + 7 s). The calls to the core are
+    /// bounded by it; the statements only by the database's statement
+    /// timeout, so a stalled database can take longer. Shutdown waits this
+    /// long at most for executions that outlived their answers (one cut
+    /// short stays pending for the next process's reconciler).
     pub fn execution_bound(&self) -> Duration {
         Duration::from_millis(self.core_timeout_ms) + CORE_CALL_TIMEOUT + REQUEST_TIMEOUT_MARGIN
     }
@@ -161,6 +169,33 @@ impl Config {
         Ok(())
     }
 }
+
+impl Config {
+    /// Settings that are allowed but break a promise, each as a sentence for
+    /// the log: a fence margin and reconciler period that together exceed
+    /// 4 s fail a transfer the core never saw later than SPEC B11's
+    /// `REQUEST_TTL_SECS` + 5 s (the reconciler finds it up to one period
+    /// after the margin, then fences it with a call to the core).
+    pub fn warnings(&self) -> Vec<String> {
+        let late = self
+            .fence_margin_ms
+            .saturating_add(self.reconcile_interval_ms);
+        if late > B11_FENCE_BUDGET_MS {
+            vec![format!(
+                "RECONCILE_FENCE_MARGIN_MS ({}) + RECONCILE_INTERVAL_MS ({}) exceed {B11_FENCE_BUDGET_MS} ms: \
+                 a transfer the core never saw may fail later than REQUEST_TTL_SECS + 5 s",
+                self.fence_margin_ms, self.reconcile_interval_ms
+            )]
+        } else {
+            Vec::new()
+        }
+    }
+}
+
+/// What the fence margin and the reconciler period may add up to while a
+/// transfer the core never saw still fails within `REQUEST_TTL_SECS` + 5 s
+/// (the last second is the fence call's).
+pub const B11_FENCE_BUDGET_MS: u64 = 4_000;
 
 /// How long a call to the core other than the transfer itself (a fence, a
 /// status question, a sync) may take.
@@ -204,5 +239,25 @@ mod tests {
             "{refused}"
         );
         assert!(refused.contains("10001 ms"), "{refused}");
+    }
+
+    #[test]
+    fn b11_a_fence_margin_and_reconciler_period_beyond_four_seconds_are_warned_of() {
+        let mut config = Config::defaults();
+        assert!(config.warnings().is_empty(), "the defaults: 2000 + 1000 ms");
+        config.fence_margin_ms = 3_000;
+        assert!(config.warnings().is_empty(), "3000 + 1000 ms");
+        config.reconcile_interval_ms = 1_001;
+        assert_eq!(config.warnings().len(), 1);
+    }
+
+    #[test]
+    fn a_core_timeout_below_100_ms_is_refused() {
+        use clap::Parser;
+        let timeout = |v: &str| super::Cli::try_parse_from(["transfer", "--core-timeout-ms", v]);
+        assert!(timeout("0").is_err());
+        assert!(timeout("99").is_err());
+        assert!(timeout("600001").is_err());
+        assert!(timeout("100").is_ok());
     }
 }

@@ -7,7 +7,9 @@
 //!   with backoff (100 ms doubling to 1 s), so a transfer the core executed
 //!   late is resolved within about a second of the core's commit;
 //! - the reconciler runs at start-up and every `RECONCILE_INTERVAL_MS` over
-//!   all pending transfers, so nothing stays pending after a crash.
+//!   the pending transfers older than a second (younger ones are still in
+//!   their request's hands), up to 50,000 a pass (100 pages of 500; the rest
+//!   at the next pass), so nothing stays pending after a crash.
 //!
 //! Once a pending transfer is older than the request TTL plus a margin, the
 //! core refuses it by time (B5); [`settle`] then calls the core's fence, which
