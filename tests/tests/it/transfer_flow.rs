@@ -310,6 +310,57 @@ async fn b10_a_conflict_with_a_transfer_already_resolved_is_retried_then_refused
     assert_eq!(stack.core.api.balance(&to).await, 1500);
 }
 
+/// A customer repeating a request (same `Idempotency-Key`) to learn its
+/// outcome gets it from the channel's record even while the core cannot be
+/// reached: the replay needs no owner check at the core (it was made when
+/// the transfer was). Here a second replica, whose owner cache is empty,
+/// cannot read the core's accounts at all.
+#[tokio::test]
+async fn b10_a_repeated_request_is_answered_while_the_core_cannot_be_reached() {
+    let stack = Stack::start(fast(60, 5000)).await.unwrap();
+    let (customer, from, api) = stack.customer_with_account(10_000).await;
+    let to = stack.core.api.funded_account(0).await;
+    let key = unique("key-");
+    let body = json!({"from_account": from, "to_account": to, "amount": "100"});
+    let headers = [("Idempotency-Key", key.as_str())];
+    let first = api
+        .send("POST", "/v1/transfers", Some(body.clone()), &headers)
+        .await
+        .expect(200);
+    stack
+        .proxy
+        .add(Some(Method::GET), "/v1/accounts/", Action::Fail(503), None);
+    let replica = TransferApp::spawn(
+        &stack.nats,
+        &stack.proxy.url(),
+        TransferOptions {
+            database_url: Some(stack.transfer.db_url.clone()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let again = replica
+        .as_customer(&customer)
+        .send("POST", "/v1/transfers", Some(body.clone()), &headers)
+        .await
+        .expect(200);
+    assert_eq!(again.body, first.body);
+    // A new request still needs the owner check: the core is unreachable.
+    let other_key = unique("key-");
+    let fresh = replica
+        .as_customer(&customer)
+        .send(
+            "POST",
+            "/v1/transfers",
+            Some(body),
+            &[("Idempotency-Key", other_key.as_str())],
+        )
+        .await;
+    assert_eq!(fresh.status, 503, "{}", fresh.body);
+    assert_eq!(stack.core.api.balance(&to).await, 100);
+}
+
 /// A client that double-submits (the same `Idempotency-Key`, sent twice at
 /// once) gets the one transfer twice. Both requests can miss the key look-up;
 /// the second insert then collides on the one-pending index as well as on the

@@ -136,6 +136,24 @@ impl TransferService {
     /// pending row is written the answer comes by `answer_by` at the latest
     /// (before the HTTP request timeout would answer 503 and leave a
     /// customer who sent no `Idempotency-Key` unsure whether to send again).
+    /// The transfer an earlier request of `customer` made under `key`, as
+    /// [`Self::submit`] would answer its replay (a conflict if `new` differs
+    /// from it), or `None` if the key is new. Needs only the channel's
+    /// database: a customer repeating a request to learn its outcome gets it
+    /// while the core cannot be reached (the owner was checked when the
+    /// transfer was made).
+    pub async fn replay(
+        &self,
+        customer: &CustomerId,
+        key: &str,
+        new: &NewTransfer,
+    ) -> Result<Option<TransferRequest>, SubmitError> {
+        match find_by_key(&self.db, customer, key).await? {
+            Some(existing) => same_request(existing, new).map(Some),
+            None => Ok(None),
+        }
+    }
+
     pub async fn submit(
         &self,
         customer: &CustomerId,
