@@ -108,6 +108,9 @@ impl App {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         // Install the metrics recorder before anything records.
         let _ = common::metrics::handle();
+        for warning in config.warnings() {
+            tracing::warn!("{warning}");
+        }
         if config
             .read_api_token
             .as_ref()

@@ -88,17 +88,21 @@ pub struct Config {
     /// When true, `POST /v1/admin/clock` may move the business date (tests and demos).
     #[arg(long = "test-clock", env = "BANK_TEST_CLOCK", default_value = "0", value_parser = parse_flag)]
     pub test_clock: bool,
-    /// Most commands executed together in one ledger transaction.
-    #[arg(long, env = "LEDGER_BATCH_MAX", default_value_t = 128)]
+    /// Most commands executed together in one ledger transaction (1-10000).
+    #[arg(long, env = "LEDGER_BATCH_MAX", default_value_t = 128,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=10_000))]
     pub ledger_batch_max: usize,
     /// Ledger worker tasks (each runs one transaction at a time). About the
     /// database's cores: fewer concurrent transactions make larger batches,
     /// and on the 2-core bench machine 2 workers gave ~15% more transfers/s
-    /// and a lower p99 than 4 (README, performance).
-    #[arg(long, env = "LEDGER_WORKERS", default_value_t = 2)]
+    /// and a lower p99 than 4 (README, performance). (1-64)
+    #[arg(long, env = "LEDGER_WORKERS", default_value_t = 2,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
     pub ledger_workers: usize,
-    /// Commands waiting for a ledger worker before new ones are refused (503).
-    #[arg(long, env = "LEDGER_QUEUE_MAX", default_value_t = 10_000)]
+    /// Commands waiting for a ledger worker before new ones are refused
+    /// (503). (1-1000000)
+    #[arg(long, env = "LEDGER_QUEUE_MAX", default_value_t = 10_000,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
     pub ledger_queue_max: usize,
     /// HTTP server limits.
     #[command(flatten)]
@@ -153,5 +157,60 @@ impl Config {
     /// environment (used by tests, which then override what they need).
     pub fn defaults() -> Self {
         Cli::parse_from(["core-bank"]).config
+    }
+
+    /// Settings that are allowed but costly, each as a sentence for the log:
+    /// the ledger can hold two connections per worker (a worker's batch and
+    /// as many batches parked on held accounts), and with them all taken,
+    /// reads, fences and payouts wait for a connection.
+    pub fn warnings(&self) -> Vec<String> {
+        let ledger = self.ledger_workers.saturating_mul(2);
+        if ledger >= self.pool.db_max_connections as usize {
+            vec![format!(
+                "LEDGER_WORKERS ({}) may hold {ledger} of the {} connections of DATABASE_MAX_CONNECTIONS \
+                 (a batch per worker and as many parked on held accounts): reads, fences and payouts may wait for one",
+                self.ledger_workers, self.pool.db_max_connections
+            )]
+        } else {
+            Vec::new()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::{Cli, Config};
+
+    #[test]
+    fn ledger_settings_outside_their_ranges_are_refused() {
+        for (flag, bad, good) in [
+            ("--ledger-batch-max", ["0", "10001"], "10000"),
+            ("--ledger-workers", ["0", "65"], "64"),
+            ("--ledger-queue-max", ["0", "1000001"], "1000000"),
+        ] {
+            for v in bad {
+                assert!(
+                    Cli::try_parse_from(["core-bank", flag, v]).is_err(),
+                    "{flag} {v}"
+                );
+            }
+            assert!(
+                Cli::try_parse_from(["core-bank", flag, good]).is_ok(),
+                "{flag} {good}"
+            );
+        }
+    }
+
+    #[test]
+    fn ledger_workers_that_may_hold_the_whole_pool_are_warned_of() {
+        let mut config = Config::defaults();
+        assert!(
+            config.warnings().is_empty(),
+            "the defaults: 2 workers, 16 connections"
+        );
+        config.ledger_workers = 8;
+        assert_eq!(config.warnings().len(), 1);
     }
 }

@@ -227,8 +227,11 @@ async fn limit_in_flight(
 pub struct AnswerDeadline(pub tokio::time::Instant);
 
 /// Answers 503 `timeout` in the error format when the handler has not
-/// answered within the request timeout (its work is dropped: handlers keep
-/// their writes in transactions, so nothing is left half done). Inside the
+/// answered within the request timeout. The handler's future is dropped;
+/// its writes are transactions, so nothing is left half done, but work it
+/// handed on may still complete (a command already in the core's ledger
+/// queue executes; a transfer request's execution goes on): ids make a
+/// retry of such a request safe, which is what the answer asks for. Inside the
 /// metrics layer, so a timeout is counted like any other answer.
 async fn answer_within(State(limit): State<Duration>, mut req: Request, next: Next) -> Response {
     req.extensions_mut()

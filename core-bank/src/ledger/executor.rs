@@ -22,13 +22,14 @@
 //! busy account's whole period, an operator's session) must hold up only the
 //! commands that need that account. When a batch on a worker waits past
 //! `lock_timeout`, the executor asks which of its accounts are held right now
-//! ([`queries::held_accounts`], which never waits), runs the commands that do
+//! ([`queries::held_accounts`], which never waits for a lock), runs the commands that do
 //! not touch them at once, and sets the others aside: each held account's
 //! commands (grouped by the first held account they touch) run as a batch of
 //! their own, on a task of their own while one of `parked_max` places (the
 //! core gives as many as `workers`) is free, so the worker goes on with the
 //! queue. Such a batch may be split again the same way (its held accounts'
-//! commands then wait two at a time) and otherwise waits and retries as
+//! commands then wait two at a time, and so on at each further split, each
+//! waiting transaction holding a pooled connection) and otherwise waits and retries as
 //! above. One group per account keeps an account that only looked held
 //! (locked for a moment by a concurrent batch when asked) from waiting in
 //! the same transaction as a really held one; it can still wait behind it

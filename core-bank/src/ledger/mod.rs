@@ -3,7 +3,9 @@
 //! Every money movement (transfer, deposit; interest payouts in
 //! [`crate::interest::payout`]) runs in one database transaction that locks the
 //! account rows it changes (`SELECT ... FOR UPDATE`, in account-id order, so two
-//! transactions never wait on each other in a cycle), checks states, stops and
+//! transactions never wait on each other's account rows in a cycle; two
+//! batches inserting the same ids in opposite orders can still deadlock on
+//! the records' keys, which PostgreSQL detects and the batch retries), checks states, stops and
 //! funds, assigns each account's next sequence number under that lock, and
 //! writes the entries, the transfer or deposit record, the new balances, the
 //! daily closing balances and the outbox rows of the ledger events together.

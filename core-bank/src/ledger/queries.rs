@@ -61,7 +61,8 @@ fn transfer_from_row(r: &QueryResult) -> Result<TransferRecord, DbErr> {
 
 /// Which of the accounts `ids` another transaction holds locked right now
 /// (a lock the ledger's `SELECT ... FOR UPDATE` would wait for). Takes no
-/// lock of its own beyond the moment of the look-up, and never waits.
+/// lock of its own beyond the moment of the look-up, and never waits for a
+/// row lock (`SKIP LOCKED`; it may wait for a pool connection).
 pub async fn held_accounts(
     db: &DatabaseConnection,
     ids: Vec<String>,
