@@ -16,9 +16,13 @@ use transfer::history::writer;
 
 use super::{Context, Failure, HandedBack, ack, fail, holding_progress, traceparent};
 
-/// Pages of 1,000 entries fetched from the core per account and batch; a
-/// larger gap continues with the next delivery.
-const MAX_GAP_PAGES: usize = 50;
+/// Pages of 1,000 entries fetched from the core per account and batch. A
+/// gap is filled within one delivery for as long as each page moves the
+/// history on (the batch's messages are kept in progress meanwhile), so a
+/// large one (a history restored from an old backup, an account rebuilt)
+/// does not spend the event's deliveries and end in the dead-letter stream;
+/// this only bounds a fill at ten million entries.
+const MAX_GAP_PAGES: usize = 10_000;
 
 /// Decodes and validates a ledger event.
 pub fn decode(subject: &str, payload: &[u8]) -> Result<LedgerEntry, String> {

@@ -1161,6 +1161,46 @@ async fn f7_b15_an_accounts_lost_last_event_is_repaired_by_the_ledger_audit() {
     assert!(mismatches.is_empty(), "{mismatches:?}");
 }
 
+/// B15/F6: a gap larger than 50,000 entries (a history restored from an
+/// old backup, a hot account rebuilt) is filled within one delivery while
+/// each page moves the history on, instead of naking the event after 50
+/// pages and spending its deliveries: with a budget of one delivery, it is
+/// applied, not dead-lettered.
+#[tokio::test]
+async fn b15_f6_a_gap_of_55000_entries_is_filled_within_one_delivery() {
+    use sea_orm::{ConnectionTrait, Statement};
+    let rig = Rig::new().await;
+    let account = rig.core.api.funded_account(1).await;
+    // 55,000 deposits of 1 won after the first, written straight into the
+    // core's ledger (their events never published), then a real deposit.
+    let core_db = sea_orm::Database::connect(rig.core.db_url.as_str())
+        .await
+        .unwrap();
+    core_db
+        .execute_raw(Statement::from_sql_and_values(
+            core_db.get_database_backend(),
+            "WITH e AS ( \
+               INSERT INTO ledger_entries (account_id, seq, kind, amount, balance_after, occurred_at, business_date) \
+               SELECT $1, n, 'deposit', 1, n, now(), current_date FROM generate_series(2, 55001) AS n RETURNING 1) \
+             UPDATE accounts SET balance = 55001, last_seq = 55001 \
+              WHERE account_id = $1 AND (SELECT count(*) FROM e) = 55000",
+            [account.clone().into()],
+        ))
+        .await
+        .unwrap();
+    rig.core.api.deposit(&account, 5).await.expect(200);
+    let p = rig
+        .projector(ProjectorOptions {
+            max_deliveries: 1,
+            ..ProjectorOptions::default()
+        })
+        .await;
+    rig.wait_synced(&account, 55_002, Duration::from_secs(120))
+        .await;
+    assert!(dead_letters(&p).await.is_empty());
+    history_equals_ledger(&rig, std::slice::from_ref(&account)).await;
+}
+
 #[tokio::test]
 async fn b23_a_payout_whose_event_was_lost_from_the_stream_still_gets_its_tax_record() {
     let rig = Rig::new().await;

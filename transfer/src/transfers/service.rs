@@ -131,11 +131,6 @@ impl TransferService {
         );
     }
 
-    /// Accepts, stores and executes a transfer; returns it in its current
-    /// status (`pending` when the core did not answer in time). Once its
-    /// pending row is written the answer comes by `answer_by` at the latest
-    /// (before the HTTP request timeout would answer 503 and leave a
-    /// customer who sent no `Idempotency-Key` unsure whether to send again).
     /// The transfer an earlier request of `customer` made under `key`, as
     /// [`Self::submit`] would answer its replay (a conflict if `new` differs
     /// from it), or `None` if the key is new. Needs only the channel's
@@ -154,6 +149,11 @@ impl TransferService {
         }
     }
 
+    /// Accepts, stores and executes a transfer; returns it in its current
+    /// status (`pending` when the core did not answer in time). Once its
+    /// pending row is written the answer comes by `answer_by` at the latest
+    /// (before the HTTP request timeout would answer 503 and leave a
+    /// customer who sent no `Idempotency-Key` unsure whether to send again).
     pub async fn submit(
         &self,
         customer: &CustomerId,
