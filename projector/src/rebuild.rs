@@ -1,10 +1,22 @@
 //! `projector rebuild`: re-derives the channel history from the core.
+//!
+//! Accounts are read from the core a page at a time (never all ids at once)
+//! and each is synced until its history reaches the core's last seq as read
+//! with the account (one sync fetches at most a million entries; a longer
+//! history takes several). With `reset`, an account's history is deleted
+//! first and rebuilt from seq 1, but only once the core has answered for
+//! that account: a core that cannot be read leaves the history as it was.
+//! An account whose history was deleted and whose sync then failed is
+//! reported failed; the ledger audit (`consume::audit`) also brings it back.
 
 use common::AccountId;
 use indicatif::{ProgressBar, ProgressStyle};
 use sea_orm::{DatabaseConnection, DbErr};
 use transfer::core_client::{CoreClient, CoreError};
 use transfer::history::{sync::sync_account, writer};
+
+/// Accounts read from the core per call.
+const PAGE: u32 = 1000;
 
 /// What a rebuild did.
 #[derive(Debug, Default, serde::Serialize)]
@@ -30,51 +42,106 @@ pub enum RebuildError {
 }
 
 /// Rebuilds one account, or every account of the core, with a progress bar.
-/// With `reset`, each account's history is deleted first and rebuilt from seq 1.
+/// With `reset`, each account's history is deleted first and rebuilt from
+/// seq 1 (see the module's docs).
 pub async fn rebuild(
     db: &DatabaseConnection,
     core: &CoreClient,
     only: Option<AccountId>,
     reset: bool,
 ) -> Result<RebuildReport, RebuildError> {
-    let accounts = match only {
-        Some(a) => vec![a],
-        None => {
-            let mut all = Vec::new();
-            let mut after: Option<String> = None;
-            loop {
-                let (page, next) = core.account_ids(after.as_deref(), 1000).await?;
-                all.extend(page);
-                match next {
-                    Some(n) => after = Some(n),
-                    None => break,
-                }
-            }
-            all
-        }
-    };
-    let bar = ProgressBar::new(accounts.len() as u64);
+    let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template(
-            "{spinner} rebuilding history [{bar:40}] {pos}/{len} accounts, {msg} ({eta})",
+            "{spinner} rebuilding history [{bar:40}] {pos}/{len} accounts, {msg}",
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let mut report = RebuildReport::default();
-    for account in accounts {
-        if reset {
-            writer::reset(db, &account).await?;
-        }
-        match sync_account(db, core, &account).await {
-            Ok(r) => report.applied += r.applied,
-            Err(e) => report
-                .failed
-                .push((account.to_string(), common::error_chain(&e))),
-        }
-        report.accounts += 1;
-        bar.set_message(format!("{} entries", report.applied));
+    if let Some(account) = only {
+        bar.inc_length(1);
+        let last_seq = match core.account(&account).await {
+            Ok(a) => a.last_seq,
+            Err(e) => {
+                report
+                    .failed
+                    .push((account.to_string(), common::error_chain(&e)));
+                bar.finish();
+                return Ok(report);
+            }
+        };
+        rebuild_one(db, core, &account, last_seq, reset, &mut report).await?;
         bar.inc(1);
+    } else {
+        let mut after: Option<String> = None;
+        loop {
+            let (page, next) = core.accounts(after.as_deref(), PAGE).await?;
+            bar.inc_length(page.len() as u64);
+            for a in &page {
+                rebuild_one(db, core, &a.account_id, a.last_seq, reset, &mut report).await?;
+                bar.set_message(format!("{} entries", report.applied));
+                bar.inc(1);
+            }
+            match next {
+                Some(n) if !page.is_empty() => after = Some(n),
+                _ => break,
+            }
+        }
     }
     bar.finish();
     Ok(report)
+}
+
+/// Syncs `account` until its history reaches `last_seq` (the core's, read
+/// with the account), deleting it first with `reset` once the core answered
+/// for it.
+async fn rebuild_one(
+    db: &DatabaseConnection,
+    core: &CoreClient,
+    account: &AccountId,
+    last_seq: i64,
+    reset: bool,
+    report: &mut RebuildReport,
+) -> Result<(), RebuildError> {
+    report.accounts += 1;
+    if reset {
+        // The core must answer for the account before its history goes.
+        if let Err(e) = core.entries(account, 0, 1).await {
+            report.failed.push((
+                account.to_string(),
+                format!(
+                    "not reset: the core cannot be read: {}",
+                    common::error_chain(&e)
+                ),
+            ));
+            return Ok(());
+        }
+        writer::reset(db, account).await?;
+    }
+    loop {
+        match sync_account(db, core, account).await {
+            Ok(r) => {
+                report.applied += r.applied;
+                if r.synced_through_seq >= last_seq {
+                    return Ok(());
+                }
+                if r.applied == 0 {
+                    report.failed.push((
+                        account.to_string(),
+                        format!(
+                            "the history stops at seq {} of the core's {last_seq}",
+                            r.synced_through_seq
+                        ),
+                    ));
+                    return Ok(());
+                }
+            }
+            Err(e) => {
+                report
+                    .failed
+                    .push((account.to_string(), common::error_chain(&e)));
+                return Ok(());
+            }
+        }
+    }
 }

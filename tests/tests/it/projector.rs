@@ -2454,6 +2454,76 @@ fn entry(account: &common::AccountId, seq: i64, amount: i64, balance_after: i64)
     }
 }
 
+/// `projector rebuild` (for a lost or damaged channel database) brings every
+/// account's history to the core's ledger, paging through the core's
+/// accounts; with `--reset` it replaces a damaged history, but only once
+/// the core has answered for the account: a reset while the core cannot be
+/// read leaves the history as it was, and the account is reported failed.
+#[tokio::test]
+async fn b19_rebuild_brings_every_history_to_the_ledger_and_a_reset_needs_the_core() {
+    use sea_orm::Database;
+    use sea_orm_migration::MigratorTrait;
+    let rig = Rig::new().await;
+    let a = rig.core.api.funded_account(100).await;
+    let b = rig.core.api.funded_account(200).await;
+    rig.core.api.deposit(&b, 5).await.expect(200);
+    let url = bank_tests::db::fresh_database("rebuild").await.unwrap();
+    let db = Database::connect(url.as_str()).await.unwrap();
+    transfer::migration::Migrator::up(&db, None).await.unwrap();
+    let core = transfer::core_client::CoreClient::new(
+        &rig.proxy.url(),
+        &common::config::Secret::new(CORE_READ_TOKEN),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let accounts = [a.clone(), b.clone()];
+    // Every account, from nothing.
+    let report = projector::rebuild::rebuild(&db, &core, None, false)
+        .await
+        .unwrap();
+    assert_eq!((report.accounts, report.applied), (2, 3));
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    let mismatches = history_mismatches(&rig.core.api, &url, &accounts)
+        .await
+        .unwrap();
+    assert!(mismatches.is_empty(), "{mismatches:?}");
+    // A damaged history (an entry the core never made, continuing the
+    // balances) is replaced with --reset.
+    let id = common::AccountId::parse(b.clone()).unwrap();
+    assert_eq!(
+        writer::apply(&db, &[entry(&id, 3, 7, 212)])
+            .await
+            .unwrap()
+            .applied,
+        1
+    );
+    let report = projector::rebuild::rebuild(&db, &core, Some(id), true)
+        .await
+        .unwrap();
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    let mismatches = history_mismatches(&rig.core.api, &url, &accounts)
+        .await
+        .unwrap();
+    assert!(mismatches.is_empty(), "{mismatches:?}");
+    // With the core's entries unreadable, a reset deletes nothing.
+    rig.proxy.add(None, "/entries", Action::Fail(503), None);
+    let report = projector::rebuild::rebuild(
+        &db,
+        &core,
+        Some(common::AccountId::parse(a.clone()).unwrap()),
+        true,
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.failed.len(), 1, "{:?}", report.failed);
+    assert!(
+        report.failed[0].1.contains("not reset"),
+        "{:?}",
+        report.failed
+    );
+    assert_eq!(channel_history(&url, &a).await.unwrap().len(), 1);
+}
+
 /// Two repairs of one account may race: the second must not cut the core's
 /// entry the first fetched back. The cut is decided under the writer's lock.
 #[tokio::test]
