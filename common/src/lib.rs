@@ -15,6 +15,7 @@ pub mod jetstream;
 pub mod metrics;
 pub mod money;
 pub mod outbox;
+pub mod service;
 pub mod shutdown;
 pub mod telemetry;
 pub mod time;

@@ -5,10 +5,10 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use async_nats::jetstream;
 use common::http::Readiness;
 use common::outbox::{Relay, RelayConfig, RelayWaker};
+use common::service::{ServiceError, StepExt};
 use common::shutdown::CancellationToken;
 use sea_orm::DatabaseConnection;
 use tokio::net::TcpListener;
@@ -50,13 +50,13 @@ const STREAMS: &[common::jetstream::StreamSpec] = &[
 ];
 
 /// Connects to the core database and applies migrations.
-pub async fn connect_db(config: &Config) -> anyhow::Result<DatabaseConnection> {
+pub async fn connect_db(config: &Config) -> Result<DatabaseConnection, ServiceError> {
     let db = common::db::connect(config.database_url.expose(), &config.pool, "core-bank")
         .await
-        .context("connecting to the core database (CORE_DATABASE_URL)")?;
+        .step("connecting to the core database (CORE_DATABASE_URL)")?;
     common::db::migrate::<Migrator>(config.database_url.expose(), &config.pool, "core-bank")
         .await
-        .context("migrating the core database")?;
+        .step("migrating the core database")?;
     Ok(db)
 }
 
@@ -66,17 +66,17 @@ pub async fn interest_service(
     db: &DatabaseConnection,
     clock: &Clock,
     outbox: RelayWaker,
-) -> anyhow::Result<InterestService> {
+) -> Result<InterestService, ServiceError> {
     let settings = InterestSettings::parse(
         &config.interest.interest_tiers,
         &config.interest.interest_tax_percent,
     )
-    .map_err(|e| anyhow::anyhow!("invalid interest settings: {e}"))?;
+    .map_err(|e| ServiceError::Settings(format!("interest: {e}")))?;
     let rollout = Rollout::default();
     rollout
         .refresh(db)
         .await
-        .context("reading the interest rollout")?;
+        .step("reading the interest rollout")?;
     Ok(InterestService::new(
         db.clone(),
         clock.clone(),
@@ -88,24 +88,21 @@ pub async fn interest_service(
 }
 
 /// The business clock of `config`, synchronised with the database.
-pub async fn clock(config: &Config, db: &DatabaseConnection) -> anyhow::Result<Clock> {
+pub async fn clock(config: &Config, db: &DatabaseConnection) -> Result<Clock, ServiceError> {
     let tz = chrono_tz::Tz::from_str(&config.interest.time_zone).map_err(|e| {
-        anyhow::anyhow!(
-            "invalid BANK_TIME_ZONE {:?}: {e}",
+        ServiceError::Settings(format!(
+            "BANK_TIME_ZONE {:?}: {e}",
             config.interest.time_zone
-        )
+        ))
     })?;
     let clock = Clock::new(tz, config.test_clock);
-    clock
-        .refresh(db)
-        .await
-        .context("reading the business clock")?;
+    clock.refresh(db).await.step("reading the business clock")?;
     Ok(clock)
 }
 
 impl App {
     /// Connects, migrates, ensures the streams and binds the listener.
-    pub async fn build(config: Config) -> anyhow::Result<Self> {
+    pub async fn build(config: Config) -> Result<Self, ServiceError> {
         // Install the metrics recorder before anything records.
         let _ = common::metrics::handle();
         for warning in config.warnings() {
@@ -116,20 +113,24 @@ impl App {
             .as_ref()
             .is_some_and(|r| r.expose() == config.api_token.expose())
         {
-            anyhow::bail!("CORE_READ_API_TOKEN must differ from CORE_API_TOKEN");
+            return Err(ServiceError::Settings(
+                "CORE_READ_API_TOKEN must differ from CORE_API_TOKEN".into(),
+            ));
         }
         let db = connect_db(&config).await?;
         let nats = common::jetstream::connect(config.nats.nats_url.expose(), "core-bank")
             .await
-            .context("connecting to NATS (NATS_URL)")?;
+            .step("connecting to NATS (NATS_URL)")?;
         let js = jetstream::new(nats.clone());
-        common::jetstream::ensure_streams(&js, STREAMS, config.nats.stream_replicas).await?;
+        common::jetstream::ensure_streams(&js, STREAMS, config.nats.stream_replicas)
+            .await
+            .step("creating or updating the streams")?;
         let clock = clock(&config, &db).await?;
         let outbox = RelayWaker::default();
         let interest = interest_service(&config, &db, &clock, outbox.clone()).await?;
         let listener = TcpListener::bind(config.http_addr)
             .await
-            .with_context(|| format!("binding {}", config.http_addr))?;
+            .step(format!("binding {}", config.http_addr))?;
         Ok(Self {
             config,
             listener,
@@ -151,7 +152,7 @@ impl App {
     /// listener closes after `SHUTDOWN_DRAIN_DELAY_MS`, in-flight requests and
     /// queued ledger commands finish, the relay finishes its pass, and the
     /// background loops stop.
-    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), ServiceError> {
         let background = CancellationToken::new();
         let relay = Relay::new(
             self.db.clone(),
@@ -220,8 +221,14 @@ impl App {
         });
         let router = http::router(state, readiness.clone(), self.config.http.request_timeout());
         let stop_http = readiness.drain_on(shutdown, self.config.http.drain_delay());
-        tracing::info!(addr = %self.listener.local_addr()?, "core-bank serving");
-        common::http::serve(self.listener, router, stop_http).await?;
+        let addr = self
+            .listener
+            .local_addr()
+            .step("reading the listener's address")?;
+        tracing::info!(%addr, "core-bank serving");
+        common::http::serve(self.listener, router, stop_http)
+            .await
+            .step("serving HTTP")?;
 
         // No request is in flight any more, so no ledger handle is left: the
         // workers finish what is queued and stop.
@@ -283,7 +290,7 @@ async fn refresh_settings(
 
 /// `core-bank verify-interest`: compares both interest paths with a progress
 /// bar; returns the number of mismatches.
-pub async fn verify_interest(config: Config, sample: Option<u64>) -> anyhow::Result<usize> {
+pub async fn verify_interest(config: Config, sample: Option<u64>) -> Result<usize, ServiceError> {
     let db = connect_db(&config).await?;
     let clock = clock(&config, &db).await?;
     let interest = interest_service(&config, &db, &clock, RelayWaker::default()).await?;
@@ -309,8 +316,12 @@ pub async fn verify_interest(config: Config, sample: Option<u64>) -> anyhow::Res
                 eprintln!("verifying interest: {done}/{total} accounts");
             }
         })
-        .await?;
+        .await
+        .step("verifying interest")?;
     bar.finish();
-    println!("{}", serde_json::to_string_pretty(&report)?);
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&report).step("writing the report")?
+    );
     Ok(report.mismatches.len())
 }

@@ -3,9 +3,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use async_nats::jetstream;
 use common::http::Readiness;
+use common::service::{ServiceError, StepExt};
 use common::shutdown::CancellationToken;
 use sea_orm::DatabaseConnection;
 use tokio::net::TcpListener;
@@ -16,15 +16,15 @@ use crate::migration::Migrator;
 
 /// Connects to the channel database, NATS and the core; applies migrations
 /// and ensures the streams. Shared by the service and the CLI.
-pub async fn context(config: &Config) -> anyhow::Result<(Context, async_nats::Client)> {
+pub async fn context(config: &Config) -> Result<(Context, async_nats::Client), ServiceError> {
     let db: DatabaseConnection =
         transfer::app::connect_db(config.database_url.expose(), &config.pool, "projector").await?;
     common::db::migrate::<Migrator>(config.database_url.expose(), &config.pool, "projector")
         .await
-        .context("migrating the projector tables")?;
+        .step("migrating the projector tables")?;
     let nats = common::jetstream::connect(config.nats.nats_url.expose(), "projector")
         .await
-        .context("connecting to NATS (NATS_URL)")?;
+        .step("connecting to NATS (NATS_URL)")?;
     let js = jetstream::new(nats.clone());
     common::jetstream::ensure_streams(
         &js,
@@ -35,11 +35,12 @@ pub async fn context(config: &Config) -> anyhow::Result<(Context, async_nats::Cl
         ],
         config.nats.stream_replicas,
     )
-    .await?;
+    .await
+    .step("creating or updating the streams")?;
     let core = config
         .core
         .client(Duration::from_secs(10))
-        .context("building the core client")?;
+        .step("building the core client")?;
     Ok((
         Context {
             db,
@@ -70,7 +71,7 @@ impl std::fmt::Debug for App {
 
 impl App {
     /// Connects, migrates, creates the durable consumers and binds the listener.
-    pub async fn build(config: Config) -> anyhow::Result<Self> {
+    pub async fn build(config: Config) -> Result<Self, ServiceError> {
         let _ = common::metrics::handle();
         // Series the alerts watch with increase(), present from the start: a
         // counter first seen at 1 would count as no increase.
@@ -93,11 +94,15 @@ impl App {
         metrics::counter!("projector_audit_repairs_total").increment(0);
         metrics::counter!("projector_audit_errors_total").increment(0);
         let (ctx, nats) = context(&config).await?;
-        let ledger = consume::consumer(&ctx, Feed::Ledger).await?;
-        let interest = consume::consumer(&ctx, Feed::Interest).await?;
+        let ledger = consume::consumer(&ctx, Feed::Ledger)
+            .await
+            .step("creating the ledger consumer")?;
+        let interest = consume::consumer(&ctx, Feed::Interest)
+            .await
+            .step("creating the interest consumer")?;
         let listener = TcpListener::bind(config.http_addr)
             .await
-            .with_context(|| format!("binding {}", config.http_addr))?;
+            .step(format!("binding {}", config.http_addr))?;
         if config.api_token.is_none() && !config.http_addr.ip().is_loopback() {
             // Dead letters hold memos and names, and a replay writes.
             tracing::warn!(addr = %config.http_addr, "the dead-letter and tax-record API is open to anyone who can reach this address; set PROJECTOR_API_TOKEN");
@@ -118,7 +123,7 @@ impl App {
 
     /// Consumes and serves until `shutdown`; then stops fetching, finishes
     /// the batches in hand, and exits. Unacknowledged messages are redelivered.
-    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), ServiceError> {
         let consumers = CancellationToken::new();
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(consume::run(
@@ -171,8 +176,14 @@ impl App {
             shutdown.cancelled().await;
             stop_consumers.cancel();
         });
-        tracing::info!(addr = %self.listener.local_addr()?, "projector serving");
-        common::http::serve(self.listener, router, stop_http).await?;
+        let addr = self
+            .listener
+            .local_addr()
+            .step("reading the listener's address")?;
+        tracing::info!(%addr, "projector serving");
+        common::http::serve(self.listener, router, stop_http)
+            .await
+            .step("serving HTTP")?;
         consumers.cancel();
         while tasks.join_next().await.is_some() {}
         let _ = self.nats.flush().await;

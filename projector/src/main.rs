@@ -10,10 +10,13 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let output = common::telemetry::LogOutput::for_process(cli.command.is_some());
     let telemetry = common::telemetry::init("projector", &cli.config.telemetry, output)?;
-    let result = match cli.command {
+    let result: anyhow::Result<()> = match cli.command {
         None => match App::build(cli.config).await {
-            Ok(app) => app.run(common::shutdown::on_signals()).await,
-            Err(e) => Err(e),
+            Ok(app) => app
+                .run(common::shutdown::on_signals())
+                .await
+                .map_err(Into::into),
+            Err(e) => Err(e.into()),
         },
         Some(Command::Dlq { action }) => dlq(cli.config, action).await,
         Some(Command::Rebuild { account, reset }) => rebuild(cli.config, account, reset).await,

@@ -416,13 +416,13 @@ impl Stack {
 /// or, when dropped, by cancelling its token.
 struct Running {
     shutdown: CancellationToken,
-    handle: Option<JoinHandle<anyhow::Result<()>>>,
+    handle: Option<JoinHandle<Result<(), common::service::ServiceError>>>,
 }
 
 impl Running {
     fn spawn<F>(run: impl FnOnce(CancellationToken) -> F) -> Self
     where
-        F: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+        F: std::future::Future<Output = Result<(), common::service::ServiceError>> + Send + 'static,
     {
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(run(shutdown.clone()));

@@ -3,10 +3,10 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::Context;
 use async_nats::jetstream;
 use common::http::Readiness;
 use common::outbox::{Relay, RelayConfig, RelayWaker};
+use common::service::{ServiceError, StepExt};
 use common::shutdown::CancellationToken;
 use sea_orm::DatabaseConnection;
 use tokio::net::TcpListener;
@@ -45,20 +45,20 @@ pub async fn connect_db(
     url: &str,
     pool: &common::config::PoolArgs,
     name: &str,
-) -> anyhow::Result<DatabaseConnection> {
+) -> Result<DatabaseConnection, ServiceError> {
     let db = common::db::connect(url, pool, name)
         .await
-        .context("connecting to the channel database (CHANNEL_DATABASE_URL)")?;
+        .step("connecting to the channel database (CHANNEL_DATABASE_URL)")?;
     common::db::migrate::<Migrator>(url, pool, name)
         .await
-        .context("migrating the channel database")?;
+        .step("migrating the channel database")?;
     Ok(db)
 }
 
 impl App {
     /// Connects, migrates, ensures the `TRANSFERS` stream and binds the listener.
-    pub async fn build(config: Config) -> anyhow::Result<Self> {
-        config.check().map_err(anyhow::Error::msg)?;
+    pub async fn build(config: Config) -> Result<Self, ServiceError> {
+        config.check().map_err(ServiceError::Settings)?;
         for warning in config.warnings() {
             tracing::warn!("{warning}");
         }
@@ -69,16 +69,18 @@ impl App {
         let db = connect_db(config.database_url.expose(), &config.pool, "transfer").await?;
         let nats = common::jetstream::connect(config.nats.nats_url.expose(), "transfer")
             .await
-            .context("connecting to NATS (NATS_URL)")?;
+            .step("connecting to NATS (NATS_URL)")?;
         let js = jetstream::new(nats.clone());
-        common::jetstream::ensure_streams(&js, STREAMS, config.nats.stream_replicas).await?;
+        common::jetstream::ensure_streams(&js, STREAMS, config.nats.stream_replicas)
+            .await
+            .step("creating or updating the streams")?;
         let core = config
             .core
             .client(crate::config::CORE_CALL_TIMEOUT)
-            .context("building the core client")?;
+            .step("building the core client")?;
         let listener = TcpListener::bind(config.http_addr)
             .await
-            .with_context(|| format!("binding {}", config.http_addr))?;
+            .step(format!("binding {}", config.http_addr))?;
         Ok(Self {
             config,
             listener,
@@ -96,7 +98,7 @@ impl App {
 
     /// Serves until `shutdown`, then drains (readiness 503, listener closes
     /// after the drain delay, in-flight requests finish, loops stop).
-    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), ServiceError> {
         let background = CancellationToken::new();
         let fence_after = self.config.fence_after();
         let outbox = RelayWaker::default();
@@ -151,8 +153,14 @@ impl App {
         });
         let router = http::router(state, readiness.clone(), self.config.http.request_timeout());
         let stop_http = readiness.drain_on(shutdown, self.config.http.drain_delay());
-        tracing::info!(addr = %self.listener.local_addr()?, "transfer serving");
-        common::http::serve(self.listener, router, stop_http).await?;
+        let addr = self
+            .listener
+            .local_addr()
+            .step("reading the listener's address")?;
+        tracing::info!(%addr, "transfer serving");
+        common::http::serve(self.listener, router, stop_http)
+            .await
+            .step("serving HTTP")?;
         // Requests are answered; transfers answered 202 at their deadline
         // may still be executing: let them record their outcomes.
         transfers

@@ -20,9 +20,12 @@ async fn main() -> anyhow::Result<()> {
         &cli.config.telemetry,
         common::telemetry::LogOutput::Stdout,
     )?;
-    let result = match App::build(cli.config).await {
-        Ok(app) => app.run(common::shutdown::on_signals()).await,
-        Err(e) => Err(e),
+    let result: anyhow::Result<()> = match App::build(cli.config).await {
+        Ok(app) => app
+            .run(common::shutdown::on_signals())
+            .await
+            .map_err(Into::into),
+        Err(e) => Err(e.into()),
     };
     if let Err(e) = &result {
         tracing::error!(error = format!("{e:#}"), "transfer failed");
