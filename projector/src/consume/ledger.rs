@@ -16,13 +16,17 @@ use transfer::history::writer;
 
 use super::{Context, Failure, HandedBack, ack, fail, holding_progress, traceparent};
 
-/// Pages of 1,000 entries fetched from the core per account and batch. A
-/// gap is filled within one delivery for as long as each page moves the
-/// history on (the batch's messages are kept in progress meanwhile), so a
-/// large one (a history restored from an old backup, an account rebuilt)
-/// does not spend the event's deliveries and end in the dead-letter stream;
-/// this only bounds a fill at ten million entries.
-const MAX_GAP_PAGES: usize = 10_000;
+/// Pages of 1,000 entries fetched from the core per account and batch, so
+/// that one large gap (a history restored from an old backup, an account
+/// rebuilt) holds up the consumer for seconds, not minutes. A fill that
+/// moved the history on but did not reach the event goes on with its next
+/// delivery, which does not count as a failure: the event is naked without
+/// the dead-letter check (see [`settle`]).
+const MAX_GAP_PAGES: usize = 50;
+
+/// How soon an event whose gap fill moved on but is not done is delivered
+/// again.
+const FILLING_AGAIN_AFTER: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Decodes and validates a ledger event.
 pub fn decode(subject: &str, payload: &[u8]) -> Result<LedgerEntry, String> {
@@ -86,6 +90,17 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// Whether the batch moved `e`'s account's history on (a gap fill
+    /// applied entries), though maybe not as far as `e`.
+    fn moved_on(&self, e: &LedgerEntry) -> bool {
+        let account = e.account_id.as_str();
+        match (self.before.get(account), self.synced.get(account)) {
+            (Some(before), Some(after)) => after > before,
+            (None, Some(after)) => *after > 0,
+            _ => false,
+        }
+    }
+
     /// Records an event that differs from the core's entry at its seq (to be
     /// dead-lettered), counted and logged.
     fn conflict(&mut self, c: LedgerEntry) {
@@ -580,6 +595,17 @@ async fn settle(ctx: &Context, valid: &[(Message, LedgerEntry)], outcome: &Outco
             }
             drop(_entered);
             ack(m).await;
+        } else if outcome.moved_on(e) && !outcome.blocked.contains_key(e.account_id.as_str()) {
+            // A gap fill that moved the history on and stopped at its page
+            // budget: not a failure, so not counted towards the dead letter.
+            if let Err(err) = m
+                .ack_with(async_nats::jetstream::AckKind::Nak(Some(
+                    FILLING_AGAIN_AFTER,
+                )))
+                .await
+            {
+                tracing::warn!(error = %err, "nak failed; the message will be redelivered after ack_wait");
+            }
         } else {
             fail(ctx, m, Failure::Transient(outcome.reason(e))).await;
         }

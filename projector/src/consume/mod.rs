@@ -21,7 +21,7 @@
 //! silently: every dead letter is logged and counted. A message whose
 //! handling never ends (the process crashes or a batch task fails on it,
 //! every time) ends in none of them; once delivered more than twice the
-//! limit, it is dead-lettered before it is handled again
+//! limit it is handled alone, and dead-lettered if that never ends either
 //! ([`letter_overdue`]).
 //!
 //! An unavailable channel database (no connection, a server shutting down,
@@ -49,7 +49,7 @@ use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pu
 use async_nats::jetstream::{self, AckKind, Message};
 use common::shutdown::CancellationToken;
 use futures::{FutureExt, StreamExt};
-use sea_orm::DatabaseConnection;
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, Statement};
 use tracing::Instrument;
 
 use crate::config::Config;
@@ -495,39 +495,115 @@ async fn handle(
     batch: Vec<Message>,
     turns: ledger::Turns,
 ) -> Vec<Message> {
-    let batch = letter_overdue(ctx, batch).await;
-    match feed {
-        Feed::Ledger => ledger::handle(ctx, batch, turns).await,
-        Feed::Interest => tax::handle(ctx, batch).await,
-    }
-}
-
-/// Dead-letters the messages of `batch` delivered more than twice
-/// `PROJECTOR_MAX_DELIVERIES` times, and returns the others. The handlers
-/// settle every message they finish with, and dead-letter a failing one at
-/// the limit; a message past twice the limit was delivered again and again
-/// without ending in either: its handling never finished (the projector
-/// crashed or a batch task panicked on it, every time). The server's own
-/// `max_deliver` is unlimited, so without this it would come back forever.
-/// (A crash of the projector costs the messages in hand one delivery each;
-/// the margin keeps restarts from lettering a sound event, and a lettered
-/// one can be replayed: a ledger event's history is also brought by gap fill
-/// and the audit.)
-async fn letter_overdue(ctx: &Context, batch: Vec<Message>) -> Vec<Message> {
-    let limit = ctx.config.max_deliveries.max(1).saturating_mul(2);
-    let mut rest = Vec::with_capacity(batch.len());
-    for m in batch {
-        match m.info().map(|i| i.delivered) {
-            Ok(delivered) if delivered > limit => {
-                let reason = format!(
-                    "delivered {delivered} times without its handling ever ending (the projector crashed or failed on it each time)"
-                );
-                dlq::dead_letter(ctx, &m, &reason, "exhausted").await;
-            }
-            _ => rest.push(m),
+    let (batch, alone) = letter_overdue(ctx, batch).await;
+    let mut left = Vec::new();
+    for m in alone {
+        let key = overdue_key(&m, 0);
+        left.extend(match feed {
+            // Out of the lanes' order: the writer's sequence rule keeps the
+            // account's history in order whatever the order of handling.
+            Feed::Ledger => ledger::handle(ctx, vec![m], ledger::Turns::free()).await,
+            Feed::Interest => tax::handle(ctx, vec![m]).await,
+        });
+        if let Some(key) = key {
+            ended_alone(ctx, &key).await;
         }
     }
-    rest
+    left.extend(match feed {
+        Feed::Ledger => ledger::handle(ctx, batch, turns).await,
+        Feed::Interest => tax::handle(ctx, batch).await,
+    });
+    left
+}
+
+/// Sorts out the messages of `batch` delivered more than twice
+/// `PROJECTOR_MAX_DELIVERIES` times. The handlers settle every message they
+/// finish with, and dead-letter a failing one at the limit; a message past
+/// twice the limit was delivered again and again without ending in either:
+/// its handling never finished (the process died or a batch task failed),
+/// maybe because of this message, maybe of another in hand at the time (a
+/// crash loop raises every message's count). So such a message is first
+/// handled alone, once, with a row in `overdue_attempts` while it is: it is
+/// returned in `alone`. One whose row is still there at its next delivery
+/// died alone, and is dead-lettered. (The server's own `max_deliver` is
+/// unlimited, so without this it would come back forever.) Returns the
+/// messages to handle as a batch and those to handle alone.
+async fn letter_overdue(ctx: &Context, batch: Vec<Message>) -> (Vec<Message>, Vec<Message>) {
+    let limit = ctx.config.max_deliveries.max(1).saturating_mul(2);
+    let (mut rest, mut alone) = (Vec::with_capacity(batch.len()), Vec::new());
+    for m in batch {
+        let Some(key) = overdue_key(&m, limit) else {
+            rest.push(m);
+            continue;
+        };
+        match began_alone(ctx, &key).await {
+            // Handled alone before, and that never ended either.
+            Ok(false) => {
+                let delivered = m.info().map(|i| i.delivered).unwrap_or(0);
+                let reason = format!(
+                    "delivered {delivered} times without its handling ever ending, also when handled alone (the projector died on it)"
+                );
+                dlq::dead_letter(ctx, &m, &reason, "exhausted").await;
+                ended_alone(ctx, &key).await;
+            }
+            Ok(true) => alone.push(m),
+            // Undecided: handled as usual.
+            Err(e) => {
+                tracing::warn!(error = %e, "recording an overdue message's attempt failed; handling it with its batch");
+                rest.push(m);
+            }
+        }
+    }
+    (rest, alone)
+}
+
+/// A message's identity in `overdue_attempts` when it was delivered more
+/// than `limit` times.
+fn overdue_key(m: &Message, limit: i64) -> Option<(String, i64, i64)> {
+    let info = m.info().ok()?;
+    if info.delivered <= limit {
+        return None;
+    }
+    Some((
+        info.stream.to_owned(),
+        i64::try_from(info.stream_sequence).unwrap_or(i64::MAX),
+        i64::try_from(info.published.unix_timestamp_nanos()).unwrap_or(i64::MAX),
+    ))
+}
+
+/// Records that the message `key` is being handled alone; false if it was
+/// already (that attempt never ended).
+async fn began_alone(ctx: &Context, key: &(String, i64, i64)) -> Result<bool, DbErr> {
+    let row = ctx
+        .db
+        .query_one_raw(Statement::from_sql_and_values(
+            ctx.db.get_database_backend(),
+            "WITH ins AS (INSERT INTO overdue_attempts (stream, stream_seq, published_ns) \
+                          VALUES ($1, $2, $3) ON CONFLICT DO NOTHING RETURNING 1) \
+             SELECT count(*) AS began FROM ins",
+            [key.0.clone().into(), key.1.into(), key.2.into()],
+        ))
+        .await?;
+    Ok(row
+        .map(|r| r.try_get::<i64>("", "began"))
+        .transpose()?
+        .unwrap_or(0)
+        > 0)
+}
+
+/// Forgets the attempt of `key` (its handling ended, or it was lettered).
+async fn ended_alone(ctx: &Context, key: &(String, i64, i64)) {
+    if let Err(e) = ctx
+        .db
+        .execute_raw(Statement::from_sql_and_values(
+            ctx.db.get_database_backend(),
+            "DELETE FROM overdue_attempts WHERE stream = $1 AND stream_seq = $2 AND published_ns = $3",
+            [key.0.clone().into(), key.1.into(), key.2.into()],
+        ))
+        .await
+    {
+        tracing::warn!(error = %e, "forgetting an overdue message's attempt failed; its next delivery, if any, is lettered");
+    }
 }
 
 /// Keeps the messages the channel database could not take while it is

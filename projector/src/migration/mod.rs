@@ -6,6 +6,7 @@ use sea_orm_migration::prelude::*;
 mod m20261121_000001_tax_records;
 mod m20261122_000001_dead_lettered;
 mod m20261203_000001_dead_lettered_published;
+mod m20261204_000001_overdue_and_audit_lease;
 
 /// The projector's migrator.
 #[derive(Debug)]
@@ -18,6 +19,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261121_000001_tax_records::Migration),
             Box::new(m20261122_000001_dead_lettered::Migration),
             Box::new(m20261203_000001_dead_lettered_published::Migration),
+            Box::new(m20261204_000001_overdue_and_audit_lease::Migration),
         ]
     }
 
