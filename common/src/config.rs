@@ -157,6 +157,26 @@ pub struct PoolArgs {
     pub db_statement_timeout_ms: u64,
 }
 
+impl PoolArgs {
+    /// Settings that are allowed but work against the services' handling,
+    /// each as a sentence for the log: a lock wait that is not bounded below
+    /// the statement timeout ends as a statement timeout, which the services
+    /// take for a failure of the database as a whole (not retried, not
+    /// isolated to the commands that wait), instead of a lock timeout.
+    pub fn warnings(&self) -> Vec<String> {
+        let (lock, statement) = (self.db_lock_timeout_ms, self.db_statement_timeout_ms);
+        let unbounded = lock == 0 && statement > 0;
+        if unbounded || (statement > 0 && lock >= statement) {
+            vec![format!(
+                "DATABASE_LOCK_TIMEOUT_MS ({lock}) should be above 0 and below DATABASE_STATEMENT_TIMEOUT_MS ({statement}): \
+                 a long lock wait then ends as a statement timeout, answered as a database failure instead of retried"
+            )]
+        } else {
+            Vec::new()
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::Secret;
@@ -177,5 +197,18 @@ mod tests {
         for value in ["", " ", "\t\n"] {
             assert!(value.parse::<Secret>().is_err(), "{value:?} accepted");
         }
+    }
+
+    #[test]
+    fn a_lock_timeout_not_below_the_statement_timeout_is_warned_of() {
+        let pool = |lock, statement| super::PoolArgs {
+            db_max_connections: 16,
+            db_lock_timeout_ms: lock,
+            db_statement_timeout_ms: statement,
+        };
+        assert!(pool(2_000, 30_000).warnings().is_empty());
+        assert!(pool(0, 0).warnings().is_empty(), "neither bounded");
+        assert_eq!(pool(0, 30_000).warnings().len(), 1);
+        assert_eq!(pool(30_000, 30_000).warnings().len(), 1);
     }
 }

@@ -164,16 +164,16 @@ impl Config {
     /// as many batches parked on held accounts), and with them all taken,
     /// reads, fences and payouts wait for a connection.
     pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = self.pool.warnings();
         let ledger = self.ledger_workers.saturating_mul(2);
         if ledger >= self.pool.db_max_connections as usize {
-            vec![format!(
+            warnings.push(format!(
                 "LEDGER_WORKERS ({}) may hold {ledger} of the {} connections of DATABASE_MAX_CONNECTIONS \
                  (a batch per worker and as many parked on held accounts): reads, fences and payouts may wait for one",
                 self.ledger_workers, self.pool.db_max_connections
-            )]
-        } else {
-            Vec::new()
+            ));
         }
+        warnings
     }
 }
 

@@ -73,6 +73,9 @@ impl App {
     /// Connects, migrates, creates the durable consumers and binds the listener.
     pub async fn build(config: Config) -> Result<Self, ServiceError> {
         let _ = common::metrics::handle();
+        for warning in config.pool.warnings() {
+            tracing::warn!("{warning}");
+        }
         // Series the alerts watch with increase(), present from the start: a
         // counter first seen at 1 would count as no increase.
         for stream in [

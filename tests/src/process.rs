@@ -143,14 +143,24 @@ impl ServiceProcess {
 
     /// How many of its kept log lines contain `needle` (0 when it keeps none).
     pub fn logged(&self, needle: &str) -> usize {
+        self.logged_lines(needle).len()
+    }
+
+    /// The kept log lines containing `needle`, over every life (none for a
+    /// process that does not keep them).
+    pub fn logged_lines(&self, needle: &str) -> Vec<String> {
         self.log
             .as_ref()
             .and_then(|log| {
-                log.lock()
-                    .ok()
-                    .map(|lines| lines.iter().filter(|l| l.contains(needle)).count())
+                log.lock().ok().map(|lines| {
+                    lines
+                        .iter()
+                        .filter(|l| l.contains(needle))
+                        .cloned()
+                        .collect()
+                })
             })
-            .unwrap_or(0)
+            .unwrap_or_default()
     }
 
     /// Waits (at most `within`, then fails the test) until a log line

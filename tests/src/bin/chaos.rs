@@ -117,7 +117,11 @@ async fn run(args: &Args, seed: u64) -> anyhow::Result<bool> {
             ("PROJECTOR_RETRY_BASE_MS".into(), "200".into()),
             ("PROJECTOR_RETRY_MAX_MS".into(), "3000".into()),
             ("PROJECTOR_TAX_SWEEP_SECS".into(), "2".into()),
-            ("PROJECTOR_AUDIT_SECS".into(), "3".into()),
+            // Longer than a killed projector's batch takes to come back
+            // (the ack wait), so that the audit repairs what was lost, not
+            // what lags; its repairs of the load's accounts are reported.
+            ("PROJECTOR_AUDIT_SECS".into(), "15".into()),
+            ("PROJECTOR_ACK_WAIT_SECS".into(), "10".into()),
             ("CORE_READ_API_TOKEN".into(), CORE_READ_TOKEN.into()),
         ]);
         for (k, v) in extra {
@@ -139,7 +143,8 @@ async fn run(args: &Args, seed: u64) -> anyhow::Result<bool> {
                 ("CORE_URL", proxy.url()),
             ]),
         )?,
-        projector: ServiceProcess::start(
+        // Its log lines are kept too: the ledger audit's repairs.
+        projector: ServiceProcess::start_logged(
             "projector",
             env(&[
                 ("PROJECTOR_HTTP_ADDR", projector_addr.clone()),
@@ -556,6 +561,21 @@ async fn run(args: &Args, seed: u64) -> anyhow::Result<bool> {
     );
     // The log over all its lives, and the running core's own counter (a
     // log filtered by TEST_LOG must not make the check pass unseen).
+    // The ledger audit's repairs: the quiet accounts' lost last events are
+    // its work; a repair of an account the load touched means the consumer
+    // left it behind for a whole interval (reported, not failed: a history
+    // held up that long by the faults is repaired the same way).
+    let repairs = svc.projector.logged_lines(AUDIT_REPAIRED);
+    let of_load = repairs
+        .iter()
+        .filter(|l| !quiet.iter().any(|q| l.contains(q.as_str())))
+        .count();
+    println!(
+        "chaos: [info] ledger audit repairs: {} ({} of the {} quiet accounts, {of_load} of the load's accounts)",
+        repairs.len(),
+        repairs.len() - of_load,
+        quiet.len()
+    );
     let batch_failures = svc
         .core
         .logged(LEDGER_BATCH_FAILED)
@@ -867,6 +887,10 @@ impl DeadLetters {
 /// What core-bank logs for each failed ledger batch (each increment of
 /// `ledger_batch_failures_total`).
 const LEDGER_BATCH_FAILED: &str = "ledger batch failed; its commands are answered with the error";
+
+/// What the projector's ledger audit logs for each account it synced from
+/// the core.
+const AUDIT_REPAIRED: &str = "stayed behind the core's ledger for a whole audit interval";
 
 /// The transfer service's calls that execute a transfer (not the fence at
 /// `/v1/transfers/{id}/fence`).

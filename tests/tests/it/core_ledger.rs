@@ -1623,7 +1623,7 @@ async fn f7_a_batch_failing_for_the_whole_database_is_not_run_again_command_by_c
             ("LEDGER_WORKERS".to_owned(), "1".to_owned()),
             (
                 "DATABASE_STATEMENT_TIMEOUT_MS".to_owned(),
-                "1000".to_owned(),
+                "3000".to_owned(),
             ),
             ("DATABASE_LOCK_TIMEOUT_MS".to_owned(), "30000".to_owned()),
         ]),
