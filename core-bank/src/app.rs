@@ -221,14 +221,7 @@ impl App {
         });
         let router = http::router(state, readiness.clone(), self.config.http.request_timeout());
         let stop_http = readiness.drain_on(shutdown, self.config.http.drain_delay());
-        let addr = self
-            .listener
-            .local_addr()
-            .step("reading the listener's address")?;
-        tracing::info!(%addr, "core-bank serving");
-        common::http::serve(self.listener, router, stop_http)
-            .await
-            .step("serving HTTP")?;
+        common::http::serve("core-bank", self.listener, router, stop_http).await?;
 
         // No request is in flight any more, so no ledger handle is left: the
         // workers finish what is queued and stop.

@@ -179,14 +179,7 @@ impl App {
             shutdown.cancelled().await;
             stop_consumers.cancel();
         });
-        let addr = self
-            .listener
-            .local_addr()
-            .step("reading the listener's address")?;
-        tracing::info!(%addr, "projector serving");
-        common::http::serve(self.listener, router, stop_http)
-            .await
-            .step("serving HTTP")?;
+        common::http::serve("projector", self.listener, router, stop_http).await?;
         consumers.cancel();
         while tasks.join_next().await.is_some() {}
         let _ = self.nats.flush().await;

@@ -20,3 +20,8 @@ pub fn metric(text: &str, name: &str) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// [`metric`] `name` of the service at `base`, read now.
+pub async fn read(base: &str, name: &str) -> f64 {
+    metric(&scrape(base).await, name)
+}

@@ -153,14 +153,7 @@ impl App {
         });
         let router = http::router(state, readiness.clone(), self.config.http.request_timeout());
         let stop_http = readiness.drain_on(shutdown, self.config.http.drain_delay());
-        let addr = self
-            .listener
-            .local_addr()
-            .step("reading the listener's address")?;
-        tracing::info!(%addr, "transfer serving");
-        common::http::serve(self.listener, router, stop_http)
-            .await
-            .step("serving HTTP")?;
+        common::http::serve("transfer", self.listener, router, stop_http).await?;
         // Requests are answered; transfers answered 202 at their deadline
         // may still be executing: let them record their outcomes.
         transfers

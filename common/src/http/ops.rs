@@ -322,16 +322,24 @@ pub fn with_edge(api: Router, readiness: Readiness, request_timeout: Duration) -
         }))
 }
 
-/// Serves until `shutdown` is cancelled, then stops accepting and waits for
-/// in-flight requests (each bounded by the request timeout).
+/// Serves `app` on `listener` until `shutdown` is cancelled, then stops
+/// accepting and waits for the requests in flight (each bounded by the
+/// request timeout); logs that `service` serves, and where.
 pub async fn serve(
+    service: &str,
     listener: TcpListener,
     app: Router,
     shutdown: CancellationToken,
-) -> std::io::Result<()> {
+) -> Result<(), crate::service::ServiceError> {
+    use crate::service::StepExt;
+    let addr = listener
+        .local_addr()
+        .step("reading the listener's address")?;
+    tracing::info!(%addr, "{service} serving");
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
+        .step("serving HTTP")
 }
 
 #[cfg(test)]

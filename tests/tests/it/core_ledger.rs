@@ -1633,12 +1633,7 @@ async fn f7_a_batch_failing_for_the_whole_database_is_not_run_again_command_by_c
     let core = stack.core_api();
     let from = core.funded_account(1_000).await;
     let to = core.funded_account(0).await;
-    let failures = || async {
-        bank_tests::metrics::metric(
-            &bank_tests::metrics::scrape(&core.base).await,
-            "ledger_batch_failures_total",
-        )
-    };
+    let failures = || bank_tests::metrics::read(&core.base, "ledger_batch_failures_total");
     let before = failures().await;
     // The one worker's first batch waits on the lock; the next commands
     // queue behind it and become one batch of seven.

@@ -1177,13 +1177,8 @@ async fn f7_b15_an_accounts_lost_last_event_is_repaired_by_the_ledger_audit() {
     assert!(stream.delete_message(lost.sequence).await.unwrap());
     // In-process apps share one metrics registry (the core's /metrics shows
     // it before the projector starts): counted from here on.
-    let repairs = |base: String| async move {
-        bank_tests::metrics::metric(
-            &bank_tests::metrics::scrape(&base).await,
-            "projector_audit_repairs_total",
-        )
-    };
-    let before = repairs(rig.core.api.base.clone()).await;
+    let repairs = "projector_audit_repairs_total";
+    let before = bank_tests::metrics::read(&rig.core.api.base, repairs).await;
     let p = rig
         .projector(ProjectorOptions {
             audit_secs: 1,
@@ -1193,7 +1188,7 @@ async fn f7_b15_an_accounts_lost_last_event_is_repaired_by_the_ledger_audit() {
     rig.wait_synced(&other, 1, Duration::from_secs(10)).await;
     rig.wait_synced(&quiet, 1, Duration::from_secs(20)).await;
     assert!(
-        repairs(p.api.base.clone()).await > before,
+        bank_tests::metrics::read(&p.api.base, repairs).await > before,
         "counted as a repair"
     );
     let mismatches = history_mismatches(&rig.core.api, &rig.channel_db, &[quiet, other])
@@ -1762,13 +1757,8 @@ async fn b23_an_interest_entry_the_sweep_never_settles_is_given_up_at_30_days_an
     .unwrap();
     // In-process apps share one metrics registry (the core's /metrics shows
     // it while no projector runs): counted from here on.
-    let given_up = |base: String| async move {
-        bank_tests::metrics::metric(
-            &bank_tests::metrics::scrape(&base).await,
-            "projector_tax_sweep_given_up_total",
-        )
-    };
-    let before = given_up(rig.core.api.base.clone()).await;
+    let given_up = "projector_tax_sweep_given_up_total";
+    let before = bank_tests::metrics::read(&rig.core.api.base, given_up).await;
     let p = rig
         .projector(ProjectorOptions {
             tax_sweep_secs: 1,
@@ -1776,7 +1766,7 @@ async fn b23_an_interest_entry_the_sweep_never_settles_is_given_up_at_30_days_an
         })
         .await;
     eventually("the entry given up", Duration::from_secs(60), || async {
-        match given_up(p.api.base.clone()).await {
+        match bank_tests::metrics::read(&p.api.base, given_up).await {
             n if n > before => Ok(()),
             n => Err(format!("{n} given up")),
         }
