@@ -172,23 +172,24 @@ impl Config {
 
 impl Config {
     /// Settings that are allowed but break a promise, each as a sentence for
-    /// the log: a fence margin and reconciler period that together exceed
-    /// 4 s fail a transfer the core never saw later than SPEC B11's
+    /// the log: the pool's ([`common::config::PoolArgs::warnings`]), and a
+    /// fence margin and reconciler period that together exceed 4 s, which
+    /// fail a transfer the core never saw later than SPEC B11's
     /// `REQUEST_TTL_SECS` + 5 s (the reconciler finds it up to one period
     /// after the margin, then fences it with a call to the core).
     pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = self.pool.warnings();
         let late = self
             .fence_margin_ms
             .saturating_add(self.reconcile_interval_ms);
         if late > B11_FENCE_BUDGET_MS {
-            vec![format!(
+            warnings.push(format!(
                 "RECONCILE_FENCE_MARGIN_MS ({}) + RECONCILE_INTERVAL_MS ({}) exceed {B11_FENCE_BUDGET_MS} ms: \
                  a transfer the core never saw may fail later than REQUEST_TTL_SECS + 5 s",
                 self.fence_margin_ms, self.reconcile_interval_ms
-            )]
-        } else {
-            Vec::new()
+            ));
         }
+        warnings
     }
 }
 

@@ -168,6 +168,8 @@ pub async fn audit_once(
                     metrics::counter!("projector_audit_repairs_total").increment(1);
                     tracing::warn!(account = %account, synced_through_seq = synced, core_last_seq = seen, applied = report.applied, now_through = report.synced_through_seq, "an account's history stayed behind the core's ledger for a whole audit interval (its last events lost, or held up that long); synced from the core");
                 }
+                // Caught up meanwhile (the events arrived): nothing to do.
+                Ok(report) if report.synced_through_seq >= seen => {}
                 Ok(report) => {
                     metrics::counter!("projector_audit_errors_total").increment(1);
                     tracing::warn!(account = %account, synced_through_seq = report.synced_through_seq, core_last_seq = seen, "an account's history stays behind the core's ledger and its sync applied nothing (the core's entries do not continue it)");

@@ -20,8 +20,11 @@ use super::{Context, Failure, HandedBack, ack, fail, holding_progress, tracepare
 /// that one large gap (a history restored from an old backup, an account
 /// rebuilt) holds up the consumer for seconds, not minutes. A fill that
 /// moved the history on but did not reach the event goes on with its next
-/// delivery, which does not count as a failure: the event is naked without
-/// the dead-letter check (see [`settle`]).
+/// delivery: the event is naked without the dead-letter check (see
+/// [`settle`]). JetStream still counts those deliveries: past
+/// `PROJECTOR_MAX_DELIVERIES` a transient failure of the event letters it as
+/// usual, and past twice that it is handled alone (`consume::handle_alone`),
+/// so a gap beyond about 800,000 entries goes on one delivery at a time.
 const MAX_GAP_PAGES: usize = 50;
 
 /// How soon an event whose gap fill moved on but is not done is delivered
@@ -94,11 +97,10 @@ impl Outcome {
     /// applied entries), though maybe not as far as `e`.
     fn moved_on(&self, e: &LedgerEntry) -> bool {
         let account = e.account_id.as_str();
-        match (self.before.get(account), self.synced.get(account)) {
-            (Some(before), Some(after)) => after > before,
-            (None, Some(after)) => *after > 0,
-            _ => false,
-        }
+        matches!(
+            (self.before.get(account), self.synced.get(account)),
+            (Some(before), Some(after)) if after > before
+        )
     }
 
     /// Records an event that differs from the core's entry at its seq (to be

@@ -22,7 +22,7 @@
 //! handling never ends (the process crashes or a batch task fails on it,
 //! every time) ends in none of them; once delivered more than twice the
 //! limit it is handled alone, and dead-lettered if that never ends either
-//! ([`letter_overdue`]).
+//! ([`handle_alone`]).
 //!
 //! An unavailable channel database (no connection, a server shutting down,
 //! read-only: `common::db::is_unavailable`) is not a failure of the
@@ -495,104 +495,135 @@ async fn handle(
     batch: Vec<Message>,
     turns: ledger::Turns,
 ) -> Vec<Message> {
-    let (batch, alone) = letter_overdue(ctx, batch).await;
-    let mut left = Vec::new();
-    for m in alone {
-        let key = overdue_key(&m, 0);
-        left.extend(match feed {
-            // Out of the lanes' order: the writer's sequence rule keeps the
-            // account's history in order whatever the order of handling.
-            Feed::Ledger => ledger::handle(ctx, vec![m], ledger::Turns::free()).await,
-            Feed::Interest => tax::handle(ctx, vec![m]).await,
-        });
-        if let Some(key) = key {
-            ended_alone(ctx, &key).await;
-        }
-    }
-    left.extend(match feed {
+    let (batch, overdue) = split_overdue(ctx, batch);
+    let mut left = match feed {
         Feed::Ledger => ledger::handle(ctx, batch, turns).await,
         Feed::Interest => tax::handle(ctx, batch).await,
-    });
+    };
+    // Then each overdue message alone, the others kept in progress
+    // meanwhile.
+    let mut overdue = std::collections::VecDeque::from(overdue);
+    while let Some(m) = overdue.pop_front() {
+        let waiting: Vec<&Message> = overdue.iter().collect();
+        left.extend(holding_progress(ctx, &waiting, handle_alone(ctx, feed, m)).await);
+    }
     left
 }
 
-/// Sorts out the messages of `batch` delivered more than twice
-/// `PROJECTOR_MAX_DELIVERIES` times. The handlers settle every message they
-/// finish with, and dead-letter a failing one at the limit; a message past
-/// twice the limit was delivered again and again without ending in either:
-/// its handling never finished (the process died or a batch task failed),
-/// maybe because of this message, maybe of another in hand at the time (a
-/// crash loop raises every message's count). So such a message is first
-/// handled alone, once, with a row in `overdue_attempts` while it is: it is
-/// returned in `alone`. One whose row is still there at its next delivery
-/// died alone, and is dead-lettered. (The server's own `max_deliver` is
-/// unlimited, so without this it would come back forever.) Returns the
-/// messages to handle as a batch and those to handle alone.
-async fn letter_overdue(ctx: &Context, batch: Vec<Message>) -> (Vec<Message>, Vec<Message>) {
+/// Splits `batch` into the messages handled as a batch and the overdue
+/// ones: delivered more than twice `PROJECTOR_MAX_DELIVERIES` times. The
+/// handlers settle every message they finish with and dead-letter a failing
+/// one at the limit; a message past twice the limit was delivered again and
+/// again without ending in either: its handling never finished (the process
+/// died or a batch task failed), maybe because of this message, maybe of
+/// another in hand at the time (a crash loop raises every message's count).
+/// Each overdue message is handled alone, after the batch
+/// ([`handle_alone`]). (The server's own `max_deliver` is unlimited, so
+/// without this a message the projector dies on would come back forever.)
+fn split_overdue(ctx: &Context, batch: Vec<Message>) -> (Vec<Message>, Vec<Message>) {
     let limit = ctx.config.max_deliveries.max(1).saturating_mul(2);
-    let (mut rest, mut alone) = (Vec::with_capacity(batch.len()), Vec::new());
-    for m in batch {
-        let Some(key) = overdue_key(&m, limit) else {
-            rest.push(m);
-            continue;
-        };
-        match began_alone(ctx, &key).await {
-            // Handled alone before, and that never ended either.
-            Ok(false) => {
-                let delivered = m.info().map(|i| i.delivered).unwrap_or(0);
-                let reason = format!(
-                    "delivered {delivered} times without its handling ever ending, also when handled alone (the projector died on it)"
-                );
-                dlq::dead_letter(ctx, &m, &reason, "exhausted").await;
-                ended_alone(ctx, &key).await;
-            }
-            Ok(true) => alone.push(m),
-            // Undecided: handled as usual.
-            Err(e) => {
-                tracing::warn!(error = %e, "recording an overdue message's attempt failed; handling it with its batch");
-                rest.push(m);
-            }
-        }
-    }
-    (rest, alone)
+    batch
+        .into_iter()
+        .partition(|m| m.info().map_or(true, |i| i.delivered <= limit))
 }
 
-/// A message's identity in `overdue_attempts` when it was delivered more
-/// than `limit` times.
-fn overdue_key(m: &Message, limit: i64) -> Option<(String, i64, i64)> {
-    let info = m.info().ok()?;
-    if info.delivered <= limit {
-        return None;
-    }
-    Some((
+/// Handles an overdue message alone, with a row in `overdue_attempts` (its
+/// delivery count) while it is: a row of an earlier delivery still there
+/// means that attempt never ended either (the process died on it), and the
+/// message is dead-lettered instead. The row goes once the message is
+/// settled; one handed back (the channel database unavailable) keeps it, and
+/// is handled again within the same delivery without being lettered. Rows
+/// older than a day (a message that never came back) are cleared on the way.
+async fn handle_alone(ctx: &Context, feed: Feed, m: Message) -> Vec<Message> {
+    let Ok(info) = m.info() else {
+        return handle_one(ctx, feed, m).await;
+    };
+    let delivered = info.delivered;
+    let key = (
         info.stream.to_owned(),
         i64::try_from(info.stream_sequence).unwrap_or(i64::MAX),
         i64::try_from(info.published.unix_timestamp_nanos()).unwrap_or(i64::MAX),
-    ))
+    );
+    match attempt_alone(ctx, &key, delivered).await {
+        Ok(AloneAttempt::EarlierNeverEnded(earlier)) => {
+            let reason = format!(
+                "delivered {delivered} times without its handling ever ending, also when handled alone at delivery {earlier} (the projector died on it)"
+            );
+            dlq::dead_letter(ctx, &m, &reason, "exhausted").await;
+            forget_attempt(ctx, &key).await;
+            Vec::new()
+        }
+        Ok(AloneAttempt::This) => {
+            let back = handle_one(ctx, feed, m).await;
+            if back.is_empty() {
+                forget_attempt(ctx, &key).await;
+            }
+            back
+        }
+        // Undecided: handled alone, without the record.
+        Err(e) => {
+            tracing::warn!(error = %e, "recording an overdue message's attempt failed; handling it alone without the record");
+            handle_one(ctx, feed, m).await
+        }
+    }
 }
 
-/// Records that the message `key` is being handled alone; false if it was
-/// already (that attempt never ended).
-async fn began_alone(ctx: &Context, key: &(String, i64, i64)) -> Result<bool, DbErr> {
+/// One message as a batch of its own, out of the lanes' order: the writer's
+/// sequence rule keeps the account's history in order whatever the order of
+/// handling (an entry ahead of the history is filled from the core).
+async fn handle_one(ctx: &Context, feed: Feed, m: Message) -> Vec<Message> {
+    match feed {
+        Feed::Ledger => ledger::handle(ctx, vec![m], ledger::Turns::free()).await,
+        Feed::Interest => tax::handle(ctx, vec![m]).await,
+    }
+}
+
+/// What `overdue_attempts` says about handling a message alone now.
+enum AloneAttempt {
+    /// This delivery's attempt (recorded now, or again after a hand-back).
+    This,
+    /// The attempt of an earlier delivery (that number) never ended.
+    EarlierNeverEnded(i64),
+}
+
+/// Records the attempt of `key` at delivery `delivered`, unless one of an
+/// earlier delivery is recorded.
+async fn attempt_alone(
+    ctx: &Context,
+    key: &(String, i64, i64),
+    delivered: i64,
+) -> Result<AloneAttempt, DbErr> {
     let row = ctx
         .db
         .query_one_raw(Statement::from_sql_and_values(
             ctx.db.get_database_backend(),
-            "WITH ins AS (INSERT INTO overdue_attempts (stream, stream_seq, published_ns) \
-                          VALUES ($1, $2, $3) ON CONFLICT DO NOTHING RETURNING 1) \
-             SELECT count(*) AS began FROM ins",
-            [key.0.clone().into(), key.1.into(), key.2.into()],
+            "WITH stale AS (DELETE FROM overdue_attempts WHERE started_at < now() - interval '1 day'), \
+                  attempt AS ( \
+                    INSERT INTO overdue_attempts (stream, stream_seq, published_ns, delivered) \
+                    VALUES ($1, $2, $3, $4) \
+                    ON CONFLICT (stream, stream_seq, published_ns) \
+                      DO UPDATE SET delivered = overdue_attempts.delivered \
+                    RETURNING delivered) \
+             SELECT delivered FROM attempt",
+            [
+                key.0.clone().into(),
+                key.1.into(),
+                key.2.into(),
+                delivered.into(),
+            ],
         ))
-        .await?;
-    Ok(row
-        .map(|r| r.try_get::<i64>("", "began"))
-        .transpose()?
-        .unwrap_or(0)
-        > 0)
+        .await?
+        .ok_or_else(|| DbErr::RecordNotFound("no answer from recording an attempt".into()))?;
+    let recorded: i64 = row.try_get("", "delivered")?;
+    Ok(if recorded < delivered {
+        AloneAttempt::EarlierNeverEnded(recorded)
+    } else {
+        AloneAttempt::This
+    })
 }
 
-/// Forgets the attempt of `key` (its handling ended, or it was lettered).
-async fn ended_alone(ctx: &Context, key: &(String, i64, i64)) {
+/// Forgets the attempt of `key` (its message settled, or lettered).
+async fn forget_attempt(ctx: &Context, key: &(String, i64, i64)) {
     if let Err(e) = ctx
         .db
         .execute_raw(Statement::from_sql_and_values(

@@ -1,10 +1,10 @@
 //! Two small tables of the projector's own:
 //!
 //! - `overdue_attempts`: a message delivered past twice the delivery limit
-//!   without its handling ever ending is handled alone once, with a row
-//!   here while it is; a row still there at its next delivery means that
-//!   handling never ended either (the process died on it), and the message
-//!   is dead-lettered (`consume::letter_overdue`).
+//!   without its handling ever ending is handled alone, with a row here
+//!   (its delivery count) while it is; a row of an earlier delivery still
+//!   there means that handling never ended either (the process died on it),
+//!   and the message is dead-lettered (`consume::handle_alone`).
 //! - `audit_lease`: one row; the replica holding it runs the ledger audit's
 //!   passes until it expires (`consume::audit`).
 
@@ -20,6 +20,7 @@ CREATE TABLE IF NOT EXISTS overdue_attempts (
     stream       TEXT NOT NULL,
     stream_seq   BIGINT NOT NULL,
     published_ns BIGINT NOT NULL,
+    delivered    BIGINT NOT NULL,
     started_at   TIMESTAMPTZ NOT NULL DEFAULT now(),
     PRIMARY KEY (stream, stream_seq, published_ns)
 );

@@ -191,8 +191,9 @@ async fn dead_letters(p: &impl ProjectorApi) -> Vec<Value> {
 /// Redelivers the only message waiting on the projector's durable `LEDGER`
 /// consumer (refusing it, as a projector that died on it would leave it)
 /// until it has been delivered more than `limit` times; returns its stream
-/// sequence and when it was stored (ns), its key in `overdue_attempts`.
-async fn deliver_past(js: &async_nats::jetstream::Context, limit: i64) -> (i64, i64) {
+/// sequence and when it was stored (ns), its key in `overdue_attempts`, and
+/// its last delivery's number.
+async fn deliver_past(js: &async_nats::jetstream::Context, limit: i64) -> (i64, i64, i64) {
     use async_nats::jetstream::AckKind;
     use futures::StreamExt;
     let consumer: async_nats::jetstream::consumer::PullConsumer = js
@@ -214,7 +215,7 @@ async fn deliver_past(js: &async_nats::jetstream::Context, limit: i64) -> (i64, 
             let stored = info.published.unix_timestamp_nanos() as i64;
             m.ack_with(AckKind::Nak(None)).await.unwrap();
             if delivered > limit {
-                return (seq, stored);
+                return (seq, stored, delivered);
             }
         }
     }
@@ -226,9 +227,9 @@ async fn deliver_past(js: &async_nats::jetstream::Context, limit: i64) -> (i64, 
 /// `PROJECTOR_MAX_DELIVERIES` times, it is handled alone once: a sound
 /// message whose count rose with a crash loop (any message in hand counts a
 /// delivery when the process dies) is then applied, not lettered; one whose
-/// attempt alone never ended either (the row such an attempt leaves in
-/// `overdue_attempts` is there) is dead-lettered instead of coming back
-/// forever.
+/// attempt alone at an earlier delivery never ended either (the row such an
+/// attempt leaves in `overdue_attempts` is there) is dead-lettered instead of
+/// coming back forever.
 #[tokio::test]
 async fn f5_a_message_delivered_again_and_again_without_ever_being_settled_is_dead_lettered() {
     use sea_orm::{ConnectionTrait, Statement};
@@ -246,14 +247,14 @@ async fn f5_a_message_delivered_again_and_again_without_ever_being_settled_is_de
     p.stop().await.unwrap();
     // One the projector died on when it was handled alone: lettered.
     let account = rig.core.api.funded_account(5000).await;
-    let (seq, stored) = deliver_past(&js, limit).await;
+    let (seq, stored, delivered) = deliver_past(&js, limit).await;
     let db = sea_orm::Database::connect(rig.channel_db.as_str())
         .await
         .unwrap();
     db.execute_raw(Statement::from_sql_and_values(
         db.get_database_backend(),
-        "INSERT INTO overdue_attempts (stream, stream_seq, published_ns) VALUES ('LEDGER', $1, $2)",
-        [seq.into(), stored.into()],
+        "INSERT INTO overdue_attempts (stream, stream_seq, published_ns, delivered) VALUES ('LEDGER', $1, $2, $3)",
+        [seq.into(), stored.into(), delivered.into()],
     ))
     .await
     .unwrap();
