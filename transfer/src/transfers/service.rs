@@ -154,6 +154,9 @@ impl TransferService {
     /// pending row is written the answer comes by `answer_by` at the latest
     /// (before the HTTP request timeout would answer 503 and leave a
     /// customer who sent no `Idempotency-Key` unsure whether to send again).
+    /// A key already recorded is the caller's to answer first
+    /// ([`Self::replay`], before the owner check); one recorded meanwhile by a
+    /// concurrent request with the same key is answered here as a replay.
     pub async fn submit(
         &self,
         customer: &CustomerId,
@@ -161,11 +164,6 @@ impl TransferService {
         idempotency_key: Option<String>,
         answer_by: tokio::time::Instant,
     ) -> Result<TransferRequest, SubmitError> {
-        if let Some(key) = &idempotency_key
-            && let Some(existing) = find_by_key(&self.db, customer, key).await?
-        {
-            return same_request(existing, &new);
-        }
         let req = TransferRequest {
             transfer_id: TransferId::generate(),
             customer_id: customer.clone(),
