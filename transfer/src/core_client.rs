@@ -452,16 +452,6 @@ impl CoreClient {
         .await
     }
 
-    /// `GET /v1/accounts?after=&limit=`: one page of account ids.
-    pub async fn account_ids(
-        &self,
-        after: Option<&str>,
-        limit: u32,
-    ) -> Result<(Vec<AccountId>, Option<String>), CoreError> {
-        let (accounts, next) = self.accounts(after, limit).await?;
-        Ok((accounts.into_iter().map(|a| a.account_id).collect(), next))
-    }
-
     /// `GET /v1/accounts?after=&limit=`: one page of accounts in id order,
     /// and the id to continue after (none on the last page).
     pub async fn accounts(
