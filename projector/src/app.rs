@@ -150,6 +150,7 @@ impl App {
         ));
         tasks.spawn(consume::audit::audit(
             self.ctx.clone(),
+            self.ledger.clone(),
             Duration::from_secs(self.ctx.config.audit_secs.max(1)),
             self.ctx.config.audit_page,
             consumers.clone(),

@@ -40,6 +40,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use async_nats::jetstream::consumer::PullConsumer;
 use backon::{ExponentialBuilder, Retryable};
 use common::AccountId;
 use common::shutdown::CancellationToken;
@@ -73,19 +74,9 @@ pub enum AuditError {
 /// Accounts found behind the core: account id to the core's `last_seq`
 /// then.
 #[derive(Debug, Default)]
-pub struct Behind(HashMap<String, i64>);
+struct Behind(HashMap<String, i64>);
 
 impl Behind {
-    /// How many accounts are remembered.
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    /// Whether none is.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
     fn remember(&mut self, account: &AccountId, last_seq: i64) {
         if self.0.len() < REMEMBERED_MAX {
             self.0.insert(account.to_string(), last_seq);
@@ -250,22 +241,9 @@ async fn synced_through(
 }
 
 /// Messages waiting on the ledger consumer (none known: 0).
-async fn ledger_backlog(ctx: &Context) -> u64 {
-    let consumer: Result<async_nats::jetstream::consumer::PullConsumer, _> = ctx
-        .js
-        .get_consumer_from_stream(
-            &ctx.config.ledger_consumer,
-            common::jetstream::LEDGER_STREAM,
-        )
-        .await;
-    match consumer {
-        Ok(mut c) => match c.info().await {
-            Ok(info) => info.num_pending + info.num_ack_pending as u64,
-            Err(e) => {
-                tracing::debug!(error = %e, "reading the ledger consumer's backlog");
-                0
-            }
-        },
+async fn ledger_backlog(consumer: &mut PullConsumer) -> u64 {
+    match consumer.info().await {
+        Ok(info) => info.num_pending + info.num_ack_pending as u64,
         Err(e) => {
             tracing::debug!(error = %e, "reading the ledger consumer's backlog");
             0
@@ -273,8 +251,15 @@ async fn ledger_backlog(ctx: &Context) -> u64 {
     }
 }
 
-/// Runs the audit every `every` until `shutdown` (see the module's docs).
-pub async fn audit(ctx: Context, every: Duration, page: u32, shutdown: CancellationToken) {
+/// Runs the audit every `every` until `shutdown` (see the module's docs);
+/// `ledger` is the ledger consumer, whose backlog holds passes back.
+pub async fn audit(
+    ctx: Context,
+    mut ledger: PullConsumer,
+    every: Duration,
+    page: u32,
+    shutdown: CancellationToken,
+) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let holder = format!(
@@ -290,7 +275,7 @@ pub async fn audit(ctx: Context, every: Duration, page: u32, shutdown: Cancellat
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let backlog = ledger_backlog(&ctx).await;
+        let backlog = ledger_backlog(&mut ledger).await;
         if backlog > BACKLOG_MAX {
             tracing::debug!(
                 backlog,
@@ -314,7 +299,7 @@ pub async fn audit(ctx: Context, every: Duration, page: u32, shutdown: Cancellat
                     repaired = pass.repaired,
                     entries = pass.entries,
                     complete = pass.complete,
-                    behind = state.earlier.len(),
+                    behind = state.earlier.0.len(),
                     "ledger audit pass"
                 );
             }
