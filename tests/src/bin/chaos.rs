@@ -375,17 +375,7 @@ async fn run(args: &Args, seed: u64) -> anyhow::Result<bool> {
                 }
                 // Once the relay has published them (it keeps going while
                 // the projector is down).
-                let relayed = Instant::now() + Duration::from_secs(60);
-                while bank_tests::db::query_strings(
-                    &core_db,
-                    "SELECT count(*)::text FROM outbox WHERE published_at IS NULL AND subject LIKE 'bank.interest.%'",
-                )
-                .await?
-                    != ["0"]
-                {
-                    anyhow::ensure!(Instant::now() < relayed, "the core's relay did not publish the payout's event within 60 s");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
+                until_relayed(&core_db, "bank.interest.%").await?;
                 let after = stream.info().await?.state.last_sequence;
                 let mut deleted = 0;
                 for seq in before + 1..=after {
@@ -453,17 +443,7 @@ async fn run(args: &Args, seed: u64) -> anyhow::Result<bool> {
                 deposit(&core, &account, rng.random_range(1..100_000), &book).await;
                 quiet.push(account.clone());
                 let subject = format!("bank.ledger.{account}");
-                let relayed = Instant::now() + Duration::from_secs(60);
-                while bank_tests::db::query_strings(
-                    &core_db,
-                    &format!("SELECT count(*)::text FROM outbox WHERE published_at IS NULL AND subject = '{subject}'"),
-                )
-                .await?
-                    != ["0"]
-                {
-                    anyhow::ensure!(Instant::now() < relayed, "the core's relay did not publish the deposit's event within 60 s");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
+                until_relayed(&core_db, &subject.replace('_', "\\_")).await?;
                 let stream = nats.jetstream().await?.get_stream("LEDGER").await?;
                 // One not deleted is not lost: it only exercises less.
                 match stream.get_last_raw_message_by_subject(&subject).await {
@@ -928,6 +908,24 @@ impl Counters {
             self.total.load(Ordering::Relaxed)
         )
     }
+}
+
+/// Returns once the core's relay has published every outbox row whose
+/// subject is `LIKE subject` (it keeps going while the projector is down);
+/// fails after 60 s.
+async fn until_relayed(core_db: &str, subject: &str) -> anyhow::Result<()> {
+    let relayed = Instant::now() + Duration::from_secs(60);
+    let sql = format!(
+        "SELECT count(*)::text FROM outbox WHERE published_at IS NULL AND subject LIKE '{subject}'"
+    );
+    while bank_tests::db::query_strings(core_db, &sql).await? != ["0"] {
+        anyhow::ensure!(
+            Instant::now() < relayed,
+            "the core's relay did not publish {subject} within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
 }
 
 /// A deposit from another bank, retried with the same id until definitive.
