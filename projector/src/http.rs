@@ -84,7 +84,9 @@ struct ListQuery {
 #[derive(Debug, Serialize, ToSchema)]
 struct DeadLetters {
     dead_letters: Vec<DeadLetter>,
-    /// `after` for the next page; null on the last page.
+    /// `after` for the next page (a letter id); null on the last page.
+    #[serde(serialize_with = "dlq::as_optional_string")]
+    #[schema(value_type = Option<String>)]
     next_after: Option<u64>,
 }
 
@@ -120,7 +122,7 @@ fn parse_letter_id(id: &str) -> Result<u64, ApiError> {
 }
 
 /// One dead letter.
-#[utoipa::path(get, path = "/v1/dead-letters/{id}", params(("id" = u64, Path, description = "dead letter id")),
+#[utoipa::path(get, path = "/v1/dead-letters/{id}", params(("id" = String, Path, description = "dead letter id (digits)")),
     responses((status = 200, body = DeadLetter), (status = 404, body = ErrorBody)))]
 async fn show_dead_letter(
     State(ctx): State<Context>,
@@ -153,7 +155,7 @@ struct Replayed {
 }
 
 /// Applies a dead letter again; once applied it leaves the list.
-#[utoipa::path(post, path = "/v1/dead-letters/{id}/replay", params(("id" = u64, Path, description = "dead letter id")),
+#[utoipa::path(post, path = "/v1/dead-letters/{id}/replay", params(("id" = String, Path, description = "dead letter id (digits)")),
     responses((status = 200, body = Replayed), (status = 404, body = ErrorBody), (status = 422, description = "replay_failed: the letter stays", body = ErrorBody)))]
 async fn replay_dead_letter(
     State(ctx): State<Context>,

@@ -32,7 +32,9 @@ const MAX_ERROR_LEN: usize = 1000;
 /// A dead letter as listed.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct DeadLetter {
-    /// Its sequence in `DLQ`.
+    /// Its sequence in `DLQ`; a JSON string, like every id of the API.
+    #[serde(serialize_with = "as_string")]
+    #[schema(value_type = String)]
     pub id: u64,
     /// The original subject.
     pub subject: String,
@@ -46,6 +48,20 @@ pub struct DeadLetter {
     pub stream: String,
     /// The original body, as text.
     pub body: String,
+}
+
+/// Writes a number as a JSON string: ids are opaque strings in the API
+/// (a client keeps them as given, whatever they look like).
+pub fn as_string<S: serde::Serializer>(n: &u64, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(n)
+}
+
+/// Writes an optional number as a JSON string or null (see [`as_string`]).
+pub fn as_optional_string<S: serde::Serializer>(n: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+    match n {
+        Some(n) => s.collect_str(n),
+        None => s.serialize_none(),
+    }
 }
 
 /// Publishes `m` to `DLQ` and terminates it on its stream. If the publish

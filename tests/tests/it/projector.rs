@@ -181,6 +181,15 @@ impl ProjectorApi for bank_tests::Api {
     }
 }
 
+/// A dead letter's id: a JSON string of digits, like every id of the API.
+fn letter_id(letter: &Value) -> u64 {
+    let id = letter["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("a dead letter's id is a string: {letter}"));
+    id.parse()
+        .unwrap_or_else(|e| panic!("dead letter id {id:?}: {e}"))
+}
+
 async fn dead_letters(p: &impl ProjectorApi) -> Vec<Value> {
     p.ops().get("/v1/dead-letters").await.expect(200).body["dead_letters"]
         .as_array()
@@ -605,7 +614,7 @@ async fn b16_f5_poison_is_dead_lettered_at_once_and_others_keep_flowing() {
         assert!(raw[0].headers.get(h).is_some(), "missing header {h}");
     }
     // One letter, inspected on its own, is the listed one.
-    let id = l["id"].as_u64().unwrap();
+    let id = letter_id(&l);
     let shown = p
         .api
         .get(&format!("/v1/dead-letters/{id}"))
@@ -630,11 +639,7 @@ async fn b16_f5_poison_is_dead_lettered_at_once_and_others_keep_flowing() {
         let body = format!(r#"{{"poison": {i}}}"#).into_bytes();
         publish_raw(&rig.nats, &format!("bank.ledger.{victim}"), body).await;
     }
-    let ids: Vec<u64> = wait_letters(&p, 4)
-        .await
-        .iter()
-        .filter_map(|l| l["id"].as_u64())
-        .collect();
+    let ids: Vec<u64> = wait_letters(&p, 4).await.iter().map(letter_id).collect();
     let dlq = js.get_stream("DLQ").await.unwrap();
     assert!(dlq.delete_message(ids[1]).await.unwrap());
     let page = |after: u64, limit: u64| {
@@ -647,13 +652,13 @@ async fn b16_f5_poison_is_dead_lettered_at_once_and_others_keep_flowing() {
                 .as_array()
                 .unwrap()
                 .iter()
-                .map(|l| l["id"].as_u64().unwrap())
+                .map(|l| letter_id(&l))
                 .collect::<Vec<_>>()
         }
     };
     assert_eq!(page(0, 2).await, vec![ids[0], ids[2]]);
     let body = p.api.get("/v1/dead-letters?limit=2").await.expect(200).body;
-    assert_eq!(body["next_after"], json!(ids[2]));
+    assert_eq!(body["next_after"], json!(ids[2].to_string()));
     let body = p.api.get("/v1/dead-letters?limit=4").await.expect(200).body;
     assert_eq!(body["next_after"], Value::Null, "three letters, last page");
     assert_eq!(page(ids[2], 2).await, vec![ids[3]]);
@@ -864,7 +869,7 @@ async fn b16_f5_transient_failures_back_off_then_apply_or_dead_letter_and_replay
     // Fix the cause, then replay: applied once.
     rig.proxy.clear();
     for l in &letters {
-        let id = l["id"].as_u64().unwrap();
+        let id = letter_id(&l);
         p.api
             .post(&format!("/v1/dead-letters/{id}/replay"), json!({}))
             .await
@@ -1087,7 +1092,7 @@ async fn b23_an_interest_event_the_core_does_not_confirm_never_becomes_a_tax_rec
         .find(|l| l["error"].as_str().unwrap().contains("the event says"))
         .unwrap_or_else(|| panic!("{letters:?}"));
     // 4. A replay does not record it either.
-    let id = third["id"].as_u64().unwrap();
+    let id = letter_id(&third);
     let r = p
         .api
         .post(&format!("/v1/dead-letters/{id}/replay"), json!({}))
@@ -1357,7 +1362,7 @@ async fn f5_a_tax_event_the_core_cannot_confirm_is_retried_dead_lettered_and_sti
     let records = wait_tax_records(&p, &account, 1).await;
     assert_eq!(records[0]["payout_id"], json!(pid));
     assert_eq!(records[0]["net"], json!("7023"));
-    let id = letters[0]["id"].as_u64().unwrap();
+    let id = letter_id(&letters[0]);
     p.api
         .post(&format!("/v1/dead-letters/{id}/replay"), json!({}))
         .await
