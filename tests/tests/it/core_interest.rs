@@ -10,6 +10,7 @@ use bank_tests::{Api, CoreApp, NatsServer, eventually, unique};
 use chrono::NaiveDate;
 use futures::future::join_all;
 use proptest::prelude::*;
+use redis::AsyncCommands;
 use serde_json::{Value, json};
 
 /// A core with an account of 60,000,000 won three days into accruing
@@ -1446,6 +1447,82 @@ async fn f8_redis_down_interest_queries_still_answer_correctly() {
     )
     .await;
     redis.stop().await;
+}
+
+/// F8 with Redis cut off rather than restarted empty: the cached figure from
+/// before a payout is still in Redis when it comes back, and must not be
+/// served (the payout's invalidation, which could not reach Redis, lands
+/// when it returns; until then the account bypasses the cache).
+#[tokio::test]
+async fn f8_a_payout_while_redis_is_cut_off_is_not_hidden_by_the_figure_cached_before() {
+    let redis_url = bank_tests::redis_url();
+    let upstream = reqwest::Url::parse(&redis_url).unwrap();
+    let cut = bank_tests::tcp_proxy::TcpCut::start(&format!(
+        "{}:{}",
+        upstream.host_str().unwrap(),
+        upstream.port().unwrap_or(6379)
+    ))
+    .await
+    .unwrap();
+    let (_nats, core) = core_with(CoreOptions {
+        redis_url: cut.route(&redis_url).unwrap(),
+        ..Default::default()
+    })
+    .await;
+    let api = &core.api;
+    let account = api.funded_account(60_000_000).await;
+    let today = api.advance_business_date(3).await;
+    let first = interest(api, &account).await;
+    assert_eq!(first["gross"], "8301");
+    let path = first["path"].as_str().unwrap().to_owned();
+    let direct = redis::Client::open(redis_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    query_until_cached(api, &direct, &account, today, &path).await;
+
+    cut.cut();
+    payout(api, &account, &unique("pay_")).await.expect(200);
+    let key = format!("bank:interest:{account}:{today}:{path}");
+    let cached_gross = |v: Option<String>| {
+        v.and_then(|v| serde_json::from_str::<Value>(&v).ok())
+            .map(|v| v["accrual"]["gross"].clone())
+    };
+    let still_cached: Option<String> = direct.clone().get(&key).await.unwrap();
+    assert_eq!(
+        cached_gross(still_cached),
+        Some(json!("8301")),
+        "the figure from before the payout is still in Redis (the fault this test is about)"
+    );
+    for _ in 0..3 {
+        assert_eq!(
+            interest(api, &account).await["gross"],
+            "0",
+            "answered from the database while Redis is cut off"
+        );
+    }
+    cut.restore();
+    // Every answer from now on is the payout's, while the invalidation lands
+    // and once the cache is used again.
+    eventually(
+        "the account is cached again, with the figure after the payout",
+        Duration::from_secs(15),
+        || {
+            let mut direct = direct.clone();
+            let (api, account, key) = (api, &account, &key);
+            async move {
+                let answer = interest(api, account).await;
+                assert_eq!(answer["gross"], "0", "after Redis returns: {answer}");
+                let cached: Option<String> = direct.get(key).await.map_err(|e| e.to_string())?;
+                match cached_gross(cached) {
+                    Some(gross) if gross == json!("0") => Ok(()),
+                    other => Err(format!("cached gross: {other:?}")),
+                }
+            }
+        },
+    )
+    .await;
 }
 
 #[tokio::test]
