@@ -1,11 +1,13 @@
 //! Interest now: B21-B27 and F8.
 
+use std::collections::HashMap;
 use std::process::Stdio;
 use std::time::Duration;
 
-use bank_tests::apps::{CoreOptions, core, core_with};
+use bank_tests::apps::{CORE_READ_TOKEN, CORE_TOKEN, CoreOptions, core, core_with};
 use bank_tests::db::RowLock;
 use bank_tests::nats::{free_port, stream_messages};
+use bank_tests::process::ServiceProcess;
 use bank_tests::{Api, CoreApp, NatsServer, eventually, unique};
 use chrono::NaiveDate;
 use futures::future::join_all;
@@ -36,11 +38,9 @@ async fn accrued_for_three_days() -> (
 /// The fault shadow verification exists for: the new path's maintained
 /// daily balances drift from the history the legacy path recomputes from
 /// (here 10,000,000 won more on every stored day of `account`).
-async fn drift_daily_balances(core: &CoreApp, account: &str) {
+async fn drift_daily_balances(db_url: &str, account: &str) {
     use sea_orm::ConnectionTrait;
-    let db = sea_orm::Database::connect(core.db_url.as_str())
-        .await
-        .unwrap();
+    let db = sea_orm::Database::connect(db_url).await.unwrap();
     let drifted = db
         .execute_unprepared(&format!(
             "UPDATE daily_balances SET closing_balance = closing_balance + 10000000 \
@@ -1020,7 +1020,7 @@ async fn b27_concurrent_payouts_in_shadow_mode_publish_every_mismatch_without_st
     }
     api.advance_business_date(3).await;
     for a in &accounts {
-        drift_daily_balances(&core, a).await;
+        drift_daily_balances(&core.db_url, a).await;
     }
     set_rollout(api, 0, true).await;
     let ids: Vec<String> = accounts.iter().map(|_| unique("pay_")).collect();
@@ -1175,12 +1175,17 @@ async fn b27_the_verifier_tries_an_account_again_after_a_transient_database_erro
 #[tokio::test]
 async fn b26_b27_drifted_daily_balances_change_only_the_new_path_and_the_mismatch_is_logged_counted_and_published()
  {
-    let (nats, core) = core().await;
-    let api = &core.api;
+    // The core runs as a process of its own: its metrics and log lines are
+    // this test's alone (the in-process apps share one metrics registry).
+    let nats = NatsServer::start().await.unwrap();
+    let (core, api, db_url) = core_process(&nats).await;
+    let api = &api;
+    let mismatches_counted =
+        || bank_tests::metrics::read(&api.base, "interest_shadow_mismatches_total");
     let account = api.funded_account(60_000_000).await;
     let honest = api.funded_account(60_000_000).await;
     api.advance_business_date(3).await;
-    drift_daily_balances(&core, &account).await;
+    drift_daily_balances(&db_url, &account).await;
     set_rollout(api, 0, true).await;
     let i = interest(api, &account).await;
     assert_eq!(
@@ -1212,11 +1217,7 @@ async fn b26_b27_drifted_daily_balances_change_only_the_new_path_and_the_mismatc
         ),
         (Some(account.as_str()), Some("8301"), Some("8383"))
     );
-    let count = bank_tests::metrics::metric(
-        &bank_tests::metrics::scrape(&api.base).await,
-        "interest_shadow_mismatches_total",
-    );
-    assert!(count >= 1.0, "mismatch counted: {count}");
+    assert_eq!(mismatches_counted().await, 1.0, "the mismatch is counted");
     // Every account on the new path, still in shadow: the caller now gets
     // the new path's figure, and the comparison is made (and reported) again.
     set_rollout(api, 100, true).await;
@@ -1228,20 +1229,20 @@ async fn b26_b27_drifted_daily_balances_change_only_the_new_path_and_the_mismatc
     );
     // The comparison runs on a task of its own and is reported again: a
     // second alert row in this core's outbox (the same event, one alert per
-    // mismatch and day on the stream; the metrics registry is shared by the
-    // tests' in-process apps, so it cannot tell).
+    // mismatch and day on the stream) and a second count.
     let sql = format!(
         "SELECT count(*)::text FROM outbox WHERE subject = 'bank.alert.interest_mismatch' \
          AND payload LIKE '%{account}%'"
     );
     bank_tests::db::until_rows(
-        &core.db_url,
+        &db_url,
         &sql,
         &["2"],
         "the mismatch reported again",
         Duration::from_secs(10),
     )
     .await;
+    assert_eq!(mismatches_counted().await, 2.0, "and counted again");
     let report = api
         .post("/v1/admin/interest/verify", json!({}))
         .await
@@ -1261,6 +1262,38 @@ async fn b26_b27_drifted_daily_balances_change_only_the_new_path_and_the_mismatc
         .await
         .expect(200);
     assert_eq!(null.body, report.body);
+    // Each of the three runs found the mismatch again: every one is counted
+    // and logged, with the account.
+    assert_eq!(mismatches_counted().await, 5.0);
+    let logged = core.logged_lines("interest shadow mismatch");
+    assert_eq!(logged.len(), 5, "{logged:?}");
+    assert!(
+        logged.iter().all(|l| l.contains(account.as_str())),
+        "{logged:?}"
+    );
+}
+
+/// A core bank in a process of its own, with the test clock, keeping its log
+/// lines: its metrics and logs are the test's alone (the in-process apps
+/// share one metrics registry and one log). Its client and database URL.
+async fn core_process(nats: &NatsServer) -> (ServiceProcess, Api, String) {
+    let db_url = bank_tests::db::fresh_database("core").await.unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let env = HashMap::from(
+        [
+            ("NATS_URL", nats.url()),
+            ("CORE_API_TOKEN", CORE_TOKEN.to_owned()),
+            ("CORE_READ_API_TOKEN", CORE_READ_TOKEN.to_owned()),
+            ("CORE_DATABASE_URL", db_url.clone()),
+            ("CORE_HTTP_ADDR", addr.clone()),
+            ("BANK_TEST_CLOCK", "1".to_owned()),
+        ]
+        .map(|(k, v)| (k.to_owned(), v)),
+    );
+    let process = ServiceProcess::start_logged("core-bank", env).unwrap();
+    let base = format!("http://{addr}");
+    bank_tests::procs::wait_ready(&base).await.unwrap();
+    (process, Api::new(base, Some(CORE_TOKEN.to_owned())), db_url)
 }
 
 /// The batch verifier as operators run it (`core-bank verify-interest`):
@@ -1275,7 +1308,7 @@ async fn b27_the_batch_verifier_command_reports_mismatches_over_all_or_a_sample(
         accounts.push(api.funded_account(60_000_000).await);
     }
     api.advance_business_date(3).await;
-    drift_daily_balances(&core, &accounts[1]).await;
+    drift_daily_balances(&core.db_url, &accounts[1]).await;
     let verify = |args: &'static [&'static str]| {
         let db_url = core.db_url.clone();
         async move {
