@@ -199,6 +199,7 @@ async fn b21_tier_boundaries_zero_and_intraday_changes() {
     let api = &core.api;
     let exactly = api.funded_account(50_000_000).await;
     let above = api.funded_account(50_000_001).await;
+    let far_above = api.funded_account(50_365_000).await;
     let zero = api.funded_account(0).await;
     let busy = api.funded_account(10_000_000).await;
     let sink = api.funded_account(0).await;
@@ -226,6 +227,9 @@ async fn b21_tier_boundaries_zero_and_intraday_changes() {
     );
     // The won above the tier earns 0.1%: 1,000,000.001 / 365 still rounds to 2739.
     assert_eq!(interest(api, &above).await["gross"], "2739");
+    // 365,000 won above it earn 1 won a day more: floor(2739.72 + 1) = 2740
+    // (a flat 2% would give 2759, a flat 0.1% 137).
+    assert_eq!(interest(api, &far_above).await["gross"], "2740");
     assert_eq!(interest(api, &zero).await["gross"], "0");
     // floor(5,000,000 x 0.02 / 365) = floor(273.97) = 273
     assert_eq!(interest(api, &busy).await["gross"], "273");
