@@ -411,6 +411,19 @@ async fn history_survives_a_damaged_stream(deleted: &[i64], late: &[i64]) {
             .any(|(_, p, _)| p.contains(&format!("/v1/accounts/{account}/entries"))),
         "the gap was filled from the core's entries API"
     );
+    // Never written past a gap: no entry was applied (its transaction's
+    // start, `applied_at`) before an entry of a lower seq.
+    let inversions = bank_tests::db::query_strings(
+        &rig.channel_db,
+        &format!(
+            "SELECT a.seq || ' after ' || b.seq FROM history_entries a JOIN history_entries b \
+               ON b.account_id = a.account_id AND a.seq < b.seq AND a.applied_at > b.applied_at \
+             WHERE a.account_id = '{account}'"
+        ),
+    )
+    .await
+    .unwrap();
+    assert!(inversions.is_empty(), "applied out of order: {inversions:?}");
 }
 
 #[tokio::test]
