@@ -1107,6 +1107,18 @@ async fn b31_transfer_service_bad_input_gets_a_documented_4xx() {
         api.get("/v1/transfers/bad.id").await.expect(400).code(),
         Some("invalid_id")
     );
+    // None of the above reached the core or left a record.
+    assert_eq!(
+        bank_tests::db::query_strings(
+            &stack.transfer.db_url,
+            "SELECT count(*)::text FROM transfer_requests"
+        )
+        .await
+        .unwrap(),
+        ["0"],
+        "a refused request writes nothing"
+    );
+    assert_eq!(stack.core.api.balance(&from).await, 10_000);
     // A target that does not exist is the core's refusal, recorded as failed.
     let r = send(&api, &from, "acc_nobody", 10).await.expect(422);
     assert_eq!(r.code(), Some("account_not_found"));
