@@ -126,8 +126,8 @@ impl RowLock {
     pub async fn transfer_id(db_url: &str, id: &str) -> anyhow::Result<Self> {
         Self::hold(
             db_url,
-            "INSERT INTO transfers (transfer_id, status, fenced, completed_at) \
-             VALUES ($1, 'failed', true, now())",
+            "INSERT INTO transfers (transfer_id, status, reason, fenced, completed_at) \
+             VALUES ($1, 'failed', 'never_received', true, now())",
             id,
         )
         .await

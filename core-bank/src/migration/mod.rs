@@ -5,6 +5,7 @@ use sea_orm_migration::prelude::*;
 
 mod m20261121_000001_core_schema;
 mod m20261203_000001_account_last_business_date;
+mod m20261204_000001_transfer_shape;
 
 /// The core's migrator.
 #[derive(Debug)]
@@ -18,6 +19,7 @@ impl MigratorTrait for Migrator {
             Box::new(outbox::m20261122_000001_outbox_notify_opt_out::Migration),
             Box::new(m20261203_000001_account_last_business_date::Migration),
             Box::new(outbox::m20261203_000002_outbox_vacuum::Migration),
+            Box::new(m20261204_000001_transfer_shape::Migration),
         ]
     }
 }

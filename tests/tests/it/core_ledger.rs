@@ -1266,6 +1266,70 @@ async fn b12_fence_then_late_transfer_is_refused_and_existing_transfer_is_not_fe
     }
 }
 
+/// A fence and a transfer record are told apart by the database too: a
+/// write (a manual repair, say) that would make a fence look like a request,
+/// or a request record lose its request, its seqs or its reason, is refused,
+/// so a replay always reads a record of one known shape.
+#[tokio::test]
+async fn b12_b04_the_database_refuses_a_transfer_record_of_no_known_shape() {
+    use sea_orm::ConnectionTrait;
+    let (_nats, core) = core().await;
+    let from = core.api.funded_account(1000).await;
+    let to = core.api.funded_account(0).await;
+    let fenced = unique("trf_");
+    core.api
+        .post(&format!("/v1/transfers/{fenced}/fence"), json!({}))
+        .await
+        .expect(200);
+    let done = unique("trf_");
+    let done_body = transfer_body(&done, &from, &to, 100);
+    core.api
+        .post("/v1/transfers", done_body.clone())
+        .await
+        .expect(200);
+    let refused = unique("trf_");
+    let refused_body = transfer_body(&refused, &from, &to, 1_000_000);
+    core.api
+        .post("/v1/transfers", refused_body.clone())
+        .await
+        .expect(422);
+    let db = sea_orm::Database::connect(core.db_url.as_str())
+        .await
+        .unwrap();
+    for (id, change) in [
+        (
+            &fenced,
+            format!("amount = 5, from_account = '{from}', to_account = '{to}'"),
+        ),
+        (&fenced, "status = 'succeeded', reason = NULL".to_owned()),
+        (&fenced, "reason = 'insufficient_funds'".to_owned()),
+        (&done, "fenced = true".to_owned()),
+        (&done, "from_seq = NULL".to_owned()),
+        (&done, "reason = 'insufficient_funds'".to_owned()),
+        (&done, "amount = NULL".to_owned()),
+        (&refused, "reason = NULL".to_owned()),
+        (&refused, "from_seq = 7".to_owned()),
+    ] {
+        let e = db
+            .execute_unprepared(&format!(
+                "UPDATE transfers SET {change} WHERE transfer_id = '{id}'"
+            ))
+            .await
+            .expect_err(&change);
+        assert!(e.to_string().contains("transfers_shape"), "{change}: {e}");
+    }
+    // The records still replay as they were written.
+    for (body, status) in [
+        (transfer_body(&fenced, &from, &to, 100), 422),
+        (done_body, 200),
+        (refused_body, 422),
+    ] {
+        let r = core.api.post("/v1/transfers", body.clone()).await;
+        assert_eq!(r.status, status, "{body}: {}", r.body);
+    }
+    assert_eq!(core.api.balance(&from).await, 900);
+}
+
 #[tokio::test]
 async fn b30_core_routes_require_the_service_token() {
     let (_nats, core) = core().await;

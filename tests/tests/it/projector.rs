@@ -423,7 +423,10 @@ async fn history_survives_a_damaged_stream(deleted: &[i64], late: &[i64]) {
     )
     .await
     .unwrap();
-    assert!(inversions.is_empty(), "applied out of order: {inversions:?}");
+    assert!(
+        inversions.is_empty(),
+        "applied out of order: {inversions:?}"
+    );
 }
 
 #[tokio::test]
