@@ -9,40 +9,41 @@
 //! the account stays quiet. So every `PROJECTOR_AUDIT_SECS` the audit pages
 //! through the core's accounts (`GET /v1/accounts`, `PROJECTOR_AUDIT_PAGE`
 //! at a time, in id order), compares each one's `last_seq` with the
-//! history's `synced_through_seq`, and remembers the accounts that are
-//! behind, with the seq they were behind of. An account still short of that
-//! seq a pass later had a whole interval for its events to arrive: it is
-//! synced from the core ([`sync::sync_account`], [`SYNCS_IN_FLIGHT`] at a
-//! time). A sync that applied entries is logged at warn and counted
+//! history's `synced_through_seq`, and records the accounts that are behind,
+//! with the seq they were behind of (`audit_behind`). An account still short
+//! of that seq a pass later had a whole interval for its events to arrive:
+//! it is synced from the core ([`sync::sync_account`], [`SYNCS_IN_FLIGHT`]
+//! at a time). A sync that applied entries is logged at warn and counted
 //! (`projector_audit_repairs_total`); one that applied nothing (the core's
 //! entries do not continue the history) is logged and counted as an error
 //! (`projector_audit_errors_total`).
 //!
-//! What keeps it cheap and quiet:
+//! What keeps it cheap, quiet and going:
 //! - one replica audits at a time: the one holding the `audit_lease` row,
 //!   renewed at every page and taken over once it has expired (two
 //!   intervals without a renewal);
+//! - what a pass found and where it is are in the channel database, not in
+//!   the process: a replica restarted, or another one taking the lease over,
+//!   goes on from the page the last one reached, and an account recorded
+//!   behind by either is synced once its row is older than half an interval
+//!   and the account still short of that seq;
 //! - no pass runs while the ledger consumer has more than [`BACKLOG_MAX`]
 //!   messages waiting (accounts behind a backlog are the consumer's work,
 //!   not lost events);
 //! - a page the core or the database fails is tried again (3 times, with
-//!   backoff); a pass that still fails resumes at that page at the next
-//!   interval instead of starting over, and what it found is kept;
-//! - what is remembered is bounded ([`REMEMBERED_MAX`]); past it, accounts
-//!   are looked at again by the passes after.
+//!   backoff); a pass that still fails goes on from that page at the next
+//!   interval.
 //!
 //! Events held up for longer than an interval (NATS or the core's relay
 //! down that long) look the same as lost ones: their accounts are synced
 //! from the core, which is the same work done sooner, and counted as
-//! repairs. What is remembered lives in memory: a replica restarted more
-//! often than every interval does not repair (another one takes the lease).
+//! repairs.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::PullConsumer;
 use backon::{ExponentialBuilder, Retryable};
-use common::AccountId;
 use common::shutdown::CancellationToken;
 use futures::StreamExt;
 use sea_orm::{ConnectionTrait, DbErr, Statement};
@@ -54,9 +55,6 @@ use super::Context;
 /// Accounts synced at once by a pass.
 pub const SYNCS_IN_FLIGHT: usize = 4;
 
-/// Most accounts remembered as behind from one pass to the next.
-pub const REMEMBERED_MAX: usize = 100_000;
-
 /// Messages waiting on the ledger consumer above which no pass runs.
 pub const BACKLOG_MAX: u64 = 10_000;
 
@@ -67,30 +65,8 @@ pub enum AuditError {
     #[error("reading the core's accounts")]
     Core(#[from] CoreError),
     /// The channel database failed.
-    #[error("reading the history's progress")]
+    #[error("reading or recording the history's progress")]
     Db(#[from] DbErr),
-}
-
-/// Accounts found behind the core: account id to the core's `last_seq`
-/// then.
-#[derive(Debug, Default)]
-struct Behind(HashMap<String, i64>);
-
-impl Behind {
-    fn remember(&mut self, account: &AccountId, last_seq: i64) {
-        if self.0.len() < REMEMBERED_MAX {
-            self.0.insert(account.to_string(), last_seq);
-        }
-    }
-}
-
-/// Where the audit is: the accounts the last complete pass found behind,
-/// those the current pass found so far, and where it goes on.
-#[derive(Debug, Default)]
-pub struct AuditState {
-    earlier: Behind,
-    now: Behind,
-    after: Option<String>,
 }
 
 /// What one pass (or the part of it run so far) did.
@@ -107,42 +83,68 @@ pub struct AuditPass {
     pub complete: bool,
 }
 
-/// Runs the pass of `state` to its end, `page` accounts at a time: syncs
-/// the accounts the pass before found behind that are still short of the
-/// seq they were behind of, and remembers the ones behind for the first
-/// time. On an error, `state` keeps where it stopped.
+/// An account of a page as the channel database has it.
+#[derive(Debug)]
+struct Progress {
+    /// The history's `synced_through_seq` (0: nothing held).
+    synced: i64,
+    /// Its `audit_behind` row: the seq it was behind of, and whether the
+    /// row is from an earlier pass (older than half an interval).
+    behind: Option<(i64, bool)>,
+}
+
+/// Runs a pass to its end, `page` accounts at a time, from where the last
+/// holder of the lease stopped: syncs the accounts found behind at least
+/// half of `every` ago (by this replica or another) that are still short of
+/// the seq they were behind of, and records the ones behind for the first
+/// time. What it found and where it is live in the channel database
+/// (`audit_behind`, `audit_lease.resume_after`), so a restart or a handover
+/// of the lease loses neither.
 pub async fn audit_once(
     ctx: &Context,
     page: u32,
     holder: &str,
     lease: Duration,
-    state: &mut AuditState,
+    every: Duration,
 ) -> Result<AuditPass, AuditError> {
     let mut pass = AuditPass::default();
     loop {
-        if !hold_lease(ctx, holder, lease).await? {
+        let Some(after) = hold_lease(ctx, holder, lease).await? else {
             tracing::debug!("another replica holds the audit lease; this pass stops");
             return Ok(pass);
-        }
-        let after = state.after.clone();
+        };
         let (accounts, next) = (|| ctx.core.accounts(after.as_deref(), page.max(1)))
             .retry(retry_a_page())
             .await?;
-        let held = (|| synced_through(ctx, &accounts))
+        let progress = (|| read_progress(ctx, &accounts, every))
             .retry(retry_a_page())
             .await?;
         pass.accounts += accounts.len() as u64;
         let mut stale = Vec::new();
+        let mut first_seen = Vec::new();
+        let mut settled = Vec::new();
         for a in &accounts {
-            let synced = held.get(a.account_id.as_str()).copied().unwrap_or(0);
-            if a.last_seq <= synced {
+            let Some(p) = progress.get(a.account_id.as_str()) else {
+                continue;
+            };
+            if a.last_seq <= p.synced {
+                if p.behind.is_some() {
+                    settled.push(a.account_id.to_string());
+                }
                 continue;
             }
-            match state.earlier.0.get(a.account_id.as_str()) {
-                Some(&seen) if synced < seen => stale.push((a.account_id.clone(), synced, seen)),
-                _ => state.now.remember(&a.account_id, a.last_seq),
+            match p.behind {
+                Some((seen, true)) if p.synced < seen => {
+                    stale.push((a.account_id.clone(), p.synced, seen));
+                }
+                // Found behind lately: looked at again at the next pass.
+                Some((seen, false)) if p.synced < seen => {}
+                _ => first_seen.push((a.account_id.to_string(), a.last_seq)),
             }
         }
+        (|| record_behind(ctx, &first_seen, &settled))
+            .retry(retry_a_page())
+            .await?;
         let synced: Vec<_> = futures::stream::iter(stale)
             .map(|(account, synced, seen)| async move {
                 let result = sync::sync_account(&ctx.db, &ctx.core, &account).await;
@@ -151,6 +153,7 @@ pub async fn audit_once(
             .buffer_unordered(SYNCS_IN_FLIGHT)
             .collect()
             .await;
+        let mut done = Vec::new();
         for (account, synced, seen, result) in synced {
             match result {
                 Ok(report) if report.applied > 0 => {
@@ -158,29 +161,37 @@ pub async fn audit_once(
                     pass.entries += report.applied;
                     metrics::counter!("projector_audit_repairs_total").increment(1);
                     tracing::warn!(account = %account, synced_through_seq = synced, core_last_seq = seen, applied = report.applied, now_through = report.synced_through_seq, "an account's history stayed behind the core's ledger for a whole audit interval (its last events lost, or held up that long); synced from the core");
+                    done.push(account.to_string());
                 }
                 // Caught up meanwhile (the events arrived): nothing to do.
-                Ok(report) if report.synced_through_seq >= seen => {}
+                Ok(report) if report.synced_through_seq >= seen => done.push(account.to_string()),
                 Ok(report) => {
+                    // Found behind afresh by a later pass, and tried again
+                    // the pass after.
                     metrics::counter!("projector_audit_errors_total").increment(1);
                     tracing::warn!(account = %account, synced_through_seq = report.synced_through_seq, core_last_seq = seen, "an account's history stays behind the core's ledger and its sync applied nothing (the core's entries do not continue it)");
+                    done.push(account.to_string());
                 }
                 Err(e) => {
-                    // Tried again at the next pass.
-                    state.now.remember(&account, seen);
+                    // Its row stays: tried again at the next pass.
                     metrics::counter!("projector_audit_errors_total").increment(1);
                     tracing::warn!(account = %account, error = %common::error_chain(&e), "syncing an account the audit found behind failed; tried again at the next pass");
                 }
             }
         }
-        match next {
-            Some(n) if !accounts.is_empty() => state.after = Some(n),
-            _ => {
-                state.after = None;
-                state.earlier = std::mem::take(&mut state.now);
-                pass.complete = true;
-                return Ok(pass);
-            }
+        (|| record_behind(ctx, &[], &done))
+            .retry(retry_a_page())
+            .await?;
+        let resume = match next {
+            Some(n) if !accounts.is_empty() => Some(n),
+            _ => None,
+        };
+        (|| save_position(ctx, holder, resume.as_deref()))
+            .retry(retry_a_page())
+            .await?;
+        if resume.is_none() {
+            pass.complete = true;
+            return Ok(pass);
         }
     }
 }
@@ -194,9 +205,14 @@ fn retry_a_page() -> ExponentialBuilder {
         .with_jitter()
 }
 
-/// Takes or renews the audit lease for `holder` until `lease` from now;
-/// false when another replica holds it.
-async fn hold_lease(ctx: &Context, holder: &str, lease: Duration) -> Result<bool, DbErr> {
+/// Takes or renews the audit lease for `holder` until `lease` from now:
+/// where the pass goes on (`None` inside: from the first account), or
+/// `None` when another replica holds it.
+async fn hold_lease(
+    ctx: &Context,
+    holder: &str,
+    lease: Duration,
+) -> Result<Option<Option<String>>, DbErr> {
     let millis = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
     let row = ctx
         .db
@@ -206,38 +222,92 @@ async fn hold_lease(ctx: &Context, holder: &str, lease: Duration) -> Result<bool
              VALUES (true, $1, now() + make_interval(secs => $2::float8 / 1000)) \
              ON CONFLICT (id) DO UPDATE SET holder = EXCLUDED.holder, until = EXCLUDED.until \
                WHERE audit_lease.holder = EXCLUDED.holder OR audit_lease.until < now() \
-             RETURNING holder",
+             RETURNING resume_after",
             [holder.into(), millis.into()],
         ))
         .await?;
-    Ok(row.is_some())
+    row.map(|r| r.try_get::<Option<String>>("", "resume_after"))
+        .transpose()
 }
 
-/// The history's `synced_through_seq` of `accounts` (absent: nothing held).
-async fn synced_through(
+/// Records where the pass of the lease's `holder` goes on (`None`: it
+/// ended; the next one starts from the first account).
+async fn save_position(ctx: &Context, holder: &str, after: Option<&str>) -> Result<(), DbErr> {
+    ctx.db
+        .execute_raw(Statement::from_sql_and_values(
+            ctx.db.get_database_backend(),
+            "UPDATE audit_lease SET resume_after = $2 WHERE holder = $1",
+            [holder.into(), after.map(str::to_owned).into()],
+        ))
+        .await?;
+    Ok(())
+}
+
+/// Each of `accounts`' history progress and audit row; an account is
+/// behind "from an earlier pass" when its row is older than half of
+/// `every` (a pass of a replica started right after another's is not a
+/// pass later).
+async fn read_progress(
     ctx: &Context,
     accounts: &[CoreAccount],
-) -> Result<HashMap<String, i64>, DbErr> {
+    every: Duration,
+) -> Result<HashMap<String, Progress>, DbErr> {
     if accounts.is_empty() {
         return Ok(HashMap::new());
     }
     let ids: Vec<String> = accounts.iter().map(|a| a.account_id.to_string()).collect();
+    let half_ms = i64::try_from(every.as_millis() / 2).unwrap_or(i64::MAX);
     let rows = ctx
         .db
         .query_all_raw(Statement::from_sql_and_values(
             ctx.db.get_database_backend(),
-            "SELECT account_id, synced_through_seq FROM history_sync WHERE account_id = ANY($1)",
-            [ids.into()],
+            "SELECT x.id AS account_id, COALESCE(s.synced_through_seq, 0) AS synced, \
+                    b.behind_of_seq, \
+                    COALESCE(b.seen_at < now() - make_interval(secs => $2::float8 / 1000), false) AS earlier \
+             FROM unnest($1::text[]) AS x(id) \
+             LEFT JOIN history_sync s ON s.account_id = x.id \
+             LEFT JOIN audit_behind b ON b.account_id = x.id",
+            [ids.into(), half_ms.into()],
         ))
         .await?;
     rows.iter()
         .map(|r| {
+            let behind: Option<i64> = r.try_get("", "behind_of_seq")?;
+            let earlier: bool = r.try_get("", "earlier")?;
             Ok((
                 r.try_get::<String>("", "account_id")?,
-                r.try_get::<i64>("", "synced_through_seq")?,
+                Progress {
+                    synced: r.try_get("", "synced")?,
+                    behind: behind.map(|seq| (seq, earlier)),
+                },
             ))
         })
         .collect()
+}
+
+/// Records `behind` (account, the core's last seq now) as found behind now,
+/// and forgets `settled`, in one statement.
+async fn record_behind(
+    ctx: &Context,
+    behind: &[(String, i64)],
+    settled: &[String],
+) -> Result<(), DbErr> {
+    if behind.is_empty() && settled.is_empty() {
+        return Ok(());
+    }
+    let (ids, seqs): (Vec<String>, Vec<i64>) = behind.iter().cloned().unzip();
+    ctx.db
+        .execute_raw(Statement::from_sql_and_values(
+            ctx.db.get_database_backend(),
+            "WITH forget AS (DELETE FROM audit_behind WHERE account_id = ANY($3::text[])) \
+             INSERT INTO audit_behind (account_id, behind_of_seq, seen_at) \
+             SELECT id, seq, now() FROM unnest($1::text[], $2::bigint[]) AS x(id, seq) \
+             ON CONFLICT (account_id) DO UPDATE \
+               SET behind_of_seq = EXCLUDED.behind_of_seq, seen_at = EXCLUDED.seen_at",
+            [ids.into(), seqs.into(), settled.to_vec().into()],
+        ))
+        .await?;
+    Ok(())
 }
 
 /// Messages waiting on the ledger consumer (none known: 0).
@@ -269,7 +339,6 @@ pub async fn audit(
         rand::random::<u64>()
     );
     let lease = every.saturating_mul(2);
-    let mut state = AuditState::default();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -287,7 +356,7 @@ pub async fn audit(
         // not wait for it (each sync it made is committed).
         let pass = tokio::select! {
             _ = shutdown.cancelled() => return,
-            pass = audit_once(&ctx, page, &holder, lease, &mut state) => pass,
+            pass = audit_once(&ctx, page, &holder, lease, every) => pass,
         };
         match pass {
             Ok(pass) => {
@@ -299,7 +368,6 @@ pub async fn audit(
                     repaired = pass.repaired,
                     entries = pass.entries,
                     complete = pass.complete,
-                    behind = state.earlier.0.len(),
                     "ledger audit pass"
                 );
             }

@@ -7,6 +7,7 @@ mod m20261121_000001_tax_records;
 mod m20261122_000001_dead_lettered;
 mod m20261203_000001_dead_lettered_published;
 mod m20261204_000001_overdue_and_audit_lease;
+mod m20261204_000002_audit_behind;
 
 /// The projector's migrator.
 #[derive(Debug)]
@@ -20,6 +21,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261122_000001_dead_lettered::Migration),
             Box::new(m20261203_000001_dead_lettered_published::Migration),
             Box::new(m20261204_000001_overdue_and_audit_lease::Migration),
+            Box::new(m20261204_000002_audit_behind::Migration),
         ]
     }
 

@@ -630,7 +630,7 @@ async fn b16_f5_poison_is_dead_lettered_at_once_and_others_keep_flowing() {
         assert!(raw[0].headers.get(h).is_some(), "missing header {h}");
     }
     // One letter, inspected on its own, is the listed one.
-    let id = letter_id(&l);
+    let id = letter_id(l);
     let shown = p
         .api
         .get(&format!("/v1/dead-letters/{id}"))
@@ -668,7 +668,7 @@ async fn b16_f5_poison_is_dead_lettered_at_once_and_others_keep_flowing() {
                 .as_array()
                 .unwrap()
                 .iter()
-                .map(|l| letter_id(&l))
+                .map(letter_id)
                 .collect::<Vec<_>>()
         }
     };
@@ -885,7 +885,7 @@ async fn b16_f5_transient_failures_back_off_then_apply_or_dead_letter_and_replay
     // Fix the cause, then replay: applied once.
     rig.proxy.clear();
     for l in &letters {
-        let id = letter_id(&l);
+        let id = letter_id(l);
         p.api
             .post(&format!("/v1/dead-letters/{id}/replay"), json!({}))
             .await
@@ -1108,7 +1108,7 @@ async fn b23_an_interest_event_the_core_does_not_confirm_never_becomes_a_tax_rec
         .find(|l| l["error"].as_str().unwrap().contains("the event says"))
         .unwrap_or_else(|| panic!("{letters:?}"));
     // 4. A replay does not record it either.
-    let id = letter_id(&third);
+    let id = letter_id(third);
     let r = p
         .api
         .post(&format!("/v1/dead-letters/{id}/replay"), json!({}))
@@ -1259,52 +1259,132 @@ async fn b15_f6_a_gap_of_55000_entries_is_filled_without_spending_the_events_del
     history_equals_ledger(&rig, std::slice::from_ref(&account)).await;
 }
 
-/// The ledger audit runs on one replica at a time: the one holding the
-/// audit lease, renewed at every page; another replica's pass stops before
-/// reading anything, until the lease has expired.
-#[tokio::test]
-async fn f7_one_replica_audits_at_a_time() {
-    use projector::consume::audit::{AuditState, audit_once};
-    let rig = Rig::new().await;
-    rig.core.api.funded_account(1).await;
+/// A projector's context on the rig's channel database, reading the core
+/// through the rig's proxy, for driving the ledger audit's passes by hand.
+async fn audit_context(rig: &Rig) -> (projector::consume::Context, async_nats::Client) {
     let mut config = projector::Config::defaults();
     config.database_url = common::config::Secret::new(rig.channel_db.as_str());
     config.core.core_url = rig.proxy.url();
     config.core.core_api_token = common::config::Secret::new(CORE_READ_TOKEN);
     config.nats.nats_url = common::config::Secret::new(rig.nats.url());
-    let (ctx, _nats) = projector::app::context(&config).await.unwrap();
-    let lease = Duration::from_secs(2);
-    let (mut one, mut two) = (AuditState::default(), AuditState::default());
-    let first = audit_once(&ctx, 1000, "one", lease, &mut one)
-        .await
-        .unwrap();
+    projector::app::context(&config).await.unwrap()
+}
+
+/// The ledger audit runs on one replica at a time: the one holding the
+/// audit lease, renewed at every page; another replica's pass stops before
+/// reading anything, until the lease has expired.
+#[tokio::test]
+async fn f7_one_replica_audits_at_a_time() {
+    use projector::consume::audit::audit_once;
+    let rig = Rig::new().await;
+    rig.core.api.funded_account(1).await;
+    let (ctx, _nats) = audit_context(&rig).await;
+    let (lease, every) = (Duration::from_secs(2), Duration::from_secs(1));
+    let first = audit_once(&ctx, 1000, "one", lease, every).await.unwrap();
     assert!(first.complete && first.accounts == 1, "{first:?}");
-    let second = audit_once(&ctx, 1000, "two", lease, &mut two)
-        .await
-        .unwrap();
+    let second = audit_once(&ctx, 1000, "two", lease, every).await.unwrap();
     assert!(!second.complete && second.accounts == 0, "{second:?}");
     // The holder renews it; once it has expired, the other takes it.
     assert!(
-        audit_once(&ctx, 1000, "one", lease, &mut one)
+        audit_once(&ctx, 1000, "one", lease, every)
             .await
             .unwrap()
             .complete
     );
-    let two = std::sync::Arc::new(tokio::sync::Mutex::new(two));
     eventually("the lease taken over", Duration::from_secs(10), || async {
-        let mut two = two.lock().await;
-        match audit_once(&ctx, 1000, "two", lease, &mut two).await {
+        match audit_once(&ctx, 1000, "two", lease, every).await {
             Ok(pass) if pass.complete => Ok(()),
             other => Err(format!("{other:?}")),
         }
     })
     .await;
     assert!(
-        !audit_once(&ctx, 1000, "one", lease, &mut one)
+        !audit_once(&ctx, 1000, "one", lease, every)
             .await
             .unwrap()
             .complete
     );
+}
+
+/// What the ledger audit found, and where its pass stopped, outlive the
+/// replica that found it: a replica that takes the lease over (the first
+/// one restarted, or another) goes on from the page the failed pass reached,
+/// and syncs the account the first one found behind without first finding
+/// it again (an audit that kept this in memory would only have started
+/// over).
+#[tokio::test]
+async fn f7_the_ledger_audits_findings_and_position_outlive_its_replica() {
+    use projector::consume::audit::audit_once;
+    let rig = Rig::new().await;
+    // No projector consumes: every account's history is behind.
+    let mut accounts = Vec::new();
+    for _ in 0..3 {
+        accounts.push(rig.core.api.funded_account(100).await);
+    }
+    accounts.sort();
+    let (ctx, _nats) = audit_context(&rig).await;
+    let (lease, every) = (Duration::from_secs(2), Duration::from_secs(1));
+    // The first replica reads one account a page; the core fails the page
+    // after the second account's, every time.
+    let third_page = format!("after={}", accounts[1]);
+    rig.proxy.add(
+        Some(reqwest::Method::GET),
+        &third_page,
+        bank_tests::proxy::Action::Fail(503),
+        None,
+    );
+    let failed = audit_once(&ctx, 1, "one", lease, every).await;
+    assert!(failed.is_err(), "{failed:?}");
+    rig.proxy.clear();
+    let calls_before = rig.proxy.seen().len();
+    // Another replica, once the first one's lease has expired, goes on at
+    // the third page ...
+    let pass = eventually("the lease taken over", Duration::from_secs(10), || async {
+        match audit_once(&ctx, 1, "two", lease, every).await {
+            Ok(pass) if pass.complete => Ok(pass),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert_eq!(
+        (pass.accounts, pass.repaired),
+        (1, 0),
+        "went on at the third page: {pass:?}"
+    );
+    let calls: Vec<String> = rig.proxy.seen()[calls_before..]
+        .iter()
+        .map(|(_, path, _)| path.clone())
+        .filter(|p| p.starts_with("/v1/accounts?"))
+        .collect();
+    assert!(calls[0].contains(&third_page), "{calls:?}");
+    // ... and, on its next pass, syncs the two accounts the first replica
+    // found behind (more than two seconds ago, the lease's time) at once;
+    // the third, which it found itself, once its finding is half an
+    // interval old.
+    let pass = audit_once(&ctx, 1, "two", lease, every).await.unwrap();
+    assert!(pass.complete && pass.repaired >= 2, "{pass:?}");
+    let repaired = std::sync::atomic::AtomicU64::new(pass.repaired);
+    eventually(
+        "the third account synced",
+        Duration::from_secs(10),
+        || async {
+            let pass = audit_once(&ctx, 1, "two", lease, every)
+                .await
+                .map_err(|e| e.to_string())?;
+            let total = repaired.fetch_add(pass.repaired, std::sync::atomic::Ordering::SeqCst)
+                + pass.repaired;
+            if total == 3 {
+                Ok(())
+            } else {
+                Err(format!("{total} repaired; {pass:?}"))
+            }
+        },
+    )
+    .await;
+    let mismatches = history_mismatches(&rig.core.api, &rig.channel_db, &accounts)
+        .await
+        .unwrap();
+    assert!(mismatches.is_empty(), "{mismatches:?}");
 }
 
 #[tokio::test]
