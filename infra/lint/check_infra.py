@@ -388,6 +388,16 @@ def check_dockerfile(errors: list[str]) -> str:
     for e in ("target", ".local", ".git"):
         if e not in entries:
             errors.append(f".dockerignore: {e} not excluded")
+    # Paths the build needs (Cargo.toml's patched crates) must reach the
+    # build context: excluded by a parent directory, they need an exception.
+    cargo_toml = open(os.path.join(ROOT, "Cargo.toml"), encoding="utf-8").read()
+    for needed in re.findall(r'path\s*=\s*"([^"]+)"', cargo_toml):
+        needed = needed.strip("/")
+        parts = needed.split("/")
+        hidden = any("/".join(parts[:i]) in entries for i in range(1, len(parts) + 1))
+        excepted = any(f"!{'/'.join(parts[:i])}" in entries for i in range(1, len(parts) + 1))
+        if hidden and not excepted:
+            errors.append(f".dockerignore: {needed} (patched in by Cargo.toml) is excluded from the build context")
     return f"{len(stages)} stages ({', '.join(stages)})"
 
 
