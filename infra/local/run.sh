@@ -104,7 +104,7 @@ Send 15,000 won from Alice ($DEMO_FROM) to Bob ($DEMO_TO):
 Alice's history, newest first (then pass next_cursor as ?cursor=...):
   curl -s "$TRANSFER/v1/accounts/$DEMO_FROM/history?limit=20" -H "Authorization: Bearer \$TOKEN"
 
-Interest: move the business date 3 days ahead (demo clock), look, receive:
+Interest: move the business date a few days ahead (demo clock), look, receive:
   curl -s -X POST $CORE/v1/admin/clock -H "Authorization: Bearer $CORE_API_TOKEN" -H 'Content-Type: application/json' -d "{\"today\":\"\$(date -d '+4 days' +%F)\"}"
   curl -s $TRANSFER/v1/accounts/$DEMO_FROM/interest -H "Authorization: Bearer \$TOKEN"
   curl -s -X POST $TRANSFER/v1/accounts/$DEMO_FROM/interest/receive -H "Authorization: Bearer \$TOKEN" -H 'Idempotency-Key: interest-1'
@@ -116,7 +116,7 @@ stop() {
   for name in projector transfer core-bank; do
     if running "$name"; then
       pid=$(cat "$LOCAL/pids/$name.pid"); kill -TERM "$pid"
-      # A service drains for up to its shutdown budget (45 s in Kubernetes);
+      # A service drains for up to its shutdown budget (45-55 s in Kubernetes);
       # here 30 s, then it is killed rather than left running unlisted.
       for _ in $(seq 1 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
       if kill -0 "$pid" 2>/dev/null; then
