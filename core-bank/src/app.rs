@@ -77,12 +77,13 @@ pub async fn interest_service(
         .refresh(db)
         .await
         .step("reading the interest rollout")?;
+    let cache = InterestCache::new(config.redis_url.expose(), settings.terms());
     Ok(InterestService::new(
         db.clone(),
         clock.clone(),
         settings,
         rollout,
-        InterestCache::new(config.redis_url.expose()),
+        cache,
         outbox,
     ))
 }

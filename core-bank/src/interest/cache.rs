@@ -6,7 +6,10 @@
 //! key, so a rollout change (B26) takes effect at once for accounts already
 //! cached: a rolled-back account reads the legacy path's own entry. In shadow
 //! mode a hit runs neither path; both are compared when the figure is
-//! computed, at every payout and by the verifier.
+//! computed, at every payout and by the verifier. A value also carries the
+//! rates it was computed under (`INTEREST_TIERS`, `INTEREST_TAX_PERCENT`):
+//! while a rate change rolls out, a replica never serves a figure another
+//! one computed under the other rates.
 //!
 //! Invalidation (after a payout or any balance change) sets the account's
 //! generation `bank:interest-gen:<account>` to a fresh random token; each
@@ -105,6 +108,10 @@ pub enum Lookup {
 #[derive(Serialize, Deserialize)]
 struct Cached {
     generation: i64,
+    /// The rates it was computed under ([`super::calc::InterestSettings::terms`]);
+    /// a value without them (written before they were kept) is a miss.
+    #[serde(default)]
+    terms: String,
     accrual: Accrual,
 }
 
@@ -112,6 +119,8 @@ struct Cached {
 #[derive(Clone)]
 pub struct InterestCache {
     client: Option<redis::Client>,
+    /// The rates figures are computed under here.
+    terms: Arc<str>,
     /// Set once the first connection succeeds; the manager reconnects by
     /// itself after that, so lookups read it without a lock.
     conn: Arc<OnceCell<ConnectionManager>>,
@@ -195,8 +204,10 @@ fn gen_key(account: &str) -> String {
 }
 
 impl InterestCache {
-    /// A cache over the Redis at `url` (connects lazily).
-    pub fn new(url: &str) -> Self {
+    /// A cache over the Redis at `url` (connects lazily), of figures computed
+    /// under the rates `terms`: a figure another replica cached under other
+    /// rates (a rate change rolling out) is a miss, not served.
+    pub fn new(url: &str, terms: String) -> Self {
         let client = match redis::Client::open(url) {
             Ok(c) => Some(c),
             Err(e) => {
@@ -206,6 +217,7 @@ impl InterestCache {
         };
         Self {
             client,
+            terms: Arc::from(terms),
             conn: Arc::new(OnceCell::new()),
             last_attempt: Arc::new(Mutex::new(None)),
             pending: Arc::new(Mutex::new(Pending::default())),
@@ -275,7 +287,9 @@ impl InterestCache {
             }
         };
         match value.map(|v| serde_json::from_str::<Cached>(&v)) {
-            Some(Ok(c)) if Some(c.generation) == generation => Lookup::Hit(c.accrual),
+            Some(Ok(c)) if Some(c.generation) == generation && *c.terms == *self.terms => {
+                Lookup::Hit(c.accrual)
+            }
             Some(Err(e)) => {
                 tracing::warn!(error = %e, %account, "unreadable cached interest; recomputing");
                 Lookup::Miss { generation }
@@ -322,6 +336,7 @@ impl InterestCache {
         };
         let cached = Cached {
             generation,
+            terms: self.terms.to_string(),
             accrual: accrual.clone(),
         };
         let Ok(value) = serde_json::to_string(&cached) else {

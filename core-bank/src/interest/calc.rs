@@ -35,6 +35,24 @@ pub struct InterestSettings {
 const DAYS_PER_YEAR: i64 = 365;
 
 impl InterestSettings {
+    /// The settings in one canonical text (`UPPER:RATE,...,*:RATE/TAX`, as
+    /// fractions, normalized): equal exactly when the settings are, so a
+    /// figure computed under other rates is told apart (the cache keeps it
+    /// with its figures).
+    pub fn terms(&self) -> String {
+        let tiers: Vec<String> = self
+            .tiers
+            .iter()
+            .map(|t| {
+                let upper = t
+                    .upper
+                    .map_or_else(|| "*".to_owned(), |u| u.normalize().to_string());
+                format!("{upper}:{}", t.annual_rate.normalize())
+            })
+            .collect();
+        format!("{}/{}", tiers.join(","), self.tax_rate.normalize())
+    }
+
     /// Parses `UPPER:PERCENT,...,*:PERCENT` and a tax percentage.
     pub fn parse(tiers: &str, tax_percent: &str) -> Result<Self, String> {
         let hundred = Decimal::from(100);
@@ -122,6 +140,15 @@ mod tests {
 
     fn defaults() -> InterestSettings {
         InterestSettings::parse("50000000:2.0,*:0.1", "15.4").unwrap()
+    }
+
+    #[test]
+    fn b25_terms_name_the_rates_whatever_their_spelling() {
+        assert_eq!(defaults().terms(), "50000000:0.02,*:0.001/0.154");
+        let same = InterestSettings::parse("50000000.00:2,*:0.10", "15.40");
+        assert_eq!(same.map(|s| s.terms()), Ok(defaults().terms()));
+        let other = InterestSettings::parse("50000000:1.9,*:0.1", "15.4");
+        assert_ne!(other.map(|s| s.terms()), Ok(defaults().terms()));
     }
 
     #[test]

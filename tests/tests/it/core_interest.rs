@@ -1486,6 +1486,48 @@ async fn f8_redis_down_interest_queries_still_answer_correctly() {
     redis.stop().await;
 }
 
+/// A rate change rolls out one replica at a time: a replica never serves a
+/// figure another cached under other rates (the cached value carries the
+/// rates it was computed under), so a customer is not shown one amount and
+/// paid another.
+#[tokio::test]
+async fn b25_a_figure_cached_under_other_rates_is_not_served() {
+    let (nats, old) = core().await;
+    let api = &old.api;
+    let account = api.funded_account(60_000_000).await;
+    let today = api.advance_business_date(3).await;
+    let direct = redis::Client::open(bank_tests::redis_url().as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let path = interest(api, &account).await["path"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let cached = query_until_cached(api, &direct, &account, today, &path).await;
+    assert_eq!(cached["gross"], "8301");
+    // A replica with the new rates (a flat 1%) on the same database and Redis.
+    let new = bank_tests::CoreApp::spawn_with(
+        &nats,
+        CoreOptions {
+            database_url: Some(old.db_url.clone()),
+            interest_tiers: Some("*:1".into()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    // floor(60,000,000 x 0.01 / 365 x 3) = floor(4931.5) = 4931
+    for _ in 0..3 {
+        assert_eq!(interest(&new.api, &account).await["gross"], "4931");
+    }
+    // ... and once it has cached its own figure, the old replica computes
+    // its own again.
+    query_until_cached(&new.api, &direct, &account, today, &path).await;
+    assert_eq!(interest(api, &account).await["gross"], "8301");
+}
+
 /// F8 with Redis cut off rather than restarted empty: the cached figure from
 /// before a payout is still in Redis when it comes back, and must not be
 /// served (the payout's invalidation, which could not reach Redis, lands
