@@ -142,7 +142,8 @@ pub(super) async fn put_rollout(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct VerifyBody {
-    /// Compare this many random accounts (1..=10000); all (up to 10000) when absent.
+    /// Compare this many random accounts (1..=10000); without it, every
+    /// account when there are at most 10000, and a random 10000 otherwise.
     sample: Option<u64>,
 }
 

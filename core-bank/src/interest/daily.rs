@@ -77,5 +77,6 @@ pub async fn accrue<C: ConnectionTrait>(
         tax,
         net,
         path: Path::New,
+        weight,
     })
 }

@@ -87,5 +87,6 @@ pub async fn accrue<C: ConnectionTrait>(
         tax,
         net,
         path: Path::Legacy,
+        weight,
     })
 }

@@ -19,6 +19,7 @@ pub mod service;
 
 use chrono::NaiveDate;
 use common::{AccountId, Won};
+use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
 pub use calc::InterestSettings;
@@ -76,6 +77,12 @@ pub struct Accrual {
     pub net: Won,
     /// The implementation that computed it.
     pub path: Path,
+    /// The days' summed annual weights (365 times the exact interest, before
+    /// rounding down): compared by the shadow check and the verifier too, so
+    /// a drift too small to move a whole won is still seen. Not part of the
+    /// answer (nor of a cached figure, which is never compared).
+    #[serde(skip)]
+    pub weight: Decimal,
 }
 
 impl Accrual {
@@ -87,6 +94,7 @@ impl Accrual {
             && self.gross == other.gross
             && self.tax == other.tax
             && self.net == other.net
+            && self.weight == other.weight
     }
 }
 

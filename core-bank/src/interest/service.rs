@@ -20,6 +20,11 @@ use crate::clock::Clock;
 /// database error before the run fails.
 const VERIFY_RETRIES: usize = 5;
 
+/// Paid days the verifier compares besides the unpaid ones: an account paid
+/// every day has no unpaid day, and its maintained daily balances would
+/// otherwise never be compared with its history.
+pub const VERIFY_PAID_DAYS: u64 = 31;
+
 /// Errors of interest queries.
 #[derive(Debug, thiserror::Error)]
 pub enum InterestError {
@@ -266,6 +271,7 @@ impl InterestService {
             account = %legacy.account_id,
             legacy_gross = %legacy.gross, new_gross = %new.gross,
             legacy_days = legacy.days, new_days = new.days,
+            legacy_weight = %legacy.weight, new_weight = %new.weight,
             "interest shadow mismatch"
         );
         let event = InterestMismatchEvent {
@@ -367,15 +373,22 @@ impl InterestService {
         Ok(report)
     }
 
-    /// Both paths' figures for `id` as of `today`, when they differ.
+    /// Both paths' figures for `id` as of `today`, when they differ: over
+    /// the unpaid days and at least the [`VERIFY_PAID_DAYS`] before
+    /// yesterday, paid or not (the figures then cover more than a payout
+    /// would pay; `from` says from when).
     async fn compare(
         &self,
         id: &AccountId,
         today: NaiveDate,
     ) -> Result<Option<ShadowMismatch>, DbErr> {
-        let Some(terms) = Self::terms(&self.db, id).await? else {
+        let Some(mut terms) = Self::terms(&self.db, id).await? else {
             return Ok(None);
         };
+        let window_start = today
+            .checked_sub_days(chrono::Days::new(VERIFY_PAID_DAYS + 1))
+            .unwrap_or(today);
+        terms.paid_through = terms.paid_through.map(|p| p.min(window_start));
         let legacy = self.compute(&self.db, &terms, today, Path::Legacy).await?;
         let new = self.compute(&self.db, &terms, today, Path::New).await?;
         Ok((!legacy.same_figures(&new)).then_some(ShadowMismatch {

@@ -1300,6 +1300,60 @@ async fn core_process(nats: &NatsServer) -> (ServiceProcess, Api, String) {
     (process, Api::new(base, Some(CORE_TOKEN.to_owned())), db_url)
 }
 
+/// The verifier compares what a payout would not: the days already paid
+/// (an account paid every day has no unpaid day to compare) and the exact
+/// figure below the won (a drift of 1,000 won on one day's closing balance
+/// moves the interest by 0.05 won, which rounding down hides).
+#[tokio::test]
+async fn b27_the_verifier_sees_drift_on_paid_days_and_below_a_won() {
+    use sea_orm::ConnectionTrait;
+    let (_nats, core) = core().await;
+    let api = &core.api;
+    let paid = api.funded_account(60_000_000).await;
+    let small = api.funded_account(60_000_000).await;
+    let honest = api.funded_account(60_000_000).await;
+    api.advance_business_date(3).await;
+    payout(api, &paid, &unique("pay_")).await.expect(200);
+    let verify = || async {
+        let report = api
+            .post("/v1/admin/interest/verify", json!({}))
+            .await
+            .expect(200)
+            .body;
+        assert_eq!(report["checked"], 3, "{report}");
+        let mut drifted: Vec<String> = report["mismatches"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["account_id"].as_str().unwrap().to_owned())
+            .collect();
+        drifted.sort();
+        drifted
+    };
+    assert_eq!(verify().await, Vec::<String>::new());
+    drift_daily_balances(&core.db_url, &paid).await;
+    let db = sea_orm::Database::connect(core.db_url.as_str())
+        .await
+        .unwrap();
+    let drifted = db
+        .execute_unprepared(&format!(
+            "UPDATE daily_balances SET closing_balance = closing_balance + 1000 \
+             WHERE account_id = '{small}' AND business_date = \
+               (SELECT min(business_date) FROM daily_balances WHERE account_id = '{small}')"
+        ))
+        .await
+        .unwrap()
+        .rows_affected();
+    assert_eq!(drifted, 1);
+    // The small drift does not change a whole won of what a payout pays ...
+    assert_eq!(interest(api, &small).await["gross"], "8301");
+    // ... and both are found.
+    let mut expected = vec![paid.clone(), small.clone()];
+    expected.sort();
+    assert_eq!(verify().await, expected);
+    let _ = honest;
+}
+
 /// The batch verifier as operators run it (`core-bank verify-interest`):
 /// over all accounts or a sample, the mismatches in its JSON report, exit
 /// status 1 when there are any and 0 when there are none.
