@@ -1442,7 +1442,9 @@ impl OwnRedis {
             .stdout(Stdio::null())
             .kill_on_drop(true)
             .spawn()
-            .expect("redis-server must be installed (make test installs it)");
+            .expect(
+                "redis-server must be installed (make test brings it, infra/local/services.sh up)",
+            );
         eventually(
             "own redis-server listening",
             Duration::from_secs(10),
