@@ -240,6 +240,20 @@ impl App {
                 "interest shadow comparisons still running at shutdown; not waiting for them"
             );
         }
+        // A payout cut off before its outcome was known invalidates its
+        // account a second time a few seconds later: made before the last
+        // flush of the cache's invalidations.
+        let unsettled = self.interest.cache().unsettled_tasks();
+        unsettled.close();
+        if tokio::time::timeout(Duration::from_secs(10), unsettled.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                left = unsettled.len(),
+                "second interest cache invalidations not made at shutdown"
+            );
+        }
         background.cancel();
         while tasks.join_next().await.is_some() {}
         let _ = self.nats.flush().await;

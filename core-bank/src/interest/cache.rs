@@ -51,6 +51,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
 use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::{Accrual, Path};
 
@@ -121,6 +122,8 @@ pub struct InterestCache {
     client: Option<redis::Client>,
     /// The rates figures are computed under here.
     terms: Arc<str>,
+    /// Second invalidations waiting for their time.
+    unsettled: TaskTracker,
     /// Set once the first connection succeeds; the manager reconnects by
     /// itself after that, so lookups read it without a lock.
     conn: Arc<OnceCell<ConnectionManager>>,
@@ -218,6 +221,7 @@ impl InterestCache {
         Self {
             client,
             terms: Arc::from(terms),
+            unsettled: TaskTracker::new(),
             conn: Arc::new(OnceCell::new()),
             last_attempt: Arc::new(Mutex::new(None)),
             pending: Arc::new(Mutex::new(Pending::default())),
@@ -377,18 +381,27 @@ impl InterestCache {
     /// after [`UNSETTLED_AGAIN_AFTER`]. A COMMIT the server received but had
     /// not answered may land after the first increment; a query in between
     /// computes the figure from before it and caches it under the new
-    /// generation, and the second increment ends that figure's life. (A
-    /// process that stops within those seconds does not make the second.)
+    /// generation, and the second increment ends that figure's life. The
+    /// second one is tracked ([`Self::unsettled_tasks`]): a clean shutdown
+    /// waits for it.
     pub fn invalidate_unsettled(&self, accounts: &[AccountId]) {
         self.invalidate_kept(accounts);
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        if tokio::runtime::Handle::try_current().is_err() {
             return;
-        };
+        }
         let (cache, accounts) = (self.clone(), accounts.to_vec());
-        runtime.spawn(async move {
+        self.unsettled.spawn(async move {
             tokio::time::sleep(UNSETTLED_AGAIN_AFTER).await;
             cache.invalidate_kept(&accounts);
         });
+    }
+
+    /// The second invalidations of [`Self::invalidate_unsettled`] still to
+    /// come; a shutdown closes and waits for them (at most
+    /// [`UNSETTLED_AGAIN_AFTER`]) before the last flush of
+    /// [`Self::run_invalidations`].
+    pub fn unsettled_tasks(&self) -> &TaskTracker {
+        &self.unsettled
     }
 
     /// Invalidates the cached figures of `accounts` after a change of what
