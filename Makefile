@@ -57,6 +57,7 @@ clean-test-dbs:
 # alternate ports), formatting and lints, the tests against real services,
 # infrastructure validation, and a short chaos run.
 test: services
+	@infra/local/services.sh test-programs
 	infra/local/selftest.sh
 	$(MAKE) --no-print-directory fmt clippy clean-test-dbs
 	cargo build --bins
@@ -75,5 +76,6 @@ chaos-short:
 	target/debug/chaos --secs $${CHAOS_SECS:-60} $${CHAOS_SEED:+--seed $$CHAOS_SEED}
 
 bench: services clean-test-dbs
+	@infra/local/services.sh test-programs
 	cargo build --release --bins --package bank-tests --package core-bank --package transfer --package projector
 	target/release/bench $${BENCH_ARGS:-}

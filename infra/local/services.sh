@@ -270,9 +270,10 @@ status() {
 }
 
 # The test kit starts a redis-server of its own (F8) and `make bench` runs
-# pgbench (Debian ships it with the server package): both are made to be at
-# hand even when the servers on the ports are not this machine's packages (a
-# container, another install), installed without starting anything.
+# pgbench (Debian ships it with the server package): `make test` and `make
+# bench` make both be at hand even when the servers on the ports are not
+# this machine's packages (a container, another install), installed without
+# starting anything. `make run` needs neither.
 test_programs() {
   command -v redis-server >/dev/null || apt_install_server redis-server redis-server
   pgbench --version >/dev/null 2>&1 || apt_install_server postgresql postgresql
@@ -282,11 +283,11 @@ case ${1:-up} in
   # `up` also makes sure a nats-server >= 2.10 is at hand even when the
   # running server is older: the test kit, `make bench` and `make chaos`
   # start their own servers with `sync_interval: always`, and refuse to run
-  # on one that cannot fsync every write. Likewise redis-server and pgbench
-  # (test_programs).
-  up) mkdir -p "$LOCAL_DIR"; up_postgres; up_nats; up_redis; nats_binary >/dev/null; test_programs; status ;;
+  # on one that cannot fsync every write.
+  up) mkdir -p "$LOCAL_DIR"; up_postgres; up_nats; up_redis; nats_binary >/dev/null; status ;;
+  test-programs) test_programs ;;
   down) down ;;
   status) status ;;
   nats-binary) nats_binary ;;
-  *) die "usage: $0 up|down|status|nats-binary" ;;
+  *) die "usage: $0 up|down|status|nats-binary|test-programs" ;;
 esac
