@@ -32,7 +32,7 @@ pub struct InterestSettings {
 }
 
 /// Days in the interest year.
-const DAYS_PER_YEAR: i64 = 365;
+pub(crate) const DAYS_PER_YEAR: i64 = 365;
 
 impl InterestSettings {
     /// The settings in one canonical text (`UPPER:RATE,...,*:RATE/TAX`, as

@@ -96,6 +96,15 @@ impl Accrual {
             && self.net == other.net
             && self.weight == other.weight
     }
+
+    /// The interest before rounding down, exact (to 12 places), as text:
+    /// where two figures that agree to the won differ.
+    pub fn exact_gross(&self) -> String {
+        (self.weight / Decimal::from(calc::DAYS_PER_YEAR))
+            .round_dp(12)
+            .normalize()
+            .to_string()
+    }
 }
 
 /// What both paths need to know about an account.

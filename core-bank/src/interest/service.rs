@@ -46,6 +46,11 @@ pub struct Mismatch {
     pub legacy: Accrual,
     /// New figure.
     pub new: Accrual,
+    /// The legacy figure's interest before rounding down (a decimal text):
+    /// a drift too small to move a whole won shows here.
+    pub legacy_exact: String,
+    /// The new figure's, likewise.
+    pub new_exact: String,
 }
 
 /// Result of a verification run.
@@ -271,7 +276,7 @@ impl InterestService {
             account = %legacy.account_id,
             legacy_gross = %legacy.gross, new_gross = %new.gross,
             legacy_days = legacy.days, new_days = new.days,
-            legacy_weight = %legacy.weight, new_weight = %new.weight,
+            legacy_exact = %legacy.exact_gross(), new_exact = %new.exact_gross(),
             "interest shadow mismatch"
         );
         let event = InterestMismatchEvent {
@@ -363,6 +368,8 @@ impl InterestService {
                 self.report_mismatch(&m).await;
                 report.mismatches.push(Mismatch {
                     account_id: id,
+                    legacy_exact: m.legacy.exact_gross(),
+                    new_exact: m.new.exact_gross(),
                     legacy: m.legacy,
                     new: m.new,
                 });
@@ -374,9 +381,9 @@ impl InterestService {
     }
 
     /// Both paths' figures for `id` as of `today`, when they differ: over
-    /// the unpaid days and at least the [`VERIFY_PAID_DAYS`] before
-    /// yesterday, paid or not (the figures then cover more than a payout
-    /// would pay; `from` says from when).
+    /// the unpaid days and at least the last [`VERIFY_PAID_DAYS`] days
+    /// (yesterday included), paid or not (the figures then cover more than
+    /// a payout would pay; `from` says from when).
     async fn compare(
         &self,
         id: &AccountId,

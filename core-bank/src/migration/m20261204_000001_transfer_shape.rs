@@ -22,7 +22,7 @@ common::sql_migration!(
     up: "ALTER TABLE transfers DROP CONSTRAINT IF EXISTS transfers_shape;
          ALTER TABLE transfers ADD CONSTRAINT transfers_shape CHECK (
            CASE WHEN fenced THEN
-             status = 'failed' AND reason = 'never_received'
+             status = 'failed' AND reason IS NOT DISTINCT FROM 'never_received'
              AND from_account IS NULL AND to_account IS NULL AND amount IS NULL
              AND requested_at IS NULL AND from_seq IS NULL AND to_seq IS NULL
            ELSE

@@ -1303,6 +1303,7 @@ async fn b12_b04_the_database_refuses_a_transfer_record_of_no_known_shape() {
         ),
         (&fenced, "status = 'succeeded', reason = NULL".to_owned()),
         (&fenced, "reason = 'insufficient_funds'".to_owned()),
+        (&fenced, "reason = NULL".to_owned()),
         (&done, "fenced = true".to_owned()),
         (&done, "from_seq = NULL".to_owned()),
         (&done, "reason = 'insufficient_funds'".to_owned()),
