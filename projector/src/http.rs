@@ -75,7 +75,8 @@ async fn require_token(State(token): State<Arc<str>>, req: Request, next: Next) 
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 struct ListQuery {
-    /// Letters with ids after this one.
+    /// Letters with ids after this one (a letter id, digits).
+    #[param(value_type = Option<String>)]
     after: Option<u64>,
     /// 1..=1000, default 100.
     limit: Option<u64>,

@@ -234,6 +234,15 @@ impl ServiceProcess {
         Ok(status.code())
     }
 
+    /// SIGTERM, and an error unless it drains and exits 0 within 30 s (what
+    /// a clean shutdown must do).
+    pub async fn terminate_cleanly(&mut self) -> anyhow::Result<()> {
+        match self.terminate(Duration::from_secs(30)).await? {
+            Some(0) => Ok(()),
+            other => anyhow::bail!("exited {other:?} after SIGTERM, not 0"),
+        }
+    }
+
     /// The process id, while running.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().and_then(|c| c.id())

@@ -443,8 +443,9 @@ async fn transfers_under_load_survive(fault: Fault) {
             }
         };
         if fault == Fault::Sigterm {
-            let code = p.terminate(Duration::from_secs(30)).await.unwrap();
-            assert_eq!(code, Some(0), "{name} exits 0 after SIGTERM");
+            p.terminate_cleanly()
+                .await
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
         } else {
             p.kill().await;
         }
@@ -678,12 +679,7 @@ async fn b29_a_request_in_flight_at_sigterm_is_answered_before_the_service_exits
     assert!(!request.is_finished(), "the request was still in flight");
     let answer = request.await.unwrap().unwrap();
     assert_eq!(answer.status, 200, "{}", answer.body);
-    let code = stack
-        .transfer
-        .terminate(Duration::from_secs(30))
-        .await
-        .unwrap();
-    assert_eq!(code, Some(0), "transfer exits 0");
+    stack.transfer.terminate_cleanly().await.unwrap();
     assert_eq!(core.balance(&from).await, 990, "moved once");
 
     // The core, waiting on a row lock.
@@ -702,8 +698,7 @@ async fn b29_a_request_in_flight_at_sigterm_is_answered_before_the_service_exits
     lock.release().await.unwrap();
     let answer = request.await.unwrap().unwrap();
     assert_eq!(answer.status, 200, "{}", answer.body);
-    let code = stack.core.terminate(Duration::from_secs(30)).await.unwrap();
-    assert_eq!(code, Some(0), "core-bank exits 0");
+    stack.core.terminate_cleanly().await.unwrap();
     stack.core.restart().unwrap();
     wait_ready(&format!("http://{core_addr}")).await.unwrap();
     assert_eq!(core.balance(&from).await, 983, "both moved once");
@@ -756,12 +751,7 @@ async fn b29_the_transfer_service_finishes_executions_that_outlived_their_answer
         )
         .await;
     lock.release().await.unwrap();
-    let code = stack
-        .transfer
-        .terminate(Duration::from_secs(30))
-        .await
-        .unwrap();
-    assert_eq!(code, Some(0), "transfer exits 0");
+    stack.transfer.terminate_cleanly().await.unwrap();
     let status = bank_tests::db::query_strings(
         &db,
         &format!("SELECT status FROM transfer_requests WHERE transfer_id = '{id}'"),

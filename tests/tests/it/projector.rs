@@ -1931,10 +1931,7 @@ async fn b23_the_tax_sweep_reads_each_entry_once_and_retries_only_what_failed() 
         4.0,
         "recorded from what the sweep kept, not by reading again"
     );
-    assert_eq!(
-        process.terminate(Duration::from_secs(30)).await.unwrap(),
-        Some(0)
-    );
+    process.terminate_cleanly().await.unwrap();
 }
 
 /// B23, the sweep's overlap: an interest entry is stamped with its
@@ -1980,10 +1977,7 @@ async fn b23_the_tax_sweep_finds_an_entry_committed_after_passes_read_past_its_s
     rig.wait_synced(&account, 2, Duration::from_secs(30)).await;
     let records = wait_tax_records(&p, &account, 1).await;
     assert_eq!(records[0]["payout_id"], json!(pid));
-    assert_eq!(
-        process.terminate(Duration::from_secs(30)).await.unwrap(),
-        Some(0)
-    );
+    process.terminate_cleanly().await.unwrap();
 }
 
 /// A projector process reaching the core through the proxy, giving up on
@@ -2081,18 +2075,14 @@ async fn b29_the_projector_hands_back_its_batch_in_hand_at_sigterm_and_exits_zer
         .unwrap();
     rig.core.api.deposit(&account, 5).await.expect(200);
     lock.until_waited_on("the projector's apply").await;
-    let code = projector.terminate(Duration::from_secs(30)).await.unwrap();
-    assert_eq!(code, Some(0), "the projector exits 0 after SIGTERM");
+    projector.terminate_cleanly().await.unwrap();
     lock.release().await.unwrap();
     assert_eq!(rig.synced(&account).await, 1, "nothing applied meanwhile");
     // Handed back, not acked: the next process gets it again and applies it.
     let mut again = ServiceProcess::start("projector", env).unwrap();
     rig.wait_synced(&account, 2, Duration::from_secs(30)).await;
     history_equals_ledger(&rig, std::slice::from_ref(&account)).await;
-    assert_eq!(
-        again.terminate(Duration::from_secs(30)).await.unwrap(),
-        Some(0)
-    );
+    again.terminate_cleanly().await.unwrap();
 }
 
 #[tokio::test]
