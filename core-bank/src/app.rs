@@ -229,31 +229,19 @@ impl App {
         workers.join_all().await;
         // Shadow comparisons of answers already given still report, within
         // a bound: a replay stuck behind the database must not hold the exit.
-        let shadow = self.interest.shadow_tasks();
-        shadow.close();
-        if tokio::time::timeout(Duration::from_secs(10), shadow.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                left = shadow.len(),
-                "interest shadow comparisons still running at shutdown; not waiting for them"
-            );
-        }
+        finish_tracked(
+            self.interest.shadow_tasks(),
+            "interest shadow comparisons still running at shutdown; not waiting for them",
+        )
+        .await;
         // A payout cut off before its outcome was known invalidates its
         // account a second time a few seconds later: made before the last
         // flush of the cache's invalidations.
-        let unsettled = self.interest.cache().unsettled_tasks();
-        unsettled.close();
-        if tokio::time::timeout(Duration::from_secs(10), unsettled.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                left = unsettled.len(),
-                "second interest cache invalidations not made at shutdown"
-            );
-        }
+        finish_tracked(
+            self.interest.cache().unsettled_tasks(),
+            "second interest cache invalidations not made at shutdown",
+        )
+        .await;
         background.cancel();
         while tasks.join_next().await.is_some() {}
         let _ = self.nats.flush().await;
@@ -332,4 +320,17 @@ pub async fn verify_interest(config: Config, sample: Option<u64>) -> Result<usiz
         serde_json::to_string_pretty(&report).step("writing the report")?
     );
     Ok(report.mismatches.len())
+}
+
+/// Closes `tasks` and waits for them, at most 10 s (a task stuck behind the
+/// database must not hold the exit); `left_behind` is logged, with how many,
+/// when some are still running then.
+async fn finish_tracked(tasks: &tokio_util::task::TaskTracker, left_behind: &'static str) {
+    tasks.close();
+    if tokio::time::timeout(Duration::from_secs(10), tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(left = tasks.len(), "{left_behind}");
+    }
 }

@@ -1565,15 +1565,8 @@ async fn f8_redis_down_interest_queries_still_answer_correctly() {
 /// paid another.
 #[tokio::test]
 async fn b25_a_figure_cached_under_other_rates_is_not_served() {
-    let (nats, old) = core().await;
+    let (nats, old, account, today, direct) = accrued_for_three_days().await;
     let api = &old.api;
-    let account = api.funded_account(60_000_000).await;
-    let today = api.advance_business_date(3).await;
-    let direct = redis::Client::open(bank_tests::redis_url().as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
     let path = interest(api, &account).await["path"]
         .as_str()
         .unwrap()
