@@ -24,15 +24,22 @@ async fn accrued_for_three_days() -> (
     NaiveDate,
     redis::aio::MultiplexedConnection,
 ) {
-    let (nats, core) = core().await;
-    let account = core.api.funded_account(60_000_000).await;
-    let day = core.api.advance_business_date(3).await;
+    let (nats, core, account, day) = accrued_with(CoreOptions::default()).await;
     let redis = redis::Client::open(bank_tests::redis_url())
         .unwrap()
         .get_multiplexed_async_connection()
         .await
         .unwrap();
     (nats, core, account, day, redis)
+}
+
+/// Like [`accrued_for_three_days`], for a core with `opts` (its own Redis,
+/// say), without the connection.
+async fn accrued_with(opts: CoreOptions) -> (NatsServer, CoreApp, String, NaiveDate) {
+    let (nats, core) = core_with(opts).await;
+    let account = core.api.funded_account(60_000_000).await;
+    let day = core.api.advance_business_date(3).await;
+    (nats, core, account, day)
 }
 
 /// The fault shadow verification exists for: the new path's maintained
@@ -1490,14 +1497,12 @@ impl OwnRedis {
 async fn f8_redis_down_interest_queries_still_answer_correctly() {
     let port = free_port();
     let mut redis = OwnRedis::start(port).await;
-    let (_nats, core) = core_with(CoreOptions {
+    let (_nats, core, account, today) = accrued_with(CoreOptions {
         redis_url: format!("redis://127.0.0.1:{}", redis.port),
         ..Default::default()
     })
     .await;
     let api = &core.api;
-    let account = api.funded_account(60_000_000).await;
-    let today = api.advance_business_date(3).await;
     let first = interest(api, &account).await;
     assert_eq!(first["gross"], "8301");
     let url = format!("redis://127.0.0.1:{port}");
@@ -1609,14 +1614,12 @@ async fn f8_a_payout_while_redis_is_cut_off_is_not_hidden_by_the_figure_cached_b
     ))
     .await
     .unwrap();
-    let (_nats, core) = core_with(CoreOptions {
+    let (_nats, core, account, today) = accrued_with(CoreOptions {
         redis_url: cut.route(&redis_url).unwrap(),
         ..Default::default()
     })
     .await;
     let api = &core.api;
-    let account = api.funded_account(60_000_000).await;
-    let today = api.advance_business_date(3).await;
     let first = interest(api, &account).await;
     assert_eq!(first["gross"], "8301");
     let path = first["path"].as_str().unwrap().to_owned();
