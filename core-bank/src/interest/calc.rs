@@ -32,7 +32,13 @@ pub struct InterestSettings {
 }
 
 /// Days in the interest year.
-pub(crate) const DAYS_PER_YEAR: i64 = 365;
+const DAYS_PER_YEAR: i64 = 365;
+
+/// The interest of days whose annual weights sum to `summed_weight`, exact
+/// (before rounding down to a won).
+pub fn exact_interest(summed_weight: Decimal) -> Decimal {
+    summed_weight / Decimal::from(DAYS_PER_YEAR)
+}
 
 impl InterestSettings {
     /// The settings in one canonical text (`UPPER:RATE,...,*:RATE/TAX`, as
@@ -124,7 +130,7 @@ impl InterestSettings {
 
     /// Gross, tax and net from the summed annual weights of the days.
     pub fn settle(&self, summed_weight: Decimal) -> (Won, Won, Won) {
-        let exact = summed_weight / Decimal::from(DAYS_PER_YEAR);
+        let exact = exact_interest(summed_weight);
         let gross = exact.round_dp_with_strategy(0, RoundingStrategy::ToZero);
         let tax = (gross * self.tax_rate).round_dp_with_strategy(0, RoundingStrategy::ToZero);
         let won = |d: Decimal| Won::new(d).unwrap_or_default();

@@ -100,7 +100,7 @@ impl Accrual {
     /// The interest before rounding down, exact (to 12 places), as text:
     /// where two figures that agree to the won differ.
     pub fn exact_gross(&self) -> String {
-        (self.weight / Decimal::from(calc::DAYS_PER_YEAR))
+        calc::exact_interest(self.weight)
             .round_dp(12)
             .normalize()
             .to_string()

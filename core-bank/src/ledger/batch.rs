@@ -118,13 +118,14 @@ impl BatchError {
 
     /// True when the failure may be one command's (its data refused, a
     /// stored row that does not read back), so that running each command
-    /// alone isolates it; false when it is the database's as a whole
-    /// (unavailable, read-only, a statement timed out), which every command
-    /// run alone would meet again.
+    /// alone isolates it; false for what retries are for (a race, a lock
+    /// timeout, a deadlock, a lost connection: spent when this is asked) and
+    /// for a failure of the database as a whole (read-only, a statement timed
+    /// out), which every command run alone would meet again.
     pub(crate) fn may_be_one_commands(&self) -> bool {
         match self {
             BatchError::Race => false,
-            BatchError::Db(e) => !common::db::is_systemic(e),
+            BatchError::Db(e) => !common::db::is_transient(e) && !common::db::is_systemic(e),
         }
     }
 

@@ -360,7 +360,7 @@ async fn execute_batch(shared: &Arc<Shared>, jobs: Vec<Job>, isolate: Isolate, r
         // running each alone would only repeat them, one after the other,
         // while the callers wait. Any other failure may be one command's, so
         // each runs alone.
-        Err(e) if size > 1 && !e.is_retryable() && e.may_be_one_commands() => {
+        Err(e) if size > 1 && e.may_be_one_commands() => {
             tracing::warn!(error = %e, size, "ledger batch failed; executing its commands one by one");
             for job in jobs {
                 execute(shared, vec![job], Isolate::Allowed, runs).await;
