@@ -142,9 +142,6 @@ pub async fn audit_once(
                 _ => first_seen.push((a.account_id.to_string(), a.last_seq)),
             }
         }
-        (|| record_behind(ctx, &first_seen, &settled))
-            .retry(retry_a_page())
-            .await?;
         let synced: Vec<_> = futures::stream::iter(stale)
             .map(|(account, synced, seen)| async move {
                 let result = sync::sync_account(&ctx.db, &ctx.core, &account).await;
@@ -153,7 +150,6 @@ pub async fn audit_once(
             .buffer_unordered(SYNCS_IN_FLIGHT)
             .collect()
             .await;
-        let mut done = Vec::new();
         for (account, synced, seen, result) in synced {
             match result {
                 Ok(report) if report.applied > 0 => {
@@ -161,16 +157,18 @@ pub async fn audit_once(
                     pass.entries += report.applied;
                     metrics::counter!("projector_audit_repairs_total").increment(1);
                     tracing::warn!(account = %account, synced_through_seq = synced, core_last_seq = seen, applied = report.applied, now_through = report.synced_through_seq, "an account's history stayed behind the core's ledger for a whole audit interval (its last events lost, or held up that long); synced from the core");
-                    done.push(account.to_string());
+                    settled.push(account.to_string());
                 }
                 // Caught up meanwhile (the events arrived): nothing to do.
-                Ok(report) if report.synced_through_seq >= seen => done.push(account.to_string()),
+                Ok(report) if report.synced_through_seq >= seen => {
+                    settled.push(account.to_string())
+                }
                 Ok(report) => {
                     // Found behind afresh by a later pass, and tried again
                     // the pass after.
                     metrics::counter!("projector_audit_errors_total").increment(1);
                     tracing::warn!(account = %account, synced_through_seq = report.synced_through_seq, core_last_seq = seen, "an account's history stays behind the core's ledger and its sync applied nothing (the core's entries do not continue it)");
-                    done.push(account.to_string());
+                    settled.push(account.to_string());
                 }
                 Err(e) => {
                     // Its row stays: tried again at the next pass.
@@ -179,7 +177,9 @@ pub async fn audit_once(
                 }
             }
         }
-        (|| record_behind(ctx, &[], &done))
+        // What the page found, in one statement: a pass cut short before it
+        // does the page again.
+        (|| record_behind(ctx, &first_seen, &settled))
             .retry(retry_a_page())
             .await?;
         let resume = match next {

@@ -59,7 +59,7 @@ pub fn as_string<S: serde::Serializer>(n: &u64, s: S) -> Result<S::Ok, S::Error>
 /// Writes an optional number as a JSON string or null (see [`as_string`]).
 pub fn as_optional_string<S: serde::Serializer>(n: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
     match n {
-        Some(n) => s.collect_str(n),
+        Some(n) => as_string(n, s),
         None => s.serialize_none(),
     }
 }
