@@ -295,6 +295,31 @@ impl Default for ProjectorOptions {
     }
 }
 
+impl ProjectorOptions {
+    /// The configuration of a projector with these options on the channel
+    /// database `db_url`, reading the core at `core_url`, listening on a
+    /// free port.
+    pub fn config(&self, nats: &NatsServer, core_url: &str, db_url: &str) -> projector::Config {
+        let mut config = projector::Config::defaults();
+        config.http_addr = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        config.database_url = Secret::new(db_url);
+        config.core.core_url = core_url.to_owned();
+        config.core.core_api_token = Secret::new(CORE_READ_TOKEN);
+        config.nats.nats_url = Secret::new(nats.url());
+        config.max_deliveries = self.max_deliveries;
+        config.retry_base_ms = self.retry_base_ms;
+        config.retry_max_ms = self.retry_max_ms;
+        config.ack_wait_secs = self.ack_wait_secs;
+        config.tax_sweep_secs = self.tax_sweep_secs;
+        config.tax_sweep_page = self.tax_sweep_page;
+        config.tax_sweep_overlap_secs = self.tax_sweep_overlap_secs;
+        config.audit_secs = self.audit_secs;
+        config.api_token = self.api_token.map(Secret::new);
+        config.pool.db_max_connections = 6;
+        config
+    }
+}
+
 impl ProjectorApp {
     /// Starts a projector on the channel database `db_url`.
     pub async fn spawn(
@@ -304,22 +329,7 @@ impl ProjectorApp {
         opts: ProjectorOptions,
     ) -> anyhow::Result<Self> {
         crate::init_logging();
-        let mut config = projector::Config::defaults();
-        config.http_addr = "127.0.0.1:0".parse()?;
-        config.database_url = Secret::new(db_url);
-        config.core.core_url = core_url.to_owned();
-        config.core.core_api_token = Secret::new(CORE_READ_TOKEN);
-        config.nats.nats_url = Secret::new(nats.url());
-        config.max_deliveries = opts.max_deliveries;
-        config.retry_base_ms = opts.retry_base_ms;
-        config.retry_max_ms = opts.retry_max_ms;
-        config.ack_wait_secs = opts.ack_wait_secs;
-        config.tax_sweep_secs = opts.tax_sweep_secs;
-        config.tax_sweep_page = opts.tax_sweep_page;
-        config.tax_sweep_overlap_secs = opts.tax_sweep_overlap_secs;
-        config.audit_secs = opts.audit_secs;
-        config.api_token = opts.api_token.map(Secret::new);
-        config.pool.db_max_connections = 6;
+        let config = opts.config(nats, core_url, db_url);
         let app = projector::App::build(config.clone()).await?;
         let addr = app.local_addr()?;
         let task = Running::spawn(|shutdown| app.run(shutdown));

@@ -69,7 +69,9 @@ impl ProcStack {
         ] {
             base.entry(k.to_owned()).or_insert(v);
         }
-        let core = ServiceProcess::start("core-bank", base.clone())?;
+        // The core's log lines are kept (`logged_lines`): a test asserts
+        // what it logged.
+        let core = ServiceProcess::start_logged("core-bank", base.clone())?;
         wait_ready(&format!("http://{}", cfg.core_url)).await?;
         let transfer = ServiceProcess::start("transfer", base.clone())?;
         // The projector only reads from the core.

@@ -4,10 +4,9 @@ use std::collections::HashMap;
 use std::process::Stdio;
 use std::time::Duration;
 
-use bank_tests::apps::{CORE_READ_TOKEN, CORE_TOKEN, CoreOptions, core, core_with};
+use bank_tests::apps::{CoreOptions, core, core_with};
 use bank_tests::db::RowLock;
 use bank_tests::nats::{free_port, stream_messages};
-use bank_tests::process::ServiceProcess;
 use bank_tests::{Api, CoreApp, NatsServer, eventually, unique};
 use chrono::NaiveDate;
 use futures::future::join_all;
@@ -1196,14 +1195,19 @@ async fn b26_b27_drifted_daily_balances_change_only_the_new_path_and_the_mismatc
     // The core runs as a process of its own: its metrics and log lines are
     // this test's alone (the in-process apps share one metrics registry).
     let nats = NatsServer::start().await.unwrap();
-    let (core, api, db_url) = core_process(&nats).await;
-    let api = &api;
+    let stack = bank_tests::procs::ProcStack::start(
+        &nats,
+        HashMap::from([("BANK_TEST_CLOCK".to_owned(), "1".to_owned())]),
+    )
+    .await
+    .unwrap();
+    let (core, api, db_url) = (&stack.core, &stack.core_api(), &stack.cfg.core_db);
     let mismatches_counted =
         || bank_tests::metrics::read(&api.base, "interest_shadow_mismatches_total");
     let account = api.funded_account(60_000_000).await;
     let honest = api.funded_account(60_000_000).await;
     api.advance_business_date(3).await;
-    drift_daily_balances(&db_url, &account).await;
+    drift_daily_balances(db_url, &account).await;
     set_rollout(api, 0, true).await;
     let i = interest(api, &account).await;
     assert_eq!(
@@ -1253,7 +1257,7 @@ async fn b26_b27_drifted_daily_balances_change_only_the_new_path_and_the_mismatc
          AND payload LIKE '%{account}%'"
     );
     bank_tests::db::until_rows(
-        &db_url,
+        db_url,
         &sql,
         &["2"],
         "the mismatch reported again",
@@ -1289,29 +1293,6 @@ async fn b26_b27_drifted_daily_balances_change_only_the_new_path_and_the_mismatc
         logged.iter().all(|l| l.contains(account.as_str())),
         "{logged:?}"
     );
-}
-
-/// A core bank in a process of its own, with the test clock, keeping its log
-/// lines: its metrics and logs are the test's alone (the in-process apps
-/// share one metrics registry and one log). Its client and database URL.
-async fn core_process(nats: &NatsServer) -> (ServiceProcess, Api, String) {
-    let db_url = bank_tests::db::fresh_database("core").await.unwrap();
-    let addr = format!("127.0.0.1:{}", free_port());
-    let env = HashMap::from(
-        [
-            ("NATS_URL", nats.url()),
-            ("CORE_API_TOKEN", CORE_TOKEN.to_owned()),
-            ("CORE_READ_API_TOKEN", CORE_READ_TOKEN.to_owned()),
-            ("CORE_DATABASE_URL", db_url.clone()),
-            ("CORE_HTTP_ADDR", addr.clone()),
-            ("BANK_TEST_CLOCK", "1".to_owned()),
-        ]
-        .map(|(k, v)| (k.to_owned(), v)),
-    );
-    let process = ServiceProcess::start_logged("core-bank", env).unwrap();
-    let base = format!("http://{addr}");
-    bank_tests::procs::wait_ready(&base).await.unwrap();
-    (process, Api::new(base, Some(CORE_TOKEN.to_owned())), db_url)
 }
 
 /// The verifier compares what a payout would not: the days already paid

@@ -394,16 +394,12 @@ async fn history_survives_a_damaged_stream(deleted: &[i64], late: &[i64]) {
         history.iter().map(|e| e.0).collect::<Vec<_>>(),
         (1..=8).take(7).collect::<Vec<_>>()
     );
-    assert!(
-        history_mismatches(
-            &rig.core.api,
-            &rig.channel_db,
-            std::slice::from_ref(&account)
-        )
-        .await
-        .unwrap()
-        .is_empty()
-    );
+    history_is_the_ledger_now(
+        &rig.core.api,
+        &rig.channel_db,
+        std::slice::from_ref(&account),
+    )
+    .await;
     assert!(
         rig.proxy
             .seen()
@@ -900,16 +896,12 @@ async fn b16_f5_transient_failures_back_off_then_apply_or_dead_letter_and_replay
         );
     }
     assert!(dead_letters(&p).await.is_empty());
-    assert!(
-        history_mismatches(
-            &rig.core.api,
-            &rig.channel_db,
-            std::slice::from_ref(&account)
-        )
-        .await
-        .unwrap()
-        .is_empty()
-    );
+    history_is_the_ledger_now(
+        &rig.core.api,
+        &rig.channel_db,
+        std::slice::from_ref(&account),
+    )
+    .await;
 
     // A transient failure that clears before the limit is simply applied.
     let mut p = p;
@@ -1213,10 +1205,7 @@ async fn f7_b15_an_accounts_lost_last_event_is_repaired_by_the_ledger_audit() {
         bank_tests::metrics::read(&p.api.base, repairs).await > before,
         "counted as a repair"
     );
-    let mismatches = history_mismatches(&rig.core.api, &rig.channel_db, &[quiet, other])
-        .await
-        .unwrap();
-    assert!(mismatches.is_empty(), "{mismatches:?}");
+    history_is_the_ledger_now(&rig.core.api, &rig.channel_db, &[quiet, other]).await;
 }
 
 /// B15/F6: a gap larger than one delivery fills (50,000 entries: a history
@@ -1262,11 +1251,7 @@ async fn b15_f6_a_gap_of_55000_entries_is_filled_without_spending_the_events_del
 /// A projector's context on the rig's channel database, reading the core
 /// through the rig's proxy, for driving the ledger audit's passes by hand.
 async fn audit_context(rig: &Rig) -> (projector::consume::Context, async_nats::Client) {
-    let mut config = projector::Config::defaults();
-    config.database_url = common::config::Secret::new(rig.channel_db.as_str());
-    config.core.core_url = rig.proxy.url();
-    config.core.core_api_token = common::config::Secret::new(CORE_READ_TOKEN);
-    config.nats.nats_url = common::config::Secret::new(rig.nats.url());
+    let config = ProjectorOptions::default().config(&rig.nats, &rig.proxy.url(), &rig.channel_db);
     projector::app::context(&config).await.unwrap()
 }
 
@@ -1381,10 +1366,7 @@ async fn f7_the_ledger_audits_findings_and_position_outlive_its_replica() {
         },
     )
     .await;
-    let mismatches = history_mismatches(&rig.core.api, &rig.channel_db, &accounts)
-        .await
-        .unwrap();
-    assert!(mismatches.is_empty(), "{mismatches:?}");
+    history_is_the_ledger_now(&rig.core.api, &rig.channel_db, &accounts).await;
 }
 
 #[tokio::test]
@@ -2018,6 +2000,14 @@ async fn until_metric(base: &str, name: &str, ok: impl Fn(f64) -> bool) {
     .await;
 }
 
+/// Asserts that the history in the channel database at `db_url` equals
+/// the core's ledger for `accounts` now (no waiting: see
+/// [`history_equals_ledger`] for that).
+async fn history_is_the_ledger_now(core: &bank_tests::Api, db_url: &str, accounts: &[String]) {
+    let mismatches = history_mismatches(core, db_url, accounts).await.unwrap();
+    assert!(mismatches.is_empty(), "{mismatches:?}");
+}
+
 async fn history_equals_ledger(rig: &Rig, accounts: &[String]) {
     eventually(
         "history equals ledger for every account",
@@ -2632,21 +2622,16 @@ fn entry(account: &common::AccountId, seq: i64, amount: i64, balance_after: i64)
 /// read leaves the history as it was, and the account is reported failed.
 #[tokio::test]
 async fn b19_rebuild_brings_every_history_to_the_ledger_and_a_reset_needs_the_core() {
-    use sea_orm::Database;
-    use sea_orm_migration::MigratorTrait;
     let rig = Rig::new().await;
     let a = rig.core.api.funded_account(100).await;
     let b = rig.core.api.funded_account(200).await;
     rig.core.api.deposit(&b, 5).await.expect(200);
+    // What the command runs with: a fresh channel database, the core
+    // through the proxy.
     let url = bank_tests::db::fresh_database("rebuild").await.unwrap();
-    let db = Database::connect(url.as_str()).await.unwrap();
-    transfer::migration::Migrator::up(&db, None).await.unwrap();
-    let core = transfer::core_client::CoreClient::new(
-        &rig.proxy.url(),
-        &common::config::Secret::new(CORE_READ_TOKEN),
-        Duration::from_secs(5),
-    )
-    .unwrap();
+    let config = ProjectorOptions::default().config(&rig.nats, &rig.proxy.url(), &url);
+    let (ctx, _nats) = projector::app::context(&config).await.unwrap();
+    let (db, core) = (ctx.db, ctx.core);
     let accounts = [a.clone(), b.clone()];
     // Every account, from nothing.
     let report = projector::rebuild::rebuild(&db, &core, None, false)
@@ -2654,10 +2639,7 @@ async fn b19_rebuild_brings_every_history_to_the_ledger_and_a_reset_needs_the_co
         .unwrap();
     assert_eq!((report.accounts, report.applied), (2, 3));
     assert!(report.failed.is_empty(), "{:?}", report.failed);
-    let mismatches = history_mismatches(&rig.core.api, &url, &accounts)
-        .await
-        .unwrap();
-    assert!(mismatches.is_empty(), "{mismatches:?}");
+    history_is_the_ledger_now(&rig.core.api, &url, &accounts).await;
     // A damaged history (an entry the core never made, continuing the
     // balances) is replaced with --reset.
     let id = common::AccountId::parse(b.clone()).unwrap();
@@ -2672,10 +2654,7 @@ async fn b19_rebuild_brings_every_history_to_the_ledger_and_a_reset_needs_the_co
         .await
         .unwrap();
     assert!(report.failed.is_empty(), "{:?}", report.failed);
-    let mismatches = history_mismatches(&rig.core.api, &url, &accounts)
-        .await
-        .unwrap();
-    assert!(mismatches.is_empty(), "{mismatches:?}");
+    history_is_the_ledger_now(&rig.core.api, &url, &accounts).await;
     // With the core's entries unreadable, a reset deletes nothing.
     rig.proxy.add(None, "/entries", Action::Fail(503), None);
     let report = projector::rebuild::rebuild(
