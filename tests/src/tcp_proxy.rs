@@ -2,16 +2,39 @@
 //! for a database (or any server) that goes away and comes back. While cut,
 //! every open connection is closed and every new one is closed as soon as
 //! it is accepted, which a client sees as a lost or refused connection.
+//! It can also lose one answer: the server gets a request and acts on it,
+//! and the connection closes before its answer reaches the client (a commit
+//! whose answer was lost).
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch};
 
 struct Shared {
     cut: watch::Sender<bool>,
     refused: AtomicU64,
+    /// Bytes whose sending arms the loss of the sender's next answer.
+    lose_after: Mutex<Option<Vec<u8>>>,
+    lost: AtomicU64,
+}
+
+impl Shared {
+    /// True (once) when `sent` holds the armed bytes.
+    fn takes_marker(&self, sent: &[u8]) -> bool {
+        let Ok(mut armed) = self.lose_after.lock() else {
+            return false;
+        };
+        let found = armed
+            .as_deref()
+            .is_some_and(|m| !m.is_empty() && sent.windows(m.len()).any(|w| w == m));
+        if found {
+            *armed = None;
+        }
+        found
+    }
 }
 
 /// A running proxy.
@@ -29,6 +52,8 @@ impl TcpCut {
         let shared = Arc::new(Shared {
             cut: watch::Sender::new(false),
             refused: AtomicU64::new(0),
+            lose_after: Mutex::new(None),
+            lost: AtomicU64::new(0),
         });
         let (stop, mut stopped) = oneshot::channel::<()>();
         let upstream = upstream.to_owned();
@@ -47,7 +72,7 @@ impl TcpCut {
                     drop(inbound);
                     continue;
                 }
-                tokio::spawn(pipe(inbound, upstream.clone(), s.cut.subscribe()));
+                tokio::spawn(pipe(inbound, upstream.clone(), s.clone()));
             }
         });
         Ok(Self {
@@ -85,16 +110,70 @@ impl TcpCut {
     pub fn refused(&self) -> u64 {
         self.shared.refused.load(Ordering::SeqCst)
     }
+
+    /// Arms the loss of one answer: the first connection to send `marker`
+    /// (within one read) has it delivered, and is closed, both ways, when
+    /// the server's answer comes, which the client never gets.
+    pub fn lose_answer_after(&self, marker: &[u8]) {
+        if let Ok(mut armed) = self.shared.lose_after.lock() {
+            *armed = Some(marker.to_vec());
+        }
+    }
+
+    /// Answers lost so far.
+    pub fn answers_lost(&self) -> u64 {
+        self.shared.lost.load(Ordering::SeqCst)
+    }
 }
 
-async fn pipe(mut inbound: TcpStream, upstream: String, mut cut: watch::Receiver<bool>) {
-    let Ok(mut outbound) = TcpStream::connect(&upstream).await else {
+async fn pipe(inbound: TcpStream, upstream: String, shared: Arc<Shared>) {
+    let mut cut = shared.cut.subscribe();
+    let Ok(outbound) = TcpStream::connect(&upstream).await else {
         return;
     };
     let _ = inbound.set_nodelay(true);
     let _ = outbound.set_nodelay(true);
+    let (mut from_client, mut to_client) = inbound.into_split();
+    let (mut from_server, mut to_server) = outbound.into_split();
+    // Set, with no await between, right after the armed bytes went out: the
+    // server's answer cannot have been read before.
+    let marked = AtomicBool::new(false);
+    let requests = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match from_client.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if to_server.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+            if shared.takes_marker(&buf[..n]) {
+                marked.store(true, Ordering::SeqCst);
+            }
+        }
+    };
+    let answers = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match from_server.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if marked.load(Ordering::SeqCst) {
+                shared.lost.fetch_add(1, Ordering::SeqCst);
+                return;
+            }
+            if to_client.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    };
+    // Whichever way ends first closes both connections (the clients here,
+    // database drivers, close both ways at once).
     tokio::select! {
-        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+        _ = requests => {}
+        _ = answers => {}
         _ = cut.wait_for(|c| *c) => {}
     }
 }

@@ -6,6 +6,7 @@ use axum::http::Method;
 use bank_tests::apps::TransferOptions;
 use bank_tests::nats::stream_messages;
 use bank_tests::proxy::Action;
+use bank_tests::tcp_proxy::TcpCut;
 use bank_tests::{Api, Reply, Stack, StackOptions, TransferApp, eventually, unique};
 use sea_orm::{ConnectionTrait, Database};
 use serde_json::{Value, json};
@@ -1317,6 +1318,69 @@ async fn b09_f1_a_request_whose_outcome_cannot_be_recorded_in_time_answers_pendi
     lock.release().await.unwrap();
     wait_status(&api, &id, "succeeded", Duration::from_secs(10)).await;
     assert_eq!(stack.core.api.balance(&to).await, 1000);
+}
+
+/// B9, F3: the channel database stores the pending transfer, and the
+/// connection is lost before its answer arrives (the commit happened; the
+/// service cannot know). The service stores it again by the same id, finds
+/// it stored, and executes it: the customer gets the outcome, the money
+/// moves once, and no row is left pending, unexecuted, until its fence
+/// (before, the customer got 503 and the account was held for the TTL).
+#[tokio::test]
+async fn b09_f3_a_stored_transfer_whose_answer_was_lost_is_executed_once() {
+    let stack = Stack::start(StackOptions::default()).await.unwrap();
+    let db = TcpCut::start("127.0.0.1:5432").await.unwrap();
+    let transfer = TransferApp::spawn(
+        &stack.nats,
+        &stack.proxy.url(),
+        TransferOptions {
+            database_url: Some(db.route(&stack.transfer.db_url).unwrap()),
+            // Only the request's own execution may settle the transfer.
+            reconcile_interval_ms: 3_600_000,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let (customer, from, _) = stack.customer_with_account(10_000).await;
+    let to = stack.core.api.funded_account(0).await;
+    let api = transfer.as_customer(&customer);
+    // The memo reaches the database only in the statement storing the
+    // transfer: that statement's answer is lost.
+    let memo = unique("answer-lost-");
+    db.lose_answer_after(memo.as_bytes());
+    let r = api
+        .post(
+            "/v1/transfers",
+            json!({"from_account": from, "to_account": to, "amount": "700", "memo": memo}),
+        )
+        .await;
+    assert_eq!(db.answers_lost(), 1, "the answer was not lost: {}", r.body);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.str("status"), "succeeded");
+    let id = r.str("transfer_id");
+    assert_eq!(status(&api, &id).await["status"], "succeeded");
+    assert_eq!(stack.core.api.balance(&to).await, 700);
+    assert_eq!(stack.core.api.balance(&from).await, 9_300);
+    let channel = Database::connect(stack.transfer.db_url.as_str())
+        .await
+        .unwrap();
+    let stored = channel
+        .query_one_raw(sea_orm::Statement::from_string(
+            sea_orm::DatabaseBackend::Postgres,
+            format!(
+                "SELECT count(*) AS n, count(*) FILTER (WHERE status = 'pending') AS pending \
+                 FROM transfer_requests WHERE memo = '{memo}'"
+            ),
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.try_get::<i64>("", "n").unwrap(), 1);
+    assert_eq!(stored.try_get::<i64>("", "pending").unwrap(), 0);
+    // The next transfer from the account is not held up by the first.
+    let again = send(&api, &from, &to, 300).await;
+    assert_eq!(again.status, 200, "{}", again.body);
 }
 
 /// B11's bound with the reconciler as shipped (its default period and

@@ -141,6 +141,12 @@ fn event(req: &TransferRequest, at: DateTime<Utc>) -> Result<OutboxMessage, DbEr
 /// Stores a new pending transfer and enqueues `bank.transfer.requested`, in
 /// one statement (B9, B20): a single statement is its own transaction, so the
 /// request and its event commit together in one round trip.
+///
+/// Storing the same request again (same `transfer_id`) changes nothing and
+/// succeeds: an attempt whose answer was lost may have committed, and the
+/// next one, which waits for any still in flight with that id, must find the
+/// row, not fail. The id is generated per request, so a row with it is this
+/// request's.
 pub async fn insert_pending(
     db: &DatabaseConnection,
     outbox: &RelayWaker,
@@ -153,7 +159,8 @@ pub async fn insert_pending(
             "WITH t AS (
                INSERT INTO transfer_requests (transfer_id, customer_id, from_account, to_account, amount, memo,
                                               status, requested_at, idempotency_key)
-               VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7, $8) RETURNING transfer_id)
+               VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7, $8)
+               ON CONFLICT (transfer_id) DO NOTHING RETURNING transfer_id)
              INSERT INTO outbox (event_id, subject, payload, traceparent) SELECT $9, $10, $11, $12 FROM t",
             [
                 req.transfer_id.to_string().into(),

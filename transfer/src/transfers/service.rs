@@ -4,7 +4,10 @@
 //! 2. The request is stored as `pending` with its `transfer_id` and
 //!    `requested_at`, and `bank.transfer.requested` is enqueued, in one
 //!    transaction. The partial unique index refuses a second pending
-//!    transfer from the same account (`transfer_in_progress`, B10).
+//!    transfer from the same account (`transfer_in_progress`, B10). When
+//!    the database's answer is lost (the commit may have happened), the
+//!    same row is stored again, by the same id, until the answer is due:
+//!    a stored transfer is executed, never left for the fence.
 //! 3. The core is called within `CORE_TIMEOUT_MS` (again, with backoff,
 //!    while it is unavailable and the budget leaves room). Success or refusal resolves
 //!    the transfer at once; a timeout or an unreachable core leaves it
@@ -39,6 +42,20 @@ const UNAVAILABLE_RETRY_MAX: Duration = Duration::from_millis(400);
 const OVERLOADED_PAUSE: Duration = Duration::from_millis(500);
 /// The least time a repeated call to the core gets to answer.
 const UNAVAILABLE_RETRY_ROOM: Duration = Duration::from_millis(500);
+
+/// The least time left before the answer is due for storing a transfer
+/// again after an attempt whose outcome is unknown.
+const STORE_RETRY_ROOM: Duration = Duration::from_millis(500);
+
+/// The pause before storing a transfer again after `attempts` attempts
+/// (50 ms doubling to 400 ms), or `None` when it would leave less than
+/// [`STORE_RETRY_ROOM`] before `answer_by`.
+fn store_retry_pause(attempts: u32, answer_by: tokio::time::Instant) -> Option<Duration> {
+    let pause = UNAVAILABLE_RETRY_MIN
+        .saturating_mul(1 << attempts.saturating_sub(1).min(8))
+        .min(UNAVAILABLE_RETRY_MAX);
+    (tokio::time::Instant::now() + pause + STORE_RETRY_ROOM <= answer_by).then_some(pause)
+}
 
 /// What the customer asked for.
 #[derive(Debug, Clone)]
@@ -179,11 +196,17 @@ impl TransferService {
             to_seq: None,
             resolved_at: None,
         };
-        let mut attempts = 0;
+        // Conflicts with a pending transfer gone by the look-up, and
+        // attempts at storing this one.
+        let mut conflicts = 0;
+        let mut stores = 0;
         loop {
-            attempts += 1;
+            stores += 1;
             match insert_pending(&self.db, self.resolver.outbox(), &req).await {
                 Ok(()) => break,
+                // An earlier attempt whose answer was lost had stored it
+                // (storing the same id again is otherwise a no-op).
+                Err(InsertError::InProgress(Some(id))) if id == req.transfer_id => break,
                 // A concurrent submit with the same key (both missed the
                 // look-up above) collides on the one-pending index too, and
                 // PostgreSQL may report that one first: it is a replay.
@@ -196,8 +219,9 @@ impl TransferService {
                 // The pending transfer resolved between the conflict and our
                 // look-up: try again after a short pause (a few times, so the
                 // answer names the pending transfer as API.md requires).
-                Err(InsertError::InProgress(None)) if attempts < IN_PROGRESS_ATTEMPTS => {
-                    tokio::time::sleep(Duration::from_millis(1 << attempts)).await;
+                Err(InsertError::InProgress(None)) if conflicts + 1 < IN_PROGRESS_ATTEMPTS => {
+                    conflicts += 1;
+                    tokio::time::sleep(Duration::from_millis(1 << conflicts)).await;
                 }
                 Err(InsertError::InProgress(None)) => {
                     metrics::counter!("transfer_requests_total", "result" => "contended")
@@ -216,6 +240,19 @@ impl TransferService {
                             "idempotency key vanished".into(),
                         ))),
                     };
+                }
+                // A lost connection or a lock timeout: the transfer may have
+                // been stored (a commit whose answer was lost). Storing it
+                // again with the same id settles which, waiting for an
+                // attempt still in flight; so the customer is not answered
+                // 503 for a transfer that then sits pending, unexecuted,
+                // holding the account until its fence.
+                Err(InsertError::Db(e))
+                    if common::db::is_transient(&e)
+                        && let Some(pause) = store_retry_pause(stores, answer_by) =>
+                {
+                    tracing::warn!(transfer_id = %req.transfer_id, error = %e, attempt = stores, "storing the transfer failed and may have committed; storing it again");
+                    tokio::time::sleep(pause).await;
                 }
                 Err(InsertError::Db(e)) => return Err(SubmitError::Db(e)),
             }
@@ -427,5 +464,23 @@ fn same_request(
     match field {
         Some(f) => Err(SubmitError::IdempotencyConflict(f)),
         None => Ok(existing),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn b09_storing_again_pauses_doubling_and_stops_short_of_the_answer_deadline() {
+        let far = tokio::time::Instant::now() + Duration::from_secs(60);
+        let pauses: Vec<_> = (1..=6).map(|n| store_retry_pause(n, far)).collect();
+        assert_eq!(
+            pauses,
+            [50, 100, 200, 400, 400, 400].map(|ms| Some(Duration::from_millis(ms)))
+        );
+        // 50 ms of pause and the 500 ms of room do not fit in 520 ms.
+        let near = tokio::time::Instant::now() + Duration::from_millis(520);
+        assert_eq!(store_retry_pause(1, near), None);
     }
 }
