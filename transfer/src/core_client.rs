@@ -248,6 +248,21 @@ impl CoreClient {
         body: Option<Value>,
         timeout: Duration,
     ) -> Result<T, CoreError> {
+        self.call_checked(op, method, path, body, timeout, Ok).await
+    }
+
+    /// [`Self::call`] whose 2xx answer must also pass `check` (an answer
+    /// about another transfer is not the core's): one that fails it is
+    /// recorded with outcome `unexpected`, as an answer that is not JSON is.
+    async fn call_checked<T: DeserializeOwned, U>(
+        &self,
+        op: &'static str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+        timeout: Duration,
+        check: impl FnOnce(T) -> Result<U, CoreError>,
+    ) -> Result<U, CoreError> {
         let span = tracing::info_span!("core.call", otel.kind = "client", otel.name = %format!("core {op}"), http.path = %path);
         let started = Instant::now();
         let result = async {
@@ -267,7 +282,8 @@ impl CoreClient {
             let bytes = read_capped(resp, timeout).await?;
             if (200..300).contains(&status) {
                 return serde_json::from_slice(&bytes)
-                    .map_err(|e| CoreError::Unexpected(e.to_string()));
+                    .map_err(|e| CoreError::Unexpected(e.to_string()))
+                    .and_then(check);
             }
             let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
             if status >= 500 {
@@ -335,15 +351,15 @@ impl CoreClient {
             memo,
         })
         .map_err(|e| CoreError::Unexpected(e.to_string()))?;
-        self.call(
+        self.call_checked(
             "transfer",
             reqwest::Method::POST,
             "/v1/transfers",
             Some(body),
             timeout,
+            |t| of_transfer(t, transfer_id),
         )
         .await
-        .and_then(|t| of_transfer(t, transfer_id))
     }
 
     /// `GET /v1/transfers/{id}`; `Ok(None)` when the core never received it.
@@ -355,24 +371,31 @@ impl CoreClient {
             "transfer_status",
             &format!("/v1/transfers/{id}"),
             "transfer_not_found",
+            |t| of_transfer(t, id),
         )
-        .await?
-        .map(|t| of_transfer(t, id))
-        .transpose()
+        .await
     }
 
     /// A `GET` whose 404 with the code `not_found` (the resource's own code,
     /// e.g. `transfer_not_found`) is an answer (`Ok(None)`).
     /// Any other 404 (a gateway's, a route missing behind a wrong `CORE_URL`)
     /// is an error, never taken for "the core has none".
-    async fn get_unless_not_found<T: DeserializeOwned>(
+    async fn get_unless_not_found<T: DeserializeOwned, U>(
         &self,
         op: &'static str,
         path: &str,
         not_found: &str,
-    ) -> Result<Option<T>, CoreError> {
+        check: impl FnOnce(T) -> Result<U, CoreError>,
+    ) -> Result<Option<U>, CoreError> {
         match self
-            .call(op, reqwest::Method::GET, path, None, self.default_timeout)
+            .call_checked(
+                op,
+                reqwest::Method::GET,
+                path,
+                None,
+                self.default_timeout,
+                check,
+            )
             .await
         {
             Ok(v) => Ok(Some(v)),
@@ -385,15 +408,15 @@ impl CoreClient {
 
     /// `POST /v1/transfers/{id}/fence`.
     pub async fn fence(&self, id: &TransferId) -> Result<CoreTransfer, CoreError> {
-        self.call(
+        self.call_checked(
             "fence",
             reqwest::Method::POST,
             &format!("/v1/transfers/{id}/fence"),
             Some(Value::Object(Default::default())),
             self.default_timeout,
+            |t| of_transfer(t, id),
         )
         .await
-        .and_then(|t| of_transfer(t, id))
     }
 
     /// `GET /v1/accounts/{id}/entries?after_seq=&limit=`.
@@ -448,6 +471,7 @@ impl CoreClient {
             "payout_of",
             &format!("/v1/accounts/{id}/interest/payouts/{payout_id}"),
             "payout_not_found",
+            Ok,
         )
         .await
     }
@@ -563,9 +587,15 @@ mod tests {
     /// A 2xx answer about a transfer is taken as its outcome only when it is
     /// the core's: a status the client does not know (a later core's
     /// `processing`, say) or an answer about another transfer id leaves the
-    /// transfer pending (`Unexpected`), never taken for a failure.
+    /// transfer pending (`Unexpected`), never taken for a failure, and the
+    /// call is counted as `unexpected`, not `ok`.
     #[tokio::test]
     async fn b12_an_answer_that_is_not_a_known_outcome_of_this_transfer_is_unexpected() {
+        // This test's calls only (a current-thread runtime: the guard holds
+        // across its awaits).
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let metrics = recorder.handle();
+        let _local = metrics::set_default_local_recorder(&recorder);
         let id = common::TransferId::generate();
         let other = common::TransferId::generate();
         for body in [
@@ -585,6 +615,13 @@ mod tests {
                 );
             }
         }
+        let counted = metrics.render();
+        for op in ["fence", "transfer_status"] {
+            let line =
+                format!("core_call_duration_seconds_count{{op=\"{op}\",outcome=\"unexpected\"}} 2");
+            assert!(counted.contains(&line), "{line} not in:\n{counted}");
+        }
+        assert!(!counted.contains("outcome=\"ok\""), "{counted}");
         let core = core_answering_body(
             StatusCode::OK,
             json!({"transfer_id": id.as_str(), "status": "failed", "reason": "never_received"}),
@@ -592,5 +629,10 @@ mod tests {
         .await;
         let fenced = core.fence(&id).await.expect("the core's answer");
         assert_eq!(fenced.status, super::CoreTransferStatus::Failed);
+        assert!(
+            metrics
+                .render()
+                .contains("core_call_duration_seconds_count{op=\"fence\",outcome=\"ok\"} 1")
+        );
     }
 }
