@@ -144,6 +144,24 @@ impl RowLock {
         .await
     }
 
+    /// Stores a pending transfer from `account` of `customer` in the
+    /// channel database at `db_url` without committing it, as a concurrent
+    /// request would: storing another transfer from the account waits on it
+    /// (the one-pending index), and goes on once it is released (undone).
+    pub async fn channel_pending(
+        db_url: &str,
+        customer: &str,
+        account: &str,
+    ) -> anyhow::Result<Self> {
+        Self::hold_values(
+            db_url,
+            "INSERT INTO transfer_requests (transfer_id, customer_id, from_account, to_account, amount, status, requested_at) \
+             VALUES ('trf_held_' || md5(random()::text), $1, $2, $2, 1, 'pending', now())",
+            vec![customer.into(), account.into()],
+        )
+        .await
+    }
+
     /// Locks `account`'s `history_sync` row in the channel database at
     /// `db_url`: a history writer applying entries of that account waits.
     pub async fn history_sync(db_url: &str, account: &str) -> anyhow::Result<Self> {

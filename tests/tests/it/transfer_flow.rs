@@ -1383,6 +1383,140 @@ async fn b09_f3_a_stored_transfer_whose_answer_was_lost_is_executed_once() {
     assert_eq!(again.status, 200, "{}", again.body);
 }
 
+/// The channel's transfer from `account`, the only one stored (`id` and
+/// `status`, `reason`), or `None`.
+async fn only_transfer_from(db_url: &str, account: &str) -> Option<(String, String, String)> {
+    let rows = bank_tests::db::query_strings(
+        db_url,
+        &format!(
+            "SELECT transfer_id || ' ' || status || ' ' || coalesce(reason, '-') \
+             FROM transfer_requests WHERE from_account = '{account}'"
+        ),
+    )
+    .await
+    .unwrap();
+    assert!(rows.len() <= 1, "more than one transfer stored: {rows:?}");
+    let row = rows.first()?;
+    let mut parts = row.split(' ').map(str::to_owned);
+    Some((parts.next()?, parts.next()?, parts.next()?))
+}
+
+fn holding_the_store() -> StackOptions {
+    StackOptions {
+        transfer: TransferOptions {
+            core_timeout_ms: 1_000,
+            // The least the service accepts: the answer is due 6 s after
+            // the request's start.
+            request_timeout_ms: 8_000,
+            // The store waits on the test's lock for as long as it holds it.
+            lock_timeout_ms: 30_000,
+            // Nobody but the request's own task may settle the transfer.
+            reconcile_interval_ms: 3_600_000,
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+/// B9, F3: the customer hangs up while the transfer is being stored (the
+/// statement waits on a lock, then commits). The request is dropped, and
+/// the transfer, stored after all, is executed: never left pending,
+/// unexecuted, holding the account until its fence.
+#[tokio::test]
+async fn b09_f3_a_transfer_stored_after_its_customer_hung_up_is_executed() {
+    let stack = Stack::start(holding_the_store()).await.unwrap();
+    let (customer, from, api) = stack.customer_with_account(10_000).await;
+    let to = stack.core.api.funded_account(0).await;
+    let db_url = stack.transfer.db_url.clone();
+    let held = bank_tests::db::RowLock::channel_pending(&db_url, &customer, &from)
+        .await
+        .unwrap();
+    let abandoned = r#"transfer_requests_total{result="abandoned""#;
+    let before = bank_tests::metrics::read(&stack.transfer.base, abandoned).await;
+    let request = {
+        let (api, from, to) = (api.clone(), from.clone(), to.clone());
+        tokio::spawn(async move { send(&api, &from, &to, 700).await })
+    };
+    held.until_waited_on("storing the transfer").await;
+    // The customer hangs up: the service drops the request.
+    request.abort();
+    eventually(
+        "the request is dropped",
+        Duration::from_secs(10),
+        || async {
+            let now = bank_tests::metrics::read(&stack.transfer.base, abandoned).await;
+            if now > before {
+                Ok(())
+            } else {
+                Err(format!("abandoned {now}"))
+            }
+        },
+    )
+    .await;
+    held.release().await.unwrap();
+    eventually(
+        "the transfer is executed",
+        Duration::from_secs(10),
+        || async {
+            match only_transfer_from(&db_url, &from).await {
+                Some((_, status, _)) if status == "succeeded" => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    assert_eq!(stack.core.api.balance(&to).await, 700);
+    assert_eq!(stack.core.api.balance(&from).await, 9_300);
+}
+
+/// B9, F3: the transfer cannot be stored before the answer is due (the
+/// statement waits on a lock): the customer is answered 503, and when the
+/// store goes through after all the transfer is failed at once, never
+/// executed (not left pending until its fence, nor sent to the core after
+/// the customer was told it was not made).
+#[tokio::test]
+async fn b09_f3_a_transfer_stored_after_its_request_answered_503_is_failed_not_executed() {
+    let stack = Stack::start(holding_the_store()).await.unwrap();
+    let (customer, from, api) = stack.customer_with_account(10_000).await;
+    let to = stack.core.api.funded_account(0).await;
+    let db_url = stack.transfer.db_url.clone();
+    let held = bank_tests::db::RowLock::channel_pending(&db_url, &customer, &from)
+        .await
+        .unwrap();
+    let request = {
+        let (api, from, to) = (api.clone(), from.clone(), to.clone());
+        tokio::spawn(async move { send(&api, &from, &to, 700).await })
+    };
+    held.until_waited_on("storing the transfer").await;
+    let r = request.await.unwrap();
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(r.body["error"]["code"], "unavailable");
+    held.release().await.unwrap();
+    let (id, _, reason) = eventually(
+        "the transfer is failed",
+        Duration::from_secs(10),
+        || async {
+            match only_transfer_from(&db_url, &from).await {
+                Some((id, status, reason)) if status == "failed" => Ok((id, status, reason)),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    assert_eq!(reason, "never_received");
+    assert_eq!(status(&api, &id).await["status"], "failed");
+    // The core never received it; the account takes the next transfer.
+    stack
+        .core
+        .api
+        .get(&format!("/v1/transfers/{id}"))
+        .await
+        .expect(404);
+    assert_eq!(stack.core.api.balance(&to).await, 0);
+    let next = send(&api, &from, &to, 300).await;
+    assert_eq!(next.status, 200, "{}", next.body);
+}
+
 /// B11's bound with the reconciler as shipped (its default period and
 /// fence margin; only the TTL shortened): a lost request is failed by the
 /// reconciler alone, nobody asking, within the TTL + 5 s.

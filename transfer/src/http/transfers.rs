@@ -48,6 +48,9 @@ impl From<SubmitError> for ApiError {
                 ApiError::conflict("idempotency_conflict", e.to_string())
                     .with_detail("field", field)
             }
+            SubmitError::NotStored => ApiError::unavailable(
+                "the transfer could not be stored in time and was not made; retry",
+            ),
             SubmitError::Db(db) => ApiError::database(&db),
         }
     }
@@ -99,7 +102,7 @@ pub(super) fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Api
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 409, description = "transfer_in_progress (with transfer_id) or idempotency_conflict", body = ErrorBody),
         (status = 422, description = "refused by the core, with its code", body = ErrorBody),
-        (status = 503, body = ErrorBody)))]
+        (status = 503, description = "unavailable: the transfer was not made (it could not be stored in time, or the account's transfers kept changing); retry", body = ErrorBody)))]
 pub(super) async fn create(
     State(s): State<AppState>,
     axum::Extension(common::http::AnswerDeadline(deadline)): axum::Extension<

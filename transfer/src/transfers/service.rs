@@ -16,6 +16,8 @@
 //!    an answer the channel database fails to record: the customer is told
 //!    the transfer is pending, never an error for money that moved.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
@@ -23,6 +25,7 @@ use common::events::TransferStatus;
 use common::time::now_micros;
 use common::{AccountId, Amount, CustomerId, TransferId};
 use sea_orm::{DatabaseConnection, DbErr};
+use tokio::sync::oneshot;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
@@ -43,6 +46,9 @@ const OVERLOADED_PAUSE: Duration = Duration::from_millis(500);
 /// The least time a repeated call to the core gets to answer.
 const UNAVAILABLE_RETRY_ROOM: Duration = Duration::from_millis(500);
 
+/// The reason of a transfer the core never received.
+const NEVER_RECEIVED: &str = "never_received";
+
 /// The least time left before the answer is due for storing a transfer
 /// again after an attempt whose outcome is unknown.
 const STORE_RETRY_ROOM: Duration = Duration::from_millis(500);
@@ -55,6 +61,66 @@ fn store_retry_pause(attempts: u32, answer_by: tokio::time::Instant) -> Option<D
         .saturating_mul(1 << attempts.saturating_sub(1).min(8))
         .min(UNAVAILABLE_RETRY_MAX);
     (tokio::time::Instant::now() + pause + STORE_RETRY_ROOM <= answer_by).then_some(pause)
+}
+
+/// Whether a transfer stored after its request stopped waiting for it may
+/// be executed: its task takes it over once stored, unless the request
+/// gave up first (it answered 503, [`SubmitError::NotStored`]); each happens only if the other
+/// has not. A request dropped without giving up (its customer hung up) leaves
+/// the task free to execute.
+#[derive(Debug, Default)]
+struct Handover(AtomicU8);
+
+impl Handover {
+    const WAITING: u8 = 0;
+    const TAKEN_OVER: u8 = 1;
+    const GIVEN_UP: u8 = 2;
+
+    /// The stored transfer's task: true when it may execute it.
+    fn take_over(&self) -> bool {
+        self.0
+            .compare_exchange(
+                Self::WAITING,
+                Self::TAKEN_OVER,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok()
+    }
+
+    /// The request, at its deadline: true when it may answer that the
+    /// transfer was not made (it will not be executed).
+    fn give_up(&self) -> bool {
+        self.0
+            .compare_exchange(
+                Self::WAITING,
+                Self::GIVEN_UP,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok()
+    }
+}
+
+/// Counts a request in `transfer_requests_total` by its answer, or as
+/// `abandoned` when it is dropped unanswered (the customer hung up; its
+/// transfer goes on).
+struct Unanswered(Option<TransferId>);
+
+impl Unanswered {
+    fn answered(mut self, result: &'static str) {
+        self.0 = None;
+        metrics::counter!("transfer_requests_total", "result" => result).increment(1);
+    }
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if let Some(id) = self.0.take() {
+            tracing::info!(transfer_id = %id, "the request was dropped before its answer (the client left); the transfer goes on");
+            metrics::counter!("transfer_requests_total", "result" => "abandoned").increment(1);
+        }
+    }
 }
 
 /// What the customer asked for.
@@ -84,9 +150,26 @@ pub enum SubmitError {
     /// The idempotency key was used for a different request.
     #[error("the idempotency key was used for a different transfer ({0} differs)")]
     IdempotencyConflict(&'static str),
+    /// The transfer could not be stored before the answer was due; it is
+    /// never executed (if it is stored after all, it is failed at once).
+    #[error("the transfer could not be stored in time; it was not made")]
+    NotStored,
     /// The channel database failed.
     #[error("channel database")]
     Db(#[from] DbErr),
+}
+
+impl SubmitError {
+    /// The request's result in `transfer_requests_total`.
+    fn result(&self) -> &'static str {
+        match self {
+            SubmitError::InProgress(_) => "transfer_in_progress",
+            SubmitError::Contended => "contended",
+            SubmitError::IdempotencyConflict(_) => "idempotency_conflict",
+            SubmitError::NotStored => "not_stored",
+            SubmitError::Db(_) => "error",
+        }
+    }
 }
 
 /// The transfer use case.
@@ -167,10 +250,12 @@ impl TransferService {
     }
 
     /// Accepts, stores and executes a transfer; returns it in its current
-    /// status (`pending` when the core did not answer in time). Once its
-    /// pending row is written the answer comes by `answer_by` at the latest
-    /// (before the HTTP request timeout would answer 503 and leave a
-    /// customer who sent no `Idempotency-Key` unsure whether to send again).
+    /// status (`pending` when the core did not answer in time). The answer
+    /// comes by `answer_by` at the latest (before the HTTP request timeout
+    /// would answer 503 and leave a customer who sent no `Idempotency-Key`
+    /// unsure whether to send again): 503 when the transfer could not be
+    /// stored by then ([`SubmitError::NotStored`]), and it is then never
+    /// executed.
     /// A key already recorded is the caller's to answer first
     /// ([`Self::replay`], before the owner check); one recorded meanwhile by a
     /// concurrent request with the same key is answered here as a replay.
@@ -191,30 +276,114 @@ impl TransferService {
             status: TransferStatus::Pending,
             reason: None,
             requested_at: now_micros(),
-            idempotency_key: idempotency_key.clone(),
+            idempotency_key,
             from_seq: None,
             to_seq: None,
             resolved_at: None,
         };
+        let unanswered = Unanswered(Some(req.transfer_id.clone()));
+        // Storing and executing run on a task of their own, so that neither
+        // the answer's deadline nor a customer who hangs up (the request is
+        // dropped) cuts them short: a transfer stored after its customer
+        // left is executed, as one stored before would be (nobody was told
+        // otherwise), never left pending until its fence. Only this
+        // request's own 503 ([`SubmitError::NotStored`]) stops it ([`Handover`]).
+        let handover = Arc::new(Handover::default());
+        let (stored_tx, stored_rx) = oneshot::channel();
+        let execution = {
+            let this = self.clone();
+            let (req, handover) = (req.clone(), handover.clone());
+            // In this request's span: the core call carries its trace.
+            self.executions.spawn(
+                async move {
+                    match this.store(&req, &new, answer_by).await {
+                        Ok(None) if handover.take_over() => {
+                            let _ = stored_tx.send(Ok(None));
+                            Some(this.execute(req).await)
+                        }
+                        Ok(None) => {
+                            this.withdraw(&req).await;
+                            None
+                        }
+                        other => {
+                            let _ = stored_tx.send(other);
+                            None
+                        }
+                    }
+                }
+                .in_current_span(),
+            )
+        };
+        let stored = match tokio::time::timeout_at(answer_by, stored_rx).await {
+            Ok(Ok(stored)) => stored,
+            // The task ended without a word: it failed.
+            Ok(Err(_)) => Err(SubmitError::NotStored),
+            Err(_) if handover.give_up() => {
+                tracing::warn!(transfer_id = %req.transfer_id, "the transfer could not be stored before the answer was due; answering 503 (it is never executed)");
+                Err(SubmitError::NotStored)
+            }
+            // Stored at the deadline: pending.
+            Err(_) => Ok(None),
+        };
+        let stored = match stored {
+            Ok(stored) => stored,
+            Err(e) => {
+                unanswered.answered(e.result());
+                return Err(e);
+            }
+        };
+        if let Some(replay) = stored {
+            unanswered.answered("replay");
+            return Ok(replay);
+        }
+        tracing::info!(transfer_id = %req.transfer_id, from = %req.from_account, to = %req.to_account, "transfer pending; calling the core");
+        let result = match tokio::time::timeout_at(answer_by, execution).await {
+            Ok(Ok(Some(result))) => result,
+            // The task withdraws the transfer only once this request gave
+            // up above, so this is the join error's case: a failed task.
+            Ok(Ok(None)) | Ok(Err(_)) => {
+                tracing::error!(transfer_id = %req.transfer_id, "executing the transfer failed; it stays pending for the resolver");
+                self.resolver.spawn(req.clone());
+                req
+            }
+            Err(_) => {
+                tracing::warn!(transfer_id = %req.transfer_id, "no outcome before the answer was due; answering pending while the execution goes on");
+                req
+            }
+        };
+        unanswered.answered(result.status.as_str());
+        Ok(result)
+    }
+
+    /// Stores `req` as pending with its event: `None` once stored, or the
+    /// transfer a concurrent request with the same idempotency key stored
+    /// (a replay).
+    async fn store(
+        &self,
+        req: &TransferRequest,
+        new: &NewTransfer,
+        answer_by: tokio::time::Instant,
+    ) -> Result<Option<TransferRequest>, SubmitError> {
+        let customer = &req.customer_id;
         // Conflicts with a pending transfer gone by the look-up, and
         // attempts at storing this one.
         let mut conflicts = 0;
         let mut stores = 0;
         loop {
             stores += 1;
-            match insert_pending(&self.db, self.resolver.outbox(), &req).await {
-                Ok(()) => break,
+            match insert_pending(&self.db, self.resolver.outbox(), req).await {
+                Ok(()) => return Ok(None),
                 // An earlier attempt whose answer was lost had stored it
                 // (storing the same id again is otherwise a no-op).
-                Err(InsertError::InProgress(Some(id))) if id == req.transfer_id => break,
+                Err(InsertError::InProgress(Some(id))) if id == req.transfer_id => return Ok(None),
                 // A concurrent submit with the same key (both missed the
                 // look-up above) collides on the one-pending index too, and
                 // PostgreSQL may report that one first: it is a replay.
                 Err(InsertError::InProgress(_))
-                    if let Some(key) = &idempotency_key
+                    if let Some(key) = &req.idempotency_key
                         && let Some(existing) = find_by_key(&self.db, customer, key).await? =>
                 {
-                    return same_request(existing, &new);
+                    return same_request(existing, new).map(Some);
                 }
                 // The pending transfer resolved between the conflict and our
                 // look-up: try again after a short pause (a few times, so the
@@ -223,19 +392,12 @@ impl TransferService {
                     conflicts += 1;
                     tokio::time::sleep(Duration::from_millis(1 << conflicts)).await;
                 }
-                Err(InsertError::InProgress(None)) => {
-                    metrics::counter!("transfer_requests_total", "result" => "contended")
-                        .increment(1);
-                    return Err(SubmitError::Contended);
-                }
-                Err(InsertError::InProgress(Some(id))) => {
-                    metrics::counter!("transfer_requests_total", "result" => "transfer_in_progress").increment(1);
-                    return Err(SubmitError::InProgress(id));
-                }
+                Err(InsertError::InProgress(None)) => return Err(SubmitError::Contended),
+                Err(InsertError::InProgress(Some(id))) => return Err(SubmitError::InProgress(id)),
                 Err(InsertError::KeyTaken) => {
-                    let key = idempotency_key.as_deref().unwrap_or_default();
+                    let key = req.idempotency_key.as_deref().unwrap_or_default();
                     return match find_by_key(&self.db, customer, key).await? {
-                        Some(existing) => same_request(existing, &new),
+                        Some(existing) => same_request(existing, new).map(Some),
                         None => Err(SubmitError::Db(DbErr::RecordNotFound(
                             "idempotency key vanished".into(),
                         ))),
@@ -257,32 +419,26 @@ impl TransferService {
                 Err(InsertError::Db(e)) => return Err(SubmitError::Db(e)),
             }
         }
-        tracing::info!(transfer_id = %req.transfer_id, from = %req.from_account, to = %req.to_account, "transfer pending; calling the core");
-        // From here the transfer exists: the rest runs on a task of its own,
-        // so that neither the answer's deadline nor a client that hangs up
-        // cuts it short, and the customer hears by `answer_by` at the latest.
-        let execution = {
-            let this = self.clone();
-            let req = req.clone();
-            // In this request's span: the core call carries its trace.
-            self.executions
-                .spawn(async move { this.execute(req).await }.in_current_span())
+    }
+
+    /// Fails a transfer stored after its request answered 503
+    /// ([`SubmitError::NotStored`]):
+    /// the core never received it (only the request's own task calls the
+    /// core with a new transfer), and the customer was told it was not
+    /// made. If the channel database cannot record that now, the
+    /// reconciler fences it after the TTL.
+    async fn withdraw(&self, req: &TransferRequest) {
+        let failed = Resolution::Failed {
+            reason: NEVER_RECEIVED.to_owned(),
         };
-        let result = match tokio::time::timeout_at(answer_by, execution).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(e)) => {
-                tracing::error!(transfer_id = %req.transfer_id, error = %e, "executing the transfer failed; it stays pending for the resolver");
-                self.resolver.spawn(req.clone());
-                req
+        match resolve(&self.db, self.resolver.outbox(), req, &failed).await {
+            Ok(_) => {
+                tracing::warn!(transfer_id = %req.transfer_id, "a transfer stored after its request answered 503 is failed (never_received)");
             }
-            Err(_) => {
-                tracing::warn!(transfer_id = %req.transfer_id, "no outcome before the answer was due; answering pending while the execution goes on");
-                req
+            Err(e) => {
+                tracing::error!(transfer_id = %req.transfer_id, error = %e, "failing a transfer stored after its request answered 503 failed; the reconciler fences it after the TTL");
             }
-        };
-        metrics::counter!("transfer_requests_total", "result" => result.status.as_str())
-            .increment(1);
-        Ok(result)
+        }
     }
 
     /// Calls the core for a pending transfer and records its answer; the
