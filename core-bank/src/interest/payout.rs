@@ -249,8 +249,8 @@ ups_b AS (
 ),
 ins_p AS (
   INSERT INTO interest_payouts (payout_id, account_id, business_date, from_date, through_date, days,
-                                gross, tax, net, seq, balance_after, path, paid_at)
-  VALUES ($7, $1, $6, $9, $8, $10, $11, $12, $3, $2, $4, $13, $5)
+                                gross, tax, net, seq, balance_after, path, paid_at, rates)
+  VALUES ($7, $1, $6, $9, $8, $10, $11, $12, $3, $2, $4, $13, $5, $18)
 ),
 ins_o AS (
   INSERT INTO outbox (event_id, subject, payload, traceparent)
@@ -366,6 +366,7 @@ async fn try_pay(
     let locked = Locked {
         account,
         payout_id,
+        rates: interest.settings().terms(),
         balance: row.try_get("", "balance")?,
         last_seq: row.try_get("", "last_seq")?,
         today,
@@ -381,6 +382,8 @@ async fn try_pay(
 struct Locked<'a> {
     account: &'a AccountId,
     payout_id: &'a PayoutId,
+    /// The rates the figure is computed under (recorded with the payout).
+    rates: String,
     balance: Decimal,
     last_seq: i64,
     today: NaiveDate,
@@ -397,6 +400,7 @@ async fn write(
     let Locked {
         account,
         payout_id,
+        rates,
         balance,
         last_seq,
         today,
@@ -482,6 +486,7 @@ async fn write(
             .map(|m| m.traceparent.clone().unwrap_or_default())
             .collect::<Vec<_>>()
             .into(),
+        rates.into(),
     ];
     txn.execute_raw(Statement::from_sql_and_values(backend, WRITE_SQL, values))
         .await

@@ -6,6 +6,7 @@ use sea_orm_migration::prelude::*;
 mod m20261121_000001_core_schema;
 mod m20261203_000001_account_last_business_date;
 mod m20261204_000001_transfer_shape;
+mod m20261204_000003_payout_rates;
 
 /// The core's migrator.
 #[derive(Debug)]
@@ -20,6 +21,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261203_000001_account_last_business_date::Migration),
             Box::new(outbox::m20261203_000002_outbox_vacuum::Migration),
             Box::new(m20261204_000001_transfer_shape::Migration),
+            Box::new(m20261204_000003_payout_rates::Migration),
         ]
     }
 }

@@ -181,6 +181,11 @@ async fn b21_b23_configured_tiers_and_tax_rate_are_the_ones_applied() {
         "{paid}"
     );
     assert_eq!(api.balance(&on_new).await, 2_000_099);
+    // The payout's record keeps the rates it was computed under.
+    assert_eq!(
+        payout_rates(&core.db_url, &pid).await,
+        "1000000:0.0365,*:0.00365/0.1"
+    );
     let js = nats.jetstream().await.unwrap();
     let event = eventually("the interest event", Duration::from_secs(10), || async {
         stream_messages(&js, "INTEREST")
@@ -1578,6 +1583,32 @@ async fn b25_a_figure_cached_under_other_rates_is_not_served() {
     // its own again.
     query_until_cached(&new.api, &direct, &account, today, &path).await;
     assert_eq!(interest(api, &account).await["gross"], "8301");
+    // A payout by the new replica pays, and records, the new rates.
+    let pid = unique("pay_");
+    let paid = payout(&new.api, &account, &pid).await.expect(200).body;
+    assert_eq!(paid["gross"], "4931");
+    assert_eq!(
+        payout_rates(&old.db_url, &pid).await,
+        core_bank::interest::calc::InterestSettings::parse(
+            &new.config.interest.interest_tiers,
+            &new.config.interest.interest_tax_percent
+        )
+        .unwrap()
+        .terms()
+    );
+    assert!(payout_rates(&old.db_url, &pid).await.starts_with("*:0.01/"));
+}
+
+/// The rates recorded with payout `pid` in the core database at `db_url`.
+async fn payout_rates(db_url: &str, pid: &str) -> String {
+    let rows = bank_tests::db::query_strings(
+        db_url,
+        &format!("SELECT rates FROM interest_payouts WHERE payout_id = '{pid}'"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 1, "payout {pid}: {rows:?}");
+    rows[0].clone()
 }
 
 /// F8 with Redis cut off rather than restarted empty: the cached figure from
