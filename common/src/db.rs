@@ -162,6 +162,22 @@ pub fn is_transient(err: &DbErr) -> bool {
     }
 }
 
+/// True when a statement's outcome is unknown: the connection was lost
+/// while it ran (an I/O or protocol failure, not an error PostgreSQL sent,
+/// which means the statement failed). A statement that commits on its own
+/// may have committed, its answer lost; one that cannot be retried blindly
+/// must be checked or repeated idempotently.
+pub fn outcome_unknown(err: &DbErr) -> bool {
+    match err {
+        DbErr::Exec(RuntimeErr::SqlxError(e))
+        | DbErr::Query(RuntimeErr::SqlxError(e))
+        | DbErr::Conn(RuntimeErr::SqlxError(e)) => {
+            matches!(e.as_ref(), sqlx::Error::Io(_) | sqlx::Error::Protocol(_))
+        }
+        _ => false,
+    }
+}
+
 /// True when PostgreSQL refused the data itself (SQLSTATE class 22, data
 /// exception, or 23, integrity constraint violation: a NUL byte in a text,
 /// a number out of the column's range, a failed check). The same statement

@@ -139,8 +139,9 @@ impl Config {
     /// statements (`CORE_TIMEOUT_MS` + 7 s). The calls to the core are
     /// bounded by it; the statements only by the database's statement
     /// timeout, so a stalled database can take longer. Shutdown waits this
-    /// long at most for executions that outlived their answers (one cut
-    /// short stays pending for the next process's reconciler).
+    /// long at most for the tasks that outlived their answers, storing or
+    /// executing (one cut short leaves a pending row, if any, for the next
+    /// process's reconciler: it fences or settles it).
     pub fn execution_bound(&self) -> Duration {
         Duration::from_millis(self.core_timeout_ms) + CORE_CALL_TIMEOUT + REQUEST_TIMEOUT_MARGIN
     }

@@ -1329,13 +1329,22 @@ async fn b09_f1_a_request_whose_outcome_cannot_be_recorded_in_time_answers_pendi
 #[tokio::test]
 async fn b09_f3_a_stored_transfer_whose_answer_was_lost_is_executed_once() {
     let stack = Stack::start(StackOptions::default()).await.unwrap();
-    let db = TcpCut::start("127.0.0.1:5432").await.unwrap();
+    let pg = reqwest::Url::parse(&stack.transfer.db_url).unwrap();
+    let db = TcpCut::start(&format!(
+        "{}:{}",
+        pg.host_str().unwrap(),
+        pg.port().unwrap_or(5432)
+    ))
+    .await
+    .unwrap();
     let transfer = TransferApp::spawn(
         &stack.nats,
         &stack.proxy.url(),
         TransferOptions {
             database_url: Some(db.route(&stack.transfer.db_url).unwrap()),
-            // Only the request's own execution may settle the transfer.
+            // Only the request's own execution may execute the transfer
+            // (the stack's own transfer service only reads the core's
+            // status before the TTL).
             reconcile_interval_ms: 3_600_000,
             ..Default::default()
         },
@@ -1421,18 +1430,45 @@ fn holding_the_store() -> StackOptions {
 /// B9, F3: the customer hangs up while the transfer is being stored (the
 /// statement waits on a lock, then commits). The request is dropped, and
 /// the transfer, stored after all, is executed: never left pending,
-/// unexecuted, holding the account until its fence.
+/// unexecuted, holding the account until its fence. The services run as
+/// processes of their own, so the transfer service's count of dropped
+/// requests is this test's alone.
 #[tokio::test]
 async fn b09_f3_a_transfer_stored_after_its_customer_hung_up_is_executed() {
-    let stack = Stack::start(holding_the_store()).await.unwrap();
-    let (customer, from, api) = stack.customer_with_account(10_000).await;
-    let to = stack.core.api.funded_account(0).await;
-    let db_url = stack.transfer.db_url.clone();
+    let nats = bank_tests::NatsServer::start().await.unwrap();
+    let env = [
+        // The store waits on the test's lock for as long as it holds it.
+        ("DATABASE_LOCK_TIMEOUT_MS", "30000"),
+        ("DATABASE_STATEMENT_TIMEOUT_MS", "60000"),
+        // Nobody but the request's own task may settle the transfer.
+        ("RECONCILE_INTERVAL_MS", "3600000"),
+    ];
+    let stack = bank_tests::procs::ProcStack::start(
+        &nats,
+        env.iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+    )
+    .await
+    .unwrap();
+    let core = stack.core_api();
+    let customer = core.new_customer("Customer").await;
+    let from = core.new_account(&customer).await;
+    core.deposit(&from, 10_000).await.expect(200);
+    let to = core.funded_account(0).await;
+    let api = Api::new(
+        stack.transfer_base(),
+        Some(bank_tests::apps::customer_token(&customer)),
+    );
+    let db_url = stack.cfg.channel_db.clone();
     let held = bank_tests::db::RowLock::channel_pending(&db_url, &customer, &from)
         .await
         .unwrap();
     let abandoned = r#"transfer_requests_total{result="abandoned""#;
-    let before = bank_tests::metrics::read(&stack.transfer.base, abandoned).await;
+    assert_eq!(
+        bank_tests::metrics::read(&stack.transfer_base(), abandoned).await,
+        0.0
+    );
     let request = {
         let (api, from, to) = (api.clone(), from.clone(), to.clone());
         tokio::spawn(async move { send(&api, &from, &to, 700).await })
@@ -1444,11 +1480,9 @@ async fn b09_f3_a_transfer_stored_after_its_customer_hung_up_is_executed() {
         "the request is dropped",
         Duration::from_secs(10),
         || async {
-            let now = bank_tests::metrics::read(&stack.transfer.base, abandoned).await;
-            if now > before {
-                Ok(())
-            } else {
-                Err(format!("abandoned {now}"))
+            match bank_tests::metrics::read(&stack.transfer_base(), abandoned).await {
+                1.0 => Ok(()),
+                n => Err(format!("abandoned {n}")),
             }
         },
     )
@@ -1465,15 +1499,17 @@ async fn b09_f3_a_transfer_stored_after_its_customer_hung_up_is_executed() {
         },
     )
     .await;
-    assert_eq!(stack.core.api.balance(&to).await, 700);
-    assert_eq!(stack.core.api.balance(&from).await, 9_300);
+    assert_eq!(core.balance(&to).await, 700);
+    assert_eq!(core.balance(&from).await, 9_300);
 }
 
 /// B9, F3: the transfer cannot be stored before the answer is due (the
 /// statement waits on a lock): the customer is answered 503, and when the
 /// store goes through after all the transfer is failed at once, never
 /// executed (not left pending until its fence, nor sent to the core after
-/// the customer was told it was not made).
+/// the customer was told it was not made), and its `Idempotency-Key` is
+/// freed: the customer's retry with it, as the 503 invites, makes the
+/// transfer.
 #[tokio::test]
 async fn b09_f3_a_transfer_stored_after_its_request_answered_503_is_failed_not_executed() {
     let stack = Stack::start(holding_the_store()).await.unwrap();
@@ -1483,9 +1519,19 @@ async fn b09_f3_a_transfer_stored_after_its_request_answered_503_is_failed_not_e
     let held = bank_tests::db::RowLock::channel_pending(&db_url, &customer, &from)
         .await
         .unwrap();
+    let key = unique("key-");
+    let body = json!({"from_account": from, "to_account": to, "amount": "700"});
     let request = {
-        let (api, from, to) = (api.clone(), from.clone(), to.clone());
-        tokio::spawn(async move { send(&api, &from, &to, 700).await })
+        let (api, body, key) = (api.clone(), body.clone(), key.clone());
+        tokio::spawn(async move {
+            api.send(
+                "POST",
+                "/v1/transfers",
+                Some(body),
+                &[("Idempotency-Key", key.as_str())],
+            )
+            .await
+        })
     };
     held.until_waited_on("storing the transfer").await;
     let r = request.await.unwrap();
@@ -1505,7 +1551,7 @@ async fn b09_f3_a_transfer_stored_after_its_request_answered_503_is_failed_not_e
     .await;
     assert_eq!(reason, "never_received");
     assert_eq!(status(&api, &id).await["status"], "failed");
-    // The core never received it; the account takes the next transfer.
+    // The core never received it.
     stack
         .core
         .api
@@ -1513,8 +1559,18 @@ async fn b09_f3_a_transfer_stored_after_its_request_answered_503_is_failed_not_e
         .await
         .expect(404);
     assert_eq!(stack.core.api.balance(&to).await, 0);
-    let next = send(&api, &from, &to, 300).await;
-    assert_eq!(next.status, 200, "{}", next.body);
+    // The retry with the same key makes the transfer, once.
+    let retry = api
+        .send(
+            "POST",
+            "/v1/transfers",
+            Some(body),
+            &[("Idempotency-Key", key.as_str())],
+        )
+        .await;
+    assert_eq!(retry.status, 200, "{}", retry.body);
+    assert_ne!(retry.str("transfer_id"), id);
+    assert_eq!(stack.core.api.balance(&to).await, 700);
 }
 
 /// B11's bound with the reconciler as shipped (its default period and

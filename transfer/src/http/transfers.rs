@@ -139,6 +139,7 @@ pub(super) async fn create(
     if let Some(k) = &key
         && let Some(t) = s.transfers.replay(&customer, k, &new).await?
     {
+        metrics::counter!("transfer_requests_total", "result" => "replay").increment(1);
         return Ok(answer(t));
     }
     s.check_owner(&customer, &new.from_account).await?;

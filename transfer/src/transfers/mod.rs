@@ -203,6 +203,34 @@ pub async fn resolve(
     req: &TransferRequest,
     resolution: &Resolution,
 ) -> Result<Option<TransferRequest>, DbErr> {
+    resolve_with(db, outbox, req, resolution, false).await
+}
+
+/// Fails a pending transfer whose request was answered that it was not made
+/// (it was stored only after that answer; the core never received it) as
+/// `never_received`, and frees its idempotency key: the customer's retry
+/// with that key makes the transfer, instead of being answered this one.
+pub async fn withdraw(
+    db: &DatabaseConnection,
+    outbox: &RelayWaker,
+    req: &TransferRequest,
+) -> Result<Option<TransferRequest>, DbErr> {
+    let failed = Resolution::Failed {
+        reason: NEVER_RECEIVED.to_owned(),
+    };
+    resolve_with(db, outbox, req, &failed, true).await
+}
+
+/// The reason of a transfer the core never received.
+pub const NEVER_RECEIVED: &str = "never_received";
+
+async fn resolve_with(
+    db: &DatabaseConnection,
+    outbox: &RelayWaker,
+    req: &TransferRequest,
+    resolution: &Resolution,
+    free_key: bool,
+) -> Result<Option<TransferRequest>, DbErr> {
     let now = common::time::now_micros();
     let mut resolved = req.clone();
     match resolution {
@@ -227,7 +255,8 @@ pub async fn resolve(
             format!(
                 "WITH u AS (
                    UPDATE transfer_requests SET status = $2, reason = $3, from_seq = $4, to_seq = $5,
-                          resolved_at = $6, updated_at = $6
+                          resolved_at = $6, updated_at = $6,
+                          idempotency_key = CASE WHEN $11 THEN NULL ELSE idempotency_key END
                    WHERE transfer_id = $1 AND status = 'pending' RETURNING {COLUMNS}),
                  o AS (INSERT INTO outbox (event_id, subject, payload, traceparent) SELECT $7, $8, $9, $10 FROM u)
                  SELECT {COLUMNS} FROM u"
@@ -243,6 +272,7 @@ pub async fn resolve(
                 ev.subject.into(),
                 ev.payload.into(),
                 ev.traceparent.into(),
+                free_key.into(),
             ],
         ))
         .await?;

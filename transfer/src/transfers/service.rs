@@ -4,10 +4,14 @@
 //! 2. The request is stored as `pending` with its `transfer_id` and
 //!    `requested_at`, and `bank.transfer.requested` is enqueued, in one
 //!    transaction. The partial unique index refuses a second pending
-//!    transfer from the same account (`transfer_in_progress`, B10). When
-//!    the database's answer is lost (the commit may have happened), the
-//!    same row is stored again, by the same id, until the answer is due:
-//!    a stored transfer is executed, never left for the fence.
+//!    transfer from the same account (`transfer_in_progress`, B10). Storing
+//!    and executing run on a task of their own, so a customer who hangs up
+//!    does not stop them. When the database's answer is lost (the commit
+//!    may have happened), the same row is stored again, by the same id, to
+//!    learn which: a row found stored is executed, or, when the request has
+//!    meanwhile answered 503 (nothing stored by the answer's deadline), failed
+//!    at once; only an outcome still unknown 10 s after the deadline is left
+//!    to the fence.
 //! 3. The core is called within `CORE_TIMEOUT_MS` (again, with backoff,
 //!    while it is unavailable and the budget leaves room). Success or refusal resolves
 //!    the transfer at once; a timeout or an unreachable core leaves it
@@ -30,7 +34,9 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::reconciler::Resolver;
-use super::{InsertError, Resolution, TransferRequest, find, find_by_key, insert_pending, resolve};
+use super::{
+    InsertError, Resolution, TransferRequest, find, find_by_key, insert_pending, resolve, withdraw,
+};
 use crate::core_client::{CoreClient, CoreError};
 
 /// Attempts at inserting a pending transfer while the account's previous one
@@ -46,8 +52,13 @@ const OVERLOADED_PAUSE: Duration = Duration::from_millis(500);
 /// The least time a repeated call to the core gets to answer.
 const UNAVAILABLE_RETRY_ROOM: Duration = Duration::from_millis(500);
 
-/// The reason of a transfer the core never received.
-const NEVER_RECEIVED: &str = "never_received";
+/// How long after the answer's deadline a transfer whose store had an
+/// unknown outcome is stored again to learn it (well within the fence,
+/// `REQUEST_TTL_SECS` + margin, which settles what this leaves).
+const STORE_SETTLE_BOUND: Duration = Duration::from_secs(10);
+
+/// Retries of failing a transfer stored after its request answered 503.
+const WITHDRAW_RETRIES: usize = 8;
 
 /// The least time left before the answer is due for storing a transfer
 /// again after an attempt whose outcome is unknown.
@@ -86,6 +97,11 @@ impl Handover {
                 Ordering::Acquire,
             )
             .is_ok()
+    }
+
+    /// Whether the request gave up.
+    fn given_up(&self) -> bool {
+        self.0.load(Ordering::Acquire) == Self::GIVEN_UP
     }
 
     /// The request, at its deadline: true when it may answer that the
@@ -179,8 +195,9 @@ pub struct TransferService {
     core: CoreClient,
     core_timeout: Duration,
     resolver: Resolver,
-    /// Executions of stored transfers (each may outlive its request: the
-    /// customer was answered 202 at the deadline). Shutdown waits for them.
+    /// Tasks storing and executing transfers (each may outlive its request:
+    /// the customer was answered 202 or 503 at the deadline, or hung up).
+    /// Shutdown waits for them, bounded.
     executions: TaskTracker,
 }
 
@@ -296,7 +313,7 @@ impl TransferService {
             // In this request's span: the core call carries its trace.
             self.executions.spawn(
                 async move {
-                    match this.store(&req, &new, answer_by).await {
+                    match this.store(&req, &new, answer_by, &handover).await {
                         Ok(None) if handover.take_over() => {
                             let _ = stored_tx.send(Ok(None));
                             Some(this.execute(req).await)
@@ -363,14 +380,22 @@ impl TransferService {
         req: &TransferRequest,
         new: &NewTransfer,
         answer_by: tokio::time::Instant,
+        handover: &Handover,
     ) -> Result<Option<TransferRequest>, SubmitError> {
         let customer = &req.customer_id;
-        // Conflicts with a pending transfer gone by the look-up, and
-        // attempts at storing this one.
+        // Conflicts with a pending transfer gone by the look-up.
         let mut conflicts = 0;
-        let mut stores = 0;
+        // Attempts since the first whose outcome is unknown (the connection
+        // was lost while it ran): from then on the transfer may be stored,
+        // and storing it again by the same id, the only way to learn which,
+        // goes on past the answer's deadline (the request answers 503 and a
+        // row found stored is withdrawn) for at most `STORE_SETTLE_BOUND`.
+        let mut unknown = 0;
         loop {
-            stores += 1;
+            // Nothing stored yet and the request answered 503: store nothing.
+            if unknown == 0 && handover.given_up() {
+                return Err(SubmitError::NotStored);
+            }
             match insert_pending(&self.db, self.resolver.outbox(), req).await {
                 Ok(()) => return Ok(None),
                 // An earlier attempt whose answer was lost had stored it
@@ -403,35 +428,44 @@ impl TransferService {
                         ))),
                     };
                 }
-                // A lost connection or a lock timeout: the transfer may have
-                // been stored (a commit whose answer was lost). Storing it
-                // again with the same id settles which, waiting for an
-                // attempt still in flight; so the customer is not answered
-                // 503 for a transfer that then sits pending, unexecuted,
-                // holding the account until its fence.
+                // The connection was lost while the statement ran: the
+                // transfer may have been stored (a commit whose answer was
+                // lost). Storing it again with the same id settles which,
+                // waiting for an attempt still in flight; so a stored
+                // transfer is executed (or, after a 503, withdrawn), not left
+                // pending, unexecuted, holding the account until its fence.
+                // Once unknown, any transient failure is retried the same way.
                 Err(InsertError::Db(e))
-                    if common::db::is_transient(&e)
-                        && let Some(pause) = store_retry_pause(stores, answer_by) =>
+                    if common::db::outcome_unknown(&e)
+                        || (unknown > 0 && common::db::is_transient(&e)) =>
                 {
-                    tracing::warn!(transfer_id = %req.transfer_id, error = %e, attempt = stores, "storing the transfer failed and may have committed; storing it again");
+                    unknown += 1;
+                    let Some(pause) = store_retry_pause(unknown, answer_by + STORE_SETTLE_BOUND)
+                    else {
+                        tracing::error!(transfer_id = %req.transfer_id, error = %e, "whether the transfer was stored is still unknown; if it was, the reconciler fences it after the TTL");
+                        return Err(SubmitError::Db(e));
+                    };
+                    tracing::warn!(transfer_id = %req.transfer_id, error = %e, attempt = unknown, "storing the transfer failed and may have committed; storing it again by the same id");
                     tokio::time::sleep(pause).await;
                 }
+                // Nothing was stored (PostgreSQL answered with the error, or
+                // no connection was had): 503 at once.
                 Err(InsertError::Db(e)) => return Err(SubmitError::Db(e)),
             }
         }
     }
 
     /// Fails a transfer stored after its request answered 503
-    /// ([`SubmitError::NotStored`]):
-    /// the core never received it (only the request's own task calls the
-    /// core with a new transfer), and the customer was told it was not
-    /// made. If the channel database cannot record that now, the
-    /// reconciler fences it after the TTL.
+    /// ([`SubmitError::NotStored`]) and frees its idempotency key
+    /// ([`withdraw`]): the core never received it (only the request's own
+    /// task calls the core with a new transfer), and the customer was told
+    /// it was not made. Retried while the database fails transiently; if
+    /// it still cannot, the reconciler fences it after the TTL.
     async fn withdraw(&self, req: &TransferRequest) {
-        let failed = Resolution::Failed {
-            reason: NEVER_RECEIVED.to_owned(),
-        };
-        match resolve(&self.db, self.resolver.outbox(), req, &failed).await {
+        let outbox = self.resolver.outbox();
+        match common::db::retry_transient(WITHDRAW_RETRIES, || withdraw(&self.db, outbox, req))
+            .await
+        {
             Ok(_) => {
                 tracing::warn!(transfer_id = %req.transfer_id, "a transfer stored after its request answered 503 is failed (never_received)");
             }
