@@ -82,6 +82,17 @@ impl TcpCut {
         })
     }
 
+    /// Starts a proxy to the server `url` names (`postgres://`,
+    /// `redis://`, ...; `default_port` when it names none); route the
+    /// service's URL through it with [`route`](Self::route).
+    pub async fn before(url: &str, default_port: u16) -> anyhow::Result<Self> {
+        let u = reqwest::Url::parse(url)?;
+        let host = u
+            .host_str()
+            .ok_or_else(|| anyhow::anyhow!("{url} names no host"))?;
+        Self::start(&format!("{host}:{}", u.port().unwrap_or(default_port))).await
+    }
+
     /// The proxy's port on 127.0.0.1.
     pub fn port(&self) -> u16 {
         self.port

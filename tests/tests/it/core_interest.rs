@@ -1618,14 +1618,9 @@ async fn payout_rates(db_url: &str, pid: &str) -> String {
 #[tokio::test]
 async fn f8_a_payout_while_redis_is_cut_off_is_not_hidden_by_the_figure_cached_before() {
     let redis_url = bank_tests::redis_url();
-    let upstream = reqwest::Url::parse(&redis_url).unwrap();
-    let cut = bank_tests::tcp_proxy::TcpCut::start(&format!(
-        "{}:{}",
-        upstream.host_str().unwrap(),
-        upstream.port().unwrap_or(6379)
-    ))
-    .await
-    .unwrap();
+    let cut = bank_tests::tcp_proxy::TcpCut::before(&redis_url, 6379)
+        .await
+        .unwrap();
     let (_nats, core, account, today) = accrued_with(CoreOptions {
         redis_url: cut.route(&redis_url).unwrap(),
         ..Default::default()

@@ -2341,14 +2341,7 @@ async fn pay_out(rig: &Rig, account: &str, pid: &str) -> Value {
 #[tokio::test]
 async fn f7_a_channel_database_outage_pauses_the_projector_and_dead_letters_nothing() {
     let rig = Rig::new().await;
-    let pg = reqwest::Url::parse(&rig.channel_db).unwrap();
-    let cut = TcpCut::start(&format!(
-        "{}:{}",
-        pg.host_str().unwrap(),
-        pg.port().unwrap_or(5432)
-    ))
-    .await
-    .unwrap();
+    let cut = TcpCut::before(&rig.channel_db, 5432).await.unwrap();
     // A delivery budget an outage of a few seconds would spend many times over.
     let p = rig
         .projector_on(

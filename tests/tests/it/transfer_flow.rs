@@ -1329,14 +1329,7 @@ async fn b09_f1_a_request_whose_outcome_cannot_be_recorded_in_time_answers_pendi
 #[tokio::test]
 async fn b09_f3_a_stored_transfer_whose_answer_was_lost_is_executed_once() {
     let stack = Stack::start(StackOptions::default()).await.unwrap();
-    let pg = reqwest::Url::parse(&stack.transfer.db_url).unwrap();
-    let db = TcpCut::start(&format!(
-        "{}:{}",
-        pg.host_str().unwrap(),
-        pg.port().unwrap_or(5432)
-    ))
-    .await
-    .unwrap();
+    let db = TcpCut::before(&stack.transfer.db_url, 5432).await.unwrap();
     let transfer = TransferApp::spawn(
         &stack.nats,
         &stack.proxy.url(),
