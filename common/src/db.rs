@@ -166,12 +166,11 @@ pub fn is_transient(err: &DbErr) -> bool {
 /// while it ran (an I/O or protocol failure, not an error PostgreSQL sent,
 /// which means the statement failed). A statement that commits on its own
 /// may have committed, its answer lost; one that cannot be retried blindly
-/// must be checked or repeated idempotently.
+/// must be checked or repeated idempotently. A failure to get a connection
+/// (`DbErr::Conn`, `ConnectionAcquire`) ran nothing.
 pub fn outcome_unknown(err: &DbErr) -> bool {
     match err {
-        DbErr::Exec(RuntimeErr::SqlxError(e))
-        | DbErr::Query(RuntimeErr::SqlxError(e))
-        | DbErr::Conn(RuntimeErr::SqlxError(e)) => {
+        DbErr::Exec(RuntimeErr::SqlxError(e)) | DbErr::Query(RuntimeErr::SqlxError(e)) => {
             matches!(e.as_ref(), sqlx::Error::Io(_) | sqlx::Error::Protocol(_))
         }
         _ => false,

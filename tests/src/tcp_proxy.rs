@@ -18,6 +18,8 @@ struct Shared {
     refused: AtomicU64,
     /// Bytes whose sending arms the loss of the sender's next answer.
     lose_after: Mutex<Option<Vec<u8>>>,
+    /// Whether losing the answer also cuts the path (as [`TcpCut::cut`]).
+    cut_after_loss: AtomicBool,
     lost: AtomicU64,
 }
 
@@ -53,6 +55,7 @@ impl TcpCut {
             cut: watch::Sender::new(false),
             refused: AtomicU64::new(0),
             lose_after: Mutex::new(None),
+            cut_after_loss: AtomicBool::new(false),
             lost: AtomicU64::new(0),
         });
         let (stop, mut stopped) = oneshot::channel::<()>();
@@ -126,6 +129,18 @@ impl TcpCut {
     /// (within one read) has it delivered, and is closed, both ways, when
     /// the server's answer comes, which the client never gets.
     pub fn lose_answer_after(&self, marker: &[u8]) {
+        self.arm(marker, false);
+    }
+
+    /// As [`lose_answer_after`](Self::lose_answer_after), and the path is
+    /// then cut until [`restore`](Self::restore): the client cannot learn
+    /// what became of its request for as long.
+    pub fn lose_answer_then_cut(&self, marker: &[u8]) {
+        self.arm(marker, true);
+    }
+
+    fn arm(&self, marker: &[u8], then_cut: bool) {
+        self.shared.cut_after_loss.store(then_cut, Ordering::SeqCst);
         if let Ok(mut armed) = self.shared.lose_after.lock() {
             *armed = Some(marker.to_vec());
         }
@@ -172,6 +187,9 @@ async fn pipe(inbound: TcpStream, upstream: String, shared: Arc<Shared>) {
                 Ok(n) => n,
             };
             if marked.load(Ordering::SeqCst) {
+                if shared.cut_after_loss.load(Ordering::SeqCst) {
+                    shared.cut.send_replace(true);
+                }
                 shared.lost.fetch_add(1, Ordering::SeqCst);
                 return;
             }

@@ -1561,8 +1561,95 @@ async fn b09_f3_a_transfer_stored_after_its_request_answered_503_is_failed_not_e
             &[("Idempotency-Key", key.as_str())],
         )
         .await;
-    assert_eq!(retry.status, 200, "{}", retry.body);
+    assert!(matches!(retry.status, 200 | 202), "{}", retry.body);
     assert_ne!(retry.str("transfer_id"), id);
+    wait_status(
+        &api,
+        &retry.str("transfer_id"),
+        "succeeded",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(stack.core.api.balance(&to).await, 700);
+}
+
+/// B9, F3: the store's answer is lost and the channel database stays out of
+/// reach past the answer's deadline: the customer is answered 503, and once
+/// the database is back the transfer, which had been stored, is failed
+/// (never executed) and its `Idempotency-Key` freed, so the customer's retry
+/// makes it, once.
+#[tokio::test]
+async fn b09_f3_a_store_of_unknown_outcome_past_the_deadline_is_settled_as_not_made() {
+    let stack = Stack::start(StackOptions::default()).await.unwrap();
+    let db = TcpCut::before(&stack.transfer.db_url, 5432).await.unwrap();
+    let opts = holding_the_store().transfer;
+    let transfer = TransferApp::spawn(
+        &stack.nats,
+        &stack.proxy.url(),
+        TransferOptions {
+            database_url: Some(db.route(&stack.transfer.db_url).unwrap()),
+            ..opts
+        },
+    )
+    .await
+    .unwrap();
+    let (customer, from, _) = stack.customer_with_account(10_000).await;
+    let to = stack.core.api.funded_account(0).await;
+    let api = transfer.as_customer(&customer);
+    let memo = unique("answer-lost-");
+    let key = unique("key-");
+    let body = json!({"from_account": from, "to_account": to, "amount": "700", "memo": memo});
+    db.lose_answer_then_cut(memo.as_bytes());
+    let r = api
+        .send(
+            "POST",
+            "/v1/transfers",
+            Some(body.clone()),
+            &[("Idempotency-Key", key.as_str())],
+        )
+        .await;
+    assert_eq!(db.answers_lost(), 1, "the answer was not lost: {}", r.body);
+    assert_eq!(r.status, 503, "{}", r.body);
+    let channel_db = stack.transfer.db_url.clone();
+    // Stored, still pending: the service could not reach the database since.
+    let (id, stored, _) = only_transfer_from(&channel_db, &from).await.unwrap();
+    assert_eq!(stored, "pending");
+    db.restore();
+    eventually(
+        "the transfer is failed",
+        Duration::from_secs(15),
+        || async {
+            match only_transfer_from(&channel_db, &from).await {
+                Some((_, status, reason)) if status == "failed" => Ok(reason),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    assert_eq!(status(&api, &id).await["reason"], "never_received");
+    stack
+        .core
+        .api
+        .get(&format!("/v1/transfers/{id}"))
+        .await
+        .expect(404);
+    let retry = api
+        .send(
+            "POST",
+            "/v1/transfers",
+            Some(body),
+            &[("Idempotency-Key", key.as_str())],
+        )
+        .await;
+    assert!(matches!(retry.status, 200 | 202), "{}", retry.body);
+    assert_ne!(retry.str("transfer_id"), id);
+    wait_status(
+        &api,
+        &retry.str("transfer_id"),
+        "succeeded",
+        Duration::from_secs(10),
+    )
+    .await;
     assert_eq!(stack.core.api.balance(&to).await, 700);
 }
 

@@ -203,34 +203,6 @@ pub async fn resolve(
     req: &TransferRequest,
     resolution: &Resolution,
 ) -> Result<Option<TransferRequest>, DbErr> {
-    resolve_with(db, outbox, req, resolution, false).await
-}
-
-/// Fails a pending transfer whose request was answered that it was not made
-/// (it was stored only after that answer; the core never received it) as
-/// `never_received`, and frees its idempotency key: the customer's retry
-/// with that key makes the transfer, instead of being answered this one.
-pub async fn withdraw(
-    db: &DatabaseConnection,
-    outbox: &RelayWaker,
-    req: &TransferRequest,
-) -> Result<Option<TransferRequest>, DbErr> {
-    let failed = Resolution::Failed {
-        reason: NEVER_RECEIVED.to_owned(),
-    };
-    resolve_with(db, outbox, req, &failed, true).await
-}
-
-/// The reason of a transfer the core never received.
-pub const NEVER_RECEIVED: &str = "never_received";
-
-async fn resolve_with(
-    db: &DatabaseConnection,
-    outbox: &RelayWaker,
-    req: &TransferRequest,
-    resolution: &Resolution,
-    free_key: bool,
-) -> Result<Option<TransferRequest>, DbErr> {
     let now = common::time::now_micros();
     let mut resolved = req.clone();
     match resolution {
@@ -255,8 +227,7 @@ async fn resolve_with(
             format!(
                 "WITH u AS (
                    UPDATE transfer_requests SET status = $2, reason = $3, from_seq = $4, to_seq = $5,
-                          resolved_at = $6, updated_at = $6,
-                          idempotency_key = CASE WHEN $11 THEN NULL ELSE idempotency_key END
+                          resolved_at = $6, updated_at = $6
                    WHERE transfer_id = $1 AND status = 'pending' RETURNING {COLUMNS}),
                  o AS (INSERT INTO outbox (event_id, subject, payload, traceparent) SELECT $7, $8, $9, $10 FROM u)
                  SELECT {COLUMNS} FROM u"
@@ -272,7 +243,6 @@ async fn resolve_with(
                 ev.subject.into(),
                 ev.payload.into(),
                 ev.traceparent.into(),
-                free_key.into(),
             ],
         ))
         .await?;
@@ -284,6 +254,72 @@ async fn resolve_with(
         .increment(1);
     Ok(Some(from_row(&row)?))
 }
+
+/// Settles transfer `req` after its request was answered that it was not
+/// made (503), in one statement that never leaves it pending: a pending row
+/// of this id (stored after that answer; the core never received it) is
+/// failed `never_received`, its idempotency key freed (the customer's retry
+/// with that key makes the transfer) and its `bank.transfer.failed`
+/// enqueued; with no row, a failed one without key and without event is
+/// written, so that an attempt at storing it still on its way finds the id
+/// taken and stores nothing (`ON CONFLICT (transfer_id) DO NOTHING`); a final
+/// row is left as it is. Like any insert of the id, it waits for an attempt
+/// still in flight. Returns whether a pending row was failed.
+pub async fn withdraw(
+    db: &DatabaseConnection,
+    outbox: &RelayWaker,
+    req: &TransferRequest,
+) -> Result<bool, DbErr> {
+    let now = common::time::now_micros();
+    let mut failed = req.clone();
+    failed.status = TransferStatus::Failed;
+    failed.reason = Some(NEVER_RECEIVED.to_owned());
+    failed.idempotency_key = None;
+    failed.resolved_at = Some(now);
+    let ev = event(&failed, now)?;
+    let written = db
+        .execute_raw(Statement::from_sql_and_values(
+            db.get_database_backend(),
+            // `xmax` is set on the row version an ON CONFLICT update wrote,
+            // and 0 on a row it inserted.
+            "WITH w AS (
+               INSERT INTO transfer_requests (transfer_id, customer_id, from_account, to_account, amount, memo,
+                                              status, reason, requested_at, resolved_at, updated_at)
+               VALUES ($1, $2, $3, $4, $5, $6, 'failed', $7, $8, $9, $9)
+               ON CONFLICT (transfer_id) DO UPDATE
+                 SET status = 'failed', reason = EXCLUDED.reason, idempotency_key = NULL,
+                     resolved_at = EXCLUDED.resolved_at, updated_at = EXCLUDED.updated_at
+                 WHERE transfer_requests.status = 'pending'
+               RETURNING xmax <> 0 AS was_pending)
+             INSERT INTO outbox (event_id, subject, payload, traceparent)
+             SELECT $10, $11, $12, $13 FROM w WHERE w.was_pending",
+            [
+                req.transfer_id.to_string().into(),
+                req.customer_id.to_string().into(),
+                req.from_account.to_string().into(),
+                req.to_account.to_string().into(),
+                req.amount.value().into(),
+                req.memo.clone().into(),
+                NEVER_RECEIVED.into(),
+                req.requested_at.into(),
+                now.into(),
+                ev.event_id.into(),
+                ev.subject.into(),
+                ev.payload.into(),
+                ev.traceparent.into(),
+            ],
+        ))
+        .await?;
+    let was_pending = written.rows_affected() > 0;
+    if was_pending {
+        outbox.wake();
+        metrics::counter!("transfer_resolutions_total", "status" => "failed").increment(1);
+    }
+    Ok(was_pending)
+}
+
+/// The reason of a transfer the core never received.
+pub const NEVER_RECEIVED: &str = "never_received";
 
 async fn one<C: ConnectionTrait>(
     conn: &C,

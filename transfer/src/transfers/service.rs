@@ -177,7 +177,7 @@ pub enum SubmitError {
 
 impl SubmitError {
     /// The request's result in `transfer_requests_total`.
-    fn result(&self) -> &'static str {
+    pub(crate) fn result(&self) -> &'static str {
         match self {
             SubmitError::InProgress(_) => "transfer_in_progress",
             SubmitError::Contended => "contended",
@@ -219,11 +219,12 @@ impl TransferService {
     }
 
     /// At shutdown, once no request is in flight: waits (at most `within`)
-    /// for the executions that outlived their answers to record their
-    /// outcomes, so that a transfer the core executed is not left pending
-    /// for the next process's reconciler. Those still running at the bound
-    /// stay pending: the reconciler of the next process, or another
-    /// replica's, settles them from the core's record.
+    /// for the tasks that outlived their answers (storing, executing or
+    /// withdrawing a transfer) to finish, so that a transfer the core
+    /// executed is not left pending for the next process's reconciler.
+    /// Those still running at the bound leave their rows, if stored,
+    /// pending: the reconciler of the next process, or another replica's,
+    /// settles them from the core's record or fences them.
     pub async fn finish_executions(&self, within: Duration) {
         self.executions.close();
         let running = self.executions.len();
@@ -313,7 +314,19 @@ impl TransferService {
             // In this request's span: the core call carries its trace.
             self.executions.spawn(
                 async move {
-                    match this.store(&req, &new, answer_by, &handover).await {
+                    // Bounded as a whole: an attempt may wait on a lock or
+                    // a connection far longer than the pauses between them.
+                    let settled_by = answer_by + STORE_SETTLE_BOUND + STORE_RETRY_ROOM;
+                    let stored = tokio::time::timeout_at(
+                        settled_by,
+                        this.store(&req, &new, answer_by, &handover),
+                    )
+                    .await
+                    .unwrap_or_else(|_| {
+                        tracing::error!(transfer_id = %req.transfer_id, "storing the transfer did not end in time; if it was stored, the reconciler fences it after the TTL");
+                        Err(SubmitError::NotStored)
+                    });
+                    match stored {
                         Ok(None) if handover.take_over() => {
                             let _ = stored_tx.send(Ok(None));
                             Some(this.execute(req).await)
@@ -387,14 +400,28 @@ impl TransferService {
         let mut conflicts = 0;
         // Attempts since the first whose outcome is unknown (the connection
         // was lost while it ran): from then on the transfer may be stored,
-        // and storing it again by the same id, the only way to learn which,
-        // goes on past the answer's deadline (the request answers 503 and a
-        // row found stored is withdrawn) for at most `STORE_SETTLE_BOUND`.
+        // and writing it again by the same id, the only way to learn which,
+        // goes on past the answer's deadline for at most
+        // `STORE_SETTLE_BOUND`, whatever the errors.
         let mut unknown = 0;
         loop {
-            // Nothing stored yet and the request answered 503: store nothing.
-            if unknown == 0 && handover.given_up() {
-                return Err(SubmitError::NotStored);
+            if handover.given_up() {
+                // The request answered 503: nothing stored so far, so store
+                // nothing; or settle it without ever storing it pending.
+                if unknown == 0 {
+                    return Err(SubmitError::NotStored);
+                }
+                match withdraw(&self.db, self.resolver.outbox(), req).await {
+                    Ok(failed) => {
+                        tracing::warn!(transfer_id = %req.transfer_id, stored = failed, "a transfer whose store had an unknown outcome is settled after its request answered 503: failed (never_received) if it was stored");
+                        return Err(SubmitError::NotStored);
+                    }
+                    Err(e) => {
+                        unknown += 1;
+                        self.settle_pause(req, unknown, answer_by, e).await?;
+                        continue;
+                    }
+                }
             }
             match insert_pending(&self.db, self.resolver.outbox(), req).await {
                 Ok(()) => return Ok(None),
@@ -408,7 +435,7 @@ impl TransferService {
                     if let Some(key) = &req.idempotency_key
                         && let Some(existing) = find_by_key(&self.db, customer, key).await? =>
                 {
-                    return same_request(existing, new).map(Some);
+                    return own_or_replay(existing, req, new);
                 }
                 // The pending transfer resolved between the conflict and our
                 // look-up: try again after a short pause (a few times, so the
@@ -422,7 +449,7 @@ impl TransferService {
                 Err(InsertError::KeyTaken) => {
                     let key = req.idempotency_key.as_deref().unwrap_or_default();
                     return match find_by_key(&self.db, customer, key).await? {
-                        Some(existing) => same_request(existing, new).map(Some),
+                        Some(existing) => own_or_replay(existing, req, new),
                         None => Err(SubmitError::Db(DbErr::RecordNotFound(
                             "idempotency key vanished".into(),
                         ))),
@@ -434,25 +461,36 @@ impl TransferService {
                 // waiting for an attempt still in flight; so a stored
                 // transfer is executed (or, after a 503, withdrawn), not left
                 // pending, unexecuted, holding the account until its fence.
-                // Once unknown, any transient failure is retried the same way.
-                Err(InsertError::Db(e))
-                    if common::db::outcome_unknown(&e)
-                        || (unknown > 0 && common::db::is_transient(&e)) =>
-                {
+                // Once unknown, any failure is retried the same way (one
+                // PostgreSQL answered says nothing of the earlier attempt).
+                Err(InsertError::Db(e)) if unknown > 0 || common::db::outcome_unknown(&e) => {
                     unknown += 1;
-                    let Some(pause) = store_retry_pause(unknown, answer_by + STORE_SETTLE_BOUND)
-                    else {
-                        tracing::error!(transfer_id = %req.transfer_id, error = %e, "whether the transfer was stored is still unknown; if it was, the reconciler fences it after the TTL");
-                        return Err(SubmitError::Db(e));
-                    };
-                    tracing::warn!(transfer_id = %req.transfer_id, error = %e, attempt = unknown, "storing the transfer failed and may have committed; storing it again by the same id");
-                    tokio::time::sleep(pause).await;
+                    self.settle_pause(req, unknown, answer_by, e).await?;
                 }
                 // Nothing was stored (PostgreSQL answered with the error, or
                 // no connection was had): 503 at once.
                 Err(InsertError::Db(e)) => return Err(SubmitError::Db(e)),
             }
         }
+    }
+
+    /// Waits before writing transfer `req` again after `unknown` attempts,
+    /// the last failing with `error`, while the outcome is unknown; the
+    /// error once `STORE_SETTLE_BOUND` past `answer_by` leaves no room.
+    async fn settle_pause(
+        &self,
+        req: &TransferRequest,
+        unknown: u32,
+        answer_by: tokio::time::Instant,
+        error: DbErr,
+    ) -> Result<(), SubmitError> {
+        let Some(pause) = store_retry_pause(unknown, answer_by + STORE_SETTLE_BOUND) else {
+            tracing::error!(transfer_id = %req.transfer_id, error = %error, "whether the transfer was stored is still unknown; if it was, the reconciler fences it after the TTL");
+            return Err(SubmitError::Db(error));
+        };
+        tracing::warn!(transfer_id = %req.transfer_id, error = %error, attempt = unknown, "writing the transfer failed and may have committed; writing it again by the same id");
+        tokio::time::sleep(pause).await;
+        Ok(())
     }
 
     /// Fails a transfer stored after its request answered 503
@@ -636,6 +674,21 @@ const CORE_REFUSALS: [&str; 9] = [
 ];
 
 /// An idempotency-key replay: the same request gets the stored transfer.
+/// The transfer a key conflict names: this request's own (stored by an
+/// attempt whose answer was lost: `None`, stored), or another request's,
+/// answered as a replay if it asked for the same.
+fn own_or_replay(
+    existing: TransferRequest,
+    req: &TransferRequest,
+    new: &NewTransfer,
+) -> Result<Option<TransferRequest>, SubmitError> {
+    if existing.transfer_id == req.transfer_id {
+        Ok(None)
+    } else {
+        same_request(existing, new).map(Some)
+    }
+}
+
 fn same_request(
     existing: TransferRequest,
     new: &NewTransfer,
