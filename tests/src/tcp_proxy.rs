@@ -20,6 +20,9 @@ struct Shared {
     lose_after: Mutex<Option<Vec<u8>>>,
     /// Whether losing the answer also cuts the path (as [`TcpCut::cut`]).
     cut_after_loss: AtomicBool,
+    /// Whether the armed bytes themselves are lost (never delivered), not
+    /// their answer.
+    lose_request: AtomicBool,
     lost: AtomicU64,
 }
 
@@ -56,6 +59,7 @@ impl TcpCut {
             refused: AtomicU64::new(0),
             lose_after: Mutex::new(None),
             cut_after_loss: AtomicBool::new(false),
+            lose_request: AtomicBool::new(false),
             lost: AtomicU64::new(0),
         });
         let (stop, mut stopped) = oneshot::channel::<()>();
@@ -129,24 +133,34 @@ impl TcpCut {
     /// (within one read) has it delivered, and is closed, both ways, when
     /// the server's answer comes, which the client never gets.
     pub fn lose_answer_after(&self, marker: &[u8]) {
-        self.arm(marker, false);
+        self.arm(marker, false, false);
     }
 
     /// As [`lose_answer_after`](Self::lose_answer_after), and the path is
     /// then cut until [`restore`](Self::restore): the client cannot learn
     /// what became of its request for as long.
     pub fn lose_answer_then_cut(&self, marker: &[u8]) {
-        self.arm(marker, true);
+        self.arm(marker, true, false);
     }
 
-    fn arm(&self, marker: &[u8], then_cut: bool) {
+    /// Arms the loss of one request: the first connection to send `marker`
+    /// (within one read) has those bytes dropped, never delivered, and is
+    /// closed both ways; the path is then cut until
+    /// [`restore`](Self::restore). To the client it looks like a lost
+    /// answer, but the server never saw the request.
+    pub fn lose_request_then_cut(&self, marker: &[u8]) {
+        self.arm(marker, true, true);
+    }
+
+    fn arm(&self, marker: &[u8], then_cut: bool, request: bool) {
         self.shared.cut_after_loss.store(then_cut, Ordering::SeqCst);
+        self.shared.lose_request.store(request, Ordering::SeqCst);
         if let Ok(mut armed) = self.shared.lose_after.lock() {
             *armed = Some(marker.to_vec());
         }
     }
 
-    /// Answers lost so far.
+    /// Answers (or requests) lost so far.
     pub fn answers_lost(&self) -> u64 {
         self.shared.lost.load(Ordering::SeqCst)
     }
@@ -161,8 +175,8 @@ async fn pipe(inbound: TcpStream, upstream: String, shared: Arc<Shared>) {
     let _ = outbound.set_nodelay(true);
     let (mut from_client, mut to_client) = inbound.into_split();
     let (mut from_server, mut to_server) = outbound.into_split();
-    // Set, with no await between, right after the armed bytes went out: the
-    // server's answer cannot have been read before.
+    // Set once the armed bytes went out: the server's answer to them
+    // cannot have been read before.
     let marked = AtomicBool::new(false);
     let requests = async {
         let mut buf = vec![0u8; 64 * 1024];
@@ -171,10 +185,18 @@ async fn pipe(inbound: TcpStream, upstream: String, shared: Arc<Shared>) {
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             };
+            let hit = shared.takes_marker(&buf[..n]);
+            if hit && shared.lose_request.load(Ordering::SeqCst) {
+                if shared.cut_after_loss.load(Ordering::SeqCst) {
+                    shared.cut.send_replace(true);
+                }
+                shared.lost.fetch_add(1, Ordering::SeqCst);
+                return;
+            }
             if to_server.write_all(&buf[..n]).await.is_err() {
                 return;
             }
-            if shared.takes_marker(&buf[..n]) {
+            if hit {
                 marked.store(true, Ordering::SeqCst);
             }
         }

@@ -1580,6 +1580,24 @@ async fn b09_f3_a_transfer_stored_after_its_request_answered_503_is_failed_not_e
 /// makes it, once.
 #[tokio::test]
 async fn b09_f3_a_store_of_unknown_outcome_past_the_deadline_is_settled_as_not_made() {
+    store_of_unknown_outcome_past_the_deadline(Lost::Answer).await;
+}
+
+/// B9, F3: as above, but the store never reached the database (the client
+/// cannot tell the two apart): the id is taken by a failed row of reason
+/// `not_stored`, so no late copy of the store can make a pending transfer,
+/// and the retry with the same key makes the transfer, once.
+#[tokio::test]
+async fn b09_f3_a_store_lost_on_its_way_past_the_deadline_takes_its_id_and_makes_nothing() {
+    store_of_unknown_outcome_past_the_deadline(Lost::Request).await;
+}
+
+enum Lost {
+    Answer,
+    Request,
+}
+
+async fn store_of_unknown_outcome_past_the_deadline(lost: Lost) {
     let stack = Stack::start(StackOptions::default()).await.unwrap();
     let db = TcpCut::before(&stack.transfer.db_url, 5432).await.unwrap();
     let opts = holding_the_store().transfer;
@@ -1596,10 +1614,15 @@ async fn b09_f3_a_store_of_unknown_outcome_past_the_deadline_is_settled_as_not_m
     let (customer, from, _) = stack.customer_with_account(10_000).await;
     let to = stack.core.api.funded_account(0).await;
     let api = transfer.as_customer(&customer);
+    // The memo reaches the database only in the statement storing the
+    // transfer.
     let memo = unique("answer-lost-");
     let key = unique("key-");
     let body = json!({"from_account": from, "to_account": to, "amount": "700", "memo": memo});
-    db.lose_answer_then_cut(memo.as_bytes());
+    match lost {
+        Lost::Answer => db.lose_answer_then_cut(memo.as_bytes()),
+        Lost::Request => db.lose_request_then_cut(memo.as_bytes()),
+    }
     let r = api
         .send(
             "POST",
@@ -1608,25 +1631,31 @@ async fn b09_f3_a_store_of_unknown_outcome_past_the_deadline_is_settled_as_not_m
             &[("Idempotency-Key", key.as_str())],
         )
         .await;
-    assert_eq!(db.answers_lost(), 1, "the answer was not lost: {}", r.body);
+    assert_eq!(db.answers_lost(), 1, "nothing was lost: {}", r.body);
     assert_eq!(r.status, 503, "{}", r.body);
     let channel_db = stack.transfer.db_url.clone();
-    // Stored, still pending: the service could not reach the database since.
-    let (id, stored, _) = only_transfer_from(&channel_db, &from).await.unwrap();
-    assert_eq!(stored, "pending");
+    // The service could not reach the database since.
+    let before = only_transfer_from(&channel_db, &from).await;
+    match lost {
+        Lost::Answer => assert_eq!(before.map(|(_, s, _)| s).as_deref(), Some("pending")),
+        Lost::Request => assert_eq!(before, None),
+    }
     db.restore();
-    eventually(
-        "the transfer is failed",
+    let (id, reason) = eventually(
+        "the transfer is settled",
         Duration::from_secs(15),
         || async {
             match only_transfer_from(&channel_db, &from).await {
-                Some((_, status, reason)) if status == "failed" => Ok(reason),
+                Some((id, status, reason)) if status == "failed" => Ok((id, reason)),
                 other => Err(format!("{other:?}")),
             }
         },
     )
     .await;
-    assert_eq!(status(&api, &id).await["reason"], "never_received");
+    match lost {
+        Lost::Answer => assert_eq!(reason, "never_received"),
+        Lost::Request => assert_eq!(reason, "not_stored"),
+    }
     stack
         .core
         .api

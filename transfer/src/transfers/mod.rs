@@ -261,9 +261,9 @@ pub async fn resolve(
 /// failed `never_received`, its idempotency key freed (the customer's retry
 /// with that key makes the transfer) and its `bank.transfer.failed`
 /// enqueued; with no row, a failed one without key and without event is
-/// written, so that an attempt at storing it still on its way finds the id
-/// taken and stores nothing (`ON CONFLICT (transfer_id) DO NOTHING`); a final
-/// row is left as it is. Like any insert of the id, it waits for an attempt
+/// written (reason `not_stored`: it never was), so that an attempt at
+/// storing it still on its way finds the id taken and stores nothing
+/// (`ON CONFLICT (transfer_id) DO NOTHING`); a final row is left as it is. Like any insert of the id, it waits for an attempt
 /// still in flight. Returns whether a pending row was failed.
 pub async fn withdraw(
     db: &DatabaseConnection,
@@ -285,9 +285,9 @@ pub async fn withdraw(
             "WITH w AS (
                INSERT INTO transfer_requests (transfer_id, customer_id, from_account, to_account, amount, memo,
                                               status, reason, requested_at, resolved_at, updated_at)
-               VALUES ($1, $2, $3, $4, $5, $6, 'failed', $7, $8, $9, $9)
+               VALUES ($1, $2, $3, $4, $5, $6, 'failed', $14, $8, $9, $9)
                ON CONFLICT (transfer_id) DO UPDATE
-                 SET status = 'failed', reason = EXCLUDED.reason, idempotency_key = NULL,
+                 SET status = 'failed', reason = $7, idempotency_key = NULL,
                      resolved_at = EXCLUDED.resolved_at, updated_at = EXCLUDED.updated_at
                  WHERE transfer_requests.status = 'pending'
                RETURNING xmax <> 0 AS was_pending)
@@ -307,6 +307,7 @@ pub async fn withdraw(
                 ev.subject.into(),
                 ev.payload.into(),
                 ev.traceparent.into(),
+                NOT_STORED.into(),
             ],
         ))
         .await?;
@@ -320,6 +321,10 @@ pub async fn withdraw(
 
 /// The reason of a transfer the core never received.
 pub const NEVER_RECEIVED: &str = "never_received";
+
+/// The reason on the row that takes the id of a transfer never stored
+/// ([`withdraw`]); no event names it.
+pub const NOT_STORED: &str = "not_stored";
 
 async fn one<C: ConnectionTrait>(
     conn: &C,

@@ -53,12 +53,12 @@ const OVERLOADED_PAUSE: Duration = Duration::from_millis(500);
 const UNAVAILABLE_RETRY_ROOM: Duration = Duration::from_millis(500);
 
 /// How long after the answer's deadline a transfer whose store had an
-/// unknown outcome is stored again to learn it (well within the fence,
-/// `REQUEST_TTL_SECS` + margin, which settles what this leaves).
+/// unknown outcome is stored again to learn it (within the fence,
+/// `REQUEST_TTL_SECS` + margin, which settles what this leaves, for a TTL
+/// of the default's order; with a TTL shorter than the answer's deadline
+/// plus this, the fence may settle such a transfer first: failed
+/// `never_received` with its key kept, the core refusing the fenced id).
 const STORE_SETTLE_BOUND: Duration = Duration::from_secs(10);
-
-/// Retries of failing a transfer stored after its request answered 503.
-const WITHDRAW_RETRIES: usize = 8;
 
 /// The least time left before the answer is due for storing a transfer
 /// again after an attempt whose outcome is unknown.
@@ -332,7 +332,7 @@ impl TransferService {
                             Some(this.execute(req).await)
                         }
                         Ok(None) => {
-                            this.withdraw(&req).await;
+                            this.withdraw(&req, answer_by).await;
                             None
                         }
                         other => {
@@ -423,38 +423,11 @@ impl TransferService {
                     }
                 }
             }
-            match insert_pending(&self.db, self.resolver.outbox(), req).await {
+            let conflict = match insert_pending(&self.db, self.resolver.outbox(), req).await {
                 Ok(()) => return Ok(None),
                 // An earlier attempt whose answer was lost had stored it
                 // (storing the same id again is otherwise a no-op).
                 Err(InsertError::InProgress(Some(id))) if id == req.transfer_id => return Ok(None),
-                // A concurrent submit with the same key (both missed the
-                // look-up above) collides on the one-pending index too, and
-                // PostgreSQL may report that one first: it is a replay.
-                Err(InsertError::InProgress(_))
-                    if let Some(key) = &req.idempotency_key
-                        && let Some(existing) = find_by_key(&self.db, customer, key).await? =>
-                {
-                    return own_or_replay(existing, req, new);
-                }
-                // The pending transfer resolved between the conflict and our
-                // look-up: try again after a short pause (a few times, so the
-                // answer names the pending transfer as API.md requires).
-                Err(InsertError::InProgress(None)) if conflicts + 1 < IN_PROGRESS_ATTEMPTS => {
-                    conflicts += 1;
-                    tokio::time::sleep(Duration::from_millis(1 << conflicts)).await;
-                }
-                Err(InsertError::InProgress(None)) => return Err(SubmitError::Contended),
-                Err(InsertError::InProgress(Some(id))) => return Err(SubmitError::InProgress(id)),
-                Err(InsertError::KeyTaken) => {
-                    let key = req.idempotency_key.as_deref().unwrap_or_default();
-                    return match find_by_key(&self.db, customer, key).await? {
-                        Some(existing) => own_or_replay(existing, req, new),
-                        None => Err(SubmitError::Db(DbErr::RecordNotFound(
-                            "idempotency key vanished".into(),
-                        ))),
-                    };
-                }
                 // The connection was lost while the statement ran: the
                 // transfer may have been stored (a commit whose answer was
                 // lost). Storing it again with the same id settles which,
@@ -466,10 +439,48 @@ impl TransferService {
                 Err(InsertError::Db(e)) if unknown > 0 || common::db::outcome_unknown(&e) => {
                     unknown += 1;
                     self.settle_pause(req, unknown, answer_by, e).await?;
+                    continue;
                 }
                 // Nothing was stored (PostgreSQL answered with the error, or
                 // no connection was had): 503 at once.
                 Err(InsertError::Db(e)) => return Err(SubmitError::Db(e)),
+                Err(conflict) => conflict,
+            };
+            // A concurrent submit with the same key (both missed the look-up
+            // before) collides on the key, or on the one-pending index,
+            // which PostgreSQL may report first: it is a replay (or this
+            // request's own row, stored by an attempt whose answer was lost).
+            let keyed = match &req.idempotency_key {
+                Some(key) => match find_by_key(&self.db, customer, key).await {
+                    Ok(found) => found,
+                    Err(e) if unknown > 0 => {
+                        unknown += 1;
+                        self.settle_pause(req, unknown, answer_by, e).await?;
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                },
+                None => None,
+            };
+            if let Some(existing) = keyed {
+                return own_or_replay(existing, req, new);
+            }
+            match conflict {
+                // The pending transfer resolved between the conflict and our
+                // look-up: try again after a short pause (a few times, so the
+                // answer names the pending transfer as API.md requires).
+                InsertError::InProgress(None) if conflicts + 1 < IN_PROGRESS_ATTEMPTS => {
+                    conflicts += 1;
+                    tokio::time::sleep(Duration::from_millis(1 << conflicts)).await;
+                }
+                InsertError::InProgress(None) => return Err(SubmitError::Contended),
+                InsertError::InProgress(Some(id)) => return Err(SubmitError::InProgress(id)),
+                InsertError::KeyTaken => {
+                    return Err(SubmitError::Db(DbErr::RecordNotFound(
+                        "idempotency key vanished".into(),
+                    )));
+                }
+                InsertError::Db(e) => return Err(SubmitError::Db(e)),
             }
         }
     }
@@ -497,19 +508,26 @@ impl TransferService {
     /// ([`SubmitError::NotStored`]) and frees its idempotency key
     /// ([`withdraw`]): the core never received it (only the request's own
     /// task calls the core with a new transfer), and the customer was told
-    /// it was not made. Retried while the database fails transiently; if
-    /// it still cannot, the reconciler fences it after the TTL.
-    async fn withdraw(&self, req: &TransferRequest) {
+    /// it was not made. Retried on any error for as long as a store of
+    /// unknown outcome is ([`STORE_SETTLE_BOUND`] past `answer_by`); if it
+    /// still cannot, the reconciler fences it after the TTL.
+    async fn withdraw(&self, req: &TransferRequest, answer_by: tokio::time::Instant) {
         let outbox = self.resolver.outbox();
-        match common::db::retry_transient(WITHDRAW_RETRIES, || withdraw(&self.db, outbox, req))
-            .await
-        {
-            Ok(_) => {
-                tracing::warn!(transfer_id = %req.transfer_id, "a transfer stored after its request answered 503 is failed (never_received)");
-            }
-            Err(e) => {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let e = match withdraw(&self.db, outbox, req).await {
+                Ok(_) => {
+                    tracing::warn!(transfer_id = %req.transfer_id, "a transfer stored after its request answered 503 is failed (never_received)");
+                    return;
+                }
+                Err(e) => e,
+            };
+            let Some(pause) = store_retry_pause(attempts, answer_by + STORE_SETTLE_BOUND) else {
                 tracing::error!(transfer_id = %req.transfer_id, error = %e, "failing a transfer stored after its request answered 503 failed; the reconciler fences it after the TTL");
-            }
+                return;
+            };
+            tokio::time::sleep(pause).await;
         }
     }
 
