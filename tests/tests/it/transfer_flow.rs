@@ -1496,6 +1496,44 @@ async fn b09_f3_a_transfer_stored_after_its_customer_hung_up_is_executed() {
     assert_eq!(core.balance(&from).await, 9_300);
 }
 
+/// After a 503: transfer `id` never reached the core and moved nothing
+/// (its target `to` is still empty), and the retry of `body` with the same
+/// `key` makes the transfer, once (700 won).
+async fn not_made_then_made_by_the_retry(
+    stack: &Stack,
+    api: &Api,
+    id: &str,
+    body: Value,
+    key: &str,
+    to: &str,
+) {
+    stack
+        .core
+        .api
+        .get(&format!("/v1/transfers/{id}"))
+        .await
+        .expect(404);
+    assert_eq!(stack.core.api.balance(to).await, 0);
+    let retry = api
+        .send(
+            "POST",
+            "/v1/transfers",
+            Some(body),
+            &[("Idempotency-Key", key)],
+        )
+        .await;
+    assert!(matches!(retry.status, 200 | 202), "{}", retry.body);
+    assert_ne!(retry.str("transfer_id"), id);
+    wait_status(
+        api,
+        &retry.str("transfer_id"),
+        "succeeded",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(stack.core.api.balance(to).await, 700);
+}
+
 /// B9, F3: the transfer cannot be stored before the answer is due (the
 /// statement waits on a lock): the customer is answered 503, and when the
 /// store goes through after all the transfer is failed at once, never
@@ -1545,32 +1583,7 @@ async fn b09_f3_a_transfer_stored_after_its_request_answered_503_is_failed_not_e
     assert_eq!(reason, "never_received");
     assert_eq!(status(&api, &id).await["status"], "failed");
     // The core never received it.
-    stack
-        .core
-        .api
-        .get(&format!("/v1/transfers/{id}"))
-        .await
-        .expect(404);
-    assert_eq!(stack.core.api.balance(&to).await, 0);
-    // The retry with the same key makes the transfer, once.
-    let retry = api
-        .send(
-            "POST",
-            "/v1/transfers",
-            Some(body),
-            &[("Idempotency-Key", key.as_str())],
-        )
-        .await;
-    assert!(matches!(retry.status, 200 | 202), "{}", retry.body);
-    assert_ne!(retry.str("transfer_id"), id);
-    wait_status(
-        &api,
-        &retry.str("transfer_id"),
-        "succeeded",
-        Duration::from_secs(10),
-    )
-    .await;
-    assert_eq!(stack.core.api.balance(&to).await, 700);
+    not_made_then_made_by_the_retry(&stack, &api, &id, body, &key, &to).await;
 }
 
 /// B9, F3: the store's answer is lost and the channel database stays out of
@@ -1656,30 +1669,7 @@ async fn store_of_unknown_outcome_past_the_deadline(lost: Lost) {
         Lost::Answer => assert_eq!(reason, "never_received"),
         Lost::Request => assert_eq!(reason, "not_stored"),
     }
-    stack
-        .core
-        .api
-        .get(&format!("/v1/transfers/{id}"))
-        .await
-        .expect(404);
-    let retry = api
-        .send(
-            "POST",
-            "/v1/transfers",
-            Some(body),
-            &[("Idempotency-Key", key.as_str())],
-        )
-        .await;
-    assert!(matches!(retry.status, 200 | 202), "{}", retry.body);
-    assert_ne!(retry.str("transfer_id"), id);
-    wait_status(
-        &api,
-        &retry.str("transfer_id"),
-        "succeeded",
-        Duration::from_secs(10),
-    )
-    .await;
-    assert_eq!(stack.core.api.balance(&to).await, 700);
+    not_made_then_made_by_the_retry(&stack, &api, &id, body, &key, &to).await;
 }
 
 /// B11's bound with the reconciler as shipped (its default period and
