@@ -1672,6 +1672,77 @@ async fn store_of_unknown_outcome_past_the_deadline(lost: Lost) {
     not_made_then_made_by_the_retry(&stack, &api, &id, body, &key, &to).await;
 }
 
+/// B3, F3: the core answers 503 `account_busy` (the source account stayed
+/// held by another operation through the ledger's retries; nothing was
+/// executed): the transfer service takes it for "not executed, try again",
+/// not for a refusal, and calls again with the same transfer id; once the
+/// account is free the transfer succeeds, once.
+#[tokio::test]
+async fn b03_f3_a_core_answering_account_busy_is_called_again_and_the_money_moves_once() {
+    let stack = Stack::start(StackOptions {
+        core: bank_tests::apps::CoreOptions {
+            // The ledger gives up on a held account within about a second.
+            lock_timeout_ms: 50,
+            ..Default::default()
+        },
+        transfer: TransferOptions {
+            core_timeout_ms: 8_000,
+            request_timeout_ms: 15_000,
+            // Only the request's own calls may settle the transfer.
+            reconcile_interval_ms: 3_600_000,
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let (_, from, api) = stack.customer_with_account(10_000).await;
+    let to = stack.core.api.funded_account(0).await;
+    let held = bank_tests::db::RowLock::account(&stack.core.db_url, &from)
+        .await
+        .unwrap();
+    let request = {
+        let (api, from, to) = (api.clone(), from.clone(), to.clone());
+        tokio::spawn(async move { send(&api, &from, &to, 700).await })
+    };
+    let busy = || {
+        stack
+            .proxy
+            .answered()
+            .into_iter()
+            .filter(|(m, p, status)| m == Method::POST && p == "/v1/transfers" && *status == 503)
+            .count()
+    };
+    eventually(
+        "the core answers account_busy",
+        Duration::from_secs(10),
+        || async {
+            match busy() {
+                0 => Err("not yet".to_owned()),
+                n => Ok(n),
+            }
+        },
+    )
+    .await;
+    held.release().await.unwrap();
+    let r = request.await.unwrap();
+    assert!(matches!(r.status, 200 | 202), "{}", r.body);
+    let id = r.str("transfer_id");
+    wait_status(&api, &id, "succeeded", Duration::from_secs(10)).await;
+    assert_eq!(stack.core.api.balance(&to).await, 700);
+    assert_eq!(stack.core.api.balance(&from).await, 9_300);
+    let calls = stack
+        .proxy
+        .answered()
+        .into_iter()
+        .filter(|(m, p, _)| m == Method::POST && p == "/v1/transfers")
+        .count();
+    assert!(
+        calls > busy(),
+        "called again after account_busy: {calls} calls"
+    );
+}
+
 /// B11's bound with the reconciler as shipped (its default period and
 /// fence margin; only the TTL shortened): a lost request is failed by the
 /// reconciler alone, nobody asking, within the TTL + 5 s.
