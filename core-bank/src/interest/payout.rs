@@ -366,7 +366,7 @@ async fn try_pay(
     let locked = Locked {
         account,
         payout_id,
-        rates: interest.settings().terms(),
+        rates: interest.rates(),
         balance: row.try_get("", "balance")?,
         last_seq: row.try_get("", "last_seq")?,
         today,
@@ -383,7 +383,7 @@ struct Locked<'a> {
     account: &'a AccountId,
     payout_id: &'a PayoutId,
     /// The rates the figure is computed under (recorded with the payout).
-    rates: String,
+    rates: &'a str,
     balance: Decimal,
     last_seq: i64,
     today: NaiveDate,

@@ -68,6 +68,9 @@ pub struct InterestService {
     db: DatabaseConnection,
     clock: Clock,
     settings: InterestSettings,
+    /// `settings` in their canonical text ([`InterestSettings::terms`]),
+    /// written once: every payout records it.
+    rates: Arc<str>,
     rollout: Rollout,
     cache: InterestCache,
     outbox: RelayWaker,
@@ -110,6 +113,7 @@ impl InterestService {
         Self {
             db,
             clock,
+            rates: Arc::from(settings.terms()),
             settings,
             rollout,
             cache,
@@ -138,6 +142,11 @@ impl InterestService {
     /// The product settings.
     pub fn settings(&self) -> &InterestSettings {
         &self.settings
+    }
+
+    /// The settings in their canonical text ([`InterestSettings::terms`]).
+    pub fn rates(&self) -> &str {
+        &self.rates
     }
 
     /// Reads what the calculation needs about an account.
