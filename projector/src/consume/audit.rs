@@ -151,42 +151,36 @@ pub async fn audit_once(
             .collect()
             .await;
         for (account, synced, seen, result) in synced {
-            match result {
-                Ok(report) if report.applied > 0 => {
-                    pass.repaired += 1;
-                    pass.entries += report.applied;
-                    metrics::counter!("projector_audit_repairs_total").increment(1);
-                    tracing::warn!(account = %account, synced_through_seq = synced, core_last_seq = seen, applied = report.applied, now_through = report.synced_through_seq, "an account's history stayed behind the core's ledger for a whole audit interval (its last events lost, or held up that long); synced from the core");
-                    settled.push(account.to_string());
-                }
-                // Caught up meanwhile (the events arrived): nothing to do.
-                Ok(report) if report.synced_through_seq >= seen => {
-                    settled.push(account.to_string())
-                }
-                Ok(report) => {
-                    // Found behind afresh by a later pass, and tried again
-                    // the pass after.
-                    metrics::counter!("projector_audit_errors_total").increment(1);
-                    tracing::warn!(account = %account, synced_through_seq = report.synced_through_seq, core_last_seq = seen, "an account's history stays behind the core's ledger and its sync applied nothing (the core's entries do not continue it)");
-                    settled.push(account.to_string());
-                }
+            let report = match result {
+                Ok(report) => report,
                 Err(e) => {
                     // Its row stays: tried again at the next pass.
                     metrics::counter!("projector_audit_errors_total").increment(1);
                     tracing::warn!(account = %account, error = %common::error_chain(&e), "syncing an account the audit found behind failed; tried again at the next pass");
+                    continue;
                 }
+            };
+            settled.push(account.to_string());
+            if report.applied > 0 {
+                pass.repaired += 1;
+                pass.entries += report.applied;
+                metrics::counter!("projector_audit_repairs_total").increment(1);
+                tracing::warn!(account = %account, synced_through_seq = synced, core_last_seq = seen, applied = report.applied, now_through = report.synced_through_seq, "an account's history stayed behind the core's ledger for a whole audit interval (its last events lost, or held up that long); synced from the core");
+            } else if report.synced_through_seq < seen {
+                // Found behind afresh by a later pass, and tried again the
+                // pass after. (Caught up meanwhile, the events having
+                // arrived, is nothing to do.)
+                metrics::counter!("projector_audit_errors_total").increment(1);
+                tracing::warn!(account = %account, synced_through_seq = report.synced_through_seq, core_last_seq = seen, "an account's history stays behind the core's ledger and its sync applied nothing (the core's entries do not continue it)");
             }
         }
-        // What the page found, in one statement: a pass cut short before it
-        // does the page again.
-        (|| record_behind(ctx, &first_seen, &settled))
-            .retry(retry_a_page())
-            .await?;
         let resume = match next {
             Some(n) if !accounts.is_empty() => Some(n),
             _ => None,
         };
-        (|| save_position(ctx, holder, resume.as_deref()))
+        // What the page found and where the pass goes on, in one
+        // statement: a pass cut short before it does the page again.
+        (|| record_page(ctx, holder, &first_seen, &settled, resume.as_deref()))
             .retry(retry_a_page())
             .await?;
         if resume.is_none() {
@@ -228,19 +222,6 @@ async fn hold_lease(
         .await?;
     row.map(|r| r.try_get::<Option<String>>("", "resume_after"))
         .transpose()
-}
-
-/// Records where the pass of the lease's `holder` goes on (`None`: it
-/// ended; the next one starts from the first account).
-async fn save_position(ctx: &Context, holder: &str, after: Option<&str>) -> Result<(), DbErr> {
-    ctx.db
-        .execute_raw(Statement::from_sql_and_values(
-            ctx.db.get_database_backend(),
-            "UPDATE audit_lease SET resume_after = $2 WHERE holder = $1",
-            [holder.into(), after.map(str::to_owned).into()],
-        ))
-        .await?;
-    Ok(())
 }
 
 /// Each of `accounts`' history progress and audit row; an account is
@@ -285,26 +266,34 @@ async fn read_progress(
         .collect()
 }
 
-/// Records `behind` (account, the core's last seq now) as found behind now,
-/// and forgets `settled`, in one statement.
-async fn record_behind(
+/// Records what a page found, in one statement: `behind` (account, the
+/// core's last seq now) as found behind now, `settled` forgotten, and where
+/// the pass of the lease's `holder` goes on (`after`; `None`: it ended, the
+/// next one starts from the first account).
+async fn record_page(
     ctx: &Context,
+    holder: &str,
     behind: &[(String, i64)],
     settled: &[String],
+    after: Option<&str>,
 ) -> Result<(), DbErr> {
-    if behind.is_empty() && settled.is_empty() {
-        return Ok(());
-    }
     let (ids, seqs): (Vec<String>, Vec<i64>) = behind.iter().cloned().unzip();
     ctx.db
         .execute_raw(Statement::from_sql_and_values(
             ctx.db.get_database_backend(),
-            "WITH forget AS (DELETE FROM audit_behind WHERE account_id = ANY($3::text[])) \
+            "WITH forget AS (DELETE FROM audit_behind WHERE account_id = ANY($3::text[])), \
+                  resume AS (UPDATE audit_lease SET resume_after = $5 WHERE holder = $4) \
              INSERT INTO audit_behind (account_id, behind_of_seq, seen_at) \
              SELECT id, seq, now() FROM unnest($1::text[], $2::bigint[]) AS x(id, seq) \
              ON CONFLICT (account_id) DO UPDATE \
                SET behind_of_seq = EXCLUDED.behind_of_seq, seen_at = EXCLUDED.seen_at",
-            [ids.into(), seqs.into(), settled.to_vec().into()],
+            [
+                ids.into(),
+                seqs.into(),
+                settled.to_vec().into(),
+                holder.into(),
+                after.map(str::to_owned).into(),
+            ],
         ))
         .await?;
     Ok(())
