@@ -27,6 +27,14 @@ struct Shared {
 }
 
 impl Shared {
+    /// Counts a loss, and cuts the path if armed to.
+    fn lose(&self) {
+        if self.cut_after_loss.load(Ordering::SeqCst) {
+            self.cut.send_replace(true);
+        }
+        self.lost.fetch_add(1, Ordering::SeqCst);
+    }
+
     /// True (once) when `sent` holds the armed bytes.
     fn takes_marker(&self, sent: &[u8]) -> bool {
         let Ok(mut armed) = self.lose_after.lock() else {
@@ -187,10 +195,7 @@ async fn pipe(inbound: TcpStream, upstream: String, shared: Arc<Shared>) {
             };
             let hit = shared.takes_marker(&buf[..n]);
             if hit && shared.lose_request.load(Ordering::SeqCst) {
-                if shared.cut_after_loss.load(Ordering::SeqCst) {
-                    shared.cut.send_replace(true);
-                }
-                shared.lost.fetch_add(1, Ordering::SeqCst);
+                shared.lose();
                 return;
             }
             if to_server.write_all(&buf[..n]).await.is_err() {
@@ -209,10 +214,7 @@ async fn pipe(inbound: TcpStream, upstream: String, shared: Arc<Shared>) {
                 Ok(n) => n,
             };
             if marked.load(Ordering::SeqCst) {
-                if shared.cut_after_loss.load(Ordering::SeqCst) {
-                    shared.cut.send_replace(true);
-                }
-                shared.lost.fetch_add(1, Ordering::SeqCst);
+                shared.lose();
                 return;
             }
             if to_client.write_all(&buf[..n]).await.is_err() {
