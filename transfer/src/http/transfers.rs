@@ -136,18 +136,10 @@ pub(super) async fn create(
     };
     // A repeated request is answered from the channel's record, before the
     // owner check that may need the core.
-    if let Some(k) = &key {
-        match s.transfers.replay(&customer, k, &new).await {
-            Ok(Some(t)) => {
-                metrics::counter!("transfer_requests_total", "result" => "replay").increment(1);
-                return Ok(answer(t));
-            }
-            Ok(None) => {}
-            Err(e) => {
-                metrics::counter!("transfer_requests_total", "result" => e.result()).increment(1);
-                return Err(e.into());
-            }
-        }
+    if let Some(k) = &key
+        && let Some(t) = s.transfers.replay(&customer, k, &new).await?
+    {
+        return Ok(answer(t));
     }
     s.check_owner(&customer, &new.from_account).await?;
     let t = s.transfers.submit(&customer, new, key, answer_by).await?;

@@ -204,22 +204,7 @@ pub async fn resolve(
     resolution: &Resolution,
 ) -> Result<Option<TransferRequest>, DbErr> {
     let now = common::time::now_micros();
-    let mut resolved = req.clone();
-    match resolution {
-        Resolution::Succeeded { from_seq, to_seq } => {
-            resolved.status = TransferStatus::Succeeded;
-            resolved.reason = None;
-            resolved.from_seq = *from_seq;
-            resolved.to_seq = *to_seq;
-        }
-        Resolution::Failed { reason } => {
-            resolved.status = TransferStatus::Failed;
-            resolved.reason = Some(reason.clone());
-            resolved.from_seq = None;
-            resolved.to_seq = None;
-        }
-    }
-    resolved.resolved_at = Some(now);
+    let resolved = resolved(req, resolution, now);
     let ev = event(&resolved, now)?;
     let row = db
         .query_one_raw(Statement::from_sql_and_values(
@@ -255,6 +240,27 @@ pub async fn resolve(
     Ok(Some(from_row(&row)?))
 }
 
+/// `req` as `resolution` leaves it at `now`.
+fn resolved(req: &TransferRequest, resolution: &Resolution, now: DateTime<Utc>) -> TransferRequest {
+    let mut resolved = req.clone();
+    match resolution {
+        Resolution::Succeeded { from_seq, to_seq } => {
+            resolved.status = TransferStatus::Succeeded;
+            resolved.reason = None;
+            resolved.from_seq = *from_seq;
+            resolved.to_seq = *to_seq;
+        }
+        Resolution::Failed { reason } => {
+            resolved.status = TransferStatus::Failed;
+            resolved.reason = Some(reason.clone());
+            resolved.from_seq = None;
+            resolved.to_seq = None;
+        }
+    }
+    resolved.resolved_at = Some(now);
+    resolved
+}
+
 /// Settles transfer `req` after its request was answered that it was not
 /// made (503), in one statement that never leaves it pending: a pending row
 /// of this id (stored after that answer; the core never received it) is
@@ -271,12 +277,10 @@ pub async fn withdraw(
     req: &TransferRequest,
 ) -> Result<bool, DbErr> {
     let now = common::time::now_micros();
-    let mut failed = req.clone();
-    failed.status = TransferStatus::Failed;
-    failed.reason = Some(NEVER_RECEIVED.to_owned());
-    failed.idempotency_key = None;
-    failed.resolved_at = Some(now);
-    let ev = event(&failed, now)?;
+    let never_received = Resolution::Failed {
+        reason: NEVER_RECEIVED.to_owned(),
+    };
+    let ev = event(&resolved(req, &never_received, now), now)?;
     let written = db
         .execute_raw(Statement::from_sql_and_values(
             db.get_database_backend(),
@@ -285,14 +289,14 @@ pub async fn withdraw(
             "WITH w AS (
                INSERT INTO transfer_requests (transfer_id, customer_id, from_account, to_account, amount, memo,
                                               status, reason, requested_at, resolved_at, updated_at)
-               VALUES ($1, $2, $3, $4, $5, $6, 'failed', $14, $8, $9, $9)
+               VALUES ($1, $2, $3, $4, $5, $6, 'failed', $7, $9, $10, $10)
                ON CONFLICT (transfer_id) DO UPDATE
-                 SET status = 'failed', reason = $7, idempotency_key = NULL,
+                 SET status = 'failed', reason = $8, idempotency_key = NULL,
                      resolved_at = EXCLUDED.resolved_at, updated_at = EXCLUDED.updated_at
                  WHERE transfer_requests.status = 'pending'
                RETURNING xmax <> 0 AS was_pending)
              INSERT INTO outbox (event_id, subject, payload, traceparent)
-             SELECT $10, $11, $12, $13 FROM w WHERE w.was_pending",
+             SELECT $11, $12, $13, $14 FROM w WHERE w.was_pending",
             [
                 req.transfer_id.to_string().into(),
                 req.customer_id.to_string().into(),
@@ -300,6 +304,7 @@ pub async fn withdraw(
                 req.to_account.to_string().into(),
                 req.amount.value().into(),
                 req.memo.clone().into(),
+                NOT_STORED.into(),
                 NEVER_RECEIVED.into(),
                 req.requested_at.into(),
                 now.into(),
@@ -307,7 +312,6 @@ pub async fn withdraw(
                 ev.subject.into(),
                 ev.payload.into(),
                 ev.traceparent.into(),
-                NOT_STORED.into(),
             ],
         ))
         .await?;

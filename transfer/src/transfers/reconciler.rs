@@ -88,7 +88,7 @@ pub async fn settle(
     let resolved = resolve(db, outbox, req, &res).await?;
     if let Some(r) = &resolved {
         let label = match (&res, action) {
-            (Resolution::Failed { reason }, "fenced") if reason == "never_received" => {
+            (Resolution::Failed { reason }, "fenced") if reason == super::NEVER_RECEIVED => {
                 "fenced_never_received"
             }
             (_, "fenced") => "fenced_found",

@@ -177,7 +177,7 @@ pub enum SubmitError {
 
 impl SubmitError {
     /// The request's result in `transfer_requests_total`.
-    pub(crate) fn result(&self) -> &'static str {
+    fn result(&self) -> &'static str {
         match self {
             SubmitError::InProgress(_) => "transfer_in_progress",
             SubmitError::Contended => "contended",
@@ -261,10 +261,15 @@ impl TransferService {
         key: &str,
         new: &NewTransfer,
     ) -> Result<Option<TransferRequest>, SubmitError> {
-        match find_by_key(&self.db, customer, key).await? {
+        let replayed = match find_by_key(&self.db, customer, key).await? {
             Some(existing) => same_request(existing, new).map(Some),
-            None => Ok(None),
-        }
+            None => return Ok(None),
+        };
+        let result = replayed
+            .as_ref()
+            .map_or_else(SubmitError::result, |_| "replay");
+        metrics::counter!("transfer_requests_total", "result" => result).increment(1);
+        replayed
     }
 
     /// Accepts, stores and executes a transfer; returns it in its current
@@ -411,17 +416,8 @@ impl TransferService {
                 if unknown == 0 {
                     return Err(SubmitError::NotStored);
                 }
-                match withdraw(&self.db, self.resolver.outbox(), req).await {
-                    Ok(failed) => {
-                        tracing::warn!(transfer_id = %req.transfer_id, stored = failed, "a transfer whose store had an unknown outcome is settled after its request answered 503: failed (never_received) if it was stored");
-                        return Err(SubmitError::NotStored);
-                    }
-                    Err(e) => {
-                        unknown += 1;
-                        self.settle_pause(req, unknown, answer_by, e).await?;
-                        continue;
-                    }
-                }
+                self.withdraw(req, answer_by).await;
+                return Err(SubmitError::NotStored);
             }
             let conflict = match insert_pending(&self.db, self.resolver.outbox(), req).await {
                 Ok(()) => return Ok(None),
@@ -504,11 +500,12 @@ impl TransferService {
         Ok(())
     }
 
-    /// Fails a transfer stored after its request answered 503
-    /// ([`SubmitError::NotStored`]) and frees its idempotency key
-    /// ([`withdraw`]): the core never received it (only the request's own
-    /// task calls the core with a new transfer), and the customer was told
-    /// it was not made. Retried on any error for as long as a store of
+    /// Settles a transfer after its request answered 503
+    /// ([`SubmitError::NotStored`]) once it was stored, or may have been
+    /// ([`withdraw`]: a stored row is failed and its idempotency key freed;
+    /// otherwise the id is taken): the core never received it (only the
+    /// request's own task calls the core with a new transfer), and the
+    /// customer was told it was not made. Retried on any error for as long as a store of
     /// unknown outcome is ([`STORE_SETTLE_BOUND`] past `answer_by`); if it
     /// still cannot, the reconciler fences it after the TTL.
     async fn withdraw(&self, req: &TransferRequest, answer_by: tokio::time::Instant) {
@@ -517,14 +514,14 @@ impl TransferService {
         loop {
             attempts += 1;
             let e = match withdraw(&self.db, outbox, req).await {
-                Ok(_) => {
-                    tracing::warn!(transfer_id = %req.transfer_id, "a transfer stored after its request answered 503 is failed (never_received)");
+                Ok(stored) => {
+                    tracing::warn!(transfer_id = %req.transfer_id, stored, "a transfer is settled after its request answered 503: failed (never_received) if it was stored");
                     return;
                 }
                 Err(e) => e,
             };
             let Some(pause) = store_retry_pause(attempts, answer_by + STORE_SETTLE_BOUND) else {
-                tracing::error!(transfer_id = %req.transfer_id, error = %e, "failing a transfer stored after its request answered 503 failed; the reconciler fences it after the TTL");
+                tracing::error!(transfer_id = %req.transfer_id, error = %e, "settling a transfer after its request answered 503 failed; if it was stored, the reconciler fences it after the TTL");
                 return;
             };
             tokio::time::sleep(pause).await;
