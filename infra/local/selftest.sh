@@ -18,6 +18,22 @@ for p in "$PG_PORT" "$NATS_PORT" "$REDIS_PORT"; do
     echo "[selftest] port $p is in use; set SELFTEST_*_PORT to free ports" >&2; exit 1
   fi
 done
+# The nats-server package is checked before it is unpacked: a download with
+# another SHA-256 than the expected one, or one whose SHA-256 nobody gave,
+# leaves nothing behind (a stand-in nats-server older than 2.10 on PATH makes
+# services.sh take the download path; the "package" is a local file).
+fake=$(mktemp -d)
+printf '#!/bin/sh\necho "nats-server: v2.9.0"\n' >"$fake/nats-server"; chmod +x "$fake/nats-server"
+echo "not a package" >"$fake/pkg.deb"
+fetch() { PATH="$fake:$PATH" BIN_DIR="$fake/bin" NATS_DEB_URL="file://$fake/pkg.deb" "$svc" nats-binary 2>&1; }
+out=$(NATS_DEB_SHA256=0000 fetch) && { echo "[selftest] a package with the wrong SHA-256 was taken: $out" >&2; exit 1; }
+grep -q 'expected 0000: not unpacked' <<<"$out" || { echo "[selftest] wrong SHA-256 not reported: $out" >&2; exit 1; }
+out=$(NATS_DEB_SHA256= fetch) && { echo "[selftest] a package without a known SHA-256 was taken: $out" >&2; exit 1; }
+grep -q 'no SHA-256 known' <<<"$out" || { echo "[selftest] missing SHA-256 not reported: $out" >&2; exit 1; }
+[ ! -e "$fake/bin/nats-server" ] || { echo "[selftest] a refused package left $fake/bin/nats-server" >&2; exit 1; }
+rm -rf "$fake"
+echo "[selftest] a nats-server package with a wrong or unknown SHA-256 is refused"
+
 trap '"$svc" down' EXIT
 "$svc" up
 

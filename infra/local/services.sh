@@ -25,8 +25,11 @@ PG_PORT=${PG_PORT:-5432}
 NATS_PORT=${NATS_PORT:-4222}
 REDIS_PORT=${REDIS_PORT:-6379}
 DATABASES=${DATABASES:-"bank_core bank_channel"}
-# The version of the amd64 build; a binNMU suffix (+b2) can differ on other
-# architectures: set NATS_DEB_VERSION (or NATS_DEB_URL) there if the download 404s.
+# The Debian package unpacked when the installed nats-server is too old. Its
+# download is checked against a SHA-256 before it is unpacked: the default
+# version's, for amd64 and arm64, are pinned below (as Debian's trixie index,
+# dists/trixie/main/binary-<arch>/Packages, lists them); another version,
+# architecture or NATS_DEB_URL needs NATS_DEB_SHA256 set, or the bring-up stops.
 NATS_DEB_VERSION=${NATS_DEB_VERSION:-2.10.27-1+b2}
 STARTED="$LOCAL_DIR/started"
 BIN_DIR=${BIN_DIR:-$ROOT/.local/bin}
@@ -157,6 +160,17 @@ up_postgres() {
   done
 }
 
+# The SHA-256 the nats-server package for architecture $1 must have: the
+# one given, or the pinned one of the default package; empty if neither.
+nats_deb_sha256() {
+  if [ -n "${NATS_DEB_SHA256:-}" ]; then echo "$NATS_DEB_SHA256"; return; fi
+  [ -z "${NATS_DEB_URL:-}" ] && [ "$NATS_DEB_VERSION" = 2.10.27-1+b2 ] || return 0
+  case "$1" in
+    amd64) echo 6d913ac987b78734c08537c2adeb1526cf735f216173a9170d94b185fcfe6f8a ;;
+    arm64) echo 0c9a617510b28c1b4fb4a38aabea6ab8cd7f026247f2abdff8b955b2278ce049 ;;
+  esac
+}
+
 # Prints the path of a nats-server that supports sync_interval (>= 2.10).
 nats_binary() {
   local sys ver
@@ -171,14 +185,18 @@ nats_binary() {
   # is fetched again rather than kept.
   if [ -x "$own" ] && ! "$own" --version >/dev/null 2>&1; then rm -f "$own"; fi
   if [ ! -x "$own" ]; then
-    local arch url
+    local arch url want got
     arch=$(dpkg --print-architecture)
     url=${NATS_DEB_URL:-https://deb.debian.org/debian/pool/main/n/nats-server/nats-server_${NATS_DEB_VERSION}_${arch}.deb}
+    want=$(nats_deb_sha256 "$arch")
+    [ -n "$want" ] || die "no SHA-256 known for $url: set NATS_DEB_SHA256 (the Packages index of the Debian release it comes from lists it), or install a nats-server >= 2.10 on PATH"
     log "NATS: installed nats-server is older than 2.10 (no sync_interval); unpacking Debian's 2.10 package ($arch) into $BIN_DIR"
     command -v curl >/dev/null || apt_install curl ca-certificates
     local tmp; tmp=$(mktemp -d)
     curl -fsSL -m 300 -o "$tmp/nats.deb" "$url" \
-      || die "cannot download $url (set NATS_DEB_URL to a nats-server >= 2.10 .deb, or install one on PATH)"
+      || { rm -rf "$tmp"; die "cannot download $url (set NATS_DEB_URL to a nats-server >= 2.10 .deb, or install one on PATH)"; }
+    got=$(sha256sum "$tmp/nats.deb" | cut -d' ' -f1)
+    [ "$got" = "$want" ] || { rm -rf "$tmp"; die "$url has SHA-256 $got, expected $want: not unpacked"; }
     dpkg-deb -x "$tmp/nats.deb" "$tmp/x"
     mkdir -p "$BIN_DIR"; cp "$tmp/x/usr/sbin/nats-server" "$own.new"; rm -rf "$tmp"
     "$own.new" --version >/dev/null 2>&1 || { rm -f "$own.new"; die "the nats-server from $url does not run here"; }
