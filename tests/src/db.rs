@@ -133,6 +133,30 @@ impl RowLock {
         .await
     }
 
+    /// Adds `amount` won to `account`'s balance and to its closing balance
+    /// of `business_date` in the core database at `db_url`, moving its
+    /// `last_seq` as every ledger write does, without committing: a write of
+    /// a completed day's balance by a replica whose clock is behind, holding
+    /// the account's row. (No ledger entry is written: the test that uses it
+    /// looks at interest figures only.)
+    pub async fn closing_balance_write(
+        db_url: &str,
+        account: &str,
+        business_date: chrono::NaiveDate,
+        amount: i64,
+    ) -> anyhow::Result<Self> {
+        Self::hold_values(
+            db_url,
+            "WITH a AS (UPDATE accounts SET balance = balance + $3, last_seq = last_seq + 1 \
+                        WHERE account_id = $1 RETURNING balance) \
+             INSERT INTO daily_balances (account_id, business_date, closing_balance) \
+             SELECT $1, $2, balance FROM a \
+             ON CONFLICT (account_id, business_date) DO UPDATE SET closing_balance = EXCLUDED.closing_balance",
+            vec![account.into(), business_date.into(), amount.into()],
+        )
+        .await
+    }
+
     /// Locks transfer request `id`'s row in the channel database at
     /// `db_url`, as another replica's long transaction would.
     pub async fn channel_transfer(db_url: &str, id: &str) -> anyhow::Result<Self> {

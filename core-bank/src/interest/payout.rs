@@ -357,6 +357,13 @@ async fn try_pay(
         opened_on: row.try_get("", "opened_on")?,
         paid_through: row.try_get("", "interest_paid_through")?,
     };
+    // Read in a statement of its own, now that the lock is held: the look-up
+    // above sees everything but the locked row on its older snapshot, so
+    // daily balances read there would miss a write it waited for (a replica
+    // whose clock is behind writing a completed day's balance). Reading them
+    // there (one round trip fewer, falling back to this read when the
+    // snapshot's `last_seq` was not the row's) measured no faster; see the
+    // README's Performance section.
     let accrual = interest.compute_for_bucket(&txn, &terms, today).await?;
     if interest.shadow_mode()
         && let Ok(mut s) = shadow.lock()
