@@ -178,8 +178,34 @@ impl Config {
     /// fail a transfer the core never saw later than SPEC B11's
     /// `REQUEST_TTL_SECS` + 5 s (the reconciler finds it up to one period
     /// after the margin, then fences it with a call to the core).
+    ///
+    /// And a fence sooner after a request than its answer's deadline plus
+    /// the time a transfer answered 503 may take to be withdrawn
+    /// ([`SETTLED_AFTER_ANSWER`](crate::transfers::service::SETTLED_AFTER_ANSWER)):
+    /// such a transfer, whose store's outcome was unknown, may then be
+    /// fenced first, failed `never_received` with its `Idempotency-Key`
+    /// kept, so the retry the 503 invites gets that failure instead of
+    /// making the transfer.
     pub fn warnings(&self) -> Vec<String> {
         let mut warnings = self.pool.warnings();
+        let withdrawn_by = self
+            .http
+            .request_timeout()
+            .saturating_sub(REQUEST_TIMEOUT_MARGIN)
+            .saturating_add(crate::transfers::service::SETTLED_AFTER_ANSWER);
+        if self.fence_after() <= withdrawn_by {
+            warnings.push(format!(
+                "REQUEST_TTL_SECS ({}) + RECONCILE_FENCE_MARGIN_MS ({}) do not exceed \
+                 HTTP_REQUEST_TIMEOUT_MS ({}) - {} ms + {} ms: a transfer answered 503 while its \
+                 store's outcome was unknown may be fenced before it is withdrawn, and a retry \
+                 with its Idempotency-Key then gets that failure instead of making the transfer",
+                self.request_ttl_secs,
+                self.fence_margin_ms,
+                self.http.http_request_timeout_ms,
+                REQUEST_TIMEOUT_MARGIN.as_millis(),
+                crate::transfers::service::SETTLED_AFTER_ANSWER.as_millis()
+            ));
+        }
         let late = self
             .fence_margin_ms
             .saturating_add(self.reconcile_interval_ms);
@@ -251,6 +277,21 @@ mod tests {
         assert!(config.warnings().is_empty(), "3000 + 1000 ms");
         config.reconcile_interval_ms = 1_001;
         assert_eq!(config.warnings().len(), 1);
+    }
+
+    #[test]
+    fn b09_a_fence_before_a_503d_transfer_can_be_withdrawn_is_warned_of() {
+        let mut config = Config::defaults();
+        assert!(config.warnings().is_empty(), "the defaults");
+        // Answered by 28 s, withdrawn by 38.5 s: the fence must come later.
+        config.http.http_request_timeout_ms = 30_000;
+        config.request_ttl_secs = 36;
+        config.fence_margin_ms = 2_501;
+        assert!(config.warnings().is_empty(), "fenced at 38.501 s");
+        config.fence_margin_ms = 2_500;
+        let warned = config.warnings();
+        assert_eq!(warned.len(), 1, "{warned:?}");
+        assert!(warned[0].contains("REQUEST_TTL_SECS (36)"), "{warned:?}");
     }
 
     #[test]

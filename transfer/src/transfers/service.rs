@@ -64,6 +64,13 @@ const STORE_SETTLE_BOUND: Duration = Duration::from_secs(10);
 /// again after an attempt whose outcome is unknown.
 const STORE_RETRY_ROOM: Duration = Duration::from_millis(500);
 
+/// How long after the answer's deadline a transfer answered 503 may still
+/// be withdrawn ([`STORE_SETTLE_BOUND`] and the last attempt's room): a
+/// fence sooner than that may settle it first (see
+/// [`crate::config::Config::warnings`]).
+pub(crate) const SETTLED_AFTER_ANSWER: Duration =
+    STORE_SETTLE_BOUND.saturating_add(STORE_RETRY_ROOM);
+
 /// The pause before storing a transfer again after `attempts` attempts
 /// (50 ms doubling to 400 ms), or `None` when it would leave less than
 /// [`STORE_RETRY_ROOM`] before `answer_by`.
