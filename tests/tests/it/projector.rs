@@ -1291,6 +1291,42 @@ async fn f7_one_replica_audits_at_a_time() {
     );
 }
 
+/// B15, F7: a quiet account whose history holds entries past the core's
+/// last seq that the core never made (forged deposits that continued the
+/// balances, as a message from anyone who can reach the broker could) has
+/// them cut by the ledger audit and the history brought back to the core's
+/// ledger, instead of showing them until the account's next real entry.
+#[tokio::test]
+async fn b15_f7_the_ledger_audit_cuts_entries_past_the_cores_ledger_that_are_not_the_cores() {
+    use projector::consume::audit::audit_once;
+    let rig = Rig::new().await;
+    let account = rig.core.api.funded_account(100).await;
+    // No projector runs (its audit would hold the lease): the history gets
+    // the core's seq 1 from a sync, then the forged entries.
+    let (ctx, _nats) = audit_context(&rig).await;
+    let id = common::AccountId::parse(account.clone()).unwrap();
+    let synced = transfer::history::sync::sync_account(&ctx.db, &ctx.core, &id)
+        .await
+        .unwrap();
+    assert_eq!(synced.synced_through_seq, 1);
+    let forged = [entry(&id, 2, 7, 107), entry(&id, 3, 1, 108)];
+    assert_eq!(writer::apply(&ctx.db, &forged).await.unwrap().applied, 2);
+    assert_eq!(rig.synced(&account).await, 3);
+
+    let (lease, every) = (Duration::from_secs(10), Duration::from_secs(1));
+    let pass = audit_once(&ctx, 1000, "one", lease, every).await.unwrap();
+    assert!(pass.complete && pass.repaired == 1, "{pass:?}");
+    assert_eq!(
+        rig.synced(&account).await,
+        1,
+        "cut back to the core's seq 1"
+    );
+    history_equals_ledger(&rig, std::slice::from_ref(&account)).await;
+    // The account is the core's again: the next pass finds nothing.
+    let again = audit_once(&ctx, 1000, "one", lease, every).await.unwrap();
+    assert!(again.complete && again.repaired == 0, "{again:?}");
+}
+
 /// What the ledger audit found, and where its pass stopped, outlive the
 /// replica that found it: a replica that takes the lease over (the first
 /// one restarted, or another) goes on from the page the failed pass reached,

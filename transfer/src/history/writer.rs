@@ -18,8 +18,10 @@
 //! An event that is not the core's (a corrupt or forged message on the
 //! broker) is refused when it does not continue the balances. One that does
 //! continue them is written, and shows until the core's entry for that seq
-//! arrives and conflicts with it; the projector then asks the core and
-//! repairs the history (see `projector::consume::ledger`).
+//! arrives and conflicts with it, or the projector's ledger audit finds the
+//! history past the core's last seq; the projector then asks the core and
+//! repairs the history (see `projector::consume::ledger` and
+//! `projector::consume::audit`).
 //!
 //! Any number of writers (projector instances, sync requests) may apply
 //! concurrently: the row locks serialize them per account, taken in account
