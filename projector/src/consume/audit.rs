@@ -37,12 +37,10 @@
 //! An account whose history holds *more* than the core's ledger (a forged
 //! event that continued the balances, or an entry the core lost in a
 //! failover) would show it for as long as the account stays quiet: no later
-//! entry of the core comes to contradict it. The audit checks the first
-//! entry past the core's `last_seq` against the core
-//! ([`sync::repair_unless_the_cores`], which asks the core again, so an
-//! entry the core made since its page was read stands); one that is not the
-//! core's is cut with everything after it, the core's entries fetched again,
-//! and the account counted as a repair.
+//! entry of the core comes to contradict it. The audit syncs such an account
+//! at once; the sync checks the first entry past the core's last seq
+//! against the core and cuts it, with everything after it, if it is not the
+//! core's ([`sync::sync_account`]), and the audit counts that as a repair.
 //!
 //! Events held up for longer than an interval (NATS or the core's relay
 //! down that long) look the same as lost ones: their accounts are synced
@@ -131,10 +129,9 @@ pub async fn audit_once(
             .retry(retry_a_page())
             .await?;
         pass.accounts += accounts.len() as u64;
-        let mut stale = Vec::new();
+        let mut to_sync = Vec::new();
         let mut first_seen = Vec::new();
         let mut settled = Vec::new();
-        let mut ahead = Vec::new();
         for a in &accounts {
             let Some(p) = progress.get(a.account_id.as_str()) else {
                 continue;
@@ -144,20 +141,22 @@ pub async fn audit_once(
                     settled.push(a.account_id.to_string());
                 }
                 if a.last_seq < p.synced {
-                    ahead.push((a.account_id.clone(), a.last_seq, p.synced));
+                    // Ahead of the core: synced at once (the sync cuts what
+                    // is not the core's).
+                    to_sync.push((a.account_id.clone(), p.synced, a.last_seq));
                 }
                 continue;
             }
             match p.behind {
                 Some((seen, true)) if p.synced < seen => {
-                    stale.push((a.account_id.clone(), p.synced, seen));
+                    to_sync.push((a.account_id.clone(), p.synced, seen));
                 }
                 // Found behind lately: looked at again at the next pass.
                 Some((seen, false)) if p.synced < seen => {}
                 _ => first_seen.push((a.account_id.to_string(), a.last_seq)),
             }
         }
-        let synced: Vec<_> = futures::stream::iter(stale)
+        let synced: Vec<_> = futures::stream::iter(to_sync)
             .map(|(account, synced, seen)| async move {
                 let result = sync::sync_account(&ctx.db, &ctx.core, &account).await;
                 (account, synced, seen, result)
@@ -171,12 +170,17 @@ pub async fn audit_once(
                 Err(e) => {
                     // Its row stays: tried again at the next pass.
                     metrics::counter!("projector_audit_errors_total").increment(1);
-                    tracing::warn!(account = %account, error = %common::error_chain(&e), "syncing an account the audit found behind failed; tried again at the next pass");
+                    tracing::warn!(account = %account, error = %common::error_chain(&e), "syncing an account the audit found behind or ahead of the core failed; tried again at the next pass");
                     continue;
                 }
             };
             settled.push(account.to_string());
-            if report.applied > 0 {
+            if report.synced_through_seq < synced {
+                pass.repaired += 1;
+                pass.entries += report.applied;
+                metrics::counter!("projector_audit_repairs_total").increment(1);
+                tracing::warn!(account = %account, synced_through_seq = synced, core_last_seq = seen, now_through = report.synced_through_seq, "an account's history held entries that are not the core's (past its last seq, or in place of its entries); cut back and synced from the core");
+            } else if report.applied > 0 {
                 pass.repaired += 1;
                 pass.entries += report.applied;
                 metrics::counter!("projector_audit_repairs_total").increment(1);
@@ -187,30 +191,6 @@ pub async fn audit_once(
                 // arrived, is nothing to do.)
                 metrics::counter!("projector_audit_errors_total").increment(1);
                 tracing::warn!(account = %account, synced_through_seq = report.synced_through_seq, core_last_seq = seen, "an account's history stays behind the core's ledger and its sync applied nothing (the core's entries do not continue it)");
-            }
-        }
-        let checked: Vec<_> = futures::stream::iter(ahead)
-            .map(|(account, last_seq, synced)| async move {
-                let result = cut_what_is_not_the_cores(ctx, &account, last_seq).await;
-                (account, last_seq, synced, result)
-            })
-            .buffer_unordered(SYNCS_IN_FLIGHT)
-            .collect()
-            .await;
-        for (account, last_seq, synced, result) in checked {
-            match result {
-                Ok(Some(report)) => {
-                    pass.repaired += 1;
-                    pass.entries += report.applied;
-                    metrics::counter!("projector_audit_repairs_total").increment(1);
-                    tracing::warn!(account = %account, synced_through_seq = synced, core_last_seq = last_seq, now_through = report.synced_through_seq, "an account's history held entries past the core's ledger that are not the core's; cut and synced from the core");
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    // Found ahead again by the next pass.
-                    metrics::counter!("projector_audit_errors_total").increment(1);
-                    tracing::warn!(account = %account, error = %common::error_chain(&e), "checking an account whose history is ahead of the core failed; tried again at the next pass");
-                }
             }
         }
         let resume = match next {
@@ -227,24 +207,6 @@ pub async fn audit_once(
             return Ok(pass);
         }
     }
-}
-
-/// For an account whose history was found past `last_seq`, the core's last
-/// seq when its page was read: checks the history's entry after it against
-/// the core's; if it is not the core's (the core has none, or another),
-/// the history is cut back to `last_seq` and synced from the core, and the
-/// sync's report returned. `None` when the entry is the core's (made since
-/// the page was read).
-async fn cut_what_is_not_the_cores(
-    ctx: &Context,
-    account: &common::AccountId,
-    last_seq: i64,
-) -> Result<Option<sync::SyncReport>, sync::SyncError> {
-    let held = sync::repair_unless_the_cores(&ctx.db, &ctx.core, account, last_seq + 1).await?;
-    if !held.cut {
-        return Ok(None);
-    }
-    Ok(Some(sync::sync_account(&ctx.db, &ctx.core, account).await?))
 }
 
 /// A page read again after a failure: 3 more times, from 200 ms.

@@ -35,6 +35,12 @@ pub struct SyncReport {
 
 /// Fetches the entries after `synced_through_seq` from the core and applies
 /// them through the writer, until the history reaches the core's last seq.
+/// A history that holds more than the core's last seq (a forged event that
+/// continued the balances, on an account that stayed quiet since) has the
+/// entry after it checked against the core ([`repair_unless_the_cores`],
+/// which asks the core again, so an entry made since stands) and, if it is
+/// not the core's, is cut back to it: `synced_through_seq` then comes back
+/// lower than it was.
 pub async fn sync_account(
     db: &DatabaseConnection,
     core: &CoreClient,
@@ -46,6 +52,16 @@ pub async fn sync_account(
     for _ in 0..MAX_PAGES {
         let page = core.entries(account, synced, PAGE).await?;
         if page.entries.is_empty() {
+            if page.last_seq < synced
+                && !repaired
+                && repair_unless_the_cores(db, core, account, page.last_seq + 1)
+                    .await?
+                    .cut
+            {
+                repaired = true;
+                synced = writer::synced_through(db, account).await?;
+                continue;
+            }
             break;
         }
         let report = writer::apply(db, &page.entries).await?;

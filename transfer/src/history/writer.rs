@@ -18,10 +18,9 @@
 //! An event that is not the core's (a corrupt or forged message on the
 //! broker) is refused when it does not continue the balances. One that does
 //! continue them is written, and shows until the core's entry for that seq
-//! arrives and conflicts with it, or the projector's ledger audit finds the
-//! history past the core's last seq; the projector then asks the core and
-//! repairs the history (see `projector::consume::ledger` and
-//! `projector::consume::audit`).
+//! arrives and conflicts with it, or a sync finds the history past the
+//! core's last seq; the core is then asked and the history repaired (see
+//! `projector::consume::ledger` and [`super::sync::sync_account`]).
 //!
 //! Any number of writers (projector instances, sync requests) may apply
 //! concurrently: the row locks serialize them per account, taken in account
