@@ -181,7 +181,7 @@ impl Config {
     ///
     /// And a fence sooner after a request than its answer's deadline plus
     /// the time a transfer answered 503 may take to be withdrawn
-    /// ([`SETTLED_AFTER_ANSWER`](crate::transfers::service::SETTLED_AFTER_ANSWER)):
+    /// (`transfers::service::SETTLED_AFTER_ANSWER`):
     /// such a transfer, whose store's outcome was unknown, may then be
     /// fenced first, failed `never_received` with its `Idempotency-Key`
     /// kept, so the retry the 503 invites gets that failure instead of

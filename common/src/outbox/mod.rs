@@ -102,6 +102,17 @@ pub struct OutboxMessage {
 }
 
 impl OutboxMessage {
+    /// Its four columns, in the order of `INSERT INTO outbox (event_id,
+    /// subject, payload, traceparent)`, as statement parameters.
+    pub fn into_values(self) -> [sea_orm::Value; 4] {
+        [
+            self.event_id.into(),
+            self.subject.into(),
+            self.payload.into(),
+            self.traceparent.into(),
+        ]
+    }
+
     /// Serializes an event, capturing the current span's trace context.
     pub fn from_event<E: Event>(event: &E) -> Result<Self, serde_json::Error> {
         Ok(Self {

@@ -171,11 +171,9 @@ pub async fn insert_pending(
                 req.memo.clone().into(),
                 req.requested_at.into(),
                 req.idempotency_key.clone().into(),
-                ev.event_id.into(),
-                ev.subject.into(),
-                ev.payload.into(),
-                ev.traceparent.into(),
-            ],
+            ]
+            .into_iter()
+            .chain(ev.into_values()),
         ))
         .await;
     match inserted {
@@ -224,11 +222,9 @@ pub async fn resolve(
                 resolved.from_seq.into(),
                 resolved.to_seq.into(),
                 now.into(),
-                ev.event_id.into(),
-                ev.subject.into(),
-                ev.payload.into(),
-                ev.traceparent.into(),
-            ],
+            ]
+            .into_iter()
+            .chain(ev.into_values()),
         ))
         .await?;
     let Some(row) = row else {
@@ -308,11 +304,9 @@ pub async fn withdraw(
                 NEVER_RECEIVED.into(),
                 req.requested_at.into(),
                 now.into(),
-                ev.event_id.into(),
-                ev.subject.into(),
-                ev.payload.into(),
-                ev.traceparent.into(),
-            ],
+            ]
+            .into_iter()
+            .chain(ev.into_values()),
         ))
         .await?;
     let was_pending = written.rows_affected() > 0;

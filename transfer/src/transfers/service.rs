@@ -328,7 +328,7 @@ impl TransferService {
                 async move {
                     // Bounded as a whole: an attempt may wait on a lock or
                     // a connection far longer than the pauses between them.
-                    let settled_by = answer_by + STORE_SETTLE_BOUND + STORE_RETRY_ROOM;
+                    let settled_by = answer_by + SETTLED_AFTER_ANSWER;
                     let stored = tokio::time::timeout_at(
                         settled_by,
                         this.store(&req, &new, answer_by, &handover),
