@@ -22,6 +22,10 @@ pub enum Action {
     DelayRequest(Duration),
     /// Forward at once, wait before answering.
     DelayResponse(Duration),
+    /// Forward at once, keep the answer until the next
+    /// [`FaultProxy::release_held`] after the rule was added: an answer
+    /// that reaches its client only after the upstream has moved on.
+    HoldResponse,
     /// Never forward, never answer (the client times out).
     Drop,
     /// Keep until the next [`FaultProxy::release_held`] after the rule was
@@ -49,6 +53,7 @@ impl Action {
             Action::Pass => "pass",
             Action::DelayRequest(_) => "delay request",
             Action::DelayResponse(_) => "delay response",
+            Action::HoldResponse => "hold response",
             Action::Drop => "drop",
             Action::Hold => "hold",
             Action::Fail(_) => "fail",
@@ -277,11 +282,12 @@ async fn forward_detached(
     {
         applied.push((method.clone(), path.clone(), action.name()));
     }
-    let mut answer_delay = None;
+    let mut answer_after = None;
     match action {
         Action::Pass => {}
         Action::DelayRequest(d) => tokio::time::sleep(d).await,
-        Action::DelayResponse(d) => answer_delay = Some(d),
+        Action::DelayResponse(d) => answer_after = Some(AnswerAfter::Delay(d)),
+        Action::HoldResponse => answer_after = Some(AnswerAfter::Release(released_by)),
         Action::Drop => std::future::pending::<()>().await,
         Action::Hold => {
             let mut releases = s.shared.releases.subscribe();
@@ -313,7 +319,15 @@ async fn forward_detached(
                 .into_response();
         }
     }
-    send_upstream(&s, method, path, headers, body, answer_delay).await
+    send_upstream(&s, method, path, headers, body, answer_after).await
+}
+
+/// When an upstream's answer goes on to the client.
+enum AnswerAfter {
+    /// This long after it came.
+    Delay(Duration),
+    /// At this release count ([`FaultProxy::release_held`]).
+    Release(u64),
 }
 
 async fn send_upstream(
@@ -322,7 +336,7 @@ async fn send_upstream(
     path: String,
     headers: HeaderMap,
     body: Bytes,
-    answer_delay: Option<Duration>,
+    answer_after: Option<AnswerAfter>,
 ) -> Response {
     if let Ok(mut f) = s.shared.forwarded.lock() {
         f.push((method.clone(), path.clone()));
@@ -346,8 +360,14 @@ async fn send_upstream(
     if let Ok(mut a) = s.shared.answered.lock() {
         a.push((method, path, status.as_u16()));
     }
-    if let Some(d) = answer_delay {
-        tokio::time::sleep(d).await;
+    match answer_after {
+        None => {}
+        Some(AnswerAfter::Delay(d)) => tokio::time::sleep(d).await,
+        Some(AnswerAfter::Release(released_by)) => {
+            let mut releases = s.shared.releases.subscribe();
+            // Err only when the sender is gone, i.e. the proxy is dropped.
+            let _ = releases.wait_for(|n| *n >= released_by).await;
+        }
     }
     let mut out = (status, bytes).into_response();
     for (k, v) in resp_headers.iter() {

@@ -41,6 +41,9 @@
 //! at once; the sync checks the first entry past the core's last seq
 //! against the core and cuts it, with everything after it, if it is not the
 //! core's ([`sync::sync_account`]), and the audit counts that as a repair.
+//! An account the core moved on after its page was read looks ahead too:
+//! its sync cuts nothing, and no repair is counted (a busy account would
+//! otherwise raise the alert at every pass).
 //!
 //! Events held up for longer than an interval (NATS or the core's relay
 //! down that long) look the same as lost ones: their accounts are synced
@@ -102,6 +105,15 @@ struct Progress {
     behind: Option<(i64, bool)>,
 }
 
+/// How a page found an account's history against the core's `last_seq`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Found {
+    /// Still short of the seq an earlier pass recorded.
+    Behind,
+    /// Past the core's `last_seq` as the page read it.
+    Ahead,
+}
+
 /// Runs a pass to its end, `page` accounts at a time, from where the last
 /// holder of the lease stopped: syncs the accounts found behind at least
 /// half of `every` ago (by this replica or another) that are still short of
@@ -141,15 +153,17 @@ pub async fn audit_once(
                     settled.push(a.account_id.to_string());
                 }
                 if a.last_seq < p.synced {
-                    // Ahead of the core: synced at once (the sync cuts what
-                    // is not the core's).
-                    to_sync.push((a.account_id.clone(), p.synced, a.last_seq));
+                    // Ahead of the core's page: synced at once (the sync
+                    // cuts what is not the core's). Mostly an account the
+                    // core moved on since its page was read, which the
+                    // sync leaves as it is.
+                    to_sync.push((a.account_id.clone(), p.synced, a.last_seq, Found::Ahead));
                 }
                 continue;
             }
             match p.behind {
                 Some((seen, true)) if p.synced < seen => {
-                    to_sync.push((a.account_id.clone(), p.synced, seen));
+                    to_sync.push((a.account_id.clone(), p.synced, seen, Found::Behind));
                 }
                 // Found behind lately: looked at again at the next pass.
                 Some((seen, false)) if p.synced < seen => {}
@@ -157,14 +171,14 @@ pub async fn audit_once(
             }
         }
         let synced: Vec<_> = futures::stream::iter(to_sync)
-            .map(|(account, synced, seen)| async move {
+            .map(|(account, synced, seen, found)| async move {
                 let result = sync::sync_account(&ctx.db, &ctx.core, &account).await;
-                (account, synced, seen, result)
+                (account, synced, seen, found, result)
             })
             .buffer_unordered(SYNCS_IN_FLIGHT)
             .collect()
             .await;
-        for (account, synced, seen, result) in synced {
+        for (account, synced, seen, found, result) in synced {
             let report = match result {
                 Ok(report) => report,
                 Err(e) => {
@@ -175,11 +189,15 @@ pub async fn audit_once(
                 }
             };
             settled.push(account.to_string());
-            if report.synced_through_seq < synced {
+            if report.cut {
                 pass.repaired += 1;
                 pass.entries += report.applied;
                 metrics::counter!("projector_audit_repairs_total").increment(1);
                 tracing::warn!(account = %account, synced_through_seq = synced, core_last_seq = seen, now_through = report.synced_through_seq, "an account's history held entries that are not the core's (past its last seq, or in place of its entries); cut back and synced from the core");
+            } else if found == Found::Ahead {
+                // Nothing cut: the core had moved on (what the sync applied
+                // is the projector's work, done sooner).
+                pass.entries += report.applied;
             } else if report.applied > 0 {
                 pass.repaired += 1;
                 pass.entries += report.applied;

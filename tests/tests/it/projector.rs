@@ -1327,6 +1327,65 @@ async fn b15_f7_the_ledger_audit_cuts_entries_past_the_cores_ledger_that_are_not
     assert!(again.complete && again.repaired == 0, "{again:?}");
 }
 
+/// An account the core moved on after the audit read its page has a
+/// history past the `last_seq` the page gave, and entries still to come:
+/// the audit syncs it (nothing to cut, the entries are the core's) and
+/// counts no repair, so a busy account never raises `LedgerEventsLost`.
+#[tokio::test]
+async fn f7_the_ledger_audit_counts_no_repair_of_an_account_the_core_moved_on_since_its_page() {
+    use projector::consume::audit::audit_once;
+    let rig = Rig::new().await;
+    let account = rig.core.api.funded_account(100).await;
+    let id = common::AccountId::parse(account.clone()).unwrap();
+    // No projector runs: the test brings the history where it wants it.
+    let (ctx, _nats) = audit_context(&rig).await;
+    let synced = transfer::history::sync::sync_account(&ctx.db, &ctx.core, &id)
+        .await
+        .unwrap();
+    assert_eq!(synced.synced_through_seq, 1);
+    // The audit's page of accounts is read (seq 1) and its answer held ...
+    rig.proxy.add(
+        Some(reqwest::Method::GET),
+        "/v1/accounts?",
+        bank_tests::proxy::Action::HoldResponse,
+        Some(1),
+    );
+    let (lease, every) = (Duration::from_secs(10), Duration::from_secs(1));
+    let audit = {
+        let ctx = ctx.clone();
+        tokio::spawn(async move { audit_once(&ctx, 1000, "one", lease, every).await })
+    };
+    eventually("the audit's page read", Duration::from_secs(10), || async {
+        let read = rig
+            .proxy
+            .answered()
+            .iter()
+            .any(|(_, path, _)| path.starts_with("/v1/accounts?"));
+        if read {
+            Ok(())
+        } else {
+            Err("not yet".to_owned())
+        }
+    })
+    .await;
+    // ... while the core moves on: seq 2 reaches the history, seq 3 not yet.
+    rig.core.api.deposit(&account, 5).await.expect(200);
+    let synced = transfer::history::sync::sync_account(&ctx.db, &ctx.core, &id)
+        .await
+        .unwrap();
+    assert_eq!(synced.synced_through_seq, 2);
+    rig.core.api.deposit(&account, 7).await.expect(200);
+    rig.proxy.release_held();
+    let pass = audit.await.unwrap().unwrap();
+    assert!(pass.complete, "{pass:?}");
+    assert_eq!(
+        pass.repaired, 0,
+        "the core moved on, nothing was lost: {pass:?}"
+    );
+    assert_eq!(rig.synced(&account).await, 3, "synced, nothing cut");
+    history_equals_ledger(&rig, std::slice::from_ref(&account)).await;
+}
+
 /// What the ledger audit found, and where its pass stopped, outlive the
 /// replica that found it: a replica that takes the lease over (the first
 /// one restarted, or another) goes on from the page the failed pass reached,

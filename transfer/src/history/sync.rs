@@ -31,6 +31,9 @@ pub struct SyncReport {
     pub synced_through_seq: i64,
     /// Entries written by this sync.
     pub applied: u64,
+    /// Whether this sync cut back entries that were not the core's (the
+    /// history then held them up to a seq it may no longer reach).
+    pub cut: bool,
 }
 
 /// Fetches the entries after `synced_through_seq` from the core and applies
@@ -48,19 +51,22 @@ pub async fn sync_account(
 ) -> Result<SyncReport, SyncError> {
     let mut applied = 0;
     let mut synced = writer::synced_through(db, account).await?;
-    let mut repaired = false;
+    let (mut repaired, mut cut) = (false, false);
     for _ in 0..MAX_PAGES {
         let page = core.entries(account, synced, PAGE).await?;
         if page.entries.is_empty() {
-            if page.last_seq < synced
-                && !repaired
-                && repair_unless_the_cores(db, core, account, page.last_seq + 1)
-                    .await?
-                    .cut
-            {
+            if page.last_seq < synced && !repaired {
                 repaired = true;
-                synced = writer::synced_through(db, account).await?;
-                continue;
+                cut |= repair_unless_the_cores(db, core, account, page.last_seq + 1)
+                    .await?
+                    .cut;
+                // Cut by this sync, or by another since the history's seq
+                // was read: fetched again from where the history now ends.
+                let now = writer::synced_through(db, account).await?;
+                if now != synced {
+                    synced = now;
+                    continue;
+                }
             }
             break;
         }
@@ -79,6 +85,7 @@ pub async fn sync_account(
                 .await?
                 .cut
             {
+                cut = true;
                 synced = writer::synced_through(db, account).await?;
                 continue;
             }
@@ -93,6 +100,7 @@ pub async fn sync_account(
     Ok(SyncReport {
         synced_through_seq: synced,
         applied,
+        cut,
     })
 }
 
