@@ -181,7 +181,9 @@ impl Config {
     ///
     /// And a fence sooner after a request than its answer's deadline plus
     /// the time a transfer answered 503 may take to be withdrawn
-    /// (`transfers::service::SETTLED_AFTER_ANSWER`):
+    /// (`transfers::service::SETTLED_AFTER_ANSWER`, by when its last
+    /// withdrawal starts, and `DATABASE_LOCK_TIMEOUT_MS`, the longest that
+    /// statement waits for the account's lock):
     /// such a transfer, whose store's outcome was unknown, may then be
     /// fenced first, failed `never_received` with its `Idempotency-Key`
     /// kept, so the retry the 503 invites gets that failure instead of
@@ -192,18 +194,21 @@ impl Config {
             .http
             .request_timeout()
             .saturating_sub(REQUEST_TIMEOUT_MARGIN)
-            .saturating_add(crate::transfers::service::SETTLED_AFTER_ANSWER);
+            .saturating_add(crate::transfers::service::SETTLED_AFTER_ANSWER)
+            .saturating_add(Duration::from_millis(self.pool.db_lock_timeout_ms));
         if self.fence_after() <= withdrawn_by {
             warnings.push(format!(
                 "REQUEST_TTL_SECS ({}) + RECONCILE_FENCE_MARGIN_MS ({}) do not exceed \
-                 HTTP_REQUEST_TIMEOUT_MS ({}) - {} ms + {} ms: a transfer answered 503 while its \
+                 HTTP_REQUEST_TIMEOUT_MS ({}) - {} ms + {} ms + DATABASE_LOCK_TIMEOUT_MS ({}): \
+                 a transfer answered 503 while its \
                  store's outcome was unknown may be fenced before it is withdrawn, and a retry \
                  with its Idempotency-Key then gets that failure instead of making the transfer",
                 self.request_ttl_secs,
                 self.fence_margin_ms,
                 self.http.http_request_timeout_ms,
                 REQUEST_TIMEOUT_MARGIN.as_millis(),
-                crate::transfers::service::SETTLED_AFTER_ANSWER.as_millis()
+                crate::transfers::service::SETTLED_AFTER_ANSWER.as_millis(),
+                self.pool.db_lock_timeout_ms
             ));
         }
         let late = self
@@ -283,15 +288,17 @@ mod tests {
     fn b09_a_fence_before_a_503d_transfer_can_be_withdrawn_is_warned_of() {
         let mut config = Config::defaults();
         assert!(config.warnings().is_empty(), "the defaults");
-        // Answered by 28 s, withdrawn by 38.5 s: the fence must come later.
+        // Answered by 28 s, the last withdrawal started by 38.5 s and done
+        // by 40.5 s (a 2 s lock timeout): the fence must come later.
         config.http.http_request_timeout_ms = 30_000;
-        config.request_ttl_secs = 36;
+        config.pool.db_lock_timeout_ms = 2_000;
+        config.request_ttl_secs = 38;
         config.fence_margin_ms = 2_501;
-        assert!(config.warnings().is_empty(), "fenced at 38.501 s");
+        assert!(config.warnings().is_empty(), "fenced at 40.501 s");
         config.fence_margin_ms = 2_500;
         let warned = config.warnings();
         assert_eq!(warned.len(), 1, "{warned:?}");
-        assert!(warned[0].contains("REQUEST_TTL_SECS (36)"), "{warned:?}");
+        assert!(warned[0].contains("REQUEST_TTL_SECS (38)"), "{warned:?}");
     }
 
     #[test]
