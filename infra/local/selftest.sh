@@ -20,19 +20,30 @@ for p in "$PG_PORT" "$NATS_PORT" "$REDIS_PORT"; do
 done
 # The nats-server package is checked before it is unpacked: a download with
 # another SHA-256 than the expected one, or one whose SHA-256 nobody gave,
-# leaves nothing behind (a stand-in nats-server older than 2.10 on PATH makes
-# services.sh take the download path; the "package" is a local file).
+# leaves nothing behind, and one with the expected SHA-256 is unpacked (a
+# stand-in nats-server older than 2.10 on PATH makes services.sh take the
+# download path; the "package" is a local file, a real .deb in the last case).
 fake=$(mktemp -d)
+mkdir -p "$fake/tmp" "$fake/deb/DEBIAN" "$fake/deb/usr/sbin"
 printf '#!/bin/sh\necho "nats-server: v2.9.0"\n' >"$fake/nats-server"; chmod +x "$fake/nats-server"
 echo "not a package" >"$fake/pkg.deb"
-fetch() { PATH="$fake:$PATH" BIN_DIR="$fake/bin" NATS_DEB_URL="file://$fake/pkg.deb" "$svc" nats-binary 2>&1; }
+fetch() { PATH="$fake:$PATH" TMPDIR="$fake/tmp" BIN_DIR="$fake/bin" NATS_DEB_URL="file://$fake/pkg.deb" "$svc" nats-binary 2>&1; }
+left() { [ ! -e "$fake/bin/nats-server" ] && [ -z "$(ls -A "$fake/tmp")" ] || { echo "[selftest] a refused package left files behind: $(ls -R "$fake/bin" "$fake/tmp" 2>&1)" >&2; exit 1; }; }
 out=$(NATS_DEB_SHA256=0000 fetch) && { echo "[selftest] a package with the wrong SHA-256 was taken: $out" >&2; exit 1; }
 grep -q 'expected 0000: not unpacked' <<<"$out" || { echo "[selftest] wrong SHA-256 not reported: $out" >&2; exit 1; }
+left
 out=$(NATS_DEB_SHA256= fetch) && { echo "[selftest] a package without a known SHA-256 was taken: $out" >&2; exit 1; }
 grep -q 'no SHA-256 known' <<<"$out" || { echo "[selftest] missing SHA-256 not reported: $out" >&2; exit 1; }
-[ ! -e "$fake/bin/nats-server" ] || { echo "[selftest] a refused package left $fake/bin/nats-server" >&2; exit 1; }
+left
+printf 'Package: nats-server\nVersion: 2.10.99\nArchitecture: all\nMaintainer: selftest <selftest@localhost>\nDescription: selftest stand-in\n' >"$fake/deb/DEBIAN/control"
+printf '#!/bin/sh\necho "nats-server: v2.10.99"\n' >"$fake/deb/usr/sbin/nats-server"; chmod 755 "$fake/deb/usr/sbin/nats-server"
+dpkg-deb -b --root-owner-group "$fake/deb" "$fake/pkg.deb" >/dev/null
+out=$(NATS_DEB_SHA256=$(sha256sum "$fake/pkg.deb" | cut -d' ' -f1) fetch) || { echo "[selftest] a package with the expected SHA-256 was refused: $out" >&2; exit 1; }
+[ "$(tail -n1 <<<"$out")" = "$fake/bin/nats-server" ] && [ "$("$fake/bin/nats-server" --version)" = "nats-server: v2.10.99" ] \
+  || { echo "[selftest] a package with the expected SHA-256 was not unpacked: $out" >&2; exit 1; }
+[ -z "$(ls -A "$fake/tmp")" ] || { echo "[selftest] unpacking left $(ls "$fake/tmp") in the temporary directory" >&2; exit 1; }
 rm -rf "$fake"
-echo "[selftest] a nats-server package with a wrong or unknown SHA-256 is refused"
+echo "[selftest] a nats-server package is unpacked with the expected SHA-256 and refused, nothing left behind, with a wrong or unknown one"
 
 trap '"$svc" down' EXIT
 "$svc" up
