@@ -12,6 +12,31 @@ use crate::client::Api;
 /// joined by `|`.
 pub type EntryKey = (i64, String, String, String, Option<String>, String);
 
+/// A deposit entry of `account` at `seq`, now: what a test writes into a
+/// history as an entry that is not the core's.
+pub fn deposit_entry(
+    account: &common::AccountId,
+    seq: i64,
+    amount: i64,
+    balance_after: i64,
+) -> common::events::LedgerEntry {
+    let won = |v: i64| common::Won::new(v.into()).unwrap_or_else(|e| panic!("{v} won: {e}"));
+    common::events::LedgerEntry {
+        account_id: account.clone(),
+        seq,
+        kind: common::events::EntryKind::Deposit,
+        amount: won(amount),
+        balance_after: won(balance_after),
+        occurred_at: chrono::Utc::now(),
+        business_date: chrono::Utc::now().date_naive(),
+        transfer_id: None,
+        deposit_id: None,
+        payout_id: None,
+        counterparty: None,
+        memo: None,
+    }
+}
+
 /// An account's history in the channel database, ascending.
 pub async fn channel_history(channel_db_url: &str, account: &str) -> anyhow::Result<Vec<EntryKey>> {
     let db = Database::connect(channel_db_url).await?;

@@ -32,6 +32,21 @@ async fn deposits(stack: &Stack, account: &str, n: usize) {
     }
 }
 
+/// The seqs of the account's first history page of `limit`, as listed.
+async fn history_seqs(api: &bank_tests::client::Api, account: &str, limit: u32) -> Vec<i64> {
+    let h = api
+        .get(&format!("/v1/accounts/{account}/history?limit={limit}"))
+        .await
+        .expect(200)
+        .body;
+    h["entries"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no entries in {h}"))
+        .iter()
+        .map(|e| e["seq"].as_i64().unwrap())
+        .collect()
+}
+
 #[tokio::test]
 async fn b17_keyset_pages_cover_every_seq_once_newest_first_with_an_index_scan() {
     let stack = Stack::start(StackOptions::default()).await.unwrap();
@@ -470,6 +485,45 @@ async fn b18_history_syncs_from_the_core_when_the_channel_knows_of_unshown_activ
     assert_eq!(h["entries"][0]["balance_after"], "8500");
 }
 
+/// A quiet account whose history holds entries past the core's last seq
+/// that are not the core's (a forged event that continued the balances) is
+/// cut back to the core's ledger by a manual sync: no later entry of the
+/// core would ever contradict them.
+#[tokio::test]
+async fn b19_a_manual_sync_cuts_back_entries_past_the_cores_ledger_that_are_not_the_cores() {
+    let stack = Stack::start(StackOptions::default()).await.unwrap();
+    let (_, account, api) = stack.customer_with_account(0).await;
+    deposits(&stack, &account, 2).await;
+    let synced = api
+        .post(&format!("/v1/accounts/{account}/history/sync"), json!({}))
+        .await
+        .expect(200);
+    assert_eq!(synced.body["synced_through_seq"], 2);
+    // Deposits of 100 and 101: the forged seqs 3 and 4 continue the balance.
+    let id = common::AccountId::parse(account.clone()).unwrap();
+    let db = Database::connect(stack.transfer.db_url.as_str())
+        .await
+        .unwrap();
+    let forged = [
+        bank_tests::verify::deposit_entry(&id, 3, 7, 208),
+        bank_tests::verify::deposit_entry(&id, 4, 1, 209),
+    ];
+    let written = transfer::history::writer::apply(&db, &forged)
+        .await
+        .unwrap();
+    assert_eq!(written.applied, 2);
+
+    let cut = api
+        .post(&format!("/v1/accounts/{account}/history/sync"), json!({}))
+        .await
+        .expect(200);
+    assert_eq!(
+        cut.body,
+        json!({"account_id": account, "synced_through_seq": 2, "applied": 0})
+    );
+    assert_eq!(history_seqs(&api, &account, 100).await, [2, 1]);
+}
+
 #[tokio::test]
 async fn b19_manual_sync_applies_what_is_missing_once() {
     let stack = Stack::start(StackOptions::default()).await.unwrap();
@@ -500,16 +554,9 @@ async fn b19_manual_sync_applies_what_is_missing_once() {
         ),
         (Some(7), Some(2))
     );
-    let h = api
-        .get(&format!("/v1/accounts/{account}/history?limit=100"))
+    let seqs: HashSet<i64> = history_seqs(&api, &account, 100)
         .await
-        .expect(200)
-        .body;
-    let seqs: HashSet<i64> = h["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["seq"].as_i64().unwrap())
+        .into_iter()
         .collect();
     assert_eq!(seqs, (1..=7).collect());
     // With the core unreachable the sync says so, and nothing breaks.

@@ -9,10 +9,11 @@ use bank_tests::nats::stream_messages;
 use bank_tests::process::ServiceProcess;
 use bank_tests::proxy::{Action, FaultProxy};
 use bank_tests::tcp_proxy::TcpCut;
+use bank_tests::verify::deposit_entry as entry;
 use bank_tests::verify::{channel_history, core_ledger, history_mismatches};
 use bank_tests::{CoreApp, NatsServer, ProjectorApp, eventually, unique};
 use common::Won;
-use common::events::{EntryKind, LedgerEntry};
+use common::events::EntryKind;
 use serde_json::{Value, json};
 use transfer::history::writer;
 
@@ -2684,23 +2685,6 @@ async fn b15_an_event_that_is_not_the_cores_never_stays_in_the_history() {
     wait_letters(&p, 2).await;
     history_equals_ledger(&rig, std::slice::from_ref(&account)).await;
     assert_eq!(rig.synced(&account).await, 3);
-}
-
-fn entry(account: &common::AccountId, seq: i64, amount: i64, balance_after: i64) -> LedgerEntry {
-    LedgerEntry {
-        account_id: account.clone(),
-        seq,
-        kind: EntryKind::Deposit,
-        amount: Won::new(amount.into()).unwrap(),
-        balance_after: Won::new(balance_after.into()).unwrap(),
-        occurred_at: chrono::Utc::now(),
-        business_date: chrono::Utc::now().date_naive(),
-        transfer_id: None,
-        deposit_id: None,
-        payout_id: None,
-        counterparty: None,
-        memo: None,
-    }
 }
 
 /// `projector rebuild` (for a lost or damaged channel database) brings every
