@@ -24,7 +24,9 @@ done
 # stand-in nats-server older than 2.10 on PATH makes services.sh take the
 # download path; the "package" is a local file, a real .deb in the last case).
 fake=$(mktemp -d)
+trap 'rm -rf "$fake"' EXIT
 mkdir -p "$fake/tmp" "$fake/deb/DEBIAN" "$fake/deb/usr/sbin"
+chmod 755 "$fake/deb/DEBIAN"  # dpkg-deb refuses one a umask of 077 made
 printf '#!/bin/sh\necho "nats-server: v2.9.0"\n' >"$fake/nats-server"; chmod +x "$fake/nats-server"
 echo "not a package" >"$fake/pkg.deb"
 fetch() { PATH="$fake:$PATH" TMPDIR="$fake/tmp" BIN_DIR="$fake/bin" NATS_DEB_URL="file://$fake/pkg.deb" "$svc" nats-binary 2>&1; }
@@ -42,7 +44,7 @@ out=$(NATS_DEB_SHA256=$(sha256sum "$fake/pkg.deb" | cut -d' ' -f1) fetch) || { e
 [ "$(tail -n1 <<<"$out")" = "$fake/bin/nats-server" ] && [ "$("$fake/bin/nats-server" --version)" = "nats-server: v2.10.99" ] \
   || { echo "[selftest] a package with the expected SHA-256 was not unpacked: $out" >&2; exit 1; }
 [ -z "$(ls -A "$fake/tmp")" ] || { echo "[selftest] unpacking left $(ls "$fake/tmp") in the temporary directory" >&2; exit 1; }
-rm -rf "$fake"
+rm -rf "$fake"; trap - EXIT
 echo "[selftest] a nats-server package is unpacked with the expected SHA-256 and refused, nothing left behind, with a wrong or unknown one"
 
 trap '"$svc" down' EXIT
