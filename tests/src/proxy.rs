@@ -183,7 +183,8 @@ impl FaultProxy {
     }
 
     /// Forwards every held request now, and those of the current hold
-    /// rules that have not reached the proxy yet as soon as they do.
+    /// rules that have not reached the proxy yet as soon as they do; passes
+    /// every held answer on ([`Action::HoldResponse`]) the same way.
     pub fn release_held(&self) {
         self.shared.releases.send_modify(|n| *n += 1);
     }

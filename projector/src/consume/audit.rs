@@ -43,7 +43,9 @@
 //! core's ([`sync::sync_account`]), and the audit counts that as a repair.
 //! An account the core moved on after its page was read looks ahead too:
 //! its sync cuts nothing, and no repair is counted (a busy account would
-//! otherwise raise the alert at every pass).
+//! otherwise raise the alert at every pass). Its events lost right after
+//! the page was read are filled by that sync uncounted: within a pass that
+//! cannot be told from events on their way.
 //!
 //! Events held up for longer than an interval (NATS or the core's relay
 //! down that long) look the same as lost ones: their accounts are synced

@@ -42,8 +42,9 @@ pub struct SyncReport {
 /// continued the balances, on an account that stayed quiet since) has the
 /// entry after it checked against the core ([`repair_unless_the_cores`],
 /// which asks the core again, so an entry made since stands) and, if it is
-/// not the core's, is cut back to it: `synced_through_seq` then comes back
-/// lower than it was.
+/// not the core's, is cut back to it (`cut`): `synced_through_seq` then
+/// comes back lower than it was. Cut by another writer meanwhile, the
+/// history is fetched again from where it now ends.
 pub async fn sync_account(
     db: &DatabaseConnection,
     core: &CoreClient,
