@@ -30,7 +30,8 @@ DATABASES=${DATABASES:-"bank_core bank_channel"}
 # version's, for amd64 and arm64, are pinned below (as Debian's trixie index,
 # dists/trixie/main/binary-<arch>/Packages, lists them); another version,
 # architecture or NATS_DEB_URL needs NATS_DEB_SHA256 set, or the bring-up stops.
-NATS_DEB_VERSION=${NATS_DEB_VERSION:-2.10.27-1+b2}
+NATS_DEB_PINNED=2.10.27-1+b2
+NATS_DEB_VERSION=${NATS_DEB_VERSION:-$NATS_DEB_PINNED}
 STARTED="$LOCAL_DIR/started"
 BIN_DIR=${BIN_DIR:-$ROOT/.local/bin}
 
@@ -161,10 +162,11 @@ up_postgres() {
 }
 
 # The SHA-256 the nats-server package for architecture $1 must have: the
-# one given, or the pinned one of the default package; empty if neither.
+# one given, or the pinned one of the default package ($NATS_DEB_PINNED:
+# change the hashes with it); empty if neither.
 nats_deb_sha256() {
   if [ -n "${NATS_DEB_SHA256:-}" ]; then echo "$NATS_DEB_SHA256"; return; fi
-  [ -z "${NATS_DEB_URL:-}" ] && [ "$NATS_DEB_VERSION" = 2.10.27-1+b2 ] || return 0
+  [ -z "${NATS_DEB_URL:-}" ] && [ "$NATS_DEB_VERSION" = "$NATS_DEB_PINNED" ] || return 0
   case "$1" in
     amd64) echo 6d913ac987b78734c08537c2adeb1526cf735f216173a9170d94b185fcfe6f8a ;;
     arm64) echo 0c9a617510b28c1b4fb4a38aabea6ab8cd7f026247f2abdff8b955b2278ce049 ;;
