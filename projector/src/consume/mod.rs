@@ -22,7 +22,7 @@
 //! handling never ends (the process crashes or a batch task fails on it,
 //! every time) ends in none of them; once delivered more than twice the
 //! limit it is handled alone, and dead-lettered if that never ends either
-//! ([`handle_alone`]).
+//! ([`overdue`]).
 //!
 //! An unavailable channel database (no connection, a server shutting down,
 //! read-only: `common::db::is_unavailable`) is not a failure of the
@@ -40,6 +40,7 @@
 pub mod audit;
 pub mod dlq;
 pub mod ledger;
+pub mod overdue;
 pub mod tax;
 
 use std::ops::ControlFlow;
@@ -49,7 +50,7 @@ use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pu
 use async_nats::jetstream::{self, AckKind, Message};
 use common::shutdown::CancellationToken;
 use futures::{FutureExt, StreamExt};
-use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, Statement};
+use sea_orm::DatabaseConnection;
 use tracing::Instrument;
 
 use crate::config::Config;
@@ -495,7 +496,7 @@ async fn handle(
     batch: Vec<Message>,
     turns: ledger::Turns,
 ) -> Vec<Message> {
-    let (batch, overdue) = split_overdue(ctx, batch);
+    let (batch, overdue) = overdue::split(ctx, batch);
     let mut left = match feed {
         Feed::Ledger => ledger::handle(ctx, batch, turns).await,
         Feed::Interest => tax::handle(ctx, batch).await,
@@ -505,136 +506,9 @@ async fn handle(
     let mut overdue = std::collections::VecDeque::from(overdue);
     while let Some(m) = overdue.pop_front() {
         let waiting: Vec<&Message> = overdue.iter().collect();
-        left.extend(holding_progress(ctx, &waiting, handle_alone(ctx, feed, m)).await);
+        left.extend(holding_progress(ctx, &waiting, overdue::handle_alone(ctx, feed, m)).await);
     }
     left
-}
-
-/// Splits `batch` into the messages handled as a batch and the overdue
-/// ones: delivered more than twice `PROJECTOR_MAX_DELIVERIES` times. The
-/// handlers settle every message they finish with and dead-letter a failing
-/// one at the limit; a message past twice the limit was delivered again and
-/// again without ending in either: its handling never finished (the process
-/// died or a batch task failed), maybe because of this message, maybe of
-/// another in hand at the time (a crash loop raises every message's count).
-/// Each overdue message is handled alone, after the batch
-/// ([`handle_alone`]). (The server's own `max_deliver` is unlimited, so
-/// without this a message the projector dies on would come back forever.)
-fn split_overdue(ctx: &Context, batch: Vec<Message>) -> (Vec<Message>, Vec<Message>) {
-    let limit = ctx.config.max_deliveries.max(1).saturating_mul(2);
-    batch
-        .into_iter()
-        .partition(|m| m.info().map_or(true, |i| i.delivered <= limit))
-}
-
-/// Handles an overdue message alone, with a row in `overdue_attempts` (its
-/// delivery count) while it is: a row of an earlier delivery still there
-/// means that attempt never ended either (the process died on it), and the
-/// message is dead-lettered instead. The row goes once the message is
-/// settled; one handed back (the channel database unavailable) keeps it, and
-/// is handled again within the same delivery without being lettered. Rows
-/// older than a day (a message that never came back) are cleared on the way.
-async fn handle_alone(ctx: &Context, feed: Feed, m: Message) -> Vec<Message> {
-    let Ok(info) = m.info() else {
-        return handle_one(ctx, feed, m).await;
-    };
-    let delivered = info.delivered;
-    let key = (
-        info.stream.to_owned(),
-        i64::try_from(info.stream_sequence).unwrap_or(i64::MAX),
-        i64::try_from(info.published.unix_timestamp_nanos()).unwrap_or(i64::MAX),
-    );
-    match attempt_alone(ctx, &key, delivered).await {
-        Ok(AloneAttempt::EarlierNeverEnded(earlier)) => {
-            let reason = format!(
-                "delivered {delivered} times without its handling ever ending, also when handled alone at delivery {earlier} (the projector died on it)"
-            );
-            dlq::dead_letter(ctx, &m, &reason, "exhausted").await;
-            forget_attempt(ctx, &key).await;
-            Vec::new()
-        }
-        Ok(AloneAttempt::This) => {
-            let back = handle_one(ctx, feed, m).await;
-            if back.is_empty() {
-                forget_attempt(ctx, &key).await;
-            }
-            back
-        }
-        // Undecided: handled alone, without the record.
-        Err(e) => {
-            tracing::warn!(error = %e, "recording an overdue message's attempt failed; handling it alone without the record");
-            handle_one(ctx, feed, m).await
-        }
-    }
-}
-
-/// One message as a batch of its own, out of the lanes' order: the writer's
-/// sequence rule keeps the account's history in order whatever the order of
-/// handling (an entry ahead of the history is filled from the core).
-async fn handle_one(ctx: &Context, feed: Feed, m: Message) -> Vec<Message> {
-    match feed {
-        Feed::Ledger => ledger::handle(ctx, vec![m], ledger::Turns::free()).await,
-        Feed::Interest => tax::handle(ctx, vec![m]).await,
-    }
-}
-
-/// What `overdue_attempts` says about handling a message alone now.
-enum AloneAttempt {
-    /// This delivery's attempt (recorded now, or again after a hand-back).
-    This,
-    /// The attempt of an earlier delivery (that number) never ended.
-    EarlierNeverEnded(i64),
-}
-
-/// Records the attempt of `key` at delivery `delivered`, unless one of an
-/// earlier delivery is recorded.
-async fn attempt_alone(
-    ctx: &Context,
-    key: &(String, i64, i64),
-    delivered: i64,
-) -> Result<AloneAttempt, DbErr> {
-    let row = ctx
-        .db
-        .query_one_raw(Statement::from_sql_and_values(
-            ctx.db.get_database_backend(),
-            "WITH stale AS (DELETE FROM overdue_attempts WHERE started_at < now() - interval '1 day'), \
-                  attempt AS ( \
-                    INSERT INTO overdue_attempts (stream, stream_seq, published_ns, delivered) \
-                    VALUES ($1, $2, $3, $4) \
-                    ON CONFLICT (stream, stream_seq, published_ns) \
-                      DO UPDATE SET delivered = overdue_attempts.delivered \
-                    RETURNING delivered) \
-             SELECT delivered FROM attempt",
-            [
-                key.0.clone().into(),
-                key.1.into(),
-                key.2.into(),
-                delivered.into(),
-            ],
-        ))
-        .await?
-        .ok_or_else(|| DbErr::RecordNotFound("no answer from recording an attempt".into()))?;
-    let recorded: i64 = row.try_get("", "delivered")?;
-    Ok(if recorded < delivered {
-        AloneAttempt::EarlierNeverEnded(recorded)
-    } else {
-        AloneAttempt::This
-    })
-}
-
-/// Forgets the attempt of `key` (its message settled, or lettered).
-async fn forget_attempt(ctx: &Context, key: &(String, i64, i64)) {
-    if let Err(e) = ctx
-        .db
-        .execute_raw(Statement::from_sql_and_values(
-            ctx.db.get_database_backend(),
-            "DELETE FROM overdue_attempts WHERE stream = $1 AND stream_seq = $2 AND published_ns = $3",
-            [key.0.clone().into(), key.1.into(), key.2.into()],
-        ))
-        .await
-    {
-        tracing::warn!(error = %e, "forgetting an overdue message's attempt failed; its next delivery, if any, is lettered");
-    }
 }
 
 /// Keeps the messages the channel database could not take while it is

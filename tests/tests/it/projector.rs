@@ -300,6 +300,74 @@ async fn f5_a_message_delivered_again_and_again_without_ever_being_settled_is_de
     assert_eq!(left, ["0"], "the attempt is forgotten once lettered");
 }
 
+/// F7: an overdue message handled alone whose attempt ends handed back (the
+/// channel database went away during it), and which the projector then
+/// naks at shutdown, was not died on: its row in `overdue_attempts` stays
+/// (the database is away), but the hand-back is recorded where it survives
+/// that, and the next delivery handles it again instead of lettering it.
+#[tokio::test]
+async fn f7_an_overdue_message_handed_back_in_an_outage_then_naked_at_shutdown_is_not_dead_lettered()
+ {
+    let rig = Rig::new().await;
+    let mut p = rig.projector(ProjectorOptions::default()).await;
+    p.stop().await.unwrap();
+    let js = rig.nats.jetstream().await.unwrap();
+    let limit = 2 * ProjectorOptions::default().max_deliveries;
+    let account = rig.core.api.funded_account(5000).await;
+    let (seq, _, _) = deliver_past(&js, limit).await;
+    // The attempt alone is recorded; its history write never reaches the
+    // database, which is away from then on.
+    let cut = TcpCut::before(&rig.channel_db, 5432).await.unwrap();
+    cut.lose_request_then_cut(b"INSERT INTO history_sync (account_id) SELECT unnest");
+    let mut p = rig
+        .projector_on(
+            &cut.route(&rig.channel_db).unwrap(),
+            ProjectorOptions::default(),
+        )
+        .await;
+    let row = format!("SELECT delivered::text FROM overdue_attempts WHERE stream_seq = {seq}");
+    eventually(
+        "the attempt recorded, then handed back and held",
+        Duration::from_secs(30),
+        || async {
+            let recorded = bank_tests::db::query_strings(&rig.channel_db, &row)
+                .await
+                .map_err(|e| e.to_string())?;
+            let paused = bank_tests::metrics::read(
+                &p.api.base,
+                "projector_database_pauses_total{feed=\"ledger\"",
+            )
+            .await;
+            if recorded.len() == 1 && cut.answers_lost() == 1 && paused >= 1.0 {
+                Ok(())
+            } else {
+                Err(format!(
+                    "row {recorded:?}, {} lost, {paused} pauses",
+                    cut.answers_lost()
+                ))
+            }
+        },
+    )
+    .await;
+    // SIGTERM while it holds the message: naked, the row still there.
+    p.stop().await.unwrap();
+    cut.restore();
+    let p = rig.projector(ProjectorOptions::default()).await;
+    rig.wait_synced(&account, 1, Duration::from_secs(30)).await;
+    assert!(
+        dead_letters(&p).await.is_empty(),
+        "{:?}",
+        dead_letters(&p).await
+    );
+    let left = bank_tests::db::query_strings(
+        &rig.channel_db,
+        "SELECT count(*)::text FROM overdue_attempts",
+    )
+    .await
+    .unwrap();
+    assert_eq!(left, ["0"], "the attempt is forgotten once applied");
+}
+
 #[tokio::test]
 async fn b14_the_same_event_delivered_twice_changes_nothing() {
     let rig = Rig::new().await;
