@@ -47,6 +47,17 @@ out=$(NATS_DEB_SHA256=$(sha256sum "$fake/pkg.deb" | cut -d' ' -f1) fetch) || { e
 rm -rf "$fake"; trap - EXIT
 echo "[selftest] a nats-server package is unpacked with the expected SHA-256 and refused, nothing left behind, with a wrong or unknown one"
 
+# A server already on the NATS port without JetStream is refused, not used
+# (the services would each fail at start-up with an error of their own).
+"$("$svc" nats-binary)" -a 127.0.0.1 -p "$NATS_PORT" >/dev/null 2>&1 &
+plain=$!
+trap 'kill "$plain" 2>/dev/null; "$svc" down' EXIT
+for _ in $(seq 1 50); do timeout 1 bash -c "exec 3<>/dev/tcp/127.0.0.1/$NATS_PORT" 2>/dev/null && break; sleep 0.1; done
+out=$("$svc" up 2>&1) && { echo "[selftest] a NATS server without JetStream was used: $out" >&2; exit 1; }
+grep -q 'runs without JetStream' <<<"$out" || { echo "[selftest] a NATS server without JetStream was not reported: $out" >&2; exit 1; }
+kill "$plain"; wait "$plain" 2>/dev/null || true
+echo "[selftest] a NATS server without JetStream on the port is refused"
+
 trap '"$svc" down' EXIT
 "$svc" up
 

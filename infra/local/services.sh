@@ -207,8 +207,28 @@ nats_binary() {
   echo "$own"
 }
 
+# A server already listening on the NATS port is used only if it is NATS
+# with JetStream (the services create streams and consumers on it; without
+# JetStream they would fail at start-up, each with its own error). One older
+# than 2.10 is used with a warning: it cannot fsync every write.
+check_running_nats() {
+  local info major minor
+  info=$(timeout 2 bash -c "exec 3<>/dev/tcp/127.0.0.1/$NATS_PORT; head -n1 <&3" 2>/dev/null || true)
+  case $info in
+    INFO*) ;;
+    *) die "the server on 127.0.0.1:$NATS_PORT did not greet as NATS does; free the port or set NATS_PORT" ;;
+  esac
+  grep -q '"jetstream":true' <<<"$info" \
+    || die "the NATS server on 127.0.0.1:$NATS_PORT runs without JetStream; restart it with JetStream (-js) or stop it, and this script starts one"
+  read -r major minor < <(sed -n 's/.*"version":"\([0-9]*\)\.\([0-9]*\)\..*/\1 \2/p' <<<"$info") || true
+  if [ -n "${minor:-}" ] && { [ "$major" -lt 2 ] || { [ "$major" -eq 2 ] && [ "$minor" -lt 10 ]; }; }; then
+    log "NATS: WARNING: the server on 127.0.0.1:$NATS_PORT is $major.$minor, older than 2.10: it cannot be set to fsync every write (sync_interval), so acknowledged events can be lost on power loss"
+  fi
+}
+
 up_nats() {
   if port_open "$NATS_PORT"; then
+    check_running_nats
     log "NATS: using the server already listening on 127.0.0.1:$NATS_PORT (its JetStream settings are its own)"
     return
   fi
