@@ -247,6 +247,9 @@ async fn handbacks(ctx: &Context) -> Result<kv::Store, anyhow::Error> {
                     .to_owned(),
                 history: 1,
                 max_age: KEPT_FOR,
+                // Bounded like every stream: a full bucket refuses a record,
+                // which leaves the message as it was without one.
+                max_bytes: 64 * 1024 * 1024,
                 storage: jetstream::stream::StorageType::File,
                 num_replicas: ctx.config.nats.stream_replicas.max(1),
                 ..Default::default()
