@@ -23,7 +23,7 @@ use super::{Context, Failure, HandedBack, ack, fail, holding_progress, tracepare
 /// delivery: the event is naked without the dead-letter check (see
 /// [`settle`]). JetStream still counts those deliveries: past
 /// `PROJECTOR_MAX_DELIVERIES` a transient failure of the event letters it as
-/// usual, and past twice that it is handled alone (`consume::handle_alone`),
+/// usual, and past twice that it is handled alone (`consume::overdue::handle_alone`),
 /// so a gap beyond about 800,000 entries goes on one delivery at a time.
 const MAX_GAP_PAGES: usize = 50;
 

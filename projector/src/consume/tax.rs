@@ -327,9 +327,13 @@ const SWEEP_RETRY_MAX: usize = 10_000;
 /// What the sweep knows between passes, so that a pass reads only the
 /// entries written since the last one (and a margin), not the whole window:
 /// at a bank's volume the window holds millions of interest entries, nearly
-/// all recorded.
+/// all recorded. What a restarted process needs of it is in the channel
+/// database (`tax_sweep_progress`, see [`SweepState::settled_until`]).
 #[derive(Debug, Default)]
 pub struct SweepState {
+    /// Whether `read_until` was taken from `tax_sweep_progress` (at the
+    /// first pass that could read it).
+    loaded: bool,
     /// Every entry written before this time (the young edge of the last
     /// pass that caught up) has been looked at: it has its record or it is
     /// in `retry`. `None`: nothing yet, start at the window's start.
@@ -357,12 +361,51 @@ impl SweepState {
         self.retry.push_back((key, payout));
         metrics::gauge!("projector_tax_sweep_retrying").set(self.retry.len() as f64);
     }
+
+    /// The time before which every interest entry is settled (recorded, or
+    /// given up) as far as this process knows: where it has read up to, or
+    /// the oldest entry it keeps for another try if that is earlier. The
+    /// entries kept are in this process's memory only, so this is what
+    /// another process may start from.
+    fn settled_until(&self, read_until: DateTime<Utc>) -> DateTime<Utc> {
+        self.retry
+            .iter()
+            .map(|((written, _, _), _)| *written)
+            .fold(read_until, DateTime::min)
+    }
+}
+
+/// Where the sweep's processes have settled every interest entry up to
+/// (`tax_sweep_progress`), if any has caught up yet.
+async fn load_settled_until(db: &DatabaseConnection) -> Result<Option<DateTime<Utc>>, DbErr> {
+    let row = db
+        .query_one_raw(Statement::from_string(
+            db.get_database_backend(),
+            "SELECT swept_until FROM tax_sweep_progress",
+        ))
+        .await?;
+    row.map(|r| r.try_get("", "swept_until")).transpose()
+}
+
+/// Records that every interest entry before `until` is settled. Replicas
+/// each record their own: the latest time stands, as everything before any
+/// replica's time is settled whichever replica settled it.
+async fn store_settled_until(db: &DatabaseConnection, until: DateTime<Utc>) -> Result<(), DbErr> {
+    db.execute_raw(Statement::from_sql_and_values(
+        db.get_database_backend(),
+        "INSERT INTO tax_sweep_progress (swept_until) VALUES ($1) \
+         ON CONFLICT (id) DO UPDATE SET swept_until = GREATEST(tax_sweep_progress.swept_until, EXCLUDED.swept_until)",
+        [until.into()],
+    ))
+    .await?;
+    Ok(())
 }
 
 /// One sweep pass. First the entries kept from earlier passes (up to
 /// `page`) are tried again. Then the history's interest entries written
 /// since the last pass, from `overlap` before the time it read up to (a
-/// transaction open then commits entries stamped with its start), up to
+/// transaction open then commits entries stamped with its start; a new
+/// process's first pass: the time in `tax_sweep_progress`), up to
 /// `min_age` ago and within [`SWEEP_WINDOW_DAYS`], are read in pages of
 /// `page`; those without a tax record get the core's figures of their
 /// payout recorded. An entry whose payout the core does not know is not the
@@ -381,6 +424,12 @@ pub async fn sweep_once(
     state: &mut SweepState,
 ) -> Result<u64, SweepError> {
     metrics::counter!("projector_tax_sweep_passes_total").increment(1);
+    if !state.loaded {
+        // A process that starts goes on from where the sweep had settled
+        // everything (the window's start if it never caught up).
+        state.read_until = load_settled_until(&ctx.db).await?;
+        state.loaded = true;
+    }
     let mut recovered = retry_kept(ctx, page, state).await?;
     let overlap = chrono::Duration::from_std(overlap).unwrap_or(chrono::Duration::MAX);
     let (mut cursor, edge): (Option<EntryKey>, DateTime<Utc>) = match state.resume.take() {
@@ -462,6 +511,13 @@ pub async fn sweep_once(
             } else {
                 Some(edge)
             };
+            // Not once track was lost: entries that could not be kept are
+            // not settled, and the next pass starts at the window's start.
+            if let Some(read_until) = state.read_until
+                && let Err(e) = store_settled_until(&ctx.db, state.settled_until(read_until)).await
+            {
+                tracing::warn!(error = %e, "recording how far the tax sweep has settled failed; a restarted projector sweeps from an earlier time");
+            }
             return Ok(recovered);
         }
     }

@@ -4,7 +4,7 @@
 //!   without its handling ever ending is handled alone, with a row here
 //!   (its delivery count) while it is; a row of an earlier delivery still
 //!   there means that handling never ended either (the process died on it),
-//!   and the message is dead-lettered (`consume::handle_alone`).
+//!   and the message is dead-lettered (`consume::overdue`).
 //! - `audit_lease`: one row; the replica holding it runs the ledger audit's
 //!   passes until it expires (`consume::audit`).
 

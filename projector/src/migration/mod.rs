@@ -8,6 +8,7 @@ mod m20261122_000001_dead_lettered;
 mod m20261203_000001_dead_lettered_published;
 mod m20261204_000001_overdue_and_audit_lease;
 mod m20261204_000002_audit_behind;
+mod m20261205_000001_tax_sweep_progress;
 
 /// The projector's migrator.
 #[derive(Debug)]
@@ -22,6 +23,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261203_000001_dead_lettered_published::Migration),
             Box::new(m20261204_000001_overdue_and_audit_lease::Migration),
             Box::new(m20261204_000002_audit_behind::Migration),
+            Box::new(m20261205_000001_tax_sweep_progress::Migration),
         ]
     }
 

@@ -2003,6 +2003,11 @@ async fn b23_an_interest_entry_the_sweep_never_settles_is_given_up_at_30_days_an
     ))
     .await
     .unwrap();
+    // As if it was written then: the first projector's sweep, which caught
+    // up before the entry was written, has recorded no progress past it.
+    db.execute_unprepared("DELETE FROM tax_sweep_progress")
+        .await
+        .unwrap();
     // In-process apps share one metrics registry (the core's /metrics shows
     // it while no projector runs): counted from here on.
     let given_up = "projector_tax_sweep_given_up_total";
@@ -2122,6 +2127,83 @@ async fn b23_the_tax_sweep_finds_an_entry_committed_after_passes_read_past_its_s
     lock.release().await.unwrap();
     rig.wait_synced(&account, 2, Duration::from_secs(30)).await;
     let records = wait_tax_records(&p, &account, 1).await;
+    assert_eq!(records[0]["payout_id"], json!(pid));
+    process.terminate_cleanly().await.unwrap();
+}
+
+/// B23: a restarted projector's tax sweep goes on from where the sweep had
+/// settled every interest entry (`tax_sweep_progress`), instead of reading
+/// its whole 30-day window again.
+#[tokio::test]
+async fn b23_a_restarted_projector_sweeps_on_from_where_the_sweep_had_settled_everything() {
+    let rig = Rig::new().await;
+    let (mut process, base) = sweeping_projector(&rig, 0, []).await;
+    let p = bank_tests::Api::new(base.clone(), None);
+    let mut accounts = Vec::new();
+    for _ in 0..3 {
+        accounts.push(rig.core.api.funded_account(10_000_000).await);
+    }
+    rig.core.api.advance_business_date(3).await;
+    for account in &accounts {
+        pay_out(&rig, account, &unique("pay_")).await;
+    }
+    for a in &accounts {
+        wait_tax_records(&p, a, 1).await;
+    }
+    until_metric(&base, "projector_tax_sweep_scanned_total", |n| n == 3.0).await;
+    process.terminate_cleanly().await.unwrap();
+
+    let (mut process, base) = sweeping_projector(&rig, 0, []).await;
+    until_metric(&base, "projector_tax_sweep_passes_total", |n| n >= 3.0).await;
+    assert_eq!(
+        bank_tests::metrics::read(&base, "projector_tax_sweep_scanned_total").await,
+        0.0,
+        "the new process read none of the entries settled before it started"
+    );
+    process.terminate_cleanly().await.unwrap();
+}
+
+/// B23: an entry the sweep keeps for another try lives in its process's
+/// memory; when that process stops, the next one still sweeps it, because
+/// the progress recorded stops short of the oldest entry kept.
+#[tokio::test]
+async fn b23_an_entry_the_sweep_kept_for_another_try_is_swept_by_the_next_process() {
+    let rig = Rig::new().await;
+    let (mut process, base) = sweeping_projector(&rig, 0, []).await;
+    let p = bank_tests::Api::new(base.clone(), None);
+    let refused = rig.core.api.funded_account(10_000_000).await;
+    let mut later = Vec::new();
+    for _ in 0..2 {
+        later.push(rig.core.api.funded_account(10_000_000).await);
+    }
+    rig.core.api.advance_business_date(3).await;
+    // The core refuses to explain this payout for as long as the first
+    // process runs: its event is dead-lettered and the sweep keeps it.
+    let pid = unique("pay_");
+    rig.proxy.add(None, &pid, Action::Fail(403), None);
+    pay_out(&rig, &refused, &pid).await;
+    wait_letters(&p, 1).await;
+    until_metric(&base, "projector_tax_sweep_retrying", |n| n == 1.0).await;
+    // Entries after it are settled, and passes catch up past them all.
+    for account in &later {
+        pay_out(&rig, account, &unique("pay_")).await;
+    }
+    for a in &later {
+        wait_tax_records(&p, a, 1).await;
+    }
+    until_metric(&base, "projector_tax_sweep_scanned_total", |n| n == 3.0).await;
+    let passes = bank_tests::metrics::read(&base, "projector_tax_sweep_passes_total").await;
+    until_metric(&base, "projector_tax_sweep_passes_total", |n| {
+        n >= passes + 2.0
+    })
+    .await;
+    assert!(tax_records(&p, &refused).await.is_empty());
+    process.terminate_cleanly().await.unwrap();
+
+    rig.proxy.remove(&pid);
+    let (mut process, base) = sweeping_projector(&rig, 0, []).await;
+    let p = bank_tests::Api::new(base.clone(), None);
+    let records = wait_tax_records(&p, &refused, 1).await;
     assert_eq!(records[0]["payout_id"], json!(pid));
     process.terminate_cleanly().await.unwrap();
 }
