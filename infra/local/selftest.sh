@@ -53,10 +53,14 @@ echo "[selftest] a nats-server package is unpacked with the expected SHA-256 and
 plain=$!
 trap 'kill "$plain" 2>/dev/null; "$svc" down' EXIT
 for _ in $(seq 1 50); do timeout 1 bash -c "exec 3<>/dev/tcp/127.0.0.1/$NATS_PORT" 2>/dev/null && break; sleep 0.1; done
+timeout 1 bash -c "exec 3<>/dev/tcp/127.0.0.1/$NATS_PORT" 2>/dev/null \
+  || { echo "[selftest] the nats-server without JetStream did not start on $NATS_PORT" >&2; exit 1; }
 out=$("$svc" up 2>&1) && { echo "[selftest] a NATS server without JetStream was used: $out" >&2; exit 1; }
 grep -q 'runs without JetStream' <<<"$out" || { echo "[selftest] a NATS server without JetStream was not reported: $out" >&2; exit 1; }
-kill "$plain"; wait "$plain" 2>/dev/null || true
+kill "$plain" 2>/dev/null || true; wait "$plain" 2>/dev/null || true
 echo "[selftest] a NATS server without JetStream on the port is refused"
+# (The refused `up` had started PostgreSQL: the `up` below finds it running,
+# and the trap's `down` stops it with the rest.)
 
 trap '"$svc" down' EXIT
 "$svc" up

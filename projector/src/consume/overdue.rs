@@ -86,37 +86,38 @@ pub async fn handle_alone(ctx: &Context, feed: Feed, m: Message) -> Vec<Message>
     };
     let delivered = info.delivered;
     let key = Key::of(&info);
-    let attempt = match attempt_alone(ctx, &key, delivered).await {
-        Ok(attempt) => attempt,
-        // Undecided: handled alone, without the record.
+    match attempt_alone(ctx, &key, delivered).await {
+        Ok(AloneAttempt::This) => {}
+        Ok(AloneAttempt::EarlierNeverEnded(earlier)) => {
+            match take_over(ctx, &key, earlier, delivered).await {
+                TakeOver::Taken => {}
+                TakeOver::NeverEnded => {
+                    let reason = format!(
+                        "delivered {delivered} times without its handling ever ending, also when handled alone at delivery {earlier} (the projector died on it)"
+                    );
+                    dlq::dead_letter(ctx, &m, &reason, "exhausted").await;
+                    forget_attempt(ctx, &key).await;
+                    return Vec::new();
+                }
+                TakeOver::Undecided(reason) => {
+                    // The row and the hand-back stay as they are: the next
+                    // delivery decides again.
+                    tracing::warn!(subject = %m.subject, delivered, earlier, %reason, "an overdue message's earlier attempt was handed back, but its row could not be taken over; retrying later");
+                    if let Err(e) = m
+                        .ack_with(AckKind::Nak(Some(ctx.config.retry_delay(delivered))))
+                        .await
+                    {
+                        tracing::warn!(error = %e, "nak failed; the message will be redelivered after ack_wait");
+                    }
+                    return Vec::new();
+                }
+            }
+        }
+        // Undecided: handled alone without knowing whether the row was
+        // written (an answer lost after the insert committed); it is still
+        // forgotten once the message is settled, and a hand-back recorded.
         Err(e) => {
             tracing::warn!(error = %e, "recording an overdue message's attempt failed; handling it alone without the record");
-            return handle_one(ctx, feed, m).await;
-        }
-    };
-    if let AloneAttempt::EarlierNeverEnded(earlier) = attempt {
-        match take_over(ctx, &key, earlier, delivered).await {
-            Ok(true) => {}
-            Ok(false) => {
-                let reason = format!(
-                    "delivered {delivered} times without its handling ever ending, also when handled alone at delivery {earlier} (the projector died on it)"
-                );
-                dlq::dead_letter(ctx, &m, &reason, "exhausted").await;
-                forget_attempt(ctx, &key).await;
-                return Vec::new();
-            }
-            Err(e) => {
-                // Whether the earlier attempt ended is unknown for now: the
-                // message comes back later, its row unchanged.
-                tracing::warn!(error = %e, subject = %m.subject, delivered, "reading whether an overdue message's earlier attempt was handed back failed; retrying later");
-                if let Err(e) = m
-                    .ack_with(AckKind::Nak(Some(ctx.config.retry_delay(delivered))))
-                    .await
-                {
-                    tracing::warn!(error = %e, "nak failed; the message will be redelivered after ack_wait");
-                }
-                return Vec::new();
-            }
         }
     }
     let back = handle_one(ctx, feed, m).await;
@@ -175,88 +176,126 @@ async fn attempt_alone(ctx: &Context, key: &Key, delivered: i64) -> Result<Alone
     })
 }
 
+/// What became of an earlier attempt alone whose row is still there.
+enum TakeOver {
+    /// It was handed back (at that delivery or a later one): the row is now
+    /// this delivery's attempt.
+    Taken,
+    /// No hand-back of it is recorded: the projector died on it.
+    NeverEnded,
+    /// It was handed back, but the row could not be taken over (the
+    /// database failed, or another delivery of the message changed it).
+    Undecided(String),
+}
+
 /// Whether the attempt recorded at delivery `earlier` ended handed back (a
-/// record in [`HANDBACKS`]); if so, the row becomes this delivery's attempt
-/// and the record goes. An attempt handed back and then handled again in
-/// the same delivery leaves its record behind when it dies, so a message
-/// the projector dies on after a hand-back gets one more attempt alone
-/// before it is lettered.
-async fn take_over(
-    ctx: &Context,
-    key: &Key,
-    earlier: i64,
-    delivered: i64,
-) -> Result<bool, anyhow::Error> {
-    let store = handbacks(ctx).await?;
-    let handed_back = store
-        .get(key.record())
-        .await?
-        .and_then(|v| std::str::from_utf8(&v).ok()?.parse::<i64>().ok());
-    if handed_back != Some(earlier) {
-        return Ok(false);
+/// record in [`HANDBACKS`] of that delivery or a later one: any hand-back
+/// since means the projector did not die on it); if so, the row becomes
+/// this delivery's attempt. The record stays (it expires): one left by an
+/// attempt that was then handled again in the same delivery and died gives
+/// the message one more attempt alone before it is lettered. A record that
+/// cannot be read counts as none: the message is lettered, as it was before
+/// hand-backs were recorded, and can be replayed.
+async fn take_over(ctx: &Context, key: &Key, earlier: i64, delivered: i64) -> TakeOver {
+    let handed_back = match handed_back_at(ctx, key).await {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(error = %e, stream = %key.stream, stream_seq = key.seq, "reading whether an overdue message's earlier attempt was handed back failed; taking it as never ended");
+            None
+        }
+    };
+    if handed_back.is_none_or(|n| n < earlier) {
+        return TakeOver::NeverEnded;
     }
     let [stream, seq, published] = key.values();
-    ctx.db
+    let updated = ctx
+        .db
         .execute_raw(Statement::from_sql_and_values(
             ctx.db.get_database_backend(),
             "UPDATE overdue_attempts SET delivered = $4, started_at = now() \
-             WHERE stream = $1 AND stream_seq = $2 AND published_ns = $3",
-            [stream, seq, published, delivered.into()],
+             WHERE stream = $1 AND stream_seq = $2 AND published_ns = $3 AND delivered = $5",
+            [stream, seq, published, delivered.into(), earlier.into()],
         ))
-        .await?;
-    if let Err(e) = store.purge(key.record()).await {
-        tracing::warn!(error = %e, "forgetting an overdue message's hand-back failed; it expires within a day");
+        .await;
+    match updated {
+        Ok(r) if r.rows_affected() == 1 => {
+            tracing::info!(
+                stream = %key.stream,
+                stream_seq = key.seq,
+                earlier,
+                delivered,
+                "an overdue message's earlier attempt was handed back, not died on; handled alone again"
+            );
+            TakeOver::Taken
+        }
+        Ok(_) => TakeOver::Undecided("another delivery of it changed its row meanwhile".into()),
+        Err(e) => TakeOver::Undecided(format!("taking its row over: {e}")),
     }
-    tracing::info!(
-        stream = %key.stream,
-        stream_seq = key.seq,
-        earlier,
-        delivered,
-        "an overdue message's earlier attempt was handed back, not died on; handled alone again"
-    );
-    Ok(true)
+}
+
+/// The delivery at which the attempt of `key` was last handed back, if one
+/// is recorded.
+async fn handed_back_at(ctx: &Context, key: &Key) -> Result<Option<i64>, anyhow::Error> {
+    let Some(store) = existing_handbacks(ctx).await? else {
+        return Ok(None);
+    };
+    Ok(store
+        .get(key.record())
+        .await?
+        .and_then(|v| std::str::from_utf8(&v).ok()?.parse::<i64>().ok()))
 }
 
 /// Records that the attempt of `key` at delivery `delivered` was handed
 /// back unsettled. Without the record (NATS failing too), the message's next
 /// delivery, if its row is still there, is lettered.
 async fn record_handback(ctx: &Context, key: &Key, delivered: i64) {
-    let recorded = match handbacks(ctx).await {
-        Ok(store) => store
+    let recorded = async {
+        let store = match existing_handbacks(ctx).await? {
+            Some(store) => store,
+            None => create_handbacks(ctx).await?,
+        };
+        store
             .put(key.record(), delivered.to_string().into())
-            .await
-            .map_err(anyhow::Error::from),
-        Err(e) => Err(e),
+            .await?;
+        Ok::<_, anyhow::Error>(())
     };
-    if let Err(e) = recorded {
+    if let Err(e) = recorded.await {
         tracing::warn!(error = %e, stream = %key.stream, stream_seq = key.seq, "recording an overdue message's hand-back failed; if this process stops before it is handled, its next delivery is lettered");
     }
 }
 
-/// The [`HANDBACKS`] bucket, created if missing (the first hand-back, or
-/// NATS's storage lost).
-async fn handbacks(ctx: &Context) -> Result<kv::Store, anyhow::Error> {
-    use jetstream::context::KeyValueErrorKind;
+/// The [`HANDBACKS`] bucket, or `None` if it does not exist (no hand-back
+/// yet, or NATS's storage lost): only an error of the server is an error.
+async fn existing_handbacks(ctx: &Context) -> Result<Option<kv::Store>, anyhow::Error> {
     match ctx.js.get_key_value(HANDBACKS).await {
-        Ok(store) => Ok(store),
-        Err(e) if e.kind() == KeyValueErrorKind::GetBucket => Ok(ctx
-            .js
-            .create_key_value(kv::Config {
-                bucket: HANDBACKS.to_owned(),
-                description: "projector: overdue messages' attempts handed back unsettled"
-                    .to_owned(),
-                history: 1,
-                max_age: KEPT_FOR,
-                // Bounded like every stream: a full bucket refuses a record,
-                // which leaves the message as it was without one.
-                max_bytes: 64 * 1024 * 1024,
-                storage: jetstream::stream::StorageType::File,
-                num_replicas: ctx.config.nats.stream_replicas.max(1),
-                ..Default::default()
-            })
-            .await?),
-        Err(e) => Err(e.into()),
+        Ok(store) => Ok(Some(store)),
+        Err(e) => {
+            match common::jetstream::stream_if_exists(&ctx.js, &format!("KV_{HANDBACKS}")).await? {
+                None => Ok(None),
+                Some(_) => Err(e.into()),
+            }
+        }
     }
+}
+
+/// Creates the [`HANDBACKS`] bucket (replicas creating it at once send the
+/// same settings, which the server accepts from each).
+async fn create_handbacks(ctx: &Context) -> Result<kv::Store, anyhow::Error> {
+    Ok(ctx
+        .js
+        .create_key_value(kv::Config {
+            bucket: HANDBACKS.to_owned(),
+            description: "projector: overdue messages' attempts handed back unsettled".to_owned(),
+            history: 1,
+            max_age: KEPT_FOR,
+            // Bounded like every stream: a full bucket refuses a record,
+            // which leaves the message as it was without one.
+            max_bytes: 64 * 1024 * 1024,
+            storage: jetstream::stream::StorageType::File,
+            num_replicas: ctx.config.nats.stream_replicas.max(1),
+            ..Default::default()
+        })
+        .await?)
 }
 
 /// Forgets the attempt of `key` (its message settled, or lettered).

@@ -317,8 +317,9 @@ impl SweepError {
 /// account, its seq.
 type EntryKey = (DateTime<Utc>, String, i64);
 
-/// Most pages one pass reads: a pass that starts far behind (a new process
-/// reads the whole window) goes on at the next one.
+/// Most pages one pass reads: a pass that starts far behind (a process
+/// whose sweep never caught up reads the whole window) goes on at the next
+/// one.
 const SWEEP_PAGES_PER_PASS: usize = 100;
 
 /// Most entries kept for another try ([`SweepState`]).
@@ -363,15 +364,21 @@ impl SweepState {
     }
 
     /// The time before which every interest entry is settled (recorded, or
-    /// given up) as far as this process knows: where it has read up to, or
-    /// the oldest entry it keeps for another try if that is earlier. The
-    /// entries kept are in this process's memory only, so this is what
-    /// another process may start from.
-    fn settled_until(&self, read_until: DateTime<Utc>) -> DateTime<Utc> {
+    /// given up) as far as this process knows: `overlap` before where it has
+    /// read up to (an entry stamped before that may still have been
+    /// uncommitted then, and is read again by the next pass, not known to
+    /// be settled), or the oldest entry it keeps for another try if that is
+    /// earlier. The entries kept are in this process's memory only, so this
+    /// is what another process may start from; being settled, it is also
+    /// where any later time recorded by this or another replica may go.
+    fn settled_until(&self, read_until: DateTime<Utc>, overlap: chrono::Duration) -> DateTime<Utc> {
+        let read = read_until
+            .checked_sub_signed(overlap)
+            .unwrap_or(DateTime::<Utc>::MIN_UTC);
         self.retry
             .iter()
             .map(|((written, _, _), _)| *written)
-            .fold(read_until, DateTime::min)
+            .fold(read, DateTime::min)
     }
 }
 
@@ -514,7 +521,8 @@ pub async fn sweep_once(
             // Not once track was lost: entries that could not be kept are
             // not settled, and the next pass starts at the window's start.
             if let Some(read_until) = state.read_until
-                && let Err(e) = store_settled_until(&ctx.db, state.settled_until(read_until)).await
+                && let Err(e) =
+                    store_settled_until(&ctx.db, state.settled_until(read_until, overlap)).await
             {
                 tracing::warn!(error = %e, "recording how far the tax sweep has settled failed; a restarted projector sweeps from an earlier time");
             }

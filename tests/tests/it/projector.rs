@@ -2151,15 +2151,34 @@ async fn b23_a_restarted_projector_sweeps_on_from_where_the_sweep_had_settled_ev
         wait_tax_records(&p, a, 1).await;
     }
     until_metric(&base, "projector_tax_sweep_scanned_total", |n| n == 3.0).await;
+    // Passes after the one that read them have recorded how far they got
+    // (a pass under way at shutdown is dropped).
+    let passes = bank_tests::metrics::read(&base, "projector_tax_sweep_passes_total").await;
+    until_metric(&base, "projector_tax_sweep_passes_total", |n| {
+        n >= passes + 2.0
+    })
+    .await;
     process.terminate_cleanly().await.unwrap();
 
     let (mut process, base) = sweeping_projector(&rig, 0, []).await;
+    let p = bank_tests::Api::new(base.clone(), None);
     until_metric(&base, "projector_tax_sweep_passes_total", |n| n >= 3.0).await;
+    let read = |name: &'static str| {
+        let base = base.clone();
+        async move { bank_tests::metrics::read(&base, name).await }
+    };
     assert_eq!(
-        bank_tests::metrics::read(&base, "projector_tax_sweep_scanned_total").await,
+        read("projector_tax_sweep_scanned_total").await,
         0.0,
         "the new process read none of the entries settled before it started"
     );
+    assert_eq!(read("projector_tax_sweep_errors_total").await, 0.0);
+    // And it reads what is written from then on.
+    let next = rig.core.api.funded_account(10_000_000).await;
+    rig.core.api.advance_business_date(3).await;
+    pay_out(&rig, &next, &unique("pay_")).await;
+    wait_tax_records(&p, &next, 1).await;
+    until_metric(&base, "projector_tax_sweep_scanned_total", |n| n == 1.0).await;
     process.terminate_cleanly().await.unwrap();
 }
 
