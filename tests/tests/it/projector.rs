@@ -2144,20 +2144,7 @@ async fn b23_a_restarted_projector_sweeps_on_from_where_the_sweep_had_settled_ev
         accounts.push(rig.core.api.funded_account(10_000_000).await);
     }
     rig.core.api.advance_business_date(3).await;
-    for account in &accounts {
-        pay_out(&rig, account, &unique("pay_")).await;
-    }
-    for a in &accounts {
-        wait_tax_records(&p, a, 1).await;
-    }
-    until_metric(&base, "projector_tax_sweep_scanned_total", |n| n == 3.0).await;
-    // Passes after the one that read them have recorded how far they got
-    // (a pass under way at shutdown is dropped).
-    let passes = bank_tests::metrics::read(&base, "projector_tax_sweep_passes_total").await;
-    until_metric(&base, "projector_tax_sweep_passes_total", |n| {
-        n >= passes + 2.0
-    })
-    .await;
+    pay_out_and_sweep(&rig, &p, &base, &accounts, 3.0).await;
     process.terminate_cleanly().await.unwrap();
 
     let (mut process, base) = sweeping_projector(&rig, 0, []).await;
@@ -2204,18 +2191,7 @@ async fn b23_an_entry_the_sweep_kept_for_another_try_is_swept_by_the_next_proces
     wait_letters(&p, 1).await;
     until_metric(&base, "projector_tax_sweep_retrying", |n| n == 1.0).await;
     // Entries after it are settled, and passes catch up past them all.
-    for account in &later {
-        pay_out(&rig, account, &unique("pay_")).await;
-    }
-    for a in &later {
-        wait_tax_records(&p, a, 1).await;
-    }
-    until_metric(&base, "projector_tax_sweep_scanned_total", |n| n == 3.0).await;
-    let passes = bank_tests::metrics::read(&base, "projector_tax_sweep_passes_total").await;
-    until_metric(&base, "projector_tax_sweep_passes_total", |n| {
-        n >= passes + 2.0
-    })
-    .await;
+    pay_out_and_sweep(&rig, &p, &base, &later, 3.0).await;
     assert!(tax_records(&p, &refused).await.is_empty());
     process.terminate_cleanly().await.unwrap();
 
@@ -2225,6 +2201,33 @@ async fn b23_an_entry_the_sweep_kept_for_another_try_is_swept_by_the_next_proces
     let records = wait_tax_records(&p, &refused, 1).await;
     assert_eq!(records[0]["payout_id"], json!(pid));
     process.terminate_cleanly().await.unwrap();
+}
+
+/// Pays out each of `accounts`, and waits until each has its tax record,
+/// the sweeping process at `base` has read `scanned` entries in all, and
+/// two more of its passes have ended: the pass that read the last of them
+/// may have been under way, and each pass that catches up records how far
+/// it got (a pass under way at shutdown is dropped).
+#[allow(clippy::float_arithmetic)] // counters, as scraped: whole numbers in f64
+async fn pay_out_and_sweep(
+    rig: &Rig,
+    p: &bank_tests::Api,
+    base: &str,
+    accounts: &[String],
+    scanned: f64,
+) {
+    for account in accounts {
+        pay_out(rig, account, &unique("pay_")).await;
+    }
+    for a in accounts {
+        wait_tax_records(p, a, 1).await;
+    }
+    until_metric(base, "projector_tax_sweep_scanned_total", |n| n == scanned).await;
+    let passes = bank_tests::metrics::read(base, "projector_tax_sweep_passes_total").await;
+    until_metric(base, "projector_tax_sweep_passes_total", |n| {
+        n >= passes + 2.0
+    })
+    .await;
 }
 
 /// A projector process reaching the core through the proxy, giving up on
