@@ -2343,6 +2343,46 @@ async fn b29_the_projector_hands_back_its_batch_in_hand_at_sigterm_and_exits_zer
     again.terminate_cleanly().await.unwrap();
 }
 
+/// F7 for the projector, killed (SIGKILL) with a batch provably in hand:
+/// its apply's transaction is waiting on a row lock when the process dies.
+/// The transaction never commits, the message was never acked, and the
+/// next process applies it once, after the ack wait.
+#[tokio::test]
+async fn f7_a_projector_killed_with_its_apply_in_flight_loses_and_repeats_nothing() {
+    let rig = Rig::new().await;
+    let account = rig.core.api.funded_account(1_000).await;
+    let mut env = projector_env(&rig);
+    let port = bank_tests::nats::free_port();
+    env.insert(
+        "PROJECTOR_HTTP_ADDR".to_owned(),
+        format!("127.0.0.1:{port}"),
+    );
+    let mut projector = ServiceProcess::start("projector", env).unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    bank_tests::procs::wait_ready(&base).await.unwrap();
+    rig.wait_synced(&account, 1, Duration::from_secs(30)).await;
+    let lock = bank_tests::db::RowLock::history_sync(&rig.channel_db, &account)
+        .await
+        .unwrap();
+    rig.core.api.deposit(&account, 5).await.expect(200);
+    lock.until_waited_on("the projector's apply").await;
+    projector.kill().await;
+    // The dead process's transaction goes on once the lock is free, and
+    // rolls back when it finds its client gone.
+    lock.release().await.unwrap();
+    assert_eq!(rig.synced(&account).await, 1, "nothing applied meanwhile");
+    projector.restart().unwrap();
+    rig.wait_synced(&account, 2, Duration::from_secs(30)).await;
+    rig.core.api.deposit(&account, 7).await.expect(200);
+    rig.wait_synced(&account, 3, Duration::from_secs(30)).await;
+    history_equals_ledger(&rig, std::slice::from_ref(&account)).await;
+    let letters = stream_messages(&rig.nats.jetstream().await.unwrap(), "DLQ")
+        .await
+        .unwrap();
+    assert!(letters.is_empty(), "{} dead letters", letters.len());
+    projector.terminate_cleanly().await.unwrap();
+}
+
 #[tokio::test]
 async fn f7_projector_killed_repeatedly_and_two_instances_keep_history_equal_to_ledger() {
     let rig = Rig::new().await;
