@@ -1455,6 +1455,75 @@ async fn f7_the_ledger_audit_counts_no_repair_of_an_account_the_core_moved_on_si
     history_equals_ledger(&rig, std::slice::from_ref(&account)).await;
 }
 
+/// B15/B19: a sync that found the history past the core's ledger, while
+/// another sync cut it back before this one could check it, finds nothing
+/// to cut itself and reads where the history now ends: it reports the seq
+/// the history holds, not the one it read before the other's cut.
+#[tokio::test]
+async fn b19_a_sync_that_another_sync_cut_back_first_reports_where_the_history_now_ends() {
+    use transfer::history::sync::sync_account;
+    let rig = Rig::new().await;
+    let account = rig.core.api.funded_account(100).await;
+    let id = common::AccountId::parse(account.clone()).unwrap();
+    // No projector runs: the test brings the history where it wants it,
+    // one forged entry past the core's seq 1.
+    let (ctx, _nats) = audit_context(&rig).await;
+    assert_eq!(
+        sync_account(&ctx.db, &ctx.core, &id)
+            .await
+            .unwrap()
+            .synced_through_seq,
+        1
+    );
+    let forged = [bank_tests::verify::deposit_entry(&id, 2, 7, 107)];
+    let written = transfer::history::writer::apply(&ctx.db, &forged)
+        .await
+        .unwrap();
+    assert_eq!(written.applied, 1);
+    // The first sync has read the history's seq (2) and asked the core for
+    // what follows; the core's answer is held ...
+    let path = format!("/v1/accounts/{account}/entries?after_seq=2");
+    rig.proxy.add(
+        Some(reqwest::Method::GET),
+        &path,
+        bank_tests::proxy::Action::HoldResponse,
+        Some(1),
+    );
+    let first = {
+        let (ctx, id) = (ctx.clone(), id.clone());
+        tokio::spawn(async move { sync_account(&ctx.db, &ctx.core, &id).await })
+    };
+    eventually(
+        "the first sync's page read",
+        Duration::from_secs(10),
+        || async {
+            let read = rig
+                .proxy
+                .answered()
+                .iter()
+                .any(|(_, p, _)| p.starts_with(&path));
+            if read {
+                Ok(())
+            } else {
+                Err("not yet".to_owned())
+            }
+        },
+    )
+    .await;
+    // ... while a second sync cuts the forged entry.
+    let second = sync_account(&ctx.db, &ctx.core, &id).await.unwrap();
+    assert_eq!((second.synced_through_seq, second.cut), (1, true));
+    rig.proxy.release_held();
+    let first = first.await.unwrap().unwrap();
+    assert_eq!(
+        (first.synced_through_seq, first.cut, first.applied),
+        (1, false, 0),
+        "{first:?}"
+    );
+    assert_eq!(rig.synced(&account).await, 1);
+    history_equals_ledger(&rig, std::slice::from_ref(&account)).await;
+}
+
 /// What the ledger audit found, and where its pass stopped, outlive the
 /// replica that found it: a replica that takes the lease over (the first
 /// one restarted, or another) goes on from the page the failed pass reached,
