@@ -67,16 +67,23 @@ pub fn as_optional_string<S: serde::Serializer>(n: &Option<u64>, s: S) -> Result
 /// Publishes `m` to `DLQ` and terminates it on its stream. If the publish
 /// fails the message is naked instead, so it is never lost.
 pub async fn dead_letter(ctx: &Context, m: &Message, reason: &str, kind: &'static str) {
-    let (stream, stream_seq, stored_at_ns, consumer, delivered) = match m.info() {
-        Ok(i) => (
-            i.stream.to_owned(),
-            i.stream_sequence,
-            i64::try_from(i.published.unix_timestamp_nanos()).unwrap_or(i64::MAX),
-            i.consumer.to_owned(),
-            i.delivered,
+    let (stored, consumer, delivered) = match m.info() {
+        Ok(i) => (super::Stored::of(&i), i.consumer.to_owned(), i.delivered),
+        Err(_) => (
+            super::Stored {
+                stream: String::from("unknown"),
+                seq: 0,
+                at_ns: 0,
+            },
+            String::from("unknown"),
+            0,
         ),
-        Err(_) => (String::from("unknown"), 0, 0, String::from("unknown"), 0),
     };
+    let super::Stored {
+        stream,
+        seq: stream_seq,
+        at_ns: stored_at_ns,
+    } = stored;
     let mut error: String = reason.chars().filter(|c| !c.is_control()).collect();
     error.truncate(MAX_ERROR_LEN);
     let mut headers = HeaderMap::new();

@@ -101,6 +101,31 @@ impl std::fmt::Debug for Context {
     }
 }
 
+/// Where a message is stored: its stream, its sequence there and when the
+/// stream stored it (ns). A stream created again (its storage lost) reuses
+/// sequences, so it takes the three to name one message (the dead-letter
+/// records, `overdue_attempts`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    /// The stream.
+    pub stream: String,
+    /// The message's sequence in it.
+    pub seq: u64,
+    /// When the stream stored it, in ns since the epoch.
+    pub at_ns: i64,
+}
+
+impl Stored {
+    /// Where the message of `info` is stored.
+    pub fn of(info: &jetstream::message::Info<'_>) -> Self {
+        Stored {
+            stream: info.stream.to_owned(),
+            seq: info.stream_sequence,
+            at_ns: i64::try_from(info.published.unix_timestamp_nanos()).unwrap_or(i64::MAX),
+        }
+    }
+}
+
 /// Which stream a consumer reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Feed {

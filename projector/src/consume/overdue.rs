@@ -25,7 +25,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, AckKind, Message, kv};
 use sea_orm::{ConnectionTrait, DbErr, Statement};
 
-use super::{Context, Feed, dlq, ledger, tax};
+use super::{Context, Feed, Stored, dlq, ledger, tax};
 
 /// The key-value bucket of overdue attempts handed back unsettled.
 pub const HANDBACKS: &str = "projector-handbacks";
@@ -42,36 +42,22 @@ pub fn split(ctx: &Context, batch: Vec<Message>) -> (Vec<Message>, Vec<Message>)
         .partition(|m| m.info().map_or(true, |i| i.delivered <= limit))
 }
 
-/// A message's key in `overdue_attempts`: its stream, its sequence there and
-/// when it was stored (ns; a stream recreated after its storage was lost
-/// reuses sequences).
-struct Key {
-    stream: String,
-    seq: i64,
-    published_ns: i64,
-}
+/// A message's key in `overdue_attempts` ([`super::Stored`]).
+struct Key(Stored);
 
 impl Key {
-    fn of(info: &jetstream::message::Info<'_>) -> Self {
-        Key {
-            stream: info.stream.to_owned(),
-            seq: i64::try_from(info.stream_sequence).unwrap_or(i64::MAX),
-            published_ns: i64::try_from(info.published.unix_timestamp_nanos()).unwrap_or(i64::MAX),
-        }
-    }
-
     fn values(&self) -> [sea_orm::Value; 3] {
         [
-            self.stream.clone().into(),
-            self.seq.into(),
-            self.published_ns.into(),
+            self.0.stream.clone().into(),
+            i64::try_from(self.0.seq).unwrap_or(i64::MAX).into(),
+            self.0.at_ns.into(),
         ]
     }
 
     /// Its key in [`HANDBACKS`] (stream names and numbers only: valid key
     /// characters).
     fn record(&self) -> String {
-        format!("{}.{}.{}", self.stream, self.seq, self.published_ns)
+        format!("{}.{}.{}", self.0.stream, self.0.seq, self.0.at_ns)
     }
 }
 
@@ -85,7 +71,7 @@ pub async fn handle_alone(ctx: &Context, feed: Feed, m: Message) -> Vec<Message>
         return handle_one(ctx, feed, m).await;
     };
     let delivered = info.delivered;
-    let key = Key::of(&info);
+    let key = Key(Stored::of(&info));
     match attempt_alone(ctx, &key, delivered).await {
         Ok(AloneAttempt::This) => {}
         Ok(AloneAttempt::EarlierNeverEnded(earlier)) => {
@@ -156,7 +142,7 @@ async fn attempt_alone(ctx: &Context, key: &Key, delivered: i64) -> Result<Alone
         .db
         .query_one_raw(Statement::from_sql_and_values(
             ctx.db.get_database_backend(),
-            "WITH stale AS (DELETE FROM overdue_attempts WHERE started_at < now() - interval '1 day'), \
+            "WITH stale AS (DELETE FROM overdue_attempts WHERE started_at < now() - make_interval(secs => $5)), \
                   attempt AS ( \
                     INSERT INTO overdue_attempts (stream, stream_seq, published_ns, delivered) \
                     VALUES ($1, $2, $3, $4) \
@@ -164,7 +150,13 @@ async fn attempt_alone(ctx: &Context, key: &Key, delivered: i64) -> Result<Alone
                       DO UPDATE SET delivered = overdue_attempts.delivered \
                     RETURNING delivered) \
              SELECT delivered FROM attempt",
-            [stream, seq, published, delivered.into()],
+            [
+                stream,
+                seq,
+                published,
+                delivered.into(),
+                KEPT_FOR.as_secs_f64().into(),
+            ],
         ))
         .await?
         .ok_or_else(|| DbErr::RecordNotFound("no answer from recording an attempt".into()))?;
@@ -200,7 +192,7 @@ async fn take_over(ctx: &Context, key: &Key, earlier: i64, delivered: i64) -> Ta
     let handed_back = match handed_back_at(ctx, key).await {
         Ok(n) => n,
         Err(e) => {
-            tracing::warn!(error = %e, stream = %key.stream, stream_seq = key.seq, "reading whether an overdue message's earlier attempt was handed back failed; taking it as never ended");
+            tracing::warn!(error = %e, stream = %key.0.stream, stream_seq = key.0.seq, "reading whether an overdue message's earlier attempt was handed back failed; taking it as never ended");
             None
         }
     };
@@ -220,8 +212,8 @@ async fn take_over(ctx: &Context, key: &Key, earlier: i64, delivered: i64) -> Ta
     match updated {
         Ok(r) if r.rows_affected() == 1 => {
             tracing::info!(
-                stream = %key.stream,
-                stream_seq = key.seq,
+                stream = %key.0.stream,
+                stream_seq = key.0.seq,
                 earlier,
                 delivered,
                 "an overdue message's earlier attempt was handed back, not died on; handled alone again"
@@ -260,7 +252,7 @@ async fn record_handback(ctx: &Context, key: &Key, delivered: i64) {
         Ok::<_, anyhow::Error>(())
     };
     if let Err(e) = recorded.await {
-        tracing::warn!(error = %e, stream = %key.stream, stream_seq = key.seq, "recording an overdue message's hand-back failed; if this process stops before it is handled, its next delivery is lettered");
+        tracing::warn!(error = %e, stream = %key.0.stream, stream_seq = key.0.seq, "recording an overdue message's hand-back failed; if this process stops before it is handled, its next delivery is lettered");
     }
 }
 

@@ -2107,8 +2107,7 @@ async fn b23_the_tax_sweep_reads_each_entry_once_and_retries_only_what_failed() 
     let rig = Rig::new().await;
     // A process of its own: the counters read are this projector's alone
     // (in-process apps of parallel tests share one metrics registry).
-    let (mut process, base) = sweeping_projector(&rig, 0, []).await;
-    let p = bank_tests::Api::new(base.clone(), None);
+    let (mut process, base, p) = sweeping_projector(&rig, 0, []).await;
     let metric = |name: &'static str| {
         let base = base.clone();
         async move { bank_tests::metrics::metric(&bank_tests::metrics::scrape(&base).await, name) }
@@ -2166,9 +2165,8 @@ async fn b23_the_tax_sweep_finds_an_entry_committed_after_passes_read_past_its_s
     let account = rig.core.api.funded_account(10_000_000).await;
     // The interest entry's apply waits for the lock as long as the test
     // holds it, in one transaction (one stamp).
-    let (mut process, base) =
+    let (mut process, base, p) =
         sweeping_projector(&rig, 60, [("DATABASE_LOCK_TIMEOUT_MS", "30000")]).await;
-    let p = bank_tests::Api::new(base.clone(), None);
     rig.wait_synced(&account, 1, Duration::from_secs(30)).await;
     rig.core.api.advance_business_date(3).await;
 
@@ -2206,8 +2204,7 @@ async fn b23_the_tax_sweep_finds_an_entry_committed_after_passes_read_past_its_s
 #[tokio::test]
 async fn b23_a_restarted_projector_sweeps_on_from_where_the_sweep_had_settled_everything() {
     let rig = Rig::new().await;
-    let (mut process, base) = sweeping_projector(&rig, 0, []).await;
-    let p = bank_tests::Api::new(base.clone(), None);
+    let (mut process, base, p) = sweeping_projector(&rig, 0, []).await;
     let mut accounts = Vec::new();
     for _ in 0..3 {
         accounts.push(rig.core.api.funded_account(10_000_000).await);
@@ -2216,8 +2213,7 @@ async fn b23_a_restarted_projector_sweeps_on_from_where_the_sweep_had_settled_ev
     pay_out_and_sweep(&rig, &p, &base, &accounts, 3.0).await;
     process.terminate_cleanly().await.unwrap();
 
-    let (mut process, base) = sweeping_projector(&rig, 0, []).await;
-    let p = bank_tests::Api::new(base.clone(), None);
+    let (mut process, base, p) = sweeping_projector(&rig, 0, []).await;
     until_metric(&base, "projector_tax_sweep_passes_total", |n| n >= 3.0).await;
     let read = |name: &'static str| {
         let base = base.clone();
@@ -2244,8 +2240,7 @@ async fn b23_a_restarted_projector_sweeps_on_from_where_the_sweep_had_settled_ev
 #[tokio::test]
 async fn b23_an_entry_the_sweep_kept_for_another_try_is_swept_by_the_next_process() {
     let rig = Rig::new().await;
-    let (mut process, base) = sweeping_projector(&rig, 0, []).await;
-    let p = bank_tests::Api::new(base.clone(), None);
+    let (mut process, base, p) = sweeping_projector(&rig, 0, []).await;
     let refused = rig.core.api.funded_account(10_000_000).await;
     let mut later = Vec::new();
     for _ in 0..2 {
@@ -2265,8 +2260,7 @@ async fn b23_an_entry_the_sweep_kept_for_another_try_is_swept_by_the_next_proces
     process.terminate_cleanly().await.unwrap();
 
     rig.proxy.remove(&pid);
-    let (mut process, base) = sweeping_projector(&rig, 0, []).await;
-    let p = bank_tests::Api::new(base.clone(), None);
+    let (mut process, _, p) = sweeping_projector(&rig, 0, []).await;
     let records = wait_tax_records(&p, &refused, 1).await;
     assert_eq!(records[0]["payout_id"], json!(pid));
     process.terminate_cleanly().await.unwrap();
@@ -2301,12 +2295,13 @@ async fn pay_out_and_sweep(
 
 /// A projector process reaching the core through the proxy, giving up on
 /// a message after two deliveries and sweeping every second with an overlap
-/// of `overlap_secs`; `extra` settings on top. The process and its base URL.
+/// of `overlap_secs`; `extra` settings on top. The process, its base URL
+/// and its API.
 async fn sweeping_projector<const N: usize>(
     rig: &Rig,
     overlap_secs: u64,
     extra: [(&str, &str); N],
-) -> (ServiceProcess, String) {
+) -> (ServiceProcess, String, bank_tests::Api) {
     let port = bank_tests::nats::free_port();
     let mut env = projector_env(rig);
     env.extend(
@@ -2325,7 +2320,8 @@ async fn sweeping_projector<const N: usize>(
     let process = ServiceProcess::start("projector", env).unwrap();
     let base = format!("http://127.0.0.1:{port}");
     bank_tests::procs::wait_ready(&base).await.unwrap();
-    (process, base)
+    let api = bank_tests::Api::new(base.clone(), None);
+    (process, base, api)
 }
 
 /// Waits until metric `name` of the service at `base` satisfies `ok`.

@@ -58,12 +58,11 @@ pub async fn sync_account(
         if page.entries.is_empty() {
             if page.last_seq < synced && !repaired {
                 repaired = true;
-                cut |= repair_unless_the_cores(db, core, account, page.last_seq + 1)
-                    .await?
-                    .cut;
+                let (was_cut, now) =
+                    cut_unless_the_cores(db, core, account, page.last_seq + 1).await?;
+                cut |= was_cut;
                 // Cut by this sync, or by another since the history's seq
                 // was read: fetched again from where the history now ends.
-                let now = writer::synced_through(db, account).await?;
                 if now != synced {
                     synced = now;
                     continue;
@@ -82,12 +81,10 @@ pub async fn sync_account(
             // The core's next entry does not continue the history: the last
             // entry held may not be the core's.
             repaired = true;
-            if repair_unless_the_cores(db, core, account, synced)
-                .await?
-                .cut
-            {
+            let (was_cut, now) = cut_unless_the_cores(db, core, account, synced).await?;
+            if was_cut {
                 cut = true;
-                synced = writer::synced_through(db, account).await?;
+                synced = now;
                 continue;
             }
         }
@@ -103,6 +100,18 @@ pub async fn sync_account(
         applied,
         cut,
     })
+}
+
+/// [`repair_unless_the_cores`] at `seq`, then where the history now ends
+/// (lower if this check cut it, or another writer did meanwhile).
+async fn cut_unless_the_cores(
+    db: &DatabaseConnection,
+    core: &CoreClient,
+    account: &AccountId,
+    seq: i64,
+) -> Result<(bool, i64), SyncError> {
+    let cut = repair_unless_the_cores(db, core, account, seq).await?.cut;
+    Ok((cut, writer::synced_through(db, account).await?))
 }
 
 /// What [`repair_unless_the_cores`] found.
