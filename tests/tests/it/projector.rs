@@ -1424,19 +1424,7 @@ async fn f7_the_ledger_audit_counts_no_repair_of_an_account_the_core_moved_on_si
         let ctx = ctx.clone();
         tokio::spawn(async move { audit_once(&ctx, 1000, "one", lease, every).await })
     };
-    eventually("the audit's page read", Duration::from_secs(10), || async {
-        let read = rig
-            .proxy
-            .answered()
-            .iter()
-            .any(|(_, path, _)| path.starts_with("/v1/accounts?"));
-        if read {
-            Ok(())
-        } else {
-            Err("not yet".to_owned())
-        }
-    })
-    .await;
+    until_answered(&rig, "the audit's page", "/v1/accounts?").await;
     // ... while the core moves on: seq 2 reaches the history, seq 3 not yet.
     rig.core.api.deposit(&account, 5).await.expect(200);
     let synced = transfer::history::sync::sync_account(&ctx.db, &ctx.core, &id)
@@ -1493,23 +1481,7 @@ async fn b19_a_sync_that_another_sync_cut_back_first_reports_where_the_history_n
         let (ctx, id) = (ctx.clone(), id.clone());
         tokio::spawn(async move { sync_account(&ctx.db, &ctx.core, &id).await })
     };
-    eventually(
-        "the first sync's page read",
-        Duration::from_secs(10),
-        || async {
-            let read = rig
-                .proxy
-                .answered()
-                .iter()
-                .any(|(_, p, _)| p.starts_with(&path));
-            if read {
-                Ok(())
-            } else {
-                Err("not yet".to_owned())
-            }
-        },
-    )
-    .await;
+    until_answered(&rig, "the first sync's page", &path).await;
     // ... while a second sync cuts the forged entry.
     let second = sync_account(&ctx.db, &ctx.core, &id).await.unwrap();
     assert_eq!((second.synced_through_seq, second.cut), (1, true));
@@ -1522,6 +1494,24 @@ async fn b19_a_sync_that_another_sync_cut_back_first_reports_where_the_history_n
     );
     assert_eq!(rig.synced(&account).await, 1);
     history_equals_ledger(&rig, std::slice::from_ref(&account)).await;
+}
+
+/// Waits until the core has answered a request of `path_prefix` through
+/// the proxy (whether or not the answer was passed on).
+async fn until_answered(rig: &Rig, what: &str, path_prefix: &str) {
+    eventually(what, Duration::from_secs(10), || async {
+        let read = rig
+            .proxy
+            .answered()
+            .iter()
+            .any(|(_, path, _)| path.starts_with(path_prefix));
+        if read {
+            Ok(())
+        } else {
+            Err("not yet".to_owned())
+        }
+    })
+    .await;
 }
 
 /// What the ledger audit found, and where its pass stopped, outlive the
